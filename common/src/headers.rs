@@ -1,0 +1,103 @@
+//! Hop-by-hop header rules, applied on both sides of the relay.
+//!
+//! RFC 9110 §7.6.1: `Connection` and every header it lists, plus the fixed set `Keep-Alive`,
+//! `Proxy-Connection`, `TE`, `Transfer-Encoding` and `Upgrade`, describe one hop and must not
+//! be forwarded. `Proxy-Authenticate`/`Proxy-Authorization` are credentials for the hop
+//! (RFC 9110 §11.7) and go too. `Trailer` announces trailers of this hop's framing.
+//!
+//! `Content-Length` is framing as well (RFC 9112 §6): the relay never copies it from one hop to
+//! the next as a header; each side derives it from the body it actually sends (see the
+//! `content_length` field of the wire messages).
+
+use http::header::{self, HeaderMap, HeaderName};
+
+/// The fixed hop-by-hop set (RFC 9110 §7.6.1, §11.7; RFC 9112 §6, §7).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers and the framing header `Content-Length`.
+///
+/// `TE: trailers` survives when `keep_te_trailers` is set: gRPC needs it end to end over
+/// HTTP/2 (RFC 9113 §8.2.2 allows exactly this value of `TE`).
+///
+/// Call this *before* adding the relay's own headers: a user listing `X-Forwarded-For` in
+/// `Connection` must not be able to remove what the relay adds (Traefik CVE-2021-32813).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    let te_trailers = keep_te_trailers
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| connection_has_token(v.as_bytes(), "trailers"));
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether a comma-separated token list contains `token` (case-insensitive, RFC 9110 §5.6.1).
+pub fn connection_has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Whether any value of `name` lists `token`.
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| connection_has_token(v.as_bytes(), token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_fixed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, X-Secret, keep-alive".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("content-length", "5".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("te", "trailers, deflate".parse().unwrap());
+        h.insert("x-keep", "yes".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h["te"], "trailers");
+        h.insert("te", "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("te").is_none());
+    }
+
+    #[test]
+    fn token_lists() {
+        assert!(connection_has_token(b"keep-alive, Upgrade", "upgrade"));
+        assert!(!connection_has_token(b"keep-alive, Upgraded", "upgrade"));
+    }
+}

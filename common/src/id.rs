@@ -1,0 +1,80 @@
+//! Request ids: 128 bits from the operating system's CSPRNG, as 32 lowercase hex digits.
+//!
+//! Ids carry no name and no structure: the server binds each id to its backend name in its
+//! own table (the Go relay read the name from an id prefix, which let a client claim another
+//! name's requests). An id of another name is answered exactly like an unknown one.
+
+use std::fmt;
+
+/// An unguessable request id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    /// Draws a fresh id from the OS random source.
+    pub fn random() -> Self {
+        let mut b = [0u8; 16];
+        getrandom::getrandom(&mut b).expect("bug: the OS random source failed");
+        RequestId(b)
+    }
+
+    /// Parses the 32-hex-digit form; anything else is `None`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.as_bytes();
+        if s.len() != 32 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            b[i] = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
+        }
+        Some(RequestId(b))
+    }
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Random bytes as lowercase hex (tokens, agent ids).
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    getrandom::getrandom(&mut b).expect("bug: the OS random source failed");
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects() {
+        let id = RequestId::random();
+        let s = id.to_string();
+        assert_eq!(s.len(), 32);
+        assert_eq!(RequestId::parse(&s), Some(id));
+        assert_ne!(RequestId::random(), id);
+        assert_eq!(RequestId::parse(&s.to_uppercase()), None);
+        assert_eq!(RequestId::parse(&s[..31]), None);
+        assert_eq!(RequestId::parse("zz000000000000000000000000000000"), None);
+    }
+}

@@ -1,0 +1,31 @@
+//! Shared pieces of the relay: the agent wire protocol and the HTTP rules both sides apply.
+//!
+//! # Layout
+//! - [`frame`]: the binary frame codec carried in `/server/response` request bodies and
+//!   `/server/requeststream` response bodies (HEAD, DATA, TRAILERS, END, ABORT, CONTINUE).
+//! - [`message`]: the JSON messages (request heads in poll answers, response heads in HEAD
+//!   frames) and the lossless header encoding they use.
+//! - [`headers`]: hop-by-hop header rules (RFC 9110 §7.6.1) applied on both sides.
+//! - [`name`]: backend-name validation, shared so both sides agree on what a name is.
+//! - [`id`]: unguessable request ids.
+//!
+//! `docs/PROTOCOL.md` in the repository describes the same protocol in prose.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(rust_2018_idioms)]
+
+pub mod frame;
+pub mod headers;
+pub mod id;
+pub mod message;
+pub mod name;
+
+/// Protocol version announced by agents (`X-Relay-Protocol`) and checked by the server.
+pub const PROTOCOL_VERSION: &str = "1";
+
+/// Header on agent calls that names the agent process (a random id chosen at start), so the
+/// server can tell which in-flight requests die with it.
+pub const AGENT_ID_HEADER: &str = "x-relay-agent-id";
+
+/// Header on agent calls that carries [`PROTOCOL_VERSION`].
+pub const PROTOCOL_HEADER: &str = "x-relay-protocol";
