@@ -1,0 +1,91 @@
+//! relay-server: the public side of the HTTP long-polling relay.
+//!
+//! # Layout
+//! - [`listener`]: accepts connections (HTTP/1.1 and h2c prior knowledge on one port),
+//!   dispatches requests, drains on shutdown.
+//! - [`router`]: backend name and target from the raw path or `X-Server-Name`.
+//! - [`downstream`]: the user side of a relayed request.
+//! - [`upstream`]: the agent endpoints `/server/request`, `/server/response`,
+//!   `/server/requeststream`.
+//! - [`broker`]: connected agents per name, the wait queue, requests in flight.
+//! - [`pending`]: one request in flight and the guard that frees it.
+//! - [`upload`]: the framed upload stream of one `/server/requeststream` exchange.
+//! - [`body`], [`error`], [`auth`], [`config`].
+//!
+//! # Life of a request
+//! 1. A user sends `GET /client/robot/status`. [`router`] takes `robot` from the raw path;
+//!    [`downstream`] checks an agent is connected for `robot` (else 503 at once), strips
+//!    hop-by-hop headers, adds `X-Forwarded-*`, and queues a [`pending::Pending`] with a
+//!    fresh 128-bit id.
+//! 2. A parked `/server/request` poll of a `robot` agent wakes, claims the request and
+//!    returns its head as JSON. No poll within `pickup_timeout` → 503.
+//! 3. If the request has a body, the agent pulls it through `/server/requeststream`
+//!    exchanges (framed, streamed as the user sends it).
+//! 4. The agent posts the backend's answer to `/server/response`: a HEAD frame, DATA frames,
+//!    then END/TRAILERS (or ABORT). The head becomes the user's response head, DATA flows
+//!    into the user's body through a bounded channel. No head within `response_timeout` → 504.
+//! 5. When the user leaves, the [`pending::PendingGuard`] drops: the id is forgotten, and
+//!    the agent learns of it in its next poll answer (`cancel`) and cancels the backend call.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(rust_2018_idioms)]
+
+pub mod auth;
+pub mod body;
+pub mod broker;
+pub mod config;
+pub mod downstream;
+pub mod error;
+pub mod listener;
+pub mod pending;
+pub mod router;
+pub mod upload;
+pub mod upstream;
+
+pub use config::{Config, Secret, TokenScope};
+pub use listener::run;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+/// Shared state of a running server.
+pub struct State {
+    /// Settings.
+    pub cfg: Config,
+    /// Agent tokens.
+    pub tokens: auth::TokenStore,
+    /// Agents, queues, requests.
+    pub broker: Arc<broker::Broker>,
+    /// Set when shutdown began: new user requests get 503, polls hand out no new work.
+    draining: AtomicBool,
+    /// Cancelled when the drain is over: parked polls and queued requests end at once.
+    pub stop: CancellationToken,
+}
+
+impl State {
+    /// Builds the state for `cfg`.
+    pub fn new(cfg: Config) -> Self {
+        State {
+            tokens: auth::TokenStore::new(&cfg.agent_tokens),
+            broker: Arc::new(broker::Broker::new(
+                cfg.max_parked_per_name,
+                cfg.max_parked_total,
+                cfg.agent_grace,
+            )),
+            cfg,
+            draining: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Whether shutdown began.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,126 @@
+//! Agent authentication: bearer tokens scoped to backend names.
+//!
+//! Tokens are kept only as SHA-256 digests and compared digest to digest in constant time,
+//! against every configured entry (no early exit), so neither the length nor a prefix of a
+//! token can be learned from timing. Tokens never reach a log line.
+
+use http::{header, HeaderMap};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{Secret, TokenScope};
+
+/// The configured agent tokens.
+pub struct TokenStore {
+    entries: Vec<(TokenScope, [u8; 32])>,
+}
+
+/// What an authenticated agent may serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    any: bool,
+    names: Vec<String>,
+}
+
+impl Grant {
+    /// Whether the grant covers `name`.
+    pub fn allows(&self, name: &str) -> bool {
+        self.any || self.names.iter().any(|n| n == name)
+    }
+}
+
+/// Why an agent call was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing agent token: send Authorization: Bearer <token>")]
+    Missing,
+    /// The token matches no configured token.
+    #[error("invalid agent token")]
+    Invalid,
+}
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+impl TokenStore {
+    /// Builds the store from the configuration.
+    pub fn new(tokens: &[(TokenScope, Secret)]) -> Self {
+        TokenStore {
+            entries: tokens
+                .iter()
+                .map(|(scope, secret)| (scope.clone(), digest(secret.0.as_bytes())))
+                .collect(),
+        }
+    }
+
+    /// Checks the bearer token of an agent call.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Grant, AuthError> {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or(AuthError::Missing)?
+            .as_bytes();
+        // RFC 9110 §11.1: the scheme is case-insensitive.
+        let token = match value.get(..7) {
+            Some(s) if s.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
+            _ => return Err(AuthError::Missing),
+        };
+        let presented = digest(token);
+        let mut grant = Grant {
+            any: false,
+            names: Vec::new(),
+        };
+        let mut matched = subtle::Choice::from(0);
+        for (scope, d) in &self.entries {
+            let eq = d.ct_eq(&presented);
+            matched |= eq;
+            if bool::from(eq) {
+                match scope {
+                    TokenScope::Any => grant.any = true,
+                    TokenScope::Name(n) => grant.names.push(n.clone()),
+                }
+            }
+        }
+        if bool::from(matched) {
+            Ok(grant)
+        } else {
+            Err(AuthError::Invalid)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> TokenStore {
+        TokenStore::new(&[
+            (TokenScope::Name("a".into()), Secret("ta".into())),
+            (TokenScope::Name("b".into()), Secret("tab".into())),
+            (TokenScope::Name("c".into()), Secret("tab".into())),
+            (TokenScope::Any, Secret("root".into())),
+        ])
+    }
+
+    fn auth(v: Option<&str>) -> Result<Grant, AuthError> {
+        let mut h = HeaderMap::new();
+        if let Some(v) = v {
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+        }
+        store().authenticate(&h)
+    }
+
+    #[test]
+    fn scopes() {
+        let g = auth(Some("Bearer ta")).unwrap();
+        assert!(g.allows("a") && !g.allows("b"));
+        let g = auth(Some("bearer tab")).unwrap();
+        assert!(g.allows("b") && g.allows("c") && !g.allows("a"));
+        assert!(auth(Some("Bearer root")).unwrap().allows("anything"));
+        assert_eq!(auth(None), Err(AuthError::Missing));
+        assert_eq!(auth(Some("Basic ta")), Err(AuthError::Missing));
+        assert_eq!(auth(Some("Bearer t")), Err(AuthError::Invalid));
+        assert_eq!(auth(Some("Bearer tax")), Err(AuthError::Invalid));
+    }
+}

@@ -1,0 +1,146 @@
+//! Response bodies the server produces: fixed text, and the streamed body of a relayed
+//! response, fed by `/server/response` exchanges through a bounded channel.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// Error type of every body the server sends. An error mid-body makes hyper abort the
+/// response: HTTP/1.1 closes the connection without the final chunk, HTTP/2 sends RST_STREAM.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The one body type of server responses.
+pub type RelayBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// A complete body.
+pub fn full(b: Bytes) -> RelayBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An empty body (`is_end_stream` is true, so HTTP/2 ends the stream on HEADERS).
+pub fn empty() -> RelayBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// What `/server/response` exchanges push towards the user.
+#[derive(Debug)]
+pub enum BodyMsg {
+    /// Body bytes.
+    Data(Bytes),
+    /// Trailers; the body ends after them.
+    Trailers(HeaderMap),
+    /// Clean end.
+    End,
+    /// The agent or backend broke the body.
+    Abort(String),
+}
+
+/// Capacity of the channel between an exchange and the user's body. Small: backpressure
+/// from a slow user reaches the agent's POST after at most this many chunks.
+pub const BODY_CHANNEL_DEPTH: usize = 8;
+
+/// The user-facing body of a relayed response. Dropping it (the user left) drops `guard`,
+/// which cancels the request everywhere. When the agent that serves it is declared gone
+/// (`gone`), the body aborts instead of waiting for an exchange that will never come.
+pub struct RelayedBody<G> {
+    rx: mpsc::Receiver<BodyMsg>,
+    remaining: Option<u64>,
+    done: bool,
+    gone: Pin<Box<WaitForCancellationFutureOwned>>,
+    _guard: G,
+}
+
+impl<G> RelayedBody<G> {
+    /// Body over `rx`; `content_length` is announced through `size_hint`.
+    pub fn new(
+        rx: mpsc::Receiver<BodyMsg>,
+        content_length: Option<u64>,
+        gone: CancellationToken,
+        guard: G,
+    ) -> Self {
+        RelayedBody {
+            rx,
+            remaining: content_length,
+            done: false,
+            gone: Box::pin(gone.cancelled_owned()),
+            _guard: guard,
+        }
+    }
+}
+
+/// Why a relayed body was aborted.
+#[derive(Debug, thiserror::Error)]
+#[error("relayed body aborted: {0}")]
+pub struct Aborted(pub String);
+
+impl<G: Unpin> Body for RelayedBody<G> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let abort = |this: &mut Self, why: String| {
+            this.done = true;
+            Poll::Ready(Some(Err(Box::new(Aborted(why)) as BodyError)))
+        };
+        let msg = match this.rx.poll_recv(cx) {
+            Poll::Ready(m) => m,
+            Poll::Pending => {
+                if this.gone.as_mut().poll(cx).is_ready() {
+                    return abort(this, "the relay-client disconnected".into());
+                }
+                return Poll::Pending;
+            }
+        };
+        match msg {
+            Some(BodyMsg::Data(b)) => {
+                if let Some(rem) = this.remaining.as_mut() {
+                    match rem.checked_sub(b.len() as u64) {
+                        Some(r) => *rem = r,
+                        None => return abort(this, "body longer than its Content-Length".into()),
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Some(BodyMsg::Trailers(t)) => {
+                this.done = true;
+                Poll::Ready(Some(Ok(Frame::trailers(t))))
+            }
+            Some(BodyMsg::End) => {
+                this.done = true;
+                if this.remaining.is_some_and(|r| r > 0) {
+                    return abort(this, "body shorter than its Content-Length".into());
+                }
+                Poll::Ready(None)
+            }
+            Some(BodyMsg::Abort(why)) => abort(this, why),
+            None => abort(this, "the relay-client's response stream was cut".into()),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The broker: which agents are connected for which names, the requests waiting for them,
+//! and the table of requests in flight.
+//!
+//! Locks here are `std::sync::Mutex`es held for a few instructions, never across an
+//! `.await`, and never while writing to a peer (the Go relay stalled on exactly that,
+//! PR #365).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use relay_common::id::RequestId;
+use relay_common::message::RequestHead;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::RelayError;
+use crate::pending::{Pending, PendingGuard};
+
+/// One connected agent process (identified by its `X-Relay-Agent-Id`) serving one name.
+pub struct Agent {
+    /// The agent's self-chosen id; only used to group its polls.
+    pub id: String,
+    state: Mutex<AgentState>,
+    /// Woken when a cancel notice is queued for this agent.
+    wake: Notify,
+    /// Cancelled when the agent is declared gone; requests it claimed fail at once.
+    pub gone: CancellationToken,
+}
+
+struct AgentState {
+    polls: usize,
+    last_seen: Instant,
+    draining: bool,
+    cancels: Vec<RequestId>,
+}
+
+impl Agent {
+    /// Queues a cancel notice (the user of `id` left) and wakes one of the agent's polls.
+    pub fn notify_cancel(&self, id: RequestId) {
+        self.state.lock().expect("bug: poisoned").cancels.push(id);
+        self.wake.notify_one();
+    }
+}
+
+/// Per-name state, kept only while agents are connected for the name.
+pub struct Backend {
+    /// The backend name.
+    pub name: String,
+    queue: Mutex<VecDeque<Arc<Pending>>>,
+    /// Woken when a request is queued.
+    work: Notify,
+    agents: Mutex<HashMap<String, Arc<Agent>>>,
+}
+
+impl Backend {
+    fn has_live_agent(&self) -> bool {
+        self.agents
+            .lock()
+            .expect("bug: poisoned")
+            .values()
+            .any(|a| !a.state.lock().expect("bug: poisoned").draining)
+    }
+
+    /// Removes a request from the wait queue (pickup timeout or user gone).
+    pub fn unqueue(&self, id: RequestId) -> bool {
+        let mut q = self.queue.lock().expect("bug: poisoned");
+        let before = q.len();
+        q.retain(|p| p.id != id);
+        before != q.len()
+    }
+
+    /// Takes up to `max` requests for `agent`, skipping ones already cancelled.
+    fn take(&self, agent: &Arc<Agent>, max: usize, out: &mut Vec<Arc<Pending>>) {
+        let mut q = self.queue.lock().expect("bug: poisoned");
+        while out.len() < max {
+            let Some(p) = q.pop_front() else { break };
+            if p.claim(agent) {
+                out.push(p);
+            }
+        }
+    }
+}
+
+/// Everything the broker tracks.
+pub struct Broker {
+    backends: DashMap<String, Arc<Backend>>,
+    requests: DashMap<RequestId, Arc<Pending>>,
+    parked_total: Arc<AtomicUsize>,
+    max_parked_per_name: usize,
+    max_parked_total: usize,
+    agent_grace: Duration,
+}
+
+/// Outcome of one long poll.
+pub struct PollBatch {
+    /// Requests handed to the agent, with their heads.
+    pub requests: Vec<RequestHead>,
+    /// Requests whose users left.
+    pub cancel: Vec<RequestId>,
+}
+
+impl Broker {
+    /// An empty broker with the given limits.
+    pub fn new(max_parked_per_name: usize, max_parked_total: usize, agent_grace: Duration) -> Self {
+        Broker {
+            backends: DashMap::new(),
+            requests: DashMap::new(),
+            parked_total: Arc::new(AtomicUsize::new(0)),
+            max_parked_per_name,
+            max_parked_total,
+            agent_grace,
+        }
+    }
+
+    /// Number of requests in flight (queued or claimed, response not finished).
+    pub fn in_flight(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Number of names with connected agents.
+    pub fn connected_names(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// The backend for `name` if a non-draining agent is connected.
+    pub fn live_backend(&self, name: &str) -> Option<Arc<Backend>> {
+        let b = self.backends.get(name)?.clone();
+        b.has_live_agent().then_some(b)
+    }
+
+    /// Queues a user request for `backend`. The guard cancels it everywhere when dropped.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        pending: Pending,
+    ) -> Result<(Arc<Pending>, PendingGuard, oneshot::Receiver<Arc<Agent>>), RelayError> {
+        if self.parked_total.load(Ordering::Acquire) >= self.max_parked_total {
+            return Err(RelayError::Overloaded(backend.name.clone()));
+        }
+        let (claimed_tx, claimed_rx) = oneshot::channel();
+        pending.set_queued(claimed_tx, self.parked_total.clone());
+        let pending = Arc::new(pending);
+        {
+            let mut q = backend.queue.lock().expect("bug: poisoned");
+            if q.len() >= self.max_parked_per_name {
+                drop(q);
+                // Never queued: leaving the Queued state releases the global slot.
+                pending.cancel_queued();
+                return Err(RelayError::Overloaded(backend.name.clone()));
+            }
+            self.requests.insert(pending.id, pending.clone());
+            q.push_back(pending.clone());
+        }
+        backend.work.notify_one();
+        let guard = PendingGuard::new(self.clone(), backend.clone(), pending.clone());
+        Ok((pending, guard, claimed_rx))
+    }
+
+    /// Forgets a finished or abandoned request.
+    pub fn forget(&self, id: RequestId) {
+        self.requests.remove(&id);
+    }
+
+    /// Looks a request up for an agent call. A request of a name the caller may not serve is
+    /// reported exactly like an unknown one.
+    pub fn lookup(&self, id: &str, allowed: impl Fn(&str) -> bool) -> Option<Arc<Pending>> {
+        let id = RequestId::parse(id)?;
+        let p = self.requests.get(&id)?.clone();
+        allowed(&p.name).then_some(p)
+    }
+
+    /// Registers a poll of `agent_id` for `name`; the returned handle must be ended with
+    /// [`PollHandle`]'s drop.
+    pub fn begin_poll(&self, name: &str, agent_id: &str, draining: bool) -> PollHandle {
+        let backend = self
+            .backends
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Backend {
+                    name: name.to_owned(),
+                    queue: Mutex::new(VecDeque::new()),
+                    work: Notify::new(),
+                    agents: Mutex::new(HashMap::new()),
+                })
+            })
+            .clone();
+        let agent = backend
+            .agents
+            .lock()
+            .expect("bug: poisoned")
+            .entry(agent_id.to_owned())
+            .or_insert_with(|| {
+                tracing::info!(name, agent = agent_id, "relay-client connected");
+                Arc::new(Agent {
+                    id: agent_id.to_owned(),
+                    state: Mutex::new(AgentState {
+                        polls: 0,
+                        last_seen: Instant::now(),
+                        draining: false,
+                        cancels: Vec::new(),
+                    }),
+                    wake: Notify::new(),
+                    gone: CancellationToken::new(),
+                })
+            })
+            .clone();
+        {
+            let mut s = agent.state.lock().expect("bug: poisoned");
+            s.polls += 1;
+            s.draining |= draining;
+        }
+        PollHandle { backend, agent }
+    }
+
+    /// Declares agents without polls for longer than the grace period gone, and drops the
+    /// state of names left without agents. Run periodically.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        self.backends.retain(|name, backend| {
+            let mut agents = backend.agents.lock().expect("bug: poisoned");
+            agents.retain(|id, agent| {
+                let s = agent.state.lock().expect("bug: poisoned");
+                let alive = s.polls > 0 || now.duration_since(s.last_seen) < self.agent_grace;
+                if !alive {
+                    tracing::info!(name, agent = %id, "relay-client gone");
+                    agent.gone.cancel();
+                }
+                alive
+            });
+            !agents.is_empty()
+        });
+    }
+}
+
+/// One parked poll. Dropping it (answer sent or agent connection gone) records the time,
+/// which starts the agent's grace period.
+pub struct PollHandle {
+    backend: Arc<Backend>,
+    agent: Arc<Agent>,
+}
+
+impl PollHandle {
+    /// Waits for work: up to `max` requests, or cancel notices, or `deadline`/`stop`.
+    /// `max == 0` only waits for cancel notices (the agent is at capacity or draining).
+    pub async fn next(&self, max: usize, hold: Duration, stop: &CancellationToken) -> PollBatch {
+        let deadline = tokio::time::Instant::now() + hold;
+        let mut claimed = Vec::new();
+        loop {
+            let work = self.backend.work.notified();
+            let wake = self.agent.wake.notified();
+            tokio::pin!(work, wake);
+            work.as_mut().enable();
+            wake.as_mut().enable();
+            if max > 0 {
+                self.backend.take(&self.agent, max, &mut claimed);
+            }
+            let cancel = std::mem::take(&mut self.agent.state.lock().expect("bug: poisoned").cancels);
+            if !claimed.is_empty() || !cancel.is_empty() {
+                // Another poll may be waiting for what is still queued.
+                if max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty() {
+                    self.backend.work.notify_one();
+                }
+                let requests = claimed.iter().filter_map(|p| p.take_head()).collect();
+                return PollBatch { requests, cancel };
+            }
+            tokio::select! {
+                _ = &mut work, if max > 0 => {}
+                _ = &mut wake => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stop.cancelled() => break,
+            }
+        }
+        PollBatch {
+            requests: Vec::new(),
+            cancel: Vec::new(),
+        }
+    }
+
+    /// The agent behind this poll.
+    pub fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+}
+
+impl Drop for PollHandle {
+    fn drop(&mut self) {
+        let mut s = self.agent.state.lock().expect("bug: poisoned");
+        s.polls -= 1;
+        s.last_seen = Instant::now();
+    }
+}

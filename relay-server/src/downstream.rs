@@ -1,0 +1,185 @@
+//! The user side: route a request to a backend name, queue it for an agent, and turn the
+//! agent's answer into the user's response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use relay_common::headers::{has_token, strip_hop_by_hop};
+use relay_common::id::RequestId;
+use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead};
+use tokio::sync::oneshot;
+
+use crate::body::{empty, RelayBody, RelayedBody};
+use crate::error::RelayError;
+use crate::pending::{Pending, ResponseStart, UploadSlot};
+use crate::router::{route, RouteError};
+use crate::State;
+
+/// Relays one user request; every failure becomes its status and text body.
+pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+    let retry_after = state.cfg.retry_after_secs;
+    match relay(state, req, peer).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(error = %e, "user request failed");
+            e.into_response(retry_after)
+        }
+    }
+}
+
+async fn relay(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<RelayBody>, RelayError> {
+    let arrival = tokio::time::Instant::now();
+    // RFC 9113 §3.1 / RFC 7540 §3.2: h2c upgrades from users would open an HTTP/2
+    // connection that bypasses the relay's routing; only prior knowledge is served.
+    if has_token(req.headers(), header::UPGRADE, "h2c") {
+        return Err(RelayError::BadRequest(
+            "Upgrade: h2c is not supported; use HTTP/2 with prior knowledge".into(),
+        ));
+    }
+    if state.draining() {
+        return Err(RelayError::Draining);
+    }
+    let uri = req.uri().clone();
+    let server_name = req.headers().get("x-server-name").map(|v| v.as_bytes().to_vec());
+    let route = route(uri.path(), uri.query(), server_name.as_deref()).map_err(|e| match e {
+        RouteError::Bad(m) => RelayError::BadRequest(m),
+        RouteError::NoRoute(m) => RelayError::NotFound(m),
+    })?;
+    let name = route.name.to_owned();
+    let backend = state
+        .broker
+        .live_backend(&name)
+        .ok_or_else(|| RelayError::NoAgent(name.clone()))?;
+
+    let (parts, body) = req.into_parts();
+    let is_head = parts.method == Method::HEAD;
+    let headers = forward_headers(&parts, peer, route.prefix)?;
+    let content_length = body.size_hint().exact();
+    let (body_kind, upload) = if body.is_end_stream() {
+        (BodyKind::Empty, None)
+    } else {
+        (BodyKind::Stream, Some(body))
+    };
+    let id = RequestId::random();
+    let head = RequestHead {
+        id: id.to_string(),
+        method: parts.method.as_str().to_owned(),
+        target: route.target,
+        headers: encode_headers(&headers),
+        body: body_kind,
+        content_length: content_length.filter(|_| body_kind == BodyKind::Stream),
+    };
+    let slot = match upload {
+        Some(body) => UploadSlot::Ready { body, offset: 0 },
+        None => UploadSlot::NoBody,
+    };
+    let (head_tx, head_rx) = oneshot::channel();
+    let pending = Pending::new(id, name.clone(), head, slot, head_tx);
+    let (_pending, guard, claimed) = state.broker.enqueue(&backend, pending)?;
+
+    let agent = tokio::select! {
+        a = claimed => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
+        _ = tokio::time::sleep(state.cfg.pickup_timeout) => {
+            return Err(RelayError::PickupTimeout(name));
+        }
+        _ = state.stop.cancelled() => return Err(RelayError::Draining),
+    };
+
+    let start = tokio::select! {
+        r = head_rx => r.map_err(|_| RelayError::BadGateway(
+            "the relay-client failed before sending a response head".into()))?,
+        _ = tokio::time::sleep_until(arrival + state.cfg.response_timeout) => {
+            return Err(RelayError::ResponseTimeout(state.cfg.response_timeout));
+        }
+        _ = agent.gone.cancelled() => {
+            return Err(RelayError::BadGateway("the relay-client disconnected".into()));
+        }
+    };
+    let (head, body_rx) = match start {
+        ResponseStart::Head(head, rx) => (head, rx),
+        ResponseStart::Abort(why) => {
+            return Err(RelayError::BadGateway(format!("the relay-client failed: {why}")))
+        }
+    };
+
+    let mut resp_headers = decode_headers(&head.headers)
+        .map_err(|e| RelayError::BadGateway(format!("the relay-client sent an {e}")))?;
+    strip_hop_by_hop(&mut resp_headers, false);
+    let status = StatusCode::from_u16(head.status)
+        .ok()
+        .filter(|s| s.as_u16() >= 200)
+        .ok_or_else(|| {
+            RelayError::BadGateway(format!(
+                "the backend answered status {} to a request that did not ask to upgrade",
+                head.status
+            ))
+        })?;
+    // RFC 9110 §8.6: a HEAD or 304 response may carry the length the body would have had.
+    if let Some(n) = head.content_length {
+        if head.body == BodyKind::Stream || is_head || status == StatusCode::NOT_MODIFIED {
+            resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    let body = match body_rx {
+        Some(rx) => {
+            RelayedBody::new(rx, head.content_length, agent.gone.clone(), guard).boxed_unsync()
+        }
+        None => {
+            drop(guard);
+            empty()
+        }
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = resp_headers;
+    Ok(resp)
+}
+
+/// The request headers the backend sees: hop-by-hop and framing removed (RFC 9110 §7.6.1),
+/// then the relay's own `X-Forwarded-*` (added after stripping, so `Connection` cannot
+/// remove them).
+fn forward_headers(
+    req: &http::request::Parts,
+    peer: SocketAddr,
+    prefix: Option<&str>,
+) -> Result<HeaderMap, RelayError> {
+    let mut h = req.headers.clone();
+    if h.get_all(header::HOST).iter().count() > 1 {
+        return Err(RelayError::BadRequest("more than one Host header".into()));
+    }
+    strip_hop_by_hop(&mut h, true);
+    // HTTP/2 carries the host in :authority (RFC 9113 §8.3.1); give the backend a Host.
+    if !h.contains_key(header::HOST) {
+        if let Some(auth) = req.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                h.insert(header::HOST, v);
+            }
+        }
+    }
+    append(&mut h, "x-forwarded-for", &peer.ip().to_string());
+    append(&mut h, "x-forwarded-proto", "http");
+    if let Some(host) = h.get(header::HOST).cloned() {
+        h.append("x-forwarded-host", host);
+    }
+    if let Some(prefix) = prefix {
+        h.insert(
+            "x-forwarded-prefix",
+            HeaderValue::from_str(prefix).expect("bug: a valid name makes a valid prefix"),
+        );
+    }
+    Ok(h)
+}
+
+/// Appends to a comma-separated list header (RFC 9110 §5.3), keeping one field line.
+fn append(h: &mut HeaderMap, name: &'static str, value: &str) {
+    let joined = match h.get(name).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {value}"),
+        None => value.to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        h.insert(name, v);
+    }
+}

@@ -1,0 +1,79 @@
+//! Errors the user side can see, each mapped to exactly one status with a one-line body.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{full, RelayBody};
+
+/// A failure while relaying one user request. The variant says which side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The user's request cannot be routed (downstream).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such route (downstream).
+    #[error("{0}")]
+    NotFound(String),
+    /// No agent is connected for the name (upstream, fail fast).
+    #[error("no relay-client is connected for backend {0:?}")]
+    NoAgent(String),
+    /// Agents are connected but none took the request in time (upstream).
+    #[error("no relay-client for backend {0:?} picked up the request in time")]
+    PickupTimeout(String),
+    /// Too many requests waiting (internal limit).
+    #[error("too many requests are waiting for backend {0:?}")]
+    Overloaded(String),
+    /// The server is shutting down.
+    #[error("the relay is shutting down")]
+    Draining,
+    /// The agent reported a failure or vanished before the response head (upstream).
+    #[error("{0}")]
+    BadGateway(String),
+    /// No response head in time (upstream).
+    #[error("the backend did not answer within {0:?}")]
+    ResponseTimeout(std::time::Duration),
+}
+
+impl RelayError {
+    /// The one status this error maps to.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            RelayError::NotFound(_) => StatusCode::NOT_FOUND,
+            RelayError::NoAgent(_)
+            | RelayError::PickupTimeout(_)
+            | RelayError::Overloaded(_)
+            | RelayError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            RelayError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            RelayError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The text response the user sees.
+    pub fn into_response(self, retry_after_secs: u64) -> Response<RelayBody> {
+        let status = self.status();
+        let mut resp = text_response(status, &self.to_string());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        resp
+    }
+}
+
+/// A `text/plain` response whose body is `msg` and a newline.
+pub fn text_response(status: StatusCode, msg: &str) -> Response<RelayBody> {
+    let mut resp = Response::new(full(Bytes::from(format!("{msg}\n"))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,122 @@
+//! Accepting connections, dispatching requests, and the drain on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::{full, RelayBody};
+use crate::error::text_response;
+use crate::{downstream, upstream, Config, State};
+
+/// How often agents without polls are checked.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Serves `listener` until `shutdown` is cancelled, then drains: new user requests get 503,
+/// requests in flight finish (up to `drain_timeout`), then everything stops.
+pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken) -> std::io::Result<()> {
+    let state = Arc::new(State::new(cfg));
+    let tracker = TaskTracker::new();
+    let graceful = GracefulShutdown::new();
+
+    let reaper_state = state.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => reaper_state.broker.reap(),
+                _ = reaper_state.stop.cancelled() => break,
+            }
+        }
+    });
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.cfg.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(100)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+
+    // Drain: keep accepting (agents must still deliver responses) but refuse new user work.
+    let drain_state = state.clone();
+    let drain_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        drain_shutdown.cancelled().await;
+        drain_state.start_draining();
+        tracing::info!(in_flight = drain_state.broker.in_flight(), "draining");
+        let deadline = tokio::time::Instant::now() + drain_state.cfg.drain_timeout;
+        while drain_state.broker.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drain_state.stop.cancel();
+    });
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = state.stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_state = state.clone();
+        let svc = service_fn(move |req| {
+            let state = conn_state.clone();
+            async move { Ok::<_, Infallible>(dispatch(state, req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tracker.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(1), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("connections still open after the drain; closing them");
+    }
+    tracker.close();
+    Ok(())
+}
+
+async fn dispatch(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+    let path = req.uri().path();
+    if path == "/healthz" {
+        return Response::new(full(Bytes::from_static(b"ok\n")));
+    }
+    if matches!(path, "/server/request" | "/server/response" | "/server/requeststream") {
+        return upstream::handle(state, req).await;
+    }
+    if path.starts_with("/server/") {
+        return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");
+    }
+    downstream::handle(state, req, peer).await
+}

@@ -1,0 +1,177 @@
+//! Which backend a user request goes to, and with which target.
+//!
+//! The name is read once from the raw (undecoded) path and checked against the name grammar
+//! before anything else; the rest of the path and the query go to the backend byte for byte.
+//! Nothing is decoded or normalised, so routing cannot change after a later normalisation
+//! step: a path that *could* normalise differently (a dot-segment, plain or percent-encoded)
+//! is refused outright.
+
+use relay_common::name::is_valid_name;
+
+/// Path prefix of name-in-path routing.
+pub const CLIENT_PREFIX: &str = "/client/";
+
+/// A routed user request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// Backend name.
+    pub name: &'a str,
+    /// Request target for the backend: raw path (and `?query` when present).
+    pub target: String,
+    /// `X-Forwarded-Prefix` value when the name came from the path.
+    pub prefix: Option<&'a str>,
+}
+
+/// Why a request cannot be routed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// 400: bad or missing name, dot-segment.
+    #[error("{0}")]
+    Bad(String),
+    /// 404: not a relay path and no `X-Server-Name`.
+    #[error("{0}")]
+    NoRoute(String),
+}
+
+/// Routes a request from its raw path, raw query and `X-Server-Name` value.
+pub fn route<'a>(
+    path: &'a str,
+    query: Option<&str>,
+    server_name: Option<&'a [u8]>,
+) -> Result<Route<'a>, RouteError> {
+    if has_dot_segment(path) {
+        return Err(RouteError::Bad(format!(
+            "path {path:?} contains a dot-segment; send a normalised path"
+        )));
+    }
+    let with_query = |p: &str| match query {
+        Some(q) => format!("{p}?{q}"),
+        None => p.to_owned(),
+    };
+    if path == "/client" || path.starts_with(CLIENT_PREFIX) {
+        let rest = path.get(CLIENT_PREFIX.len()..).unwrap_or("");
+        let (name, tail) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if name.is_empty() {
+            return Err(RouteError::Bad(format!(
+                "path {path:?} has no backend name after \"/client/\""
+            )));
+        }
+        if !is_valid_name(name) {
+            return Err(RouteError::Bad(format!(
+                "invalid backend name {name:?}: names match [A-Za-z0-9][A-Za-z0-9._-]{{0,62}}"
+            )));
+        }
+        let prefix_len = CLIENT_PREFIX.len() + name.len();
+        return Ok(Route {
+            name,
+            target: with_query(tail),
+            prefix: Some(&path[..prefix_len]),
+        });
+    }
+    match server_name {
+        None => Err(RouteError::NoRoute(format!(
+            "no route for {path:?}: use /client/<name>/... or an X-Server-Name header"
+        ))),
+        Some(raw) => {
+            let name = std::str::from_utf8(raw)
+                .ok()
+                .filter(|n| is_valid_name(n))
+                .ok_or_else(|| {
+                    RouteError::Bad(format!(
+                        "invalid X-Server-Name {:?}: names match [A-Za-z0-9][A-Za-z0-9._-]{{0,62}}",
+                        String::from_utf8_lossy(raw)
+                    ))
+                })?;
+            Ok(Route {
+                name,
+                target: with_query(path),
+                prefix: None,
+            })
+        }
+    }
+}
+
+/// Whether any segment is `.` or `..` once `%2e` is read as a dot (RFC 3986 §5.2.4 would
+/// remove it), or is `..;params` (which some servers treat as `..`). Backslashes count as
+/// separators because some backends treat them so.
+fn has_dot_segment(path: &str) -> bool {
+    path.split(['/', '\\']).any(|seg| {
+        let seg = seg.split(';').next().unwrap_or("");
+        let mut dots = 0;
+        let mut rest = seg.as_bytes();
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && (rest[2] | 0x20) == b'e'
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(path: &str, query: Option<&str>) -> (String, String, Option<String>) {
+        let r = route(path, query, None).unwrap();
+        (r.name.into(), r.target, r.prefix.map(Into::into))
+    }
+
+    #[test]
+    fn client_prefix() {
+        assert_eq!(ok("/client/a", None), ("a".into(), "/".into(), Some("/client/a".into())));
+        assert_eq!(ok("/client/a/", None).1, "/");
+        assert_eq!(ok("/client/a/x%2Fy/z", Some("b=2&a=1&c=%20")).1, "/x%2Fy/z?b=2&a=1&c=%20");
+        assert_eq!(ok("/client/a/x", Some("")).1, "/x?");
+        assert_eq!(ok("/client/a//x", None).1, "//x");
+    }
+
+    #[test]
+    fn header_routing() {
+        let r = route("/pkg.Svc/Call", None, Some(b"robot-1")).unwrap();
+        assert_eq!((r.name, r.target.as_str(), r.prefix), ("robot-1", "/pkg.Svc/Call", None));
+        // The path wins over the header.
+        assert_eq!(route("/client/a/x", None, Some(b"b")).unwrap().name, "a");
+        assert!(matches!(route("/x", None, None), Err(RouteError::NoRoute(_))));
+        assert!(matches!(route("/x", None, Some(b"a/b")), Err(RouteError::Bad(_))));
+        assert!(matches!(route("/x", None, Some(b"")), Err(RouteError::Bad(_))));
+    }
+
+    #[test]
+    fn refuses_confusion() {
+        for p in [
+            "/client",
+            "/client/",
+            "/client//a",
+            "/client/a/../b/x",
+            "/client/a/%2e%2e/b",
+            "/client/a/%2E./b",
+            "/client/a%2F..%2Fb/x",
+            "/client/a%2fb",
+            "/client/%2e%2e/b",
+            "/client/a/..;x=y/../b",
+            "/client/a\\..\\b",
+            "/client/a/./b",
+            "/client/a%00",
+            "/x/../client/a",
+        ] {
+            assert!(
+                matches!(route(p, None, None), Err(RouteError::Bad(_))),
+                "{p} was accepted"
+            );
+        }
+        // Not dot-segments: stay raw.
+        assert_eq!(ok("/client/a/...", None).1, "/...");
+        assert_eq!(ok("/client/a/.well-known/x", None).1, "/.well-known/x");
+        assert_eq!(ok("/client/a/%252e%252e/b", None).1, "/%252e%252e/b");
+    }
+}

@@ -1,0 +1,160 @@
+//! The body of a `/server/requeststream` answer: the user's upload, framed, for one exchange.
+//!
+//! The exchange takes the user's body out of its slot, streams DATA frames as the user sends
+//! bytes (no buffering: each user chunk becomes one frame header plus the chunk itself), and
+//! ends with END or TRAILERS when the upload is complete, ABORT when it broke, or CONTINUE
+//! after `max` bytes or `idle` without bytes, handing the body back for the next exchange.
+//! An exchange dropped before its last frame marks the upload broken: bytes may have been
+//! lost in flight, and the request must not go on with a hole in its body.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming};
+use relay_common::frame::{self, Kind};
+use relay_common::message::{encode_headers, Trailers};
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::body::BodyError;
+use crate::pending::{Pending, UploadSlot};
+
+/// What becomes of the upload after this exchange.
+enum Next {
+    Continue,
+    Finished,
+    Broken,
+}
+
+/// One upload exchange.
+pub struct UploadExchange {
+    pending: Arc<Pending>,
+    body: Option<Incoming>,
+    offset: u64,
+    sent: u64,
+    max: u64,
+    queued: Option<Bytes>,
+    idle: Pin<Box<Sleep>>,
+    idle_for: Duration,
+    user_gone: Pin<Box<WaitForCancellationFutureOwned>>,
+    finished: bool,
+}
+
+impl UploadExchange {
+    /// Starts an exchange over `body`, which has delivered `offset` bytes before.
+    pub fn new(pending: Arc<Pending>, body: Incoming, offset: u64, max: u64, idle_for: Duration) -> Self {
+        let user_gone = Box::pin(pending.done.clone().cancelled_owned());
+        UploadExchange {
+            pending,
+            body: Some(body),
+            offset,
+            sent: 0,
+            max,
+            queued: None,
+            idle: Box::pin(tokio::time::sleep(idle_for)),
+            idle_for,
+            user_gone,
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, next: Next, last: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.finished = true;
+        let body = self.body.take().expect("bug: exchange finished twice");
+        let slot = match next {
+            Next::Continue => UploadSlot::Ready {
+                body,
+                offset: self.offset,
+            },
+            Next::Finished => UploadSlot::Finished,
+            Next::Broken => UploadSlot::Broken,
+        };
+        let mut guard = self.pending.upload.lock().expect("bug: poisoned");
+        // The user side may have finished meanwhile (slot Finished); keep that.
+        if matches!(*guard, UploadSlot::InUse) {
+            *guard = slot;
+        }
+        Poll::Ready(Some(Ok(Frame::data(last))))
+    }
+}
+
+impl Body for UploadExchange {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(b) = this.queued.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            if this.sent >= this.max {
+                return this.finish(Next::Continue, frame::control(Kind::Continue, b""));
+            }
+            let body = this.body.as_mut().expect("bug: body taken before finish");
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(data) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        let len = data.len();
+                        this.sent += len as u64;
+                        this.offset += len as u64;
+                        this.idle
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + this.idle_for);
+                        this.queued = Some(data);
+                        return Poll::Ready(Some(Ok(Frame::data(frame::header(Kind::Data, len)))));
+                    }
+                    Err(f) => {
+                        let t = f.into_trailers().unwrap_or_default();
+                        let json = serde_json::to_vec(&Trailers { headers: encode_headers(&t) })
+                            .expect("bug: trailers always serialise");
+                        return this.finish(Next::Finished, frame::control(Kind::Trailers, &json));
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    let why = format!("the user's upload failed: {e}");
+                    return this.finish(Next::Broken, frame::control(Kind::Abort, why.as_bytes()));
+                }
+                Poll::Ready(None) => {
+                    return this.finish(Next::Finished, frame::control(Kind::End, b""));
+                }
+                Poll::Pending => {
+                    if this.user_gone.as_mut().poll(cx).is_ready() {
+                        return this.finish(
+                            Next::Broken,
+                            frame::control(Kind::Abort, b"the user went away"),
+                        );
+                    }
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        return this.finish(Next::Continue, frame::control(Kind::Continue, b""));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for UploadExchange {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut guard = self.pending.upload.lock().expect("bug: poisoned");
+            if matches!(*guard, UploadSlot::InUse) {
+                *guard = UploadSlot::Broken;
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The agent side: `/server/request` (long poll), `/server/response` (response exchanges) and
+//! `/server/requeststream` (upload exchanges). Every call is authenticated, and every id is
+//! checked against the names the caller's token may serve.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use relay_common::frame::{Decoder, Item};
+use relay_common::message::{decode_headers, BodyKind, PollAnswer, ResponseHead, Trailers};
+use relay_common::name::is_valid_name;
+use relay_common::AGENT_ID_HEADER;
+use tokio::sync::mpsc;
+
+use crate::auth::Grant;
+use crate::body::{full, BodyMsg, RelayBody, BODY_CHANNEL_DEPTH};
+use crate::error::text_response;
+use crate::pending::{Pending, ResponseSink, ResponseStart, UploadSlot};
+use crate::upload::UploadExchange;
+use crate::State;
+
+/// Most requests one poll answer carries.
+pub const MAX_POLL_BATCH: usize = 64;
+
+/// Dispatches an agent call.
+pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RelayBody> {
+    let grant = match state.tokens.authenticate(req.headers()) {
+        Ok(g) => g,
+        Err(e) => {
+            let mut r = text_response(StatusCode::UNAUTHORIZED, &e.to_string());
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    };
+    let uri = req.uri().clone();
+    let query = Query::parse(uri.query().unwrap_or(""));
+    match uri.path() {
+        "/server/request" => poll(state, grant, &req, query).await,
+        "/server/response" => response(state, grant, req, query).await,
+        "/server/requeststream" => request_stream(state, grant, query),
+        _ => text_response(StatusCode::NOT_FOUND, "no such agent endpoint"),
+    }
+}
+
+/// The query parameters agent calls use. Values are never percent-decoded: names and ids
+/// are restricted to characters that need no escaping.
+#[derive(Default)]
+struct Query<'a> {
+    server: Option<&'a str>,
+    id: Option<&'a str>,
+    offset: Option<u64>,
+    max: Option<u64>,
+    draining: bool,
+}
+
+impl<'a> Query<'a> {
+    fn parse(q: &'a str) -> Self {
+        let mut out = Query::default();
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "server" => out.server = Some(v),
+                "id" => out.id = Some(v),
+                "offset" => out.offset = v.parse().ok(),
+                "max" => out.max = v.parse().ok(),
+                "draining" => out.draining = v == "1" || v == "true",
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+fn unknown_id() -> Response<RelayBody> {
+    // Same answer for an id that never existed, has finished, or belongs to a name the
+    // caller may not serve: nothing about other names can be learned from it.
+    text_response(StatusCode::NOT_FOUND, "unknown request id")
+}
+
+fn lookup(state: &State, grant: &Grant, id: Option<&str>) -> Option<Arc<Pending>> {
+    state.broker.lookup(id?, |name| grant.allows(name))
+}
+
+async fn poll(state: Arc<State>, grant: Grant, req: &Request<Incoming>, q: Query<'_>) -> Response<RelayBody> {
+    let Some(name) = q.server.filter(|n| is_valid_name(n)) else {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "missing or invalid server query parameter (a backend name)",
+        );
+    };
+    if !grant.allows(name) {
+        return text_response(
+            StatusCode::FORBIDDEN,
+            &format!("this token may not serve backend {name:?}"),
+        );
+    }
+    let Some(agent_id) = req
+        .headers()
+        .get(AGENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+    else {
+        return text_response(StatusCode::BAD_REQUEST, "missing X-Relay-Agent-Id header");
+    };
+    let draining = q.draining || state.draining();
+    let max = if draining {
+        0
+    } else {
+        q.max.unwrap_or(1).min(MAX_POLL_BATCH as u64) as usize
+    };
+    let handle = state.broker.begin_poll(name, agent_id, q.draining);
+    let batch = handle.next(max, state.cfg.poll_timeout, &state.stop).await;
+    drop(handle);
+    if batch.requests.is_empty() && batch.cancel.is_empty() {
+        return no_store(Response::builder().status(StatusCode::NO_CONTENT))
+            .body(full(Bytes::new()))
+            .expect("bug: static response");
+    }
+    let answer = PollAnswer {
+        requests: batch.requests,
+        cancel: batch.cancel.iter().map(|id| id.to_string()).collect(),
+    };
+    let json = serde_json::to_vec(&answer).expect("bug: poll answers always serialise");
+    no_store(Response::builder())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(Bytes::from(json)))
+        .expect("bug: static response")
+}
+
+fn no_store(b: http::response::Builder) -> http::response::Builder {
+    b.header(header::CACHE_CONTROL, "no-store")
+}
+
+fn request_stream(state: Arc<State>, grant: Grant, q: Query<'_>) -> Response<RelayBody> {
+    let Some(pending) = lookup(&state, &grant, q.id) else {
+        return unknown_id();
+    };
+    let taken = {
+        let mut slot = pending.upload.lock().expect("bug: poisoned");
+        match std::mem::replace(&mut *slot, UploadSlot::InUse) {
+            UploadSlot::Ready { body, offset } if Some(offset) == q.offset => Ok((body, offset)),
+            UploadSlot::Ready { body, offset } => {
+                *slot = UploadSlot::Ready { body, offset };
+                Err((StatusCode::CONFLICT, format!("offset mismatch: the next upload byte is {offset}")))
+            }
+            other => {
+                let err = match &other {
+                    UploadSlot::InUse => (StatusCode::CONFLICT, "another upload exchange is in progress".into()),
+                    UploadSlot::NoBody => (StatusCode::GONE, "the request has no body".into()),
+                    UploadSlot::Finished => (StatusCode::GONE, "the request body was already delivered".into()),
+                    UploadSlot::Broken => (StatusCode::GONE, "the request body was lost in a cut exchange".into()),
+                    UploadSlot::Ready { .. } => unreachable!(),
+                };
+                *slot = other;
+                Err(err)
+            }
+        }
+    };
+    match taken {
+        Err((status, msg)) => text_response(status, &msg),
+        Ok((body, offset)) => {
+            let max = q.max.unwrap_or(u64::MAX).max(1);
+            let exchange = UploadExchange::new(pending, body, offset, max, state.cfg.exchange_idle);
+            no_store(Response::builder())
+                .header(header::CONTENT_TYPE, "application/x-relay-frames")
+                // nginx passes this response on as it arrives instead of buffering it.
+                .header("x-accel-buffering", "no")
+                .body(exchange.boxed_unsync())
+                .expect("bug: static response")
+        }
+    }
+}
+
+/// Owns the response sink for one exchange; if the exchange ends without CONTINUE or a
+/// final frame (agent connection cut, bad frame), the request is aborted on the user side.
+struct ExchangeGuard {
+    sink: tokio::sync::OwnedMutexGuard<ResponseSink>,
+    clean: bool,
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        if !self.clean {
+            // Dropping the senders makes the user side answer 502 (no head yet) or abort
+            // the body (head sent).
+            self.sink.head_tx = None;
+            self.sink.body_tx = None;
+        }
+    }
+}
+
+/// Why an exchange stopped early; the agent learns it from the status.
+enum ExchangeError {
+    Gone,
+    Protocol(String),
+}
+
+async fn response(state: Arc<State>, grant: Grant, req: Request<Incoming>, q: Query<'_>) -> Response<RelayBody> {
+    let Some(pending) = lookup(&state, &grant, q.id) else {
+        return unknown_id();
+    };
+    let Ok(sink) = pending.response.clone().try_lock_owned() else {
+        return text_response(StatusCode::CONFLICT, "another response exchange is in progress");
+    };
+    if Some(sink.offset) != q.offset {
+        let msg = format!("offset mismatch: the next response byte is {}", sink.offset);
+        return text_response(StatusCode::CONFLICT, &msg);
+    }
+    let mut guard = ExchangeGuard { sink, clean: false };
+    let mut body = req.into_body();
+    let result = tokio::select! {
+        r = run_exchange(&mut guard, &mut body) => r,
+        _ = pending.done.cancelled() => Err(ExchangeError::Gone),
+    };
+    match result {
+        Ok(done) => {
+            guard.clean = true;
+            if done {
+                pending.agent_finished.store(true, Ordering::Release);
+            }
+            text_response(StatusCode::OK, "ok")
+        }
+        Err(ExchangeError::Gone) => {
+            guard.clean = true;
+            text_response(StatusCode::GONE, "the user went away; cancel the request")
+        }
+        Err(ExchangeError::Protocol(msg)) => {
+            pending.agent_finished.store(true, Ordering::Release);
+            text_response(StatusCode::BAD_REQUEST, &msg)
+        }
+    }
+}
+
+/// Runs one exchange; `Ok(true)` when the response is complete, `Ok(false)` on CONTINUE.
+async fn run_exchange(
+    guard: &mut ExchangeGuard,
+    body: &mut Incoming,
+) -> Result<bool, ExchangeError> {
+    let sink = &mut *guard.sink;
+    let mut decoder = Decoder::default();
+    loop {
+        let Some(frame) = body.frame().await else {
+            return Err(ExchangeError::Protocol(
+                "exchange ended without END, TRAILERS, ABORT or CONTINUE".into(),
+            ));
+        };
+        let frame = frame.map_err(|e| ExchangeError::Protocol(format!("reading the exchange: {e}")))?;
+        let Ok(mut data) = frame.into_data() else { continue };
+        while let Some(item) = decoder
+            .decode(&mut data)
+            .map_err(|e| ExchangeError::Protocol(e.to_string()))?
+        {
+            match item {
+                Item::Head(json) => {
+                    let head_tx = sink
+                        .head_tx
+                        .take()
+                        .ok_or_else(|| ExchangeError::Protocol("HEAD sent twice".into()))?;
+                    let head: ResponseHead = serde_json::from_slice(&json)
+                        .map_err(|e| ExchangeError::Protocol(format!("bad HEAD: {e}")))?;
+                    let rx = if head.body == BodyKind::Stream {
+                        let (tx, rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
+                        sink.body_tx = Some(tx);
+                        Some(rx)
+                    } else {
+                        None
+                    };
+                    let empty = rx.is_none();
+                    head_tx
+                        .send(ResponseStart::Head(head, rx))
+                        .map_err(|_| ExchangeError::Gone)?;
+                    if empty {
+                        return Ok(true);
+                    }
+                }
+                Item::Data(bytes) => {
+                    let len = bytes.len() as u64;
+                    deliver(sink, BodyMsg::Data(bytes)).await?;
+                    sink.offset += len;
+                }
+                Item::Trailers(json) => {
+                    let t: Trailers = serde_json::from_slice(&json)
+                        .map_err(|e| ExchangeError::Protocol(format!("bad TRAILERS: {e}")))?;
+                    let map = decode_headers(&t.headers)
+                        .map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+                    deliver(sink, BodyMsg::Trailers(map)).await?;
+                    sink.body_tx = None;
+                    return Ok(true);
+                }
+                Item::End => {
+                    deliver(sink, BodyMsg::End).await?;
+                    sink.body_tx = None;
+                    return Ok(true);
+                }
+                Item::Abort(why) => {
+                    if let Some(tx) = sink.head_tx.take() {
+                        let _ = tx.send(ResponseStart::Abort(why));
+                    } else {
+                        let _ = deliver(sink, BodyMsg::Abort(why)).await;
+                    }
+                    sink.body_tx = None;
+                    return Ok(true);
+                }
+                // Also valid before HEAD: the agent has nothing to say yet.
+                Item::Continue => return Ok(false),
+            }
+        }
+    }
+}
+
+async fn deliver(sink: &mut ResponseSink, msg: BodyMsg) -> Result<(), ExchangeError> {
+    let tx = sink
+        .body_tx
+        .as_ref()
+        .ok_or_else(|| ExchangeError::Protocol("body frame without a streamed HEAD".into()))?;
+    tx.send(msg).await.map_err(|_| ExchangeError::Gone)
+}
