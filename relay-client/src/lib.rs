@@ -1,0 +1,36 @@
+//! relay-client: the agent that serves a private backend through a relay-server, using only
+//! outbound HTTP(S) calls.
+//!
+//! # Layout
+//! - [`agent`]: start-up probe, the long-poll loop, dispatch, cancellation, drain.
+//! - [`relay`]: calls to the relay-server (`/server/request`, `/server/response`,
+//!   `/server/requeststream`, `/server/probe`).
+//! - [`exchange`]: serving one request: upload pump, backend call, response exchanges.
+//! - [`upstream`]: building and sending backend requests.
+//! - [`bodies`]: the framed response body, bounded exchange bodies, the upload body.
+//! - [`tls`], [`config`], [`error`].
+//!
+//! # Life of a request (agent side)
+//! 1. A long poll returns a request head. [`agent`] spawns a task for it with its own
+//!    cancellation token (cancelled when a later poll lists the id under `cancel`).
+//! 2. If it has a body, a pump pulls it through `/server/requeststream` exchanges into the
+//!    backend request body as it arrives.
+//! 3. The backend's answer becomes frames (HEAD, DATA…, END/TRAILERS/ABORT) posted to
+//!    `/server/response`: one streaming POST, or bounded POSTs ending in CONTINUE when a
+//!    buffering proxy sits in between.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(rust_2018_idioms)]
+
+pub mod agent;
+pub mod bodies;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod relay;
+pub mod tls;
+pub mod upstream;
+
+pub use agent::run;
+pub use config::{Config, Secret, Transport};
+pub use error::AgentError;

@@ -112,7 +112,7 @@ async fn dispatch(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -
     if path == "/healthz" {
         return Response::new(full(Bytes::from_static(b"ok\n")));
     }
-    if matches!(path, "/server/request" | "/server/response" | "/server/requeststream") {
+    if matches!(path, "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe") {
         return upstream::handle(state, req).await;
     }
     if path.starts_with("/server/") {

@@ -42,6 +42,9 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Relay
         "/server/request" => poll(state, grant, &req, query).await,
         "/server/response" => response(state, grant, req, query).await,
         "/server/requeststream" => request_stream(state, grant, query),
+        // Answered before its body is read: an agent that gets this answer while its
+        // streaming body is still open knows nothing in between buffers request bodies.
+        "/server/probe" => text_response(StatusCode::OK, "streaming"),
         _ => text_response(StatusCode::NOT_FOUND, "no such agent endpoint"),
     }
 }

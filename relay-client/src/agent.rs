@@ -1,0 +1,196 @@
+//! The agent's life: probe the transport, keep `pollers` long polls open, hand each request
+//! to its own task, cancel what the server says is gone, and drain on shutdown.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use relay_common::message::RequestHead;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::{AgentError, RelayCallError};
+use crate::exchange::{serve, Ctx};
+use crate::relay::{Polled, RelayClient};
+use crate::upstream::Backend;
+
+/// Most requests one poll asks for.
+const MAX_POLL_BATCH: usize = 64;
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`], with full jitter.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+struct Shared {
+    ctx: Arc<Ctx>,
+    relay: RelayClient,
+    permits: Arc<Semaphore>,
+    /// Signalled when a request finishes, so polls at capacity can ask for work again.
+    freed: Notify,
+    in_flight: Mutex<HashMap<String, CancellationToken>>,
+    tracker: TaskTracker,
+}
+
+/// Runs the agent until `shutdown`, then drains. Returns an error only when retrying cannot
+/// help (refused token or name, bad configuration).
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if !relay_common::name::is_valid_name(&cfg.name) {
+        return Err(AgentError::Config(format!("invalid backend name {:?}", cfg.name)));
+    }
+    let agent_id = relay_common::id::random_hex(16);
+    let relay = RelayClient::new(&cfg, &agent_id)?;
+    let backend = Backend::new(&cfg)?;
+
+    let mut backoff = Backoff::default();
+    let transport = loop {
+        let r = tokio::select! {
+            r = relay.probe(cfg.transport) => r,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        match r {
+            Ok(t) => break t,
+            Err(e) => {
+                fatal(&e)?;
+                tracing::warn!(error = %e, "relay-server not reachable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    };
+    tracing::info!(name = %cfg.name, ?transport, relay = %cfg.relay_url, "relay-client started");
+
+    let shared = Arc::new(Shared {
+        ctx: Arc::new(Ctx {
+            relay: relay.clone(),
+            backend,
+            transport,
+            exchange_bytes: cfg.exchange_bytes,
+        }),
+        relay,
+        permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
+        freed: Notify::new(),
+        in_flight: Mutex::new(HashMap::new()),
+        tracker: TaskTracker::new(),
+    });
+    let stop = CancellationToken::new();
+    let mut pollers = tokio::task::JoinSet::new();
+    for _ in 0..cfg.pollers.max(1) {
+        pollers.spawn(poller(shared.clone(), shutdown.clone(), stop.clone()));
+    }
+    let result = tokio::select! {
+        Some(r) = pollers.join_next() => r.expect("bug: poller panicked"),
+        _ = shutdown.cancelled() => Ok(()),
+    };
+    if result.is_ok() {
+        // Polls go on in draining mode (no new work, cancel notices still arrive) while the
+        // requests in flight finish.
+        shared.tracker.close();
+        let n = shared.in_flight.lock().expect("bug: poisoned").len();
+        tracing::info!(in_flight = n, "draining");
+        if tokio::time::timeout(cfg.drain_timeout, shared.tracker.wait()).await.is_err() {
+            tracing::warn!("drain timeout passed with requests still in flight");
+        }
+    }
+    stop.cancel();
+    pollers.shutdown().await;
+    result
+}
+
+fn fatal(e: &RelayCallError) -> Result<(), AgentError> {
+    match e {
+        RelayCallError::Status { status: s @ (401 | 403), message } => Err(AgentError::Refused {
+            status: *s,
+            message: message.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn poller(shared: Arc<Shared>, draining: CancellationToken, stop: CancellationToken) -> Result<(), AgentError> {
+    let mut backoff = Backoff::default();
+    loop {
+        let is_draining = draining.is_cancelled();
+        let max = if is_draining {
+            0
+        } else {
+            shared.permits.available_permits().min(MAX_POLL_BATCH)
+        };
+        let freed = shared.freed.notified();
+        let r = tokio::select! {
+            r = shared.relay.poll(max, is_draining) => r,
+            _ = stop.cancelled() => return Ok(()),
+            _ = draining.cancelled(), if !is_draining => continue,
+            _ = freed, if max == 0 && !is_draining => continue,
+        };
+        match r {
+            Ok(Polled::Answer(answer)) => {
+                backoff = Backoff::default();
+                for head in answer.requests {
+                    dispatch(&shared, head);
+                }
+                let map = shared.in_flight.lock().expect("bug: poisoned");
+                for id in answer.cancel {
+                    if let Some(t) = map.get(&id) {
+                        t.cancel();
+                    }
+                }
+            }
+            Ok(Polled::Empty) => backoff = Backoff::default(),
+            Err(e) => {
+                fatal(&e)?;
+                let wait = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?wait, "long poll failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, head: RequestHead) {
+    // The server already handed the request over: serve it even past the soft limit.
+    let permit = shared.permits.clone().try_acquire_owned().ok();
+    let cancel = CancellationToken::new();
+    shared
+        .in_flight
+        .lock()
+        .expect("bug: poisoned")
+        .insert(head.id.clone(), cancel.clone());
+    let task_shared = shared.clone();
+    shared.tracker.spawn(async move {
+        let id = head.id.clone();
+        tracing::debug!(id, method = head.method, target = head.target, "request");
+        serve(task_shared.ctx.clone(), head, cancel).await;
+        task_shared.in_flight.lock().expect("bug: poisoned").remove(&id);
+        drop(permit);
+        task_shared.freed.notify_waiters();
+    });
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: MIN_BACKOFF }
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let cap = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        let mut b = [0u8; 4];
+        getrandom::getrandom(&mut b).expect("bug: the OS random source failed");
+        let frac = u32::from_le_bytes(b) as f64 / u32::MAX as f64;
+        cap.mul_f64(0.5 + frac / 2.0)
+    }
+}

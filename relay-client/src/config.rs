@@ -1,0 +1,84 @@
+//! Agent settings as a plain struct; the binary fills it from flags and env vars.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+
+/// A secret whose `Debug` never shows the value.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How response and upload bytes travel between agent and server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// Probe at start: `stream` if nothing in between buffers request bodies, else `bounded`.
+    Auto,
+    /// One streaming POST per response (fastest; needs a path that does not buffer).
+    Stream,
+    /// Bounded POSTs with Content-Length, each at most `exchange_bytes` (works through
+    /// nginx with default settings).
+    Bounded,
+}
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Base URL of the relay-server (a path is kept as a prefix of `/server/...`).
+    pub relay_url: Uri,
+    /// Backend name this agent serves.
+    pub name: String,
+    /// Backend base URL; its path is prepended to every backend path.
+    pub backend_url: Uri,
+    /// Agent token.
+    pub token: Secret,
+    /// Concurrent long polls.
+    pub pollers: usize,
+    /// Backend requests in flight at most; beyond this the agent takes no new work.
+    pub max_in_flight: usize,
+    /// Agent ↔ server transport.
+    pub transport: Transport,
+    /// Largest response POST in bounded mode (nginx refuses bodies over 1 MiB by default).
+    pub exchange_bytes: usize,
+    /// Speak HTTP/2 with prior knowledge to the backend (gRPC backends).
+    pub backend_http2: bool,
+    /// Extra CA for an https backend.
+    pub backend_ca_file: Option<PathBuf>,
+    /// Extra CA for an https relay-server.
+    pub relay_ca_file: Option<PathBuf>,
+    /// Replace the user's Host with the backend's authority.
+    pub rewrite_host: bool,
+    /// Deadline of one long poll; past it the server connection is taken for dead.
+    pub poll_deadline: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// A config with the documented defaults.
+    pub fn new(relay_url: Uri, name: String, backend_url: Uri, token: Secret) -> Self {
+        Config {
+            relay_url,
+            name,
+            backend_url,
+            token,
+            pollers: 4,
+            max_in_flight: 1024,
+            transport: Transport::Auto,
+            exchange_bytes: 512 * 1024,
+            backend_http2: false,
+            backend_ca_file: None,
+            relay_ca_file: None,
+            rewrite_host: false,
+            poll_deadline: Duration::from_secs(45),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Serving one relayed request: pull the upload, call the backend, and post the response
+//! back in streaming or bounded exchanges.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::Bytes;
+use http::{header, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Body;
+use relay_common::frame::{self, Decoder, Item, Kind};
+use relay_common::headers::strip_hop_by_hop;
+use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bodies::{ChunksBody, ResponseFrames, UploadBody, UploadMsg, UPLOAD_CHANNEL_DEPTH};
+use crate::config::Transport;
+use crate::error::RelayCallError;
+use crate::relay::{error_chain, RelayClient};
+use crate::upstream::{boxed, Backend};
+
+/// What serving a request needs.
+pub struct Ctx {
+    /// The relay-server.
+    pub relay: RelayClient,
+    /// The backend.
+    pub backend: Backend,
+    /// Streaming or bounded exchanges.
+    pub transport: Transport,
+    /// Largest bounded exchange.
+    pub exchange_bytes: usize,
+}
+
+/// Serves `head` until done or `cancel` (the user left).
+pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) {
+    let id = head.id.clone();
+    tokio::select! {
+        r = serve_inner(&ctx, head, &cancel) => {
+            if let Err(e) = r {
+                tracing::debug!(id, error = %e, "request ended early");
+            }
+        }
+        _ = cancel.cancelled() => tracing::debug!(id, "cancelled: the user went away"),
+    }
+}
+
+async fn serve_inner(ctx: &Arc<Ctx>, head: RequestHead, cancel: &CancellationToken) -> Result<(), RelayCallError> {
+    let body = if head.body == BodyKind::Stream {
+        let (tx, rx) = mpsc::channel(UPLOAD_CHANNEL_DEPTH);
+        let relay = ctx.relay.clone();
+        let id = head.id.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = pump_upload(&relay, &id, tx) => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+        boxed(UploadBody::new(rx, head.content_length))
+    } else {
+        boxed(http_body_util::Empty::new().map_err(|never| match never {}))
+    };
+    let req = match ctx.backend.build(&head, body) {
+        Ok(r) => r,
+        Err(e) => return post_error(ctx, &head.id, StatusCode::BAD_REQUEST, &e.0).await,
+    };
+    let resp = match ctx.backend.send(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("relay-client could not reach the backend: {}", error_chain(&e));
+            tracing::warn!(id = head.id, error = %msg, "backend request failed");
+            return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
+        }
+    };
+    let (parts, body) = resp.into_parts();
+    let content_length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers, false);
+    let has_body = !body.is_end_stream();
+    let rh = ResponseHead {
+        status: parts.status.as_u16(),
+        headers: encode_headers(&headers),
+        body: if has_body { BodyKind::Stream } else { BodyKind::Empty },
+        content_length,
+    };
+    let json = serde_json::to_vec(&rh).expect("bug: heads always serialise");
+    let frames = ResponseFrames::new(frame::control(Kind::Head, &json), has_body.then_some(body));
+    send_response(ctx, &head.id, frames).await
+}
+
+/// Posts a synthesised text response (the backend could not be asked).
+async fn post_error(ctx: &Ctx, id: &str, status: StatusCode, msg: &str) -> Result<(), RelayCallError> {
+    let body = Bytes::from(format!("{msg}\n"));
+    let head = ResponseHead {
+        status: status.as_u16(),
+        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+        body: BodyKind::Stream,
+        content_length: Some(body.len() as u64),
+    };
+    let json = serde_json::to_vec(&head).expect("bug: heads always serialise");
+    let mut chunks = VecDeque::new();
+    chunks.push_back(frame::control(Kind::Head, &json));
+    chunks.push_back(frame::header(Kind::Data, body.len()));
+    chunks.push_back(body);
+    chunks.push_back(frame::control(Kind::End, b""));
+    let (status, text) = ctx.relay.post_response(id, 0, boxed(ChunksBody::new(chunks))).await?;
+    check_posted(status, &text).map(|_| ())
+}
+
+/// Whether an exchange was accepted; `Ok(false)` when the user is gone.
+fn check_posted(status: StatusCode, text: &[u8]) -> Result<bool, RelayCallError> {
+    match status {
+        StatusCode::OK => Ok(true),
+        StatusCode::GONE | StatusCode::NOT_FOUND => Ok(false),
+        s => Err(RelayCallError::Status {
+            status: s.as_u16(),
+            message: String::from_utf8_lossy(text).trim().to_owned(),
+        }),
+    }
+}
+
+async fn send_response(ctx: &Ctx, id: &str, mut frames: ResponseFrames) -> Result<(), RelayCallError> {
+    if ctx.transport != Transport::Bounded {
+        let (status, text) = ctx.relay.post_response(id, 0, boxed(frames)).await?;
+        check_posted(status, &text)?;
+        return Ok(());
+    }
+    loop {
+        let offset = frames.offset;
+        let mut chunks = VecDeque::new();
+        let mut size = 0usize;
+        // Wait for the first piece, then take whatever else is ready, up to the cap: a
+        // slow stream (SSE) goes out event by event, a fast one in full exchanges.
+        // ResponseFrames never fails: backend errors become ABORT frames.
+        let mut ready = frames.frame().await.and_then(Result::ok);
+        while let Some(f) = ready.take() {
+            let b = f.into_data().expect("bug: frames are data");
+            size += b.len();
+            chunks.push_back(b);
+            if size >= ctx.exchange_bytes || frames.done() {
+                break;
+            }
+            ready = poll_fn(|cx| match Pin::new(&mut frames).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(f)),
+                _ => Poll::Ready(None),
+            })
+            .await;
+        }
+        let last = frames.done();
+        if !last {
+            chunks.push_back(frame::control(Kind::Continue, b""));
+        }
+        let (status, text) = ctx.relay.post_response(id, offset, boxed(ChunksBody::new(chunks))).await?;
+        if !check_posted(status, &text)? || last {
+            return Ok(());
+        }
+    }
+}
+
+/// Pulls the user's upload through `/server/requeststream` exchanges into `tx`.
+async fn pump_upload(relay: &RelayClient, id: &str, tx: mpsc::Sender<UploadMsg>) {
+    let mut offset = 0u64;
+    loop {
+        let mut body = match relay.request_stream(id, offset, None).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(UploadMsg::Abort(e.to_string())).await;
+                return;
+            }
+        };
+        let mut decoder = Decoder::default();
+        let next = 'exchange: loop {
+            let Some(frame) = body.frame().await else {
+                break 'exchange Err("upload exchange ended without a final frame".to_owned());
+            };
+            let mut data = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+                Err(e) => break 'exchange Err(format!("upload exchange failed: {e}")),
+            };
+            loop {
+                let item = match decoder.decode(&mut data) {
+                    Ok(Some(i)) => i,
+                    Ok(None) => break,
+                    Err(e) => break 'exchange Err(e.to_string()),
+                };
+                let msg = match item {
+                    Item::Data(b) => {
+                        offset += b.len() as u64;
+                        UploadMsg::Data(b)
+                    }
+                    Item::Trailers(json) => match serde_json::from_slice::<Trailers>(&json)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| decode_headers(&t.headers).map_err(|e| e.to_string()))
+                    {
+                        Ok(map) => UploadMsg::Trailers(map),
+                        Err(e) => break 'exchange Err(format!("bad upload trailers: {e}")),
+                    },
+                    Item::End => UploadMsg::End,
+                    Item::Abort(why) => UploadMsg::Abort(why),
+                    Item::Continue => break 'exchange Ok(()),
+                    Item::Head(_) => break 'exchange Err("HEAD frame in an upload".into()),
+                };
+                let last = !matches!(msg, UploadMsg::Data(_));
+                if tx.send(msg).await.is_err() || last {
+                    return;
+                }
+            }
+        };
+        if let Err(why) = next {
+            let _ = tx.send(UploadMsg::Abort(why)).await;
+            return;
+        }
+    }
+}

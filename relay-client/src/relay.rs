@@ -1,0 +1,220 @@
+//! Calls to the relay-server: the long poll, response exchanges, upload exchanges, and the
+//! start-up probe that decides between streaming and bounded exchanges.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use relay_common::message::PollAnswer;
+use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION};
+
+use crate::config::{Config, Transport};
+use crate::error::{AgentError, RelayCallError};
+use crate::tls;
+
+/// Body type of calls to the relay-server.
+pub type CallBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A client of one relay-server, authenticated as one agent process.
+#[derive(Clone)]
+pub struct RelayClient {
+    client: Client<tls::Connector, CallBody>,
+    base: String,
+    auth: HeaderValue,
+    agent_id: HeaderValue,
+    name: String,
+    poll_deadline: Duration,
+}
+
+/// What a poll returned.
+pub enum Polled {
+    /// Work or cancel notices.
+    Answer(PollAnswer),
+    /// Nothing within the server's hold time.
+    Empty,
+}
+
+impl RelayClient {
+    /// A client for `cfg.relay_url`.
+    pub fn new(cfg: &Config, agent_id: &str) -> Result<Self, AgentError> {
+        let connector = tls::connector(cfg.relay_ca_file.as_deref(), true)?;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(50))
+            .build(connector);
+        let mut base = cfg.relay_url.to_string();
+        while base.ends_with('/') {
+            base.pop();
+        }
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", cfg.token.0))
+            .map_err(|_| AgentError::Config("the token contains invalid characters".into()))?;
+        auth.set_sensitive(true);
+        Ok(RelayClient {
+            client,
+            base,
+            auth,
+            agent_id: HeaderValue::from_str(agent_id).expect("bug: agent ids are hex"),
+            name: cfg.name.clone(),
+            poll_deadline: cfg.poll_deadline,
+        })
+    }
+
+    fn request(&self, method: Method, path_and_query: &str, body: CallBody) -> Request<CallBody> {
+        let uri: Uri = format!("{}{}", self.base, path_and_query)
+            .parse()
+            .expect("bug: relay URLs are built from validated parts");
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(header::AUTHORIZATION, self.auth.clone());
+        h.insert(AGENT_ID_HEADER, self.agent_id.clone());
+        h.insert(PROTOCOL_HEADER, HeaderValue::from_static(PROTOCOL_VERSION));
+        req
+    }
+
+    async fn send(&self, req: Request<CallBody>) -> Result<Response<Incoming>, RelayCallError> {
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| RelayCallError::Transport(error_chain(&e)))
+    }
+
+    /// One long poll taking at most `max` requests (`max == 0`: only cancel notices).
+    pub async fn poll(&self, max: usize, draining: bool) -> Result<Polled, RelayCallError> {
+        let q = format!(
+            "/server/request?server={}&max={max}{}",
+            self.name,
+            if draining { "&draining=1" } else { "" }
+        );
+        let req = self.request(Method::GET, &q, empty());
+        let resp = tokio::time::timeout(self.poll_deadline, async {
+            let resp = self.send(req).await?;
+            let status = resp.status();
+            let body = read_text_limited(resp.into_body(), 64 << 20).await?;
+            Ok::<_, RelayCallError>((status, body))
+        })
+        .await
+        .map_err(|_| RelayCallError::Transport("long poll passed its deadline".into()))??;
+        match resp.0 {
+            StatusCode::OK => serde_json::from_slice(&resp.1)
+                .map(Polled::Answer)
+                .map_err(|e| RelayCallError::Transport(format!("bad poll answer: {e}"))),
+            StatusCode::NO_CONTENT => Ok(Polled::Empty),
+            s => Err(status_error(s, &resp.1)),
+        }
+    }
+
+    /// Posts one response exchange starting at body offset `offset`.
+    pub async fn post_response(&self, id: &str, offset: u64, body: CallBody) -> Result<(StatusCode, Bytes), RelayCallError> {
+        let q = format!("/server/response?id={id}&offset={offset}");
+        let mut req = self.request(Method::POST, &q, body);
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-relay-frames"),
+        );
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let text = read_text_limited(resp.into_body(), 64 * 1024).await?;
+        Ok((status, text))
+    }
+
+    /// Opens one upload exchange at `offset`; the answer body carries frames.
+    pub async fn request_stream(&self, id: &str, offset: u64, max: Option<u64>) -> Result<Incoming, RelayCallError> {
+        let mut q = format!("/server/requeststream?id={id}&offset={offset}");
+        if let Some(max) = max {
+            q.push_str(&format!("&max={max}"));
+        }
+        let resp = self.send(self.request(Method::GET, &q, empty())).await?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let text = read_text_limited(resp.into_body(), 64 * 1024).await?;
+            return Err(status_error(status, &text));
+        }
+        Ok(resp.into_body())
+    }
+
+    /// Decides the transport: a streaming POST whose answer arrives before its body ends
+    /// means nothing in between buffers request bodies.
+    pub async fn probe(&self, wanted: Transport) -> Result<Transport, RelayCallError> {
+        if wanted != Transport::Auto {
+            return Ok(wanted);
+        }
+        let req = self.request(Method::POST, "/server/probe", ProbeBody(false).boxed_unsync());
+        match tokio::time::timeout(Duration::from_secs(3), self.send(req)).await {
+            Ok(Ok(resp)) if resp.status() == StatusCode::OK => Ok(Transport::Stream),
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let text = read_text_limited(resp.into_body(), 64 * 1024).await?;
+                Err(status_error(status, &text))
+            }
+            Ok(Err(e)) => Err(e),
+            // The answer waits for the whole body: something buffers in between.
+            Err(_) => Ok(Transport::Bounded),
+        }
+    }
+}
+
+/// A body that sends a few bytes and then never ends (until dropped): only a path that
+/// forwards bodies as they stream lets the server answer it.
+struct ProbeBody(bool);
+
+impl hyper::body::Body for ProbeBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        if self.0 {
+            // Dropped when the probe ends; nothing to wake.
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"probe")))))
+    }
+}
+
+/// An empty call body.
+pub fn empty() -> CallBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A call body of known bytes.
+pub fn full(b: Bytes) -> CallBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn status_error(status: StatusCode, body: &[u8]) -> RelayCallError {
+    RelayCallError::Status {
+        status: status.as_u16(),
+        message: String::from_utf8_lossy(body).trim().to_owned(),
+    }
+}
+
+async fn read_text_limited(body: Incoming, limit: usize) -> Result<Bytes, RelayCallError> {
+    let limited = http_body_util::Limited::new(body, limit);
+    limited
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| RelayCallError::Transport(format!("reading the answer: {e}")))
+}
+
+/// An error with its causes, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

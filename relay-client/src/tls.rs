@@ -1,0 +1,65 @@
+//! HTTP clients with rustls for the relay-server and the backend.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::error::AgentError;
+
+/// The connector both clients use: plain HTTP or rustls-backed HTTPS.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// A connector that trusts the system roots, plus `extra_ca` when given. `alpn_h2` offers
+/// HTTP/2 over TLS as well as HTTP/1.1.
+pub fn connector(extra_ca: Option<&Path>, alpn_h2: bool) -> Result<Connector, AgentError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs();
+    for cert in native {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path)
+            .map_err(|e| AgentError::Config(format!("reading {}: {e}", path.display())))?;
+        let mut n = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(AgentError::Config(format!(
+                "{} holds no PEM certificate",
+                path.display()
+            )));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AgentError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+    let b = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    Ok(if alpn_h2 {
+        b.enable_http2().wrap_connector(http)
+    } else {
+        b.wrap_connector(http)
+    })
+}
+
+/// System trust anchors, read through hyper-rustls' native-roots support.
+fn rustls_native_certs() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    rustls_native_certs::load_native_certs().certs
+}

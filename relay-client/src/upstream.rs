@@ -1,0 +1,101 @@
+//! The backend side of the agent: turning a relayed request head into a backend request.
+
+use http::{header, HeaderValue, Method, Request, Uri};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use relay_common::headers::strip_hop_by_hop;
+use relay_common::message::{decode_headers, RequestHead};
+
+use crate::config::Config;
+use crate::error::AgentError;
+use crate::tls;
+
+/// Body type of backend requests.
+pub type BackendBody = UnsyncBoxBody<bytes::Bytes, std::io::Error>;
+
+/// The backend and how to reach it.
+#[derive(Clone)]
+pub struct Backend {
+    client: Client<tls::Connector, BackendBody>,
+    /// `scheme://authority` of the backend.
+    origin: String,
+    /// Path prefix from `--backend-url`, without a trailing slash.
+    base_path: String,
+    authority: HeaderValue,
+    rewrite_host: bool,
+}
+
+/// Why a backend request could not even be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
+
+impl Backend {
+    /// A backend client for `cfg.backend_url`.
+    pub fn new(cfg: &Config) -> Result<Self, AgentError> {
+        let url = &cfg.backend_url;
+        let scheme = url.scheme_str().unwrap_or("");
+        if scheme != "http" && scheme != "https" {
+            return Err(AgentError::Config(format!(
+                "--backend-url must be http:// or https://, not {url}"
+            )));
+        }
+        let authority = url
+            .authority()
+            .ok_or_else(|| AgentError::Config(format!("--backend-url {url} has no host")))?;
+        let connector = tls::connector(cfg.backend_ca_file.as_deref(), cfg.backend_http2)?;
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(std::time::Duration::from_secs(30));
+        if cfg.backend_http2 {
+            b.http2_only(true);
+        }
+        let mut base_path = url.path().to_owned();
+        while base_path.ends_with('/') {
+            base_path.pop();
+        }
+        Ok(Backend {
+            client: b.build(connector),
+            origin: format!("{scheme}://{authority}"),
+            base_path,
+            authority: HeaderValue::from_str(authority.as_str())
+                .map_err(|_| AgentError::Config("bad backend authority".into()))?,
+            rewrite_host: cfg.rewrite_host,
+        })
+    }
+
+    /// The backend request for `head` with `body`.
+    pub fn build(&self, head: &RequestHead, body: BackendBody) -> Result<Request<BackendBody>, BuildError> {
+        let method = Method::from_bytes(head.method.as_bytes())
+            .map_err(|_| BuildError(format!("invalid method {:?}", head.method)))?;
+        let uri: Uri = format!("{}{}{}", self.origin, self.base_path, head.target)
+            .parse()
+            .map_err(|e| BuildError(format!("invalid target {:?}: {e}", head.target)))?;
+        let mut headers =
+            decode_headers(&head.headers).map_err(|e| BuildError(e.to_string()))?;
+        // Defence in depth: the server already stripped these (RFC 9110 §7.6.1).
+        strip_hop_by_hop(&mut headers, true);
+        if self.rewrite_host {
+            headers.insert(header::HOST, self.authority.clone());
+        }
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        Ok(req)
+    }
+
+    /// Sends a request to the backend.
+    pub async fn send(&self, req: Request<BackendBody>) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(req).await
+    }
+}
+
+/// Boxes a body for the backend client.
+pub fn boxed<B>(b: B) -> BackendBody
+where
+    B: hyper::body::Body<Data = bytes::Bytes, Error = std::io::Error> + Send + 'static,
+{
+    b.boxed_unsync()
+}
