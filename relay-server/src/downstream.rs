@@ -21,11 +21,19 @@ use crate::State;
 /// Relays one user request; every failure becomes its status and text body.
 pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
     let retry_after = state.cfg.retry_after_secs;
+    let http1 = req.version() < http::Version::HTTP_2;
     match relay(state, req, peer).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, "user request failed");
-            e.into_response(retry_after)
+            let mut resp = e.into_response(retry_after);
+            if http1 {
+                // The request body may be unread; closing is the only way to never parse
+                // its bytes as a next request (RFC 9112 §9.6).
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     }
 }

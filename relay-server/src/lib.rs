@@ -43,7 +43,7 @@ pub mod upload;
 pub mod upstream;
 
 pub use config::{Config, Secret, TokenScope};
-pub use listener::run;
+pub use listener::{run, serve};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -26,7 +26,11 @@ const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// Serves `listener` until `shutdown` is cancelled, then drains: new user requests get 503,
 /// requests in flight finish (up to `drain_timeout`), then everything stops.
 pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken) -> std::io::Result<()> {
-    let state = Arc::new(State::new(cfg));
+    serve(listener, Arc::new(State::new(cfg)), shutdown).await
+}
+
+/// Like [`run`] with state built by the caller (tests and embedders inspect it).
+pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: CancellationToken) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
     let graceful = GracefulShutdown::new();
 

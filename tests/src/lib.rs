@@ -1,0 +1,295 @@
+//! Test harness: real relay-servers, relay-clients, backends and user clients on loopback.
+//!
+//! Everything binds `127.0.0.1:0`; readiness is waited for by observing state (a connected
+//! agent in the broker, a listening port), never by sleeping.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use relay_client::Transport;
+pub use relay_server::State;
+
+/// Body type of test backends and user requests.
+pub type TestBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A token long enough for the server's rules.
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// Installs a log subscriber once (RUST_LOG controls it).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A complete body.
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> TestBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A running in-process relay-server.
+pub struct Server {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its state (broker gauges for readiness and leak checks).
+    pub state: Arc<State>,
+    /// Cancel to begin the drain.
+    pub shutdown: CancellationToken,
+    /// The serve task.
+    pub join: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Server settings used by tests: the default limits with a token for any name.
+pub fn server_config() -> relay_server::Config {
+    relay_server::Config {
+        agent_tokens: vec![(
+            relay_server::TokenScope::Any,
+            relay_server::Secret(TOKEN.into()),
+        )],
+        ..relay_server::Config::default()
+    }
+}
+
+impl Server {
+    /// Starts a server with `cfg`.
+    pub async fn start(cfg: relay_server::Config) -> Server {
+        init_logs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::new(cfg));
+        let shutdown = CancellationToken::new();
+        let join = tokio::spawn(relay_server::serve(listener, state.clone(), shutdown.clone()));
+        Server {
+            addr,
+            state,
+            shutdown,
+            join,
+        }
+    }
+
+    /// Starts a server with [`server_config`].
+    pub async fn default() -> Server {
+        Server::start(server_config()).await
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until a non-draining agent is connected for `name`.
+    pub async fn wait_agent(&self, name: &str) {
+        wait_for(|| self.state.broker.live_backend(name).is_some()).await;
+    }
+
+    /// Waits until no request is in flight (leak check).
+    pub async fn wait_idle(&self) {
+        wait_for(|| self.state.broker.in_flight() == 0).await;
+    }
+}
+
+/// Polls `cond` every 5 ms for up to 20 s (state observation, not a timed sleep).
+pub async fn wait_for(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within 20 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A relay-client running on its own runtime thread, so a test can kill it abruptly
+/// (all its sockets close at once, as when the process dies).
+pub struct Agent {
+    shutdown: CancellationToken,
+    runtime: Option<tokio::runtime::Runtime>,
+    join: Option<tokio::task::JoinHandle<Result<(), relay_client::AgentError>>>,
+}
+
+impl Agent {
+    /// A config for `name` in front of `backend` (base URL) through `relay_url`.
+    pub fn config(relay_url: &str, name: &str, backend: &str) -> relay_client::Config {
+        relay_client::Config::new(
+            relay_url.parse().unwrap(),
+            name.into(),
+            backend.parse().unwrap(),
+            relay_client::Secret(TOKEN.into()),
+        )
+    }
+
+    /// Starts an agent with `cfg`.
+    pub fn start(cfg: relay_client::Config) -> Agent {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let join = runtime.spawn(relay_client::run(cfg, shutdown.clone()));
+        Agent {
+            shutdown,
+            runtime: Some(runtime),
+            join: Some(join),
+        }
+    }
+
+    /// Kills the agent abruptly: every task and socket is dropped at once.
+    pub fn kill(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Begins the agent's drain and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), relay_client::AgentError> {
+        self.shutdown.cancel();
+        let join = self.join.take().unwrap();
+        let r = join.await.expect("agent task panicked");
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        r
+    }
+
+    /// Waits for `run` to return by itself (e.g. refused token).
+    pub async fn exited(mut self) -> Result<(), relay_client::AgentError> {
+        let join = self.join.take().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(20), join)
+            .await
+            .expect("agent did not exit")
+            .expect("agent task panicked");
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        r
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Starts a backend (HTTP/1.1 and h2c prior knowledge) serving `handler`; returns its
+/// address. It lives as long as the test's runtime.
+pub async fn backend<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/1.1 user client.
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An HTTP/2 (prior knowledge) user client.
+pub fn h2_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// Reads a whole body (test sizes only).
+pub async fn body_bytes(b: Incoming) -> Result<Bytes, hyper::Error> {
+    b.collect().await.map(|c| c.to_bytes())
+}
+
+/// Starts a server and one agent for `name` in front of `backend`, waits until connected.
+pub async fn relay_to(backend: SocketAddr, name: &str) -> (Server, Agent) {
+    let server = Server::default().await;
+    let agent = Agent::start(Agent::config(&server.url(), name, &format!("http://{backend}")));
+    server.wait_agent(name).await;
+    (server, agent)
+}
+
+/// Sends raw bytes on a fresh connection and reads until the peer closes (or 10 s pass).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// What a recording backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Request target as received (path and query).
+    pub target: String,
+    /// Headers as received.
+    pub headers: http::HeaderMap,
+    /// Whole body.
+    pub body: Bytes,
+}
+
+/// A backend that records every request and answers 200 with the request body echoed.
+pub async fn recording_backend() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let addr = backend(move |req: Request<Incoming>| {
+        let log = log.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body_bytes(body).await.unwrap_or_default();
+            log.lock().unwrap().push(Seen {
+                method: parts.method.to_string(),
+                target: parts.uri.to_string(),
+                headers: parts.headers.clone(),
+                body: body.clone(),
+            });
+            Response::builder()
+                .header("x-echo-method", parts.method.as_str())
+                .header("x-echo-target", parts.uri.to_string())
+                .body(full(body))
+                .unwrap()
+        }
+    })
+    .await;
+    (addr, seen)
+}
