@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_common::message::RequestHead;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -114,11 +114,22 @@ async fn poller(shared: Arc<Shared>, draining: CancellationToken, stop: Cancella
     let mut backoff = Backoff::default();
     loop {
         let is_draining = draining.is_cancelled();
-        let max = if is_draining {
-            0
-        } else {
-            shared.permits.available_permits().min(MAX_POLL_BATCH)
-        };
+        // Reserve the slots this poll asks for, so polls together never take more work
+        // than `max_in_flight`; unused slots go back when the answer arrives.
+        let mut reserved = None;
+        if !is_draining {
+            let mut want = shared.permits.available_permits().min(MAX_POLL_BATCH);
+            while want > 0 {
+                match shared.permits.clone().try_acquire_many_owned(want as u32) {
+                    Ok(p) => {
+                        reserved = Some(p);
+                        break;
+                    }
+                    Err(_) => want = shared.permits.available_permits().min(want - 1),
+                }
+            }
+        }
+        let max = reserved.as_ref().map_or(0, |p| p.num_permits());
         let freed = shared.freed.notified();
         let r = tokio::select! {
             r = shared.relay.poll(max, is_draining) => r,
@@ -130,7 +141,10 @@ async fn poller(shared: Arc<Shared>, draining: CancellationToken, stop: Cancella
             Ok(Polled::Answer(answer)) => {
                 backoff = Backoff::default();
                 for head in answer.requests {
-                    dispatch(&shared, head);
+                    // The server never hands out more than `max`; a permit is missing
+                    // only if it broke that promise, and the request is served anyway.
+                    let permit = reserved.as_mut().and_then(|p| p.split(1));
+                    dispatch(&shared, head, permit);
                 }
                 let map = shared.in_flight.lock().expect("bug: poisoned");
                 for id in answer.cancel {
@@ -150,12 +164,14 @@ async fn poller(shared: Arc<Shared>, draining: CancellationToken, stop: Cancella
                 }
             }
         }
+        if reserved.is_some_and(|p| p.num_permits() > 0) {
+            // Slots went back: polls waiting at capacity may ask for work again.
+            shared.freed.notify_waiters();
+        }
     }
 }
 
-fn dispatch(shared: &Arc<Shared>, head: RequestHead) {
-    // The server already handed the request over: serve it even past the soft limit.
-    let permit = shared.permits.clone().try_acquire_owned().ok();
+fn dispatch(shared: &Arc<Shared>, head: RequestHead, permit: Option<OwnedSemaphorePermit>) {
     let cancel = CancellationToken::new();
     shared
         .in_flight
