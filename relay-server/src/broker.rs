@@ -249,10 +249,15 @@ impl PollHandle {
         let deadline = tokio::time::Instant::now() + hold;
         let mut claimed = Vec::new();
         loop {
-            let work = self.backend.work.notified();
+            // Only polls that take work may register for work notifications: notify_one
+            // hands its wake-up to one registered waiter, and a poll that would ignore it
+            // would swallow the notification.
+            let work = (max > 0).then(|| self.backend.work.notified());
             let wake = self.agent.wake.notified();
             tokio::pin!(work, wake);
-            work.as_mut().enable();
+            if let Some(w) = work.as_mut().as_pin_mut() {
+                w.enable();
+            }
             wake.as_mut().enable();
             if max > 0 {
                 self.backend.take(&self.agent, max, &mut claimed);
@@ -267,7 +272,7 @@ impl PollHandle {
                 return PollBatch { requests, cancel };
             }
             tokio::select! {
-                _ = &mut work, if max > 0 => {}
+                _ = async { work.as_mut().as_pin_mut().expect("bug: guarded by max").await }, if max > 0 => {}
                 _ = &mut wake => {}
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = stop.cancelled() => break,

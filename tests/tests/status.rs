@@ -58,8 +58,8 @@ async fn connected_agent_that_never_picks_up_is_503_after_the_pickup_timeout() {
     assert!(text(resp).await.contains("picked up"));
     release.notify_one();
     let first = first.await.unwrap();
-    assert_eq!(first.status(), StatusCode::OK);
-    assert_eq!(text(first).await, "late");
+    let status = first.status();
+    assert_eq!((status, text(first).await.as_str()), (StatusCode::OK, "late"));
     server.wait_idle().await;
 }
 
