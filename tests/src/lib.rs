@@ -293,3 +293,32 @@ pub async fn recording_backend() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Seen>>
     .await;
     (addr, seen)
 }
+
+/// A body fed from a channel (for uploads and slow responses under test control).
+pub fn channel_body(
+    depth: usize,
+) -> (
+    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+    TestBody,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(depth);
+    (tx, http_body_util::StreamBody::new(ReceiverStream(rx)).boxed_unsync())
+}
+
+/// `mpsc::Receiver` as a `Stream`.
+pub struct ReceiverStream<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Data frame helper.
+pub fn data(b: impl Into<Bytes>) -> Result<hyper::body::Frame<Bytes>, std::io::Error> {
+    Ok(hyper::body::Frame::data(b.into()))
+}

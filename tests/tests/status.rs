@@ -138,15 +138,6 @@ async fn half_then_stall() -> std::net::SocketAddr {
     .await
 }
 
-/// `mpsc::Receiver` as a `Stream` (no tokio-stream dependency for one adapter).
-struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
-impl<T> futures_core::Stream for ReceiverStream<T> {
-    type Item = T;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
-    }
-}
-
 #[tokio::test]
 async fn agent_killed_mid_body_aborts_the_response_http1_and_http2() {
     for h2 in [false, true] {
