@@ -1,0 +1,227 @@
+//! Agent authentication, name scoping, id binding, and graceful shutdown on both sides.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use relay_server::{Secret, TokenScope};
+use relay_tests::*;
+
+const TOKEN_A: &str = "token-for-a-0123456789";
+const TOKEN_B: &str = "token-for-b-0123456789";
+
+async fn scoped_server() -> Server {
+    let mut cfg = server_config();
+    cfg.agent_tokens = vec![
+        (TokenScope::Name("a".into()), Secret(TOKEN_A.into())),
+        (TokenScope::Name("b".into()), Secret(TOKEN_B.into())),
+    ];
+    Server::start(cfg).await
+}
+
+/// A raw agent call with `token`.
+async fn call(server: &Server, method: &str, path: &str, token: Option<&str>, body: Bytes) -> (StatusCode, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", server.url()))
+        .header("x-relay-agent-id", "manual-agent");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = client().request(req.body(full(body)).unwrap()).await.unwrap();
+    let status = resp.status();
+    let text = String::from_utf8_lossy(&body_bytes(resp.into_body()).await.unwrap()).into_owned();
+    (status, text)
+}
+
+#[tokio::test]
+async fn wrong_or_missing_tokens_are_401_and_end_the_agent() {
+    let server = scoped_server().await;
+    for token in [None, Some("wrong"), Some("token-for-a-012345678"), Some("token-for-a-0123456789x")] {
+        let (status, _) = call(&server, "GET", "/server/request?server=a", token, Bytes::new()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+    }
+    let mut cfg = Agent::config(&server.url(), "a", "http://127.0.0.1:9");
+    cfg.token = relay_client::Secret("not-the-token-at-all".into());
+    match Agent::start(cfg).exited().await {
+        Err(relay_client::AgentError::Refused { status: 401, .. }) => {}
+        other => panic!("expected a 401 refusal, got {other:?}"),
+    }
+    assert!(server.state.broker.live_backend("a").is_none());
+}
+
+#[tokio::test]
+async fn a_token_serves_only_its_names() {
+    let server = scoped_server().await;
+    let (status, text) = call(&server, "GET", "/server/request?server=b", Some(TOKEN_A), Bytes::new()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(text.contains("may not serve"));
+    let mut cfg = Agent::config(&server.url(), "b", "http://127.0.0.1:9");
+    cfg.token = relay_client::Secret(TOKEN_A.into());
+    cfg.transport = Transport::Stream;
+    match Agent::start(cfg).exited().await {
+        Err(relay_client::AgentError::Refused { status: 403, .. }) => {}
+        other => panic!("expected a 403 refusal, got {other:?}"),
+    }
+    // Nothing was registered for the name the token does not cover.
+    assert_eq!(server.state.broker.connected_names(), 0);
+}
+
+#[tokio::test]
+async fn another_names_request_id_is_indistinguishable_from_an_unknown_one() {
+    let server = scoped_server().await;
+    // Agent "b" (manual) takes a user request and holds it.
+    let poll = tokio::spawn({
+        let url = server.url();
+        async move {
+            let resp = client()
+                .request(
+                    Request::get(format!("{url}/server/request?server=b&max=1"))
+                        .header("authorization", format!("Bearer {TOKEN_B}"))
+                        .header("x-relay-agent-id", "agent-b")
+                        .body(empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+            v["requests"][0]["id"].as_str().unwrap().to_owned()
+        }
+    });
+    server.wait_agent("b").await;
+    let user = tokio::spawn(
+        client().request(Request::get(format!("{}/client/b/secret", server.url())).body(empty()).unwrap()),
+    );
+    let id = poll.await.unwrap();
+    assert_eq!(id.len(), 32);
+    // Agent "a" tries to read b's upload and answer b's request.
+    let unknown = "0123456789abcdef0123456789abcdef";
+    for path in ["/server/requeststream?id={}&offset=0", "/server/response?id={}&offset=0"] {
+        let method = if path.contains("response") { "POST" } else { "GET" };
+        let theirs = call(&server, method, &path.replace("{}", &id), Some(TOKEN_A), Bytes::new()).await;
+        let nobody = call(&server, method, &path.replace("{}", unknown), Some(TOKEN_A), Bytes::new()).await;
+        assert_eq!(theirs, nobody, "{path}: another name's id is distinguishable");
+        assert_eq!(theirs.0, StatusCode::NOT_FOUND);
+    }
+    // b still answers its own request.
+    let head = serde_json::json!({"status": 200, "headers": [["x-by", "b"]], "body": "empty"});
+    let mut frames = relay_common::frame::control(
+        relay_common::frame::Kind::Head,
+        &serde_json::to_vec(&head).unwrap(),
+    )
+    .to_vec();
+    frames.extend_from_slice(&relay_common::frame::control(relay_common::frame::Kind::End, b""));
+    let (status, _) = call(&server, "POST", &format!("/server/response?id={id}&offset=0"), Some(TOKEN_B), frames.into()).await;
+    assert_eq!(status, StatusCode::OK);
+    let resp = user.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-by"], "b");
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn malformed_exchanges_abort_the_user_response() {
+    let server = Server::default().await;
+    let poll = tokio::spawn({
+        let url = server.url();
+        async move {
+            let resp = client()
+                .request(
+                    Request::get(format!("{url}/server/request?server=m&max=1"))
+                        .header("authorization", format!("Bearer {TOKEN}"))
+                        .header("x-relay-agent-id", "agent-m")
+                        .body(empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+            v["requests"][0]["id"].as_str().unwrap().to_owned()
+        }
+    });
+    server.wait_agent("m").await;
+    let user = tokio::spawn(
+        client().request(Request::get(format!("{}/client/m/", server.url())).body(empty()).unwrap()),
+    );
+    let id = poll.await.unwrap();
+    // A head, some data, then the exchange stops without END/ABORT/CONTINUE.
+    let head = serde_json::json!({"status": 200, "headers": [], "body": "stream"});
+    let mut frames = relay_common::frame::control(relay_common::frame::Kind::Head, &serde_json::to_vec(&head).unwrap()).to_vec();
+    frames.extend_from_slice(&relay_common::frame::header(relay_common::frame::Kind::Data, 3));
+    frames.extend_from_slice(b"abc");
+    let resp_task = tokio::spawn(async move {
+        match user.await.unwrap() {
+            // hyper may drop the buffered head together with the failed body.
+            Err(e) => Err(e.to_string()),
+            Ok(resp) => match body_bytes(resp.into_body()).await {
+                Err(e) => Err(e.to_string()),
+                Ok(b) => Ok(b),
+            },
+        }
+    });
+    let (status, text) = call(&server, "POST", &format!("/server/response?id={id}&offset=0"), Some(TOKEN), frames.into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let outcome = resp_task.await.unwrap();
+    assert!(outcome.is_err(), "a cut exchange must abort the response, got {outcome:?}");
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn server_drain_finishes_requests_in_flight_and_refuses_new_ones() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let addr = backend(move |_req| {
+        let mut rx = release_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+            Response::new(full("finished"))
+        }
+    })
+    .await;
+    let (server, _agent) = relay_to(addr, "d").await;
+    let inflight = tokio::spawn(
+        client().request(Request::get(format!("{}/client/d/", server.url())).body(empty()).unwrap()),
+    );
+    wait_for(|| server.state.broker.in_flight() == 1).await;
+    server.shutdown.cancel();
+    wait_for(|| server.state.draining()).await;
+    let resp = client()
+        .request(Request::get(format!("{}/client/d/new", server.url())).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key("retry-after"));
+    release_tx.send(true).unwrap();
+    let resp = inflight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "finished");
+    tokio::time::timeout(Duration::from_secs(10), server.join)
+        .await
+        .expect("server did not stop after the drain")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn agent_drain_finishes_requests_in_flight() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let addr = backend(move |_req| {
+        let mut rx = release_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+            Response::new(full("finished"))
+        }
+    })
+    .await;
+    let (server, agent) = relay_to(addr, "d").await;
+    let inflight = tokio::spawn(
+        client().request(Request::get(format!("{}/client/d/", server.url())).body(empty()).unwrap()),
+    );
+    wait_for(|| server.state.broker.in_flight() == 1).await;
+    let stopped = tokio::spawn(agent.stop());
+    // The draining agent is no longer offered new work.
+    wait_for(|| server.state.broker.live_backend("d").is_none()).await;
+    release_tx.send(true).unwrap();
+    let resp = inflight.await.unwrap().unwrap();
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "finished");
+    stopped.await.unwrap().unwrap();
+}
