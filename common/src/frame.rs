@@ -316,7 +316,10 @@ mod tests {
     fn partial_frame_is_not_a_boundary() {
         let mut d = Decoder::default();
         let mut input = Bytes::from_static(&[2, 0, 0, 0, 9, b'a']);
-        assert_eq!(d.decode(&mut input).unwrap(), Some(Item::Data(Bytes::from_static(b"a"))));
+        assert_eq!(
+            d.decode(&mut input).unwrap(),
+            Some(Item::Data(Bytes::from_static(b"a")))
+        );
         assert_eq!(d.decode(&mut input).unwrap(), None);
         assert!(!d.at_boundary());
     }

@@ -30,7 +30,17 @@ mod tests {
             assert!(is_valid_name(ok), "{ok}");
         }
         for bad in [
-            "", ".a", "-a", "_a", "a/b", "a%2Fb", "a b", "a..b", "é", &"x".repeat(64), "a\0",
+            "",
+            ".a",
+            "-a",
+            "_a",
+            "a/b",
+            "a%2Fb",
+            "a b",
+            "a..b",
+            "é",
+            &"x".repeat(64),
+            "a\0",
         ] {
             assert!(!is_valid_name(bad), "{bad:?}");
         }

@@ -37,7 +37,10 @@ struct Shared {
 /// help (refused token or name, bad configuration).
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     if !relay_common::name::is_valid_name(&cfg.name) {
-        return Err(AgentError::Config(format!("invalid backend name {:?}", cfg.name)));
+        return Err(AgentError::Config(format!(
+            "invalid backend name {:?}",
+            cfg.name
+        )));
     }
     let agent_id = relay_common::id::random_hex(16);
     let relay = RelayClient::new(&cfg, &agent_id)?;
@@ -91,7 +94,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         shared.tracker.close();
         let n = shared.in_flight.lock().expect("bug: poisoned").len();
         tracing::info!(in_flight = n, "draining");
-        if tokio::time::timeout(cfg.drain_timeout, shared.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(cfg.drain_timeout, shared.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("drain timeout passed with requests still in flight");
         }
     }
@@ -102,7 +108,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
 
 fn fatal(e: &RelayCallError) -> Result<(), AgentError> {
     match e {
-        RelayCallError::Status { status: s @ (401 | 403), message } => Err(AgentError::Refused {
+        RelayCallError::Status {
+            status: s @ (401 | 403),
+            message,
+        } => Err(AgentError::Refused {
             status: *s,
             message: message.clone(),
         }),
@@ -110,7 +119,11 @@ fn fatal(e: &RelayCallError) -> Result<(), AgentError> {
     }
 }
 
-async fn poller(shared: Arc<Shared>, draining: CancellationToken, stop: CancellationToken) -> Result<(), AgentError> {
+async fn poller(
+    shared: Arc<Shared>,
+    draining: CancellationToken,
+    stop: CancellationToken,
+) -> Result<(), AgentError> {
     let mut backoff = Backoff::default();
     loop {
         let is_draining = draining.is_cancelled();
@@ -183,7 +196,11 @@ fn dispatch(shared: &Arc<Shared>, head: RequestHead, permit: Option<OwnedSemapho
         let id = head.id.clone();
         tracing::debug!(id, method = head.method, target = head.target, "request");
         serve(task_shared.ctx.clone(), head, cancel).await;
-        task_shared.in_flight.lock().expect("bug: poisoned").remove(&id);
+        task_shared
+            .in_flight
+            .lock()
+            .expect("bug: poisoned")
+            .remove(&id);
         drop(permit);
         task_shared.freed.notify_waiters();
     });

@@ -13,7 +13,9 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 use relay_common::frame::{self, Decoder, Item, Kind};
 use relay_common::headers::strip_hop_by_hop;
-use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers};
+use relay_common::message::{
+    decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -48,7 +50,11 @@ pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) 
     }
 }
 
-async fn serve_inner(ctx: &Arc<Ctx>, head: RequestHead, cancel: &CancellationToken) -> Result<(), RelayCallError> {
+async fn serve_inner(
+    ctx: &Arc<Ctx>,
+    head: RequestHead,
+    cancel: &CancellationToken,
+) -> Result<(), RelayCallError> {
     let body = if head.body == BodyKind::Stream {
         let (tx, rx) = mpsc::channel(UPLOAD_CHANNEL_DEPTH);
         let relay = ctx.relay.clone();
@@ -71,7 +77,10 @@ async fn serve_inner(ctx: &Arc<Ctx>, head: RequestHead, cancel: &CancellationTok
     let resp = match ctx.backend.send(req).await {
         Ok(r) => r,
         Err(e) => {
-            let msg = format!("relay-client could not reach the backend: {}", error_chain(&e));
+            let msg = format!(
+                "relay-client could not reach the backend: {}",
+                error_chain(&e)
+            );
             tracing::warn!(id = head.id, error = %msg, "backend request failed");
             return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
         }
@@ -88,7 +97,11 @@ async fn serve_inner(ctx: &Arc<Ctx>, head: RequestHead, cancel: &CancellationTok
     let rh = ResponseHead {
         status: parts.status.as_u16(),
         headers: encode_headers(&headers),
-        body: if has_body { BodyKind::Stream } else { BodyKind::Empty },
+        body: if has_body {
+            BodyKind::Stream
+        } else {
+            BodyKind::Empty
+        },
         content_length,
     };
     let json = serde_json::to_vec(&rh).expect("bug: heads always serialise");
@@ -97,7 +110,12 @@ async fn serve_inner(ctx: &Arc<Ctx>, head: RequestHead, cancel: &CancellationTok
 }
 
 /// Posts a synthesised text response (the backend could not be asked).
-async fn post_error(ctx: &Ctx, id: &str, status: StatusCode, msg: &str) -> Result<(), RelayCallError> {
+async fn post_error(
+    ctx: &Ctx,
+    id: &str,
+    status: StatusCode,
+    msg: &str,
+) -> Result<(), RelayCallError> {
     let body = Bytes::from(format!("{msg}\n"));
     let head = ResponseHead {
         status: status.as_u16(),
@@ -111,7 +129,10 @@ async fn post_error(ctx: &Ctx, id: &str, status: StatusCode, msg: &str) -> Resul
     chunks.push_back(frame::header(Kind::Data, body.len()));
     chunks.push_back(body);
     chunks.push_back(frame::control(Kind::End, b""));
-    let (status, text) = ctx.relay.post_response(id, 0, boxed(ChunksBody::new(chunks))).await?;
+    let (status, text) = ctx
+        .relay
+        .post_response(id, 0, boxed(ChunksBody::new(chunks)))
+        .await?;
     check_posted(status, &text).map(|_| ())
 }
 
@@ -127,7 +148,11 @@ fn check_posted(status: StatusCode, text: &[u8]) -> Result<bool, RelayCallError>
     }
 }
 
-async fn send_response(ctx: &Ctx, id: &str, mut frames: ResponseFrames) -> Result<(), RelayCallError> {
+async fn send_response(
+    ctx: &Ctx,
+    id: &str,
+    mut frames: ResponseFrames,
+) -> Result<(), RelayCallError> {
     if ctx.transport != Transport::Bounded {
         let (status, text) = ctx.relay.post_response(id, 0, boxed(frames)).await?;
         check_posted(status, &text)?;
@@ -158,7 +183,10 @@ async fn send_response(ctx: &Ctx, id: &str, mut frames: ResponseFrames) -> Resul
         if !last {
             chunks.push_back(frame::control(Kind::Continue, b""));
         }
-        let (status, text) = ctx.relay.post_response(id, offset, boxed(ChunksBody::new(chunks))).await?;
+        let (status, text) = ctx
+            .relay
+            .post_response(id, offset, boxed(ChunksBody::new(chunks)))
+            .await?;
         if !check_posted(status, &text)? || last {
             return Ok(());
         }

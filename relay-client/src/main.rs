@@ -23,7 +23,12 @@ struct Cli {
     #[arg(long, env = "RELAY_BACKEND_URL")]
     backend_url: Uri,
     /// Agent token (see the server's --agent-token).
-    #[arg(long, env = "RELAY_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        env = "RELAY_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
     /// File holding the agent token.
     #[arg(long, env = "RELAY_TOKEN_FILE")]

@@ -109,7 +109,12 @@ impl RelayClient {
     }
 
     /// Posts one response exchange starting at body offset `offset`.
-    pub async fn post_response(&self, id: &str, offset: u64, body: CallBody) -> Result<(StatusCode, Bytes), RelayCallError> {
+    pub async fn post_response(
+        &self,
+        id: &str,
+        offset: u64,
+        body: CallBody,
+    ) -> Result<(StatusCode, Bytes), RelayCallError> {
         let q = format!("/server/response?id={id}&offset={offset}");
         let mut req = self.request(Method::POST, &q, body);
         req.headers_mut().insert(
@@ -123,7 +128,12 @@ impl RelayClient {
     }
 
     /// Opens one upload exchange at `offset`; the answer body carries frames.
-    pub async fn request_stream(&self, id: &str, offset: u64, max: Option<u64>) -> Result<Incoming, RelayCallError> {
+    pub async fn request_stream(
+        &self,
+        id: &str,
+        offset: u64,
+        max: Option<u64>,
+    ) -> Result<Incoming, RelayCallError> {
         let mut q = format!("/server/requeststream?id={id}&offset={offset}");
         if let Some(max) = max {
             q.push_str(&format!("&max={max}"));
@@ -143,7 +153,11 @@ impl RelayClient {
         if wanted != Transport::Auto {
             return Ok(wanted);
         }
-        let req = self.request(Method::POST, "/server/probe", ProbeBody(false).boxed_unsync());
+        let req = self.request(
+            Method::POST,
+            "/server/probe",
+            ProbeBody(false).boxed_unsync(),
+        );
         match tokio::time::timeout(Duration::from_secs(3), self.send(req)).await {
             Ok(Ok(resp)) if resp.status() == StatusCode::OK => Ok(Transport::Stream),
             Ok(Ok(resp)) => {
@@ -175,7 +189,9 @@ impl hyper::body::Body for ProbeBody {
             return std::task::Poll::Pending;
         }
         self.0 = true;
-        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"probe")))))
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"probe",
+        )))))
     }
 }
 

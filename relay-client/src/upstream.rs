@@ -66,14 +66,17 @@ impl Backend {
     }
 
     /// The backend request for `head` with `body`.
-    pub fn build(&self, head: &RequestHead, body: BackendBody) -> Result<Request<BackendBody>, BuildError> {
+    pub fn build(
+        &self,
+        head: &RequestHead,
+        body: BackendBody,
+    ) -> Result<Request<BackendBody>, BuildError> {
         let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| BuildError(format!("invalid method {:?}", head.method)))?;
         let uri: Uri = format!("{}{}{}", self.origin, self.base_path, head.target)
             .parse()
             .map_err(|e| BuildError(format!("invalid target {:?}: {e}", head.target)))?;
-        let mut headers =
-            decode_headers(&head.headers).map_err(|e| BuildError(e.to_string()))?;
+        let mut headers = decode_headers(&head.headers).map_err(|e| BuildError(e.to_string()))?;
         // Defence in depth: the server already stripped these (RFC 9110 §7.6.1).
         strip_hop_by_hop(&mut headers, true);
         if self.rewrite_host {
@@ -87,7 +90,10 @@ impl Backend {
     }
 
     /// Sends a request to the backend.
-    pub async fn send(&self, req: Request<BackendBody>) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+    pub async fn send(
+        &self,
+        req: Request<BackendBody>,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
         self.client.request(req).await
     }
 }

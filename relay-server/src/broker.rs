@@ -136,7 +136,7 @@ impl Broker {
         self: &Arc<Self>,
         backend: &Arc<Backend>,
         pending: Pending,
-    ) -> Result<(Arc<Pending>, PendingGuard, oneshot::Receiver<Arc<Agent>>), RelayError> {
+    ) -> Result<(PendingGuard, oneshot::Receiver<Arc<Agent>>), RelayError> {
         if self.parked_total.load(Ordering::Acquire) >= self.max_parked_total {
             return Err(RelayError::Overloaded(backend.name.clone()));
         }
@@ -155,8 +155,8 @@ impl Broker {
             q.push_back(pending.clone());
         }
         backend.work.notify_one();
-        let guard = PendingGuard::new(self.clone(), backend.clone(), pending.clone());
-        Ok((pending, guard, claimed_rx))
+        let guard = PendingGuard::new(self.clone(), backend.clone(), pending);
+        Ok((guard, claimed_rx))
     }
 
     /// Forgets a finished or abandoned request.
@@ -262,7 +262,8 @@ impl PollHandle {
             if max > 0 {
                 self.backend.take(&self.agent, max, &mut claimed);
             }
-            let cancel = std::mem::take(&mut self.agent.state.lock().expect("bug: poisoned").cancels);
+            let cancel =
+                std::mem::take(&mut self.agent.state.lock().expect("bug: poisoned").cancels);
             if !claimed.is_empty() || !cancel.is_empty() {
                 // Another poll may be waiting for what is still queued.
                 if max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty() {

@@ -19,7 +19,11 @@ use crate::router::{route, RouteError};
 use crate::State;
 
 /// Relays one user request; every failure becomes its status and text body.
-pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<RelayBody> {
     let retry_after = state.cfg.retry_after_secs;
     let http1 = req.version() < http::Version::HTTP_2;
     match relay(state, req, peer).await {
@@ -38,7 +42,11 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
     }
 }
 
-async fn relay(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<RelayBody>, RelayError> {
+async fn relay(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<RelayBody>, RelayError> {
     let arrival = tokio::time::Instant::now();
     // RFC 9113 §3.1 / RFC 7540 §3.2: h2c upgrades from users would open an HTTP/2
     // connection that bypasses the relay's routing; only prior knowledge is served.
@@ -51,7 +59,10 @@ async fn relay(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> R
         return Err(RelayError::Draining);
     }
     let uri = req.uri().clone();
-    let server_name = req.headers().get("x-server-name").map(|v| v.as_bytes().to_vec());
+    let server_name = req
+        .headers()
+        .get("x-server-name")
+        .map(|v| v.as_bytes().to_vec());
     let route = route(uri.path(), uri.query(), server_name.as_deref()).map_err(|e| match e {
         RouteError::Bad(m) => RelayError::BadRequest(m),
         RouteError::NoRoute(m) => RelayError::NotFound(m),
@@ -86,7 +97,7 @@ async fn relay(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> R
     };
     let (head_tx, head_rx) = oneshot::channel();
     let pending = Pending::new(id, name.clone(), head, slot, head_tx);
-    let (_pending, guard, claimed) = state.broker.enqueue(&backend, pending)?;
+    let (guard, claimed) = state.broker.enqueue(&backend, pending)?;
 
     let agent = tokio::select! {
         a = claimed => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
@@ -109,7 +120,9 @@ async fn relay(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> R
     let (head, body_rx) = match start {
         ResponseStart::Head(head, rx) => (head, rx),
         ResponseStart::Abort(why) => {
-            return Err(RelayError::BadGateway(format!("the relay-client failed: {why}")))
+            return Err(RelayError::BadGateway(format!(
+                "the relay-client failed: {why}"
+            )))
         }
     };
 

@@ -25,12 +25,20 @@ const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Serves `listener` until `shutdown` is cancelled, then drains: new user requests get 503,
 /// requests in flight finish (up to `drain_timeout`), then everything stops.
-pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     serve(listener, Arc::new(State::new(cfg)), shutdown).await
 }
 
 /// Like [`run`] with state built by the caller (tests and embedders inspect it).
-pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
     let graceful = GracefulShutdown::new();
 
@@ -111,12 +119,19 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: Cancellat
     Ok(())
 }
 
-async fn dispatch(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+async fn dispatch(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<RelayBody> {
     let path = req.uri().path();
     if path == "/healthz" {
         return Response::new(full(Bytes::from_static(b"ok\n")));
     }
-    if matches!(path, "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe") {
+    if matches!(
+        path,
+        "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
+    ) {
         return upstream::handle(state, req).await;
     }
     if path.starts_with("/server/") {

@@ -17,7 +17,12 @@ struct Cli {
     listen: SocketAddr,
     /// Agent token as NAME=TOKEN (NAME `*` serves any name); repeatable. With no token
     /// configured, a random any-name token is generated and printed once.
-    #[arg(long = "agent-token", env = "RELAY_AGENT_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "agent-token",
+        env = "RELAY_AGENT_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     agent_tokens: Vec<String>,
     /// File with one NAME=TOKEN per line (# comments allowed).
     #[arg(long, env = "RELAY_AGENT_TOKEN_FILE")]
@@ -49,7 +54,9 @@ struct Cli {
 }
 
 fn parse_token(s: &str) -> anyhow::Result<(TokenScope, Secret)> {
-    let (name, token) = s.split_once('=').context("agent token must be NAME=TOKEN")?;
+    let (name, token) = s
+        .split_once('=')
+        .context("agent token must be NAME=TOKEN")?;
     let name = name.trim();
     let token = token.trim();
     if token.len() < 16 {
@@ -87,14 +94,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokens.push(parse_token(t)?);
     }
     if let Some(path) = &cli.agent_token_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            tokens.push(parse_token(line).with_context(|| format!("{}:{}", path.display(), n + 1))?);
+            tokens
+                .push(parse_token(line).with_context(|| format!("{}:{}", path.display(), n + 1))?);
         }
     }
     let listener = tokio::net::TcpListener::bind(cli.listen)

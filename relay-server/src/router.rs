@@ -105,7 +105,10 @@ fn has_dot_segment(path: &str) -> bool {
         while !rest.is_empty() {
             if rest[0] == b'.' {
                 rest = &rest[1..];
-            } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && (rest[2] | 0x20) == b'e'
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && (rest[2] | 0x20) == b'e'
             {
                 rest = &rest[3..];
             } else {
@@ -128,9 +131,15 @@ mod tests {
 
     #[test]
     fn client_prefix() {
-        assert_eq!(ok("/client/a", None), ("a".into(), "/".into(), Some("/client/a".into())));
+        assert_eq!(
+            ok("/client/a", None),
+            ("a".into(), "/".into(), Some("/client/a".into()))
+        );
         assert_eq!(ok("/client/a/", None).1, "/");
-        assert_eq!(ok("/client/a/x%2Fy/z", Some("b=2&a=1&c=%20")).1, "/x%2Fy/z?b=2&a=1&c=%20");
+        assert_eq!(
+            ok("/client/a/x%2Fy/z", Some("b=2&a=1&c=%20")).1,
+            "/x%2Fy/z?b=2&a=1&c=%20"
+        );
         assert_eq!(ok("/client/a/x", Some("")).1, "/x?");
         assert_eq!(ok("/client/a//x", None).1, "//x");
     }
@@ -138,12 +147,24 @@ mod tests {
     #[test]
     fn header_routing() {
         let r = route("/pkg.Svc/Call", None, Some(b"robot-1")).unwrap();
-        assert_eq!((r.name, r.target.as_str(), r.prefix), ("robot-1", "/pkg.Svc/Call", None));
+        assert_eq!(
+            (r.name, r.target.as_str(), r.prefix),
+            ("robot-1", "/pkg.Svc/Call", None)
+        );
         // The path wins over the header.
         assert_eq!(route("/client/a/x", None, Some(b"b")).unwrap().name, "a");
-        assert!(matches!(route("/x", None, None), Err(RouteError::NoRoute(_))));
-        assert!(matches!(route("/x", None, Some(b"a/b")), Err(RouteError::Bad(_))));
-        assert!(matches!(route("/x", None, Some(b"")), Err(RouteError::Bad(_))));
+        assert!(matches!(
+            route("/x", None, None),
+            Err(RouteError::NoRoute(_))
+        ));
+        assert!(matches!(
+            route("/x", None, Some(b"a/b")),
+            Err(RouteError::Bad(_))
+        ));
+        assert!(matches!(
+            route("/x", None, Some(b"")),
+            Err(RouteError::Bad(_))
+        ));
     }
 
     #[test]

@@ -46,7 +46,13 @@ pub struct UploadExchange {
 
 impl UploadExchange {
     /// Starts an exchange over `body`, which has delivered `offset` bytes before.
-    pub fn new(pending: Arc<Pending>, body: Incoming, offset: u64, max: u64, idle_for: Duration) -> Self {
+    pub fn new(
+        pending: Arc<Pending>,
+        body: Incoming,
+        offset: u64,
+        max: u64,
+        idle_for: Duration,
+    ) -> Self {
         let user_gone = Box::pin(pending.done.clone().cancelled_owned());
         UploadExchange {
             pending,
@@ -119,8 +125,10 @@ impl Body for UploadExchange {
                     }
                     Err(f) => {
                         let t = f.into_trailers().unwrap_or_default();
-                        let json = serde_json::to_vec(&Trailers { headers: encode_headers(&t) })
-                            .expect("bug: trailers always serialise");
+                        let json = serde_json::to_vec(&Trailers {
+                            headers: encode_headers(&t),
+                        })
+                        .expect("bug: trailers always serialise");
                         return this.finish(Next::Finished, frame::control(Kind::Trailers, &json));
                     }
                 },

@@ -88,7 +88,12 @@ fn lookup(state: &State, grant: &Grant, id: Option<&str>) -> Option<Arc<Pending>
     state.broker.lookup(id?, |name| grant.allows(name))
 }
 
-async fn poll(state: Arc<State>, grant: Grant, req: &Request<Incoming>, q: Query<'_>) -> Response<RelayBody> {
+async fn poll(
+    state: Arc<State>,
+    grant: Grant,
+    req: &Request<Incoming>,
+    q: Query<'_>,
+) -> Response<RelayBody> {
     let Some(name) = q.server.filter(|n| is_valid_name(n)) else {
         return text_response(
             StatusCode::BAD_REQUEST,
@@ -148,14 +153,26 @@ fn request_stream(state: Arc<State>, grant: Grant, q: Query<'_>) -> Response<Rel
             UploadSlot::Ready { body, offset } if Some(offset) == q.offset => Ok((body, offset)),
             UploadSlot::Ready { body, offset } => {
                 *slot = UploadSlot::Ready { body, offset };
-                Err((StatusCode::CONFLICT, format!("offset mismatch: the next upload byte is {offset}")))
+                Err((
+                    StatusCode::CONFLICT,
+                    format!("offset mismatch: the next upload byte is {offset}"),
+                ))
             }
             other => {
                 let err = match &other {
-                    UploadSlot::InUse => (StatusCode::CONFLICT, "another upload exchange is in progress".into()),
+                    UploadSlot::InUse => (
+                        StatusCode::CONFLICT,
+                        "another upload exchange is in progress".into(),
+                    ),
                     UploadSlot::NoBody => (StatusCode::GONE, "the request has no body".into()),
-                    UploadSlot::Finished => (StatusCode::GONE, "the request body was already delivered".into()),
-                    UploadSlot::Broken => (StatusCode::GONE, "the request body was lost in a cut exchange".into()),
+                    UploadSlot::Finished => (
+                        StatusCode::GONE,
+                        "the request body was already delivered".into(),
+                    ),
+                    UploadSlot::Broken => (
+                        StatusCode::GONE,
+                        "the request body was lost in a cut exchange".into(),
+                    ),
                     UploadSlot::Ready { .. } => unreachable!(),
                 };
                 *slot = other;
@@ -202,12 +219,20 @@ enum ExchangeError {
     Protocol(String),
 }
 
-async fn response(state: Arc<State>, grant: Grant, req: Request<Incoming>, q: Query<'_>) -> Response<RelayBody> {
+async fn response(
+    state: Arc<State>,
+    grant: Grant,
+    req: Request<Incoming>,
+    q: Query<'_>,
+) -> Response<RelayBody> {
     let Some(pending) = lookup(&state, &grant, q.id) else {
         return unknown_id();
     };
     let Ok(sink) = pending.response.clone().try_lock_owned() else {
-        return text_response(StatusCode::CONFLICT, "another response exchange is in progress");
+        return text_response(
+            StatusCode::CONFLICT,
+            "another response exchange is in progress",
+        );
     };
     if Some(sink.offset) != q.offset {
         let msg = format!("offset mismatch: the next response byte is {}", sink.offset);
@@ -251,8 +276,11 @@ async fn run_exchange(
                 "exchange ended without END, TRAILERS, ABORT or CONTINUE".into(),
             ));
         };
-        let frame = frame.map_err(|e| ExchangeError::Protocol(format!("reading the exchange: {e}")))?;
-        let Ok(mut data) = frame.into_data() else { continue };
+        let frame =
+            frame.map_err(|e| ExchangeError::Protocol(format!("reading the exchange: {e}")))?;
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
         while let Some(item) = decoder
             .decode(&mut data)
             .map_err(|e| ExchangeError::Protocol(e.to_string()))?

@@ -39,7 +39,9 @@ pub fn init_logs() {
 
 /// A complete body.
 pub fn full(b: impl Into<Bytes>) -> TestBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// An empty body.
@@ -80,7 +82,11 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State::new(cfg));
         let shutdown = CancellationToken::new();
-        let join = tokio::spawn(relay_server::serve(listener, state.clone(), shutdown.clone()));
+        let join = tokio::spawn(relay_server::serve(
+            listener,
+            state.clone(),
+            shutdown.clone(),
+        ));
         Server {
             addr,
             state,
@@ -114,7 +120,10 @@ impl Server {
 pub async fn wait_for(mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within 20 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -206,7 +215,9 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -242,7 +253,11 @@ pub async fn body_bytes(b: Incoming) -> Result<Bytes, hyper::Error> {
 /// Starts a server and one agent for `name` in front of `backend`, waits until connected.
 pub async fn relay_to(backend: SocketAddr, name: &str) -> (Server, Agent) {
     let server = Server::default().await;
-    let agent = Agent::start(Agent::config(&server.url(), name, &format!("http://{backend}")));
+    let agent = Agent::start(Agent::config(
+        &server.url(),
+        name,
+        &format!("http://{backend}"),
+    ));
     server.wait_agent(name).await;
     (server, agent)
 }
@@ -304,7 +319,10 @@ pub fn channel_body(
     TestBody,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(depth);
-    (tx, http_body_util::StreamBody::new(ReceiverStream(rx)).boxed_unsync())
+    (
+        tx,
+        http_body_util::StreamBody::new(ReceiverStream(rx)).boxed_unsync(),
+    )
 }
 
 /// `mpsc::Receiver` as a `Stream`.

@@ -34,11 +34,16 @@ impl Proc {
     /// Spawns `cmd` with stdout and stderr captured.
     pub fn spawn(mut cmd: Command) -> Proc {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         let (tx, lines) = mpsc::channel();
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        for r in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+        for r in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(r).lines().map_while(Result::ok) {
@@ -81,6 +86,15 @@ impl Proc {
         }
     }
 
+    /// Every line seen so far plus whatever is still buffered (after the process ended,
+    /// that is all of its output).
+    pub fn drain_output(&mut self) -> Vec<String> {
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(l);
+        }
+        self.seen.clone()
+    }
+
     /// Peak resident set size in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -102,12 +116,23 @@ impl Drop for Proc {
 /// Starts the relay-server binary on 127.0.0.1:0 with `args`; returns it and its address.
 pub fn relay_server(args: &[&str]) -> (Proc, SocketAddr) {
     let mut cmd = Command::new(binary("relay-server"));
-    cmd.args(["--listen", "127.0.0.1:0", "--agent-token", &format!("*={}", crate::TOKEN)])
-        .args(args)
-        .env("RELAY_LOG", "info");
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--agent-token",
+        &format!("*={}", crate::TOKEN),
+    ])
+    .args(args)
+    .env("RELAY_LOG", "info");
     let mut p = Proc::spawn(cmd);
     let line = p.wait_line("relay-server listening on http://");
-    let addr = line.rsplit("http://").next().unwrap().trim().parse().unwrap();
+    let addr = line
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     (p, addr)
 }
 
@@ -190,10 +215,15 @@ impl Nginx {
         let conf_path = dir.0.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let mut cmd = Command::new(nginx_binary());
-        cmd.args(["-c", conf_path.to_str().unwrap(), "-e", &format!("{d}/error.log")])
-            // The listening socket becomes the child's stdin (fd 0); nginx adopts it.
-            .env("NGINX", "0;")
-            .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)));
+        cmd.args([
+            "-c",
+            conf_path.to_str().unwrap(),
+            "-e",
+            &format!("{d}/error.log"),
+        ])
+        // The listening socket becomes the child's stdin (fd 0); nginx adopts it.
+        .env("NGINX", "0;")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)));
         let mut proc = Proc::spawn(cmd);
         // The socket already listens (connections wait in its backlog); wait until nginx
         // has adopted it, which it logs to its error log.
@@ -207,7 +237,10 @@ impl Nginx {
             if let Ok(Some(status)) = proc.child.try_wait() {
                 panic!("nginx exited with {status}: {text}");
             }
-            assert!(std::time::Instant::now() < deadline, "nginx did not start: {text}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx did not start: {text}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Nginx {

@@ -20,7 +20,13 @@ async fn scoped_server() -> Server {
 }
 
 /// A raw agent call with `token`.
-async fn call(server: &Server, method: &str, path: &str, token: Option<&str>, body: Bytes) -> (StatusCode, String) {
+async fn call(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Bytes,
+) -> (StatusCode, String) {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("{}{path}", server.url()))
@@ -28,7 +34,10 @@ async fn call(server: &Server, method: &str, path: &str, token: Option<&str>, bo
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let resp = client().request(req.body(full(body)).unwrap()).await.unwrap();
+    let resp = client()
+        .request(req.body(full(body)).unwrap())
+        .await
+        .unwrap();
     let status = resp.status();
     let text = String::from_utf8_lossy(&body_bytes(resp.into_body()).await.unwrap()).into_owned();
     (status, text)
@@ -37,8 +46,20 @@ async fn call(server: &Server, method: &str, path: &str, token: Option<&str>, bo
 #[tokio::test]
 async fn wrong_or_missing_tokens_are_401_and_end_the_agent() {
     let server = scoped_server().await;
-    for token in [None, Some("wrong"), Some("token-for-a-012345678"), Some("token-for-a-0123456789x")] {
-        let (status, _) = call(&server, "GET", "/server/request?server=a", token, Bytes::new()).await;
+    for token in [
+        None,
+        Some("wrong"),
+        Some("token-for-a-012345678"),
+        Some("token-for-a-0123456789x"),
+    ] {
+        let (status, _) = call(
+            &server,
+            "GET",
+            "/server/request?server=a",
+            token,
+            Bytes::new(),
+        )
+        .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
     }
     let mut cfg = Agent::config(&server.url(), "a", "http://127.0.0.1:9");
@@ -53,7 +74,14 @@ async fn wrong_or_missing_tokens_are_401_and_end_the_agent() {
 #[tokio::test]
 async fn a_token_serves_only_its_names() {
     let server = scoped_server().await;
-    let (status, text) = call(&server, "GET", "/server/request?server=b", Some(TOKEN_A), Bytes::new()).await;
+    let (status, text) = call(
+        &server,
+        "GET",
+        "/server/request?server=b",
+        Some(TOKEN_A),
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(text.contains("may not serve"));
     let mut cfg = Agent::config(&server.url(), "b", "http://127.0.0.1:9");
@@ -84,23 +112,52 @@ async fn another_names_request_id_is_indistinguishable_from_an_unknown_one() {
                 )
                 .await
                 .unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
             v["requests"][0]["id"].as_str().unwrap().to_owned()
         }
     });
     server.wait_agent("b").await;
     let user = tokio::spawn(
-        client().request(Request::get(format!("{}/client/b/secret", server.url())).body(empty()).unwrap()),
+        client().request(
+            Request::get(format!("{}/client/b/secret", server.url()))
+                .body(empty())
+                .unwrap(),
+        ),
     );
     let id = poll.await.unwrap();
     assert_eq!(id.len(), 32);
     // Agent "a" tries to read b's upload and answer b's request.
     let unknown = "0123456789abcdef0123456789abcdef";
-    for path in ["/server/requeststream?id={}&offset=0", "/server/response?id={}&offset=0"] {
-        let method = if path.contains("response") { "POST" } else { "GET" };
-        let theirs = call(&server, method, &path.replace("{}", &id), Some(TOKEN_A), Bytes::new()).await;
-        let nobody = call(&server, method, &path.replace("{}", unknown), Some(TOKEN_A), Bytes::new()).await;
-        assert_eq!(theirs, nobody, "{path}: another name's id is distinguishable");
+    for path in [
+        "/server/requeststream?id={}&offset=0",
+        "/server/response?id={}&offset=0",
+    ] {
+        let method = if path.contains("response") {
+            "POST"
+        } else {
+            "GET"
+        };
+        let theirs = call(
+            &server,
+            method,
+            &path.replace("{}", &id),
+            Some(TOKEN_A),
+            Bytes::new(),
+        )
+        .await;
+        let nobody = call(
+            &server,
+            method,
+            &path.replace("{}", unknown),
+            Some(TOKEN_A),
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(
+            theirs, nobody,
+            "{path}: another name's id is distinguishable"
+        );
         assert_eq!(theirs.0, StatusCode::NOT_FOUND);
     }
     // b still answers its own request.
@@ -110,8 +167,18 @@ async fn another_names_request_id_is_indistinguishable_from_an_unknown_one() {
         &serde_json::to_vec(&head).unwrap(),
     )
     .to_vec();
-    frames.extend_from_slice(&relay_common::frame::control(relay_common::frame::Kind::End, b""));
-    let (status, _) = call(&server, "POST", &format!("/server/response?id={id}&offset=0"), Some(TOKEN_B), frames.into()).await;
+    frames.extend_from_slice(&relay_common::frame::control(
+        relay_common::frame::Kind::End,
+        b"",
+    ));
+    let (status, _) = call(
+        &server,
+        "POST",
+        &format!("/server/response?id={id}&offset=0"),
+        Some(TOKEN_B),
+        frames.into(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let resp = user.await.unwrap().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -135,19 +202,31 @@ async fn malformed_exchanges_abort_the_user_response() {
                 )
                 .await
                 .unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
             v["requests"][0]["id"].as_str().unwrap().to_owned()
         }
     });
     server.wait_agent("m").await;
     let user = tokio::spawn(
-        client().request(Request::get(format!("{}/client/m/", server.url())).body(empty()).unwrap()),
+        client().request(
+            Request::get(format!("{}/client/m/", server.url()))
+                .body(empty())
+                .unwrap(),
+        ),
     );
     let id = poll.await.unwrap();
     // A head, some data, then the exchange stops without END/ABORT/CONTINUE.
     let head = serde_json::json!({"status": 200, "headers": [], "body": "stream"});
-    let mut frames = relay_common::frame::control(relay_common::frame::Kind::Head, &serde_json::to_vec(&head).unwrap()).to_vec();
-    frames.extend_from_slice(&relay_common::frame::header(relay_common::frame::Kind::Data, 3));
+    let mut frames = relay_common::frame::control(
+        relay_common::frame::Kind::Head,
+        &serde_json::to_vec(&head).unwrap(),
+    )
+    .to_vec();
+    frames.extend_from_slice(&relay_common::frame::header(
+        relay_common::frame::Kind::Data,
+        3,
+    ));
     frames.extend_from_slice(b"abc");
     let resp_task = tokio::spawn(async move {
         match user.await.unwrap() {
@@ -159,10 +238,20 @@ async fn malformed_exchanges_abort_the_user_response() {
             },
         }
     });
-    let (status, text) = call(&server, "POST", &format!("/server/response?id={id}&offset=0"), Some(TOKEN), frames.into()).await;
+    let (status, text) = call(
+        &server,
+        "POST",
+        &format!("/server/response?id={id}&offset=0"),
+        Some(TOKEN),
+        frames.into(),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     let outcome = resp_task.await.unwrap();
-    assert!(outcome.is_err(), "a cut exchange must abort the response, got {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "a cut exchange must abort the response, got {outcome:?}"
+    );
     server.wait_idle().await;
 }
 
@@ -179,13 +268,21 @@ async fn server_drain_finishes_requests_in_flight_and_refuses_new_ones() {
     .await;
     let (server, _agent) = relay_to(addr, "d").await;
     let inflight = tokio::spawn(
-        client().request(Request::get(format!("{}/client/d/", server.url())).body(empty()).unwrap()),
+        client().request(
+            Request::get(format!("{}/client/d/", server.url()))
+                .body(empty())
+                .unwrap(),
+        ),
     );
     wait_for(|| server.state.broker.in_flight() == 1).await;
     server.shutdown.cancel();
     wait_for(|| server.state.draining()).await;
     let resp = client()
-        .request(Request::get(format!("{}/client/d/new", server.url())).body(empty()).unwrap())
+        .request(
+            Request::get(format!("{}/client/d/new", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -214,7 +311,11 @@ async fn agent_drain_finishes_requests_in_flight() {
     .await;
     let (server, agent) = relay_to(addr, "d").await;
     let inflight = tokio::spawn(
-        client().request(Request::get(format!("{}/client/d/", server.url())).body(empty()).unwrap()),
+        client().request(
+            Request::get(format!("{}/client/d/", server.url()))
+                .body(empty())
+                .unwrap(),
+        ),
     );
     wait_for(|| server.state.broker.in_flight() == 1).await;
     let stopped = tokio::spawn(agent.stop());

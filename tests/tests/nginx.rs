@@ -52,32 +52,52 @@ async fn everything_flows_through_default_nginx() {
         .await
         .unwrap();
     let server_ref = &server;
-    let cfg = Agent::config(&format!("http://{}", nginx.addr), "behind", &format!("http://{addr}"));
+    let cfg = Agent::config(
+        &format!("http://{}", nginx.addr),
+        "behind",
+        &format!("http://{addr}"),
+    );
     // Auto: the probe must find that nginx buffers request bodies.
     let _agent = Agent::start(cfg);
     server_ref.wait_agent("behind").await;
     let c = client();
     let url = |p: &str| format!("{}/client/behind{p}", server.url());
 
-    let resp = c.request(Request::get(url("/")).body(empty()).unwrap()).await.unwrap();
+    let resp = c
+        .request(Request::get(url("/")).body(empty()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "hello");
 
     // 5 MiB each way: well over nginx's 1 MiB request body limit.
     let payload = pattern(5 << 20);
     let want = format!("{} {:08x}", payload.len(), crc32fast::hash(&payload));
     let resp = c
-        .request(Request::post(url("/upload")).body(full(payload.clone())).unwrap())
+        .request(
+            Request::post(url("/upload"))
+                .body(full(payload.clone()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(body_bytes(resp.into_body()).await.unwrap(), want.as_bytes());
 
-    let resp = c.request(Request::get(url("/download")).body(empty()).unwrap()).await.unwrap();
-    assert_eq!(resp.headers()["content-length"], (5u64 << 20).to_string().as_str());
+    let resp = c
+        .request(Request::get(url("/download")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-length"],
+        (5u64 << 20).to_string().as_str()
+    );
     assert_eq!(body_bytes(resp.into_body()).await.unwrap(), payload);
 
     // Events still arrive one by one (each is sent only after the previous one arrived).
-    let resp = c.request(Request::get(url("/events")).body(empty()).unwrap()).await.unwrap();
+    let resp = c
+        .request(Request::get(url("/events")).body(empty()).unwrap())
+        .await
+        .unwrap();
     let mut body = resp.into_body();
     for i in 0..3 {
         let want = format!("data: {i}\n\n");

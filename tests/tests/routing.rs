@@ -8,9 +8,15 @@ async fn every_method_reaches_the_backend() {
     let (backend, seen) = recording_backend().await;
     let (server, _agent) = relay_to(backend, "a").await;
     let c = client();
-    for m in ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "PROPFIND", "X-CUSTOM"] {
+    for m in [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "PROPFIND", "X-CUSTOM",
+    ] {
         let method = Method::from_bytes(m.as_bytes()).unwrap();
-        let body = if m == "GET" || m == "HEAD" { empty() } else { full(format!("body of {m}")) };
+        let body = if m == "GET" || m == "HEAD" {
+            empty()
+        } else {
+            full(format!("body of {m}"))
+        };
         let req = Request::builder()
             .method(method)
             .uri(format!("{}/client/a/m", server.url()))
@@ -26,10 +32,11 @@ async fn every_method_reaches_the_backend() {
             assert_eq!(got, format!("body of {m}").as_bytes());
         }
     }
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 9);
-    assert_eq!(seen[8].method, "X-CUSTOM");
-    drop(seen);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 9);
+        assert_eq!(seen[8].method, "X-CUSTOM");
+    }
     server.wait_idle().await;
 }
 
@@ -39,7 +46,10 @@ async fn target_is_byte_exact_and_prefix_is_forwarded() {
     let (server, _agent) = relay_to(backend, "a").await;
     let c = client();
     let cases = [
-        ("/client/a/x%2Fy/%41b?z=1&a=%2F&a=2&&b", "/x%2Fy/%41b?z=1&a=%2F&a=2&&b"),
+        (
+            "/client/a/x%2Fy/%41b?z=1&a=%2F&a=2&&b",
+            "/x%2Fy/%41b?z=1&a=%2F&a=2&&b",
+        ),
         ("/client/a", "/"),
         ("/client/a/", "/"),
         ("/client/a?q", "/?q"),
@@ -48,7 +58,11 @@ async fn target_is_byte_exact_and_prefix_is_forwarded() {
     ];
     for (path, want) in cases {
         let resp = c
-            .request(Request::get(format!("{}{path}", server.url())).body(empty()).unwrap())
+            .request(
+                Request::get(format!("{}{path}", server.url()))
+                    .body(empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
@@ -112,7 +126,14 @@ async fn hop_by_hop_headers_are_stripped_and_forwarded_headers_added() {
     {
         let seen = seen.lock().unwrap();
         let h = &seen[0].headers;
-        for gone in ["connection", "x-drop-me", "keep-alive", "proxy-authorization", "te", "upgrade"] {
+        for gone in [
+            "connection",
+            "x-drop-me",
+            "keep-alive",
+            "proxy-authorization",
+            "te",
+            "upgrade",
+        ] {
             assert!(h.get(gone).is_none(), "{gone} reached the backend");
         }
         assert_eq!(h["x-keep"], "kept");
@@ -124,7 +145,11 @@ async fn hop_by_hop_headers_are_stripped_and_forwarded_headers_added() {
         assert_eq!(h["host"], "public.example", "the user's Host is preserved");
     }
     let resp = c
-        .request(Request::get(format!("{}/client/b/", server.url())).body(empty()).unwrap())
+        .request(
+            Request::get(format!("{}/client/b/", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.headers()["x-visible"], "yes");
@@ -155,9 +180,16 @@ async fn bad_names_and_dot_segments_are_400_and_reach_nobody() {
         assert!(text.starts_with("HTTP/1.1 400 "), "{path}: {text}");
         assert!(text.contains("text/plain"), "{path}: {text}");
     }
-    assert!(seen.lock().unwrap().is_empty(), "a refused request reached the backend");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a refused request reached the backend"
+    );
     // No route at all: 404.
-    let resp = raw_exchange(server.addr, b"GET /elsewhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let resp = raw_exchange(
+        server.addr,
+        b"GET /elsewhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 404 "));
 }
 

@@ -10,7 +10,10 @@ use relay_tests::*;
 use tokio::sync::Notify;
 
 async fn get(url: String) -> Response<hyper::body::Incoming> {
-    client().request(Request::get(url).body(empty()).unwrap()).await.unwrap()
+    client()
+        .request(Request::get(url).body(empty()).unwrap())
+        .await
+        .unwrap()
 }
 
 async fn text(resp: Response<hyper::body::Incoming>) -> String {
@@ -59,7 +62,10 @@ async fn connected_agent_that_never_picks_up_is_503_after_the_pickup_timeout() {
     release.notify_one();
     let first = first.await.unwrap();
     let status = first.status();
-    assert_eq!((status, text(first).await.as_str()), (StatusCode::OK, "late"));
+    assert_eq!(
+        (status, text(first).await.as_str()),
+        (StatusCode::OK, "late")
+    );
     server.wait_idle().await;
 }
 
@@ -87,7 +93,11 @@ async fn no_response_head_in_time_is_504() {
     let mut cfg = server_config();
     cfg.response_timeout = Duration::from_millis(500);
     let server = Server::start(cfg).await;
-    let _agent = Agent::start(Agent::config(&server.url(), "slow", &format!("http://{addr}")));
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "slow",
+        &format!("http://{addr}"),
+    ));
     server.wait_agent("slow").await;
     let resp = get(format!("{}/client/slow/", server.url())).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -109,7 +119,9 @@ async fn backend_statuses_headers_and_bodies_pass_through() {
     })
     .await;
     let (server, _agent) = relay_to(addr, "s").await;
-    for code in [200u16, 201, 204, 301, 304, 400, 404, 418, 500, 502, 503, 504] {
+    for code in [
+        200u16, 201, 204, 301, 304, 400, 404, 418, 500, 502, 503, 504,
+    ] {
         let resp = get(format!("{}/client/s/{code}", server.url())).await;
         assert_eq!(resp.status().as_u16(), code);
         assert_eq!(resp.headers()["x-from-backend"], code.to_string().as_str());
@@ -126,11 +138,14 @@ async fn backend_statuses_headers_and_bodies_pass_through() {
 /// A backend that sends one chunk and then stalls forever.
 async fn half_then_stall() -> std::net::SocketAddr {
     backend(|_req| async {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
         tokio::spawn(async move {
-            tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"first part"))))
-                .await
-                .unwrap();
+            tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(
+                b"first part",
+            ))))
+            .await
+            .unwrap();
             tx.closed().await;
         });
         Response::new(http_body_util::StreamBody::new(ReceiverStream(rx)).boxed_unsync())
@@ -147,7 +162,11 @@ async fn agent_killed_mid_body_aborts_the_response_http1_and_http2() {
         server.wait_agent("k").await;
         let c = if h2 { h2_client() } else { client() };
         let resp = c
-            .request(Request::get(format!("{}/client/k/", server.url())).body(empty()).unwrap())
+            .request(
+                Request::get(format!("{}/client/k/", server.url()))
+                    .body(empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);

@@ -11,7 +11,11 @@ use hyper::body::Frame;
 use relay_tests::*;
 use tokio::sync::mpsc;
 
-async fn relay_with(backend: std::net::SocketAddr, transport: Transport, h2: bool) -> (Server, Agent) {
+async fn relay_with(
+    backend: std::net::SocketAddr,
+    transport: Transport,
+    h2: bool,
+) -> (Server, Agent) {
     let server = Server::default().await;
     let mut cfg = Agent::config(&server.url(), "s", &format!("http://{backend}"));
     cfg.transport = transport;
@@ -44,7 +48,9 @@ async fn upload_reaches_the_backend_while_the_user_is_still_sending() {
         .await;
         let (server, _agent) = relay_with(addr, transport, false).await;
         let (tx, body) = channel_body(1);
-        let req = Request::post(format!("{}/client/s/up", server.url())).body(body).unwrap();
+        let req = Request::post(format!("{}/client/s/up", server.url()))
+            .body(body)
+            .unwrap();
         let resp = tokio::spawn(client().request(req));
         let mut expect = 0;
         for i in 0..5u8 {
@@ -60,7 +66,10 @@ async fn upload_reaches_the_backend_while_the_user_is_still_sending() {
         drop(tx);
         let resp = resp.await.unwrap().unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(body_bytes(resp.into_body()).await.unwrap(), expect.to_string());
+        assert_eq!(
+            body_bytes(resp.into_body()).await.unwrap(),
+            expect.to_string()
+        );
         server.wait_idle().await;
     }
 }
@@ -91,7 +100,11 @@ async fn server_sent_events_arrive_one_by_one() {
         .await;
         let (server, _agent) = relay_with(addr, transport, false).await;
         let resp = client()
-            .request(Request::get(format!("{}/client/s/events", server.url())).body(empty()).unwrap())
+            .request(
+                Request::get(format!("{}/client/s/events", server.url()))
+                    .body(empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
@@ -107,7 +120,10 @@ async fn server_sent_events_arrive_one_by_one() {
             assert_eq!(String::from_utf8(got).unwrap(), want, "{transport:?}");
             ack_tx.send(()).await.unwrap();
         }
-        assert!(body.frame().await.is_none(), "clean end after the last event");
+        assert!(
+            body.frame().await.is_none(),
+            "clean end after the last event"
+        );
         server.wait_idle().await;
     }
 }
@@ -132,29 +148,48 @@ async fn content_length_presence_is_preserved_both_ways() {
     let c = client();
     // Upload with a length.
     let resp = c
-        .request(Request::post(format!("{}/client/s/cl", server.url())).body(full("12345")).unwrap())
+        .request(
+            Request::post(format!("{}/client/s/cl", server.url()))
+                .body(full("12345"))
+                .unwrap(),
+        )
         .await
         .unwrap();
-    assert_eq!(resp.headers()["content-length"], "5", "download length kept");
+    assert_eq!(
+        resp.headers()["content-length"],
+        "5",
+        "download length kept"
+    );
     // Upload without a length (chunked).
     let (tx, body) = channel_body(2);
     tx.send(data("12")).await.unwrap();
     tx.send(data("345")).await.unwrap();
     drop(tx);
-    c.request(Request::post(format!("{}/client/s/te", server.url())).body(body).unwrap())
-        .await
-        .unwrap();
+    c.request(
+        Request::post(format!("{}/client/s/te", server.url()))
+            .body(body)
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen[0].headers["content-length"], "5");
         assert!(seen[0].headers.get("transfer-encoding").is_none());
-        assert!(seen[1].headers.get("content-length").is_none(), "no invented length");
+        assert!(
+            seen[1].headers.get("content-length").is_none(),
+            "no invented length"
+        );
         assert_eq!(seen[1].headers["transfer-encoding"], "chunked");
         assert_eq!(seen[1].body, "12345");
     }
     // A download without a length stays without one.
     let resp = c
-        .request(Request::get(format!("{}/client/c/", server.url())).body(empty()).unwrap())
+        .request(
+            Request::get(format!("{}/client/c/", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert!(resp.headers().get("content-length").is_none());
@@ -177,7 +212,9 @@ async fn trailers_and_trailers_only_responses_reach_http2_users() {
             }
             let (tx, body) = channel_body(4);
             tokio::spawn(async move {
-                tx.send(data(Bytes::from_static(b"\0\0\0\0\x02hi"))).await.unwrap();
+                tx.send(data(Bytes::from_static(b"\0\0\0\0\x02hi")))
+                    .await
+                    .unwrap();
                 let mut t = http::HeaderMap::new();
                 t.insert("grpc-status", "0".parse().unwrap());
                 t.insert("grpc-message", "ok".parse().unwrap());
@@ -229,7 +266,10 @@ async fn trailers_and_trailers_only_responses_reach_http2_users() {
             .unwrap();
         assert_eq!(resp.headers()["grpc-status"], "5");
         let body = resp.into_body();
-        assert!(hyper::body::Body::is_end_stream(&body), "trailers-only stays headers-only");
+        assert!(
+            hyper::body::Body::is_end_stream(&body),
+            "trailers-only stays headers-only"
+        );
         server.wait_idle().await;
     }
 }
@@ -246,7 +286,11 @@ async fn one_stalled_request_does_not_delay_ninety_nine_others() {
     let (server, _agent) = relay_with(addr, Transport::Auto, false).await;
     let c = client();
     let stalled = tokio::spawn(
-        c.request(Request::get(format!("{}/client/s/stall", server.url())).body(empty()).unwrap()),
+        c.request(
+            Request::get(format!("{}/client/s/stall", server.url()))
+                .body(empty())
+                .unwrap(),
+        ),
     );
     wait_for(|| server.state.broker.in_flight() == 1).await;
     let mut set = tokio::task::JoinSet::new();
@@ -254,7 +298,10 @@ async fn one_stalled_request_does_not_delay_ninety_nine_others() {
         let c = c.clone();
         let url = format!("{}/client/s/r{i}", server.url());
         set.spawn(async move {
-            let resp = c.request(Request::get(url).body(empty()).unwrap()).await.unwrap();
+            let resp = c
+                .request(Request::get(url).body(empty()).unwrap())
+                .await
+                .unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             body_bytes(resp.into_body()).await.unwrap()
         });
@@ -265,7 +312,10 @@ async fn one_stalled_request_does_not_delay_ninety_nine_others() {
         n += 1;
     }
     assert_eq!(n, 99);
-    assert!(!stalled.is_finished(), "the stalled request is still waiting");
+    assert!(
+        !stalled.is_finished(),
+        "the stalled request is still waiting"
+    );
     stalled.abort();
     server.wait_idle().await;
 }
@@ -312,12 +362,20 @@ async fn user_disconnect_cancels_the_backend_request() {
         let (addr, mut events) = cancel_watching_backend().await;
         let (server, _agent) = relay_with(addr, Transport::Auto, false).await;
         let c = if h2 { h2_client() } else { client() };
-        let req = c.request(Request::get(format!("{}/client/s/wait", server.url())).body(empty()).unwrap());
+        let req = c.request(
+            Request::get(format!("{}/client/s/wait", server.url()))
+                .body(empty())
+                .unwrap(),
+        );
         let user = tokio::spawn(req);
         assert_eq!(events.recv().await, Some("started"));
         user.abort();
         let got = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
-        assert_eq!(got, Ok(Some("dropped")), "h2={h2}: backend request not cancelled");
+        assert_eq!(
+            got,
+            Ok(Some("dropped")),
+            "h2={h2}: backend request not cancelled"
+        );
         server.wait_idle().await;
     }
 }
@@ -329,9 +387,11 @@ async fn user_disconnect_during_upload_cancels_the_backend_request() {
     // A raw connection, so the disconnect happens mid-upload for sure.
     use tokio::io::AsyncWriteExt;
     let mut user = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    user.write_all(b"POST /client/s/up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\npart\r\n")
-        .await
-        .unwrap();
+    user.write_all(
+        b"POST /client/s/up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\npart\r\n",
+    )
+    .await
+    .unwrap();
     assert_eq!(events.recv().await, Some("started"));
     drop(user);
     // The backend's upload fails (never looks complete) and its request is then dropped.
@@ -373,7 +433,10 @@ async fn two_agents_share_a_name_and_survive_one_dying() {
     let url = |p: &str| format!("{}/client/shared/{p}", server.url());
     // Until both backends answered at least once (both agents take work).
     for _ in 0..400 {
-        let resp = c.request(Request::get(url("x")).body(empty()).unwrap()).await.unwrap();
+        let resp = c
+            .request(Request::get(url("x")).body(empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         body_bytes(resp.into_body()).await.unwrap();
         let h = *hits.lock().unwrap();
@@ -388,15 +451,25 @@ async fn two_agents_share_a_name_and_survive_one_dying() {
     let before = *hits.lock().unwrap();
     let held = tokio::spawn(c.request(Request::get(url("hold")).body(empty()).unwrap()));
     wait_for(|| hits.lock().unwrap().iter().sum::<usize>() > before.iter().sum::<usize>()).await;
-    let holder = if hits.lock().unwrap()[0] > before[0] { 0 } else { 1 };
+    let holder = if hits.lock().unwrap()[0] > before[0] {
+        0
+    } else {
+        1
+    };
     let (dying, survivor) = if holder == 0 { (a0, a1) } else { (a1, a0) };
     dying.kill();
     let resp = held.await.unwrap().unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-    assert!(String::from_utf8_lossy(&body_bytes(resp.into_body()).await.unwrap()).contains("disconnected"));
+    assert!(
+        String::from_utf8_lossy(&body_bytes(resp.into_body()).await.unwrap())
+            .contains("disconnected")
+    );
     let survivor_hits = hits.lock().unwrap()[1 - holder];
     for _ in 0..10 {
-        let resp = c.request(Request::get(url("y")).body(empty()).unwrap()).await.unwrap();
+        let resp = c
+            .request(Request::get(url("y")).body(empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         body_bytes(resp.into_body()).await.unwrap();
     }

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The project's whole test command: installs what the tests need (Debian, as root; only
+# what is missing), then runs formatting, lints, the release build and every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: missing ${missing[*]}; run as root or install them" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  # The package's own service start may fail without an init system; the tests start
+  # their own nginx, so that is fine.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    || [ -x /usr/sbin/nginx ]
+fi
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The end-to-end tests run the real binaries; build them in the same profile.
+cargo build --release --workspace --bins
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --release --workspace --no-fail-fast
+else
+  cargo test --release --workspace --no-fail-fast
+fi
+# Doc tests (nextest does not run them).
+cargo test --release --workspace --doc
