@@ -234,11 +234,14 @@ async fn response(
             "another response exchange is in progress",
         );
     };
-    if Some(sink.offset) != q.offset {
-        let msg = format!("offset mismatch: the next response byte is {}", sink.offset);
+    let mut guard = ExchangeGuard { sink, clean: false };
+    if Some(guard.sink.offset) != q.offset {
+        // A gap or a duplicate: the body can no longer be delivered intact, so the guard
+        // (not clean) aborts the user's response rather than let it hang.
+        let msg = format!("offset mismatch: the next response byte is {}", guard.sink.offset);
+        pending.agent_finished.store(true, Ordering::Release);
         return text_response(StatusCode::CONFLICT, &msg);
     }
-    let mut guard = ExchangeGuard { sink, clean: false };
     let mut body = req.into_body();
     let result = tokio::select! {
         r = run_exchange(&mut guard, &mut body) => r,
