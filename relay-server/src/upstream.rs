@@ -238,7 +238,10 @@ async fn response(
     if Some(guard.sink.offset) != q.offset {
         // A gap or a duplicate: the body can no longer be delivered intact, so the guard
         // (not clean) aborts the user's response rather than let it hang.
-        let msg = format!("offset mismatch: the next response byte is {}", guard.sink.offset);
+        let msg = format!(
+            "offset mismatch: the next response byte is {}",
+            guard.sink.offset
+        );
         pending.agent_finished.store(true, Ordering::Release);
         return text_response(StatusCode::CONFLICT, &msg);
     }

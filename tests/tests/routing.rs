@@ -220,3 +220,27 @@ async fn two_host_headers_are_refused() {
     assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 400 "));
     assert!(seen.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn backend_url_path_is_prepended_and_host_can_be_rewritten() {
+    let (backend, seen) = recording_backend().await;
+    let server = Server::default().await;
+    let mut cfg = Agent::config(&server.url(), "nb", &format!("http://{backend}/client/nb/"));
+    cfg.rewrite_host = true;
+    let _agent = Agent::start(cfg);
+    server.wait_agent("nb").await;
+    let resp = client()
+        .request(
+            Request::get(format!("{}/client/nb/api/status?x=%2F", server.url()))
+                .header("host", "public.example")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0].target, "/client/nb/api/status?x=%2F");
+    assert_eq!(seen[0].headers["host"], backend.to_string().as_str());
+    assert_eq!(seen[0].headers["x-forwarded-host"], "public.example");
+}
