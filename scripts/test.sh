@@ -21,7 +21,7 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run the real binaries; build them in the same profile.
-cargo build --release --workspace --bins
+cargo build --release --workspace --all-targets
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast
 else

@@ -198,3 +198,73 @@ async fn two_gib_each_way_with_bounded_memory() {
     assert!(s < limit, "relay-server peaked at {s} KiB");
     assert!(a < limit, "relay-client peaked at {a} KiB");
 }
+
+fn sigterm(p: &Proc) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+async fn exit_status(p: &mut Proc) -> std::process::ExitStatus {
+    for _ in 0..3000 {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("process did not exit within 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_and_exits_zero() {
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<()>(4);
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let addr = backend(move |_req| {
+        let seen_tx = seen_tx.clone();
+        let mut rx = release_rx.clone();
+        async move {
+            seen_tx.send(()).await.unwrap();
+            let _ = rx.wait_for(|v| *v).await;
+            Response::new(full("drained"))
+        }
+    })
+    .await;
+    let (mut server, relay) = relay_server(&[]);
+    let mut agent = relay_client(
+        &format!("http://{relay}"),
+        "t",
+        &format!("http://{addr}"),
+        &[],
+    );
+    server.wait_line("relay-client connected");
+    let c = client();
+    let inflight = tokio::spawn(
+        c.request(
+            Request::get(format!("http://{relay}/client/t/"))
+                .body(empty())
+                .unwrap(),
+        ),
+    );
+    seen_rx.recv().await.unwrap();
+    sigterm(&server);
+    server.wait_line("draining");
+    let resp = c
+        .request(
+            Request::get(format!("http://{relay}/client/t/late"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    release_tx.send(true).unwrap();
+    let resp = inflight.await.unwrap().unwrap();
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "drained");
+    assert!(exit_status(&mut server).await.success());
+    // The agent, now without a server, still stops cleanly on SIGTERM.
+    sigterm(&agent);
+    assert!(exit_status(&mut agent).await.success());
+}
