@@ -169,8 +169,15 @@ async fn poller(
             Ok(Polled::Empty) => backoff = Backoff::default(),
             Err(e) => {
                 fatal(&e)?;
+                let first = backoff.is_fresh();
                 let wait = backoff.next();
-                tracing::warn!(error = %e, retry_in = ?wait, "long poll failed");
+                if first {
+                    // A single failure is routine (a proxy closed an idle pooled connection
+                    // just as it was reused); a streak is worth a warning.
+                    tracing::debug!(error = %e, retry_in = ?wait, "long poll failed");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?wait, "long poll failed again");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => return Ok(()),
@@ -218,6 +225,10 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    fn is_fresh(&self) -> bool {
+        self.next == MIN_BACKOFF
+    }
+
     fn next(&mut self) -> Duration {
         let cap = self.next;
         self.next = (self.next * 2).min(MAX_BACKOFF);
