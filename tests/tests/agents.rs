@@ -326,3 +326,34 @@ async fn agent_drain_finishes_requests_in_flight() {
     assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "finished");
     stopped.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn agent_reconnects_after_the_server_restarts() {
+    let (rec, _seen) = recording_backend().await;
+    let server = Server::default().await;
+    let addr = server.addr;
+    let _agent = Agent::start(Agent::config(&server.url(), "r", &format!("http://{rec}")));
+    server.wait_agent("r").await;
+    server.shutdown.cancel();
+    server.join.await.unwrap().unwrap();
+    // A new server on the same address (the agent keeps retrying with backoff meanwhile).
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let state = std::sync::Arc::new(relay_server::State::new(server_config()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(relay_server::serve(
+        listener,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    wait_for(|| state.broker.live_backend("r").is_some()).await;
+    let resp = client()
+        .request(
+            Request::get(format!("http://{addr}/client/r/again"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    shutdown.cancel();
+}
