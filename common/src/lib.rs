@@ -8,6 +8,7 @@
 //! - [`headers`]: hop-by-hop header rules (RFC 9110 §7.6.1) applied on both sides.
 //! - [`name`]: backend-name validation, shared so both sides agree on what a name is.
 //! - [`id`]: unguessable request ids.
+//! - [`signal`]: Ctrl-C / SIGTERM into a cancellation token.
 //!
 //! `docs/PROTOCOL.md` in the repository describes the same protocol in prose.
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod headers;
 pub mod id;
 pub mod message;
 pub mod name;
+pub mod signal;
 
 /// Protocol version announced by agents (`X-Relay-Protocol`) and checked by the server.
 pub const PROTOCOL_VERSION: &str = "1";

@@ -105,19 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.poll_deadline = cli.poll_deadline;
     cfg.drain_timeout = cli.drain_timeout;
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal(shutdown.clone()));
+    tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
     relay_client::run(cfg, shutdown).await?;
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM begins the drain.
-async fn signal(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown requested");
-    token.cancel();
 }

@@ -19,6 +19,23 @@ async fn scoped_server() -> Server {
     Server::start(cfg).await
 }
 
+/// Polls as a hand-written agent for `name` and returns the id of the one request taken.
+async fn take_one_request(url: String, name: &'static str, token: &'static str) -> String {
+    let resp = client()
+        .request(
+            Request::get(format!("{url}/server/request?server={name}&max=1"))
+                .header("authorization", format!("Bearer {token}"))
+                .header("x-relay-agent-id", format!("agent-{name}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+    v["requests"][0]["id"].as_str().unwrap().to_owned()
+}
+
 /// A raw agent call with `token`.
 async fn call(
     server: &Server,
@@ -99,24 +116,7 @@ async fn a_token_serves_only_its_names() {
 async fn another_names_request_id_is_indistinguishable_from_an_unknown_one() {
     let server = scoped_server().await;
     // Agent "b" (manual) takes a user request and holds it.
-    let poll = tokio::spawn({
-        let url = server.url();
-        async move {
-            let resp = client()
-                .request(
-                    Request::get(format!("{url}/server/request?server=b&max=1"))
-                        .header("authorization", format!("Bearer {TOKEN_B}"))
-                        .header("x-relay-agent-id", "agent-b")
-                        .body(empty())
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            let v: serde_json::Value =
-                serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
-            v["requests"][0]["id"].as_str().unwrap().to_owned()
-        }
-    });
+    let poll = tokio::spawn(take_one_request(server.url(), "b", TOKEN_B));
     server.wait_agent("b").await;
     let user = tokio::spawn(
         client().request(
@@ -189,24 +189,7 @@ async fn another_names_request_id_is_indistinguishable_from_an_unknown_one() {
 #[tokio::test]
 async fn malformed_exchanges_abort_the_user_response() {
     let server = Server::default().await;
-    let poll = tokio::spawn({
-        let url = server.url();
-        async move {
-            let resp = client()
-                .request(
-                    Request::get(format!("{url}/server/request?server=m&max=1"))
-                        .header("authorization", format!("Bearer {TOKEN}"))
-                        .header("x-relay-agent-id", "agent-m")
-                        .body(empty())
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            let v: serde_json::Value =
-                serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
-            v["requests"][0]["id"].as_str().unwrap().to_owned()
-        }
-    });
+    let poll = tokio::spawn(take_one_request(server.url(), "m", TOKEN));
     server.wait_agent("m").await;
     let user = tokio::spawn(
         client().request(
