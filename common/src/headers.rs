@@ -56,6 +56,48 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// The protocol a request asks to upgrade to, if it is a genuine upgrade request: an
+/// `Upgrade` header and the `upgrade` token in `Connection` (RFC 9110 §7.8, token lists
+/// compared case-insensitively). `h2c` is never an upgrade the relay performs.
+pub fn upgrade_request(headers: &HeaderMap) -> Option<String> {
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return None;
+    }
+    let value = headers.get(header::UPGRADE)?.to_str().ok()?.trim();
+    if value.is_empty() || connection_has_token(value.as_bytes(), "h2c") {
+        return None;
+    }
+    Some(value.to_owned())
+}
+
+/// Whether a 101 answer's `Upgrade` value switches to (one of) the protocols requested.
+pub fn upgrade_matches(requested: &str, answered: &str) -> bool {
+    let first = |s: &str| {
+        s.split(',')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
+    let answered = first(answered);
+    !answered.is_empty()
+        && requested
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case(&answered))
+}
+
+/// Adds back the two headers of a confirmed upgrade after hop-by-hop stripping
+/// (RFC 9110 §7.6.1 allows them exactly for the hop that switches).
+pub fn set_upgrade_headers(headers: &mut HeaderMap, protocol: &str) {
+    if let Ok(v) = http::HeaderValue::from_str(protocol) {
+        headers.insert(header::UPGRADE, v);
+        headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+    }
+}
+
 /// Whether a comma-separated token list contains `token` (case-insensitive, RFC 9110 §5.6.1).
 pub fn connection_has_token(value: &[u8], token: &str) -> bool {
     value
@@ -93,6 +135,21 @@ mod tests {
         h.insert("te", "trailers".parse().unwrap());
         strip_hop_by_hop(&mut h, false);
         assert!(h.get("te").is_none());
+    }
+
+    #[test]
+    fn upgrades() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        assert_eq!(upgrade_request(&h), None, "no Connection: upgrade");
+        h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
+        assert_eq!(upgrade_request(&h).as_deref(), Some("websocket"));
+        h.insert("upgrade", "h2c".parse().unwrap());
+        assert_eq!(upgrade_request(&h), None);
+        assert!(upgrade_matches("websocket", "WebSocket"));
+        assert!(upgrade_matches("SPDY/3.1, websocket", "websocket"));
+        assert!(!upgrade_matches("websocket", "h2c"));
+        assert!(!upgrade_matches("websocket", ""));
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct RequestHead {
     /// Exact body length when the user declared one; `None` means "until END".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_length: Option<u64>,
+    /// The protocol the user asked to switch to (`Upgrade` header, RFC 9110 §7.8) when the
+    /// request is a genuine upgrade request. Only then may the backend answer 101, after
+    /// which the request's upload and response bodies carry the raw tunnel bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
 }
 
 /// What a poll returns: new requests for this agent, and ids the server gave up on (the user

@@ -5,11 +5,14 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use relay_common::frame::{self, Kind};
 use relay_common::message::{encode_headers, Trailers};
+use tokio::io::ReadHalf;
 use tokio::sync::mpsc;
 
 /// The backend's response as frames: HEAD, then DATA (header and payload as separate
@@ -17,7 +20,7 @@ use tokio::sync::mpsc;
 /// backend body fails. Never fails itself.
 pub struct ResponseFrames {
     head: Option<Bytes>,
-    body: Option<Incoming>,
+    body: Option<Source>,
     queued: Option<Bytes>,
     /// Body bytes emitted so far.
     pub offset: u64,
@@ -25,9 +28,28 @@ pub struct ResponseFrames {
     pub finished: bool,
 }
 
+/// Where response body bytes come from.
+pub enum Source {
+    /// The backend's response body.
+    Body(Incoming),
+    /// After a 101: the read half of the backend's switched connection, and a read buffer.
+    Tunnel(ReadHalf<TokioIo<Upgraded>>, BytesMut),
+}
+
+/// One step of a response source.
+enum Chunk {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    Failed(String),
+}
+
+/// Read size for tunnel bytes.
+const TUNNEL_READ: usize = 64 * 1024;
+
 impl ResponseFrames {
     /// Frames for a response whose HEAD frame is `head` and body `body` (`None`: no body).
-    pub fn new(head: Bytes, body: Option<Incoming>) -> Self {
+    pub fn new(head: Bytes, body: Option<Source>) -> Self {
         ResponseFrames {
             head: Some(head),
             finished: body.is_none(),
@@ -70,26 +92,47 @@ impl Body for ResponseFrames {
             return Poll::Ready(None);
         };
         loop {
-            let out = match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(f))) => match f.into_data() {
-                    Ok(data) if data.is_empty() => continue,
-                    Ok(data) => {
-                        this.offset += data.len() as u64;
-                        let h = frame::header(Kind::Data, data.len());
-                        this.queued = Some(data);
-                        return Poll::Ready(Some(Ok(Frame::data(h))));
+            let chunk = match body {
+                Source::Body(b) => match Pin::new(b).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => Chunk::End,
+                    Poll::Ready(Some(Err(e))) => {
+                        Chunk::Failed(format!("the backend's response body failed: {e}"))
                     }
-                    Err(f) => match f.into_trailers() {
-                        Ok(t) => trailers_frame(&t),
-                        Err(_) => continue,
+                    Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                        Ok(d) => Chunk::Data(d),
+                        Err(f) => match f.into_trailers() {
+                            Ok(t) => Chunk::Trailers(t),
+                            Err(_) => continue,
+                        },
                     },
                 },
-                Poll::Ready(Some(Err(e))) => {
-                    let why = format!("the backend's response body failed: {e}");
-                    frame::control(Kind::Abort, why.as_bytes())
+                Source::Tunnel(rd, buf) => {
+                    if buf.capacity() - buf.len() < TUNNEL_READ / 2 {
+                        buf.reserve(TUNNEL_READ);
+                    }
+                    match tokio_util::io::poll_read_buf(Pin::new(rd), cx, buf) {
+                        Poll::Pending => return Poll::Pending,
+                        // The backend shut down writing: END carries the half-close.
+                        Poll::Ready(Ok(0)) => Chunk::End,
+                        Poll::Ready(Ok(_)) => Chunk::Data(buf.split().freeze()),
+                        Poll::Ready(Err(e)) => {
+                            Chunk::Failed(format!("the backend connection failed: {e}"))
+                        }
+                    }
                 }
-                Poll::Ready(None) => frame::control(Kind::End, b""),
+            };
+            let out = match chunk {
+                Chunk::Data(data) if data.is_empty() => continue,
+                Chunk::Data(data) => {
+                    this.offset += data.len() as u64;
+                    let h = frame::header(Kind::Data, data.len());
+                    this.queued = Some(data);
+                    return Poll::Ready(Some(Ok(Frame::data(h))));
+                }
+                Chunk::Trailers(t) => trailers_frame(&t),
+                Chunk::Failed(why) => frame::control(Kind::Abort, why.as_bytes()),
+                Chunk::End => frame::control(Kind::End, b""),
             };
             this.body = None;
             this.finished = true;

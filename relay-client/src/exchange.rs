@@ -7,19 +7,23 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
+use hyper_util::rt::TokioIo;
 use relay_common::frame::{self, Decoder, Item, Kind};
-use relay_common::headers::strip_hop_by_hop;
+use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
 use relay_common::message::{
     decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bodies::{ChunksBody, ResponseFrames, UploadBody, UploadMsg, UPLOAD_CHANNEL_DEPTH};
+use crate::bodies::{
+    ChunksBody, ResponseFrames, Source, UploadBody, UploadMsg, UPLOAD_CHANNEL_DEPTH,
+};
 use crate::config::Transport;
 use crate::error::RelayCallError;
 use crate::relay::{error_chain, RelayClient};
@@ -74,7 +78,7 @@ async fn serve_inner(
         Ok(r) => r,
         Err(e) => return post_error(ctx, &head.id, StatusCode::BAD_REQUEST, &e.0).await,
     };
-    let resp = match ctx.backend.send(req).await {
+    let mut resp = match ctx.backend.send(req).await {
         Ok(r) => r,
         Err(e) => {
             let msg = format!(
@@ -85,6 +89,9 @@ async fn serve_inner(
             return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
         }
     };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return switch(ctx, &head, &mut resp, cancel).await;
+    }
     let (parts, body) = resp.into_parts();
     let content_length = parts
         .headers
@@ -104,9 +111,100 @@ async fn serve_inner(
         },
         content_length,
     };
-    let json = serde_json::to_vec(&rh).expect("bug: heads always serialise");
-    let frames = ResponseFrames::new(frame::control(Kind::Head, &json), has_body.then_some(body));
+    let frames = ResponseFrames::new(head_frame(&rh), has_body.then_some(Source::Body(body)));
     send_response(ctx, &head.id, frames).await
+}
+
+fn head_frame(head: &ResponseHead) -> Bytes {
+    let json = serde_json::to_vec(head).expect("bug: heads always serialise");
+    frame::control(Kind::Head, &json)
+}
+
+/// The backend answered 101: if the user asked for exactly this switch, relay the 101 and
+/// then the raw bytes both ways (backend→user as response DATA, user→backend from upload
+/// exchanges), each direction ending on its own; otherwise answer 502.
+async fn switch(
+    ctx: &Arc<Ctx>,
+    head: &RequestHead,
+    resp: &mut http::Response<hyper::body::Incoming>,
+    cancel: &CancellationToken,
+) -> Result<(), RelayCallError> {
+    let answered = resp
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let asked = head.upgrade.as_deref();
+    if !asked.is_some_and(|r| upgrade_matches(r, &answered)) {
+        let msg = format!("the backend switched to {answered:?}, which the user did not ask for");
+        return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
+    }
+    let upgraded = match hyper::upgrade::on(&mut *resp).await {
+        Ok(u) => u,
+        Err(e) => {
+            let msg = format!("the backend connection did not switch: {e}");
+            return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
+        }
+    };
+    let mut headers = std::mem::take(resp.headers_mut());
+    strip_hop_by_hop(&mut headers, false);
+    set_upgrade_headers(&mut headers, &answered);
+    let rh = ResponseHead {
+        status: 101,
+        headers: encode_headers(&headers),
+        body: BodyKind::Stream,
+        content_length: None,
+    };
+    let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    // user→backend: upload exchanges into the backend connection's write half.
+    let (tx, mut rx) = mpsc::channel(UPLOAD_CHANNEL_DEPTH);
+    let relay = ctx.relay.clone();
+    let id = head.id.clone();
+    let up = async move {
+        let pump = pump_upload(&relay, &id, tx);
+        let write = async {
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    UploadMsg::Data(b) => {
+                        if wr.write_all(&b).await.is_err() {
+                            return false;
+                        }
+                    }
+                    // The user shut down writing: pass the half-close on.
+                    UploadMsg::End | UploadMsg::Trailers(_) => {
+                        let _ = wr.shutdown().await;
+                        return true;
+                    }
+                    UploadMsg::Abort(_) => return false,
+                }
+            }
+            false
+        };
+        let (_, clean) = tokio::join!(pump, write);
+        clean
+    };
+    let frames = ResponseFrames::new(head_frame(&rh), Some(Source::Tunnel(rd, BytesMut::new())));
+    let down = send_response(ctx, &head.id, frames);
+    tokio::pin!(down, up);
+    // A reset on the user side (ABORT) ends the whole tunnel at once: cancelling drops both
+    // halves, which closes the backend connection.
+    tokio::select! {
+        r = &mut down => {
+            r?;
+            if !(&mut up).await {
+                cancel.cancel();
+            }
+        }
+        clean = &mut up => {
+            if clean {
+                down.await?;
+            } else {
+                cancel.cancel();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Posts a synthesised text response (the backend could not be asked).

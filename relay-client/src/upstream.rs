@@ -5,7 +5,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use relay_common::headers::strip_hop_by_hop;
+use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop};
 use relay_common::message::{decode_headers, RequestHead};
 
 use crate::config::Config;
@@ -79,6 +79,9 @@ impl Backend {
         let mut headers = decode_headers(&head.headers).map_err(|e| BuildError(e.to_string()))?;
         // Defence in depth: the server already stripped these (RFC 9110 §7.6.1).
         strip_hop_by_hop(&mut headers, true);
+        if let Some(proto) = &head.upgrade {
+            set_upgrade_headers(&mut headers, proto);
+        }
         if self.rewrite_host {
             headers.insert(header::HOST, self.authority.clone());
         }

@@ -31,6 +31,11 @@ pub struct Config {
     pub pickup_timeout: Duration,
     /// How long a user request waits for its response head after arrival (then 504).
     pub response_timeout: Duration,
+    /// Same for upgrade requests: services behind them often start on first use (Jupyter,
+    /// VS Code) and answer 101 only once ready.
+    pub upgrade_response_timeout: Duration,
+    /// A switched connection without a byte either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
     /// How long a long poll is held before an empty answer (204). Must stay below the read
     /// timeout of every proxy between agent and server (nginx: 60 s).
     pub poll_timeout: Duration,
@@ -58,6 +63,8 @@ impl Default for Config {
             agent_tokens: Vec::new(),
             pickup_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(60),
+            upgrade_response_timeout: Duration::from_secs(120),
+            tunnel_idle_timeout: Duration::from_secs(600),
             poll_timeout: Duration::from_secs(25),
             agent_grace: Duration::from_secs(5),
             exchange_idle: Duration::from_secs(20),

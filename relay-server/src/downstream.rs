@@ -7,14 +7,16 @@ use std::sync::Arc;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
-use relay_common::headers::{has_token, strip_hop_by_hop};
+use relay_common::headers::{
+    has_token, set_upgrade_headers, strip_hop_by_hop, upgrade_matches, upgrade_request,
+};
 use relay_common::id::RequestId;
 use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead};
 use tokio::sync::oneshot;
 
 use crate::body::{empty, RelayBody, RelayedBody};
 use crate::error::RelayError;
-use crate::pending::{Pending, ResponseStart, UploadSlot};
+use crate::pending::{Pending, ResponseStart, UploadSlot, UploadSource};
 use crate::router::{route, RouteError};
 use crate::State;
 
@@ -44,7 +46,7 @@ pub async fn handle(
 
 async fn relay(
     state: Arc<State>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<RelayBody>, RelayError> {
     let arrival = tokio::time::Instant::now();
@@ -73,9 +75,19 @@ async fn relay(
         .live_backend(&name)
         .ok_or_else(|| RelayError::NoAgent(name.clone()))?;
 
+    // A genuine upgrade (HTTP/1.1, `Connection: upgrade`, no body) is relayed as such; the
+    // switch happens only if the backend answers 101. Anything else loses its Upgrade
+    // header with the other hop-by-hop headers and is an ordinary request.
+    let upgrade = (req.version() == http::Version::HTTP_11 && req.body().is_end_stream())
+        .then(|| upgrade_request(req.headers()))
+        .flatten();
+    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let is_head = parts.method == Method::HEAD;
-    let headers = forward_headers(&parts, peer, route.prefix)?;
+    let mut headers = forward_headers(&parts, peer, route.prefix)?;
+    if let Some(proto) = &upgrade {
+        set_upgrade_headers(&mut headers, proto);
+    }
     let content_length = body.size_hint().exact();
     let (body_kind, upload) = if body.is_end_stream() {
         (BodyKind::Empty, None)
@@ -90,10 +102,19 @@ async fn relay(
         headers: encode_headers(&headers),
         body: body_kind,
         content_length: content_length.filter(|_| body_kind == BodyKind::Stream),
+        upgrade: upgrade.clone(),
     };
     let slot = match upload {
-        Some(body) => UploadSlot::Ready { body, offset: 0 },
+        Some(body) => UploadSlot::Ready {
+            source: UploadSource::Body(body),
+            offset: 0,
+        },
+        None if upgrade.is_some() => UploadSlot::AwaitingUpgrade,
         None => UploadSlot::NoBody,
+    };
+    let response_timeout = match upgrade {
+        Some(_) => state.cfg.upgrade_response_timeout,
+        None => state.cfg.response_timeout,
     };
     let (head_tx, head_rx) = oneshot::channel();
     let pending = Pending::new(id, name.clone(), head, slot, head_tx);
@@ -110,8 +131,8 @@ async fn relay(
     let start = tokio::select! {
         r = head_rx => r.map_err(|_| RelayError::BadGateway(
             "the relay-client failed before sending a response head".into()))?,
-        _ = tokio::time::sleep_until(arrival + state.cfg.response_timeout) => {
-            return Err(RelayError::ResponseTimeout(state.cfg.response_timeout));
+        _ = tokio::time::sleep_until(arrival + response_timeout) => {
+            return Err(RelayError::ResponseTimeout(response_timeout));
         }
         _ = agent.gone.cancelled() => {
             return Err(RelayError::BadGateway("the relay-client disconnected".into()));
@@ -128,6 +149,17 @@ async fn relay(
 
     let mut resp_headers = decode_headers(&head.headers)
         .map_err(|e| RelayError::BadGateway(format!("the relay-client sent an {e}")))?;
+    if head.status == 101 {
+        return switch(
+            &state,
+            resp_headers,
+            upgrade,
+            on_upgrade,
+            body_rx,
+            guard,
+            agent,
+        );
+    }
     strip_hop_by_hop(&mut resp_headers, false);
     let status = StatusCode::from_u16(head.status)
         .ok()
@@ -156,6 +188,50 @@ async fn relay(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
+    Ok(resp)
+}
+
+/// Answers 101 and hands the connection to a tunnel, if the user asked for exactly this
+/// switch (RFC 9110 §15.2.2: the server switches to one of the protocols in `Upgrade`).
+/// Otherwise the 101 is a protocol violation of the backend: 502, no tunnel.
+#[allow(clippy::too_many_arguments)]
+fn switch(
+    state: &Arc<State>,
+    mut headers: HeaderMap,
+    requested: Option<String>,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    body_rx: Option<tokio::sync::mpsc::Receiver<crate::body::BodyMsg>>,
+    guard: crate::pending::PendingGuard,
+    agent: Arc<crate::broker::Agent>,
+) -> Result<Response<RelayBody>, RelayError> {
+    let answered = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let (Some(requested), Some(on_upgrade)) = (requested, on_upgrade) else {
+        return Err(RelayError::BadGateway(
+            "the backend answered 101 to a request that did not ask to upgrade".into(),
+        ));
+    };
+    if !upgrade_matches(&requested, &answered) {
+        return Err(RelayError::BadGateway(format!(
+            "the backend switched to {answered:?}, which the user did not ask for"
+        )));
+    }
+    strip_hop_by_hop(&mut headers, false);
+    set_upgrade_headers(&mut headers, &answered);
+    state.tunnels.spawn(crate::tunnel::bridge(
+        on_upgrade,
+        body_rx,
+        guard,
+        agent.gone.clone(),
+        state.cfg.tunnel_idle_timeout,
+        state.stop.clone(),
+    ));
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = headers;
     Ok(resp)
 }
 

@@ -10,6 +10,7 @@
 //! - [`broker`]: connected agents per name, the wait queue, requests in flight.
 //! - [`pending`]: one request in flight and the guard that frees it.
 //! - [`upload`]: the framed upload stream of one `/server/requeststream` exchange.
+//! - [`tunnel`]: the user side of a switched (101) connection.
 //! - [`body`], [`error`], [`auth`], [`config`].
 //!
 //! # Life of a request
@@ -39,6 +40,7 @@ pub mod error;
 pub mod listener;
 pub mod pending;
 pub mod router;
+pub mod tunnel;
 pub mod upload;
 pub mod upstream;
 
@@ -49,6 +51,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Shared state of a running server.
 pub struct State {
@@ -62,6 +65,8 @@ pub struct State {
     draining: AtomicBool,
     /// Cancelled when the drain is over: parked polls and queued requests end at once.
     pub stop: CancellationToken,
+    /// Switched connections (they outlive the request handler that started them).
+    pub tunnels: TaskTracker,
 }
 
 impl State {
@@ -77,6 +82,7 @@ impl State {
             cfg,
             draining: AtomicBool::new(false),
             stop: CancellationToken::new(),
+            tunnels: TaskTracker::new(),
         }
     }
 

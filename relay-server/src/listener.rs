@@ -116,6 +116,7 @@ pub async fn serve(
         tracing::debug!("connections still open after the drain; closing them");
     }
     tracker.close();
+    state.tunnels.close();
     Ok(())
 }
 

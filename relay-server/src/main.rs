@@ -33,6 +33,12 @@ struct Cli {
     /// How long a request waits for its response head (then 504).
     #[arg(long, env = "RELAY_RESPONSE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     response_timeout: Duration,
+    /// How long an upgrade request (WebSocket, ...) waits for its 101 or other answer.
+    #[arg(long, env = "RELAY_UPGRADE_RESPONSE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    upgrade_response_timeout: Duration,
+    /// A switched connection without traffic either way for this long is closed.
+    #[arg(long, env = "RELAY_TUNNEL_IDLE_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    tunnel_idle_timeout: Duration,
     /// How long a long poll is held; keep it below every proxy read timeout in between.
     #[arg(long, env = "RELAY_POLL_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     poll_timeout: Duration,
@@ -128,6 +134,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agent_tokens: tokens,
         pickup_timeout: cli.pickup_timeout,
         response_timeout: cli.response_timeout,
+        upgrade_response_timeout: cli.upgrade_response_timeout,
+        tunnel_idle_timeout: cli.tunnel_idle_timeout,
         poll_timeout: cli.poll_timeout,
         agent_grace: cli.agent_grace,
         drain_timeout: cli.drain_timeout,

@@ -1,12 +1,15 @@
 //! One user request in flight: its head (until an agent takes it), who claimed it, where the
 //! agent's response goes, and the user's upload body (until the agent pulls it).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use relay_common::id::RequestId;
 use relay_common::message::{RequestHead, ResponseHead};
+use tokio::io::ReadHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -42,14 +45,26 @@ pub struct ResponseSink {
     pub offset: u64,
 }
 
+/// Where upload bytes come from: the request body, or after a 101 the user's side of the
+/// switched connection.
+pub enum UploadSource {
+    /// The request body.
+    Body(Incoming),
+    /// The read half of the upgraded user connection.
+    Tunnel(ReadHalf<TokioIo<Upgraded>>),
+}
+
 /// The user's upload as seen by `/server/requeststream`.
 pub enum UploadSlot {
     /// The request has no body.
     NoBody,
+    /// An upgrade request: the tunnel's user→backend bytes become available once the 101 is
+    /// sent to the user (never before: no bytes are forwarded ahead of the switch).
+    AwaitingUpgrade,
     /// Ready for the next exchange.
     Ready {
-        /// The user's body.
-        body: Incoming,
+        /// The bytes' source.
+        source: UploadSource,
         /// Bytes already delivered to the agent.
         offset: u64,
     },
@@ -77,6 +92,12 @@ pub struct Pending {
     pub done: CancellationToken,
     /// Set once the agent sent END, TRAILERS or ABORT: it needs no cancel notice then.
     pub agent_finished: AtomicBool,
+    /// Woken when the upload slot changes from `AwaitingUpgrade`.
+    pub upload_ready: tokio::sync::Notify,
+    /// Cancelled when the upload is over (Finished or Broken).
+    pub upload_done: CancellationToken,
+    /// Upload bytes delivered so far, all exchanges together (tunnel idle tracking).
+    pub upload_bytes: AtomicU64,
 }
 
 impl Pending {
@@ -101,7 +122,28 @@ impl Pending {
             upload: Mutex::new(upload),
             done: CancellationToken::new(),
             agent_finished: AtomicBool::new(false),
+            upload_ready: tokio::sync::Notify::new(),
+            upload_done: CancellationToken::new(),
+            upload_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Replaces the upload slot, waking exchanges waiting for a tunnel and recording the end.
+    pub fn set_upload(&self, slot: UploadSlot) {
+        let over = matches!(slot, UploadSlot::Finished | UploadSlot::Broken);
+        *self.upload.lock().expect("bug: poisoned") = slot;
+        self.upload_ready.notify_waiters();
+        if over {
+            self.upload_done.cancel();
+        }
+    }
+
+    /// Whether the upload ended broken (reset) rather than finished (half-close).
+    pub fn upload_broken(&self) -> bool {
+        matches!(
+            *self.upload.lock().expect("bug: poisoned"),
+            UploadSlot::Broken
+        )
     }
 
     /// Enters the Queued state, taking one global parked slot.
@@ -161,6 +203,11 @@ pub struct PendingGuard {
 }
 
 impl PendingGuard {
+    /// The guarded request.
+    pub fn pending(&self) -> &Arc<Pending> {
+        &self.pending
+    }
+
     pub(crate) fn new(broker: Arc<Broker>, backend: Arc<Backend>, pending: Arc<Pending>) -> Self {
         PendingGuard {
             broker,
@@ -183,6 +230,6 @@ impl Drop for PendingGuard {
             }
         }
         // Release the user's upload body now rather than when the last Arc goes.
-        *p.upload.lock().expect("bug: poisoned") = UploadSlot::Finished;
+        p.set_upload(UploadSlot::Finished);
     }
 }

@@ -13,15 +13,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming};
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame};
 use relay_common::frame::{self, Kind};
 use relay_common::message::{encode_headers, Trailers};
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::body::BodyError;
-use crate::pending::{Pending, UploadSlot};
+use crate::pending::{Pending, UploadSlot, UploadSource};
+
+/// Read size for tunnel bytes.
+const TUNNEL_READ: usize = 64 * 1024;
 
 /// What becomes of the upload after this exchange.
 enum Next {
@@ -33,7 +36,8 @@ enum Next {
 /// One upload exchange.
 pub struct UploadExchange {
     pending: Arc<Pending>,
-    body: Option<Incoming>,
+    source: Option<UploadSource>,
+    buf: BytesMut,
     offset: u64,
     sent: u64,
     max: u64,
@@ -45,10 +49,10 @@ pub struct UploadExchange {
 }
 
 impl UploadExchange {
-    /// Starts an exchange over `body`, which has delivered `offset` bytes before.
+    /// Starts an exchange over `source`, which has delivered `offset` bytes before.
     pub fn new(
         pending: Arc<Pending>,
-        body: Incoming,
+        source: UploadSource,
         offset: u64,
         max: u64,
         idle_for: Duration,
@@ -56,7 +60,8 @@ impl UploadExchange {
         let user_gone = Box::pin(pending.done.clone().cancelled_owned());
         UploadExchange {
             pending,
-            body: Some(body),
+            source: Some(source),
+            buf: BytesMut::new(),
             offset,
             sent: 0,
             max,
@@ -70,19 +75,22 @@ impl UploadExchange {
 
     fn finish(&mut self, next: Next, last: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.finished = true;
-        let body = self.body.take().expect("bug: exchange finished twice");
+        let source = self.source.take().expect("bug: exchange finished twice");
         let slot = match next {
             Next::Continue => UploadSlot::Ready {
-                body,
+                source,
                 offset: self.offset,
             },
             Next::Finished => UploadSlot::Finished,
             Next::Broken => UploadSlot::Broken,
         };
-        let mut guard = self.pending.upload.lock().expect("bug: poisoned");
         // The user side may have finished meanwhile (slot Finished); keep that.
-        if matches!(*guard, UploadSlot::InUse) {
-            *guard = slot;
+        let in_use = matches!(
+            *self.pending.upload.lock().expect("bug: poisoned"),
+            UploadSlot::InUse
+        );
+        if in_use {
+            self.pending.set_upload(slot);
         }
         Poll::Ready(Some(Ok(Frame::data(last))))
     }
@@ -107,9 +115,34 @@ impl Body for UploadExchange {
             if this.sent >= this.max {
                 return this.finish(Next::Continue, frame::control(Kind::Continue, b""));
             }
-            let body = this.body.as_mut().expect("bug: body taken before finish");
-            match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+            let chunk = match this
+                .source
+                .as_mut()
+                .expect("bug: source taken before finish")
+            {
+                UploadSource::Body(body) => Pin::new(body).poll_frame(cx).map(|f| {
+                    f.map(|r| {
+                        r.map(|f| {
+                            f.into_data()
+                                .map_err(|f| f.into_trailers().unwrap_or_default())
+                        })
+                        .map_err(|e| e.to_string())
+                    })
+                }),
+                UploadSource::Tunnel(rd) => {
+                    if this.buf.capacity() - this.buf.len() < TUNNEL_READ / 2 {
+                        this.buf.reserve(TUNNEL_READ);
+                    }
+                    match tokio_util::io::poll_read_buf(Pin::new(rd), cx, &mut this.buf) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Ok(0)) => Poll::Ready(None),
+                        Poll::Ready(Ok(_)) => Poll::Ready(Some(Ok(Ok(this.buf.split().freeze())))),
+                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.to_string()))),
+                    }
+                }
+            };
+            match chunk {
+                Poll::Ready(Some(Ok(item))) => match item {
                     Ok(data) => {
                         if data.is_empty() {
                             continue;
@@ -117,14 +150,16 @@ impl Body for UploadExchange {
                         let len = data.len();
                         this.sent += len as u64;
                         this.offset += len as u64;
+                        this.pending
+                            .upload_bytes
+                            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                         this.idle
                             .as_mut()
                             .reset(tokio::time::Instant::now() + this.idle_for);
                         this.queued = Some(data);
                         return Poll::Ready(Some(Ok(Frame::data(frame::header(Kind::Data, len)))));
                     }
-                    Err(f) => {
-                        let t = f.into_trailers().unwrap_or_default();
+                    Err(t) => {
                         let json = serde_json::to_vec(&Trailers {
                             headers: encode_headers(&t),
                         })
@@ -133,7 +168,7 @@ impl Body for UploadExchange {
                     }
                 },
                 Poll::Ready(Some(Err(e))) => {
-                    let why = format!("the user's upload failed: {e}");
+                    let why = format!("the user's side failed: {e}");
                     return this.finish(Next::Broken, frame::control(Kind::Abort, why.as_bytes()));
                 }
                 Poll::Ready(None) => {
@@ -159,9 +194,12 @@ impl Body for UploadExchange {
 impl Drop for UploadExchange {
     fn drop(&mut self) {
         if !self.finished {
-            let mut guard = self.pending.upload.lock().expect("bug: poisoned");
-            if matches!(*guard, UploadSlot::InUse) {
-                *guard = UploadSlot::Broken;
+            let in_use = matches!(
+                *self.pending.upload.lock().expect("bug: poisoned"),
+                UploadSlot::InUse
+            );
+            if in_use {
+                self.pending.set_upload(UploadSlot::Broken);
             }
         }
     }

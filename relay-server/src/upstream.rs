@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::auth::Grant;
 use crate::body::{full, BodyMsg, RelayBody, BODY_CHANNEL_DEPTH};
 use crate::error::text_response;
-use crate::pending::{Pending, ResponseSink, ResponseStart, UploadSlot};
+use crate::pending::{Pending, ResponseSink, ResponseStart, UploadSlot, UploadSource};
 use crate::upload::UploadExchange;
 use crate::State;
 
@@ -41,7 +41,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Relay
     match uri.path() {
         "/server/request" => poll(state, grant, &req, query).await,
         "/server/response" => response(state, grant, req, query).await,
-        "/server/requeststream" => request_stream(state, grant, query),
+        "/server/requeststream" => request_stream(state, grant, query).await,
         // Answered before its body is read: an agent that gets this answer while its
         // streaming body is still open knows nothing in between buffers request bodies.
         "/server/probe" => text_response(StatusCode::OK, "streaming"),
@@ -143,56 +143,78 @@ fn no_store(b: http::response::Builder) -> http::response::Builder {
     b.header(header::CACHE_CONTROL, "no-store")
 }
 
-fn request_stream(state: Arc<State>, grant: Grant, q: Query<'_>) -> Response<RelayBody> {
+/// How long an upload exchange of an upgrade request waits for the 101 to reach the user.
+const UPGRADE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+enum Take {
+    Taken(UploadSource, u64),
+    Wait,
+    Refused(StatusCode, String),
+}
+
+fn take_upload(pending: &Pending, offset: Option<u64>) -> Take {
+    let mut slot = pending.upload.lock().expect("bug: poisoned");
+    match std::mem::replace(&mut *slot, UploadSlot::InUse) {
+        UploadSlot::Ready { source, offset: at } if Some(at) == offset => Take::Taken(source, at),
+        other => {
+            let outcome = match &other {
+                UploadSlot::Ready { offset, .. } => Take::Refused(
+                    StatusCode::CONFLICT,
+                    format!("offset mismatch: the next upload byte is {offset}"),
+                ),
+                UploadSlot::AwaitingUpgrade => Take::Wait,
+                UploadSlot::InUse => Take::Refused(
+                    StatusCode::CONFLICT,
+                    "another upload exchange is in progress".into(),
+                ),
+                UploadSlot::NoBody => {
+                    Take::Refused(StatusCode::GONE, "the request has no body".into())
+                }
+                UploadSlot::Finished => Take::Refused(
+                    StatusCode::GONE,
+                    "the request body was already delivered".into(),
+                ),
+                UploadSlot::Broken => Take::Refused(
+                    StatusCode::GONE,
+                    "the request body was lost in a cut exchange".into(),
+                ),
+            };
+            *slot = other;
+            outcome
+        }
+    }
+}
+
+async fn request_stream(state: Arc<State>, grant: Grant, q: Query<'_>) -> Response<RelayBody> {
     let Some(pending) = lookup(&state, &grant, q.id) else {
         return unknown_id();
     };
-    let taken = {
-        let mut slot = pending.upload.lock().expect("bug: poisoned");
-        match std::mem::replace(&mut *slot, UploadSlot::InUse) {
-            UploadSlot::Ready { body, offset } if Some(offset) == q.offset => Ok((body, offset)),
-            UploadSlot::Ready { body, offset } => {
-                *slot = UploadSlot::Ready { body, offset };
-                Err((
-                    StatusCode::CONFLICT,
-                    format!("offset mismatch: the next upload byte is {offset}"),
-                ))
-            }
-            other => {
-                let err = match &other {
-                    UploadSlot::InUse => (
-                        StatusCode::CONFLICT,
-                        "another upload exchange is in progress".into(),
-                    ),
-                    UploadSlot::NoBody => (StatusCode::GONE, "the request has no body".into()),
-                    UploadSlot::Finished => (
-                        StatusCode::GONE,
-                        "the request body was already delivered".into(),
-                    ),
-                    UploadSlot::Broken => (
-                        StatusCode::GONE,
-                        "the request body was lost in a cut exchange".into(),
-                    ),
-                    UploadSlot::Ready { .. } => unreachable!(),
-                };
-                *slot = other;
-                Err(err)
-            }
+    let deadline = tokio::time::Instant::now() + UPGRADE_WAIT;
+    let (source, offset) = loop {
+        let ready = pending.upload_ready.notified();
+        tokio::pin!(ready);
+        ready.as_mut().enable();
+        match take_upload(&pending, q.offset) {
+            Take::Taken(source, offset) => break (source, offset),
+            Take::Refused(status, msg) => return text_response(status, &msg),
+            // An upgrade whose 101 has not reached the user yet: wait for the switch.
+            Take::Wait => tokio::select! {
+                _ = &mut ready => {}
+                _ = pending.done.cancelled() => return unknown_id(),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return text_response(StatusCode::CONFLICT, "the connection was not switched");
+                }
+            },
         }
     };
-    match taken {
-        Err((status, msg)) => text_response(status, &msg),
-        Ok((body, offset)) => {
-            let max = q.max.unwrap_or(u64::MAX).max(1);
-            let exchange = UploadExchange::new(pending, body, offset, max, state.cfg.exchange_idle);
-            no_store(Response::builder())
-                .header(header::CONTENT_TYPE, "application/x-relay-frames")
-                // nginx passes this response on as it arrives instead of buffering it.
-                .header("x-accel-buffering", "no")
-                .body(exchange.boxed_unsync())
-                .expect("bug: static response")
-        }
-    }
+    let max = q.max.unwrap_or(u64::MAX).max(1);
+    let exchange = UploadExchange::new(pending, source, offset, max, state.cfg.exchange_idle);
+    no_store(Response::builder())
+        .header(header::CONTENT_TYPE, "application/x-relay-frames")
+        // nginx passes this response on as it arrives instead of buffering it.
+        .header("x-accel-buffering", "no")
+        .body(exchange.boxed_unsync())
+        .expect("bug: static response")
 }
 
 /// Owns the response sink for one exchange; if the exchange ends without CONTINUE or a
