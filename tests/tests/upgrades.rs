@@ -1,0 +1,368 @@
+//! 101 upgrades through the relay: WebSockets with a real WebSocket library, raw upgraded
+//! byte streams, half-close, close propagation, refused and smuggled upgrades, and 1000
+//! tunnels open at once.
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt, StreamExt};
+use relay_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket echo server (tungstenite) that echoes text and binary and closes with the
+/// code it was sent.
+async fn websocket_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    match msg {
+                        Message::Text(_) | Message::Binary(_) => {
+                            if ws.send(msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        Message::Close(frame) => {
+                            let _ = ws.close(frame).await;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads an HTTP head (up to the blank line) and returns it with any bytes that followed.
+async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return (String::from_utf8_lossy(&buf).into_owned(), rest);
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed inside a head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A raw backend speaking the made-up protocol `echo`: it answers 101 to an upgrade and
+/// then echoes bytes until the client shuts down writing, then sends "bye" and closes.
+/// It reports whether any byte arrived before it sent the 101.
+async fn raw_echo_backend() -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (early_tx, early_rx) = tokio::sync::mpsc::channel(2000);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let early_tx = early_tx.clone();
+            tokio::spawn(async move {
+                let (head, early) = read_head(&mut s).await;
+                if !head.to_ascii_lowercase().contains("upgrade: echo") {
+                    let _ = s.write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope").await;
+                    return;
+                }
+                let _ = early_tx.try_send(early);
+                s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = [0u8; 65536];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+            });
+        }
+    });
+    (addr, early_rx)
+}
+
+const UPGRADE_HEAD: &str = "GET /client/e/ HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n";
+
+/// Opens a raw tunnel through the relay and returns the stream after the 101 head.
+async fn open_tunnel(relay: SocketAddr, extra: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(relay).await.unwrap();
+    let mut req = UPGRADE_HEAD.as_bytes().to_vec();
+    req.extend_from_slice(extra);
+    s.write_all(&req).await.unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    assert!(rest.is_empty());
+    s
+}
+
+#[tokio::test]
+async fn websocket_echo_with_a_real_client_library() {
+    let addr = websocket_echo().await;
+    let (server, _agent) = relay_to(addr, "ws").await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/client/ws/socket", server.addr);
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    // Ping from the client is answered by the backend's library end to end.
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Library(4001),
+        reason: "done".into(),
+    })))
+    .await
+    .unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Library(4001)),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert!(ws.next().await.is_none_or(|r| r.is_err()));
+    drop(ws);
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn bytes_sent_with_the_head_are_forwarded_only_after_the_101() {
+    let (addr, mut early) = raw_echo_backend().await;
+    let (server, _agent) = relay_to(addr, "e").await;
+    let mut s = open_tunnel(server.addr, b"EARLY BYTES").await;
+    // The backend saw nothing but the head before it answered 101.
+    assert_eq!(early.recv().await.unwrap(), b"");
+    let mut got = vec![0u8; 11];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, b"EARLY BYTES");
+    drop(s);
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_other_direction_open_in_both_transports() {
+    for transport in [Transport::Stream, Transport::Bounded] {
+        let (addr, _early) = raw_echo_backend().await;
+        let server = Server::default().await;
+        let mut cfg = Agent::config(&server.url(), "e", &format!("http://{addr}"));
+        cfg.transport = transport;
+        let _agent = Agent::start(cfg);
+        server.wait_agent("e").await;
+        let mut s = open_tunnel(server.addr, b"").await;
+        // Interactive: each write is echoed before the next is sent.
+        for i in 0..20 {
+            let msg = format!("line {i}\n");
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            s.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, msg.as_bytes(), "{transport:?}");
+        }
+        s.write_all(b"question").await.unwrap();
+        s.shutdown().await.unwrap();
+        // The backend echoes, sees our EOF, says bye and closes: all of it reaches us.
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"questionbye", "{transport:?}");
+        server.wait_idle().await;
+    }
+}
+
+#[tokio::test]
+async fn backend_close_reaches_the_user_and_user_close_reaches_the_backend() {
+    // Backend closes first: the user reads EOF.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel::<&str>(4);
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let (head, _) = read_head(&mut s).await;
+                s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+                    .await
+                    .unwrap();
+                if head.contains("/close-now") {
+                    return; // drops the socket
+                }
+                let mut b = [0u8; 16];
+                while s.read(&mut b).await.unwrap_or(0) > 0 {}
+                closed_tx.send("backend saw EOF").await.unwrap();
+            });
+        }
+    });
+    let (server, _agent) = relay_to(addr, "c").await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /client/c/close-now HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"));
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    drop(s);
+
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(
+        b"GET /client/c/stay HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    read_head(&mut s).await;
+    drop(s);
+    assert_eq!(closed_rx.recv().await, Some("backend saw EOF"));
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn a_refused_upgrade_keeps_the_connection_http() {
+    let (addr, _early) = raw_echo_backend().await;
+    let (server, _agent) = relay_to(addr, "e").await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    // Asks for a protocol the backend refuses with 426, then sends a second request on the
+    // same connection: it must be parsed as HTTP, not tunnelled.
+    s.write_all(b"GET /client/e/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: other\r\n\r\nGET /client/nobody/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 426 "), "{text}");
+    assert!(
+        text.contains("\r\n\r\nnopeHTTP/1.1 503 "),
+        "second request not parsed as HTTP: {text}"
+    );
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn a_101_to_a_plain_request_is_502() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                read_head(&mut s).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nSMUGGLED")
+                    .await;
+                let mut b = [0u8; 64];
+                let _ = s.read(&mut b).await;
+            });
+        }
+    });
+    let (server, _agent) = relay_to(addr, "s").await;
+    for req in [
+        "GET /client/s/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        // Asked for one protocol, got another.
+        "GET /client/s/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: echo\r\n\r\n",
+    ] {
+        let text =
+            String::from_utf8_lossy(&raw_exchange(server.addr, req.as_bytes()).await).into_owned();
+        assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+        assert!(!text.contains("SMUGGLED"), "{text}");
+    }
+    server.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_tunnels_open_at_once() {
+    let (addr, _early) = raw_echo_backend().await;
+    let (server, _agent) = relay_to(addr, "e").await;
+    let mut tunnels = Vec::new();
+    for wave in 0..20 {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            set.spawn(open_tunnel(server.addr, b""));
+        }
+        while let Some(s) = set.join_next().await {
+            tunnels.push(s.unwrap());
+        }
+        assert_eq!(tunnels.len(), (wave + 1) * 50);
+    }
+    assert_eq!(server.state.broker.in_flight(), 1000);
+    // Every tunnel carries its own bytes while all are open.
+    let mut set = tokio::task::JoinSet::new();
+    for (i, mut s) in tunnels.into_iter().enumerate() {
+        set.spawn(async move {
+            let msg = format!("tunnel {i}");
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            s.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, msg.as_bytes());
+            s
+        });
+    }
+    let mut open = Vec::new();
+    while let Some(s) = set.join_next().await {
+        open.push(s.unwrap());
+    }
+    assert_eq!(open.len(), 1000);
+    drop(open);
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn idle_tunnels_close_after_the_idle_timeout_and_busy_ones_stay() {
+    let (addr, _early) = raw_echo_backend().await;
+    let mut cfg = server_config();
+    cfg.tunnel_idle_timeout = std::time::Duration::from_millis(800);
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(&server.url(), "e", &format!("http://{addr}")));
+    server.wait_agent("e").await;
+    let mut idle = open_tunnel(server.addr, b"").await;
+    let mut busy = open_tunnel(server.addr, b"").await;
+    // The busy tunnel keeps talking until the idle one has been closed.
+    let mut closed = Vec::new();
+    let mut buf = [0u8; 4];
+    loop {
+        busy.write_all(b"tick").await.unwrap();
+        busy.read_exact(&mut buf).await.unwrap();
+        tokio::select! {
+            r = idle.read_to_end(&mut closed) => { r.unwrap(); break; }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+        }
+    }
+    assert!(closed.is_empty());
+    busy.write_all(b"more").await.unwrap();
+    busy.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"more");
+    drop(busy);
+    server.wait_idle().await;
+}
