@@ -28,10 +28,8 @@ async fn websocket_echo() -> SocketAddr {
                 };
                 while let Some(Ok(msg)) = ws.next().await {
                     match msg {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if ws.send(msg).await.is_err() {
-                                return;
-                            }
+                        Message::Text(_) | Message::Binary(_) if ws.send(msg).await.is_err() => {
+                            return;
                         }
                         Message::Close(frame) => {
                             let _ = ws.close(frame).await;
