@@ -27,14 +27,10 @@ async fn websocket_echo() -> SocketAddr {
                     return;
                 };
                 while let Some(Ok(msg)) = ws.next().await {
-                    match msg {
-                        Message::Text(_) | Message::Binary(_) if ws.send(msg).await.is_err() => {
-                            return;
-                        }
-                        Message::Close(frame) => {
-                            let _ = ws.close(frame).await;
-                        }
-                        _ => {}
+                    if let Message::Close(frame) = msg {
+                        let _ = ws.close(frame).await;
+                    } else if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
                     }
                 }
             });
