@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::error::{AgentError, RelayCallError};
 use crate::exchange::{serve, Ctx};
 use crate::relay::{Polled, RelayClient};
+use crate::service::Services;
 use crate::upstream::Backend;
 
 /// Most requests one poll asks for.
@@ -45,6 +46,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     let agent_id = relay_common::id::random_hex(16);
     let relay = RelayClient::new(&cfg, &agent_id)?;
     let backend = Backend::new(&cfg)?;
+    let services = Services::new(
+        cfg.kernel_id.clone().unwrap_or_else(|| cfg.name.clone()),
+        &cfg.services,
+        &cfg.service_cmds,
+        cfg.service_start_timeout,
+    )
+    .map_err(AgentError::Config)?;
 
     let mut backoff = Backoff::default();
     let transport = loop {
@@ -72,6 +80,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
             backend,
             transport,
             exchange_bytes: cfg.exchange_bytes,
+            services,
         }),
         relay,
         permits: Arc::new(Semaphore::new(cfg.max_in_flight)),

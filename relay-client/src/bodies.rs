@@ -8,11 +8,10 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+
 use relay_common::frame::{self, Kind};
 use relay_common::message::{encode_headers, Trailers};
-use tokio::io::ReadHalf;
+use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 /// The backend's response as frames: HEAD, then DATA (header and payload as separate
@@ -32,8 +31,8 @@ pub struct ResponseFrames {
 pub enum Source {
     /// The backend's response body.
     Body(Incoming),
-    /// After a 101: the read half of the backend's switched connection, and a read buffer.
-    Tunnel(ReadHalf<TokioIo<Upgraded>>, BytesMut),
+    /// After a 101: the backend→user side of the switched connection, and a read buffer.
+    Tunnel(Box<dyn AsyncRead + Send + Unpin>, BytesMut),
 }
 
 /// One step of a response source.

@@ -59,6 +59,14 @@ pub struct Config {
     pub poll_deadline: Duration,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
+    /// Service ports: app name → `host:port`.
+    pub services: Vec<(String, String)>,
+    /// Commands starting services on first use: app name → shell command.
+    pub service_cmds: Vec<(String, String)>,
+    /// The kernel/session id service-port paths must name (default: the backend name).
+    pub kernel_id: Option<String>,
+    /// How long a lazily started service may take to open its port.
+    pub service_start_timeout: Duration,
 }
 
 impl Config {
@@ -79,6 +87,10 @@ impl Config {
             rewrite_host: false,
             poll_deadline: Duration::from_secs(45),
             drain_timeout: Duration::from_secs(20),
+            services: Vec::new(),
+            service_cmds: Vec::new(),
+            kernel_id: None,
+            service_start_timeout: Duration::from_secs(60),
         }
     }
 }

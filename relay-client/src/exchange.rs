@@ -17,7 +17,7 @@ use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_match
 use relay_common::message::{
     decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,7 @@ use crate::bodies::{
 use crate::config::Transport;
 use crate::error::RelayCallError;
 use crate::relay::{error_chain, RelayClient};
+use crate::service::{self, Call, LocalAnswer, Services};
 use crate::upstream::{boxed, Backend};
 
 /// What serving a request needs.
@@ -39,6 +40,8 @@ pub struct Ctx {
     pub transport: Transport,
     /// Largest bounded exchange.
     pub exchange_bytes: usize,
+    /// Service ports answered by the agent itself.
+    pub services: Services,
 }
 
 /// Serves `head` until done or `cancel` (the user left).
@@ -59,6 +62,9 @@ async fn serve_inner(
     head: RequestHead,
     cancel: &CancellationToken,
 ) -> Result<(), RelayCallError> {
+    if let Some(call) = ctx.services.route(&head.target) {
+        return serve_service(ctx, &head, call, cancel).await;
+    }
     let body = if head.body == BodyKind::Stream {
         let (tx, rx) = mpsc::channel(UPLOAD_CHANNEL_DEPTH);
         let relay = ctx.relay.clone();
@@ -156,13 +162,26 @@ async fn switch(
         body: BodyKind::Stream,
         content_length: None,
     };
-    let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-    // user→backend: upload exchanges into the backend connection's write half.
+    let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+    tunnel(ctx, &head.id, &rh, Box::new(rd), Box::new(wr), cancel).await
+}
+
+/// Carries a switched connection: the 101 `head` and then `rd`'s bytes go to the user as
+/// response DATA (END when `rd` ends: a half-close), and the user's bytes from upload
+/// exchanges are written to `wr` (a write shutdown when the user half-closes).
+pub async fn tunnel(
+    ctx: &Arc<Ctx>,
+    id: &str,
+    head: &ResponseHead,
+    rd: Box<dyn AsyncRead + Send + Unpin>,
+    mut wr: Box<dyn AsyncWrite + Send + Unpin>,
+    cancel: &CancellationToken,
+) -> Result<(), RelayCallError> {
     let (tx, mut rx) = mpsc::channel(UPLOAD_CHANNEL_DEPTH);
     let relay = ctx.relay.clone();
-    let id = head.id.clone();
+    let up_id = id.to_owned();
     let up = async move {
-        let pump = pump_upload(&relay, &id, tx);
+        let pump = pump_upload(&relay, &up_id, tx);
         let write = async {
             while let Some(msg) = rx.recv().await {
                 match msg {
@@ -184,8 +203,8 @@ async fn switch(
         let (_, clean) = tokio::join!(pump, write);
         clean
     };
-    let frames = ResponseFrames::new(head_frame(&rh), Some(Source::Tunnel(rd, BytesMut::new())));
-    let down = send_response(ctx, &head.id, frames);
+    let frames = ResponseFrames::new(head_frame(head), Some(Source::Tunnel(rd, BytesMut::new())));
+    let down = send_response(ctx, id, frames);
     tokio::pin!(down, up);
     // A reset on the user side (ABORT) ends the whole tunnel at once: cancelling drops both
     // halves, which closes the backend connection.
@@ -207,6 +226,49 @@ async fn switch(
     Ok(())
 }
 
+/// A service-port call answered by the agent itself (see [`crate::service`]).
+async fn serve_service(
+    ctx: &Arc<Ctx>,
+    head: &RequestHead,
+    call: Result<Call<'_>, LocalAnswer>,
+    cancel: &CancellationToken,
+) -> Result<(), RelayCallError> {
+    let answer = match call {
+        Err(a) => a,
+        Ok(Call::Apps) => ctx.services.apps(),
+        Ok(Call::Proxy(app)) => match service::accept(head) {
+            Err(a) => a,
+            Ok((headers, half_close)) => match ctx.services.ensure_started(app).await {
+                Err(a) => a,
+                Ok(()) => {
+                    let rh = ResponseHead {
+                        status: 101,
+                        headers: encode_headers(&headers),
+                        body: BodyKind::Stream,
+                        content_length: None,
+                    };
+                    let (agent_end, relay_end) = tokio::io::duplex(256 * 1024);
+                    tokio::spawn(service::bridge(
+                        agent_end,
+                        ctx.services.addr(app).to_owned(),
+                        half_close,
+                    ));
+                    let (rd, wr) = tokio::io::split(relay_end);
+                    return tunnel(ctx, &head.id, &rh, Box::new(rd), Box::new(wr), cancel).await;
+                }
+            },
+        },
+    };
+    post_local(
+        ctx,
+        &head.id,
+        answer.status,
+        answer.content_type,
+        answer.body.into(),
+    )
+    .await
+}
+
 /// Posts a synthesised text response (the backend could not be asked).
 async fn post_error(
     ctx: &Ctx,
@@ -215,9 +277,20 @@ async fn post_error(
     msg: &str,
 ) -> Result<(), RelayCallError> {
     let body = Bytes::from(format!("{msg}\n"));
+    post_local(ctx, id, status.as_u16(), "text/plain; charset=utf-8", body).await
+}
+
+/// Posts a complete response the agent produced itself, in one exchange.
+async fn post_local(
+    ctx: &Ctx,
+    id: &str,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+) -> Result<(), RelayCallError> {
     let head = ResponseHead {
-        status: status.as_u16(),
-        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+        status,
+        headers: vec![("content-type".into(), content_type.into())],
         body: BodyKind::Stream,
         content_length: Some(body.len() as u64),
     };

@@ -7,7 +7,9 @@
 //!   `/server/requeststream`, `/server/probe`).
 //! - [`exchange`]: serving one request: upload pump, backend call, response exchanges.
 //! - [`upstream`]: building and sending backend requests.
+//! - [`service`]: Backend.AI-style service ports answered by the agent itself.
 //! - [`bodies`]: the framed response body, bounded exchange bodies, the upload body.
+//! - [`connect`]: `relay-client connect`, local TCP connections as service-port WebSockets.
 //! - [`tls`], [`config`], [`error`].
 //!
 //! # Life of a request (agent side)
@@ -25,9 +27,11 @@
 pub mod agent;
 pub mod bodies;
 pub mod config;
+pub mod connect;
 pub mod error;
 pub mod exchange;
 pub mod relay;
+pub mod service;
 pub mod tls;
 pub mod upstream;
 

@@ -9,19 +9,42 @@ use relay_client::{Config, Secret, Transport};
 use tokio_util::sync::CancellationToken;
 
 /// Agent of the HTTP long-polling relay: serves a private backend through a public
-/// relay-server using outbound HTTP(S) calls only.
+/// relay-server using outbound HTTP(S) calls only. `relay-client connect` is the user side
+/// of a service port.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// relay-server base URL, e.g. https://relay.example.com
-    #[arg(long, env = "RELAY_URL")]
-    relay_url: Uri,
+    #[arg(long, env = "RELAY_URL", required = true)]
+    relay_url: Option<Uri>,
     /// Backend name to serve (users reach it at /client/<name>/).
-    #[arg(long, env = "RELAY_NAME")]
-    name: String,
+    #[arg(long, env = "RELAY_NAME", required = true)]
+    name: Option<String>,
     /// Backend base URL; its path is prepended to every backend path.
-    #[arg(long, env = "RELAY_BACKEND_URL")]
-    backend_url: Uri,
+    #[arg(long, env = "RELAY_BACKEND_URL", required = true)]
+    backend_url: Option<Uri>,
+    /// A service port answered by the agent: APP=HOST:PORT (repeatable). Users reach it at
+    /// /client/<name>/stream/kernel/<kernel-id>/tcpproxy?app=APP (one WebSocket per TCP
+    /// connection, as Backend.AI does).
+    #[arg(long = "service", env = "RELAY_SERVICE", value_delimiter = ',', value_parser = pair)]
+    services: Vec<(String, String)>,
+    /// Start a service on its first connection: APP=COMMAND (run with sh -c; repeatable).
+    /// The command is stopped when the agent stops.
+    #[arg(long = "service-cmd", value_parser = pair)]
+    service_cmds: Vec<(String, String)>,
+    /// The kernel/session id service-port paths must name (default: --name).
+    #[arg(long, env = "RELAY_KERNEL_ID")]
+    kernel_id: Option<String>,
+    /// How long a lazily started service may take to open its port.
+    #[arg(long, env = "RELAY_SERVICE_START_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    service_start_timeout: Duration,
     /// Agent token (see the server's --agent-token).
     #[arg(
         long,
@@ -68,10 +91,59 @@ struct Cli {
     log: String,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Accept local TCP connections and carry each as one WebSocket to a service port of a
+    /// backend (like `backend.ai app`), e.g. for ssh.
+    Connect(ConnectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ConnectArgs {
+    /// relay-server base URL.
+    #[arg(long, env = "RELAY_URL")]
+    relay_url: Uri,
+    /// Backend name.
+    #[arg(long, env = "RELAY_NAME")]
+    name: String,
+    /// Service (app) name on the agent.
+    #[arg(long)]
+    app: String,
+    /// Kernel/session id (default: --name).
+    #[arg(long)]
+    kernel_id: Option<String>,
+    /// Local address to listen on; port 0 picks one and prints it.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// User credential for the relay, sent as Authorization: Bearer.
+    #[arg(long, env = "RELAY_USER_TOKEN", hide_env_values = true)]
+    user_token: Option<String>,
+    /// CA certificate (PEM) for an https relay-server, in addition to the system roots.
+    #[arg(long, env = "RELAY_CA_FILE")]
+    relay_ca_file: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RELAY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))?;
+    if k.is_empty() || v.is_empty() {
+        return Err(format!("expected NAME=VALUE, got {s:?}"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log = match &cli.command {
+        Some(Cmd::Connect(c)) => c.log.clone(),
+        None => cli.log.clone(),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&log))
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -85,6 +157,31 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
+    if let Some(Cmd::Connect(c)) = cli.command {
+        let listener = relay_client::connect::bind(c.listen).await?;
+        // Printed for scripts and users that passed port 0.
+        println!(
+            "relay-client connect listening on {}",
+            listener.local_addr()?
+        );
+        let cfg = relay_client::connect::ConnectConfig {
+            relay_url: c.relay_url,
+            name: c.name,
+            app: c.app,
+            kernel_id: c.kernel_id,
+            user_token: c.user_token.map(Secret),
+            relay_ca_file: c.relay_ca_file,
+        };
+        relay_client::connect::run(cfg, listener, shutdown).await?;
+        return Ok(());
+    }
+    let (Some(relay_url), Some(name), Some(backend_url)) =
+        (cli.relay_url, cli.name, cli.backend_url)
+    else {
+        anyhow::bail!("--relay-url, --name and --backend-url are required");
+    };
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -93,7 +190,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .to_owned(),
         (None, None) => anyhow::bail!("an agent token is required: --token or --token-file"),
     };
-    let mut cfg = Config::new(cli.relay_url, cli.name, cli.backend_url, Secret(token));
+    let mut cfg = Config::new(relay_url, name, backend_url, Secret(token));
+    cfg.services = cli.services;
+    cfg.service_cmds = cli.service_cmds;
+    cfg.kernel_id = cli.kernel_id;
+    cfg.service_start_timeout = cli.service_start_timeout;
     cfg.pollers = cli.pollers;
     cfg.max_in_flight = cli.max_in_flight;
     cfg.transport = cli.transport;
@@ -104,8 +205,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.rewrite_host = cli.rewrite_host;
     cfg.poll_deadline = cli.poll_deadline;
     cfg.drain_timeout = cli.drain_timeout;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
     relay_client::run(cfg, shutdown).await?;
     Ok(())
 }

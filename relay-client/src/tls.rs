@@ -15,6 +15,24 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// A connector that trusts the system roots, plus `extra_ca` when given. `alpn_h2` offers
 /// HTTP/2 over TLS as well as HTTP/1.1.
 pub fn connector(extra_ca: Option<&Path>, alpn_h2: bool) -> Result<Connector, AgentError> {
+    let tls = client_config(extra_ca)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+    let b = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    Ok(if alpn_h2 {
+        b.enable_http2().wrap_connector(http)
+    } else {
+        b.wrap_connector(http)
+    })
+}
+
+/// A rustls client configuration trusting the system roots plus `extra_ca`.
+pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, AgentError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs();
     for cert in native {
@@ -39,24 +57,11 @@ pub fn connector(extra_ca: Option<&Path>, alpn_h2: bool) -> Result<Connector, Ag
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| AgentError::Config(e.to_string()))?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
-    let b = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1();
-    Ok(if alpn_h2 {
-        b.enable_http2().wrap_connector(http)
-    } else {
-        b.wrap_connector(http)
-    })
+        .with_no_client_auth())
 }
 
 /// System trust anchors, read through hyper-rustls' native-roots support.

@@ -1,0 +1,174 @@
+//! `relay-client connect`: the user side of a service port. Every local TCP connection
+//! becomes one WebSocket to `/client/<name>/stream/kernel/<id>/tcpproxy?app=<app>` (as
+//! Backend.AI's `backend.ai app` does), offering the half-close subprotocol so that a client
+//! that shuts down writing still receives the service's whole reply.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::{HeaderValue, Uri};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::error::AgentError;
+use crate::service::{splice, ws_config, HALF_CLOSE_PROTOCOL};
+use crate::tls;
+
+/// Settings of `connect`.
+#[derive(Clone, Debug)]
+pub struct ConnectConfig {
+    /// relay-server base URL.
+    pub relay_url: Uri,
+    /// Backend name.
+    pub name: String,
+    /// Service (app) name.
+    pub app: String,
+    /// Kernel/session id (default: the backend name).
+    pub kernel_id: Option<String>,
+    /// User credential for the relay, sent as `Authorization: Bearer`.
+    pub user_token: Option<Secret>,
+    /// Extra CA for an https relay-server.
+    pub relay_ca_file: Option<PathBuf>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct Target {
+    ws_url: String,
+    host: String,
+    port: u16,
+    tls: Option<tokio_rustls::TlsConnector>,
+    auth: Option<HeaderValue>,
+}
+
+/// Accepts connections on `listener` until `shutdown`, tunnelling each one.
+pub async fn run(
+    cfg: ConnectConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let target = Arc::new(target(&cfg)?);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let target = target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tunnel(&target, tcp).await {
+                tracing::warn!(%peer, error = %e, "tunnel failed");
+            }
+        });
+    }
+}
+
+fn target(cfg: &ConnectConfig) -> Result<Target, AgentError> {
+    let url = &cfg.relay_url;
+    let https = match url.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => {
+            return Err(AgentError::Config(format!(
+                "--relay-url must be http(s)://, not {url}"
+            )))
+        }
+    };
+    let host = url
+        .host()
+        .ok_or_else(|| AgentError::Config(format!("--relay-url {url} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let base = url.path().trim_end_matches('/');
+    let id = cfg.kernel_id.as_deref().unwrap_or(&cfg.name);
+    let authority = url.authority().map(|a| a.as_str()).unwrap_or(&host);
+    let ws_url = format!(
+        "{}://{authority}{base}/client/{}/stream/kernel/{id}/tcpproxy?app={}",
+        if https { "wss" } else { "ws" },
+        cfg.name,
+        cfg.app
+    );
+    let tls = if https {
+        let mut c = tls::client_config(cfg.relay_ca_file.as_deref())?;
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(tokio_rustls::TlsConnector::from(Arc::new(c)))
+    } else {
+        None
+    };
+    let auth = match &cfg.user_token {
+        Some(t) => {
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", t.0))
+                .map_err(|_| AgentError::Config("the user token has invalid characters".into()))?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+        None => None,
+    };
+    Ok(Target {
+        ws_url,
+        host,
+        port,
+        tls,
+        auth,
+    })
+}
+
+async fn tunnel(target: &Target, local: TcpStream) -> Result<(), String> {
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| format!("connecting to the relay: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Io> = match &target.tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .map_err(|e| format!("bad relay host name: {e}"))?;
+            Box::new(
+                tls.connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?,
+            )
+        }
+    };
+    let mut req = target
+        .ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad tunnel URL: {e}"))?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static(HALF_CLOSE_PROTOCOL),
+    );
+    if let Some(auth) = &target.auth {
+        req.headers_mut().insert("authorization", auth.clone());
+    }
+    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
+        .await
+        .map_err(|e| format!("opening the tunnel: {e}"))?;
+    let half_close = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .is_some_and(|v| v.as_bytes() == HALF_CLOSE_PROTOCOL.as_bytes());
+    splice(ws, local, half_close, 1000).await;
+    Ok(())
+}
+
+/// Binds the local listener (port 0 picks one).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| AgentError::Config(format!("binding {addr}: {e}")))
+}

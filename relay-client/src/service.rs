@@ -1,0 +1,384 @@
+//! Backend.AI-style service ports served by the agent itself: `GET /stream/{kernel,session}/
+//! <id>/{tcpproxy,httpproxy}?app=<name>` upgraded to a WebSocket whose BINARY messages carry
+//! one TCP connection to the service, and `GET /stream/{kernel,session}/<id>/apps`.
+//!
+//! Semantics follow Backend.AI's manager (`TCPProxy`): TEXT messages are dropped, pings are
+//! answered, the service closing its side ends the WebSocket with 1001, a refused connection
+//! with 1013 and any other connect failure with 1011 (both after the 101); unknown ids or apps
+//! are 404 with a JSON problem body before any upgrade. A service declared with a command is
+//! started on first use, and the 101 waits until its port accepts connections.
+//!
+//! When the client offers the subprotocol [`HALF_CLOSE_PROTOCOL`] (both ends are this
+//! project's), an empty BINARY message means "no more bytes in this direction": a write
+//! shutdown, so a client that half-closes still gets the service's whole reply.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use relay_common::message::{decode_headers, RequestHead};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// The WebSocket subprotocol that adds per-direction end-of-stream (empty BINARY message).
+pub const HALF_CLOSE_PROTOCOL: &str = "relay.halfclose.v1";
+
+/// Largest WebSocket message accepted (Backend.AI's default `max-wsmsg-size`).
+const MAX_MESSAGE: usize = 16 << 20;
+/// Read size from the service.
+const SERVICE_READ: usize = 256 * 1024;
+
+/// One declared service.
+pub struct Service {
+    /// `host:port` of the service.
+    pub addr: String,
+    /// Command that starts it on first use.
+    pub command: Option<String>,
+    started: Mutex<Option<tokio::process::Child>>,
+}
+
+/// The service ports of this agent.
+pub struct Services {
+    kernel_id: String,
+    services: HashMap<String, Service>,
+    start_timeout: Duration,
+}
+
+/// What a request to a service-port path asks for.
+pub enum Call<'a> {
+    /// `…/apps`.
+    Apps,
+    /// `…/tcpproxy` or `…/httpproxy` for an app.
+    Proxy(&'a str),
+}
+
+/// An answer the agent gives itself, before any upgrade.
+pub struct LocalAnswer {
+    /// Status.
+    pub status: u16,
+    /// JSON body.
+    pub body: String,
+    /// Content type.
+    pub content_type: &'static str,
+}
+
+fn problem(status: u16, title: &str) -> LocalAnswer {
+    LocalAnswer {
+        status,
+        body: serde_json::json!({
+            "type": "https://api.backend.ai/probs/generic-error",
+            "title": title,
+        })
+        .to_string(),
+        content_type: "application/problem+json",
+    }
+}
+
+impl Services {
+    /// Services from `--service APP=HOST:PORT` and `--service-cmd APP=COMMAND` pairs.
+    pub fn new(
+        kernel_id: String,
+        addrs: &[(String, String)],
+        commands: &[(String, String)],
+        start_timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut services = HashMap::new();
+        for (app, addr) in addrs {
+            services.insert(
+                app.clone(),
+                Service {
+                    addr: addr.clone(),
+                    command: None,
+                    started: Mutex::new(None),
+                },
+            );
+        }
+        for (app, cmd) in commands {
+            let s = services
+                .get_mut(app)
+                .ok_or_else(|| format!("--service-cmd {app}=… needs --service {app}=HOST:PORT"))?;
+            s.command = Some(cmd.clone());
+        }
+        Ok(Services {
+            kernel_id,
+            services,
+            start_timeout,
+        })
+    }
+
+    /// Whether any service is declared.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Recognises `/stream/{kernel,session}/<id>/{apps,tcpproxy,httpproxy}`. `Err` is the
+    /// answer for a service-port path that names another id or an unknown app.
+    pub fn route<'a>(&self, target: &'a str) -> Option<Result<Call<'a>, LocalAnswer>> {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let rest = path
+            .strip_prefix("/stream/kernel/")
+            .or_else(|| path.strip_prefix("/stream/session/"))?;
+        let (id, what) = rest.split_once('/')?;
+        if !matches!(what, "apps" | "tcpproxy" | "httpproxy") {
+            return None;
+        }
+        if id != self.kernel_id {
+            return Some(Err(problem(
+                404,
+                &format!("no session or kernel {id:?} here"),
+            )));
+        }
+        if what == "apps" {
+            return Some(Ok(Call::Apps));
+        }
+        let app = query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == "app" || k == "service").then_some(v)
+        });
+        match app {
+            Some(app) if self.services.contains_key(app) => Some(Ok(Call::Proxy(app))),
+            Some(app) => Some(Err(problem(
+                404,
+                &format!("no app {app:?} in this session"),
+            ))),
+            None => Some(Err(problem(400, "missing app query parameter"))),
+        }
+    }
+
+    /// The `/apps` answer: Backend.AI service-port objects.
+    pub fn apps(&self) -> LocalAnswer {
+        let mut names: Vec<_> = self.services.keys().collect();
+        names.sort();
+        let list: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                let port = self.services[name]
+                    .addr
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .unwrap_or(0);
+                serde_json::json!({
+                    "name": name,
+                    "protocol": "tcp",
+                    "ports": [port],
+                    "container_ports": [port],
+                    "host_ports": [port],
+                    "is_inference": false,
+                })
+            })
+            .collect();
+        LocalAnswer {
+            status: 200,
+            body: serde_json::Value::Array(list).to_string(),
+            content_type: "application/json",
+        }
+    }
+
+    /// Starts the app's command if it has one and it is not running, then waits until its
+    /// port accepts connections (bounded by the start timeout).
+    pub async fn ensure_started(&self, app: &str) -> Result<(), LocalAnswer> {
+        let s = &self.services[app];
+        let Some(cmd) = &s.command else { return Ok(()) };
+        let mut started = s.started.lock().await;
+        let running = match started.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        };
+        if !running {
+            tracing::info!(app, "starting service");
+            let child = tokio::process::Command::new("sh")
+                .args(["-c", cmd])
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| problem(500, &format!("Failed to launch the app service: {e}")))?;
+            *started = Some(child);
+        }
+        let deadline = tokio::time::Instant::now() + self.start_timeout;
+        loop {
+            match TcpStream::connect(&s.addr).await {
+                Ok(_) => return Ok(()),
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(problem(
+                        500,
+                        &format!("Failed to launch the app service: port not open in time ({e})"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The service's address.
+    pub fn addr(&self, app: &str) -> &str {
+        &self.services[app].addr
+    }
+}
+
+/// The 101 answer headers for a WebSocket upgrade request, or a problem answer when the
+/// request is not one. Returns the headers and whether half-close was negotiated.
+pub fn accept(head: &RequestHead) -> Result<(http::HeaderMap, bool), LocalAnswer> {
+    let headers = decode_headers(&head.headers).map_err(|e| problem(400, &e.to_string()))?;
+    let is_ws = head
+        .upgrade
+        .as_deref()
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    let key = headers.get("sec-websocket-key").filter(|_| is_ws);
+    let Some(key) = key else {
+        return Err(problem(400, "a WebSocket upgrade is required"));
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let half_close = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == HALF_CLOSE_PROTOCOL);
+    let mut out = http::HeaderMap::new();
+    out.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    out.insert("connection", http::HeaderValue::from_static("upgrade"));
+    out.insert(
+        "sec-websocket-accept",
+        http::HeaderValue::from_str(&accept).expect("bug: base64 is a valid header value"),
+    );
+    if half_close {
+        out.insert(
+            "sec-websocket-protocol",
+            http::HeaderValue::from_static(HALF_CLOSE_PROTOCOL),
+        );
+    }
+    Ok((out, half_close))
+}
+
+/// WebSocket settings for both ends of a service-port tunnel.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_owned().into(),
+    }))
+}
+
+/// Bridges the agent's end of an accepted WebSocket to the service at `addr`.
+pub async fn bridge<S>(io: S, addr: String, half_close: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
+    let tcp = match TcpStream::connect(&addr).await {
+        Ok(t) => t,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                1013
+            } else {
+                1011
+            };
+            let _ = ws
+                .send(close(code, &format!("cannot connect to the service: {e}")))
+                .await;
+            let _ = ws.close(None).await;
+            return;
+        }
+    };
+    splice(ws, tcp, half_close, 1001).await;
+}
+
+/// Carries one TCP connection over one WebSocket, both ways: BINARY messages are bytes, TEXT
+/// is dropped, pings are answered. With `half_close` an empty BINARY message is a write
+/// shutdown and the WebSocket closes normally once both directions ended; without it, either
+/// side ending ends both, and the TCP side's EOF closes the WebSocket with `eof_code`.
+pub async fn splice<S>(ws: WebSocketStream<S>, tcp: TcpStream, half_close: bool, eof_code: u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let _ = tcp.set_nodelay(true);
+    let (mut tcp_rd, mut tcp_wr) = tcp.into_split();
+    let (ws_tx, mut ws_rx) = ws.split();
+    let ws_tx = Arc::new(Mutex::new(ws_tx));
+
+    let to_service = async {
+        while let Some(msg) = ws_rx.next().await {
+            match msg {
+                // The peer sends nothing more (only its Close, which the closing
+                // handshake below takes care of).
+                Ok(Message::Binary(b)) if b.is_empty() && half_close => {
+                    let _ = tcp_wr.shutdown().await;
+                    return;
+                }
+                Ok(Message::Binary(b)) => {
+                    if tcp_wr.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                // Backend.AI drops TEXT frames; pings are answered by the library.
+                Ok(Message::Text(_))
+                | Ok(Message::Ping(_))
+                | Ok(Message::Pong(_))
+                | Ok(Message::Frame(_)) => {}
+                Ok(Message::Close(_)) | Err(_) => return,
+            }
+        }
+    };
+    let from_service = async {
+        let mut buf = vec![0u8; SERVICE_READ];
+        loop {
+            match tcp_rd.read(&mut buf).await {
+                Ok(0) => {
+                    let mut tx = ws_tx.lock().await;
+                    if half_close {
+                        let _ = tx.send(Message::binary(Vec::new())).await;
+                    } else {
+                        let _ = tx
+                            .send(close(eof_code, "the other side closed the connection"))
+                            .await;
+                    }
+                    return;
+                }
+                Ok(n) => {
+                    if ws_tx
+                        .lock()
+                        .await
+                        .send(Message::binary(buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = ws_tx
+                        .lock()
+                        .await
+                        .send(close(1011, "the TCP connection failed"))
+                        .await;
+                    return;
+                }
+            }
+        }
+    };
+    if half_close {
+        // Each direction ends on its own; the WebSocket closes normally after both.
+        tokio::join!(to_service, from_service);
+        let _ = ws_tx.lock().await.send(close(1000, "")).await;
+    } else {
+        // Backend.AI semantics: either side ending ends both.
+        tokio::select! {
+            _ = to_service => {}
+            _ = from_service => {}
+        }
+    }
+    let _ = ws_tx.lock().await.close().await;
+}

@@ -1,0 +1,238 @@
+//! Service ports served by the agent (Backend.AI style) and `relay-client connect`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use relay_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// A TCP service that echoes until the client shuts down writing, then says "bye" and closes.
+async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server and an agent named `k` serving `services` (and nothing behind --backend-url).
+async fn agent_with(services: Vec<(String, String)>, cmds: Vec<(String, String)>) -> (Server, Agent) {
+    let server = Server::default().await;
+    let mut cfg = Agent::config(&server.url(), "k", "http://127.0.0.1:9");
+    cfg.services = services;
+    cfg.service_cmds = cmds;
+    cfg.service_start_timeout = Duration::from_secs(30);
+    let agent = Agent::start(cfg);
+    server.wait_agent("k").await;
+    (server, agent)
+}
+
+/// Runs `relay-client connect` in-process; returns its local address.
+async fn connect(server: &Server, app: &str) -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = relay_client::connect::ConnectConfig {
+        relay_url: server.url().parse().unwrap(),
+        name: "k".into(),
+        app: app.into(),
+        kernel_id: None,
+        user_token: None,
+        relay_ca_file: None,
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(relay_client::connect::run(cfg, listener, stop.clone()));
+    (addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_carries_tcp_with_half_close() {
+    let echo = tcp_echo().await;
+    let (server, _agent) = agent_with(vec![("echo".into(), echo.to_string())], vec![]).await;
+    let (local, _stop) = connect(&server, "echo").await;
+    // Several connections at once, each its own tunnel.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        set.spawn(async move {
+            let mut s = TcpStream::connect(local).await.unwrap();
+            let payload: Vec<u8> = (0..200_000u32).map(|j| (j as u8) ^ (i as u8)).collect();
+            let (mut rd, mut wr) = s.split();
+            let write = async {
+                wr.write_all(&payload).await.unwrap();
+                // nc -N style: shut down writing, then read the whole reply.
+                wr.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let read = rd.read_to_end(&mut got);
+            let (_, r) = tokio::join!(write, read);
+            r.unwrap();
+            let mut want = payload.clone();
+            want.extend_from_slice(b"bye");
+            assert!(got == want, "connection {i}: {} bytes back", got.len());
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    server.wait_idle().await;
+}
+
+async fn ws(server: &Server, path: &str) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{}{path}", server.addr), tcp)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+#[tokio::test]
+async fn backend_ai_semantics_for_plain_websocket_clients() {
+    let echo = tcp_echo().await;
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (server, _agent) = agent_with(
+        vec![("echo".into(), echo.to_string()), ("down".into(), refused.to_string())],
+        vec![],
+    )
+    .await;
+    let mut w = ws(&server, "/client/k/stream/kernel/k/tcpproxy?app=echo").await;
+    // TEXT is dropped; BINARY is the byte stream; pings are answered.
+    w.send(Message::text("ignored")).await.unwrap();
+    w.send(Message::binary(b"abc".to_vec())).await.unwrap();
+    assert_eq!(w.next().await.unwrap().unwrap(), Message::binary(b"abc".to_vec()));
+    w.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
+    assert!(matches!(w.next().await.unwrap().unwrap(), Message::Pong(_)));
+    // The session path works too, and closing ends the service connection; the service
+    // then closes, which a Backend.AI client sees as 1001 on its next connection's end.
+    drop(w);
+    let mut w = ws(&server, "/client/k/stream/session/k/httpproxy?service=echo").await;
+    w.send(Message::binary(b"x".to_vec())).await.unwrap();
+    assert_eq!(w.next().await.unwrap().unwrap(), Message::binary(b"x".to_vec()));
+    drop(w);
+
+    // A refused service: 101, then close 1013 (try again later).
+    let mut w = ws(&server, "/client/k/stream/kernel/k/tcpproxy?app=down").await;
+    match w.next().await.unwrap().unwrap() {
+        Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Again),
+        other => panic!("expected close 1013, got {other:?}"),
+    }
+    drop(w);
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn service_closing_its_side_closes_the_websocket_with_1001() {
+    // A service that says hello and closes at once.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.write_all(b"hello").await;
+        }
+    });
+    let (server, _agent) = agent_with(vec![("hi".into(), addr.to_string())], vec![]).await;
+    let mut w = ws(&server, "/client/k/stream/kernel/k/tcpproxy?app=hi").await;
+    assert_eq!(w.next().await.unwrap().unwrap(), Message::binary(b"hello".to_vec()));
+    match w.next().await.unwrap().unwrap() {
+        Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Away),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    drop(w);
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn unknown_apps_and_ids_are_404_json_and_apps_lists_services() {
+    let echo = tcp_echo().await;
+    let (server, _agent) = agent_with(vec![("echo".into(), echo.to_string())], vec![]).await;
+    let c = client();
+    for path in [
+        "/client/k/stream/kernel/k/tcpproxy?app=nope",
+        "/client/k/stream/kernel/other/tcpproxy?app=echo",
+        "/client/k/stream/session/other/apps",
+    ] {
+        let resp = c
+            .request(
+                Request::get(format!("{}{path}", server.url()))
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-version", "13")
+                    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+        assert!(v["title"].as_str().unwrap().contains("no "), "{v}");
+    }
+    let resp = c
+        .request(Request::get(format!("{}/client/k/stream/session/k/apps", server.url())).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+    assert_eq!(v[0]["name"], "echo");
+    assert_eq!(v[0]["protocol"], "tcp");
+    assert_eq!(v[0]["ports"][0], echo.port());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_command_starts_on_first_use_and_stops_with_the_agent() {
+    // The service's port must be named up front; take one the OS just handed out.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let script = format!(
+        "import socket,time\ntime.sleep(0.5)\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',{port}))\ns.listen()\nwhile True:\n c,_=s.accept()\n d=c.recv(100)\n c.sendall(b'lazy:'+d)\n c.close()\n"
+    );
+    let dir = relay_tests::procs::TempDir::new("svc");
+    let path = dir.0.join("svc.py");
+    std::fs::write(&path, script).unwrap();
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err(), "nothing listens before first use");
+    let (server, agent) = agent_with(
+        vec![("lazy".into(), format!("127.0.0.1:{port}"))],
+        vec![("lazy".into(), format!("exec python3 {}", path.display()))],
+    )
+    .await;
+    let (local, _stop) = connect(&server, "lazy").await;
+    let mut s = TcpStream::connect(local).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"lazy:ping");
+    drop(s);
+    server.wait_idle().await;
+    agent.stop().await.unwrap();
+    // The service process went with the agent.
+    wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_err()).await;
+}
