@@ -6,16 +6,19 @@ cd "$(dirname "$0")/.."
 
 missing=()
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null 2>&1 && command -v scp >/dev/null 2>&1 || missing+=(openssh-client)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: missing ${missing[*]}; run as root or install them" >&2
     exit 1
   fi
   apt-get update -qq
-  # The package's own service start may fail without an init system; the tests start
-  # their own nginx, so that is fine.
+  # The packages' own service starts may fail without an init system; the tests start
+  # their own nginx and sshd, so only the binaries matter.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-    || [ -x /usr/sbin/nginx ]
+    || { [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/sshd ]; }
 fi
 
 cargo fmt --all --check

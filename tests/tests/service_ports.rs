@@ -18,7 +18,9 @@ async fn tcp_echo() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 loop {
@@ -39,7 +41,10 @@ async fn tcp_echo() -> SocketAddr {
 }
 
 /// A server and an agent named `k` serving `services` (and nothing behind --backend-url).
-async fn agent_with(services: Vec<(String, String)>, cmds: Vec<(String, String)>) -> (Server, Agent) {
+async fn agent_with(
+    services: Vec<(String, String)>,
+    cmds: Vec<(String, String)>,
+) -> (Server, Agent) {
     let server = Server::default().await;
     let mut cfg = Agent::config(&server.url(), "k", "http://127.0.0.1:9");
     cfg.services = services;
@@ -116,7 +121,10 @@ async fn backend_ai_semantics_for_plain_websocket_clients() {
         l.local_addr().unwrap()
     };
     let (server, _agent) = agent_with(
-        vec![("echo".into(), echo.to_string()), ("down".into(), refused.to_string())],
+        vec![
+            ("echo".into(), echo.to_string()),
+            ("down".into(), refused.to_string()),
+        ],
         vec![],
     )
     .await;
@@ -124,7 +132,10 @@ async fn backend_ai_semantics_for_plain_websocket_clients() {
     // TEXT is dropped; BINARY is the byte stream; pings are answered.
     w.send(Message::text("ignored")).await.unwrap();
     w.send(Message::binary(b"abc".to_vec())).await.unwrap();
-    assert_eq!(w.next().await.unwrap().unwrap(), Message::binary(b"abc".to_vec()));
+    assert_eq!(
+        w.next().await.unwrap().unwrap(),
+        Message::binary(b"abc".to_vec())
+    );
     w.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
     assert!(matches!(w.next().await.unwrap().unwrap(), Message::Pong(_)));
     // The session path works too, and closing ends the service connection; the service
@@ -132,7 +143,10 @@ async fn backend_ai_semantics_for_plain_websocket_clients() {
     drop(w);
     let mut w = ws(&server, "/client/k/stream/session/k/httpproxy?service=echo").await;
     w.send(Message::binary(b"x".to_vec())).await.unwrap();
-    assert_eq!(w.next().await.unwrap().unwrap(), Message::binary(b"x".to_vec()));
+    assert_eq!(
+        w.next().await.unwrap().unwrap(),
+        Message::binary(b"x".to_vec())
+    );
     drop(w);
 
     // A refused service: 101, then close 1013 (try again later).
@@ -158,7 +172,10 @@ async fn service_closing_its_side_closes_the_websocket_with_1001() {
     });
     let (server, _agent) = agent_with(vec![("hi".into(), addr.to_string())], vec![]).await;
     let mut w = ws(&server, "/client/k/stream/kernel/k/tcpproxy?app=hi").await;
-    assert_eq!(w.next().await.unwrap().unwrap(), Message::binary(b"hello".to_vec()));
+    assert_eq!(
+        w.next().await.unwrap().unwrap(),
+        Message::binary(b"hello".to_vec())
+    );
     match w.next().await.unwrap().unwrap() {
         Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Away),
         other => panic!("expected close 1001, got {other:?}"),
@@ -191,15 +208,21 @@ async fn unknown_apps_and_ids_are_404_json_and_apps_lists_services() {
             .unwrap();
         assert_eq!(resp.status(), 404, "{path}");
         assert_eq!(resp.headers()["content-type"], "application/problem+json");
-        let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
         assert!(v["title"].as_str().unwrap().contains("no "), "{v}");
     }
     let resp = c
-        .request(Request::get(format!("{}/client/k/stream/session/k/apps", server.url())).body(empty()).unwrap())
+        .request(
+            Request::get(format!("{}/client/k/stream/session/k/apps", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
     assert_eq!(v[0]["name"], "echo");
     assert_eq!(v[0]["protocol"], "tcp");
     assert_eq!(v[0]["ports"][0], echo.port());
@@ -218,7 +241,10 @@ async fn a_service_command_starts_on_first_use_and_stops_with_the_agent() {
     let dir = relay_tests::procs::TempDir::new("svc");
     let path = dir.0.join("svc.py");
     std::fs::write(&path, script).unwrap();
-    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err(), "nothing listens before first use");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+        "nothing listens before first use"
+    );
     let (server, agent) = agent_with(
         vec![("lazy".into(), format!("127.0.0.1:{port}"))],
         vec![("lazy".into(), format!("exec python3 {}", path.display()))],
