@@ -21,6 +21,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     || { [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/sshd ]; }
 fi
 
+# Backend.AI's CLI for the service-port compatibility test (PyPI; yarl<1.10 is what the
+# 23.9 client works with).
+if [ ! -x target/bai-venv/bin/backend.ai ]; then
+  rm -rf target/bai-venv
+  python3 -m venv target/bai-venv
+  target/bai-venv/bin/pip install -q --disable-pip-version-check "backend.ai-client==23.9.*" "yarl<1.10"
+fi
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run the real binaries; build them in the same profile.
