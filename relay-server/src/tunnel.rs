@@ -46,7 +46,8 @@ pub async fn bridge(
     let mut up_open = true;
     let mut down_bytes = 0u64;
     let mut last = (0u64, 0u64);
-    let mut idle = tokio::time::interval(idle_timeout / 4);
+    // Checked four times per timeout; a zero timeout would make the interval panic.
+    let mut idle = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(1)));
     idle.tick().await;
     let mut quiet_ticks = 0;
     let reason = loop {

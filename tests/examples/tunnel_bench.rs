@@ -1,0 +1,180 @@
+//! Tunnel throughput and time to first byte, beside a direct TCP copy on the same machine.
+//!
+//! ```sh
+//! cargo run --release -p relay-tests --example tunnel_bench            # 1 GiB each way
+//! BENCH_MIB=64 cargo run --release -p relay-tests --example tunnel_bench
+//! ```
+//!
+//! Everything runs in one process on loopback (relay-server, agent, `connect`), so the figures
+//! include all hops sharing the machine's cores. Not part of the test command.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use relay_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const BLOCK: usize = 256 * 1024;
+
+/// A TCP server: "sink" counts what it receives and reports it; "source" sends `bytes` and
+/// closes; "echo" echoes.
+async fn service(kind: &'static str, bytes: u64, done: mpsc::Sender<u64>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = s.set_nodelay(true);
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; BLOCK];
+                match kind {
+                    "sink" => {
+                        let mut n = 0u64;
+                        while let Ok(k) = s.read(&mut buf).await {
+                            if k == 0 {
+                                break;
+                            }
+                            n += k as u64;
+                            if n >= bytes {
+                                let _ = done.send(n).await;
+                                n = 0;
+                            }
+                        }
+                    }
+                    "source" => {
+                        let mut left = bytes;
+                        while left > 0 {
+                            let k = left.min(BLOCK as u64) as usize;
+                            if s.write_all(&buf[..k]).await.is_err() {
+                                return;
+                            }
+                            left -= k as u64;
+                        }
+                    }
+                    _ => {
+                        while let Ok(k) = s.read(&mut buf).await {
+                            if k == 0 || s.write_all(&buf[..k]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn upload(to: SocketAddr, bytes: u64, done: &mut mpsc::Receiver<u64>) -> f64 {
+    let buf = vec![7u8; BLOCK];
+    let start = Instant::now();
+    let mut s = TcpStream::connect(to).await.unwrap();
+    let _ = s.set_nodelay(true);
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(BLOCK as u64) as usize;
+        s.write_all(&buf[..k]).await.unwrap();
+        left -= k as u64;
+    }
+    done.recv().await.unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    drop(s);
+    bytes as f64 / secs / 1e6
+}
+
+async fn download(from: SocketAddr, bytes: u64) -> f64 {
+    let mut buf = vec![0u8; BLOCK];
+    let start = Instant::now();
+    let mut s = TcpStream::connect(from).await.unwrap();
+    let mut n = 0u64;
+    while n < bytes {
+        let k = s.read(&mut buf).await.unwrap();
+        assert!(k > 0, "stream ended after {n} bytes");
+        n += k as u64;
+    }
+    bytes as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+async fn connect_listener(server: &Server, app: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = relay_client::connect::ConnectConfig {
+        relay_url: server.url().parse().unwrap(),
+        name: "bench".into(),
+        app: app.into(),
+        kernel_id: None,
+        user_token: None,
+        relay_ca_file: None,
+    };
+    tokio::spawn(relay_client::connect::run(
+        cfg,
+        listener,
+        CancellationToken::new(),
+    ));
+    addr
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let mib: u64 = std::env::var("BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let bytes = mib << 20;
+    let (done_tx, mut done) = mpsc::channel(4);
+    let sink = service("sink", bytes, done_tx.clone()).await;
+    let source = service("source", bytes, done_tx.clone()).await;
+    let echo = service("echo", 0, done_tx).await;
+
+    let server = Server::default().await;
+    let mut cfg = Agent::config(&server.url(), "bench", "http://127.0.0.1:9");
+    cfg.services = vec![
+        ("sink".into(), sink.to_string()),
+        ("source".into(), source.to_string()),
+        ("echo".into(), echo.to_string()),
+    ];
+    let _agent = Agent::start(cfg);
+    server.wait_agent("bench").await;
+    let via_sink = connect_listener(&server, "sink").await;
+    let via_source = connect_listener(&server, "source").await;
+    let via_echo = connect_listener(&server, "echo").await;
+
+    println!("{mib} MiB each way, MB/s (10^6 bytes per second)");
+    let d_up = upload(sink, bytes, &mut done).await;
+    let d_down = download(source, bytes).await;
+    println!("direct TCP                    up {d_up:9.1}  down {d_down:9.1}");
+    let r_up = upload(via_sink, bytes, &mut done).await;
+    let r_down = download(via_source, bytes).await;
+    println!(
+        "connect → relay → agent       up {r_up:9.1}  down {r_down:9.1}   ({:.2}× / {:.2}× direct)",
+        r_up / d_up,
+        r_down / d_down
+    );
+
+    // Time to the first echoed byte of a new tunnel on a warm agent.
+    let mut ttfb = Vec::new();
+    for _ in 0..200 {
+        let start = Instant::now();
+        let mut s = TcpStream::connect(via_echo).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        ttfb.push(start.elapsed());
+    }
+    ttfb.sort();
+    println!(
+        "new tunnel, first byte back   p50 {:?}  p99 {:?}",
+        percentile(&ttfb, 0.5),
+        percentile(&ttfb, 0.99)
+    );
+}
