@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Everything runs in one process on loopback (relay-server, agent, `connect`), so the figures
-//! include all hops sharing the machine's cores. Not part of the test command.
+//! include all hops sharing the machine's cores. The raw-upgrade row also pays for two plain
+//! TCP forwarders of the harness itself (user side and backend side). Not part of the test
+//! command.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -101,6 +103,61 @@ async fn download(from: SocketAddr, bytes: u64) -> f64 {
     bytes as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
+/// A backend that answers `Upgrade: bench` with 101 and then forwards to `service`; users
+/// reach it with a raw upgrade through the relay (a generic 101 tunnel, no WebSocket).
+async fn upgrading_backend(service: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                read_head(&mut s).await;
+                s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: bench\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut to = TcpStream::connect(service).await.unwrap();
+                let _ = to.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut to).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn read_head(s: &mut TcpStream) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+}
+
+/// A local listener whose connections become raw upgrades to `path` through the relay.
+async fn upgrade_listener(relay: SocketAddr, path: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut local, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut up = TcpStream::connect(relay).await.unwrap();
+                let _ = up.set_nodelay(true);
+                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bench\r\n\r\n");
+                up.write_all(req.as_bytes()).await.unwrap();
+                read_head(&mut up).await;
+                let _ = tokio::io::copy_bidirectional(&mut local, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
 async fn connect_listener(server: &Server, app: &str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -145,6 +202,19 @@ async fn main() {
     ];
     let _agent = Agent::start(cfg);
     server.wait_agent("bench").await;
+    let up_sink = upgrading_backend(sink).await;
+    let up_source = upgrading_backend(source).await;
+    let mut upgrade_agents = Vec::new();
+    for (name, addr) in [("usink", up_sink), ("usource", up_source)] {
+        upgrade_agents.push(Agent::start(Agent::config(
+            &server.url(),
+            name,
+            &format!("http://{addr}"),
+        )));
+        server.wait_agent(name).await;
+    }
+    let raw_sink = upgrade_listener(server.addr, "/client/usink/").await;
+    let raw_source = upgrade_listener(server.addr, "/client/usource/").await;
     let via_sink = connect_listener(&server, "sink").await;
     let via_source = connect_listener(&server, "source").await;
     let via_echo = connect_listener(&server, "echo").await;
@@ -159,6 +229,14 @@ async fn main() {
         "connect → relay → agent       up {r_up:9.1}  down {r_down:9.1}   ({:.2}× / {:.2}× direct)",
         r_up / d_up,
         r_down / d_down
+    );
+
+    let u_up = upload(raw_sink, bytes, &mut done).await;
+    let u_down = download(raw_source, bytes).await;
+    println!(
+        "raw 101 upgrade → relay       up {u_up:9.1}  down {u_down:9.1}   ({:.2}× / {:.2}× direct)",
+        u_up / d_up,
+        u_down / d_down
     );
 
     // Time to the first echoed byte of a new tunnel on a warm agent.

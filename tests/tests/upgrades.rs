@@ -130,6 +130,27 @@ async fn websocket_echo_with_a_real_client_library() {
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     ws.send(Message::binary(big.clone())).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    // A fragmented message (two frames) arrives whole: the relay does not touch framing.
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    ws.send(Message::Frame(Frame::message(
+        &b"frag"[..],
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Frame(Frame::message(
+        &b"mented"[..],
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("fragmented")
+    );
     // Ping from the client is answered by the backend's library end to end.
     ws.send(Message::Ping(b"are you there".to_vec().into()))
         .await
