@@ -55,6 +55,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// `Retry-After` seconds on 503 answers.
     pub retry_after_secs: u64,
+    /// Certificate chain and private key (PEM) to terminate TLS with; reloaded on change.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             max_parked_total: 10_000,
             header_read_timeout: Duration::from_secs(10),
             retry_after_secs: 2,
+            tls: None,
         }
     }
 }

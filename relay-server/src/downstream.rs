@@ -25,10 +25,11 @@ pub async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    https: bool,
 ) -> Response<RelayBody> {
     let retry_after = state.cfg.retry_after_secs;
     let http1 = req.version() < http::Version::HTTP_2;
-    match relay(state, req, peer).await {
+    match relay(state, req, peer, https).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, "user request failed");
@@ -48,6 +49,7 @@ async fn relay(
     state: Arc<State>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    https: bool,
 ) -> Result<Response<RelayBody>, RelayError> {
     let arrival = tokio::time::Instant::now();
     // RFC 9113 §3.1 / RFC 7540 §3.2: h2c upgrades from users would open an HTTP/2
@@ -84,7 +86,7 @@ async fn relay(
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let is_head = parts.method == Method::HEAD;
-    let mut headers = forward_headers(&parts, peer, route.prefix)?;
+    let mut headers = forward_headers(&parts, peer, https, route.prefix)?;
     if let Some(proto) = &upgrade {
         set_upgrade_headers(&mut headers, proto);
     }
@@ -241,6 +243,7 @@ fn switch(
 fn forward_headers(
     req: &http::request::Parts,
     peer: SocketAddr,
+    https: bool,
     prefix: Option<&str>,
 ) -> Result<HeaderMap, RelayError> {
     let mut h = req.headers.clone();
@@ -257,7 +260,11 @@ fn forward_headers(
         }
     }
     append(&mut h, "x-forwarded-for", &peer.ip().to_string());
-    append(&mut h, "x-forwarded-proto", "http");
+    append(
+        &mut h,
+        "x-forwarded-proto",
+        if https { "https" } else { "http" },
+    );
     if let Some(host) = h.get(header::HOST).cloned() {
         h.append("x-forwarded-host", host);
     }

@@ -11,6 +11,7 @@
 //! - [`pending`]: one request in flight and the guard that frees it.
 //! - [`upload`]: the framed upload stream of one `/server/requeststream` exchange.
 //! - [`tunnel`]: the user side of a switched (101) connection.
+//! - [`tls`]: TLS termination (rustls, ALPN h2/http1.1) with certificate reload.
 //! - [`body`], [`error`], [`auth`], [`config`].
 //!
 //! # Life of a request
@@ -40,6 +41,7 @@ pub mod error;
 pub mod listener;
 pub mod pending;
 pub mod router;
+pub mod tls;
 pub mod tunnel;
 pub mod upload;
 pub mod upstream;
@@ -67,6 +69,8 @@ pub struct State {
     pub stop: CancellationToken,
     /// Switched connections (they outlive the request handler that started them).
     pub tunnels: TaskTracker,
+    /// TLS termination, once the listener loaded the certificate.
+    pub tls: std::sync::OnceLock<Arc<tls::Tls>>,
 }
 
 impl State {
@@ -83,6 +87,7 @@ impl State {
             draining: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
+            tls: std::sync::OnceLock::new(),
         }
     }
 

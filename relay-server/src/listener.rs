@@ -18,7 +18,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::{full, RelayBody};
 use crate::error::text_response;
+use crate::tls::Tls;
 use crate::{downstream, upstream, Config, State};
+
+/// Longest TLS handshake before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often agents without polls are checked.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
@@ -41,6 +45,18 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
     let graceful = GracefulShutdown::new();
+    let tls = match &state.cfg.tls {
+        Some((cert, key)) => {
+            let tls = Arc::new(
+                Tls::new(cert.clone(), key.clone())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            );
+            tracker.spawn(tls.clone().watch(state.stop.clone()));
+            let _ = state.tls.set(tls.clone());
+            Some(tls)
+        }
+        None => None,
+    };
 
     let reaper_state = state.clone();
     tracker.spawn(async move {
@@ -94,16 +110,41 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let conn_state = state.clone();
+        let https = tls.is_some();
         let svc = service_fn(move |req| {
             let state = conn_state.clone();
-            async move { Ok::<_, Infallible>(dispatch(state, req, peer).await) }
+            async move { Ok::<_, Infallible>(dispatch(state, req, peer, https).await) }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tracker.spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match acceptor {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let tls_stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
@@ -124,6 +165,7 @@ async fn dispatch(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    https: bool,
 ) -> Response<RelayBody> {
     let path = req.uri().path();
     if path == "/healthz" {
@@ -138,5 +180,5 @@ async fn dispatch(
     if path.starts_with("/server/") {
         return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");
     }
-    downstream::handle(state, req, peer).await
+    downstream::handle(state, req, peer, https).await
 }

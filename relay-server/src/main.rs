@@ -54,6 +54,13 @@ struct Cli {
     /// Requests waiting for pickup in total.
     #[arg(long, env = "RELAY_MAX_PARKED", default_value_t = 10_000)]
     max_parked: usize,
+    /// Certificate chain (PEM) to serve HTTPS with (ALPN h2 and http/1.1); reloaded when the
+    /// file changes.
+    #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "RELAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
@@ -115,20 +122,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cli.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if cli.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     if tokens.is_empty() {
         let token = relay_common::id::random_hex(24);
         // Printed once, on stdout, for the operator to copy; never logged.
-        println!("relay-server listening on http://{addr}");
+        println!("relay-server listening on {scheme}://{addr}");
         println!("no agent token configured; generated one for this run (serves any name):");
         println!();
         println!(
-            "  relay-client --relay-url http://{addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
+            "  relay-client --relay-url {scheme}://{addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
         );
         println!();
-        println!("then open http://{addr}/client/NAME/");
+        println!("then open {scheme}://{addr}/client/NAME/");
         tokens.push((TokenScope::Any, Secret(token)));
     } else {
-        println!("relay-server listening on http://{addr}");
+        println!("relay-server listening on {scheme}://{addr}");
     }
     let cfg = Config {
         agent_tokens: tokens,
@@ -141,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         drain_timeout: cli.drain_timeout,
         max_parked_per_name: cli.max_parked_per_name,
         max_parked_total: cli.max_parked,
+        tls: cli.tls_cert.zip(cli.tls_key),
         ..Config::default()
     };
     let shutdown = CancellationToken::new();

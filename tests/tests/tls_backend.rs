@@ -7,26 +7,7 @@ use http::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use relay_tests::procs::TempDir;
 use relay_tests::*;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-
-/// A CA and a leaf for 127.0.0.1 signed by it: (CA PEM, leaf DER, leaf key DER).
-fn throwaway_pki() -> (String, CertificateDer<'static>, PrivateKeyDer<'static>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "relay test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
-    (
-        ca.pem(),
-        leaf.der().clone(),
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-    )
-}
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 async fn https_backend(
     cert: CertificateDer<'static>,
@@ -67,7 +48,7 @@ async fn https_backend(
 
 #[tokio::test]
 async fn https_backend_with_a_private_ca() {
-    let (ca_pem, cert, key) = throwaway_pki();
+    let (ca_pem, cert, key) = relay_tests::pki::throwaway_pki();
     let addr = https_backend(cert, key).await;
     let dir = TempDir::new("ca");
     let ca_file = dir.0.join("ca.pem");
