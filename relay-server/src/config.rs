@@ -53,6 +53,12 @@ pub struct Config {
     pub max_parked_total: usize,
     /// Time allowed for a request head to arrive (slowloris guard; hyper's timer).
     pub header_read_timeout: Duration,
+    /// Largest HTTP/1.1 request head (hyper's read buffer); larger heads get 431.
+    pub max_head_bytes: usize,
+    /// Most header fields in a request; more get 431.
+    pub max_headers: usize,
+    /// Longest request target; longer ones get 414.
+    pub max_uri_bytes: usize,
     /// `Retry-After` seconds on 503 answers.
     pub retry_after_secs: u64,
     /// Certificate chain and private key (PEM) to terminate TLS with; reloaded on change.
@@ -74,6 +80,9 @@ impl Default for Config {
             max_parked_per_name: 100,
             max_parked_total: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            max_head_bytes: 64 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
             retry_after_secs: 2,
             tls: None,
         }

@@ -62,6 +62,11 @@ async fn relay(
     if state.draining() {
         return Err(RelayError::Draining);
     }
+    // RFC 9110 §15.5.15: a target longer than the server will interpret is 414.
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len > state.cfg.max_uri_bytes {
+        return Err(RelayError::UriTooLong(state.cfg.max_uri_bytes));
+    }
     let uri = req.uri().clone();
     let server_name = req
         .headers()

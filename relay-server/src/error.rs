@@ -14,6 +14,9 @@ pub enum RelayError {
     /// No such route (downstream).
     #[error("{0}")]
     NotFound(String),
+    /// The request target is longer than the limit (downstream).
+    #[error("the request target is longer than {0} bytes")]
+    UriTooLong(usize),
     /// No agent is connected for the name (upstream, fail fast).
     #[error("no relay-client is connected for backend {0:?}")]
     NoAgent(String),
@@ -40,6 +43,7 @@ impl RelayError {
         match self {
             RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RelayError::NotFound(_) => StatusCode::NOT_FOUND,
+            RelayError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             RelayError::NoAgent(_)
             | RelayError::PickupTimeout(_)
             | RelayError::Overloaded(_)

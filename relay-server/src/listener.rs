@@ -74,11 +74,15 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.cfg.header_read_timeout)
+        // hyper answers 431 to heads over these limits (RFC 6585 §5).
+        .max_buf_size(state.cfg.max_head_bytes)
+        .max_headers(state.cfg.max_headers)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(100)
+        .max_header_list_size(state.cfg.max_head_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
 
     // Drain: keep accepting (agents must still deliver responses) but refuse new user work.

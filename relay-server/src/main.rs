@@ -54,6 +54,15 @@ struct Cli {
     /// Requests waiting for pickup in total.
     #[arg(long, env = "RELAY_MAX_PARKED", default_value_t = 10_000)]
     max_parked: usize,
+    /// Largest request head in bytes (larger: 431).
+    #[arg(long, env = "RELAY_MAX_HEAD_BYTES", default_value_t = 64 * 1024)]
+    max_head_bytes: usize,
+    /// Most header fields per request (more: 431).
+    #[arg(long, env = "RELAY_MAX_HEADERS", default_value_t = 100)]
+    max_headers: usize,
+    /// Longest request target in bytes (longer: 414).
+    #[arg(long, env = "RELAY_MAX_URI_BYTES", default_value_t = 8 * 1024)]
+    max_uri_bytes: usize,
     /// Certificate chain (PEM) to serve HTTPS with (ALPN h2 and http/1.1); reloaded when the
     /// file changes.
     #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]
@@ -154,6 +163,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_parked_per_name: cli.max_parked_per_name,
         max_parked_total: cli.max_parked,
         tls: cli.tls_cert.zip(cli.tls_key),
+        max_head_bytes: cli.max_head_bytes,
+        max_headers: cli.max_headers,
+        max_uri_bytes: cli.max_uri_bytes,
         ..Config::default()
     };
     let shutdown = CancellationToken::new();

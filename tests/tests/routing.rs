@@ -244,3 +244,53 @@ async fn backend_url_path_is_prepended_and_host_can_be_rewritten() {
     assert_eq!(seen[0].headers["host"], backend.to_string().as_str());
     assert_eq!(seen[0].headers["x-forwarded-host"], "public.example");
 }
+
+#[tokio::test]
+async fn oversized_heads_targets_and_header_counts_are_refused() {
+    let (backend, seen) = recording_backend().await;
+    let (server, _agent) = relay_to(backend, "a").await;
+    let long_target = format!("/client/a/{}", "x".repeat(9 * 1024));
+    let many: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let big_header = format!("X-Big: {}\r\n", "y".repeat(70 * 1024));
+    for (req, want) in [
+        (
+            format!("GET {long_target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            "HTTP/1.1 414 ",
+        ),
+        (
+            format!("GET /client/a/ HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n"),
+            "HTTP/1.1 431 ",
+        ),
+        (
+            format!("GET /client/a/ HTTP/1.1\r\nHost: x\r\n{big_header}Connection: close\r\n\r\n"),
+            "HTTP/1.1 431 ",
+        ),
+    ] {
+        let text =
+            String::from_utf8_lossy(&raw_exchange(server.addr, req.as_bytes()).await).into_owned();
+        assert!(
+            text.starts_with(want),
+            "want {want}, got {:?}",
+            text.lines().next()
+        );
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a refused request reached the backend"
+    );
+    // Just under the limits still works.
+    let ok_target = format!("/client/a/{}", "x".repeat(7 * 1024));
+    let text = String::from_utf8_lossy(
+        &raw_exchange(
+            server.addr,
+            format!("GET {ok_target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await,
+    )
+    .into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 200 "),
+        "{:?}",
+        text.lines().next()
+    );
+}
