@@ -343,3 +343,33 @@ impl<T> futures_core::Stream for ReceiverStream<T> {
 pub fn data(b: impl Into<Bytes>) -> Result<hyper::body::Frame<Bytes>, std::io::Error> {
     Ok(hyper::body::Frame::data(b.into()))
 }
+
+/// A TCP service that echoes what it receives; when the client shuts down writing it sends
+/// `farewell` and closes. Returns its address.
+pub async fn tcp_echo(farewell: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.write_all(farewell).await;
+            });
+        }
+    });
+    addr
+}

@@ -238,8 +238,12 @@ async fn malformed_exchanges_abort_the_user_response() {
     server.wait_idle().await;
 }
 
-#[tokio::test]
-async fn server_drain_finishes_requests_in_flight_and_refuses_new_ones() {
+type Held = tokio::task::JoinHandle<
+    Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+>;
+
+/// A relay to a backend that holds every request until released, with one request in flight.
+async fn one_request_held() -> (Server, Agent, tokio::sync::watch::Sender<bool>, Held) {
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
     let addr = backend(move |_req| {
         let mut rx = release_rx.clone();
@@ -249,7 +253,7 @@ async fn server_drain_finishes_requests_in_flight_and_refuses_new_ones() {
         }
     })
     .await;
-    let (server, _agent) = relay_to(addr, "d").await;
+    let (server, agent) = relay_to(addr, "d").await;
     let inflight = tokio::spawn(
         client().request(
             Request::get(format!("{}/client/d/", server.url()))
@@ -258,6 +262,12 @@ async fn server_drain_finishes_requests_in_flight_and_refuses_new_ones() {
         ),
     );
     wait_for(|| server.state.broker.in_flight() == 1).await;
+    (server, agent, release_tx, inflight)
+}
+
+#[tokio::test]
+async fn server_drain_finishes_requests_in_flight_and_refuses_new_ones() {
+    let (server, _agent, release_tx, inflight) = one_request_held().await;
     server.shutdown.cancel();
     wait_for(|| server.state.draining()).await;
     let resp = client()
@@ -283,24 +293,7 @@ async fn server_drain_finishes_requests_in_flight_and_refuses_new_ones() {
 
 #[tokio::test]
 async fn agent_drain_finishes_requests_in_flight() {
-    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let addr = backend(move |_req| {
-        let mut rx = release_rx.clone();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-            Response::new(full("finished"))
-        }
-    })
-    .await;
-    let (server, agent) = relay_to(addr, "d").await;
-    let inflight = tokio::spawn(
-        client().request(
-            Request::get(format!("{}/client/d/", server.url()))
-                .body(empty())
-                .unwrap(),
-        ),
-    );
-    wait_for(|| server.state.broker.in_flight() == 1).await;
+    let (server, agent, release_tx, inflight) = one_request_held().await;
     let stopped = tokio::spawn(agent.stop());
     // The draining agent is no longer offered new work.
     wait_for(|| server.state.broker.live_backend("d").is_none()).await;

@@ -8,7 +8,7 @@ use std::process::Command;
 use relay_tests::procs::Proc;
 use relay_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 fn cli_binary() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bai-venv/bin/backend.ai");
@@ -23,24 +23,7 @@ fn cli_binary() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_ai_app_through_the_relay() {
     let cli = cli_binary();
-    // A TCP echo service.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let echo = tcp_echo(b"").await;
     let server = Server::default().await;
     let mut cfg = Agent::config(&server.url(), "box", "http://127.0.0.1:9");
     cfg.services = vec![("echo".into(), echo.to_string())];

@@ -12,34 +12,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-/// A TCP service that echoes until the client shuts down writing, then says "bye" and closes.
-async fn tcp_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = s.write_all(b"bye").await;
-            });
-        }
-    });
-    addr
-}
-
 /// A server and an agent named `k` serving `services` (and nothing behind --backend-url).
 async fn agent_with(
     services: Vec<(String, String)>,
@@ -74,7 +46,7 @@ async fn connect(server: &Server, app: &str) -> (SocketAddr, CancellationToken) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_carries_tcp_with_half_close() {
-    let echo = tcp_echo().await;
+    let echo = tcp_echo(b"bye").await;
     let (server, _agent) = agent_with(vec![("echo".into(), echo.to_string())], vec![]).await;
     let (local, _stop) = connect(&server, "echo").await;
     // Several connections at once, each its own tunnel.
@@ -115,7 +87,7 @@ async fn ws(server: &Server, path: &str) -> tokio_tungstenite::WebSocketStream<T
 
 #[tokio::test]
 async fn backend_ai_semantics_for_plain_websocket_clients() {
-    let echo = tcp_echo().await;
+    let echo = tcp_echo(b"bye").await;
     let refused = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -186,7 +158,7 @@ async fn service_closing_its_side_closes_the_websocket_with_1001() {
 
 #[tokio::test]
 async fn unknown_apps_and_ids_are_404_json_and_apps_lists_services() {
-    let echo = tcp_echo().await;
+    let echo = tcp_echo(b"bye").await;
     let (server, _agent) = agent_with(vec![("echo".into(), echo.to_string())], vec![]).await;
     let c = client();
     for path in [
