@@ -47,7 +47,7 @@ pub mod upload;
 pub mod upstream;
 
 pub use config::{Config, Secret, TokenScope};
-pub use listener::{run, serve};
+pub use listener::{run, serve, serve_faces};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -43,6 +43,28 @@ pub async fn serve(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_faces(listener, None, state, shutdown).await
+}
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Face {
+    /// Users and agents on one listener (agent calls still need their token).
+    Shared,
+    /// Users only: `/server/*` is 404.
+    Public,
+    /// Agents only: `/server/*` and `/healthz`.
+    Agent,
+}
+
+/// Serves users on `public` and, when `agent` is given, agent endpoints on their own
+/// listener only (the public one then answers 404 for `/server/*`).
+pub async fn serve_faces(
+    public: TcpListener,
+    agent: Option<TcpListener>,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
     let graceful = GracefulShutdown::new();
     let tls = match &state.cfg.tls {
@@ -99,61 +121,27 @@ pub async fn serve(
         drain_state.stop.cancel();
     });
 
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = state.stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let conn_state = state.clone();
-        let https = tls.is_some();
-        let svc = service_fn(move |req| {
-            let state = conn_state.clone();
-            async move { Ok::<_, Infallible>(dispatch(state, req, peer, https).await) }
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let acceptor = tls.as_ref().map(|t| t.acceptor());
-        tracker.spawn(async move {
-            let result = match acceptor {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let tls_stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+    let public_face = if agent.is_some() {
+        Face::Public
+    } else {
+        Face::Shared
+    };
+    let conns = Conns {
+        state: &state,
+        builder: &builder,
+        graceful: &graceful,
+        tracker: &tracker,
+        tls: tls.as_ref(),
+    };
+    match agent {
+        Some(agent) => {
+            tokio::join!(
+                conns.accept_loop(public, public_face),
+                conns.accept_loop(agent, Face::Agent)
+            );
+        }
+        None => conns.accept_loop(public, public_face).await,
     }
-    drop(listener);
     if tokio::time::timeout(Duration::from_secs(1), graceful.shutdown())
         .await
         .is_err()
@@ -165,15 +153,98 @@ pub async fn serve(
     Ok(())
 }
 
+/// What every connection of the accept loops shares.
+struct Conns<'a> {
+    state: &'a Arc<State>,
+    builder: &'a auto::Builder<TokioExecutor>,
+    graceful: &'a GracefulShutdown,
+    tracker: &'a TaskTracker,
+    tls: Option<&'a Arc<Tls>>,
+}
+
+impl Conns<'_> {
+    /// Accepts on `listener` until the stop, serving each connection on the tracker.
+    async fn accept_loop(&self, listener: TcpListener, face: Face) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = self.state.stop.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let conn_state = self.state.clone();
+            let https = self.tls.is_some();
+            let svc = service_fn(move |req| {
+                let state = conn_state.clone();
+                async move { Ok::<_, Infallible>(dispatch(state, req, peer, https, face).await) }
+            });
+            let builder = self.builder.clone();
+            let watcher = self.graceful.watcher();
+            let acceptor = self.tls.map(|t| t.acceptor());
+            self.tracker.spawn(async move {
+                let result = match acceptor {
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let tls_stream = match tokio::time::timeout(
+                            TLS_HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
 async fn dispatch(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
     https: bool,
+    face: Face,
 ) -> Response<RelayBody> {
     let path = req.uri().path();
     if path == "/healthz" {
         return Response::new(full(Bytes::from_static(b"ok\n")));
+    }
+    let agent_path = path.starts_with("/server/");
+    if agent_path && face == Face::Public {
+        return text_response(StatusCode::NOT_FOUND, "agent endpoints are not served here");
+    }
+    if !agent_path && face == Face::Agent {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "this listener serves relay-clients only; users use the public address",
+        );
     }
     if matches!(
         path,

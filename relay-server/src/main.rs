@@ -15,6 +15,10 @@ struct Cli {
     /// Address to listen on (HTTP/1.1 and HTTP/2 prior knowledge).
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Serve the agent endpoints (/server/*) on this address only; the public listener then
+    /// answers 404 for them.
+    #[arg(long, env = "RELAY_AGENT_LISTEN")]
+    agent_listen: Option<SocketAddr>,
     /// Agent token as NAME=TOKEN (NAME `*` serves any name); repeatable. With no token
     /// configured, a random any-name token is generated and printed once.
     #[arg(
@@ -131,6 +135,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cli.listen))?;
     let addr = listener.local_addr()?;
+    let agent_listener = match cli.agent_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))?,
+        ),
+        None => None,
+    };
+    let agent_addr = match &agent_listener {
+        Some(l) => l.local_addr()?,
+        None => addr,
+    };
     let scheme = if cli.tls_cert.is_some() {
         "https"
     } else {
@@ -143,7 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("no agent token configured; generated one for this run (serves any name):");
         println!();
         println!(
-            "  relay-client --relay-url {scheme}://{addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
+            "  relay-client --relay-url {scheme}://{agent_addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
         );
         println!();
         println!("then open {scheme}://{addr}/client/NAME/");
@@ -170,7 +186,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
-    relay_server::run(listener, cfg, shutdown).await?;
+    if agent_listener.is_some() {
+        println!("relay-server agent endpoints on {scheme}://{agent_addr}");
+    }
+    let state = std::sync::Arc::new(relay_server::State::new(cfg));
+    relay_server::serve_faces(listener, agent_listener, state, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -333,3 +333,62 @@ async fn agent_reconnects_after_the_server_restarts() {
     assert_eq!(resp.status(), StatusCode::OK);
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn agent_endpoints_on_their_own_listener() {
+    let (rec, _seen) = recording_backend().await;
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agents = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (public_addr, agent_addr) = (public.local_addr().unwrap(), agents.local_addr().unwrap());
+    let state = std::sync::Arc::new(relay_server::State::new(server_config()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(relay_server::serve_faces(
+        public,
+        Some(agents),
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let _agent = Agent::start(Agent::config(
+        &format!("http://{agent_addr}"),
+        "p",
+        &format!("http://{rec}"),
+    ));
+    wait_for(|| state.broker.live_backend("p").is_some()).await;
+    let c = client();
+    let get = |url: String| c.request(Request::get(url).body(empty()).unwrap());
+    assert_eq!(
+        get(format!("http://{public_addr}/client/p/"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    // Agent endpoints are not on the public face, with or without a token.
+    let resp = c
+        .request(
+            Request::get(format!("http://{public_addr}/server/request?server=p"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("x-relay-agent-id", "x")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    // Users are not served on the agent face.
+    assert_eq!(
+        get(format!("http://{agent_addr}/client/p/"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(format!("http://{agent_addr}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    shutdown.cancel();
+}
