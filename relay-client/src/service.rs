@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use relay_common::message::{decode_headers, RequestHead};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -333,9 +334,14 @@ where
         }
     };
     let from_service = async {
-        let mut buf = vec![0u8; SERVICE_READ];
+        // Each read becomes one message without copying: the filled part of the buffer is
+        // split off and handed to the WebSocket as `Bytes`.
+        let mut buf = BytesMut::new();
         loop {
-            match tcp_rd.read(&mut buf).await {
+            if buf.capacity() < SERVICE_READ / 2 {
+                buf.reserve(SERVICE_READ);
+            }
+            match tcp_rd.read_buf(&mut buf).await {
                 Ok(0) => {
                     let mut tx = ws_tx.lock().await;
                     if half_close {
@@ -347,11 +353,11 @@ where
                     }
                     return;
                 }
-                Ok(n) => {
+                Ok(_) => {
                     if ws_tx
                         .lock()
                         .await
-                        .send(Message::binary(buf[..n].to_vec()))
+                        .send(Message::binary(buf.split().freeze()))
                         .await
                         .is_err()
                     {

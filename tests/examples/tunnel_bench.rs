@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 const BLOCK: usize = 256 * 1024;
 
 /// A TCP server: "sink" counts what it receives and reports it; "source" sends `bytes` and
-/// closes; "echo" echoes.
+/// closes.
 async fn service(kind: &'static str, bytes: u64, done: mpsc::Sender<u64>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -59,13 +59,7 @@ async fn service(kind: &'static str, bytes: u64, done: mpsc::Sender<u64>) -> Soc
                             left -= k as u64;
                         }
                     }
-                    _ => {
-                        while let Ok(k) = s.read(&mut buf).await {
-                            if k == 0 || s.write_all(&buf[..k]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
+                    _ => unreachable!("bug: unknown bench service {kind}"),
                 }
             });
         }
@@ -191,7 +185,8 @@ async fn main() {
     let (done_tx, mut done) = mpsc::channel(4);
     let sink = service("sink", bytes, done_tx.clone()).await;
     let source = service("source", bytes, done_tx.clone()).await;
-    let echo = service("echo", 0, done_tx).await;
+    drop(done_tx);
+    let echo = tcp_echo(b"").await;
 
     let server = Server::default().await;
     let mut cfg = Agent::config(&server.url(), "bench", "http://127.0.0.1:9");
