@@ -1,4 +1,4 @@
-//! Agent authentication: bearer tokens scoped to backend names.
+//! Bearer tokens scoped to backend names (agent tokens, and user tokens of `token` access).
 //!
 //! Tokens are kept only as SHA-256 digests and compared digest to digest in constant time,
 //! against every configured entry (no early exit), so neither the length nor a prefix of a
@@ -66,6 +66,12 @@ impl TokenStore {
             Some(s) if s.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
             _ => return Err(AuthError::Missing),
         };
+        self.check(token).ok_or(AuthError::Invalid)
+    }
+
+    /// What `token` grants, if it matches a configured token. Compares the digest against
+    /// every entry in constant time, without an early exit.
+    pub fn check(&self, token: &[u8]) -> Option<Grant> {
         let presented = digest(token);
         let mut grant = Grant {
             any: false,
@@ -82,11 +88,12 @@ impl TokenStore {
                 }
             }
         }
-        if bool::from(matched) {
-            Ok(grant)
-        } else {
-            Err(AuthError::Invalid)
-        }
+        bool::from(matched).then_some(grant)
+    }
+
+    /// Whether no token is configured.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 

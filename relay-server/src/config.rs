@@ -3,6 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::access::{AccessMode, AccessPolicy};
+use crate::forward_auth::ForwardAuthConfig;
+
 /// A secret string whose `Debug` never shows the value.
 #[derive(Clone)]
 pub struct Secret(pub String);
@@ -63,6 +66,82 @@ pub struct Config {
     pub retry_after_secs: u64,
     /// Certificate chain and private key (PEM) to terminate TLS with; reloaded on change.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Who may reach which backend.
+    pub access: AccessPolicy,
+    /// User tokens of `token` access and the names each admits to.
+    pub user_tokens: Vec<(TokenScope, Secret)>,
+    /// HMAC key of signed links; a random per-process key when `None`.
+    pub link_secret: Option<Secret>,
+    /// A signed-link session unused for this long ends.
+    pub session_idle: Duration,
+    /// A signed-link session ends this long after the link was used, used or not.
+    pub session_max_age: Duration,
+    /// Most live signed-link sessions (then 403 until some expire).
+    pub max_sessions: usize,
+    /// The authorization service of `forward-auth` access.
+    pub forward_auth: Option<ForwardAuthConfig>,
+    /// `Host: <name>.<public_domain>` reaches backend `<name>` with the path untouched.
+    pub public_domain: Option<String>,
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A mode is used without what it needs.
+    #[error("access mode {0} is used but {1}")]
+    Incomplete(AccessMode, &'static str),
+    /// `open` access on an address others can reach.
+    #[error(
+        "user access is open but the server listens on {0}, which is not loopback: \
+         set --access token|signed-link|forward-auth, or pass --allow-open to serve every \
+         backend to anyone who can reach this address"
+    )]
+    OpenOnPublicAddress(std::net::SocketAddr),
+}
+
+impl Config {
+    /// Checks that every access mode in use has what it needs, and that `open` access is
+    /// served beyond loopback only when `allow_open` says so (then it returns a warning).
+    pub fn validate(
+        &self,
+        listen: std::net::SocketAddr,
+        allow_open: bool,
+    ) -> Result<Option<String>, ConfigError> {
+        let mut open = false;
+        for mode in self.access.modes() {
+            match mode {
+                AccessMode::Token if self.user_tokens.is_empty() => {
+                    return Err(ConfigError::Incomplete(
+                        mode,
+                        "no --user-token is configured",
+                    ))
+                }
+                AccessMode::ForwardAuth if self.forward_auth.is_none() => {
+                    return Err(ConfigError::Incomplete(
+                        mode,
+                        "--forward-auth-url is not set",
+                    ))
+                }
+                AccessMode::SignedLink if self.link_secret.is_none() => {
+                    return Err(ConfigError::Incomplete(
+                        mode,
+                        "no --link-secret-file is set (sign-link needs the same key)",
+                    ))
+                }
+                AccessMode::Open => open = true,
+                _ => {}
+            }
+        }
+        if open && !listen.ip().is_loopback() {
+            if !allow_open {
+                return Err(ConfigError::OpenOnPublicAddress(listen));
+            }
+            return Ok(Some(format!(
+                "user access is open on {listen}: anyone who can reach it reaches every open backend"
+            )));
+        }
+        Ok(None)
+    }
 }
 
 impl Default for Config {
@@ -85,6 +164,14 @@ impl Default for Config {
             max_uri_bytes: 8 * 1024,
             retry_after_secs: 2,
             tls: None,
+            access: AccessPolicy::default(),
+            user_tokens: Vec::new(),
+            link_secret: None,
+            session_idle: Duration::from_secs(3600),
+            session_max_age: Duration::from_secs(12 * 3600),
+            max_sessions: 100_000,
+            forward_auth: None,
+            public_domain: None,
         }
     }
 }

@@ -14,10 +14,14 @@ use relay_common::id::RequestId;
 use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead};
 use tokio::sync::oneshot;
 
+use crate::access::{
+    check_link, check_token, strip_session_cookie, AccessError, AccessMode, Verdict, TOKEN_HEADER,
+};
 use crate::body::{empty, RelayBody, RelayedBody};
 use crate::error::RelayError;
+use crate::forward_auth::Original;
 use crate::pending::{Pending, ResponseStart, UploadSlot, UploadSource};
-use crate::router::{route, RouteError};
+use crate::router::{host_backend, route, RouteError};
 use crate::State;
 
 /// Relays one user request; every failure becomes its status and text body.
@@ -72,11 +76,25 @@ async fn relay(
         .headers()
         .get("x-server-name")
         .map(|v| v.as_bytes().to_vec());
-    let route = route(uri.path(), uri.query(), server_name.as_deref()).map_err(|e| match e {
-        RouteError::Bad(m) => RelayError::BadRequest(m),
-        RouteError::NoRoute(m) => RelayError::NotFound(m),
-    })?;
+    // DNS names are case-insensitive (RFC 4343): `A.relay` and `a.relay` are one backend.
+    let host = request_host(&req).map(str::to_ascii_lowercase);
+    let host_label = state
+        .cfg
+        .public_domain
+        .as_deref()
+        .zip(host.as_deref())
+        .and_then(|(domain, host)| host_backend(host, domain));
+    let route = route(uri.path(), uri.query(), server_name.as_deref(), host_label).map_err(
+        |e| match e {
+            RouteError::Bad(m) => RelayError::BadRequest(m),
+            RouteError::NoRoute(m) => RelayError::NotFound(m),
+        },
+    )?;
     let name = route.name.to_owned();
+    // Access first: before it, nothing tells whether the name has an agent.
+    if let Verdict::Respond(resp) = admit(&state, &route, &mut req, peer, https).await? {
+        return Ok(resp);
+    }
     let backend = state
         .broker
         .live_backend(&name)
@@ -242,6 +260,66 @@ fn switch(
     Ok(resp)
 }
 
+/// The host the user addressed: `:authority` (HTTP/2, RFC 9113 §8.3.1) or `Host`.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// Applies the access mode of the route's name to the request.
+async fn admit(
+    state: &State,
+    route: &crate::router::Route<'_>,
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+    https: bool,
+) -> Result<Verdict, RelayError> {
+    let name = route.name;
+    let path = route.target.split('?').next().unwrap_or("/");
+    Ok(match state.cfg.access.mode(name) {
+        AccessMode::Open => Verdict::Admit,
+        AccessMode::Token => {
+            check_token(&state.user_tokens, name, req.headers_mut())?;
+            Verdict::Admit
+        }
+        AccessMode::SignedLink => {
+            let cookie_path = match route.prefix {
+                Some(p) => format!("{p}/"),
+                None => "/".to_owned(),
+            };
+            check_link(
+                &state.sessions,
+                name,
+                path,
+                req.uri().query(),
+                req.headers(),
+                &cookie_path,
+                https,
+            )?
+        }
+        AccessMode::ForwardAuth => {
+            let fa = state.forward_auth.as_ref().ok_or_else(|| {
+                RelayError::from(AccessError::AuthService(
+                    "forward-auth is not configured".into(),
+                ))
+            })?;
+            let uri = req.uri().clone();
+            let host = req.headers().get(header::HOST).cloned();
+            let method = req.method().clone();
+            let orig = Original {
+                method: &method,
+                uri: uri.path_and_query().map_or("/", |pq| pq.as_str()),
+                host: host.as_ref(),
+                peer,
+                https,
+            };
+            fa.check(&orig, req.headers_mut()).await?
+        }
+    })
+}
+
 /// The request headers the backend sees: hop-by-hop and framing removed (RFC 9110 §7.6.1),
 /// then the relay's own `X-Forwarded-*` (added after stripping, so `Connection` cannot
 /// remove them).
@@ -256,6 +334,9 @@ fn forward_headers(
         return Err(RelayError::BadRequest("more than one Host header".into()));
     }
     strip_hop_by_hop(&mut h, true);
+    // The relay's own credentials never reach the backend, whatever the access mode.
+    h.remove(TOKEN_HEADER);
+    strip_session_cookie(&mut h);
     // HTTP/2 carries the host in :authority (RFC 9113 §8.3.1); give the backend a Host.
     if !h.contains_key(header::HOST) {
         if let Some(auth) = req.uri.authority() {

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::access::AccessError;
 use crate::body::{full, RelayBody};
 
 /// A failure while relaying one user request. The variant says which side failed.
@@ -17,6 +18,9 @@ pub enum RelayError {
     /// The request target is longer than the limit (downstream).
     #[error("the request target is longer than {0} bytes")]
     UriTooLong(usize),
+    /// The user is not admitted to the backend (downstream).
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
     /// No agent is connected for the name (upstream, fail fast).
     #[error("no relay-client is connected for backend {0:?}")]
     NoAgent(String),
@@ -44,6 +48,9 @@ impl RelayError {
             RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RelayError::NotFound(_) => StatusCode::NOT_FOUND,
             RelayError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            RelayError::Access(AccessError::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
+            RelayError::Access(AccessError::Forbidden(_)) => StatusCode::FORBIDDEN,
+            RelayError::Access(AccessError::AuthService(_)) => StatusCode::BAD_GATEWAY,
             RelayError::NoAgent(_)
             | RelayError::PickupTimeout(_)
             | RelayError::Overloaded(_)
@@ -57,6 +64,13 @@ impl RelayError {
     pub fn into_response(self, retry_after_secs: u64) -> Response<RelayBody> {
         let status = self.status();
         let mut resp = text_response(status, &self.to_string());
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 §15.5.2: a 401 carries a challenge; RFC 6750 §3 for Bearer.
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"relay\""),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

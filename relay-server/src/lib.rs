@@ -32,12 +32,15 @@
 #![warn(missing_docs)]
 #![deny(rust_2018_idioms)]
 
+pub mod access;
 pub mod auth;
 pub mod body;
 pub mod broker;
 pub mod config;
 pub mod downstream;
 pub mod error;
+pub mod forward_auth;
+pub mod link;
 pub mod listener;
 pub mod pending;
 pub mod router;
@@ -46,7 +49,7 @@ pub mod tunnel;
 pub mod upload;
 pub mod upstream;
 
-pub use config::{Config, Secret, TokenScope};
+pub use config::{Config, ConfigError, Secret, TokenScope};
 pub use listener::{run, serve, serve_faces};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +64,12 @@ pub struct State {
     pub cfg: Config,
     /// Agent tokens.
     pub tokens: auth::TokenStore,
+    /// User tokens (`token` access).
+    pub user_tokens: auth::TokenStore,
+    /// Signed-link sessions.
+    pub sessions: link::Sessions,
+    /// The forward-auth client, when configured.
+    pub forward_auth: Option<forward_auth::ForwardAuth>,
     /// Agents, queues, requests.
     pub broker: Arc<broker::Broker>,
     /// Set when shutdown began: new user requests get 503, polls hand out no new work.
@@ -78,6 +87,19 @@ impl State {
     pub fn new(cfg: Config) -> Self {
         State {
             tokens: auth::TokenStore::new(&cfg.agent_tokens),
+            user_tokens: auth::TokenStore::new(&cfg.user_tokens),
+            sessions: link::Sessions::new(
+                cfg.link_secret
+                    .clone()
+                    .unwrap_or_else(|| Secret(relay_common::id::random_hex(32))),
+                cfg.session_idle,
+                cfg.session_max_age,
+                cfg.max_sessions,
+            ),
+            forward_auth: cfg.forward_auth.clone().map(|f| {
+                forward_auth::ForwardAuth::new(f)
+                    .expect("bug: the ring provider supports the default TLS versions")
+            }),
             broker: Arc::new(broker::Broker::new(
                 cfg.max_parked_per_name,
                 cfg.max_parked_total,

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::{full, RelayBody};
 use crate::error::text_response;
 use crate::tls::Tls;
-use crate::{downstream, upstream, Config, State};
+use crate::{downstream, router, upstream, Config, State};
 
 /// Longest TLS handshake before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,9 +83,16 @@ pub async fn serve_faces(
     let reaper_state = state.clone();
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
+        let mut n = 0u32;
         loop {
             tokio::select! {
-                _ = tick.tick() => reaper_state.broker.reap(),
+                _ = tick.tick() => {
+                    reaper_state.broker.reap();
+                    n = n.wrapping_add(1);
+                    if n.is_multiple_of(30) {
+                        reaper_state.sessions.reap();
+                    }
+                }
                 _ = reaper_state.stop.cancelled() => break,
             }
         }
@@ -232,6 +239,15 @@ async fn dispatch(
     https: bool,
     face: Face,
 ) -> Response<RelayBody> {
+    // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
+    // including paths like /healthz and /server/.
+    let host_routed = face != Face::Agent
+        && state.cfg.public_domain.as_deref().is_some_and(|d| {
+            downstream::request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
+        });
+    if host_routed {
+        return downstream::handle(state, req, peer, https).await;
+    }
     let path = req.uri().path();
     if path == "/healthz" {
         return Response::new(full(Bytes::from_static(b"ok\n")));

@@ -1,17 +1,22 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use relay_server::access::{AccessMode, AccessPolicy};
+use relay_server::forward_auth::ForwardAuthConfig;
 use relay_server::{Config, Secret, TokenScope};
 use tokio_util::sync::CancellationToken;
 
 /// Public side of the HTTP long-polling relay: users reach backends at /client/<name>/...,
 /// agents (relay-client) serve them through outbound HTTP calls only.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on (HTTP/1.1 and HTTP/2 prior knowledge).
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -74,28 +79,192 @@ struct Cli {
     /// Private key (PEM) for --tls-cert.
     #[arg(long, env = "RELAY_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// User access mode of every backend without an --access-for entry: open, token,
+    /// signed-link or forward-auth. `open` is refused on non-loopback addresses unless
+    /// --allow-open is given.
+    #[arg(long, env = "RELAY_ACCESS", default_value = "open")]
+    access: AccessMode,
+    /// Access mode of one backend as NAME=MODE; repeatable.
+    #[arg(long = "access-for", env = "RELAY_ACCESS_FOR", value_delimiter = ',')]
+    access_for: Vec<String>,
+    /// Serve `open` backends on a non-loopback address (anyone who reaches it gets in).
+    #[arg(long, env = "RELAY_ALLOW_OPEN")]
+    allow_open: bool,
+    /// User token for `token` access as NAME=TOKEN (NAME `*` admits to every backend);
+    /// repeatable.
+    #[arg(
+        long = "user-token",
+        env = "RELAY_USER_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    user_tokens: Vec<String>,
+    /// File with one user NAME=TOKEN per line (# comments allowed).
+    #[arg(long, env = "RELAY_USER_TOKEN_FILE")]
+    user_token_file: Option<PathBuf>,
+    /// File holding the HMAC key of signed links (at least 32 characters).
+    #[arg(long, env = "RELAY_LINK_SECRET_FILE")]
+    link_secret_file: Option<PathBuf>,
+    /// A signed-link session unused for this long ends.
+    #[arg(long, env = "RELAY_SESSION_IDLE", default_value = "1h", value_parser = humantime::parse_duration)]
+    session_idle: Duration,
+    /// A signed-link session ends this long after its link was used.
+    #[arg(long, env = "RELAY_SESSION_MAX_AGE", default_value = "12h", value_parser = humantime::parse_duration)]
+    session_max_age: Duration,
+    /// Authorization service of `forward-auth` access (nginx auth_request / Traefik
+    /// ForwardAuth convention).
+    #[arg(long, env = "RELAY_FORWARD_AUTH_URL")]
+    forward_auth_url: Option<http::Uri>,
+    /// Response header of the authorization service copied onto admitted requests;
+    /// repeatable.
+    #[arg(
+        long = "forward-auth-header",
+        env = "RELAY_FORWARD_AUTH_HEADER",
+        value_delimiter = ','
+    )]
+    forward_auth_headers: Vec<http::HeaderName>,
+    /// How long the authorization service may take (then 502).
+    #[arg(long, env = "RELAY_FORWARD_AUTH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    forward_auth_timeout: Duration,
+    /// Also route `Host: <name>.<DOMAIN>` to backend <name>, path untouched (one browser
+    /// origin per backend).
+    #[arg(long, env = "RELAY_PUBLIC_DOMAIN")]
+    public_domain: Option<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
 }
 
-fn parse_token(s: &str) -> anyhow::Result<(TokenScope, Secret)> {
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print a single-use signed link to a backend (for `signed-link` access).
+    SignLink(SignLink),
+}
+
+#[derive(clap::Args, Debug)]
+struct SignLink {
+    /// Backend name.
+    #[arg(long)]
+    name: String,
+    /// How long the link stays valid.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Path on the backend the link (and its session) admits to, and everything below it.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The relay's public URL.
+    #[arg(
+        long,
+        env = "RELAY_PUBLIC_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    base_url: http::Uri,
+    /// Make a link to `<name>.<DOMAIN>` (host routing) instead of /client/<name>.
+    #[arg(long, env = "RELAY_PUBLIC_DOMAIN")]
+    public_domain: Option<String>,
+    /// The server's HMAC key file.
+    #[arg(long, env = "RELAY_LINK_SECRET_FILE")]
+    link_secret_file: PathBuf,
+}
+
+fn parse_token(kind: &str, s: &str) -> anyhow::Result<(TokenScope, Secret)> {
     let (name, token) = s
         .split_once('=')
-        .context("agent token must be NAME=TOKEN")?;
+        .with_context(|| format!("{kind} token must be NAME=TOKEN"))?;
     let name = name.trim();
     let token = token.trim();
     if token.len() < 16 {
-        bail!("agent token for {name:?} is shorter than 16 characters");
+        bail!("{kind} token for {name:?} is shorter than 16 characters");
     }
     let scope = if name == "*" {
         TokenScope::Any
     } else if relay_common::name::is_valid_name(name) {
         TokenScope::Name(name.to_owned())
     } else {
-        bail!("invalid backend name {name:?} in agent token");
+        bail!("invalid backend name {name:?} in {kind} token");
     };
     Ok((scope, Secret(token.to_owned())))
+}
+
+/// Tokens from the command line and a token file (one NAME=TOKEN per line).
+fn tokens(
+    kind: &str,
+    args: &[String],
+    file: Option<&PathBuf>,
+) -> anyhow::Result<Vec<(TokenScope, Secret)>> {
+    let mut out = Vec::new();
+    for t in args {
+        out.push(parse_token(kind, t)?);
+    }
+    if let Some(path) = file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            out.push(
+                parse_token(kind, line).with_context(|| format!("{}:{}", path.display(), n + 1))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn read_link_secret(path: &PathBuf) -> anyhow::Result<Secret> {
+    let key = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_owned();
+    if key.len() < 32 {
+        bail!(
+            "the link secret in {} is shorter than 32 characters",
+            path.display()
+        );
+    }
+    Ok(Secret(key))
+}
+
+fn sign_link(args: SignLink) -> anyhow::Result<()> {
+    if !relay_common::name::is_valid_name(&args.name) {
+        bail!("invalid backend name {:?}", args.name);
+    }
+    if !args.path.starts_with('/') || args.path.contains(['?', '#', '\n']) {
+        bail!("--path must be a path starting with / (no query)");
+    }
+    let key = read_link_secret(&args.link_secret_file)?;
+    let query = relay_server::link::sign(&key, &args.name, &args.path, args.ttl);
+    let scheme = args.base_url.scheme_str().unwrap_or("http");
+    let authority = args
+        .base_url
+        .authority()
+        .context("--base-url needs a host")?;
+    let url = match &args.public_domain {
+        Some(domain) => {
+            let port = authority
+                .port()
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default();
+            format!(
+                "{scheme}://{}.{domain}{port}{}?{query}",
+                args.name, args.path
+            )
+        }
+        None => {
+            let base = args.base_url.path().trim_end_matches('/');
+            format!(
+                "{scheme}://{authority}{base}/client/{}{}?{query}",
+                args.name, args.path
+            )
+        }
+    };
+    println!("{url}");
+    Ok(())
+}
+
+fn tokens_of_users(cli: &Cli) -> anyhow::Result<Vec<(TokenScope, Secret)>> {
+    tokens("user", &cli.user_tokens, cli.user_token_file.as_ref())
 }
 
 fn main() -> ExitCode {
@@ -103,7 +272,17 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(Command::SignLink(args)) = cli.command {
+        return match sign_link(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay-server sign-link: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -115,21 +294,74 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut tokens = Vec::new();
-    for t in &cli.agent_tokens {
-        tokens.push(parse_token(t)?);
-    }
-    if let Some(path) = &cli.agent_token_file {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            tokens
-                .push(parse_token(line).with_context(|| format!("{}:{}", path.display(), n + 1))?);
+    let mut tokens = tokens("agent", &cli.agent_tokens, cli.agent_token_file.as_ref())?;
+    let user_tokens = tokens_of_users(&cli)?;
+    let mut access = AccessPolicy {
+        default: cli.access,
+        ..AccessPolicy::default()
+    };
+    for entry in &cli.access_for {
+        let (name, mode) = entry
+            .split_once('=')
+            .context("--access-for takes NAME=MODE")?;
+        if !relay_common::name::is_valid_name(name) {
+            bail!("invalid backend name {name:?} in --access-for");
         }
+        access
+            .per_name
+            .insert(name.to_owned(), mode.parse().map_err(anyhow::Error::msg)?);
+    }
+    let link_secret = cli
+        .link_secret_file
+        .as_ref()
+        .map(read_link_secret)
+        .transpose()?;
+    let forward_auth = cli.forward_auth_url.clone().map(|url| ForwardAuthConfig {
+        url,
+        copy_headers: cli.forward_auth_headers.clone(),
+        timeout: cli.forward_auth_timeout,
+    });
+    let public_domain = cli
+        .public_domain
+        .as_deref()
+        .map(|d| d.trim_matches('.').to_ascii_lowercase())
+        .filter(|d| !d.is_empty());
+    let scheme = if cli.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let generated = tokens.is_empty().then(|| relay_common::id::random_hex(24));
+    if let Some(token) = &generated {
+        tokens.push((TokenScope::Any, Secret(token.clone())));
+    }
+    let cfg = Config {
+        agent_tokens: tokens,
+        pickup_timeout: cli.pickup_timeout,
+        response_timeout: cli.response_timeout,
+        upgrade_response_timeout: cli.upgrade_response_timeout,
+        tunnel_idle_timeout: cli.tunnel_idle_timeout,
+        poll_timeout: cli.poll_timeout,
+        agent_grace: cli.agent_grace,
+        drain_timeout: cli.drain_timeout,
+        max_parked_per_name: cli.max_parked_per_name,
+        max_parked_total: cli.max_parked,
+        tls: cli.tls_cert.zip(cli.tls_key),
+        max_head_bytes: cli.max_head_bytes,
+        max_headers: cli.max_headers,
+        max_uri_bytes: cli.max_uri_bytes,
+        access,
+        user_tokens,
+        link_secret,
+        session_idle: cli.session_idle,
+        session_max_age: cli.session_max_age,
+        forward_auth,
+        public_domain,
+        ..Config::default()
+    };
+    // Checked before binding: a refused configuration never listens.
+    if let Some(warning) = cfg.validate(cli.listen, cli.allow_open)? {
+        tracing::warn!("{warning}");
     }
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
@@ -147,13 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(l) => l.local_addr()?,
         None => addr,
     };
-    let scheme = if cli.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    if tokens.is_empty() {
-        let token = relay_common::id::random_hex(24);
+    if let Some(token) = generated {
         // Printed once, on stdout, for the operator to copy; never logged.
         println!("relay-server listening on {scheme}://{addr}");
         println!("no agent token configured; generated one for this run (serves any name):");
@@ -163,27 +389,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         println!();
         println!("then open {scheme}://{addr}/client/NAME/");
-        tokens.push((TokenScope::Any, Secret(token)));
     } else {
         println!("relay-server listening on {scheme}://{addr}");
     }
-    let cfg = Config {
-        agent_tokens: tokens,
-        pickup_timeout: cli.pickup_timeout,
-        response_timeout: cli.response_timeout,
-        upgrade_response_timeout: cli.upgrade_response_timeout,
-        tunnel_idle_timeout: cli.tunnel_idle_timeout,
-        poll_timeout: cli.poll_timeout,
-        agent_grace: cli.agent_grace,
-        drain_timeout: cli.drain_timeout,
-        max_parked_per_name: cli.max_parked_per_name,
-        max_parked_total: cli.max_parked,
-        tls: cli.tls_cert.zip(cli.tls_key),
-        max_head_bytes: cli.max_head_bytes,
-        max_headers: cli.max_headers,
-        max_uri_bytes: cli.max_uri_bytes,
-        ..Config::default()
-    };
+
     let shutdown = CancellationToken::new();
     tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
     if agent_listener.is_some() {

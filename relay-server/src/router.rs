@@ -33,11 +33,31 @@ pub enum RouteError {
     NoRoute(String),
 }
 
-/// Routes a request from its raw path, raw query and `X-Server-Name` value.
+/// The backend label of `host` (a `Host` value or `:authority`, port allowed) when it is
+/// `<label>.<domain>`. DNS names compare case-insensitively (RFC 4343), so the label is
+/// returned as sent and the caller checks it against the name grammar.
+pub fn host_backend<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let cut = host.len().checked_sub(domain.len() + 1)?;
+    if !host.is_char_boundary(cut) {
+        return None;
+    }
+    let (label, rest) = host.split_at(cut);
+    (rest.as_bytes()[0] == b'.' && rest[1..].eq_ignore_ascii_case(domain) && !label.is_empty())
+        .then_some(label)
+}
+
+/// Routes a request from its raw path, raw query, `X-Server-Name` value and the backend
+/// label of its host (see [`host_backend`]), which wins over everything else.
 pub fn route<'a>(
     path: &'a str,
     query: Option<&str>,
     server_name: Option<&'a [u8]>,
+    host_label: Option<&'a str>,
 ) -> Result<Route<'a>, RouteError> {
     if has_dot_segment(path) {
         return Err(RouteError::Bad(format!(
@@ -48,6 +68,19 @@ pub fn route<'a>(
         Some(q) => format!("{p}?{q}"),
         None => p.to_owned(),
     };
+    if let Some(label) = host_label {
+        // One DNS label: a name with dots would span several labels of the domain.
+        if !is_valid_name(label) || label.contains('.') {
+            return Err(RouteError::Bad(format!(
+                "host label {label:?} is not a backend name reachable by host"
+            )));
+        }
+        return Ok(Route {
+            name: label,
+            target: with_query(path),
+            prefix: None,
+        });
+    }
     if path == "/client" || path.starts_with(CLIENT_PREFIX) {
         let rest = path.get(CLIENT_PREFIX.len()..).unwrap_or("");
         let (name, tail) = match rest.find('/') {
@@ -125,7 +158,7 @@ mod tests {
     use super::*;
 
     fn ok(path: &str, query: Option<&str>) -> (String, String, Option<String>) {
-        let r = route(path, query, None).unwrap();
+        let r = route(path, query, None, None).unwrap();
         (r.name.into(), r.target, r.prefix.map(Into::into))
     }
 
@@ -146,25 +179,51 @@ mod tests {
 
     #[test]
     fn header_routing() {
-        let r = route("/pkg.Svc/Call", None, Some(b"robot-1")).unwrap();
+        let r = route("/pkg.Svc/Call", None, Some(b"robot-1"), None).unwrap();
         assert_eq!(
             (r.name, r.target.as_str(), r.prefix),
             ("robot-1", "/pkg.Svc/Call", None)
         );
         // The path wins over the header.
-        assert_eq!(route("/client/a/x", None, Some(b"b")).unwrap().name, "a");
+        assert_eq!(
+            route("/client/a/x", None, Some(b"b"), None).unwrap().name,
+            "a"
+        );
         assert!(matches!(
-            route("/x", None, None),
+            route("/x", None, None, None),
             Err(RouteError::NoRoute(_))
         ));
         assert!(matches!(
-            route("/x", None, Some(b"a/b")),
+            route("/x", None, Some(b"a/b"), None),
             Err(RouteError::Bad(_))
         ));
         assert!(matches!(
-            route("/x", None, Some(b"")),
+            route("/x", None, Some(b""), None),
             Err(RouteError::Bad(_))
         ));
+    }
+
+    #[test]
+    fn host_routing() {
+        let d = "relay.example.com";
+        assert_eq!(host_backend("robot.relay.example.com", d), Some("robot"));
+        assert_eq!(
+            host_backend("Robot.RELAY.example.com:8443", d),
+            Some("Robot")
+        );
+        assert_eq!(host_backend("robot.relay.example.com.", d), Some("robot"));
+        assert_eq!(host_backend("relay.example.com", d), None);
+        assert_eq!(host_backend(".relay.example.com", d), None);
+        assert_eq!(host_backend("robotrelay.example.com", d), None);
+        assert_eq!(host_backend("robot.relay.example.com.evil", d), None);
+        let r = route("/client/x/y", Some("q"), Some(b"z"), Some("robot")).unwrap();
+        assert_eq!(
+            (r.name, r.target.as_str(), r.prefix),
+            ("robot", "/client/x/y?q", None)
+        );
+        assert!(route("/", None, None, Some("a.b")).is_err());
+        assert!(route("/", None, None, Some("a%2fb")).is_err());
+        assert!(route("/a/../b", None, None, Some("a")).is_err());
     }
 
     #[test]
@@ -186,7 +245,7 @@ mod tests {
             "/x/../client/a",
         ] {
             assert!(
-                matches!(route(p, None, None), Err(RouteError::Bad(_))),
+                matches!(route(p, None, None, None), Err(RouteError::Bad(_))),
                 "{p} was accepted"
             );
         }

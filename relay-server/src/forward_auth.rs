@@ -1,0 +1,153 @@
+//! `forward-auth` access: an external service decides, following the convention of nginx
+//! `auth_request` and Traefik ForwardAuth, so oauth2-proxy or any OIDC gateway can guard
+//! backends.
+//!
+//! For every user request the relay sends `GET <url>` with the user's headers plus
+//! `X-Forwarded-Method`, `-Proto`, `-Host`, `-Uri` and `-For`. A 2xx admits the request and
+//! the configured response headers (e.g. `X-Auth-Request-User`) are copied onto it,
+//! replacing whatever the user sent under those names. A 3xx, 401 or 403 is passed to the
+//! user as it is (a sign-in redirect or a challenge). Anything else, or no answer within the
+//! timeout, is a 502: the relay fails closed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use relay_common::headers::strip_hop_by_hop;
+
+use crate::access::{passthrough, AccessError, Verdict};
+
+/// Largest denial body copied to the user.
+const MAX_DENIAL_BODY: usize = 64 * 1024;
+
+/// Settings of the forward-auth check.
+#[derive(Clone, Debug)]
+pub struct ForwardAuthConfig {
+    /// The authorization endpoint (`http://` or `https://`, system roots).
+    pub url: Uri,
+    /// Response headers of a 2xx answer copied onto the request to the backend.
+    pub copy_headers: Vec<HeaderName>,
+    /// How long the service may take.
+    pub timeout: Duration,
+}
+
+/// The forward-auth client.
+pub struct ForwardAuth {
+    cfg: ForwardAuthConfig,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+}
+
+/// What the check needs to know about the user request.
+pub struct Original<'a> {
+    /// Request method.
+    pub method: &'a Method,
+    /// The target as the user sent it (path and query).
+    pub uri: &'a str,
+    /// Host the user addressed.
+    pub host: Option<&'a HeaderValue>,
+    /// The user's address.
+    pub peer: SocketAddr,
+    /// Whether the user came over TLS.
+    pub https: bool,
+}
+
+impl ForwardAuth {
+    /// A client for `cfg`.
+    pub fn new(cfg: ForwardAuthConfig) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(ForwardAuth {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            cfg,
+        })
+    }
+
+    /// Asks the service about one request; on admission, `headers` (the request to the
+    /// backend) gets the copied headers.
+    pub async fn check(
+        &self,
+        orig: &Original<'_>,
+        headers: &mut HeaderMap,
+    ) -> Result<Verdict, AccessError> {
+        let mut ask = Request::new(Empty::new());
+        *ask.uri_mut() = self.cfg.url.clone();
+        let h = ask.headers_mut();
+        *h = headers.clone();
+        strip_hop_by_hop(h, false);
+        h.remove(header::HOST);
+        h.remove(header::CONTENT_LENGTH);
+        set(h, "x-forwarded-method", orig.method.as_str());
+        set(
+            h,
+            "x-forwarded-proto",
+            if orig.https { "https" } else { "http" },
+        );
+        if let Some(host) = orig.host {
+            h.insert("x-forwarded-host", host.clone());
+        }
+        set(h, "x-forwarded-uri", orig.uri);
+        set(h, "x-forwarded-for", &orig.peer.ip().to_string());
+        let resp = tokio::time::timeout(self.cfg.timeout, self.client.request(ask))
+            .await
+            .map_err(|_| {
+                AccessError::AuthService(format!("no answer within {:?}", self.cfg.timeout))
+            })?
+            .map_err(|e| AccessError::AuthService(format!("{e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            for name in &self.cfg.copy_headers {
+                headers.remove(name);
+                for v in resp.headers().get_all(name) {
+                    headers.append(name.clone(), v.clone());
+                }
+            }
+            return Ok(Verdict::Admit);
+        }
+        if status.is_redirection() || status.as_u16() == 401 || status.as_u16() == 403 {
+            let (parts, body) = resp.into_parts();
+            let body = tokio::time::timeout(
+                self.cfg.timeout,
+                Limited::new(body, MAX_DENIAL_BODY).collect(),
+            )
+            .await
+            .map_err(|_| AccessError::AuthService("its denial body did not arrive".into()))?
+            .map_err(|e| AccessError::AuthService(format!("reading its denial: {e}")))?
+            .to_bytes();
+            let mut h = parts.headers;
+            strip_hop_by_hop(&mut h, false);
+            h.remove(header::CONTENT_LENGTH);
+            return Ok(Verdict::Respond(passthrough(status, h, body)));
+        }
+        Err(AccessError::AuthService(format!("it answered {status}")))
+    }
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}

@@ -1,0 +1,317 @@
+//! Signed links and the sessions they open.
+//!
+//! A link `…/client/<name><path>?relay_exp=<unix>&relay_id=<nonce>&relay_sig=<hmac>` grants
+//! access to `<path>` and everything below it on backend `<name>` until it is used once or
+//! expires. The signature is HMAC-SHA256 (RFC 2104) over a versioned message of name, path,
+//! expiry and nonce, so none of them can be changed without the key. Using the link answers
+//! `303 See Other` to the same URL without the `relay_*` parameters, with an opaque session
+//! cookie; the link itself never reaches the backend.
+//!
+//! Session ids are 256 random bits and the server keeps only their SHA-256 digests, so
+//! neither a memory dump nor a hash-table timing leak gives a usable cookie. Nonces of used
+//! links are remembered until the link's own expiry, which makes each link single use.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+use crate::config::Secret;
+
+/// Name of the session cookie. Reserved: the relay strips it from every forwarded request.
+pub const SESSION_COOKIE: &str = "relay_session";
+
+/// Query parameters of a signed link.
+pub const PARAM_EXP: &str = "relay_exp";
+/// See [`PARAM_EXP`].
+pub const PARAM_ID: &str = "relay_id";
+/// See [`PARAM_EXP`].
+pub const PARAM_SIG: &str = "relay_sig";
+
+/// Why a link or session was refused. Every variant is a 403 with this text.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// Missing or malformed `relay_*` parameters.
+    #[error("malformed signed link: it needs relay_exp, relay_id and relay_sig")]
+    Malformed,
+    /// The signature does not match (wrong key, or a changed name, path or expiry).
+    #[error("the link's signature is not valid")]
+    BadSignature,
+    /// The expiry has passed.
+    #[error("the link has expired; ask for a new one")]
+    Expired,
+    /// The link was used before.
+    #[error("the link was already used; ask for a new one")]
+    Used,
+    /// Too many live sessions.
+    #[error("too many open sessions; try again later")]
+    Full,
+}
+
+/// Signs `path` on backend `name` until `exp` (Unix seconds) with `nonce`.
+fn mac(key: &[u8], name: &str, path: &str, exp: u64, nonce: &str) -> Hmac<Sha256> {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("bug: HMAC takes any key length");
+    // Fields cannot contain '\n' (names and nonces by grammar, paths are request targets),
+    // so the encoding is unambiguous.
+    m.update(format!("relay-link-v1\n{name}\n{path}\n{exp}\n{nonce}").as_bytes());
+    m
+}
+
+/// The query string (without `?`) that makes `path` on `name` a signed link valid for `ttl`.
+pub fn sign(key: &Secret, name: &str, path: &str, ttl: Duration) -> String {
+    let exp = unix_now() + ttl.as_secs().max(1);
+    let nonce = relay_common::id::random_hex(16);
+    let sig = hex(&mac(key.0.as_bytes(), name, path, exp, &nonce)
+        .finalize()
+        .into_bytes());
+    format!("{PARAM_EXP}={exp}&{PARAM_ID}={nonce}&{PARAM_SIG}={sig}")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The `relay_*` parameters of a query, and the query without them.
+pub struct LinkParams<'a> {
+    exp: Option<&'a str>,
+    id: Option<&'a str>,
+    sig: Option<&'a str>,
+    /// The query with the link parameters removed (`None` when nothing is left).
+    pub rest: Option<String>,
+}
+
+impl<'a> LinkParams<'a> {
+    /// Splits `query`; `None` when it carries no `relay_sig`.
+    pub fn parse(query: &'a str) -> Option<Self> {
+        let mut p = LinkParams {
+            exp: None,
+            id: None,
+            sig: None,
+            rest: None,
+        };
+        let mut rest = Vec::new();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some((PARAM_EXP, v)) => p.exp = Some(v),
+                Some((PARAM_ID, v)) => p.id = Some(v),
+                Some((PARAM_SIG, v)) => p.sig = Some(v),
+                _ => rest.push(pair),
+            }
+        }
+        p.sig?;
+        p.rest = (!rest.is_empty()).then(|| rest.join("&"));
+        Some(p)
+    }
+}
+
+struct Session {
+    name: String,
+    prefix: String,
+    created: Instant,
+    last_used: Mutex<Instant>,
+}
+
+/// Link verification and the session table.
+pub struct Sessions {
+    key: Secret,
+    idle: Duration,
+    max_age: Duration,
+    max_sessions: usize,
+    sessions: DashMap<[u8; 32], Session>,
+    /// Nonces of used links and the instant their link expires.
+    used: Mutex<HashMap<String, u64>>,
+}
+
+impl Sessions {
+    /// An empty table; links are checked with `key`.
+    pub fn new(key: Secret, idle: Duration, max_age: Duration, max_sessions: usize) -> Self {
+        Sessions {
+            key,
+            idle,
+            max_age,
+            max_sessions,
+            sessions: DashMap::new(),
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Absolute session lifetime (the cookie's `Max-Age`).
+    pub fn max_age(&self) -> Duration {
+        self.max_age
+    }
+
+    /// Live sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Checks a link for `path` on `name` and, if it is valid and unused, opens a session
+    /// and returns its cookie value.
+    pub fn redeem(&self, name: &str, path: &str, p: &LinkParams<'_>) -> Result<String, LinkError> {
+        let (Some(exp), Some(nonce), Some(sig)) = (p.exp, p.id, p.sig) else {
+            return Err(LinkError::Malformed);
+        };
+        let exp: u64 = exp.parse().map_err(|_| LinkError::Malformed)?;
+        if nonce.is_empty() || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(LinkError::Malformed);
+        }
+        let sig = unhex(sig).ok_or(LinkError::Malformed)?;
+        // `verify_slice` compares in constant time.
+        mac(self.key.0.as_bytes(), name, path, exp, nonce)
+            .verify_slice(&sig)
+            .map_err(|_| LinkError::BadSignature)?;
+        let now = unix_now();
+        if exp <= now {
+            return Err(LinkError::Expired);
+        }
+        {
+            let mut used = self.used.lock().expect("bug: poisoned");
+            if used.contains_key(nonce) {
+                return Err(LinkError::Used);
+            }
+            if self.sessions.len() >= self.max_sessions {
+                drop(used);
+                self.reap();
+                if self.sessions.len() >= self.max_sessions {
+                    return Err(LinkError::Full);
+                }
+                used = self.used.lock().expect("bug: poisoned");
+            }
+            used.insert(nonce.to_owned(), exp);
+        }
+        let id = relay_common::id::random_hex(32);
+        let now = Instant::now();
+        self.sessions.insert(
+            Sha256::digest(id.as_bytes()).into(),
+            Session {
+                name: name.to_owned(),
+                prefix: path.to_owned(),
+                created: now,
+                last_used: Mutex::new(now),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Whether the cookie value `id` is a live session for `path` on `name`; refreshes its
+    /// idle timer when it is.
+    pub fn check(&self, id: &str, name: &str, path: &str) -> bool {
+        let key: [u8; 32] = Sha256::digest(id.as_bytes()).into();
+        let Some(s) = self.sessions.get(&key) else {
+            return false;
+        };
+        let now = Instant::now();
+        let mut last = s.last_used.lock().expect("bug: poisoned");
+        let live =
+            now.duration_since(s.created) < self.max_age && now.duration_since(*last) < self.idle;
+        if live && s.name == name && path.starts_with(&s.prefix) {
+            *last = now;
+            return true;
+        }
+        false
+    }
+
+    /// Drops expired sessions and the nonces of expired links. Run periodically.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        self.sessions.retain(|_, s| {
+            now.duration_since(s.created) < self.max_age
+                && now.duration_since(*s.last_used.lock().expect("bug: poisoned")) < self.idle
+        });
+        let unix = unix_now();
+        self.used
+            .lock()
+            .expect("bug: poisoned")
+            .retain(|_, exp| *exp > unix);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sessions() -> Sessions {
+        Sessions::new(
+            Secret("k".repeat(32)),
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+            2,
+        )
+    }
+
+    #[test]
+    fn link_round_trip_single_use_and_scope() {
+        let s = sessions();
+        let q = sign(&s.key, "a", "/lab/", Duration::from_secs(60));
+        let full = format!("x=1&{q}");
+        let p = LinkParams::parse(&full).unwrap();
+        assert_eq!(p.rest.as_deref(), Some("x=1"));
+        // Another name or another path breaks the signature.
+        assert_eq!(s.redeem("b", "/lab/", &p), Err(LinkError::BadSignature));
+        assert_eq!(s.redeem("a", "/", &p), Err(LinkError::BadSignature));
+        let id = s.redeem("a", "/lab/", &p).unwrap();
+        assert_eq!(s.redeem("a", "/lab/", &p), Err(LinkError::Used));
+        assert!(s.check(&id, "a", "/lab/tree"));
+        assert!(!s.check(&id, "a", "/other"));
+        assert!(!s.check(&id, "b", "/lab/"));
+        assert!(!s.check("nope", "a", "/lab/"));
+    }
+
+    #[test]
+    fn expired_and_malformed() {
+        let s = sessions();
+        let exp = unix_now() - 1;
+        let sig = hex(&mac(s.key.0.as_bytes(), "a", "/", exp, "ab")
+            .finalize()
+            .into_bytes());
+        let q = format!("relay_exp={exp}&relay_id=ab&relay_sig={sig}");
+        assert_eq!(
+            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()),
+            Err(LinkError::Expired)
+        );
+        let q = "relay_exp=9&relay_sig=00";
+        assert_eq!(
+            s.redeem("a", "/", &LinkParams::parse(q).unwrap()),
+            Err(LinkError::Malformed)
+        );
+        assert!(LinkParams::parse("a=b").is_none());
+    }
+
+    #[test]
+    fn session_table_is_bounded() {
+        let s = sessions();
+        for _ in 0..2 {
+            let q = sign(&s.key, "a", "/", Duration::from_secs(60));
+            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()).unwrap();
+        }
+        let q = sign(&s.key, "a", "/", Duration::from_secs(60));
+        assert_eq!(
+            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()),
+            Err(LinkError::Full)
+        );
+    }
+}
