@@ -120,6 +120,11 @@ impl Broker {
         self.requests.len()
     }
 
+    /// Number of requests waiting for pickup.
+    pub fn parked(&self) -> usize {
+        self.parked_total.load(Ordering::Acquire)
+    }
+
     /// Number of names with connected agents.
     pub fn connected_names(&self) -> usize {
         self.backends.len()

@@ -62,6 +62,17 @@ pub struct Config {
     pub max_headers: usize,
     /// Longest request target; longer ones get 414.
     pub max_uri_bytes: usize,
+    /// Largest request body (413 beyond); `None` is unlimited.
+    pub max_request_body: Option<u64>,
+    /// Longest wait for the next request body byte while the relay waits for it (408).
+    pub upload_inactivity_timeout: Duration,
+    /// Open connections across all listeners (more are closed at accept).
+    pub max_connections: usize,
+    /// Open connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// An HTTP/2 connection without an open stream for this long is closed (GOAWAY).
+    /// HTTP/1.1 connections idle between requests are bound by `header_read_timeout`.
+    pub idle_timeout: Duration,
     /// `Retry-After` seconds on 503 answers.
     pub retry_after_secs: u64,
     /// Certificate chain and private key (PEM) to terminate TLS with; reloaded on change.
@@ -163,6 +174,11 @@ impl Default for Config {
             max_headers: 100,
             max_uri_bytes: 8 * 1024,
             retry_after_secs: 2,
+            max_request_body: None,
+            upload_inactivity_timeout: Duration::from_secs(60),
+            max_connections: 50_000,
+            max_connections_per_ip: 256,
+            idle_timeout: Duration::from_secs(75),
             tls: None,
             access: AccessPolicy::default(),
             user_tokens: Vec::new(),

@@ -20,7 +20,7 @@ use crate::access::{
 use crate::body::{empty, RelayBody, RelayedBody};
 use crate::error::RelayError;
 use crate::forward_auth::Original;
-use crate::pending::{Pending, ResponseStart, UploadSlot, UploadSource};
+use crate::pending::{Pending, ResponseStart, UploadFailure, UploadSlot, UploadSource};
 use crate::router::{host_backend, route, RouteError};
 use crate::State;
 
@@ -114,6 +114,12 @@ async fn relay(
         set_upgrade_headers(&mut headers, proto);
     }
     let content_length = body.size_hint().exact();
+    // RFC 9110 §15.5.14: refuse a declared oversize body before anything is relayed.
+    if let (Some(n), Some(max)) = (content_length, state.cfg.max_request_body) {
+        if n > max {
+            return Err(RelayError::PayloadTooLarge(max));
+        }
+    }
     let (body_kind, upload) = if body.is_end_stream() {
         (BodyKind::Empty, None)
     } else {
@@ -143,6 +149,7 @@ async fn relay(
     };
     let (head_tx, head_rx) = oneshot::channel();
     let pending = Pending::new(id, name.clone(), head, slot, head_tx);
+    let upload_failed = pending.upload_failed.clone();
     let (guard, claimed) = state.broker.enqueue(&backend, pending)?;
 
     let agent = tokio::select! {
@@ -161,6 +168,13 @@ async fn relay(
         }
         _ = agent.gone.cancelled() => {
             return Err(RelayError::BadGateway("the relay-client disconnected".into()));
+        }
+        _ = upload_failed.cancelled() => {
+            return Err(match guard.pending().upload_failure.get() {
+                Some(UploadFailure::TooLarge(n)) => RelayError::PayloadTooLarge(*n),
+                Some(UploadFailure::Stalled(d)) => RelayError::UploadStalled(*d),
+                None => RelayError::BadGateway("the request body failed".into()),
+            });
         }
     };
     let (head, body_rx) = match start {

@@ -21,6 +21,12 @@ pub enum RelayError {
     /// The user is not admitted to the backend (downstream).
     #[error(transparent)]
     Access(#[from] crate::access::AccessError),
+    /// The request body is larger than allowed (downstream).
+    #[error("the request body is larger than {0} bytes")]
+    PayloadTooLarge(u64),
+    /// The user stopped sending the request body (downstream).
+    #[error("the request body stalled for {0:?}")]
+    UploadStalled(std::time::Duration),
     /// No agent is connected for the name (upstream, fail fast).
     #[error("no relay-client is connected for backend {0:?}")]
     NoAgent(String),
@@ -48,6 +54,8 @@ impl RelayError {
             RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RelayError::NotFound(_) => StatusCode::NOT_FOUND,
             RelayError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            RelayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RelayError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,
             RelayError::Access(AccessError::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
             RelayError::Access(AccessError::Forbidden(_)) => StatusCode::FORBIDDEN,
             RelayError::Access(AccessError::AuthService(_)) => StatusCode::BAD_GATEWAY,

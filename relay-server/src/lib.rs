@@ -40,6 +40,7 @@ pub mod config;
 pub mod downstream;
 pub mod error;
 pub mod forward_auth;
+pub mod limits;
 pub mod link;
 pub mod listener;
 pub mod pending;
@@ -70,6 +71,8 @@ pub struct State {
     pub sessions: link::Sessions,
     /// The forward-auth client, when configured.
     pub forward_auth: Option<forward_auth::ForwardAuth>,
+    /// Open connections, in total and per address.
+    pub conns: Arc<limits::ConnLimits>,
     /// Agents, queues, requests.
     pub broker: Arc<broker::Broker>,
     /// Set when shutdown began: new user requests get 503, polls hand out no new work.
@@ -86,6 +89,10 @@ impl State {
     /// Builds the state for `cfg`.
     pub fn new(cfg: Config) -> Self {
         State {
+            conns: Arc::new(limits::ConnLimits::new(
+                cfg.max_connections,
+                cfg.max_connections_per_ip,
+            )),
             tokens: auth::TokenStore::new(&cfg.agent_tokens),
             user_tokens: auth::TokenStore::new(&cfg.user_tokens),
             sessions: link::Sessions::new(

@@ -7,17 +7,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::{full, RelayBody};
 use crate::error::text_response;
+use crate::limits::{Activity, ConnLimits, FirstBytes};
 use crate::tls::Tls;
 use crate::{downstream, router, upstream, Config, State};
 
@@ -66,7 +67,6 @@ pub async fn serve_faces(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
-    let graceful = GracefulShutdown::new();
     let tls = match &state.cfg.tls {
         Some((cert, key)) => {
             let tls = Arc::new(
@@ -136,7 +136,7 @@ pub async fn serve_faces(
     let conns = Conns {
         state: &state,
         builder: &builder,
-        graceful: &graceful,
+        limits: &state.conns,
         tracker: &tracker,
         tls: tls.as_ref(),
     };
@@ -149,13 +149,9 @@ pub async fn serve_faces(
         }
         None => conns.accept_loop(public, public_face).await,
     }
-    if tokio::time::timeout(Duration::from_secs(1), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::debug!("connections still open after the drain; closing them");
-    }
     tracker.close();
+    // Connections got the stop; each gets a second to finish its response in progress.
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     state.tunnels.close();
     Ok(())
 }
@@ -164,7 +160,7 @@ pub async fn serve_faces(
 struct Conns<'a> {
     state: &'a Arc<State>,
     builder: &'a auto::Builder<TokioExecutor>,
-    graceful: &'a GracefulShutdown,
+    limits: &'a Arc<ConnLimits>,
     tracker: &'a TaskTracker,
     tls: Option<&'a Arc<Tls>>,
 }
@@ -185,22 +181,53 @@ impl Conns<'_> {
                     }
                 },
             };
+            let permit = match self.limits.admit(peer.ip()) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::debug!(%peer, reason = %e, "connection refused");
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let conn_state = self.state.clone();
             let https = self.tls.is_some();
-            let svc = service_fn(move |req| {
+            let activity = Arc::new(Activity::default());
+            let busy_on = activity.clone();
+            let conn_permit = permit.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let state = conn_state.clone();
-                async move { Ok::<_, Infallible>(dispatch(state, req, peer, https, face).await) }
+                let busy = busy_on.begin();
+                if conn_permit.counts_per_ip()
+                    && req.uri().path().starts_with("/server/")
+                    && face != Face::Public
+                    && state.tokens.authenticate(req.headers()).is_ok()
+                {
+                    conn_permit.exempt_from_per_ip();
+                }
+                async move {
+                    let resp = dispatch(state, req, peer, https, face).await;
+                    // The connection counts as busy until the response body is over.
+                    Ok::<_, Infallible>(resp.map(|b| {
+                        b.map_frame(move |f| {
+                            let _ = &busy;
+                            f
+                        })
+                        .boxed_unsync()
+                    }))
+                }
             });
             let builder = self.builder.clone();
-            let watcher = self.graceful.watcher();
             let acceptor = self.tls.map(|t| t.acceptor());
+            let stop = self.state.stop.clone();
+            let cfg = &self.state.cfg;
+            let (detect, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
             self.tracker.spawn(async move {
+                let _permit = permit;
                 let result = match acceptor {
                     None => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        watcher.watch(conn.into_owned()).await
+                        let io = TokioIo::new(FirstBytes::new(stream, detect));
+                        let conn = builder.serve_connection_with_upgrades(io, svc);
+                        supervise(conn, &activity, idle, &stop).await
                     }
                     Some(acceptor) => {
                         let tls_stream = match tokio::time::timeout(
@@ -219,9 +246,9 @@ impl Conns<'_> {
                                 return;
                             }
                         };
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-                        watcher.watch(conn.into_owned()).await
+                        let io = TokioIo::new(FirstBytes::new(tls_stream, detect));
+                        let conn = builder.serve_connection_with_upgrades(io, svc);
+                        supervise(conn, &activity, idle, &stop).await
                     }
                 };
                 if let Err(e) = result {
@@ -229,6 +256,39 @@ impl Conns<'_> {
                 }
             });
         }
+    }
+}
+
+/// Runs one connection to its end; asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
+/// close after the response in progress) when the server stops or the connection has had
+/// no request in progress for `idle`.
+async fn supervise<I, S>(
+    conn: auto::UpgradeableConnection<'_, I, S, TokioExecutor>,
+    activity: &Activity,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<RelayBody>,
+        Error = Infallible,
+    >,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, RelayBody>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = stop.cancelled() => {}
+        _ = activity.idle_for(idle) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    // A connection that does not finish within a second after the stop is dropped.
+    match tokio::time::timeout(Duration::from_secs(1), conn).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
     }
 }
 

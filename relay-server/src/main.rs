@@ -72,6 +72,25 @@ struct Cli {
     /// Longest request target in bytes (longer: 414).
     #[arg(long, env = "RELAY_MAX_URI_BYTES", default_value_t = 8 * 1024)]
     max_uri_bytes: usize,
+    /// Time allowed for a request head, and for a new connection to show its protocol
+    /// (slowloris guard); HTTP/1.1 connections idle between requests close after it too.
+    #[arg(long, env = "RELAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// An HTTP/2 connection without a request in progress for this long is closed.
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Largest request body in bytes (larger: 413); unlimited when unset.
+    #[arg(long, env = "RELAY_MAX_REQUEST_BODY")]
+    max_request_body: Option<u64>,
+    /// A request body without a new byte for this long is refused (408).
+    #[arg(long, env = "RELAY_UPLOAD_INACTIVITY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    upload_inactivity_timeout: Duration,
+    /// Open connections in total (more are closed at once).
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
+    max_connections: usize,
+    /// Open connections from one IP address.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: usize,
     /// Certificate chain (PEM) to serve HTTPS with (ALPN h2 and http/1.1); reloaded when the
     /// file changes.
     #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]
@@ -350,6 +369,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_head_bytes: cli.max_head_bytes,
         max_headers: cli.max_headers,
         max_uri_bytes: cli.max_uri_bytes,
+        header_read_timeout: cli.header_read_timeout,
+        idle_timeout: cli.idle_timeout,
+        max_request_body: cli.max_request_body,
+        upload_inactivity_timeout: cli.upload_inactivity_timeout,
+        max_connections: cli.max_connections,
+        max_connections_per_ip: cli.max_connections_per_ip,
         access,
         user_tokens,
         link_secret,

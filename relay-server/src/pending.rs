@@ -98,6 +98,21 @@ pub struct Pending {
     pub upload_done: CancellationToken,
     /// Upload bytes delivered so far, all exchanges together (tunnel idle tracking).
     pub upload_bytes: AtomicU64,
+    /// Why the relay gave up on the user's request body (set once).
+    pub upload_failure: std::sync::OnceLock<UploadFailure>,
+    /// Cancelled when `upload_failure` is set: the user gets its status at once.
+    pub upload_failed: CancellationToken,
+    /// When the last request body byte arrived (the request's arrival before the first).
+    pub last_upload: Mutex<std::time::Instant>,
+}
+
+/// A request body the relay refused part way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadFailure {
+    /// More bytes than the configured maximum (413).
+    TooLarge(u64),
+    /// No byte for this long while the relay waited for one (408).
+    Stalled(std::time::Duration),
 }
 
 impl Pending {
@@ -125,6 +140,9 @@ impl Pending {
             upload_ready: tokio::sync::Notify::new(),
             upload_done: CancellationToken::new(),
             upload_bytes: AtomicU64::new(0),
+            upload_failure: std::sync::OnceLock::new(),
+            upload_failed: CancellationToken::new(),
+            last_upload: Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -136,6 +154,12 @@ impl Pending {
         if over {
             self.upload_done.cancel();
         }
+    }
+
+    /// Records why the relay gave up on the body and wakes the user handler.
+    pub fn fail_upload(&self, why: UploadFailure) {
+        let _ = self.upload_failure.set(why);
+        self.upload_failed.cancel();
     }
 
     /// Whether the upload ended broken (reset) rather than finished (half-close).

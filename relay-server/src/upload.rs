@@ -21,10 +21,19 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::body::BodyError;
-use crate::pending::{Pending, UploadSlot, UploadSource};
+use crate::pending::{Pending, UploadFailure, UploadSlot, UploadSource};
 
 /// Read size for tunnel bytes.
 const TUNNEL_READ: usize = 64 * 1024;
+
+/// Limits on a user's request body (not on tunnel bytes, which have their own idle timer).
+#[derive(Clone, Copy, Debug)]
+pub struct UploadLimits {
+    /// Most body bytes (413 beyond).
+    pub max_body: Option<u64>,
+    /// Longest wait for the next body byte (408 beyond).
+    pub inactivity: Duration,
+}
 
 /// What becomes of the upload after this exchange.
 enum Next {
@@ -46,6 +55,7 @@ pub struct UploadExchange {
     idle_for: Duration,
     user_gone: Pin<Box<WaitForCancellationFutureOwned>>,
     finished: bool,
+    limits: UploadLimits,
 }
 
 impl UploadExchange {
@@ -56,9 +66,10 @@ impl UploadExchange {
         offset: u64,
         max: u64,
         idle_for: Duration,
+        limits: UploadLimits,
     ) -> Self {
         let user_gone = Box::pin(pending.done.clone().cancelled_owned());
-        UploadExchange {
+        let mut x = UploadExchange {
             pending,
             source: Some(source),
             buf: BytesMut::new(),
@@ -70,7 +81,37 @@ impl UploadExchange {
             idle_for,
             user_gone,
             finished: false,
+            limits,
+        };
+        x.reset_idle();
+        x
+    }
+
+    fn is_body(&self) -> bool {
+        matches!(self.source, Some(UploadSource::Body(_)))
+    }
+
+    /// The idle timer ends the exchange (CONTINUE) after `idle_for`, or earlier when the
+    /// body's inactivity limit comes first.
+    fn reset_idle(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut deadline = now + self.idle_for;
+        if self.is_body() {
+            let last = *self.pending.last_upload.lock().expect("bug: poisoned");
+            let stall = tokio::time::Instant::from_std(last) + self.limits.inactivity;
+            deadline = deadline.min(stall.max(now));
         }
+        self.idle.as_mut().reset(deadline);
+    }
+
+    /// Gives up on the user's body: the agent gets ABORT, the user its status.
+    fn fail(&mut self, why: UploadFailure) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.pending.fail_upload(why);
+        let text = match why {
+            UploadFailure::TooLarge(n) => format!("the request body is larger than {n} bytes"),
+            UploadFailure::Stalled(d) => format!("the request body stalled for {d:?}"),
+        };
+        self.finish(Next::Broken, frame::control(Kind::Abort, text.as_bytes()))
     }
 
     fn finish(&mut self, next: Next, last: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -148,14 +189,21 @@ impl Body for UploadExchange {
                             continue;
                         }
                         let len = data.len();
+                        if let (true, Some(max)) = (this.is_body(), this.limits.max_body) {
+                            if this.offset + len as u64 > max {
+                                return this.fail(UploadFailure::TooLarge(max));
+                            }
+                        }
+                        if this.is_body() {
+                            *this.pending.last_upload.lock().expect("bug: poisoned") =
+                                std::time::Instant::now();
+                        }
                         this.sent += len as u64;
                         this.offset += len as u64;
                         this.pending
                             .upload_bytes
                             .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                        this.idle
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + this.idle_for);
+                        this.reset_idle();
                         this.queued = Some(data);
                         return Poll::Ready(Some(Ok(Frame::data(frame::header(Kind::Data, len)))));
                     }
@@ -182,6 +230,12 @@ impl Body for UploadExchange {
                         );
                     }
                     if this.idle.as_mut().poll(cx).is_ready() {
+                        if this.is_body() {
+                            let last = *this.pending.last_upload.lock().expect("bug: poisoned");
+                            if last.elapsed() >= this.limits.inactivity {
+                                return this.fail(UploadFailure::Stalled(this.limits.inactivity));
+                            }
+                        }
                         return this.finish(Next::Continue, frame::control(Kind::Continue, b""));
                     }
                     return Poll::Pending;

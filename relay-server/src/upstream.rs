@@ -19,7 +19,7 @@ use crate::auth::Grant;
 use crate::body::{full, BodyMsg, RelayBody, BODY_CHANNEL_DEPTH};
 use crate::error::text_response;
 use crate::pending::{Pending, ResponseSink, ResponseStart, UploadSlot, UploadSource};
-use crate::upload::UploadExchange;
+use crate::upload::{UploadExchange, UploadLimits};
 use crate::State;
 
 /// Most requests one poll answer carries.
@@ -208,7 +208,18 @@ async fn request_stream(state: Arc<State>, grant: Grant, q: Query<'_>) -> Respon
         }
     };
     let max = q.max.unwrap_or(u64::MAX).max(1);
-    let exchange = UploadExchange::new(pending, source, offset, max, state.cfg.exchange_idle);
+    let limits = UploadLimits {
+        max_body: state.cfg.max_request_body,
+        inactivity: state.cfg.upload_inactivity_timeout,
+    };
+    let exchange = UploadExchange::new(
+        pending,
+        source,
+        offset,
+        max,
+        state.cfg.exchange_idle,
+        limits,
+    );
     no_store(Response::builder())
         .header(header::CONTENT_TYPE, "application/x-relay-frames")
         // nginx passes this response on as it arrives instead of buffering it.

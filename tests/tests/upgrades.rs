@@ -319,7 +319,12 @@ async fn a_101_to_a_plain_request_is_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_tunnels_open_at_once() {
     let (addr, _early) = raw_echo_backend().await;
-    let (server, _agent) = relay_to(addr, "e").await;
+    // A thousand users behind one address: above the default per-address limit.
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 4096;
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(&server.url(), "e", &format!("http://{addr}")));
+    server.wait_agent("e").await;
     let mut tunnels = Vec::new();
     for wave in 0..20 {
         let mut set = tokio::task::JoinSet::new();

@@ -1,0 +1,295 @@
+//! Connection-level limits: how many connections, how long a silent one may stay before
+//! it says which protocol it speaks, and how long an HTTP/2 connection may idle.
+//!
+//! Request-level limits (head size, header count, target length, body size and inactivity,
+//! parked requests) live where the request is read; see `docs/ARCHITECTURE.md`.
+
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Open connections, in total and per source address.
+pub struct ConnLimits {
+    total: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+    max_total: usize,
+    max_per_ip: usize,
+}
+
+/// One admitted connection; dropping it frees its place.
+pub struct ConnPermit {
+    limits: Arc<ConnLimits>,
+    ip: IpAddr,
+    /// Whether the connection still counts against its address's limit.
+    per_ip: std::sync::atomic::AtomicBool,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConnRefused {
+    /// The global limit.
+    #[error("{0} connections are open, the limit")]
+    Total(usize),
+    /// The per-address limit.
+    #[error("{0} connections are open from this address, the limit")]
+    PerIp(usize),
+}
+
+impl ConnLimits {
+    /// Limits of `max_total` connections and `max_per_ip` from one address.
+    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
+        ConnLimits {
+            total: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+            max_total,
+            max_per_ip,
+        }
+    }
+
+    /// Open connections.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Addresses with open connections (the per-address table never outgrows them).
+    pub fn addresses(&self) -> usize {
+        self.per_ip.len()
+    }
+
+    /// Admits a connection from `ip`, or says which limit it hit.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, ConnRefused> {
+        // IPv4-mapped IPv6 peers are the same hosts as their IPv4 form.
+        let ip = ip.to_canonical();
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(ConnRefused::Total(self.max_total));
+        }
+        let mut n = self.per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            drop(n);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(ConnRefused::PerIp(self.max_per_ip));
+        }
+        *n += 1;
+        Ok(ConnPermit {
+            limits: self.clone(),
+            ip,
+            per_ip: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+}
+
+impl ConnPermit {
+    /// Stops counting the connection against its address: an authenticated agent's
+    /// connections (one per exchange in flight) are bounded by its tokens' owner, not by
+    /// a limit meant for anonymous users sharing an address.
+    pub fn exempt_from_per_ip(&self) {
+        if self.per_ip.swap(false, Ordering::AcqRel) {
+            self.limits.per_ip.remove_if_mut(&self.ip, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
+    }
+
+    /// Whether the connection still counts against its address's limit.
+    pub fn counts_per_ip(&self) -> bool {
+        self.per_ip.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.exempt_from_per_ip();
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A stream that fails its reads with `TimedOut` if, by the deadline, the peer has not sent
+/// enough bytes to tell HTTP/1.1 from HTTP/2. hyper-util's protocol detection has no timer
+/// of its own, and hyper's header read timeout starts only after it, so without this a peer
+/// that connects and sends nothing (or half a preface) would hold its connection forever.
+pub struct FirstBytes<S> {
+    inner: S,
+    deadline: Option<Pin<Box<Sleep>>>,
+    matched: usize,
+}
+
+impl<S> FirstBytes<S> {
+    /// Wraps `inner`; the protocol must be recognisable within `timeout`.
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        FirstBytes {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            matched: 0,
+        }
+    }
+
+    /// Whether detection is over: a byte left the preface, or the whole preface arrived.
+    fn observe(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.matched == PREFACE.len() || b != PREFACE[self.matched] {
+                self.deadline = None;
+                return;
+            }
+            self.matched += 1;
+        }
+        if self.matched == PREFACE.len() {
+            self.deadline = None;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.deadline.is_none() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.observe(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP request line or preface in time",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Requests in progress on one connection, for its idle timer.
+#[derive(Default)]
+pub struct Activity {
+    state: Mutex<(usize, Option<Instant>)>,
+}
+
+/// One request in progress; dropped when its response body is over.
+pub struct Busy(Arc<Activity>);
+
+impl Activity {
+    /// Marks a request as started.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.state.lock().expect("bug: poisoned").0 += 1;
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in progress for `limit`.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().expect("bug: poisoned");
+                match *s {
+                    (0, Some(since)) if since.elapsed() >= limit => return,
+                    (0, Some(since)) => limit - since.elapsed(),
+                    (0, None) => {
+                        s.1 = Some(Instant::now());
+                        limit
+                    }
+                    _ => limit,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().expect("bug: poisoned");
+        s.0 -= 1;
+        s.1 = (s.0 == 0).then(Instant::now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permits_count_per_address_and_free_their_place() {
+        let l = Arc::new(ConnLimits::new(3, 2));
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let p1 = l.admit(a).unwrap();
+        let _p2 = l.admit(mapped).unwrap();
+        assert_eq!(l.admit(a).err(), Some(ConnRefused::PerIp(2)));
+        let _p3 = l.admit(b).unwrap();
+        assert_eq!(l.admit(b).err(), Some(ConnRefused::Total(3)));
+        drop(p1);
+        assert_eq!(l.open(), 2);
+        _p2.exempt_from_per_ip();
+        assert_eq!(l.addresses(), 1);
+        let _p5 = l.admit(a).unwrap();
+        assert_eq!(l.admit(b).err(), Some(ConnRefused::Total(3)));
+    }
+
+    #[test]
+    fn detection_ends_on_a_non_preface_byte_or_the_whole_preface() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut f = FirstBytes::new((), Duration::from_secs(1));
+            f.observe(b"PRI * HT");
+            assert!(f.deadline.is_some());
+            f.observe(b"TP/2.0\r\n\r\nSM\r\n\r\n");
+            assert!(f.deadline.is_none());
+            let mut f = FirstBytes::new((), Duration::from_secs(1));
+            f.observe(b"G");
+            assert!(f.deadline.is_none());
+        });
+    }
+}

@@ -1,0 +1,319 @@
+//! Every limit of the limits table, hit on purpose, with its exact outcome.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use relay_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A connection from `from` that completed one `/healthz` request and stays open.
+async fn healthy_conn(server: SocketAddr, from: &str) -> TcpStream {
+    let mut s = connect_from(server, from).await;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s
+}
+
+async fn connect_from(server: SocketAddr, from: &str) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    sock.connect(server).await.unwrap()
+}
+
+/// Whether the server closes `s` (EOF or reset) without answering, within 10 s.
+async fn closed_unanswered(mut s: TcpStream, send: &[u8]) -> bool {
+    let _ = s.write_all(send).await;
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await {
+        Ok(Ok(_)) => buf.is_empty() || !buf.starts_with(b"HTTP/1.1 200"),
+        Ok(Err(_)) => true,
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn connections_are_limited_per_address_and_in_total() {
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 2;
+    cfg.max_connections = 3;
+    let server = Server::start(cfg).await;
+    let a1 = healthy_conn(server.addr, "127.0.0.1").await;
+    let _a2 = healthy_conn(server.addr, "127.0.0.1").await;
+    let a3 = connect_from(server.addr, "127.0.0.1").await;
+    assert!(closed_unanswered(a3, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    let _b1 = healthy_conn(server.addr, "127.0.0.2").await;
+    let c1 = connect_from(server.addr, "127.0.0.3").await;
+    assert!(closed_unanswered(c1, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    assert_eq!(server.state.conns.open(), 3);
+    // A place frees when its connection goes.
+    drop(a1);
+    wait_for(|| server.state.conns.open() == 2).await;
+    let _c2 = healthy_conn(server.addr, "127.0.0.3").await;
+}
+
+#[tokio::test]
+async fn agent_connections_do_not_count_against_their_address() {
+    let (backend, _seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 2;
+    let server = Server::start(cfg).await;
+    // Four pollers, each on its own connection from 127.0.0.1.
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "a",
+        &format!("http://{backend}"),
+    ));
+    wait_for(|| server.state.conns.open() >= 4 && server.state.conns.addresses() == 0).await;
+    // Users from the same address still have their two places, and the agent's response
+    // exchanges still get through.
+    let c = client();
+    for i in 0..5 {
+        let resp = c
+            .request(
+                Request::get(format!("{}/client/a/{i}", server.url()))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn silent_slow_and_idle_connections_are_closed_after_the_header_read_timeout() {
+    let mut cfg = server_config();
+    cfg.header_read_timeout = Duration::from_millis(300);
+    let server = Server::start(cfg).await;
+    for (what, send) in [
+        ("nothing at all", &b""[..]),
+        (
+            "half a request head",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        ),
+        ("half an HTTP/2 preface", b"PRI * HTTP/2.0\r\n"),
+    ] {
+        let s = connect_from(server.addr, "127.0.0.1").await;
+        assert!(closed_unanswered(s, send).await, "{what}: still open");
+    }
+    // Idle after a complete request: closed too.
+    let mut s = healthy_conn(server.addr, "127.0.0.1").await;
+    let mut buf = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection stayed open"
+    );
+    // Meanwhile normal requests are served.
+    let _ok = healthy_conn(server.addr, "127.0.0.1").await;
+}
+
+#[tokio::test]
+async fn idle_http2_connection_gets_goaway() {
+    let mut cfg = server_config();
+    cfg.idle_timeout = Duration::from_millis(300);
+    let server = Server::start(cfg).await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/healthz", server.addr))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::OK);
+    // The connection ends by itself (GOAWAY, close); without the idle timer hyper would
+    // keep it open with pings forever.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection stayed open");
+}
+
+#[tokio::test]
+async fn request_body_over_the_limit_is_413() {
+    let (backend, seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.max_request_body = Some(1000);
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "a",
+        &format!("http://{backend}"),
+    ));
+    server.wait_agent("a").await;
+    let c = client();
+    let url = format!("{}/client/a/up", server.url());
+    // Declared too large: refused before anything is relayed.
+    let resp = c
+        .request(Request::post(&url).body(full(vec![b'x'; 1001])).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let text = body_bytes(resp.into_body()).await.unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("larger than 1000 bytes"));
+    assert!(seen.lock().unwrap().is_empty());
+    // Streamed past the limit: refused when the limit is crossed.
+    let (tx, body) = channel_body(4);
+    let sender = tokio::spawn(async move {
+        for _ in 0..3 {
+            if tx.send(data(vec![b'y'; 600])).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    let resp = c
+        .request(Request::post(&url).body(body).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    drop(sender.await.unwrap());
+    // Exactly the limit passes.
+    let resp = c
+        .request(Request::post(&url).body(full(vec![b'z'; 1000])).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap().len(), 1000);
+    assert!(seen.lock().unwrap().iter().all(|s| s.body.len() <= 1000));
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn stalled_upload_is_408() {
+    let (backend, _seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.upload_inactivity_timeout = Duration::from_millis(300);
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "a",
+        &format!("http://{backend}"),
+    ));
+    server.wait_agent("a").await;
+    let (tx, body) = channel_body(4);
+    tx.send(data(Bytes::from_static(b"first bytes")))
+        .await
+        .unwrap();
+    let resp = client()
+        .request(
+            Request::post(format!("{}/client/a/up", server.url()))
+                .body(body)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    let text = body_bytes(resp.into_body()).await.unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("stalled"));
+    drop(tx);
+    server.wait_idle().await;
+}
+
+/// Parks a poll that takes no work, so `name` has a connected agent that never picks up.
+fn stalled_agent(server: &Server, name: &str) -> tokio::task::JoinHandle<()> {
+    let url = format!("{}/server/request?server={name}&max=0", server.url());
+    tokio::spawn(async move {
+        let req = Request::get(url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("x-relay-agent-id", "stalled")
+            .body(empty())
+            .unwrap();
+        let _ = client().request(req).await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_requests_at_a_stalled_agent_hold_the_caps_and_leave_nothing() {
+    let mut cfg = server_config();
+    cfg.max_parked_total = 150;
+    cfg.pickup_timeout = Duration::from_secs(3);
+    cfg.poll_timeout = Duration::from_secs(60);
+    let server = Server::start(cfg).await;
+    let _a = stalled_agent(&server, "a");
+    let _b = stalled_agent(&server, "b");
+    server.wait_agent("a").await;
+    server.wait_agent("b").await;
+
+    // HTTP/2: 100 streams per connection (the server's limit), so parked requests and
+    // refused ones use separate connections.
+    let parked_conn = h2_client();
+    let mut parked = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let c = parked_conn.clone();
+        let url = format!("{}/client/a/{i}", server.url());
+        parked.spawn(async move {
+            c.request(Request::get(url).body(empty()).unwrap())
+                .await
+                .unwrap()
+                .status()
+        });
+    }
+    wait_for(|| server.state.broker.parked() == 100).await;
+    let refused_conn = h2_client();
+    let mut refused = 0;
+    for wave in 0..99 {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let c = refused_conn.clone();
+            let url = format!("{}/client/a/{wave}-{i}", server.url());
+            set.spawn(async move {
+                let resp = c
+                    .request(Request::get(url).body(empty()).unwrap())
+                    .await
+                    .unwrap();
+                let retry = resp.headers().contains_key("retry-after");
+                let body = body_bytes(resp.into_body()).await.unwrap();
+                (retry, String::from_utf8_lossy(&body).into_owned())
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            let (retry, body) = r.unwrap();
+            assert!(retry && body.contains("too many requests"), "{body}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 9_900);
+    assert_eq!(server.state.broker.parked(), 100);
+    // The global cap: 50 more park for b, then b is refused too.
+    let other_conn = h2_client();
+    for i in 0..50 {
+        let c = other_conn.clone();
+        let url = format!("{}/client/b/{i}", server.url());
+        parked.spawn(async move {
+            c.request(Request::get(url).body(empty()).unwrap())
+                .await
+                .unwrap()
+                .status()
+        });
+    }
+    wait_for(|| server.state.broker.parked() == 150).await;
+    let resp = client()
+        .request(
+            Request::get(format!("{}/client/b/over", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The parked ones time out; nothing stays behind.
+    while let Some(s) = parked.join_next().await {
+        assert_eq!(s.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    server.wait_idle().await;
+    assert_eq!(server.state.broker.parked(), 0);
+}
