@@ -130,4 +130,14 @@ mod tests {
         assert_eq!(auth(Some("Bearer t")), Err(AuthError::Invalid));
         assert_eq!(auth(Some("Bearer tax")), Err(AuthError::Invalid));
     }
+
+    #[test]
+    fn wrong_tokens_of_any_length_are_refused() {
+        // Every length reaches the same digest comparison: there is no length shortcut.
+        let s = store();
+        for len in [0, 1, 2, 3, 15, 16, 32, 64, 4096, 1 << 20] {
+            assert_eq!(s.check(&vec![b't'; len]), None, "length {len}");
+        }
+        assert!(s.check(b"tab").is_some());
+    }
 }

@@ -144,3 +144,59 @@ impl<G: Unpin> Body for RelayedBody<G> {
         }
     }
 }
+
+/// The user's request body, with the first frame when the relay already read it. Reading
+/// what is buffered before the request is queued makes malformed framing (a bad chunk size
+/// sent with the head) a 400 that no agent ever sees.
+pub struct UserBody {
+    first: Option<Frame<Bytes>>,
+    inner: hyper::body::Incoming,
+}
+
+impl UserBody {
+    /// Takes whatever `inner` has buffered, without waiting for more.
+    pub fn prefetch(mut inner: hyper::body::Incoming) -> Result<Self, hyper::Error> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let first = match Pin::new(&mut inner).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => Some(f),
+            Poll::Ready(Some(Err(e))) => return Err(e),
+            Poll::Ready(None) | Poll::Pending => None,
+        };
+        Ok(UserBody { first, inner })
+    }
+}
+
+impl Body for UserBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        if let Some(n) = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+        {
+            hint.set_lower(hint.lower() + n);
+            if let Some(u) = hint.upper() {
+                hint.set_upper(u + n);
+            }
+        }
+        hint
+    }
+}

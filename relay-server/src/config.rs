@@ -16,6 +16,54 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or network"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("bad prefix length in {s:?}"))?,
+            None => max,
+        };
+        Ok(Cidr { net, len })
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let (a, b, bits) = match (self.net, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(i)) => {
+                (u32::from(n) as u128, u32::from(i) as u128, 32)
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(i)) => {
+                (u128::from(n), u128::from(i), 128)
+            }
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.len);
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
+}
+
 /// Which names an agent token may serve.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenScope {
@@ -73,6 +121,9 @@ pub struct Config {
     /// An HTTP/2 connection without an open stream for this long is closed (GOAWAY).
     /// HTTP/1.1 connections idle between requests are bound by `header_read_timeout`.
     pub idle_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` headers are kept and appended to; from anyone else they
+    /// are replaced, so a user cannot make the backend believe a forged client address.
+    pub trusted_proxies: Vec<Cidr>,
     /// `Retry-After` seconds on 503 answers.
     pub retry_after_secs: u64,
     /// Certificate chain and private key (PEM) to terminate TLS with; reloaded on change.
@@ -175,6 +226,7 @@ impl Default for Config {
             max_uri_bytes: 8 * 1024,
             retry_after_secs: 2,
             max_request_body: None,
+            trusted_proxies: Vec::new(),
             upload_inactivity_timeout: Duration::from_secs(60),
             max_connections: 50_000,
             max_connections_per_ip: 256,
@@ -189,5 +241,25 @@ impl Default for Config {
             forward_auth: None,
             public_domain: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_contains() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.1".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let one: Cidr = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope".parse::<Cidr>().is_err());
     }
 }

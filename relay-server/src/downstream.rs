@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use crate::access::{
     check_link, check_token, strip_session_cookie, AccessError, AccessMode, Verdict, TOKEN_HEADER,
 };
-use crate::body::{empty, RelayBody, RelayedBody};
+use crate::body::{empty, RelayBody, RelayedBody, UserBody};
 use crate::error::RelayError;
 use crate::forward_auth::Original;
 use crate::pending::{Pending, ResponseStart, UploadFailure, UploadSlot, UploadSource};
@@ -63,6 +63,7 @@ async fn relay(
             "Upgrade: h2c is not supported; use HTTP/2 with prior knowledge".into(),
         ));
     }
+    check_framing(&req)?;
     if state.draining() {
         return Err(RelayError::Draining);
     }
@@ -109,7 +110,12 @@ async fn relay(
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let is_head = parts.method == Method::HEAD;
-    let mut headers = forward_headers(&parts, peer, https, route.prefix)?;
+    let trusted = state
+        .cfg
+        .trusted_proxies
+        .iter()
+        .any(|c| c.contains(peer.ip()));
+    let mut headers = forward_headers(&parts, peer, https, route.prefix, trusted)?;
     if let Some(proto) = &upgrade {
         set_upgrade_headers(&mut headers, proto);
     }
@@ -123,6 +129,9 @@ async fn relay(
     let (body_kind, upload) = if body.is_end_stream() {
         (BodyKind::Empty, None)
     } else {
+        let body = UserBody::prefetch(body).map_err(|e| {
+            RelayError::BadRequest(format!("the request body's framing is malformed: {e}"))
+        })?;
         (BodyKind::Stream, Some(body))
     };
     let id = RequestId::random();
@@ -173,6 +182,9 @@ async fn relay(
             return Err(match guard.pending().upload_failure.get() {
                 Some(UploadFailure::TooLarge(n)) => RelayError::PayloadTooLarge(*n),
                 Some(UploadFailure::Stalled(d)) => RelayError::UploadStalled(*d),
+                Some(UploadFailure::Malformed) => RelayError::BadRequest(
+                    "the request body's framing is malformed".into(),
+                ),
                 None => RelayError::BadGateway("the request body failed".into()),
             });
         }
@@ -274,6 +286,36 @@ fn switch(
     Ok(resp)
 }
 
+/// Refuses HTTP/1.1 framing that hyper accepts but the relay cannot pass on faithfully.
+/// RFC 9112 §6.1: a transfer coding other than the final `chunked` is not understood here
+/// (501), since the backend would get undecoded bytes without knowing. (Both
+/// Transfer-Encoding and Content-Length: hyper frames by Transfer-Encoding, drops
+/// Content-Length and closes the connection after the answer, RFC 9112 §6.3.)
+fn check_framing<B>(req: &Request<B>) -> Result<(), RelayError> {
+    if req.version() >= http::Version::HTTP_2 {
+        return Ok(());
+    }
+    let h = req.headers();
+    let te: Vec<_> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if te.is_empty() {
+        return Ok(());
+    }
+    let codings: Vec<String> = te
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if codings != ["chunked"] {
+        return Err(RelayError::NotImplemented(format!(
+            "transfer coding {:?} is not supported; only chunked is",
+            codings.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// The host the user addressed: `:authority` (HTTP/2, RFC 9113 §8.3.1) or `Host`.
 pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
@@ -342,12 +384,19 @@ fn forward_headers(
     peer: SocketAddr,
     https: bool,
     prefix: Option<&str>,
+    trusted: bool,
 ) -> Result<HeaderMap, RelayError> {
     let mut h = req.headers.clone();
     if h.get_all(header::HOST).iter().count() > 1 {
         return Err(RelayError::BadRequest("more than one Host header".into()));
     }
     strip_hop_by_hop(&mut h, true);
+    if !trusted {
+        // Only a trusted proxy may speak for the client (RFC 7239 §8.1).
+        for name in FORWARDING_HEADERS {
+            h.remove(*name);
+        }
+    }
     // The relay's own credentials never reach the backend, whatever the access mode.
     h.remove(TOKEN_HEADER);
     strip_session_cookie(&mut h);
@@ -360,13 +409,14 @@ fn forward_headers(
         }
     }
     append(&mut h, "x-forwarded-for", &peer.ip().to_string());
-    append(
-        &mut h,
-        "x-forwarded-proto",
-        if https { "https" } else { "http" },
-    );
-    if let Some(host) = h.get(header::HOST).cloned() {
-        h.append("x-forwarded-host", host);
+    if !h.contains_key("x-forwarded-proto") {
+        let proto = if https { "https" } else { "http" };
+        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+    if !h.contains_key("x-forwarded-host") {
+        if let Some(host) = h.get(header::HOST).cloned() {
+            h.insert("x-forwarded-host", host);
+        }
     }
     if let Some(prefix) = prefix {
         h.insert(
@@ -376,6 +426,17 @@ fn forward_headers(
     }
     Ok(h)
 }
+
+/// Headers that describe the client to the backend; dropped from untrusted peers.
+const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+];
 
 /// Appends to a comma-separated list header (RFC 9110 §5.3), keeping one field line.
 fn append(h: &mut HeaderMap, name: &'static str, value: &str) {

@@ -21,6 +21,9 @@ pub enum RelayError {
     /// The user is not admitted to the backend (downstream).
     #[error(transparent)]
     Access(#[from] crate::access::AccessError),
+    /// The request uses something the relay does not implement (downstream).
+    #[error("{0}")]
+    NotImplemented(String),
     /// The request body is larger than allowed (downstream).
     #[error("the request body is larger than {0} bytes")]
     PayloadTooLarge(u64),
@@ -54,6 +57,7 @@ impl RelayError {
             RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RelayError::NotFound(_) => StatusCode::NOT_FOUND,
             RelayError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            RelayError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             RelayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,
             RelayError::Access(AccessError::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,

@@ -65,13 +65,21 @@ impl ConnLimits {
         self.per_ip.len()
     }
 
-    /// Admits a connection from `ip`, or says which limit it hit.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, ConnRefused> {
+    /// Admits a connection from `ip`, or says which limit it hit. `per_ip` false admits
+    /// it without counting it against its address (the agent listener's connections).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, per_ip: bool) -> Result<ConnPermit, ConnRefused> {
         // IPv4-mapped IPv6 peers are the same hosts as their IPv4 form.
         let ip = ip.to_canonical();
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(ConnRefused::Total(self.max_total));
+        }
+        if !per_ip {
+            return Ok(ConnPermit {
+                limits: self.clone(),
+                ip,
+                per_ip: std::sync::atomic::AtomicBool::new(false),
+            });
         }
         let mut n = self.per_ip.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
@@ -262,17 +270,20 @@ mod tests {
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let p1 = l.admit(a).unwrap();
-        let _p2 = l.admit(mapped).unwrap();
-        assert_eq!(l.admit(a).err(), Some(ConnRefused::PerIp(2)));
-        let _p3 = l.admit(b).unwrap();
-        assert_eq!(l.admit(b).err(), Some(ConnRefused::Total(3)));
+        let p1 = l.admit(a, true).unwrap();
+        let _p2 = l.admit(mapped, true).unwrap();
+        assert_eq!(l.admit(a, true).err(), Some(ConnRefused::PerIp(2)));
+        let _p3 = l.admit(b, true).unwrap();
+        assert_eq!(l.admit(b, true).err(), Some(ConnRefused::Total(3)));
         drop(p1);
         assert_eq!(l.open(), 2);
         _p2.exempt_from_per_ip();
         assert_eq!(l.addresses(), 1);
-        let _p5 = l.admit(a).unwrap();
-        assert_eq!(l.admit(b).err(), Some(ConnRefused::Total(3)));
+        let _p5 = l.admit(a, true).unwrap();
+        assert_eq!(l.admit(b, true).err(), Some(ConnRefused::Total(3)));
+        drop(_p5);
+        let _agent = l.admit(a, false).unwrap();
+        assert_eq!(l.addresses(), 1);
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Conns<'_> {
                     }
                 },
             };
-            let permit = match self.limits.admit(peer.ip()) {
+            let permit = match self.limits.admit(peer.ip(), face != Face::Agent) {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
                     tracing::debug!(%peer, reason = %e, "connection refused");

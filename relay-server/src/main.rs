@@ -85,6 +85,14 @@ struct Cli {
     /// A request body without a new byte for this long is refused (408).
     #[arg(long, env = "RELAY_UPLOAD_INACTIVITY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     upload_inactivity_timeout: Duration,
+    /// Proxy in front of the relay (IP or CIDR) whose X-Forwarded-* headers are kept;
+    /// repeatable. From other peers they are replaced.
+    #[arg(
+        long = "trusted-proxy",
+        env = "RELAY_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<relay_server::config::Cidr>,
     /// Open connections in total (more are closed at once).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
@@ -374,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_request_body: cli.max_request_body,
         upload_inactivity_timeout: cli.upload_inactivity_timeout,
         max_connections: cli.max_connections,
+        trusted_proxies: cli.trusted_proxies.clone(),
         max_connections_per_ip: cli.max_connections_per_ip,
         access,
         user_tokens,

@@ -4,7 +4,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use relay_common::id::RequestId;
@@ -49,7 +48,7 @@ pub struct ResponseSink {
 /// switched connection.
 pub enum UploadSource {
     /// The request body.
-    Body(Incoming),
+    Body(crate::body::UserBody),
     /// The read half of the upgraded user connection.
     Tunnel(ReadHalf<TokioIo<Upgraded>>),
 }
@@ -113,6 +112,8 @@ pub enum UploadFailure {
     TooLarge(u64),
     /// No byte for this long while the relay waited for one (408).
     Stalled(std::time::Duration),
+    /// The body's framing broke (a bad chunk; 400).
+    Malformed,
 }
 
 impl Pending {

@@ -110,6 +110,7 @@ impl UploadExchange {
         let text = match why {
             UploadFailure::TooLarge(n) => format!("the request body is larger than {n} bytes"),
             UploadFailure::Stalled(d) => format!("the request body stalled for {d:?}"),
+            UploadFailure::Malformed => "the request body's framing is malformed".to_owned(),
         };
         self.finish(Next::Broken, frame::control(Kind::Abort, text.as_bytes()))
     }
@@ -167,7 +168,7 @@ impl Body for UploadExchange {
                             f.into_data()
                                 .map_err(|f| f.into_trailers().unwrap_or_default())
                         })
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| (e.is_parse(), e.to_string()))
                     })
                 }),
                 UploadSource::Tunnel(rd) => {
@@ -178,7 +179,7 @@ impl Body for UploadExchange {
                         Poll::Pending => Poll::Pending,
                         Poll::Ready(Ok(0)) => Poll::Ready(None),
                         Poll::Ready(Ok(_)) => Poll::Ready(Some(Ok(Ok(this.buf.split().freeze())))),
-                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.to_string()))),
+                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err((false, e.to_string())))),
                     }
                 }
             };
@@ -215,7 +216,8 @@ impl Body for UploadExchange {
                         return this.finish(Next::Finished, frame::control(Kind::Trailers, &json));
                     }
                 },
-                Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err((true, _)))) => return this.fail(UploadFailure::Malformed),
+                Poll::Ready(Some(Err((false, e)))) => {
                     let why = format!("the user's side failed: {e}");
                     return this.finish(Next::Broken, frame::control(Kind::Abort, why.as_bytes()));
                 }

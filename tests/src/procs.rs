@@ -86,6 +86,26 @@ impl Proc {
         }
     }
 
+    /// Waits (up to 60 s) for a line containing `needle` among lines not yet seen.
+    pub fn next_line(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no new line containing {needle:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Every line seen so far plus whatever is still buffered (after the process ended,
     /// that is all of its output).
     pub fn drain_output(&mut self) -> Vec<String> {
