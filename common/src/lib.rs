@@ -16,6 +16,8 @@
 #![deny(rust_2018_idioms)]
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod id;
 pub mod message;

@@ -153,6 +153,64 @@ fn has_dot_segment(path: &str) -> bool {
     })
 }
 
+/// The property the `router` fuzz target checks (also replayed from its corpus by the
+/// tests): `data` is a path, an `X-Server-Name` value and a host, separated by `\n`.
+/// Routing never panics; a routed request has a valid name, a target that starts with `/`
+/// and holds no dot-segment, and with name-in-path routing the prefix and the target put
+/// back together are exactly the path.
+#[doc(hidden)]
+pub fn fuzz_check(data: &[u8]) {
+    let mut parts = data.splitn(3, |b| *b == b'\n');
+    let path = parts.next().unwrap_or_default();
+    let server_name = parts.next();
+    let host = parts.next().and_then(|h| std::str::from_utf8(h).ok());
+    // hyper hands over paths of visible ASCII only.
+    let Ok(path) = std::str::from_utf8(path) else {
+        return;
+    };
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    // hyper's paths start with `/` (origin-form; absolute-form is normalised to it) or are
+    // the `*` of OPTIONS (RFC 9112 §3.2.4), which only header routing passes on as it is.
+    if !path.starts_with('/') {
+        if let Ok(r) = route(path, query, server_name, None) {
+            assert_eq!(r.target.split('?').next(), Some(path));
+        }
+        return;
+    }
+    let label = host.and_then(|h| host_backend(h, "relay.test"));
+    if let (Some(h), Some(l)) = (host, label) {
+        assert!(h
+            .to_ascii_lowercase()
+            .contains(&format!("{}.relay.test", l.to_ascii_lowercase())));
+    }
+    let Ok(r) = route(path, query, server_name, label) else {
+        return;
+    };
+    assert!(is_valid_name(r.name), "routed to invalid name {:?}", r.name);
+    assert!(r.target.starts_with('/'), "target {:?}", r.target);
+    let target_path = r.target.split('?').next().unwrap_or("");
+    assert!(
+        !has_dot_segment(target_path),
+        "dot-segment in {:?}",
+        r.target
+    );
+    match r.prefix {
+        Some(prefix) => {
+            assert_eq!(prefix, format!("{CLIENT_PREFIX}{}", r.name));
+            let rebuilt = if path.len() == prefix.len() {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}{target_path}")
+            };
+            assert_eq!(rebuilt, path);
+        }
+        None => assert_eq!(target_path, path),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
