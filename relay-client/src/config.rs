@@ -37,8 +37,10 @@ pub struct Config {
     pub name: String,
     /// Backend base URL; its path is prepended to every backend path.
     pub backend_url: Uri,
-    /// Agent token.
-    pub token: Secret,
+    /// Agent token (`None` when a client certificate authenticates the agent).
+    pub token: Option<Secret>,
+    /// Client certificate chain and key (PEM) presented to an https relay-server (mTLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Concurrent long polls.
     pub pollers: usize,
     /// Backend requests in flight at most; beyond this the agent takes no new work.
@@ -76,7 +78,8 @@ impl Config {
             relay_url,
             name,
             backend_url,
-            token,
+            token: Some(token),
+            client_cert: None,
             pollers: 4,
             max_in_flight: 1024,
             transport: Transport::Auto,

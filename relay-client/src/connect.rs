@@ -102,7 +102,7 @@ fn target(cfg: &ConnectConfig) -> Result<Target, AgentError> {
         cfg.app
     );
     let tls = if https {
-        let mut c = tls::client_config(cfg.relay_ca_file.as_deref())?;
+        let mut c = tls::client_config(cfg.relay_ca_file.as_deref(), None)?;
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
         Some(tokio_rustls::TlsConnector::from(Arc::new(c)))
     } else {

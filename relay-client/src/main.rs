@@ -56,6 +56,13 @@ struct Cli {
     /// File holding the agent token.
     #[arg(long, env = "RELAY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for an https relay-server that authenticates agents by
+    /// certificate (the server's --agent-client-ca); replaces the token.
+    #[arg(long, env = "RELAY_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, env = "RELAY_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Concurrent long polls.
     #[arg(long, env = "RELAY_POLLERS", default_value_t = 4)]
     pollers: usize,
@@ -184,14 +191,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::bail!("--relay-url, --name and --backend-url are required");
     };
     let token = match (&cli.token, &cli.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .trim()
-            .to_owned(),
-        (None, None) => anyhow::bail!("an agent token is required: --token or --token-file"),
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) if cli.client_cert.is_some() => None,
+        (None, None) => {
+            anyhow::bail!("an agent token is required: --token or --token-file (or --client-cert)")
+        }
     };
-    let mut cfg = Config::new(relay_url, name, backend_url, Secret(token));
+    let mut cfg = Config::new(relay_url, name, backend_url, Secret(String::new()));
+    cfg.token = token.map(Secret);
+    cfg.client_cert = cli.client_cert.zip(cli.client_key);
     cfg.services = cli.services;
     cfg.service_cmds = cli.service_cmds;
     cfg.kernel_id = cli.kernel_id;

@@ -24,7 +24,8 @@ pub type CallBody = UnsyncBoxBody<Bytes, std::io::Error>;
 pub struct RelayClient {
     client: Client<tls::Connector, CallBody>,
     base: String,
-    auth: HeaderValue,
+    /// `None` when the client certificate authenticates the agent.
+    auth: Option<HeaderValue>,
     agent_id: HeaderValue,
     name: String,
     poll_deadline: Duration,
@@ -41,7 +42,12 @@ pub enum Polled {
 impl RelayClient {
     /// A client for `cfg.relay_url`.
     pub fn new(cfg: &Config, agent_id: &str) -> Result<Self, AgentError> {
-        let connector = tls::connector(cfg.relay_ca_file.as_deref(), true)?;
+        let identity = cfg
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let tls_cfg = tls::client_config(cfg.relay_ca_file.as_deref(), identity)?;
+        let connector = tls::connector_with(tls_cfg, true)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(50))
             .build(connector);
@@ -49,9 +55,16 @@ impl RelayClient {
         while base.ends_with('/') {
             base.pop();
         }
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", cfg.token.0))
-            .map_err(|_| AgentError::Config("the token contains invalid characters".into()))?;
-        auth.set_sensitive(true);
+        let auth = match &cfg.token {
+            Some(t) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {}", t.0)).map_err(|_| {
+                    AgentError::Config("the token contains invalid characters".into())
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
         Ok(RelayClient {
             client,
             base,
@@ -70,7 +83,9 @@ impl RelayClient {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         let h = req.headers_mut();
-        h.insert(header::AUTHORIZATION, self.auth.clone());
+        if let Some(auth) = &self.auth {
+            h.insert(header::AUTHORIZATION, auth.clone());
+        }
         h.insert(AGENT_ID_HEADER, self.agent_id.clone());
         h.insert(PROTOCOL_HEADER, HeaderValue::from_static(PROTOCOL_VERSION));
         req

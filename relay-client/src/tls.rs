@@ -15,7 +15,11 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// A connector that trusts the system roots, plus `extra_ca` when given. `alpn_h2` offers
 /// HTTP/2 over TLS as well as HTTP/1.1.
 pub fn connector(extra_ca: Option<&Path>, alpn_h2: bool) -> Result<Connector, AgentError> {
-    let tls = client_config(extra_ca)?;
+    connector_with(client_config(extra_ca, None)?, alpn_h2)
+}
+
+/// [`connector`] over a ready rustls configuration (e.g. one with a client certificate).
+pub fn connector_with(tls: ClientConfig, alpn_h2: bool) -> Result<Connector, AgentError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -31,8 +35,12 @@ pub fn connector(extra_ca: Option<&Path>, alpn_h2: bool) -> Result<Connector, Ag
     })
 }
 
-/// A rustls client configuration trusting the system roots plus `extra_ca`.
-pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, AgentError> {
+/// A rustls client configuration trusting the system roots plus `extra_ca`, presenting
+/// `identity` (certificate chain and key, PEM) when the server asks for a client certificate.
+pub fn client_config(
+    extra_ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, AgentError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs();
     for cert in native {
@@ -57,11 +65,29 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, AgentError
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| AgentError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    let Some((cert, key)) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let bad =
+        |p: &Path, e: &dyn std::fmt::Display| AgentError::Config(format!("{}: {e}", p.display()));
+    let pem = std::fs::read(cert).map_err(|e| bad(cert, &e))?;
+    let chain = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    if chain.is_empty() {
+        return Err(bad(cert, &"no PEM certificate in the file"));
+    }
+    let pem = std::fs::read(key).map_err(|e| bad(key, &e))?;
+    let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| bad(key, &e))?
+        .ok_or_else(|| bad(key, &"no PEM private key in the file"))?;
+    builder
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| bad(key, &e))
 }
 
 /// System trust anchors, read through hyper-rustls' native-roots support.

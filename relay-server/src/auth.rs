@@ -23,6 +23,11 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// A grant of `names` (and of every name when `any`).
+    pub fn new(any: bool, names: Vec<String>) -> Self {
+        Grant { any, names }
+    }
+
     /// Whether the grant covers `name`.
     pub fn allows(&self, name: &str) -> bool {
         self.any || self.names.iter().any(|n| n == name)
@@ -52,6 +57,18 @@ impl TokenStore {
                 .iter()
                 .map(|(scope, secret)| (scope.clone(), digest(secret.0.as_bytes())))
                 .collect(),
+        }
+    }
+
+    /// Checks an agent call: its bearer token, or without one its client certificate.
+    pub fn authenticate_agent(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&Grant>,
+    ) -> Result<Grant, AuthError> {
+        match (self.authenticate(headers), cert) {
+            (Err(AuthError::Missing), Some(g)) => Ok(g.clone()),
+            (r, _) => r,
         }
     }
 
@@ -95,6 +112,32 @@ impl TokenStore {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// URI SAN prefix naming a backend an agent certificate may serve (`urn:relay-agent:*` for
+/// any name); DNS SANs that are backend names count too.
+pub const AGENT_URI_PREFIX: &str = "urn:relay-agent:";
+
+/// The names a verified client certificate lets an agent serve: each DNS subject alternative
+/// name, and each `urn:relay-agent:<name>` URI name. `None` without a certificate or when it
+/// names nothing.
+pub fn cert_grant(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<Grant> {
+    let der = certs?.first()?;
+    let cert = webpki::EndEntityCert::try_from(der).ok()?;
+    let mut grant = Grant::new(false, Vec::new());
+    for dns in cert.valid_dns_names() {
+        if relay_common::name::is_valid_name(dns) {
+            grant.names.push(dns.to_owned());
+        }
+    }
+    for uri in cert.valid_uri_names() {
+        match uri.strip_prefix(AGENT_URI_PREFIX) {
+            Some("*") => grant.any = true,
+            Some(n) if relay_common::name::is_valid_name(n) => grant.names.push(n.to_owned()),
+            _ => {}
+        }
+    }
+    (grant.any || !grant.names.is_empty()).then_some(grant)
 }
 
 #[cfg(test)]

@@ -128,6 +128,8 @@ pub struct Config {
     pub retry_after_secs: u64,
     /// Certificate chain and private key (PEM) to terminate TLS with; reloaded on change.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// CA (PEM) whose client certificates authenticate agents instead of tokens (TLS only).
+    pub agent_client_ca: Option<std::path::PathBuf>,
     /// Who may reach which backend.
     pub access: AccessPolicy,
     /// User tokens of `token` access and the names each admits to.
@@ -232,6 +234,7 @@ impl Default for Config {
             max_connections_per_ip: 256,
             idle_timeout: Duration::from_secs(75),
             tls: None,
+            agent_client_ca: None,
             access: AccessPolicy::default(),
             user_tokens: Vec::new(),
             link_secret: None,

@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{cert_grant, Grant};
 use crate::body::{full, RelayBody};
 use crate::error::text_response;
 use crate::limits::{Activity, ConnLimits, FirstBytes};
@@ -70,7 +71,7 @@ pub async fn serve_faces(
     let tls = match &state.cfg.tls {
         Some((cert, key)) => {
             let tls = Arc::new(
-                Tls::new(cert.clone(), key.clone())
+                Tls::new(cert.clone(), key.clone(), state.cfg.agent_client_ca.clone())
                     .map_err(|e| std::io::Error::other(e.to_string()))?,
             );
             tracker.spawn(tls.clone().watch(state.stop.clone()));
@@ -194,18 +195,25 @@ impl Conns<'_> {
             let activity = Arc::new(Activity::default());
             let busy_on = activity.clone();
             let conn_permit = permit.clone();
+            // What the client certificate (TLS) grants, set once the handshake is done.
+            let cert: Arc<OnceLock<Grant>> = Arc::default();
+            let conn_cert = cert.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = conn_state.clone();
                 let busy = busy_on.begin();
+                let cert = conn_cert.clone();
                 if conn_permit.counts_per_ip()
                     && req.uri().path().starts_with("/server/")
                     && face != Face::Public
-                    && state.tokens.authenticate(req.headers()).is_ok()
+                    && state
+                        .tokens
+                        .authenticate_agent(req.headers(), cert.get())
+                        .is_ok()
                 {
                     conn_permit.exempt_from_per_ip();
                 }
                 async move {
-                    let resp = dispatch(state, req, peer, https, face).await;
+                    let resp = dispatch(state, req, peer, https, face, cert.get()).await;
                     // The connection counts as busy until the response body is over.
                     Ok::<_, Infallible>(resp.map(|b| {
                         b.map_frame(move |f| {
@@ -236,7 +244,12 @@ impl Conns<'_> {
                         )
                         .await
                         {
-                            Ok(Ok(s)) => s,
+                            Ok(Ok(s)) => {
+                                if let Some(g) = cert_grant(s.get_ref().1.peer_certificates()) {
+                                    let _ = cert.set(g);
+                                }
+                                s
+                            }
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                                 return;
@@ -298,6 +311,7 @@ async fn dispatch(
     peer: SocketAddr,
     https: bool,
     face: Face,
+    cert: Option<&Grant>,
 ) -> Response<RelayBody> {
     // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
     // including paths like /healthz and /server/.
@@ -326,7 +340,7 @@ async fn dispatch(
         path,
         "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
     ) {
-        return upstream::handle(state, req).await;
+        return upstream::handle(state, req, cert).await;
     }
     if path.starts_with("/server/") {
         return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");

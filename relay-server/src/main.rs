@@ -157,6 +157,11 @@ struct Cli {
     /// origin per backend).
     #[arg(long, env = "RELAY_PUBLIC_DOMAIN")]
     public_domain: Option<String>,
+    /// CA certificate (PEM) of agent client certificates (mTLS, an alternative to tokens;
+    /// needs --tls-cert). A certificate's DNS names, and its `urn:relay-agent:NAME` URI
+    /// names, are the backend names it may serve.
+    #[arg(long, env = "RELAY_AGENT_CLIENT_CA", requires = "tls_cert")]
+    agent_client_ca: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
@@ -374,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_parked_per_name: cli.max_parked_per_name,
         max_parked_total: cli.max_parked,
         tls: cli.tls_cert.zip(cli.tls_key),
+        agent_client_ca: cli.agent_client_ca.clone(),
         max_head_bytes: cli.max_head_bytes,
         max_headers: cli.max_headers,
         max_uri_bytes: cli.max_uri_bytes,

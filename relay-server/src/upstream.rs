@@ -26,8 +26,12 @@ use crate::State;
 pub const MAX_POLL_BATCH: usize = 64;
 
 /// Dispatches an agent call.
-pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RelayBody> {
-    let grant = match state.tokens.authenticate(req.headers()) {
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    cert: Option<&Grant>,
+) -> Response<RelayBody> {
+    let grant = match state.tokens.authenticate_agent(req.headers(), cert) {
         Ok(g) => g,
         Err(e) => {
             let mut r = text_response(StatusCode::UNAUTHORIZED, &e.to_string());

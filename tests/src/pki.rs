@@ -29,3 +29,38 @@ pub fn throwaway_pki_pem() -> (String, String, String) {
     let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
     (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
 }
+
+/// A CA for client certificates: (its certificate, its key).
+pub fn client_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+/// A client certificate signed by `ca` with these DNS and URI subject alternative names:
+/// (certificate PEM, key PEM).
+pub fn client_cert(
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+    dns: &[&str],
+    uris: &[&str],
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    for d in dns {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName((*d).try_into().unwrap()));
+    }
+    for u in uris {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+    }
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca.0, &ca.1).unwrap();
+    (cert.pem(), key.serialize_pem())
+}

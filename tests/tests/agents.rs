@@ -80,7 +80,7 @@ async fn wrong_or_missing_tokens_are_401_and_end_the_agent() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
     }
     let mut cfg = Agent::config(&server.url(), "a", "http://127.0.0.1:9");
-    cfg.token = relay_client::Secret("not-the-token-at-all".into());
+    cfg.token = Some(relay_client::Secret("not-the-token-at-all".into()));
     match Agent::start(cfg).exited().await {
         Err(relay_client::AgentError::Refused { status: 401, .. }) => {}
         other => panic!("expected a 401 refusal, got {other:?}"),
@@ -102,7 +102,7 @@ async fn a_token_serves_only_its_names() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(text.contains("may not serve"));
     let mut cfg = Agent::config(&server.url(), "b", "http://127.0.0.1:9");
-    cfg.token = relay_client::Secret(TOKEN_A.into());
+    cfg.token = Some(relay_client::Secret(TOKEN_A.into()));
     cfg.transport = Transport::Stream;
     match Agent::start(cfg).exited().await {
         Err(relay_client::AgentError::Refused { status: 403, .. }) => {}
