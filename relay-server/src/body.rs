@@ -34,8 +34,9 @@ pub fn empty() -> RelayBody {
 /// What `/server/response` exchanges push towards the user.
 #[derive(Debug)]
 pub enum BodyMsg {
-    /// Body bytes.
-    Data(Bytes),
+    /// Body bytes, holding their size from the global [`crate::budget::Budget`] until the
+    /// user side takes them.
+    Data(Bytes, crate::budget::Held),
     /// Trailers; the body ends after them.
     Trailers(HeaderMap),
     /// Clean end.
@@ -108,7 +109,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
             }
         };
         match msg {
-            Some(BodyMsg::Data(b)) => {
+            Some(BodyMsg::Data(b, _held)) => {
                 if let Some(rem) = this.remaining.as_mut() {
                     match rem.checked_sub(b.len() as u64) {
                         Some(r) => *rem = r,

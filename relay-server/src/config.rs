@@ -114,6 +114,8 @@ pub struct Config {
     pub max_request_body: Option<u64>,
     /// Longest wait for the next request body byte while the relay waits for it (408).
     pub upload_inactivity_timeout: Duration,
+    /// Relayed bytes held in memory across all requests (then exchanges wait).
+    pub max_buffered_bytes: usize,
     /// Open connections across all listeners (more are closed at accept).
     pub max_connections: usize,
     /// Open connections from one IP address.
@@ -230,6 +232,7 @@ impl Default for Config {
             max_request_body: None,
             trusted_proxies: Vec::new(),
             upload_inactivity_timeout: Duration::from_secs(60),
+            max_buffered_bytes: 256 * 1024 * 1024,
             max_connections: 50_000,
             max_connections_per_ip: 256,
             idle_timeout: Duration::from_secs(75),

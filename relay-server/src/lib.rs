@@ -36,6 +36,7 @@ pub mod access;
 pub mod auth;
 pub mod body;
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod downstream;
 pub mod error;
@@ -71,6 +72,8 @@ pub struct State {
     pub sessions: link::Sessions,
     /// The forward-auth client, when configured.
     pub forward_auth: Option<forward_auth::ForwardAuth>,
+    /// Relayed bytes held in memory, all requests together.
+    pub budget: budget::Budget,
     /// Open connections, in total and per address.
     pub conns: Arc<limits::ConnLimits>,
     /// Agents, queues, requests.
@@ -89,6 +92,7 @@ impl State {
     /// Builds the state for `cfg`.
     pub fn new(cfg: Config) -> Self {
         State {
+            budget: budget::Budget::new(cfg.max_buffered_bytes),
             conns: Arc::new(limits::ConnLimits::new(
                 cfg.max_connections,
                 cfg.max_connections_per_ip,

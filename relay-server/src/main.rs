@@ -93,6 +93,10 @@ struct Cli {
         value_delimiter = ','
     )]
     trusted_proxies: Vec<relay_server::config::Cidr>,
+    /// Relayed bytes held in memory across all requests; beyond it, agents' response
+    /// streams wait (backpressure) until users catch up.
+    #[arg(long, env = "RELAY_MAX_BUFFERED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    max_buffered_bytes: usize,
     /// Open connections in total (more are closed at once).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
@@ -388,6 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_request_body: cli.max_request_body,
         upload_inactivity_timeout: cli.upload_inactivity_timeout,
         max_connections: cli.max_connections,
+        max_buffered_bytes: cli.max_buffered_bytes,
         trusted_proxies: cli.trusted_proxies.clone(),
         max_connections_per_ip: cli.max_connections_per_ip,
         access,

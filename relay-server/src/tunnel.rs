@@ -56,11 +56,12 @@ pub async fn bridge(
         }
         tokio::select! {
             msg = async { down.as_mut().expect("bug: guarded").recv().await }, if down.is_some() => match msg {
-                Some(BodyMsg::Data(b)) => {
+                Some(BodyMsg::Data(b, held)) => {
                     down_bytes += b.len() as u64;
                     if wr.write_all(&b).await.is_err() {
                         break "the user connection failed";
                     }
+                    drop(held);
                 }
                 Some(BodyMsg::End) | Some(BodyMsg::Trailers(_)) => {
                     // The backend shut down writing: pass the half-close on.

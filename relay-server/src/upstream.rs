@@ -284,7 +284,7 @@ async fn response(
     }
     let mut body = req.into_body();
     let result = tokio::select! {
-        r = run_exchange(&mut guard, &mut body) => r,
+        r = run_exchange(&mut guard, &mut body, &state.budget) => r,
         _ = pending.done.cancelled() => Err(ExchangeError::Gone),
     };
     match result {
@@ -310,6 +310,7 @@ async fn response(
 async fn run_exchange(
     guard: &mut ExchangeGuard,
     body: &mut Incoming,
+    budget: &crate::budget::Budget,
 ) -> Result<bool, ExchangeError> {
     let sink = &mut *guard.sink;
     let mut decoder = Decoder::default();
@@ -353,7 +354,10 @@ async fn run_exchange(
                 }
                 Item::Data(bytes) => {
                     let len = bytes.len() as u64;
-                    deliver(sink, BodyMsg::Data(bytes)).await?;
+                    // Waits while the global budget is spent (the caller gives up when the
+                    // user leaves).
+                    let held = budget.hold(bytes.len()).await;
+                    deliver(sink, BodyMsg::Data(bytes, held)).await?;
                     sink.offset += len;
                 }
                 Item::Trailers(json) => {

@@ -317,3 +317,47 @@ async fn ten_thousand_requests_at_a_stalled_agent_hold_the_caps_and_leave_nothin
     server.wait_idle().await;
     assert_eq!(server.state.broker.parked(), 0);
 }
+
+#[tokio::test]
+async fn relayed_bytes_in_memory_stay_within_the_global_budget() {
+    const TOTAL: usize = 8 << 20;
+    let addr = backend(|_req| async {
+        let (tx, body) = channel_body(1);
+        tokio::spawn(async move {
+            for i in 0..(TOTAL / 65536) {
+                let chunk = Bytes::from(vec![(i % 251) as u8; 65536]);
+                if tx.send(data(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        http::Response::new(body)
+    })
+    .await;
+    let mut cfg = server_config();
+    cfg.max_buffered_bytes = 64 * 1024;
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(&server.url(), "a", &format!("http://{addr}")));
+    server.wait_agent("a").await;
+    let budget = &server.state.budget;
+    let resp = client()
+        .request(
+            Request::get(format!("{}/client/a/big", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    // Not reading yet: the chunks waiting for this user hold the budget, and no more.
+    wait_for(|| budget.in_use() > 0).await;
+    assert!(budget.in_use() <= budget.total());
+    let body = body_bytes(resp.into_body()).await.unwrap();
+    assert_eq!(body.len(), TOTAL);
+    assert!(body
+        .chunks(65536)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == (i % 251) as u8)));
+    // Every held byte was returned.
+    wait_for(|| budget.in_use() == 0).await;
+    server.wait_idle().await;
+}
