@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`listener`]: accepts connections (HTTP/1.1 and h2c prior knowledge on one port),
 //!   dispatches requests, drains on shutdown.
-//! - [`router`]: backend name and target from the raw path or `X-Server-Name`.
+//! - [`router`]: backend name and target from the raw path, `X-Server-Name` or the host.
+//! - [`access`], [`link`], [`forward_auth`]: who may reach a backend (open, token, signed
+//!   link, external authorization).
+//! - [`limits`], [`budget`]: connection limits and timers; the global bound on relayed bytes.
 //! - [`downstream`]: the user side of a relayed request.
 //! - [`upstream`]: the agent endpoints `/server/request`, `/server/response`,
 //!   `/server/requeststream`.
@@ -16,8 +19,9 @@
 //!
 //! # Life of a request
 //! 1. A user sends `GET /client/robot/status`. [`router`] takes `robot` from the raw path;
-//!    [`downstream`] checks an agent is connected for `robot` (else 503 at once), strips
-//!    hop-by-hop headers, adds `X-Forwarded-*`, and queues a [`pending::Pending`] with a
+//!    [`access`] admits the user (or answers 401/403/a redirect); [`downstream`] checks an
+//!    agent is connected for `robot` (else 503 at once), strips hop-by-hop headers and the
+//!    relay's credentials, sets `X-Forwarded-*`, and queues a [`pending::Pending`] with a
 //!    fresh 128-bit id.
 //! 2. A parked `/server/request` poll of a `robot` agent wakes, claims the request and
 //!    returns its head as JSON. No poll within `pickup_timeout` → 503.
