@@ -112,6 +112,11 @@ pub async fn serve_faces(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(100)
+        // Reset floods (CVE-2023-44487 "rapid reset", and streams the server must reset for
+        // errors): h2 closes the connection past these counts. Set explicitly so a change of
+        // default upstream cannot switch them off.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
         .max_header_list_size(state.cfg.max_head_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
 
