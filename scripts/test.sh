@@ -10,6 +10,7 @@ missing=()
 command -v ssh >/dev/null 2>&1 && command -v scp >/dev/null 2>&1 || missing+=(openssh-client)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 [ -x /usr/bin/slowhttptest ] || missing+=(slowhttptest)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: missing ${missing[*]}; run as root or install them" >&2
@@ -19,7 +20,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   # The packages' own service starts may fail without an init system; the tests start
   # their own nginx and sshd, so only the binaries matter.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-    || { [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/sshd ] && [ -x /usr/bin/slowhttptest ]; }
+    || { [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/sshd ] && [ -x /usr/bin/slowhttptest ] \
+         && [ -x /usr/bin/chromium ]; }
 fi
 
 # Backend.AI's CLI for the service-port compatibility test (PyPI; yarl<1.10 is what the

@@ -88,6 +88,10 @@ impl RelayClient {
         }
         h.insert(AGENT_ID_HEADER, self.agent_id.clone());
         h.insert(PROTOCOL_HEADER, HeaderValue::from_static(PROTOCOL_VERSION));
+        h.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!("relay-client/", env!("CARGO_PKG_VERSION"))),
+        );
         req
     }
 

@@ -19,10 +19,23 @@ use tokio_util::sync::CancellationToken;
 use crate::error::RelayError;
 use crate::pending::{Pending, PendingGuard};
 
+/// Where an agent polls from and what it says it is (for the status page).
+#[derive(Clone, Debug, Default)]
+pub struct AgentInfo {
+    /// The address of its first poll.
+    pub addr: String,
+    /// Its `User-Agent` (name and version).
+    pub version: String,
+}
+
 /// One connected agent process (identified by its `X-Relay-Agent-Id`) serving one name.
 pub struct Agent {
     /// The agent's self-chosen id; only used to group its polls.
     pub id: String,
+    /// Address and version.
+    pub info: AgentInfo,
+    /// When it connected (Unix seconds).
+    pub since: u64,
     state: Mutex<AgentState>,
     /// Woken when a cancel notice is queued for this agent.
     wake: Notify,
@@ -84,6 +97,9 @@ impl Backend {
     }
 }
 
+/// Agents of one name with their parked polls.
+pub type AgentList = Vec<(Arc<Agent>, usize)>;
+
 /// Everything the broker tracks.
 pub struct Broker {
     backends: DashMap<String, Arc<Backend>>,
@@ -92,6 +108,8 @@ pub struct Broker {
     max_parked_per_name: usize,
     max_parked_total: usize,
     agent_grace: Duration,
+    /// Metrics (the broker removes a name's series when it forgets the name).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Outcome of one long poll.
@@ -104,8 +122,14 @@ pub struct PollBatch {
 
 impl Broker {
     /// An empty broker with the given limits.
-    pub fn new(max_parked_per_name: usize, max_parked_total: usize, agent_grace: Duration) -> Self {
+    pub fn new(
+        max_parked_per_name: usize,
+        max_parked_total: usize,
+        agent_grace: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Broker {
+            metrics,
             backends: DashMap::new(),
             requests: DashMap::new(),
             parked_total: Arc::new(AtomicUsize::new(0)),
@@ -128,6 +152,42 @@ impl Broker {
     /// Number of names with connected agents.
     pub fn connected_names(&self) -> usize {
         self.backends.len()
+    }
+
+    /// Whether agents (draining or not) are connected for `name`.
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.backends.contains_key(name)
+    }
+
+    /// Every connected agent per name (name, agent, parked polls).
+    pub fn agents(&self) -> Vec<(String, AgentList)> {
+        self.backends
+            .iter()
+            .map(|b| {
+                let agents = b
+                    .agents
+                    .lock()
+                    .expect("bug: poisoned")
+                    .values()
+                    .map(|a| {
+                        let polls = a.state.lock().expect("bug: poisoned").polls;
+                        (a.clone(), polls)
+                    })
+                    .collect();
+                (b.key().clone(), agents)
+            })
+            .collect()
+    }
+
+    /// Connected agent processes per name.
+    pub fn agents_per_name(&self) -> Vec<(String, usize)> {
+        self.backends
+            .iter()
+            .map(|b| {
+                let n = b.agents.lock().expect("bug: poisoned").len();
+                (b.key().clone(), n)
+            })
+            .collect()
     }
 
     /// The backend for `name` if a non-draining agent is connected.
@@ -179,7 +239,13 @@ impl Broker {
 
     /// Registers a poll of `agent_id` for `name`; the returned handle must be ended with
     /// [`PollHandle`]'s drop.
-    pub fn begin_poll(&self, name: &str, agent_id: &str, draining: bool) -> PollHandle {
+    pub fn begin_poll(
+        &self,
+        name: &str,
+        agent_id: &str,
+        draining: bool,
+        info: impl FnOnce() -> AgentInfo,
+    ) -> PollHandle {
         let backend = self
             .backends
             .entry(name.to_owned())
@@ -201,6 +267,10 @@ impl Broker {
                 tracing::info!(name, agent = agent_id, "relay-client connected");
                 Arc::new(Agent {
                     id: agent_id.to_owned(),
+                    info: info(),
+                    since: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
                     state: Mutex::new(AgentState {
                         polls: 0,
                         last_seen: Instant::now(),
@@ -235,7 +305,11 @@ impl Broker {
                 }
                 alive
             });
-            !agents.is_empty()
+            let keep = !agents.is_empty();
+            if !keep {
+                self.metrics.forget(name);
+            }
+            keep
         });
     }
 }

@@ -33,10 +33,34 @@ pub async fn handle(
 ) -> Response<RelayBody> {
     let retry_after = state.cfg.retry_after_secs;
     let http1 = req.version() < http::Version::HTTP_2;
-    match relay(state, req, peer, https).await {
-        Ok(resp) => resp,
+    let method = req.method().clone();
+    let mut name = None;
+    let result = relay(state.clone(), req, peer, https, &mut name).await;
+    // Only names with agents become label values (bounded cardinality).
+    let label = name.filter(|n| state.broker.is_connected(n));
+    match result {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            state.metrics.request(label.as_deref(), &method, status);
+            state.metrics.history.record(label.as_deref(), status, None);
+            resp
+        }
         Err(e) => {
             tracing::debug!(error = %e, "user request failed");
+            let m = &state.metrics;
+            let status = e.status().as_u16();
+            m.request(label.as_deref(), &method, status);
+            m.history
+                .record(label.as_deref(), status, Some(&e.to_string()));
+            match &e {
+                RelayError::Access(AccessError::AuthService(_)) => {}
+                RelayError::Access(_) => m.auth_failure("user"),
+                RelayError::Overloaded(_) => m.rejected("parked_requests"),
+                RelayError::PayloadTooLarge(_) => m.rejected("request_body"),
+                RelayError::UploadStalled(_) => m.rejected("upload_inactivity"),
+                RelayError::UriTooLong(_) => m.rejected("uri_length"),
+                _ => {}
+            }
             let mut resp = e.into_response(retry_after);
             if http1 {
                 // The request body may be unread; closing is the only way to never parse
@@ -54,6 +78,7 @@ async fn relay(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     https: bool,
+    routed: &mut Option<String>,
 ) -> Result<Response<RelayBody>, RelayError> {
     let arrival = tokio::time::Instant::now();
     // RFC 9113 §3.1 / RFC 7540 §3.2: h2c upgrades from users would open an HTTP/2
@@ -92,6 +117,7 @@ async fn relay(
         },
     )?;
     let name = route.name.to_owned();
+    *routed = Some(name.clone());
     // Access first: before it, nothing tells whether the name has an agent.
     if let Verdict::Respond(resp) = admit(&state, &route, &mut req, peer, https).await? {
         return Ok(resp);
@@ -168,6 +194,7 @@ async fn relay(
         }
         _ = state.stop.cancelled() => return Err(RelayError::Draining),
     };
+    state.metrics.pickup(arrival.elapsed());
 
     let start = tokio::select! {
         r = head_rx => r.map_err(|_| RelayError::BadGateway(
@@ -190,7 +217,10 @@ async fn relay(
         }
     };
     let (head, body_rx) = match start {
-        ResponseStart::Head(head, rx) => (head, rx),
+        ResponseStart::Head(head, rx) => {
+            state.metrics.head(arrival.elapsed());
+            (head, rx)
+        }
         ResponseStart::Abort(why) => {
             return Err(RelayError::BadGateway(format!(
                 "the relay-client failed: {why}"

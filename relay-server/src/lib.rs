@@ -48,15 +48,17 @@ pub mod forward_auth;
 pub mod limits;
 pub mod link;
 pub mod listener;
+pub mod metrics;
 pub mod pending;
 pub mod router;
+pub mod status;
 pub mod tls;
 pub mod tunnel;
 pub mod upload;
 pub mod upstream;
 
 pub use config::{Config, ConfigError, Secret, TokenScope};
-pub use listener::{run, serve, serve_faces};
+pub use listener::{run, serve, serve_faces, Listeners};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -76,12 +78,17 @@ pub struct State {
     pub sessions: link::Sessions,
     /// The forward-auth client, when configured.
     pub forward_auth: Option<forward_auth::ForwardAuth>,
+    /// Prometheus metrics.
+    pub metrics: Arc<metrics::Metrics>,
     /// Relayed bytes held in memory, all requests together.
     pub budget: budget::Budget,
     /// Open connections, in total and per address.
     pub conns: Arc<limits::ConnLimits>,
     /// Agents, queues, requests.
     pub broker: Arc<broker::Broker>,
+    /// Whether `/metrics` and `/status` are served on the public listener (no admin
+    /// listener, public listener on loopback).
+    pub ops_on_public: AtomicBool,
     /// Set when shutdown began: new user requests get 503, polls hand out no new work.
     draining: AtomicBool,
     /// Cancelled when the drain is over: parked polls and queued requests end at once.
@@ -95,7 +102,9 @@ pub struct State {
 impl State {
     /// Builds the state for `cfg`.
     pub fn new(cfg: Config) -> Self {
+        let metrics = Arc::new(metrics::Metrics::default());
         State {
+            metrics: metrics.clone(),
             budget: budget::Budget::new(cfg.max_buffered_bytes),
             conns: Arc::new(limits::ConnLimits::new(
                 cfg.max_connections,
@@ -119,9 +128,11 @@ impl State {
                 cfg.max_parked_per_name,
                 cfg.max_parked_total,
                 cfg.agent_grace,
+                metrics,
             )),
             cfg,
             draining: AtomicBool::new(false),
+            ops_on_public: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             tls: std::sync::OnceLock::new(),

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{cert_grant, Grant};
 use crate::body::{full, RelayBody};
 use crate::error::text_response;
-use crate::limits::{Activity, ConnLimits, FirstBytes};
+use crate::limits::{Activity, ConnLimits, ConnRefused, FirstBytes};
 use crate::tls::Tls;
 use crate::{downstream, router, upstream, Config, State};
 
@@ -45,7 +46,12 @@ pub async fn serve(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_faces(listener, None, state, shutdown).await
+    let listeners = Listeners {
+        public: listener,
+        agent: None,
+        admin: None,
+    };
+    serve_faces(listeners, state, shutdown).await
 }
 
 /// Which endpoints a listener serves.
@@ -57,16 +63,39 @@ enum Face {
     Public,
     /// Agents only: `/server/*` and `/healthz`.
     Agent,
+    /// Operators only: health, readiness, metrics and the status page (plain HTTP).
+    Admin,
 }
 
-/// Serves users on `public` and, when `agent` is given, agent endpoints on their own
-/// listener only (the public one then answers 404 for `/server/*`).
+/// The listeners of one server.
+pub struct Listeners {
+    /// Users (and agents, when `agent` is `None`).
+    pub public: TcpListener,
+    /// Agents only (`--agent-listen`).
+    pub agent: Option<TcpListener>,
+    /// Operators only (`--admin-listen`): `/metrics`, `/status`, `/healthz`, `/readyz`.
+    pub admin: Option<TcpListener>,
+}
+
+/// Serves users on the public listener and, when given, agent endpoints on their own
+/// listener only (the public one then answers 404 for `/server/*`) and the operator
+/// endpoints on theirs.
 pub async fn serve_faces(
-    public: TcpListener,
-    agent: Option<TcpListener>,
+    listeners: Listeners,
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let Listeners {
+        public,
+        agent,
+        admin,
+    } = listeners;
+    // Without an admin listener, metrics and the status page are served on a loopback
+    // public listener only (the zero-config case); a public address never exposes them.
+    let ops_public = admin.is_none() && public.local_addr()?.ip().is_loopback();
+    state
+        .ops_on_public
+        .store(ops_public, std::sync::atomic::Ordering::Release);
     let tracker = TaskTracker::new();
     let tls = match &state.cfg.tls {
         Some((cert, key)) => {
@@ -146,15 +175,21 @@ pub async fn serve_faces(
         tracker: &tracker,
         tls: tls.as_ref(),
     };
-    match agent {
-        Some(agent) => {
-            tokio::join!(
-                conns.accept_loop(public, public_face),
-                conns.accept_loop(agent, Face::Agent)
-            );
+    let agent_loop = async {
+        if let Some(l) = agent {
+            conns.accept_loop(l, Face::Agent).await;
         }
-        None => conns.accept_loop(public, public_face).await,
-    }
+    };
+    let admin_loop = async {
+        if let Some(l) = admin {
+            conns.accept_loop(l, Face::Admin).await;
+        }
+    };
+    tokio::join!(
+        conns.accept_loop(public, public_face),
+        agent_loop,
+        admin_loop
+    );
     tracker.close();
     // Connections got the stop; each gets a second to finish its response in progress.
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
@@ -191,12 +226,16 @@ impl Conns<'_> {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
                     tracing::debug!(%peer, reason = %e, "connection refused");
+                    self.state.metrics.rejected(match e {
+                        ConnRefused::Total(_) => "connections",
+                        ConnRefused::PerIp(_) => "connections_per_ip",
+                    });
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
             let conn_state = self.state.clone();
-            let https = self.tls.is_some();
+            let https = self.tls.is_some() && face != Face::Admin;
             let activity = Arc::new(Activity::default());
             let busy_on = activity.clone();
             let conn_permit = permit.clone();
@@ -230,7 +269,10 @@ impl Conns<'_> {
                 }
             });
             let builder = self.builder.clone();
-            let acceptor = self.tls.map(|t| t.acceptor());
+            let acceptor = self
+                .tls
+                .filter(|_| face != Face::Admin)
+                .map(|t| t.acceptor());
             let stop = self.state.stop.clone();
             let cfg = &self.state.cfg;
             let (detect, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
@@ -310,6 +352,29 @@ where
     }
 }
 
+/// The operator endpoints.
+fn ops(state: &State, path: &str) -> Response<RelayBody> {
+    let (body, content_type) = match path {
+        "/metrics" => (
+            state.metrics.render(state),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/status.json" => (crate::status::json(state).to_string(), "application/json"),
+        _ => (crate::status::PAGE.to_owned(), "text/html; charset=utf-8"),
+    };
+    let mut resp = Response::new(full(Bytes::from(body)));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
 async fn dispatch(
     state: Arc<State>,
     req: Request<Incoming>,
@@ -320,7 +385,7 @@ async fn dispatch(
 ) -> Response<RelayBody> {
     // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
     // including paths like /healthz and /server/.
-    let host_routed = face != Face::Agent
+    let host_routed = !matches!(face, Face::Agent | Face::Admin)
         && state.cfg.public_domain.as_deref().is_some_and(|d| {
             downstream::request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
         });
@@ -328,8 +393,24 @@ async fn dispatch(
         return downstream::handle(state, req, peer, https).await;
     }
     let path = req.uri().path();
-    if path == "/healthz" {
-        return Response::new(full(Bytes::from_static(b"ok\n")));
+    match path {
+        "/healthz" => return Response::new(full(Bytes::from_static(b"ok\n"))),
+        "/readyz" if state.draining() => {
+            return text_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
+        }
+        "/readyz" => return text_response(StatusCode::OK, "ready"),
+        "/metrics" | "/status" | "/status.json"
+            if face == Face::Admin || state.ops_on_public.load(Ordering::Acquire) =>
+        {
+            return ops(&state, path);
+        }
+        _ => {}
+    }
+    if face == Face::Admin {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "this listener serves /healthz, /readyz, /metrics, /status and /status.json",
+        );
     }
     let agent_path = path.starts_with("/server/");
     if agent_path && face == Face::Public {
@@ -345,7 +426,7 @@ async fn dispatch(
         path,
         "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
     ) {
-        return upstream::handle(state, req, cert).await;
+        return upstream::handle(state, req, peer, cert).await;
     }
     if path.starts_with("/server/") {
         return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");

@@ -24,6 +24,11 @@ struct Cli {
     /// answers 404 for them.
     #[arg(long, env = "RELAY_AGENT_LISTEN")]
     agent_listen: Option<SocketAddr>,
+    /// Serve /metrics, /status, /status.json, /healthz and /readyz on this address (plain
+    /// HTTP, for operators). Without it they are served on --listen only when that is a
+    /// loopback address.
+    #[arg(long, env = "RELAY_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Agent token as NAME=TOKEN (NAME `*` serves any name); repeatable. With no token
     /// configured, a random any-name token is generated and printed once.
     #[arg(
@@ -444,7 +449,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("relay-server agent endpoints on {scheme}://{agent_addr}");
     }
     let state = std::sync::Arc::new(relay_server::State::new(cfg));
-    relay_server::serve_faces(listener, agent_listener, state, shutdown).await?;
+    let admin_listener = match cli.admin_listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))?;
+            println!("relay-server admin endpoints on http://{}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+    let listeners = relay_server::Listeners {
+        public: listener,
+        agent: agent_listener,
+        admin: admin_listener,
+    };
+    relay_server::serve_faces(listeners, state, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -101,6 +101,10 @@ pub struct Pending {
     pub upload_failure: std::sync::OnceLock<UploadFailure>,
     /// Cancelled when `upload_failure` is set: the user gets its status at once.
     pub upload_failed: CancellationToken,
+    /// When the request arrived.
+    pub arrived: std::time::Instant,
+    /// Response body bytes delivered towards the user.
+    pub download_bytes: AtomicU64,
     /// When the last request body byte arrived (the request's arrival before the first).
     pub last_upload: Mutex<std::time::Instant>,
 }
@@ -144,6 +148,8 @@ impl Pending {
             upload_failure: std::sync::OnceLock::new(),
             upload_failed: CancellationToken::new(),
             last_upload: Mutex::new(std::time::Instant::now()),
+            arrived: std::time::Instant::now(),
+            download_bytes: AtomicU64::new(0),
         }
     }
 
@@ -256,5 +262,11 @@ impl Drop for PendingGuard {
         }
         // Release the user's upload body now rather than when the last Arc goes.
         p.set_upload(UploadSlot::Finished);
+        self.broker.metrics.finished(
+            self.broker.is_connected(&p.name).then_some(p.name.as_str()),
+            p.arrived.elapsed(),
+            p.upload_bytes.load(Ordering::Relaxed),
+            p.download_bytes.load(Ordering::Relaxed),
+        );
     }
 }

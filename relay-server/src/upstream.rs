@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Grant;
 use crate::body::{full, BodyMsg, RelayBody, BODY_CHANNEL_DEPTH};
+use crate::broker::AgentInfo;
 use crate::error::text_response;
 use crate::pending::{Pending, ResponseSink, ResponseStart, UploadSlot, UploadSource};
 use crate::upload::{UploadExchange, UploadLimits};
@@ -29,11 +30,13 @@ pub const MAX_POLL_BATCH: usize = 64;
 pub async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
+    peer: std::net::SocketAddr,
     cert: Option<&Grant>,
 ) -> Response<RelayBody> {
     let grant = match state.tokens.authenticate_agent(req.headers(), cert) {
         Ok(g) => g,
         Err(e) => {
+            state.metrics.auth_failure("agent");
             let mut r = text_response(StatusCode::UNAUTHORIZED, &e.to_string());
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -43,7 +46,7 @@ pub async fn handle(
     let uri = req.uri().clone();
     let query = Query::parse(uri.query().unwrap_or(""));
     match uri.path() {
-        "/server/request" => poll(state, grant, &req, query).await,
+        "/server/request" => poll(state, grant, &req, query, peer).await,
         "/server/response" => response(state, grant, req, query).await,
         "/server/requeststream" => request_stream(state, grant, query).await,
         // Answered before its body is read: an agent that gets this answer while its
@@ -97,6 +100,7 @@ async fn poll(
     grant: Grant,
     req: &Request<Incoming>,
     q: Query<'_>,
+    peer: std::net::SocketAddr,
 ) -> Response<RelayBody> {
     let Some(name) = q.server.filter(|n| is_valid_name(n)) else {
         return text_response(
@@ -105,6 +109,7 @@ async fn poll(
         );
     };
     if !grant.allows(name) {
+        state.metrics.auth_failure("agent");
         return text_response(
             StatusCode::FORBIDDEN,
             &format!("this token may not serve backend {name:?}"),
@@ -124,7 +129,19 @@ async fn poll(
     } else {
         q.max.unwrap_or(1).min(MAX_POLL_BATCH as u64) as usize
     };
-    let handle = state.broker.begin_poll(name, agent_id, q.draining);
+    let handle = state
+        .broker
+        .begin_poll(name, agent_id, q.draining, || AgentInfo {
+            addr: peer.ip().to_string(),
+            version: req
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("unknown")
+                .chars()
+                .take(64)
+                .collect(),
+        });
     let batch = handle.next(max, state.cfg.poll_timeout, &state.stop).await;
     drop(handle);
     if batch.requests.is_empty() && batch.cancel.is_empty() {
@@ -284,7 +301,7 @@ async fn response(
     }
     let mut body = req.into_body();
     let result = tokio::select! {
-        r = run_exchange(&mut guard, &mut body, &state.budget) => r,
+        r = run_exchange(&mut guard, &mut body, &state.budget, &pending.download_bytes) => r,
         _ = pending.done.cancelled() => Err(ExchangeError::Gone),
     };
     match result {
@@ -311,6 +328,7 @@ async fn run_exchange(
     guard: &mut ExchangeGuard,
     body: &mut Incoming,
     budget: &crate::budget::Budget,
+    downloaded: &std::sync::atomic::AtomicU64,
 ) -> Result<bool, ExchangeError> {
     let sink = &mut *guard.sink;
     let mut decoder = Decoder::default();
@@ -359,6 +377,7 @@ async fn run_exchange(
                     let held = budget.hold(bytes.len()).await;
                     deliver(sink, BodyMsg::Data(bytes, held)).await?;
                     sink.offset += len;
+                    downloaded.fetch_add(len, Ordering::Relaxed);
                 }
                 Item::Trailers(json) => {
                     let t: Trailers = serde_json::from_slice(&json)

@@ -342,9 +342,13 @@ async fn agent_endpoints_on_their_own_listener() {
     let (public_addr, agent_addr) = (public.local_addr().unwrap(), agents.local_addr().unwrap());
     let state = std::sync::Arc::new(relay_server::State::new(server_config()));
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(relay_server::serve_faces(
+    let listeners = relay_server::Listeners {
         public,
-        Some(agents),
+        agent: Some(agents),
+        admin: None,
+    };
+    tokio::spawn(relay_server::serve_faces(
+        listeners,
         state.clone(),
         shutdown.clone(),
     ));

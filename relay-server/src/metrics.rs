@@ -1,0 +1,276 @@
+//! Prometheus metrics (OpenMetrics text at `/metrics`), kept with `prometheus-client`.
+//!
+//! Label cardinality is bounded: a backend name appears as a label only while agents serve
+//! it (requests for other names count under `name=""`), its series are removed when the
+//! broker forgets the name, methods outside the standard set count as `other`, and statuses
+//! count by class.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::State;
+
+/// Standard methods kept as label values; anything else is `other`.
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
+const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    name: String,
+    method: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabel {
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    name: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabel {
+    side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    /// Per-backend history for the status page (same cardinality rules).
+    pub history: crate::status::History,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    pickup_wait: Histogram,
+    time_to_head: Histogram,
+    duration: Histogram,
+    bytes: Family<BytesLabels, Counter>,
+    agents: Family<NameLabel, Gauge>,
+    parked: Gauge,
+    in_flight: Gauge,
+    tunnels: Gauge,
+    connections: Gauge,
+    buffered: Gauge,
+    auth_failures: Family<SideLabel, Counter>,
+    rejections: Family<LimitLabel, Counter>,
+}
+
+fn seconds() -> Histogram {
+    // 1 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("relay");
+        let m = Metrics {
+            history: crate::status::History::default(),
+            requests: Family::default(),
+            pickup_wait: seconds(),
+            time_to_head: seconds(),
+            duration: seconds(),
+            bytes: Family::default(),
+            agents: Family::default(),
+            parked: Gauge::default(),
+            in_flight: Gauge::default(),
+            tunnels: Gauge::default(),
+            connections: Gauge::default(),
+            buffered: Gauge::default(),
+            auth_failures: Family::default(),
+            rejections: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "User requests answered, by backend name, method and status class",
+            m.requests.clone(),
+        );
+        registry.register_with_unit(
+            "pickup_wait",
+            "Time from a request's arrival until an agent took it",
+            Unit::Seconds,
+            m.pickup_wait.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_response_head",
+            "Time from a request's arrival until its response head",
+            Unit::Seconds,
+            m.time_to_head.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from a request's arrival until its response (or tunnel) ended",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        registry.register_with_unit(
+            "body",
+            "Relayed body bytes, up (user to backend) and down (backend to user)",
+            Unit::Bytes,
+            m.bytes.clone(),
+        );
+        registry.register(
+            "agents",
+            "Connected agent processes per backend name",
+            m.agents.clone(),
+        );
+        registry.register(
+            "parked_requests",
+            "Requests waiting for an agent to pick them up",
+            m.parked.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests between arrival and the end of their response",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "open_tunnels",
+            "Switched (101) connections",
+            m.tunnels.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        registry.register_with_unit(
+            "buffered",
+            "Relayed bytes held in memory",
+            Unit::Bytes,
+            m.buffered.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Refused credentials, by side (agent or user)",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "limit_rejections",
+            "Requests or connections refused by a limit",
+            m.rejections.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+fn method_label(m: &http::Method) -> &'static str {
+    METHODS
+        .iter()
+        .find(|x| **x == m.as_str())
+        .copied()
+        .unwrap_or("other")
+}
+
+fn status_label(status: u16) -> &'static str {
+    STATUS_CLASSES
+        .get(usize::from(status / 100).wrapping_sub(1))
+        .copied()
+        .unwrap_or("5xx")
+}
+
+impl Metrics {
+    /// Counts one answered request. `name` is `None` for names without agents.
+    pub fn request(&self, name: Option<&str>, method: &http::Method, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                name: name.unwrap_or_default().to_owned(),
+                method: method_label(method),
+                status: status_label(status),
+            })
+            .inc();
+    }
+
+    /// Records how long a request waited for pickup.
+    pub fn pickup(&self, wait: Duration) {
+        self.pickup_wait.observe(wait.as_secs_f64());
+    }
+
+    /// Records the time to the response head.
+    pub fn head(&self, after: Duration) {
+        self.time_to_head.observe(after.as_secs_f64());
+    }
+
+    /// Records a finished request: its duration and body bytes each way.
+    pub fn finished(&self, name: Option<&str>, took: Duration, up: u64, down: u64) {
+        self.duration.observe(took.as_secs_f64());
+        let name = name.unwrap_or_default();
+        for (direction, n) in [("up", up), ("down", down)] {
+            if n > 0 {
+                self.bytes
+                    .get_or_create(&BytesLabels {
+                        name: name.to_owned(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Counts a refused credential (`agent` or `user`).
+    pub fn auth_failure(&self, side: &'static str) {
+        self.auth_failures.get_or_create(&SideLabel { side }).inc();
+    }
+
+    /// Counts a limit rejection.
+    pub fn rejected(&self, limit: &'static str) {
+        self.rejections.get_or_create(&LimitLabel { limit }).inc();
+    }
+
+    /// Removes every series labelled with `name` (the broker forgot it).
+    pub fn forget(&self, name: &str) {
+        self.history.forget(name);
+        for method in METHODS.iter().copied().chain(["other"]) {
+            for status in STATUS_CLASSES {
+                self.requests.remove(&RequestLabels {
+                    name: name.to_owned(),
+                    method,
+                    status,
+                });
+            }
+        }
+        for direction in ["up", "down"] {
+            self.bytes.remove(&BytesLabels {
+                name: name.to_owned(),
+                direction,
+            });
+        }
+        self.agents.remove(&NameLabel {
+            name: name.to_owned(),
+        });
+    }
+
+    /// The exposition text, with gauges sampled from `state` now.
+    pub fn render(&self, state: &State) -> String {
+        self.parked.set(state.broker.parked() as i64);
+        self.in_flight.set(state.broker.in_flight() as i64);
+        self.tunnels.set(state.tunnels.len() as i64);
+        self.connections.set(state.conns.open() as i64);
+        self.buffered.set(state.budget.in_use() as i64);
+        self.agents.clear();
+        for (name, agents) in state.broker.agents_per_name() {
+            self.agents
+                .get_or_create(&NameLabel { name })
+                .set(agents as i64);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("bug: writing to a String cannot fail");
+        out
+    }
+}

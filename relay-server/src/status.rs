@@ -1,0 +1,314 @@
+//! The live status page (`/status`, self-contained HTML that polls its JSON twin) and
+//! `/status.json`: connected backends and their agents, requests and errors per backend over
+//! the last 15 minutes, open tunnels, recent errors.
+//!
+//! The history is kept per connected name in 10-second buckets and dropped with the name,
+//! so its size is bounded like the metrics' label sets.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use serde_json::{json, Value};
+
+use crate::State;
+
+/// Width of one history bucket.
+const BUCKET_SECS: u64 = 10;
+/// Buckets kept: 15 minutes.
+const BUCKETS: usize = 90;
+/// Recent errors kept.
+const RECENT_ERRORS: usize = 50;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Default)]
+struct Series {
+    /// (bucket start, requests, errors), oldest first.
+    buckets: VecDeque<(u64, u64, u64)>,
+    requests: u64,
+    errors: u64,
+}
+
+/// Requests and errors over time, per backend name, and the latest errors.
+pub struct History {
+    names: DashMap<String, Mutex<Series>>,
+    errors: Mutex<VecDeque<Value>>,
+    started: u64,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            names: DashMap::new(),
+            errors: Mutex::new(VecDeque::new()),
+            started: now(),
+        }
+    }
+}
+
+impl History {
+    /// Records an answered request for a connected `name` (`None`: a name without agents,
+    /// which only counts when it failed).
+    pub fn record(&self, name: Option<&str>, status: u16, error: Option<&str>) {
+        let t = now();
+        if let Some(name) = name {
+            let entry = self.names.entry(name.to_owned()).or_default();
+            let mut s = entry.lock().expect("bug: poisoned");
+            let bucket = t - t % BUCKET_SECS;
+            if s.buckets.back().map(|b| b.0) != Some(bucket) {
+                s.buckets.push_back((bucket, 0, 0));
+                while s.buckets.len() > BUCKETS {
+                    s.buckets.pop_front();
+                }
+            }
+            let failed = status >= 500;
+            let last = s.buckets.back_mut().expect("bug: pushed above");
+            last.1 += 1;
+            last.2 += u64::from(failed);
+            s.requests += 1;
+            s.errors += u64::from(failed);
+        }
+        if let Some(message) = error.filter(|_| status >= 500) {
+            let mut errors = self.errors.lock().expect("bug: poisoned");
+            errors.push_front(json!({
+                "time": t,
+                "name": name.unwrap_or_default(),
+                "status": status,
+                "message": message,
+            }));
+            errors.truncate(RECENT_ERRORS);
+        }
+    }
+
+    /// Drops the history of a name nobody serves any more.
+    pub fn forget(&self, name: &str) {
+        self.names.remove(name);
+    }
+
+    fn series(&self, name: &str, t: u64) -> Value {
+        let Some(entry) = self.names.get(name) else {
+            return json!({"requests": 0, "errors": 0, "rps": 0.0, "error_rate": 0.0, "series": []});
+        };
+        let s = entry.lock().expect("bug: poisoned");
+        let current = t - t % BUCKET_SECS;
+        let first = current.saturating_sub(BUCKET_SECS * (BUCKETS as u64 - 1));
+        // A dense series, one point per bucket, zeros where nothing happened.
+        let mut points = Vec::with_capacity(BUCKETS);
+        let mut it = s.buckets.iter().peekable();
+        let mut start = first;
+        while start <= current {
+            while it.peek().is_some_and(|b| b.0 < start) {
+                it.next();
+            }
+            let (r, e) = match it.peek() {
+                Some(b) if b.0 == start => (b.1, b.2),
+                _ => (0, 0),
+            };
+            points.push(json!([r, e]));
+            start += BUCKET_SECS;
+        }
+        // The last minute (six buckets, the current one partial).
+        let (r, e) = s
+            .buckets
+            .iter()
+            .filter(|b| b.0 + 60 > current)
+            .fold((0, 0), |acc, b| (acc.0 + b.1, acc.1 + b.2));
+        json!({
+            "requests": s.requests,
+            "errors": s.errors,
+            "rps": r as f64 / 60.0,
+            "error_rate": if r == 0 { 0.0 } else { e as f64 / r as f64 },
+            "series": points,
+        })
+    }
+}
+
+/// The JSON twin of the page.
+pub fn json(state: &State) -> Value {
+    let t = now();
+    let history = &state.metrics.history;
+    let mut backends: Vec<Value> = state
+        .broker
+        .agents()
+        .into_iter()
+        .map(|(name, agents)| {
+            let agents: Vec<Value> = agents
+                .iter()
+                .map(|(a, polls)| {
+                    json!({
+                        "id": a.id,
+                        "addr": a.info.addr,
+                        "version": a.info.version,
+                        "since": a.since,
+                        "parked_polls": polls,
+                    })
+                })
+                .collect();
+            let mut v = history.series(&name, t);
+            v["name"] = json!(name);
+            v["agents"] = json!(agents);
+            v
+        })
+        .collect();
+    backends.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let errors: Vec<Value> = history
+        .errors
+        .lock()
+        .expect("bug: poisoned")
+        .iter()
+        .cloned()
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "now": t,
+        "uptime_secs": t.saturating_sub(history.started),
+        "draining": state.draining(),
+        "bucket_secs": BUCKET_SECS,
+        "totals": {
+            "in_flight": state.broker.in_flight(),
+            "parked": state.broker.parked(),
+            "open_tunnels": state.tunnels.len(),
+            "open_connections": state.conns.open(),
+            "buffered_bytes": state.budget.in_use(),
+        },
+        "backends": backends,
+        "recent_errors": errors,
+    })
+}
+
+/// The page: no external assets, renders `/status.json` every two seconds. Every value is
+/// set with `textContent`, never parsed as HTML (names and messages come from users).
+pub const PAGE: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>relay status</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
+  h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
+  .meta { color: #666; margin-bottom: 1rem; }
+  .cards { display: flex; gap: .8rem; flex-wrap: wrap; margin-bottom: 1.2rem; }
+  .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5rem .9rem; min-width: 7rem; }
+  .card b { display: block; font-size: 1.4rem; }
+  table { border-collapse: collapse; width: 100%; background: #fff; margin-bottom: 1.2rem; }
+  th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #eee; vertical-align: top; }
+  th { background: #f0f0f0; font-weight: 600; }
+  .num { text-align: right; font-variant-numeric: tabular-nums; }
+  .bad { color: #b00020; }
+  .agents { font-size: 12px; color: #555; }
+  svg { display: block; }
+  .empty { color: #888; font-style: italic; }
+  #stale { color: #b00020; display: none; }
+</style>
+</head>
+<body>
+<h1>relay status</h1>
+<div class="meta"><span id="version"></span> · up <span id="uptime"></span> · <span id="state"></span> <span id="stale">(status unavailable, retrying)</span></div>
+<div class="cards">
+  <div class="card">backends<b id="t-backends">–</b></div>
+  <div class="card">in flight<b id="t-in_flight">–</b></div>
+  <div class="card">waiting<b id="t-parked">–</b></div>
+  <div class="card">tunnels<b id="t-open_tunnels">–</b></div>
+  <div class="card">connections<b id="t-open_connections">–</b></div>
+</div>
+<table id="backends">
+  <thead><tr><th>backend</th><th>agents</th><th class="num">requests</th><th class="num">req/s (1 min)</th><th class="num">errors (1 min)</th><th>last 15 min</th></tr></thead>
+  <tbody><tr><td colspan="6" class="empty">no backend connected</td></tr></tbody>
+</table>
+<h2 style="font-size:1.1rem">Recent errors</h2>
+<table id="errors">
+  <thead><tr><th>time</th><th>backend</th><th class="num">status</th><th>what happened</th></tr></thead>
+  <tbody><tr><td colspan="4" class="empty">none</td></tr></tbody>
+</table>
+<script>
+"use strict";
+const NS = "http://www.w3.org/2000/svg";
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+function ago(secs) {
+  if (secs < 60) return secs + "s";
+  if (secs < 3600) return Math.floor(secs / 60) + "m";
+  if (secs < 86400) return Math.floor(secs / 3600) + "h";
+  return Math.floor(secs / 86400) + "d";
+}
+function sparkline(points) {
+  const w = 180, h = 28, svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("width", w); svg.setAttribute("height", h);
+  svg.setAttribute("viewBox", "0 0 " + w + " " + h);
+  const max = Math.max(1, ...points.map(p => p[0]));
+  const step = points.length > 1 ? w / (points.length - 1) : w;
+  for (const [idx, color] of [[0, "#1a73e8"], [1, "#b00020"]]) {
+    const line = document.createElementNS(NS, "polyline");
+    line.setAttribute("fill", "none"); line.setAttribute("stroke", color); line.setAttribute("stroke-width", "1.5");
+    line.setAttribute("points", points.map((p, i) => (i * step).toFixed(1) + "," + (h - 1 - (p[idx] / max) * (h - 2)).toFixed(1)).join(" "));
+    svg.appendChild(line);
+  }
+  return svg;
+}
+function render(s) {
+  document.getElementById("version").textContent = "relay-server " + s.version;
+  document.getElementById("uptime").textContent = ago(s.uptime_secs);
+  document.getElementById("state").textContent = s.draining ? "draining" : "serving";
+  document.getElementById("t-backends").textContent = s.backends.length;
+  for (const k of ["in_flight", "parked", "open_tunnels", "open_connections"])
+    document.getElementById("t-" + k).textContent = s.totals[k];
+  const body = document.querySelector("#backends tbody");
+  body.replaceChildren();
+  if (s.backends.length === 0) {
+    const tr = el("tr"); const td = el("td", "no backend connected", "empty"); td.colSpan = 6; tr.appendChild(td); body.appendChild(tr);
+  }
+  for (const b of s.backends) {
+    const tr = el("tr");
+    tr.dataset.backend = b.name;
+    tr.appendChild(el("td", b.name));
+    const agents = el("td", undefined, "agents");
+    for (const a of b.agents) agents.appendChild(el("div", a.addr + " · " + a.version + " · since " + ago(s.now - a.since)));
+    tr.appendChild(agents);
+    tr.appendChild(el("td", b.requests, "num requests"));
+    tr.appendChild(el("td", b.rps.toFixed(2), "num rps"));
+    tr.appendChild(el("td", (100 * b.error_rate).toFixed(1) + "%", "num" + (b.error_rate > 0 ? " bad" : "")));
+    const spark = el("td"); spark.appendChild(sparkline(b.series)); tr.appendChild(spark);
+    body.appendChild(tr);
+  }
+  const errs = document.querySelector("#errors tbody");
+  errs.replaceChildren();
+  if (s.recent_errors.length === 0) {
+    const tr = el("tr"); const td = el("td", "none", "empty"); td.colSpan = 4; tr.appendChild(td); errs.appendChild(tr);
+  }
+  for (const e of s.recent_errors) {
+    const tr = el("tr");
+    tr.appendChild(el("td", new Date(e.time * 1000).toLocaleTimeString()));
+    tr.appendChild(el("td", e.name));
+    tr.appendChild(el("td", e.status, "num bad"));
+    tr.appendChild(el("td", e.message));
+    errs.appendChild(tr);
+  }
+  document.body.dataset.loaded = "1";
+}
+async function refresh() {
+  try {
+    const r = await fetch("status.json", { cache: "no-store" });
+    if (!r.ok) throw new Error(r.status);
+    render(await r.json());
+    document.getElementById("stale").style.display = "none";
+  } catch (e) {
+    document.getElementById("stale").style.display = "inline";
+  }
+}
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+"##;

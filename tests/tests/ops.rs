@@ -1,0 +1,217 @@
+//! Operations: metric names and values after known traffic, bounded label sets, readiness
+//! during the drain, the admin listener, and the status page's JSON twin.
+
+use http::{Request, Response, StatusCode};
+use relay_tests::*;
+
+async fn get_text(url: String) -> (StatusCode, String) {
+    let resp = client()
+        .request(Request::get(url).body(empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = body_bytes(resp.into_body()).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of the sample line that starts with `series` (exact labels), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A backend answering `/status/NNN` with that status and anything else with 200.
+async fn status_backend() -> std::net::SocketAddr {
+    backend(|req: Request<hyper::body::Incoming>| async move {
+        let code = req
+            .uri()
+            .path()
+            .strip_prefix("/status/")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(200);
+        let _ = body_bytes(req.into_body()).await;
+        Response::builder().status(code).body(full("x")).unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_and_forget_names_that_leave() {
+    let addr = status_backend().await;
+    let (server, agent) = relay_to(addr, "a").await;
+    let c = client();
+    let url = |p: &str| format!("{}{p}", server.url());
+    for _ in 0..3 {
+        let r = c
+            .request(Request::get(url("/client/a/")).body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        body_bytes(r.into_body()).await.unwrap();
+    }
+    let r = c
+        .request(
+            Request::post(url("/client/a/up"))
+                .body(full("hello"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    body_bytes(r.into_body()).await.unwrap();
+    let r = c
+        .request(
+            Request::get(url("/client/a/status/503"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    body_bytes(r.into_body()).await.unwrap();
+    assert_eq!(get_text(url("/client/ghost/")).await.0, 503);
+    // An agent with a wrong token.
+    let bad = client()
+        .request(
+            Request::get(url("/server/request?server=a"))
+                .header("authorization", "Bearer wrong-token-0123456789")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    server.wait_idle().await;
+
+    let (status, m) = get_text(url("/metrics")).await;
+    assert_eq!(status, 200);
+    let has = |series: &str, want: f64| {
+        assert_eq!(sample(&m, series), Some(want), "{series} in\n{m}");
+    };
+    has(
+        r#"relay_requests_total{name="a",method="GET",status="2xx"}"#,
+        3.0,
+    );
+    has(
+        r#"relay_requests_total{name="a",method="POST",status="2xx"}"#,
+        1.0,
+    );
+    has(
+        r#"relay_requests_total{name="a",method="GET",status="5xx"}"#,
+        1.0,
+    );
+    has(
+        r#"relay_requests_total{name="",method="GET",status="5xx"}"#,
+        1.0,
+    );
+    has(r#"relay_body_bytes_total{name="a",direction="up"}"#, 5.0);
+    has(r#"relay_body_bytes_total{name="a",direction="down"}"#, 5.0);
+    has(r#"relay_agents{name="a"}"#, 1.0);
+    has(r#"relay_auth_failures_total{side="agent"}"#, 1.0);
+    has("relay_request_duration_seconds_count", 5.0);
+    has("relay_time_to_response_head_seconds_count", 5.0);
+    has("relay_pickup_wait_seconds_count", 5.0);
+    has("relay_parked_requests", 0.0);
+    assert!(m.trim_end().ends_with("# EOF"));
+
+    // The name leaves: its series go with it.
+    agent.stop().await.unwrap();
+    wait_for(|| !server.state.broker.is_connected("a")).await;
+    let (_, m) = get_text(url("/metrics")).await;
+    assert!(
+        !m.contains(r#"name="a""#),
+        "series of a gone name remain:\n{m}"
+    );
+}
+
+#[tokio::test]
+async fn status_json_lists_backends_agents_and_errors() {
+    let addr = status_backend().await;
+    let (server, _agent) = relay_to(addr, "a").await;
+    for p in ["/client/a/", "/client/a/", "/client/nobody/"] {
+        get_text(format!("{}{p}", server.url())).await;
+    }
+    let (status, text) = get_text(format!("{}/status.json", server.url())).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let b = &v["backends"][0];
+    assert_eq!(b["name"], "a");
+    assert_eq!(b["requests"], 2);
+    assert_eq!(b["series"].as_array().unwrap().len(), 90);
+    let agent = &b["agents"][0];
+    assert_eq!(agent["addr"], "127.0.0.1");
+    assert!(agent["version"]
+        .as_str()
+        .unwrap()
+        .starts_with("relay-client/"));
+    let err = &v["recent_errors"][0];
+    assert_eq!(err["status"], 503);
+    assert!(err["message"].as_str().unwrap().contains("nobody"));
+    let (status, page) = get_text(format!("{}/status", server.url())).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>relay status</title>") && !page.contains("src=\"http"));
+}
+
+#[tokio::test]
+async fn readiness_fails_during_the_drain_while_health_holds() {
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let addr = backend(move |_req| {
+        let r = r.clone();
+        async move {
+            r.notified().await;
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let (server, _agent) = relay_to(addr, "a").await;
+    assert_eq!(
+        get_text(format!("{}/readyz", server.url())).await,
+        (StatusCode::OK, "ready\n".into())
+    );
+    let held = tokio::spawn(get_text(format!("{}/client/a/", server.url())));
+    wait_for(|| server.state.broker.in_flight() == 1).await;
+    server.shutdown.cancel();
+    wait_for(|| server.state.draining()).await;
+    assert_eq!(
+        get_text(format!("{}/readyz", server.url())).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+    );
+    assert_eq!(get_text(format!("{}/healthz", server.url())).await.0, 200);
+    release.notify_one();
+    assert_eq!(held.await.unwrap(), (StatusCode::OK, "late".into()));
+}
+
+#[tokio::test]
+async fn an_admin_listener_takes_the_operator_endpoints_off_the_public_one() {
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (public_addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+    let state = std::sync::Arc::new(relay_server::State::new(server_config()));
+    let listeners = relay_server::Listeners {
+        public,
+        agent: None,
+        admin: Some(admin),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(relay_server::serve_faces(
+        listeners,
+        state,
+        shutdown.clone(),
+    ));
+    let (status, m) = get_text(format!("http://{admin_addr}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(m.contains("relay_open_connections"));
+    assert_eq!(get_text(format!("http://{admin_addr}/readyz")).await.0, 200);
+    let (status, _) = get_text(format!("http://{admin_addr}/client/a/")).await;
+    assert_eq!(status, 404, "the admin listener relays nothing");
+    let (status, body) = get_text(format!("http://{public_addr}/metrics")).await;
+    assert_eq!(status, 404);
+    assert!(!body.contains("relay_"));
+    assert_eq!(
+        get_text(format!("http://{public_addr}/healthz")).await.0,
+        200
+    );
+    shutdown.cancel();
+}
