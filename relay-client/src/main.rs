@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use http::Uri;
 use relay_client::{Config, Secret, Transport};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,11 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
+    /// TOML file with the same settings as the flags (keys are the flag names, e.g.
+    /// `relay_url = "https://relay.example.com"`); flags and environment variables
+    /// override it.
+    #[arg(long, env = "RELAY_CONFIG")]
+    config: Option<PathBuf>,
     /// relay-server base URL, e.g. https://relay.example.com
     #[arg(long, env = "RELAY_URL", required = true)]
     relay_url: Option<Uri>,
@@ -144,7 +149,26 @@ fn pair(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    if let Some(path) = relay_config_file::config_path(&args, "RELAY_CONFIG") {
+        match relay_config_file::load(&path)
+            .and_then(|f| relay_config_file::apply(cmd, &f, &["config"]))
+        {
+            Ok(c) => cmd = c,
+            Err(e) => {
+                eprintln!("relay-client: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cli = match cmd
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let log = match &cli.command {
         Some(Cmd::Connect(c)) => c.log.clone(),
         None => cli.log.clone(),

@@ -364,10 +364,11 @@ async fn admit(
 ) -> Result<Verdict, RelayError> {
     let name = route.name;
     let path = route.target.split('?').next().unwrap_or("/");
-    Ok(match state.cfg.access.mode(name) {
+    let auth = state.auth();
+    Ok(match auth.access.mode(name) {
         AccessMode::Open => Verdict::Admit,
         AccessMode::Token => {
-            check_token(&state.user_tokens, name, req.headers_mut())?;
+            check_token(&auth.user_tokens, name, req.headers_mut())?;
             Verdict::Admit
         }
         AccessMode::SignedLink => {

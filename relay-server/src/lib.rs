@@ -66,14 +66,32 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// What admits agents and users; replaced whole on reload.
+pub struct Auth {
+    /// Agent tokens.
+    pub tokens: Arc<auth::TokenStore>,
+    /// User tokens (`token` access).
+    pub user_tokens: auth::TokenStore,
+    /// Access mode per name.
+    pub access: access::AccessPolicy,
+}
+
+impl Auth {
+    fn new(cfg: &Config) -> Self {
+        Auth {
+            tokens: Arc::new(auth::TokenStore::new(&cfg.agent_tokens)),
+            user_tokens: auth::TokenStore::new(&cfg.user_tokens),
+            access: cfg.access.clone(),
+        }
+    }
+}
+
 /// Shared state of a running server.
 pub struct State {
     /// Settings.
     pub cfg: Config,
-    /// Agent tokens.
-    pub tokens: auth::TokenStore,
-    /// User tokens (`token` access).
-    pub user_tokens: auth::TokenStore,
+    /// Tokens and access rules; swapped whole on a configuration reload.
+    auth: std::sync::RwLock<Arc<Auth>>,
     /// Signed-link sessions.
     pub sessions: link::Sessions,
     /// The forward-auth client, when configured.
@@ -110,8 +128,7 @@ impl State {
                 cfg.max_connections,
                 cfg.max_connections_per_ip,
             )),
-            tokens: auth::TokenStore::new(&cfg.agent_tokens),
-            user_tokens: auth::TokenStore::new(&cfg.user_tokens),
+            auth: std::sync::RwLock::new(Arc::new(Auth::new(&cfg))),
             sessions: link::Sessions::new(
                 cfg.link_secret
                     .clone()
@@ -137,6 +154,27 @@ impl State {
             tunnels: TaskTracker::new(),
             tls: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The tokens and access rules in force.
+    pub fn auth(&self) -> Arc<Auth> {
+        self.auth.read().expect("bug: poisoned").clone()
+    }
+
+    /// Applies the reloadable part of `cfg` (agent and user tokens, access rules). With no
+    /// agent token in `cfg` the running ones stay (the generated zero-config token).
+    /// Requests in flight keep what admitted them; the next request sees the new rules.
+    pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
+        let mut next = Auth::new(cfg);
+        let current = self.auth();
+        if cfg.agent_tokens.is_empty() {
+            next.tokens = current.tokens.clone();
+        }
+        *self.auth.write().expect("bug: poisoned") = Arc::new(next);
+        if let Some(tls) = self.tls.get() {
+            tls.reload_now();
+        }
+        Ok(())
     }
 
     /// Whether shutdown began.

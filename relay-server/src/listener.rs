@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{cert_grant, Grant};
 use crate::body::{full, RelayBody};
 use crate::error::text_response;
-use crate::limits::{Activity, ConnLimits, ConnRefused, FirstBytes};
+use crate::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Tracked};
 use crate::tls::Tls;
 use crate::{downstream, router, upstream, Config, State};
 
@@ -250,6 +249,7 @@ impl Conns<'_> {
                     && req.uri().path().starts_with("/server/")
                     && face != Face::Public
                     && state
+                        .auth()
                         .tokens
                         .authenticate_agent(req.headers(), cert.get())
                         .is_ok()
@@ -259,13 +259,7 @@ impl Conns<'_> {
                 async move {
                     let resp = dispatch(state, req, peer, https, face, cert.get()).await;
                     // The connection counts as busy until the response body is over.
-                    Ok::<_, Infallible>(resp.map(|b| {
-                        b.map_frame(move |f| {
-                            let _ = &busy;
-                            f
-                        })
-                        .boxed_unsync()
-                    }))
+                    Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, busy)))
                 }
             });
             let builder = self.builder.clone();
@@ -331,12 +325,12 @@ async fn supervise<I, S>(
 where
     S: hyper::service::Service<
         Request<Incoming>,
-        Response = Response<RelayBody>,
+        Response = Response<Tracked<RelayBody>>,
         Error = Infallible,
     >,
     S::Future: 'static,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    TokioExecutor: auto::HttpServerConnExec<S::Future, RelayBody>,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, Tracked<RelayBody>>,
 {
     tokio::pin!(conn);
     tokio::select! {

@@ -125,6 +125,21 @@ impl Tls {
         tokio_rustls::TlsAcceptor::from(self.current.read().expect("bug: poisoned").clone())
     }
 
+    /// Reloads the files now (SIGHUP); a failure keeps the current configuration.
+    pub fn reload_now(&self) {
+        match load(&self.cert, &self.key, self.client_ca.as_deref()) {
+            Ok(cfg) => {
+                *self.current.write().expect("bug: poisoned") = cfg;
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificate");
+            }
+        }
+    }
+
     /// Watches the files until `stop`, reloading on change.
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
         let ca = self.client_ca.as_deref();
@@ -139,17 +154,7 @@ impl Tls {
                 continue;
             }
             seen = now;
-            match load(&self.cert, &self.key, ca) {
-                Ok(cfg) => {
-                    *self.current.write().expect("bug: poisoned") = cfg;
-                    self.reloads.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
-                }
-                Err(e) => {
-                    self.failed_reloads.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificate");
-                }
-            }
+            self.reload_now();
         }
     }
 }

@@ -33,7 +33,7 @@ pub async fn handle(
     peer: std::net::SocketAddr,
     cert: Option<&Grant>,
 ) -> Response<RelayBody> {
-    let grant = match state.tokens.authenticate_agent(req.headers(), cert) {
+    let grant = match state.auth().tokens.authenticate_agent(req.headers(), cert) {
         Ok(g) => g,
         Err(e) => {
             state.metrics.auth_failure("agent");

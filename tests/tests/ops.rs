@@ -179,6 +179,17 @@ async fn readiness_fails_during_the_drain_while_health_holds() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
     );
     assert_eq!(get_text(format!("{}/healthz", server.url())).await.0, 200);
+    // The relay's own answers keep their length (no chunked framing for a known body).
+    let raw = raw_exchange(
+        server.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(
+        raw.contains("content-length: 3\r\n") && !raw.contains("chunked"),
+        "{raw}"
+    );
     release.notify_one();
     assert_eq!(held.await.unwrap(), (StatusCode::OK, "late".into()));
 }

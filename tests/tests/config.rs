@@ -1,0 +1,219 @@
+//! Configuration files with the real binaries: precedence (flag > env > file > default),
+//! errors that name the line and key, `check-config`, reload on SIGHUP and on change
+//! without dropping connections, and the agent reading its settings from a file.
+
+use std::process::Command;
+
+use relay_tests::procs::{binary, Proc, TempDir};
+use relay_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const USER1: &str = "user-one-token-0123456789";
+const USER2: &str = "user-two-token-0123456789";
+
+/// Starts the server binary with `args` and `env`; returns it and its address.
+fn server(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::net::SocketAddr) {
+    let mut cmd = Command::new(binary("relay-server"));
+    cmd.args(args)
+        .env("RELAY_LOG", "info")
+        .env_remove("RELAY_ACCESS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut p = Proc::spawn(cmd);
+    let line = p.wait_line("relay-server listening on http://");
+    let addr = line
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (p, addr)
+}
+
+/// One request on a keep-alive connection; returns the status code.
+async fn status_on(conn: &mut tokio::net::TcpStream, path: &str, token: Option<&str>) -> u16 {
+    let auth = token
+        .map(|t| format!("X-Relay-Token: {t}\r\n"))
+        .unwrap_or_default();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Read the head, then the body by its Content-Length.
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).await.unwrap();
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).await.unwrap();
+    head[9..12].parse().unwrap()
+}
+
+async fn status(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> u16 {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    status_on(&mut c, path, token).await
+}
+
+#[tokio::test]
+async fn flag_beats_env_beats_file_beats_default() {
+    let dir = TempDir::new("cfg-precedence");
+    let file = dir.0.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!("listen = \"127.0.0.1:0\"\naccess = \"token\"\nuser_token = {{ \"*\" = \"{USER1}\" }}\n"),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    // File over default: token access (401 without a token, not 503).
+    let (_s, addr) = server(&["--config", f], &[]);
+    assert_eq!(status(addr, "/client/a/", None).await, 401);
+    assert_eq!(status(addr, "/client/a/", Some(USER1)).await, 503);
+    // Env over file: open access.
+    let (_s, addr) = server(&["--config", f], &[("RELAY_ACCESS", "open")]);
+    assert_eq!(status(addr, "/client/a/", None).await, 503);
+    // Flag over env.
+    let (_s, addr) = server(
+        &["--config", f, "--access", "token"],
+        &[("RELAY_ACCESS", "open")],
+    );
+    assert_eq!(status(addr, "/client/a/", None).await, 401);
+}
+
+#[test]
+fn bad_files_are_refused_with_line_and_key_and_check_config_says_why() {
+    let dir = TempDir::new("cfg-errors");
+    let write = |name: &str, text: &str| {
+        let p = dir.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let bad_value = write(
+        "v.toml",
+        "# limits\nlisten = \"127.0.0.1:0\"\npickup_timeout = \"soon\"\n",
+    );
+    let unknown = write(
+        "k.toml",
+        "listen = \"127.0.0.1:0\"\nmax_parked_per_nam = 3\n",
+    );
+    let bad_mode = write(
+        "m.toml",
+        "listen = \"127.0.0.1:0\"\naccess_for = { nb = \"signed-link\" }\n",
+    );
+    let good = write(
+        "g.toml",
+        "listen = \"127.0.0.1:0\"\naccess = \"token\"\nuser_token = { \"*\" = \"user-token-0123456789abc\" }\nagent_token = [\"robot=agent-token-0123456789\"]\n",
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(binary("relay-server"))
+            .args(args)
+            .env_remove("RELAY_ACCESS")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = run(&["--config", bad_value.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        out.contains("v.toml:3: `pickup_timeout`: invalid value 'soon'"),
+        "{out}"
+    );
+    let (code, out) = run(&["check-config", unknown.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains(
+            "k.toml:2: unknown key `max_parked_per_nam` (did you mean `max_parked_per_name`?)"
+        ),
+        "{out}"
+    );
+    let (code, out) = run(&["check-config", bad_mode.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("--link-secret-file"), "{out}");
+    let (code, out) = run(&["check-config", good.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok") && out.contains("1 agent token(s), 1 user token(s), access token"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn reload_swaps_tokens_on_sighup_and_change_and_keeps_connections() {
+    let dir = TempDir::new("cfg-reload");
+    let file = dir.0.join("relay.toml");
+    let config = |user: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\naccess = \"token\"\nuser_token = {{ \"*\" = \"{user}\" }}\n"
+        )
+    };
+    std::fs::write(&file, config(USER1)).unwrap();
+    let (mut s, addr) = server(&["--config", file.to_str().unwrap()], &[]);
+    // A keep-alive connection that must survive every reload.
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(status_on(&mut conn, "/healthz", None).await, 200);
+    assert_eq!(status(addr, "/client/a/", Some(USER1)).await, 503);
+    assert_eq!(status(addr, "/client/a/", Some(USER2)).await, 403);
+
+    // A changed file is picked up by itself.
+    let reloads = |p: &mut Proc| p.next_line("configuration reloaded");
+    std::fs::write(&file, config(USER2)).unwrap();
+    reloads(&mut s);
+    assert_eq!(status(addr, "/client/a/", Some(USER2)).await, 503);
+    assert_eq!(status(addr, "/client/a/", Some(USER1)).await, 403);
+    assert_eq!(status_on(&mut conn, "/healthz", None).await, 200);
+
+    // A broken file is refused on SIGHUP; the running rules stay.
+    std::fs::write(&file, "access = \"sesame\"\n").unwrap();
+    let hup = |p: &Proc| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &p.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    hup(&s);
+    let line = s.next_line("reload refused");
+    assert!(line.contains("sesame"), "{line}");
+    assert_eq!(status(addr, "/client/a/", Some(USER2)).await, 503);
+    // A good file on SIGHUP applies.
+    std::fs::write(&file, config(USER1)).unwrap();
+    hup(&s);
+    reloads(&mut s);
+    assert_eq!(status(addr, "/client/a/", Some(USER1)).await, 503);
+    assert_eq!(status_on(&mut conn, "/healthz", None).await, 200);
+}
+
+#[tokio::test]
+async fn the_agent_reads_its_settings_from_a_file() {
+    let (backend, seen) = recording_backend().await;
+    let (mut s, addr) = relay_tests::procs::relay_server(&[]);
+    let dir = TempDir::new("cfg-agent");
+    let file = dir.0.join("agent.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "relay_url = \"http://{addr}\"\nname = \"from-file\"\nbackend_url = \"http://{backend}\"\ntoken = \"{TOKEN}\"\npollers = 2\n"
+        ),
+    )
+    .unwrap();
+    let mut agent = Proc::spawn({
+        let mut c = Command::new(binary("relay-client"));
+        c.args(["--config", file.to_str().unwrap()]);
+        c
+    });
+    agent.wait_line("relay-client started");
+    s.wait_line("relay-client connected name=\"from-file\"");
+    assert_eq!(status(addr, "/client/from-file/x", None).await, 200);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
