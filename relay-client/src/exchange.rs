@@ -20,6 +20,7 @@ use relay_common::message::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::bodies::{
     ChunksBody, ResponseFrames, Source, UploadBody, UploadMsg, UPLOAD_CHANNEL_DEPTH,
@@ -46,15 +47,19 @@ pub struct Ctx {
 
 /// Serves `head` until done or `cancel` (the user left).
 pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) {
-    let id = head.id.clone();
-    tokio::select! {
-        r = serve_inner(&ctx, head, &cancel) => {
-            if let Err(e) = r {
-                tracing::debug!(id, error = %e, "request ended early");
+    let span = tracing::info_span!("request", id = %head.id, method = %head.method);
+    async move {
+        tokio::select! {
+            r = serve_inner(&ctx, head, &cancel) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "request ended early");
+                }
             }
+            _ = cancel.cancelled() => tracing::debug!("cancelled: the user went away"),
         }
-        _ = cancel.cancelled() => tracing::debug!(id, "cancelled: the user went away"),
     }
+    .instrument(span)
+    .await
 }
 
 async fn serve_inner(

@@ -13,6 +13,7 @@ use relay_common::headers::{
 use relay_common::id::RequestId;
 use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::access::{
     check_link, check_token, strip_session_cookie, AccessError, AccessMode, Verdict, TOKEN_HEADER,
@@ -35,7 +36,32 @@ pub async fn handle(
     let http1 = req.version() < http::Version::HTTP_2;
     let method = req.method().clone();
     let mut name = None;
-    let result = relay(state.clone(), req, peer, https, &mut name).await;
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        id = tracing::field::Empty,
+        backend = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(trace) = trace_id(req.headers()) {
+        span.record("trace_id", trace);
+    }
+    let started = std::time::Instant::now();
+    let result = relay(state.clone(), req, peer, https, &mut name)
+        .instrument(span.clone())
+        .await;
+    let status = match &result {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.status().as_u16(),
+    };
+    span.in_scope(|| {
+        tracing::debug!(
+            target: "relay_server::access",
+            status,
+            ms = started.elapsed().as_millis() as u64,
+            "answered"
+        )
+    });
     // Only names with agents become label values (bounded cardinality).
     let label = name.filter(|n| state.broker.is_connected(n));
     match result {
@@ -118,6 +144,7 @@ async fn relay(
     )?;
     let name = route.name.to_owned();
     *routed = Some(name.clone());
+    tracing::Span::current().record("backend", name.as_str());
     // Access first: before it, nothing tells whether the name has an agent.
     if let Verdict::Respond(resp) = admit(&state, &route, &mut req, peer, https).await? {
         return Ok(resp);
@@ -161,6 +188,7 @@ async fn relay(
         (BodyKind::Stream, Some(body))
     };
     let id = RequestId::random();
+    tracing::Span::current().record("id", tracing::field::display(id));
     let head = RequestHead {
         id: id.to_string(),
         method: parts.method.as_str().to_owned(),
@@ -314,6 +342,15 @@ fn switch(
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *resp.headers_mut() = headers;
     Ok(resp)
+}
+
+/// The trace id of a W3C `traceparent` header (Trace Context §3.2), for log correlation.
+/// The header itself passes to the backend untouched.
+fn trace_id(h: &HeaderMap) -> Option<&str> {
+    let v = h.get("traceparent")?.to_str().ok()?;
+    let mut parts = v.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
 /// Refuses HTTP/1.1 framing that hyper accepts but the relay cannot pass on faithfully.

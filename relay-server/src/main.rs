@@ -45,11 +45,7 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cli::init_logs(&cli.log, cli.log_format);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli, args)) {
         Ok(()) => ExitCode::SUCCESS,

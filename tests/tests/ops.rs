@@ -226,3 +226,44 @@ async fn an_admin_listener_takes_the_operator_endpoints_off_the_public_one() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_request_span_and_traceparent_passes_through() {
+    use relay_tests::procs::{binary, Proc};
+    let (backend, seen) = recording_backend().await;
+    let mut server = Proc::spawn({
+        let mut c = std::process::Command::new(binary("relay-server"));
+        c.args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--log", "info,relay_server::access=debug"])
+            .args(["--agent-token", &format!("*={TOKEN}")]);
+        c
+    });
+    let line = server.wait_line("relay-server listening on http://");
+    let addr = line.rsplit("http://").next().unwrap().trim().to_owned();
+    let _agent = Agent::start(Agent::config(
+        &format!("http://{addr}"),
+        "traced",
+        &format!("http://{backend}"),
+    ));
+    server.wait_line("relay-client connected");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = client()
+        .request(
+            Request::get(format!("http://{addr}/client/traced/t"))
+                .header("traceparent", traceparent)
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(seen.lock().unwrap()[0].headers["traceparent"], traceparent);
+    let line = server.wait_line("\"answered\"");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(v["status"], 200);
+    let span = &v["span"];
+    assert_eq!(span["backend"], "traced");
+    assert_eq!(span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(span["id"].as_str().unwrap().len(), 32);
+    assert_eq!(span["method"], "GET");
+}
