@@ -10,6 +10,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Stats;
 use crate::config::Config;
 use crate::error::{AgentError, RelayCallError};
 use crate::exchange::{serve, Ctx};
@@ -26,6 +27,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Shared {
     ctx: Arc<Ctx>,
+    stats: Arc<Stats>,
     relay: RelayClient,
     permits: Arc<Semaphore>,
     /// Signalled when a request finishes, so polls at capacity can ask for work again.
@@ -54,6 +56,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     )
     .map_err(AgentError::Config)?;
 
+    let stats = Arc::new(Stats::default());
+    let admin_stop = CancellationToken::new();
+    let _admin_guard = admin_stop.clone().drop_guard();
+    if let Some(addr) = cfg.admin_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Config(format!("binding --admin-listen {addr}: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        tracing::info!(addr = %local, "admin endpoints listening");
+        tokio::spawn(crate::admin::serve(listener, stats.clone(), admin_stop));
+    }
     let mut backoff = Backoff::default();
     let transport = loop {
         let r = tokio::select! {
@@ -73,6 +88,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         }
     };
     tracing::info!(name = %cfg.name, ?transport, relay = %cfg.relay_url, "relay-client started");
+    stats.reachable();
 
     let shared = Arc::new(Shared {
         ctx: Arc::new(Ctx {
@@ -83,6 +99,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
             services,
         }),
         relay,
+        stats: stats.clone(),
         permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
         freed: Notify::new(),
         in_flight: Mutex::new(HashMap::new()),
@@ -101,6 +118,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         // Polls go on in draining mode (no new work, cancel notices still arrive) while the
         // requests in flight finish.
         shared.tracker.close();
+        shared.stats.draining();
         let n = shared.in_flight.lock().expect("bug: poisoned").len();
         tracing::info!(in_flight = n, "draining");
         if tokio::time::timeout(cfg.drain_timeout, shared.tracker.wait())
@@ -162,6 +180,7 @@ async fn poller(
         match r {
             Ok(Polled::Answer(answer)) => {
                 backoff = Backoff::default();
+                shared.stats.reachable();
                 for head in answer.requests {
                     // The server never hands out more than `max`; a permit is missing
                     // only if it broke that promise, and the request is served anyway.
@@ -175,9 +194,13 @@ async fn poller(
                     }
                 }
             }
-            Ok(Polled::Empty) => backoff = Backoff::default(),
+            Ok(Polled::Empty) => {
+                backoff = Backoff::default();
+                shared.stats.reachable();
+            }
             Err(e) => {
                 fatal(&e)?;
+                shared.stats.poll_failed();
                 let first = backoff.is_fresh();
                 let wait = backoff.next();
                 if first {
@@ -211,7 +234,9 @@ fn dispatch(shared: &Arc<Shared>, head: RequestHead, permit: Option<OwnedSemapho
     shared.tracker.spawn(async move {
         let id = head.id.clone();
         tracing::debug!(id, method = head.method, target = head.target, "request");
-        serve(task_shared.ctx.clone(), head, cancel).await;
+        task_shared.stats.started();
+        let outcome = serve(task_shared.ctx.clone(), head, cancel).await;
+        task_shared.stats.finished(outcome);
         task_shared
             .in_flight
             .lock()

@@ -69,6 +69,8 @@ pub struct Config {
     pub kernel_id: Option<String>,
     /// How long a lazily started service may take to open its port.
     pub service_start_timeout: Duration,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (operators; off when `None`).
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -94,6 +96,7 @@ impl Config {
             service_cmds: Vec::new(),
             kernel_id: None,
             service_start_timeout: Duration::from_secs(60),
+            admin_listen: None,
         }
     }
 }

@@ -46,16 +46,33 @@ pub struct Ctx {
 }
 
 /// Serves `head` until done or `cancel` (the user left).
-pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) {
+/// How a request ended, for the agent's metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered to the end.
+    Served,
+    /// Broke on the way (backend, relay-server or protocol).
+    Failed,
+    /// The user went away.
+    Cancelled,
+}
+
+/// Serves one request to its end.
+pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) -> Outcome {
     let span = tracing::info_span!("request", id = %head.id, method = %head.method);
     async move {
         tokio::select! {
-            r = serve_inner(&ctx, head, &cancel) => {
-                if let Err(e) = r {
+            r = serve_inner(&ctx, head, &cancel) => match r {
+                Ok(()) => Outcome::Served,
+                Err(e) => {
                     tracing::debug!(error = %e, "request ended early");
+                    Outcome::Failed
                 }
+            },
+            _ = cancel.cancelled() => {
+                tracing::debug!("cancelled: the user went away");
+                Outcome::Cancelled
             }
-            _ = cancel.cancelled() => tracing::debug!("cancelled: the user went away"),
         }
     }
     .instrument(span)

@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
 pub mod agent;
 pub mod bodies;
 pub mod config;

@@ -98,6 +98,9 @@ struct Cli {
     /// How long shutdown waits for requests in flight.
     #[arg(long, env = "RELAY_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Serve /healthz, /readyz and /metrics on this address (operators).
+    #[arg(long, env = "RELAY_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// Log format: `text` for people, `json` (one object per line) for log shippers.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -243,6 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.rewrite_host = cli.rewrite_host;
     cfg.poll_deadline = cli.poll_deadline;
     cfg.drain_timeout = cli.drain_timeout;
+    cfg.admin_listen = cli.admin_listen;
     relay_client::run(cfg, shutdown).await?;
     Ok(())
 }

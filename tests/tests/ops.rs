@@ -267,3 +267,55 @@ async fn json_logs_carry_the_request_span_and_traceparent_passes_through() {
     assert_eq!(span["id"].as_str().unwrap().len(), 32);
     assert_eq!(span["method"], "GET");
 }
+
+#[tokio::test]
+async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
+    use relay_tests::procs::{relay_client, relay_server};
+    let (backend, _seen) = recording_backend().await;
+    let (server, addr) = relay_server(&[]);
+    let mut agent = relay_client(
+        &format!("http://{addr}"),
+        "adm",
+        &format!("http://{backend}"),
+        &["--admin-listen", "127.0.0.1:0"],
+    );
+    let line = agent.wait_line("admin endpoints listening");
+    let admin = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    agent.wait_line("relay-client started");
+    assert_eq!(get_text(format!("http://{admin}/healthz")).await.0, 200);
+    assert_eq!(
+        get_text(format!("http://{admin}/readyz")).await,
+        (StatusCode::OK, "ready\n".into())
+    );
+    for _ in 0..2 {
+        assert_eq!(get_text(format!("http://{addr}/client/adm/x")).await.0, 200);
+    }
+    let (_, m) = get_text(format!("http://{admin}/metrics")).await;
+    assert_eq!(
+        sample(&m, r#"relay_agent_requests_total{outcome="served"}"#),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "relay_agent_connected"), Some(1.0), "{m}");
+    // The relay-server goes away: the agent is alive but not ready.
+    drop(server);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, body) = get_text(format!("http://{admin}/readyz")).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(body.contains("not reachable"), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready without a server"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(get_text(format!("http://{admin}/healthz")).await.0, 200);
+}
