@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's whole test command: installs what the tests need (Debian, as root; only
-# what is missing), then runs formatting, lints, the release build and every test.
+# what is missing: nginx, openssh, slowhttptest, chromium, systemd-analyze, python3-yaml,
+# Backend.AI's CLI), then runs formatting, lints, the release build and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v ssh >/dev/null 2>&1 && command -v scp >/dev/null 2>&1 || missing+=(op
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 [ -x /usr/bin/slowhttptest ] || missing+=(slowhttptest)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: missing ${missing[*]}; run as root or install them" >&2
@@ -21,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # their own nginx and sshd, so only the binaries matter.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     || { [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/sshd ] && [ -x /usr/bin/slowhttptest ] \
-         && [ -x /usr/bin/chromium ]; }
+         && [ -x /usr/bin/chromium ] && command -v systemd-analyze >/dev/null; }
 fi
 
 # Backend.AI's CLI for the service-port compatibility test (PyPI; yarl<1.10 is what the

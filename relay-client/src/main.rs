@@ -11,9 +11,17 @@ use tokio_util::sync::CancellationToken;
 /// Agent of the HTTP long-polling relay: serves a private backend through a public
 /// relay-server using outbound HTTP(S) calls only. `relay-client connect` is the user side
 /// of a service port.
+/// Version and the git commit built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("RELAY_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = VERSION,
     about,
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true

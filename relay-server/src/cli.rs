@@ -14,8 +14,16 @@ use relay_server::{Config, Secret, TokenScope};
 
 /// Public side of the HTTP long-polling relay: users reach backends at /client/<name>/...,
 /// agents (relay-client) serve them through outbound HTTP calls only.
+/// Version and the git commit built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("RELAY_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(version = VERSION, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -268,3 +268,24 @@ async fn sigterm_drains_requests_in_flight_and_exits_zero() {
     sigterm(&agent);
     assert!(exit_status(&mut agent).await.success());
 }
+
+#[test]
+fn version_names_the_git_commit() {
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    for bin in ["relay-server", "relay-client"] {
+        let out = Command::new(binary(bin)).arg("--version").output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            text.trim(),
+            format!("{bin} {} ({head})", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
