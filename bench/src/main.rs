@@ -1,0 +1,217 @@
+//! `relay-bench`: the same load against the backend directly, this relay, rathole and bore,
+//! in one run, reported as ratios to direct (medians of several runs), as a table and as
+//! JSON. `--smoke` is the few-second version the test command runs (direct and relay only).
+
+mod backend;
+mod load;
+mod targets;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{json, Value};
+
+/// Benchmark suite of the relay (see docs/PERFORMANCE.md).
+#[derive(Parser, Debug)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    /// A few seconds in total: direct and relay only, short runs, small sizes.
+    #[arg(long)]
+    smoke: bool,
+    /// Runs per scenario; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per rate measurement.
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+    /// Tunnel bytes each way (MiB).
+    #[arg(long, default_value_t = 1024)]
+    tunnel_mib: u64,
+    /// Skip rathole and bore (no installation).
+    #[arg(long)]
+    no_peers: bool,
+    /// Where rathole and bore are installed when missing.
+    #[arg(long, default_value = "target/bench-tools")]
+    tools: PathBuf,
+    /// JSON results file.
+    #[arg(long, default_value = "target/bench-results.json")]
+    out: PathBuf,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Internal: the backend process.
+    Backend,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One row of results: metric → target → median value.
+type Table = BTreeMap<String, BTreeMap<&'static str, f64>>;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Sub::Backend) = cli.command {
+        let rt = tokio::runtime::Runtime::new()?;
+        return rt.block_on(backend::run());
+    }
+    let (runs, secs, tunnel, sizes): (usize, f64, u64, &[usize]) = if cli.smoke {
+        (1, 0.3, 8 << 20, &[1_000, 1_000_000])
+    } else {
+        (
+            cli.runs.max(1),
+            cli.secs,
+            cli.tunnel_mib << 20,
+            &[1_000, 1_000_000, 100_000_000],
+        )
+    };
+    let dur = Duration::from_secs_f64(secs);
+    let b = targets::backend()?;
+    let mut running = vec![targets::direct(&b), targets::relay(&b)?];
+    if !cli.smoke && !cli.no_peers {
+        let rathole = targets::install(
+            &cli.tools,
+            "rathole",
+            "rathole",
+            &["--no-default-features", "--features", "server,client"],
+        )?;
+        let bore = targets::install(&cli.tools, "bore-cli", "bore", &[])?;
+        running.push(targets::rathole(&b, &rathole)?);
+        running.push(targets::bore(&b, &bore)?);
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut table: Table = BTreeMap::new();
+    let mut put = |metric: String, target: &'static str, v: f64| {
+        table.entry(metric).or_default().insert(target, v);
+    };
+    for t in &running {
+        eprintln!("measuring {}…", t.name);
+        rt.block_on(async {
+            for conns in [1usize, 16] {
+                let mut rps = Vec::new();
+                let mut p50 = Vec::new();
+                let mut p99 = Vec::new();
+                for _ in 0..runs {
+                    let r = load::keepalive(&t.http, conns, dur).await?;
+                    rps.push(r.rps);
+                    p50.push(r.p50);
+                    p99.push(r.p99);
+                }
+                put(
+                    format!("1 keep-alive {conns} conn req/s"),
+                    t.name,
+                    median(rps),
+                );
+                put(
+                    format!("1 keep-alive {conns} conn p50 ms"),
+                    t.name,
+                    median(p50),
+                );
+                put(
+                    format!("1 keep-alive {conns} conn p99 ms"),
+                    t.name,
+                    median(p99),
+                );
+            }
+            let mut rps = Vec::new();
+            let mut p50 = Vec::new();
+            for _ in 0..runs {
+                let r = load::per_connection(&t.http, 16, dur).await?;
+                rps.push(r.rps);
+                p50.push(r.p50);
+            }
+            put(
+                "2 new connection per request req/s".into(),
+                t.name,
+                median(rps),
+            );
+            put(
+                "2 new connection per request p50 ms".into(),
+                t.name,
+                median(p50),
+            );
+            for &size in sizes {
+                let label = match size {
+                    1_000 => "1 KB".to_owned(),
+                    1_000_000 => "1 MB".to_owned(),
+                    n => format!("{} MB", n / 1_000_000),
+                };
+                let mut down = Vec::new();
+                let mut up = Vec::new();
+                for _ in 0..runs {
+                    down.push(load::download(&t.http, size, dur).await?);
+                    up.push(load::upload(&t.http, size, dur).await?);
+                }
+                put(format!("3 download {label} MB/s"), t.name, median(down));
+                put(format!("3 upload {label} MB/s"), t.name, median(up));
+            }
+            let mut up = Vec::new();
+            let mut down = Vec::new();
+            for _ in 0..runs {
+                let (u, d) = load::tcp_copy(t.tcp, tunnel).await?;
+                up.push(u);
+                down.push(d);
+            }
+            put("4 tunnel up MB/s".into(), t.name, median(up));
+            put("4 tunnel down MB/s".into(), t.name, median(down));
+            if let Some((addr, name)) = &t.h2 {
+                let mut rps = Vec::new();
+                for _ in 0..runs {
+                    rps.push(load::h2(*addr, name.as_deref(), 32, dur).await?.rps);
+                }
+                put("7 HTTP/2 32 streams req/s".into(), t.name, median(rps));
+            }
+            anyhow::Ok(())
+        })?;
+    }
+
+    // The table: values, and ratios to direct.
+    let names: Vec<&'static str> = running.iter().map(|t| t.name).collect();
+    print!("{:<40}", "scenario");
+    for n in &names {
+        print!("{n:>18}");
+    }
+    println!();
+    let mut rows = Vec::new();
+    for (metric, by) in &table {
+        print!("{metric:<40}");
+        let direct = by.get("direct").copied().unwrap_or(0.0);
+        let mut row = json!({"metric": metric});
+        for n in &names {
+            let v = by.get(n).copied().unwrap_or(0.0);
+            let ratio = if direct > 0.0 { v / direct } else { 0.0 };
+            print!("{:>10.1} ({:>4.2}×)", v, ratio);
+            row[n] = json!({"value": v, "ratio_to_direct": ratio});
+        }
+        println!();
+        rows.push(row);
+    }
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "os": std::env::consts::OS,
+    });
+    let out: Value = json!({
+        "smoke": cli.smoke,
+        "runs": runs,
+        "secs_per_measurement": secs,
+        "tunnel_bytes": tunnel,
+        "machine": machine,
+        "targets": names,
+        "results": rows,
+    });
+    if let Some(dir) = cli.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&cli.out, serde_json::to_string_pretty(&out)?)?;
+    eprintln!("results written to {}", cli.out.display());
+    Ok(())
+}

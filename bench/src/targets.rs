@@ -1,0 +1,268 @@
+//! What the load is sent through: the backend directly, this relay (the real binaries), and
+//! the established tunnels rathole and bore, installed into a local folder when missing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use relay_tests::procs::{Proc, TempDir};
+
+use crate::load::Target;
+
+/// A release binary of the workspace, next to this one (the bench builds them first).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let path = exe.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --release --workspace first",
+        path.display()
+    );
+    path
+}
+
+/// A target ready for load: where HTTP goes, where the TCP service is, what keeps it up.
+pub struct Running {
+    /// Name in the table.
+    pub name: &'static str,
+    /// HTTP entry.
+    pub http: Target,
+    /// TCP service entry (sink/source).
+    pub tcp: SocketAddr,
+    /// HTTP/2 entry and the `X-Server-Name` it needs.
+    pub h2: Option<(SocketAddr, Option<String>)>,
+    _procs: Vec<Proc>,
+    _dir: Option<TempDir>,
+}
+
+/// The backend process: its HTTP and TCP addresses.
+pub struct Backend {
+    /// HTTP (h1 and h2c).
+    pub http: SocketAddr,
+    /// TCP sink/source.
+    pub tcp: SocketAddr,
+    _proc: Proc,
+}
+
+fn addr_after(p: &mut Proc, prefix: &str) -> anyhow::Result<SocketAddr> {
+    let line = p.wait_line(prefix);
+    line.rsplit([' ', '/'])
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .with_context(|| format!("no address in {line:?}"))
+}
+
+/// Starts the backend (this executable, `backend` subcommand) in its own process.
+pub fn backend() -> anyhow::Result<Backend> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("backend");
+    let mut p = Proc::spawn(cmd);
+    let http = addr_after(&mut p, "http ")?;
+    let tcp = addr_after(&mut p, "tcp ")?;
+    Ok(Backend {
+        http,
+        tcp,
+        _proc: p,
+    })
+}
+
+/// The backend itself.
+pub fn direct(b: &Backend) -> Running {
+    Running {
+        name: "direct",
+        http: Target {
+            addr: b.http,
+            prefix: String::new(),
+        },
+        tcp: b.tcp,
+        h2: Some((b.http, None)),
+        _procs: Vec::new(),
+        _dir: None,
+    }
+}
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+/// relay-server and relay-client (the release binaries next to this one), with the TCP
+/// service as a service port reached through `relay-client connect`.
+pub fn relay(b: &Backend) -> anyhow::Result<Running> {
+    let mut server = Proc::spawn({
+        let mut c = Command::new(binary("relay-server"));
+        c.args(["--listen", "127.0.0.1:0", "--agent-token"])
+            .arg(format!("*={TOKEN}"))
+            // The load comes from one address.
+            .args(["--max-connections-per-ip", "1000000", "--log", "warn"]);
+        c
+    });
+    let addr = addr_after(&mut server, "relay-server listening on http://")?;
+    let url = format!("http://{addr}");
+    let agent = Proc::spawn({
+        let mut c = Command::new(binary("relay-client"));
+        c.args(["--relay-url", &url, "--name", "bench", "--token", TOKEN])
+            .arg("--backend-url")
+            .arg(format!("http://{}", b.http))
+            .arg("--service")
+            .arg(format!("sink={}", b.tcp))
+            .args(["--log", "warn"]);
+        c
+    });
+    let mut connect = Proc::spawn({
+        let mut c = Command::new(binary("relay-client"));
+        c.args([
+            "connect",
+            "--relay-url",
+            &url,
+            "--name",
+            "bench",
+            "--app",
+            "sink",
+        ])
+        .args(["--listen", "127.0.0.1:0"]);
+        c
+    });
+    let tcp = addr_after(&mut connect, "relay-client connect listening on")?;
+    let http = Target {
+        addr,
+        prefix: "/client/bench".into(),
+    };
+    wait_http(&http)?;
+    Ok(Running {
+        name: "relay",
+        http,
+        tcp,
+        h2: Some((addr, Some("bench".into()))),
+        _procs: vec![server, agent, connect],
+        _dir: None,
+    })
+}
+
+/// A free loopback port (bound and released; fine for a benchmark, not for tests).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Installs `krate` into `root` with cargo unless `bin` is already there.
+pub fn install(root: &Path, krate: &str, bin: &str, extra: &[&str]) -> anyhow::Result<PathBuf> {
+    let path = root.join("bin").join(bin);
+    if path.exists() {
+        return Ok(path);
+    }
+    eprintln!("installing {krate} into {} (once)…", root.display());
+    let status = Command::new("cargo")
+        .args(["install", "--locked", "--root"])
+        .arg(root)
+        .arg(krate)
+        .args(extra)
+        .status()?;
+    if !status.success() || !path.exists() {
+        bail!("cargo install {krate} failed");
+    }
+    Ok(path)
+}
+
+/// rathole: one server, one client, two services (HTTP backend and TCP service).
+pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
+    let dir = TempDir::new("bench-rathole");
+    let (control, http_port, tcp_port) = (free_port()?, free_port()?, free_port()?);
+    let server = format!(
+        "[server]\nbind_addr = \"127.0.0.1:{control}\"\ndefault_token = \"{TOKEN}\"\n\
+         [server.services.http]\nbind_addr = \"127.0.0.1:{http_port}\"\n\
+         [server.services.tcp]\nbind_addr = \"127.0.0.1:{tcp_port}\"\n"
+    );
+    let client = format!(
+        "[client]\nremote_addr = \"127.0.0.1:{control}\"\ndefault_token = \"{TOKEN}\"\n\
+         [client.services.http]\nlocal_addr = \"{}\"\n[client.services.tcp]\nlocal_addr = \"{}\"\n",
+        b.http, b.tcp
+    );
+    std::fs::write(dir.0.join("server.toml"), server)?;
+    std::fs::write(dir.0.join("client.toml"), client)?;
+    let spawn = |mode: &str, file: &str| {
+        let mut c = Command::new(exe);
+        c.arg(mode).arg(dir.0.join(file)).env("RUST_LOG", "warn");
+        Proc::spawn(c)
+    };
+    let s = spawn("--server", "server.toml");
+    let c = spawn("--client", "client.toml");
+    let http = Target {
+        addr: SocketAddr::from(([127, 0, 0, 1], http_port)),
+        prefix: String::new(),
+    };
+    wait_http(&http)?;
+    Ok(Running {
+        name: "rathole",
+        http: http.clone(),
+        tcp: SocketAddr::from(([127, 0, 0, 1], tcp_port)),
+        h2: Some((http.addr, None)),
+        _procs: vec![s, c],
+        _dir: Some(dir),
+    })
+}
+
+/// bore: one server (control port 7835 on loopback) and one `bore local` per service.
+pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
+    let server = Proc::spawn({
+        let mut c = Command::new(exe);
+        c.args(["server", "--min-port", "40000", "--max-port", "40999"])
+            .args(["--bind-addr", "127.0.0.1"]);
+        c
+    });
+    let local = |port: u16| -> anyhow::Result<(Proc, SocketAddr)> {
+        let mut p = Proc::spawn({
+            let mut c = Command::new(exe);
+            c.args(["local", &port.to_string(), "--to", "127.0.0.1"]);
+            c
+        });
+        let line = p.wait_line("listening at");
+        let port: u16 = line
+            .rsplit(':')
+            .next()
+            .and_then(|p| {
+                p.trim()
+                    .trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("no port in {line:?}"))?;
+        Ok((p, SocketAddr::from(([127, 0, 0, 1], port))))
+    };
+    let (h, http_addr) = local(b.http.port())?;
+    let (t, tcp) = local(b.tcp.port())?;
+    let http = Target {
+        addr: http_addr,
+        prefix: String::new(),
+    };
+    wait_http(&http)?;
+    Ok(Running {
+        name: "bore",
+        http,
+        tcp,
+        h2: Some((http_addr, None)),
+        _procs: vec![server, h, t],
+        _dir: None,
+    })
+}
+
+/// Waits until a GET through `t` succeeds (agents and tunnels connect in the background).
+fn wait_http(t: &Target) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    rt.block_on(async {
+        loop {
+            if crate::load::download(t, 2, Duration::ZERO).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{t:?} never answered");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}

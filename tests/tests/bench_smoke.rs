@@ -1,0 +1,45 @@
+//! The benchmark suite's smoke mode (a few seconds, direct and relay only), so the suite
+//! cannot rot: every scenario runs end to end through the real binaries and reports a
+//! value for both targets.
+
+use std::process::Command;
+
+use relay_tests::procs::{binary, TempDir};
+
+#[test]
+fn bench_smoke_runs_every_scenario() {
+    let dir = TempDir::new("bench");
+    let out = dir.0.join("results.json");
+    let run = Command::new(binary("relay-bench"))
+        .args(["--smoke", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(v["targets"], serde_json::json!(["direct", "relay"]));
+    let rows = v["results"].as_array().unwrap();
+    for scenario in [
+        "1 keep-alive 16 conn req/s",
+        "2 new connection",
+        "3 download 1 MB",
+        "3 upload 1 MB",
+        "4 tunnel up",
+        "7 HTTP/2",
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r["metric"].as_str().unwrap().starts_with(scenario))
+            .unwrap_or_else(|| panic!("no {scenario} row"));
+        for t in ["direct", "relay"] {
+            assert!(
+                row[t]["value"].as_f64().unwrap() > 0.0,
+                "{scenario} {t}: {row}"
+            );
+        }
+    }
+}
