@@ -154,16 +154,20 @@ pub fn install(root: &Path, krate: &str, bin: &str, extra: &[&str]) -> anyhow::R
         return Ok(path);
     }
     eprintln!("installing {krate} into {} (once)…", root.display());
-    let status = Command::new("cargo")
-        .args(["install", "--locked", "--root"])
-        .arg(root)
-        .arg(krate)
-        .args(extra)
-        .status()?;
-    if !status.success() || !path.exists() {
-        bail!("cargo install {krate} failed");
+    // The published lock file first; some (rathole 0.5's pins a `time` that no longer
+    // builds on current compilers) need fresh compatible versions instead.
+    for locked in [true, false] {
+        let mut cmd = Command::new("cargo");
+        cmd.arg("install");
+        if locked {
+            cmd.arg("--locked");
+        }
+        let status = cmd.arg("--root").arg(root).arg(krate).args(extra).status()?;
+        if status.success() && path.exists() {
+            return Ok(path);
+        }
     }
-    Ok(path)
+    bail!("cargo install {krate} failed")
 }
 
 /// rathole: one server, one client, two services (HTTP backend and TCP service).
@@ -206,16 +210,18 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
 
 /// bore: one server (control port 7835 on loopback) and one `bore local` per service.
 pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
-    let server = Proc::spawn({
+    let mut server = Proc::spawn({
         let mut c = Command::new(exe);
         c.args(["server", "--min-port", "40000", "--max-port", "40999"])
             .args(["--bind-addr", "127.0.0.1"]);
         c
     });
+    server.wait_line("server listening");
     let local = |port: u16| -> anyhow::Result<(Proc, SocketAddr)> {
         let mut p = Proc::spawn({
             let mut c = Command::new(exe);
-            c.args(["local", &port.to_string(), "--to", "127.0.0.1"]);
+            c.args(["local", &port.to_string(), "--to", "127.0.0.1"])
+                .args(["--local-host", "127.0.0.1"]);
             c
         });
         let line = p.wait_line("listening at");
