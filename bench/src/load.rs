@@ -278,3 +278,125 @@ pub async fn tcp_copy(addr: SocketAddr, bytes: u64) -> anyhow::Result<(f64, f64)
     let down = bytes as f64 / start.elapsed().as_secs_f64() / 1e6;
     Ok((up, down))
 }
+
+/// `total` requests at once over HTTP/2 connections of 100 streams each; seconds until the
+/// last answer, and how many were answered 200.
+pub async fn burst(
+    addr: SocketAddr,
+    server_name: Option<&str>,
+    total: usize,
+) -> anyhow::Result<(f64, usize)> {
+    let conns = total.div_ceil(100);
+    let mut senders = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(conn);
+        senders.push(send);
+    }
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let mut send = senders[i % conns].clone();
+        let name = server_name.map(str::to_owned);
+        set.spawn(async move {
+            let mut req = Request::get(format!("http://{addr}/small"));
+            if let Some(n) = &name {
+                req = req.header("x-server-name", n.as_str());
+            }
+            send.ready().await?;
+            let resp = send.send_request(req.body(Empty::new())?).await?;
+            let ok = resp.status() == StatusCode::OK;
+            resp.into_body().collect().await?;
+            anyhow::Ok(ok)
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        if matches!(r, Ok(Ok(true))) {
+            ok += 1;
+        }
+    }
+    Ok((start.elapsed().as_secs_f64(), ok))
+}
+
+/// Connected agent names the relay at `addr` reports (its `/metrics` on loopback).
+pub async fn agents_connected(addr: SocketAddr) -> anyhow::Result<usize> {
+    let mut send = connect(addr).await?;
+    let t = Target {
+        addr,
+        prefix: String::new(),
+    };
+    let req = Request::get(format!("{}/metrics", t.prefix))
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))?;
+    send.ready().await?;
+    let body = send
+        .send_request(req)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    Ok(std::str::from_utf8(&body)?
+        .lines()
+        .filter(|l| l.starts_with("relay_agents{"))
+        .count())
+}
+
+/// `n` idle agents (one long poll each, names `idle-<i>`) parked on a relay, re-polling
+/// whenever a poll ends; they stop when this is dropped.
+pub struct IdleAgents {
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    set: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl IdleAgents {
+    /// Starts them and waits until the relay reports all `n` connected.
+    pub async fn start(addr: SocketAddr, token: &str, n: usize) -> anyhow::Result<Self> {
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let token = token.to_owned();
+            let answered = answered.clone();
+            set.spawn(async move {
+                let mut send = connect(addr).await?;
+                loop {
+                    let req = Request::get(format!("/server/request?server=idle-{i}&max=1"))
+                        .header("host", "bench")
+                        .header("authorization", format!("Bearer {token}"))
+                        .header("x-relay-agent-id", format!("idle{i}"))
+                        .body(Full::new(Bytes::new()))?;
+                    send.ready().await?;
+                    let resp = send.send_request(req).await?;
+                    resp.into_body().collect().await?;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while agents_connected(addr).await? < n {
+            anyhow::ensure!(Instant::now() < deadline, "idle agents never all connected");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(IdleAgents { answered, set })
+    }
+
+    /// Polls answered during the next `dur` (re-poll traffic).
+    pub async fn polls_during(&self, dur: Duration) -> usize {
+        let before = self.answered.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(dur).await;
+        self.answered.load(std::sync::atomic::Ordering::Relaxed) - before
+    }
+}
+
+impl Drop for IdleAgents {
+    fn drop(&mut self) {
+        self.set.abort_all();
+    }
+}

@@ -30,6 +30,9 @@ struct Cli {
     /// Tunnel bytes each way (MiB).
     #[arg(long, default_value_t = 1024)]
     tunnel_mib: u64,
+    /// Idle agents parked on the relay for the idle-scale scenario.
+    #[arg(long, default_value_t = 10_000)]
+    idle_agents: usize,
     /// Skip rathole and bore (no installation).
     #[arg(long)]
     no_peers: bool,
@@ -45,6 +48,26 @@ struct Cli {
 enum Sub {
     /// Internal: the backend process.
     Backend,
+}
+
+/// A memory figure of a process from /proc (KiB).
+fn rss_kib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// User plus system CPU time of a process, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat, counted after the command name.
+    n(11) + n(12)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -70,6 +93,11 @@ fn main() -> anyhow::Result<()> {
             cli.tunnel_mib << 20,
             &[1_000, 1_000_000, 100_000_000],
         )
+    };
+    let (burst, idle, idle_hold) = if cli.smoke {
+        (200, 50, Duration::from_millis(300))
+    } else {
+        (10_000, cli.idle_agents, Duration::from_secs(30))
     };
     let dur = Duration::from_secs_f64(secs);
     let b = targets::backend()?;
@@ -169,6 +197,56 @@ fn main() -> anyhow::Result<()> {
                     rps.push(load::h2(*addr, name.as_deref(), 32, dur).await?.rps);
                 }
                 put("7 HTTP/2 32 streams req/s".into(), t.name, median(rps));
+                // 6: a burst at once; the relay's memory before, at the peak, after.
+                let before = t.server_pid.map(|p| rss_kib(p, "VmRSS"));
+                let mut secs = Vec::new();
+                for _ in 0..runs {
+                    let (s, ok) = load::burst(*addr, name.as_deref(), burst).await?;
+                    anyhow::ensure!(
+                        ok == burst,
+                        "{}: {ok} of {burst} burst requests answered",
+                        t.name
+                    );
+                    secs.push(s);
+                }
+                put(
+                    format!("6 burst of {burst} requests, s"),
+                    t.name,
+                    median(secs),
+                );
+                if let (Some(pid), Some(before)) = (t.server_pid, before) {
+                    put(
+                        "6 burst relay-server peak RSS MiB".into(),
+                        t.name,
+                        rss_kib(pid, "VmHWM") / 1024.0,
+                    );
+                    put(
+                        "6 burst relay-server RSS growth after MiB".into(),
+                        t.name,
+                        (rss_kib(pid, "VmRSS") - before) / 1024.0,
+                    );
+                }
+            }
+            // 5: idle agents (the relay only).
+            if let Some(pid) = t.server_pid {
+                let before = rss_kib(pid, "VmRSS");
+                let agents = load::IdleAgents::start(t.http.addr, targets::TOKEN, idle).await?;
+                let after = rss_kib(pid, "VmRSS");
+                let cpu0 = cpu_ticks(pid);
+                let polls = agents.polls_during(idle_hold).await;
+                let cpu = (cpu_ticks(pid) - cpu0) / 100.0 / idle_hold.as_secs_f64() * 100.0;
+                drop(agents);
+                put(
+                    format!("5 idle {idle} agents KiB per agent"),
+                    t.name,
+                    (after - before) / idle as f64,
+                );
+                put(format!("5 idle {idle} agents server CPU %"), t.name, cpu);
+                put(
+                    format!("5 idle {idle} agents re-polls/s"),
+                    t.name,
+                    polls as f64 / idle_hold.as_secs_f64(),
+                );
             }
             anyhow::Ok(())
         })?;
@@ -189,7 +267,11 @@ fn main() -> anyhow::Result<()> {
         for n in &names {
             let v = by.get(n).copied().unwrap_or(0.0);
             let ratio = if direct > 0.0 { v / direct } else { 0.0 };
-            print!("{:>10.1} ({:>4.2}×)", v, ratio);
+            if v.abs() < 10.0 {
+                print!("{:>10.3} ({:>4.2}×)", v, ratio);
+            } else {
+                print!("{:>10.1} ({:>4.2}×)", v, ratio);
+            }
             row[n] = json!({"value": v, "ratio_to_direct": ratio});
         }
         println!();

@@ -33,6 +33,8 @@ pub struct Running {
     pub tcp: SocketAddr,
     /// HTTP/2 entry and the `X-Server-Name` it needs.
     pub h2: Option<(SocketAddr, Option<String>)>,
+    /// The relay-server's process id (memory and CPU figures).
+    pub server_pid: Option<u32>,
     _procs: Vec<Proc>,
     _dir: Option<TempDir>,
 }
@@ -80,12 +82,14 @@ pub fn direct(b: &Backend) -> Running {
         },
         tcp: b.tcp,
         h2: Some((b.http, None)),
+        server_pid: None,
         _procs: Vec::new(),
         _dir: None,
     }
 }
 
-const TOKEN: &str = "bench-token-0123456789abcdef";
+/// The agent token of the benchmark relay.
+pub const TOKEN: &str = "bench-token-0123456789abcdef";
 
 /// relay-server and relay-client (the release binaries next to this one), with the TCP
 /// service as a service port reached through `relay-client connect`.
@@ -94,8 +98,10 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
         let mut c = Command::new(binary("relay-server"));
         c.args(["--listen", "127.0.0.1:0", "--agent-token"])
             .arg(format!("*={TOKEN}"))
-            // The load comes from one address.
-            .args(["--max-connections-per-ip", "1000000", "--log", "warn"]);
+            // The load comes from one address, and the burst scenario parks 10 000 requests
+            // for one name at once (the defaults refuse more than 100 per name with 503).
+            .args(["--max-connections-per-ip", "1000000", "--log", "warn"])
+            .args(["--max-parked-per-name", "20000", "--max-parked", "20000"]);
         c
     });
     let addr = addr_after(&mut server, "relay-server listening on http://")?;
@@ -135,6 +141,7 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
         http,
         tcp,
         h2: Some((addr, Some("bench".into()))),
+        server_pid: Some(server.child.id()),
         _procs: vec![server, agent, connect],
         _dir: None,
     })
@@ -162,7 +169,12 @@ pub fn install(root: &Path, krate: &str, bin: &str, extra: &[&str]) -> anyhow::R
         if locked {
             cmd.arg("--locked");
         }
-        let status = cmd.arg("--root").arg(root).arg(krate).args(extra).status()?;
+        let status = cmd
+            .arg("--root")
+            .arg(root)
+            .arg(krate)
+            .args(extra)
+            .status()?;
         if status.success() && path.exists() {
             return Ok(path);
         }
@@ -203,6 +215,7 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         http: http.clone(),
         tcp: SocketAddr::from(([127, 0, 0, 1], tcp_port)),
         h2: Some((http.addr, None)),
+        server_pid: None,
         _procs: vec![s, c],
         _dir: Some(dir),
     })
@@ -249,6 +262,7 @@ pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         http,
         tcp,
         h2: Some((http_addr, None)),
+        server_pid: None,
         _procs: vec![server, h, t],
         _dir: None,
     })
