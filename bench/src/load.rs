@@ -78,42 +78,33 @@ async fn get(send: &mut Sender, t: &Target, path: &str, close: bool) -> anyhow::
     Ok(n)
 }
 
-/// `conns` keep-alive connections sending small GETs back to back for `dur`.
-pub async fn keepalive(t: &Target, conns: usize, dur: Duration) -> anyhow::Result<Rate> {
+/// `conns` clients sending small GETs back to back for `dur`, on one keep-alive connection
+/// each, or with `new_conn` on a new connection per request (`Connection: close`).
+pub async fn small_gets(
+    t: &Target,
+    conns: usize,
+    new_conn: bool,
+    dur: Duration,
+) -> anyhow::Result<Rate> {
     let deadline = Instant::now() + dur;
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..conns {
         let t = t.clone();
         set.spawn(async move {
-            let mut send = connect(t.addr).await?;
+            let mut kept = if new_conn {
+                None
+            } else {
+                Some(connect(t.addr).await?)
+            };
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let start = Instant::now();
-                get(&mut send, &t, "/small", false).await?;
-                lat.push(start.elapsed().as_micros() as u32);
-            }
-            anyhow::Ok(lat)
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(r) = set.join_next().await {
-        all.extend(r??);
-    }
-    Ok(percentiles(all, dur.as_secs_f64()))
-}
-
-/// `conns` clients, each request on a new connection (`Connection: close`), for `dur`.
-pub async fn per_connection(t: &Target, conns: usize, dur: Duration) -> anyhow::Result<Rate> {
-    let deadline = Instant::now() + dur;
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..conns {
-        let t = t.clone();
-        set.spawn(async move {
-            let mut lat = Vec::new();
-            while Instant::now() < deadline {
-                let start = Instant::now();
-                let mut send = connect(t.addr).await?;
-                get(&mut send, &t, "/small", true).await?;
+                let mut fresh = None;
+                let send = match kept.as_mut() {
+                    Some(s) => s,
+                    None => fresh.insert(connect(t.addr).await?),
+                };
+                get(send, &t, "/small", new_conn).await?;
                 lat.push(start.elapsed().as_micros() as u32);
             }
             anyhow::Ok(lat)

@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
                 let mut p50 = Vec::new();
                 let mut p99 = Vec::new();
                 for _ in 0..runs {
-                    let r = load::keepalive(&t.http, conns, dur).await?;
+                    let r = load::small_gets(&t.http, conns, false, dur).await?;
                     rps.push(r.rps);
                     p50.push(r.p50);
                     p99.push(r.p99);
@@ -153,7 +153,7 @@ fn main() -> anyhow::Result<()> {
             let mut rps = Vec::new();
             let mut p50 = Vec::new();
             for _ in 0..runs {
-                let r = load::per_connection(&t.http, 16, dur).await?;
+                let r = load::small_gets(&t.http, 16, true, dur).await?;
                 rps.push(r.rps);
                 p50.push(r.p50);
             }

@@ -6,8 +6,12 @@
 //! "…" }`). [`apply`] makes every file value the *default* of its flag, so clap's own
 //! precedence gives flag > environment variable > file > built-in default, and every value
 //! is checked by the flag's own parser. Errors name the file, the line and the key.
+//!
+//! [`logs`] holds the other piece both binaries share: `--log` / `--log-format` set-up.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod logs;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

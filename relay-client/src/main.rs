@@ -111,7 +111,7 @@ struct Cli {
     admin_listen: Option<std::net::SocketAddr>,
     /// Log format: `text` for people, `json` (one object per line) for log shippers.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
+    log_format: relay_config_file::logs::LogFormat,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
@@ -187,7 +187,7 @@ fn main() -> ExitCode {
         Some(Cmd::Connect(c)) => c.log.clone(),
         None => cli.log.clone(),
     };
-    init_logs(&log, cli.log_format);
+    relay_config_file::logs::init(&log, cli.log_format);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -257,31 +257,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.admin_listen = cli.admin_listen;
     relay_client::run(cfg, shutdown).await?;
     Ok(())
-}
-
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines (coloured on a terminal).
-    Text,
-    /// One JSON object per line, with the request span's fields (id, name, trace id).
-    Json,
-}
-
-/// Installs the log subscriber.
-pub fn init_logs(filter: &str, format: LogFormat) {
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => b
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        LogFormat::Text => b
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
 }

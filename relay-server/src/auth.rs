@@ -107,11 +107,6 @@ impl TokenStore {
         }
         bool::from(matched).then_some(grant)
     }
-
-    /// Whether no token is configured.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// URI SAN prefix naming a backend an agent certificate may serve (`urn:relay-agent:*` for

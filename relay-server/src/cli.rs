@@ -188,7 +188,7 @@ pub struct Cli {
     pub agent_client_ca: Option<PathBuf>,
     /// Log format: `text` for people, `json` (one object per line) for log shippers.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    pub log_format: relay_config_file::logs::LogFormat,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     pub log: String,
@@ -444,31 +444,4 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<String> {
         out.push_str(&format!("\nwarning: {w}"));
     }
     Ok(out)
-}
-
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines (coloured on a terminal).
-    Text,
-    /// One JSON object per line, with the request span's fields (id, name, trace id).
-    Json,
-}
-
-/// Installs the log subscriber.
-pub fn init_logs(filter: &str, format: LogFormat) {
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => b
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        LogFormat::Text => b
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
 }

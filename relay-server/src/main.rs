@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    cli::init_logs(&cli.log, cli.log_format);
+    relay_config_file::logs::init(&cli.log, cli.log_format);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli, args)) {
         Ok(()) => ExitCode::SUCCESS,

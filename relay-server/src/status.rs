@@ -58,7 +58,11 @@ impl History {
     pub fn record(&self, name: Option<&str>, status: u16, error: Option<&str>) {
         let t = now();
         if let Some(name) = name {
-            let entry = self.names.entry(name.to_owned()).or_default();
+            // The common case finds the series without allocating the key.
+            let entry = match self.names.get(name) {
+                Some(e) => e,
+                None => self.names.entry(name.to_owned()).or_default().downgrade(),
+            };
             let mut s = entry.lock().expect("bug: poisoned");
             let bucket = t - t % BUCKET_SECS;
             if s.buckets.back().map(|b| b.0) != Some(bucket) {

@@ -83,7 +83,7 @@ impl UploadExchange {
             finished: false,
             limits,
         };
-        x.reset_idle();
+        x.reset_idle(None);
         x
     }
 
@@ -92,12 +92,14 @@ impl UploadExchange {
     }
 
     /// The idle timer ends the exchange (CONTINUE) after `idle_for`, or earlier when the
-    /// body's inactivity limit comes first.
-    fn reset_idle(&mut self) {
+    /// body's inactivity limit comes first. `last_byte` is the time of the latest body
+    /// byte when the caller knows it (it just recorded it), else it is read.
+    fn reset_idle(&mut self, last_byte: Option<std::time::Instant>) {
         let now = tokio::time::Instant::now();
         let mut deadline = now + self.idle_for;
         if self.is_body() {
-            let last = *self.pending.last_upload.lock().expect("bug: poisoned");
+            let last = last_byte
+                .unwrap_or_else(|| *self.pending.last_upload.lock().expect("bug: poisoned"));
             let stall = tokio::time::Instant::from_std(last) + self.limits.inactivity;
             deadline = deadline.min(stall.max(now));
         }
@@ -195,16 +197,17 @@ impl Body for UploadExchange {
                                 return this.fail(UploadFailure::TooLarge(max));
                             }
                         }
-                        if this.is_body() {
-                            *this.pending.last_upload.lock().expect("bug: poisoned") =
-                                std::time::Instant::now();
-                        }
+                        let last_byte = this.is_body().then(|| {
+                            let now = std::time::Instant::now();
+                            *this.pending.last_upload.lock().expect("bug: poisoned") = now;
+                            now
+                        });
                         this.sent += len as u64;
                         this.offset += len as u64;
                         this.pending
                             .upload_bytes
                             .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                        this.reset_idle();
+                        this.reset_idle(last_byte);
                         this.queued = Some(data);
                         return Poll::Ready(Some(Ok(Frame::data(frame::header(Kind::Data, len)))));
                     }

@@ -68,22 +68,7 @@ impl Proc {
         if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
             return l.clone();
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line containing {needle:?}; output so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
+        self.next_line(needle)
     }
 
     /// Waits (up to 60 s) for a line containing `needle` among lines not yet seen.
@@ -99,7 +84,7 @@ impl Proc {
                     }
                 }
                 Err(_) => panic!(
-                    "no new line containing {needle:?}; output so far:\n{}",
+                    "no line containing {needle:?}; output so far:\n{}",
                     self.seen.join("\n")
                 ),
             }
