@@ -316,14 +316,10 @@ pub async fn burst(
     Ok((start.elapsed().as_secs_f64(), ok))
 }
 
-/// Connected agent names the relay at `addr` reports (its `/metrics` on loopback).
-pub async fn agents_connected(addr: SocketAddr) -> anyhow::Result<usize> {
+/// The relay's `/metrics` text (served on its loopback listener).
+async fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
     let mut send = connect(addr).await?;
-    let t = Target {
-        addr,
-        prefix: String::new(),
-    };
-    let req = Request::get(format!("{}/metrics", t.prefix))
+    let req = Request::get("/metrics")
         .header("host", "bench")
         .body(Full::new(Bytes::new()))?;
     send.ready().await?;
@@ -334,10 +330,55 @@ pub async fn agents_connected(addr: SocketAddr) -> anyhow::Result<usize> {
         .collect()
         .await?
         .to_bytes();
-    Ok(std::str::from_utf8(&body)?
+    Ok(String::from_utf8(body.to_vec())?)
+}
+
+/// Connected agent names the relay at `addr` reports.
+pub async fn agents_connected(addr: SocketAddr) -> anyhow::Result<usize> {
+    Ok(metrics(addr)
+        .await?
         .lines()
         .filter(|l| l.starts_with("relay_agents{"))
         .count())
+}
+
+/// Upgraded tunnels the relay at `addr` holds open.
+pub async fn tunnels_open(addr: SocketAddr) -> anyhow::Result<usize> {
+    Ok(metrics(addr)
+        .await?
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_open_tunnels "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// `n` idle TCP connections through a tunnel entry point (`relay-client connect`), held
+/// until this is dropped.
+pub struct IdleTunnels {
+    _conns: Vec<TcpStream>,
+}
+
+impl IdleTunnels {
+    /// Opens them and waits until the relay at `relay` reports all `n` tunnels open.
+    pub async fn start(entry: SocketAddr, relay: SocketAddr, n: usize) -> anyhow::Result<Self> {
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            conns.push(TcpStream::connect(entry).await?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let open = tunnels_open(relay).await?;
+            if open >= n {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {open} of {n} idle tunnels opened"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(IdleTunnels { _conns: conns })
+    }
 }
 
 /// `n` idle agents (one long poll each, names `idle-<i>`) parked on a relay, re-polling

@@ -33,6 +33,10 @@ struct Cli {
     /// Idle agents parked on the relay for the idle-scale scenario.
     #[arg(long, default_value_t = 10_000)]
     idle_agents: usize,
+    /// Idle tunnels held open through the relay (default: 10 000, or fewer when the open-file
+    /// limit cannot hold three descriptors per tunnel in each process).
+    #[arg(long)]
+    idle_tunnels: Option<usize>,
     /// Skip rathole and bore (no installation).
     #[arg(long)]
     no_peers: bool,
@@ -58,6 +62,16 @@ fn rss_kib(pid: u32, field: &str) -> f64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The soft open-file limit of this process (and so of its children).
+fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(1024)
 }
 
 /// User plus system CPU time of a process, in clock ticks (1/100 s).
@@ -98,6 +112,14 @@ fn main() -> anyhow::Result<()> {
         (200, 50, Duration::from_millis(300))
     } else {
         (10_000, cli.idle_agents, Duration::from_secs(30))
+    };
+    // Each tunnel costs three descriptors in the relay-server and the agent (the user's or the
+    // service's connection, the response exchange and the upload exchange).
+    let fd_room = open_file_limit().saturating_sub(1_000) / 3;
+    let idle_tunnels = match (cli.smoke, cli.idle_tunnels) {
+        (true, _) => 50,
+        (false, Some(n)) => n,
+        (false, None) => 10_000.min(fd_room),
     };
     let dur = Duration::from_secs_f64(secs);
     let b = targets::backend()?;
@@ -215,6 +237,8 @@ fn main() -> anyhow::Result<()> {
                     median(secs),
                 );
                 if let (Some(pid), Some(before)) = (t.server_pid, before) {
+                    // The relay hands memory back on its next housekeeping tick (1 s).
+                    tokio::time::sleep(Duration::from_secs(3)).await;
                     put(
                         "6 burst relay-server peak RSS MiB".into(),
                         t.name,
@@ -246,6 +270,23 @@ fn main() -> anyhow::Result<()> {
                     format!("5 idle {idle} agents re-polls/s"),
                     t.name,
                     polls as f64 / idle_hold.as_secs_f64(),
+                );
+                let before = rss_kib(pid, "VmRSS");
+                let tunnels = load::IdleTunnels::start(t.tcp, t.http.addr, idle_tunnels).await?;
+                let after = rss_kib(pid, "VmRSS");
+                let cpu0 = cpu_ticks(pid);
+                tokio::time::sleep(idle_hold).await;
+                let cpu = (cpu_ticks(pid) - cpu0) / 100.0 / idle_hold.as_secs_f64() * 100.0;
+                drop(tunnels);
+                put(
+                    format!("5 idle {idle_tunnels} tunnels KiB per tunnel"),
+                    t.name,
+                    (after - before) / idle_tunnels as f64,
+                );
+                put(
+                    format!("5 idle {idle_tunnels} tunnels server CPU %"),
+                    t.name,
+                    cpu,
                 );
             }
             anyhow::Ok(())

@@ -113,7 +113,8 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
             .arg(format!("http://{}", b.http))
             .arg("--service")
             .arg(format!("sink={}", b.tcp))
-            .args(["--log", "warn"]);
+            // Every idle tunnel of scenario 5 is an exchange in flight.
+            .args(["--max-in-flight", "20000", "--log", "warn"]);
         c
     });
     let mut connect = Proc::spawn({

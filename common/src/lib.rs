@@ -8,6 +8,7 @@
 //! - [`headers`]: hop-by-hop header rules (RFC 9110 §7.6.1) applied on both sides.
 //! - [`name`]: backend-name validation, shared so both sides agree on what a name is.
 //! - [`id`]: unguessable request ids.
+//! - [`readbuf`]: the adaptive read buffer of tunnels and service ports.
 //! - [`signal`]: Ctrl-C / SIGTERM into a cancellation token.
 //!
 //! `docs/PROTOCOL.md` in the repository describes the same protocol in prose.
@@ -22,6 +23,7 @@ pub mod headers;
 pub mod id;
 pub mod message;
 pub mod name;
+pub mod readbuf;
 pub mod signal;
 
 /// Protocol version announced by agents (`X-Relay-Protocol`) and checked by the server.

@@ -1,11 +1,12 @@
 //! Bodies the agent produces: the framed response sent to the server, bounded exchange
 //! bodies, and the backend request body fed by upload exchanges.
 
+use relay_common::readbuf::ReadBuf;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
@@ -32,7 +33,7 @@ pub enum Source {
     /// The backend's response body.
     Body(Incoming),
     /// After a 101: the backend→user side of the switched connection, and a read buffer.
-    Tunnel(Box<dyn AsyncRead + Send + Unpin>, BytesMut),
+    Tunnel(Box<dyn AsyncRead + Send + Unpin>, ReadBuf),
 }
 
 /// One step of a response source.
@@ -43,8 +44,8 @@ enum Chunk {
     Failed(String),
 }
 
-/// Read size for tunnel bytes.
-const TUNNEL_READ: usize = 64 * 1024;
+/// Largest read of tunnel bytes.
+pub const TUNNEL_READ: usize = 64 * 1024;
 
 impl ResponseFrames {
     /// Frames for a response whose HEAD frame is `head` and body `body` (`None`: no body).
@@ -106,20 +107,15 @@ impl Body for ResponseFrames {
                         },
                     },
                 },
-                Source::Tunnel(rd, buf) => {
-                    if buf.capacity() - buf.len() < TUNNEL_READ / 2 {
-                        buf.reserve(TUNNEL_READ);
+                Source::Tunnel(rd, buf) => match buf.poll_read(Pin::new(rd), cx) {
+                    Poll::Pending => return Poll::Pending,
+                    // The backend shut down writing: END carries the half-close.
+                    Poll::Ready(Ok(None)) => Chunk::End,
+                    Poll::Ready(Ok(Some(data))) => Chunk::Data(data),
+                    Poll::Ready(Err(e)) => {
+                        Chunk::Failed(format!("the backend connection failed: {e}"))
                     }
-                    match tokio_util::io::poll_read_buf(Pin::new(rd), cx, buf) {
-                        Poll::Pending => return Poll::Pending,
-                        // The backend shut down writing: END carries the half-close.
-                        Poll::Ready(Ok(0)) => Chunk::End,
-                        Poll::Ready(Ok(_)) => Chunk::Data(buf.split().freeze()),
-                        Poll::Ready(Err(e)) => {
-                            Chunk::Failed(format!("the backend connection failed: {e}"))
-                        }
-                    }
-                }
+                },
             };
             let out = match chunk {
                 Chunk::Data(data) if data.is_empty() => continue,

@@ -1,13 +1,14 @@
 //! Serving one relayed request: pull the upload, call the backend, and post the response
 //! back in streaming or bounded exchanges.
 
+use relay_common::readbuf::ReadBuf;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -225,7 +226,10 @@ pub async fn tunnel(
         let (_, clean) = tokio::join!(pump, write);
         clean
     };
-    let frames = ResponseFrames::new(head_frame(head), Some(Source::Tunnel(rd, BytesMut::new())));
+    let frames = ResponseFrames::new(
+        head_frame(head),
+        Some(Source::Tunnel(rd, ReadBuf::new(crate::bodies::TUNNEL_READ))),
+    );
     let down = send_response(ctx, id, frames);
     tokio::pin!(down, up);
     // A reset on the user side (ABORT) ends the whole tunnel at once: cancelling drops both

@@ -12,14 +12,14 @@
 //! project's), an empty BINARY message means "no more bytes in this direction": a write
 //! shutdown, so a client that half-closes still gets the service's whole reply.
 
+use relay_common::readbuf::ReadBuf;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use relay_common::message::{decode_headers, RequestHead};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -32,7 +32,7 @@ pub const HALF_CLOSE_PROTOCOL: &str = "relay.halfclose.v1";
 
 /// Largest WebSocket message accepted (Backend.AI's default `max-wsmsg-size`).
 const MAX_MESSAGE: usize = 16 << 20;
-/// Read size from the service.
+/// Largest read from the service.
 const SERVICE_READ: usize = 256 * 1024;
 
 /// One declared service.
@@ -336,13 +336,10 @@ where
     let from_service = async {
         // Each read becomes one message without copying: the filled part of the buffer is
         // split off and handed to the WebSocket as `Bytes`.
-        let mut buf = BytesMut::new();
+        let mut buf = ReadBuf::new(SERVICE_READ);
         loop {
-            if buf.capacity() < SERVICE_READ / 2 {
-                buf.reserve(SERVICE_READ);
-            }
-            match tcp_rd.read_buf(&mut buf).await {
-                Ok(0) => {
+            match buf.read(&mut tcp_rd).await {
+                Ok(None) => {
                     let mut tx = ws_tx.lock().await;
                     if half_close {
                         let _ = tx.send(Message::binary(Vec::new())).await;
@@ -353,11 +350,11 @@ where
                     }
                     return;
                 }
-                Ok(_) => {
+                Ok(Some(data)) => {
                     if ws_tx
                         .lock()
                         .await
-                        .send(Message::binary(buf.split().freeze()))
+                        .send(Message::binary(data))
                         .await
                         .is_err()
                     {

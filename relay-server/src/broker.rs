@@ -105,6 +105,8 @@ pub struct Broker {
     backends: DashMap<String, Arc<Backend>>,
     requests: DashMap<RequestId, Arc<Pending>>,
     parked_total: Arc<AtomicUsize>,
+    /// Most requests in flight since [`Broker::take_peak`] last ran.
+    peak_in_flight: AtomicUsize,
     max_parked_per_name: usize,
     max_parked_total: usize,
     agent_grace: Duration,
@@ -133,6 +135,7 @@ impl Broker {
             backends: DashMap::new(),
             requests: DashMap::new(),
             parked_total: Arc::new(AtomicUsize::new(0)),
+            peak_in_flight: AtomicUsize::new(0),
             max_parked_per_name,
             max_parked_total,
             agent_grace,
@@ -142,6 +145,14 @@ impl Broker {
     /// Number of requests in flight (queued or claimed, response not finished).
     pub fn in_flight(&self) -> usize {
         self.requests.len()
+    }
+
+    /// The most requests in flight since the last call (a burst between two samples is
+    /// seen), restarting from the current number.
+    pub fn take_peak(&self) -> usize {
+        self.peak_in_flight
+            .swap(self.requests.len(), Ordering::Relaxed)
+            .max(self.requests.len())
     }
 
     /// Number of requests waiting for pickup.
@@ -219,6 +230,8 @@ impl Broker {
             self.requests.insert(pending.id, pending.clone());
             q.push_back(pending.clone());
         }
+        self.peak_in_flight
+            .fetch_max(self.requests.len(), Ordering::Relaxed);
         backend.work.notify_one();
         let guard = PendingGuard::new(self.clone(), backend.clone(), pending);
         Ok((guard, claimed_rx))

@@ -113,10 +113,14 @@ pub async fn serve_faces(
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         let mut n = 0u32;
+        let mut trimmer = crate::trim::Trimmer::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     reaper_state.broker.reap();
+                    let s = &reaper_state;
+                    let others = s.conns.open() + s.tunnels.len();
+                    trimmer.tick(s.broker.take_peak() + others, s.broker.in_flight() + others);
                     n = n.wrapping_add(1);
                     if n.is_multiple_of(30) {
                         reaper_state.sessions.reap();

@@ -7,13 +7,14 @@
 //! An exchange dropped before its last frame marks the upload broken: bytes may have been
 //! lost in flight, and the request must not go on with a hole in its body.
 
+use relay_common::readbuf::ReadBuf;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::{Body, Frame};
 use relay_common::frame::{self, Kind};
 use relay_common::message::{encode_headers, Trailers};
@@ -23,7 +24,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use crate::body::BodyError;
 use crate::pending::{Pending, UploadFailure, UploadSlot, UploadSource};
 
-/// Read size for tunnel bytes.
+/// Largest read of tunnel bytes.
 const TUNNEL_READ: usize = 64 * 1024;
 
 /// Limits on a user's request body (not on tunnel bytes, which have their own idle timer).
@@ -46,7 +47,7 @@ enum Next {
 pub struct UploadExchange {
     pending: Arc<Pending>,
     source: Option<UploadSource>,
-    buf: BytesMut,
+    buf: ReadBuf,
     offset: u64,
     sent: u64,
     max: u64,
@@ -72,7 +73,7 @@ impl UploadExchange {
         let mut x = UploadExchange {
             pending,
             source: Some(source),
-            buf: BytesMut::new(),
+            buf: ReadBuf::new(TUNNEL_READ),
             offset,
             sent: 0,
             max,
@@ -173,17 +174,12 @@ impl Body for UploadExchange {
                         .map_err(|e| (e.is_parse(), e.to_string()))
                     })
                 }),
-                UploadSource::Tunnel(rd) => {
-                    if this.buf.capacity() - this.buf.len() < TUNNEL_READ / 2 {
-                        this.buf.reserve(TUNNEL_READ);
-                    }
-                    match tokio_util::io::poll_read_buf(Pin::new(rd), cx, &mut this.buf) {
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(Ok(0)) => Poll::Ready(None),
-                        Poll::Ready(Ok(_)) => Poll::Ready(Some(Ok(Ok(this.buf.split().freeze())))),
-                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err((false, e.to_string())))),
-                    }
-                }
+                UploadSource::Tunnel(rd) => match this.buf.poll_read(Pin::new(rd), cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(None)) => Poll::Ready(None),
+                    Poll::Ready(Ok(Some(data))) => Poll::Ready(Some(Ok(Ok(data)))),
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err((false, e.to_string())))),
+                },
             };
             match chunk {
                 Poll::Ready(Some(Ok(item))) => match item {
