@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's whole test command: installs what the tests need (Debian, as root; only
 # what is missing: nginx, openssh, slowhttptest, chromium, systemd-analyze, python3-yaml,
+# redis-server,
 # Backend.AI's CLI), then runs formatting, lints, the release build and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: missing ${missing[*]}; run as root or install them" >&2
@@ -24,7 +26,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   # their own nginx and sshd, so only the binaries matter.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     || { [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/sshd ] && [ -x /usr/bin/slowhttptest ] \
-         && [ -x /usr/bin/chromium ] && command -v systemd-analyze >/dev/null; }
+         && [ -x /usr/bin/chromium ] && command -v systemd-analyze >/dev/null \
+         && command -v redis-server >/dev/null; }
 fi
 
 # Backend.AI's CLI for the service-port compatibility test (PyPI; yarl<1.10 is what the
@@ -46,3 +49,5 @@ else
 fi
 # Doc tests (nextest does not run them).
 cargo test --release --workspace --doc
+# The criterion micro-benchmarks, each run once so they cannot rot (timing: `cargo bench`).
+cargo bench -p relay-bench --bench micro -- --test

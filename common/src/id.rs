@@ -1,8 +1,10 @@
 //! Request ids: 128 bits from the operating system's CSPRNG, as 32 lowercase hex digits.
 //!
-//! Ids carry no name and no structure: the server binds each id to its backend name in its
-//! own table (the Go relay read the name from an id prefix, which let a client claim another
-//! name's requests). An id of another name is answered exactly like an unknown one.
+//! Ids carry no name: the server binds each id to its backend name in its own table (the Go
+//! relay read the name from an id prefix, which let a client claim another name's requests).
+//! An id of another name is answered exactly like an unknown one. In cluster mode the first
+//! 32 bits name the replica that owns the request (only for routing; the owner still checks
+//! the id against its own table).
 
 use std::fmt;
 
@@ -16,6 +18,20 @@ impl RequestId {
         let mut b = [0u8; 16];
         getrandom::getrandom(&mut b).expect("bug: the OS random source failed");
         RequestId(b)
+    }
+
+    /// An id whose first 32 bits are `tag` (the replica that owns the request in cluster
+    /// mode, so any replica can route an agent's call to it) and whose other 96 bits are
+    /// random: still far beyond guessing.
+    pub fn tagged(tag: u32) -> Self {
+        let mut id = RequestId::random();
+        id.0[..4].copy_from_slice(&tag.to_be_bytes());
+        id
+    }
+
+    /// The first 32 bits (the owner's tag of a [`RequestId::tagged`] id).
+    pub fn tag(&self) -> u32 {
+        u32::from_be_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
     }
 
     /// Parses the 32-hex-digit form; anything else is `None`.

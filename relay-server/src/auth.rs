@@ -28,6 +28,29 @@ impl Grant {
         Grant { any, names }
     }
 
+    /// The grant as text for a call between replicas: `*`, or the names joined by commas
+    /// (backend names never contain commas).
+    pub fn encode(&self) -> String {
+        if self.any {
+            "*".to_owned()
+        } else {
+            self.names.join(",")
+        }
+    }
+
+    /// The inverse of [`Grant::encode`].
+    pub fn decode(s: &str) -> Self {
+        if s == "*" {
+            return Grant::new(true, Vec::new());
+        }
+        let names = s
+            .split(',')
+            .filter(|n| relay_common::name::is_valid_name(n))
+            .map(str::to_owned)
+            .collect();
+        Grant::new(false, names)
+    }
+
     /// Whether the grant covers `name`.
     pub fn allows(&self, name: &str) -> bool {
         self.any || self.names.iter().any(|n| n == name)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{CommandFactory, FromArgMatches, Parser};
 use relay_server::access::{AccessMode, AccessPolicy};
+use relay_server::cluster::ClusterConfig;
 use relay_server::forward_auth::ForwardAuthConfig;
 use relay_server::{Config, Secret, TokenScope};
 
@@ -186,6 +187,28 @@ pub struct Cli {
     /// names, are the backend names it may serve.
     #[arg(long, env = "RELAY_AGENT_CLIENT_CA", requires = "tls_cert")]
     pub agent_client_ca: Option<PathBuf>,
+    /// Cluster mode: the Redis directory all replicas share (redis:// or rediss://). Without
+    /// it the server runs alone and never touches Redis.
+    #[arg(long, env = "RELAY_CLUSTER_REDIS", requires_all = ["cluster_listen", "cluster_secret_file"])]
+    pub cluster_redis: Option<String>,
+    /// Cluster mode: listen here for other replicas (forwarded requests and agent calls;
+    /// plain HTTP, each call authenticated by the cluster secret). Keep it on a private
+    /// network.
+    #[arg(long, env = "RELAY_CLUSTER_LISTEN", requires = "cluster_redis")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// Cluster mode: the URL other replicas reach --cluster-listen at (default:
+    /// http://ADDRESS:PORT of that listener, unless it listens on a wildcard address).
+    #[arg(long, env = "RELAY_ADVERTISE_URL", requires = "cluster_redis")]
+    pub advertise_url: Option<String>,
+    /// Cluster mode: file holding the secret all replicas share (at least 32 characters).
+    #[arg(long, env = "RELAY_CLUSTER_SECRET_FILE", requires = "cluster_redis")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Cluster mode: how long a directory entry outlives the replica that wrote it.
+    #[arg(long, env = "RELAY_CLUSTER_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub cluster_lease: Duration,
+    /// Cluster mode: prefix of every Redis key (several clusters may share one Redis).
+    #[arg(long, env = "RELAY_CLUSTER_KEY_PREFIX", default_value = "relay:")]
+    pub cluster_key_prefix: String,
     /// Log format: `text` for people, `json` (one object per line) for log shippers.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: relay_config_file::logs::LogFormat,
@@ -277,13 +300,18 @@ fn tokens(
 }
 
 fn read_link_secret(path: &PathBuf) -> anyhow::Result<Secret> {
+    read_secret("link", path)
+}
+
+/// A secret of at least 32 characters from a file (surrounding whitespace trimmed).
+fn read_secret(what: &str, path: &PathBuf) -> anyhow::Result<Secret> {
     let key = std::fs::read_to_string(path)
         .with_context(|| format!("reading {}", path.display()))?
         .trim()
         .to_owned();
     if key.len() < 32 {
         bail!(
-            "the link secret in {} is shorter than 32 characters",
+            "the {what} secret in {} is shorter than 32 characters",
             path.display()
         );
     }
@@ -365,6 +393,17 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         .as_deref()
         .map(|d| d.trim_matches('.').to_ascii_lowercase())
         .filter(|d| !d.is_empty());
+    let cluster = match (&cli.cluster_redis, &cli.cluster_secret_file) {
+        (Some(url), Some(secret)) => Some(ClusterConfig {
+            redis_url: url.clone(),
+            // Empty: derived from the cluster listener's address once it is bound.
+            advertise_url: cli.advertise_url.clone().unwrap_or_default(),
+            secret: read_secret("cluster", secret)?,
+            lease: cli.cluster_lease,
+            key_prefix: cli.cluster_key_prefix.clone(),
+        }),
+        _ => None,
+    };
     let cfg = Config {
         agent_tokens: tokens,
         pickup_timeout: cli.pickup_timeout,
@@ -396,6 +435,7 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         session_max_age: cli.session_max_age,
         forward_auth,
         public_domain,
+        cluster,
         ..Config::default()
     };
     Ok(cfg)

@@ -148,6 +148,8 @@ pub struct Config {
     pub forward_auth: Option<ForwardAuthConfig>,
     /// `Host: <name>.<public_domain>` reaches backend `<name>` with the path untouched.
     pub public_domain: Option<String>,
+    /// Cluster mode (several replicas coordinated through Redis); `None` is one process.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// A configuration that cannot run.
@@ -163,6 +165,9 @@ pub enum ConfigError {
          backend to anyone who can reach this address"
     )]
     OpenOnPublicAddress(std::net::SocketAddr),
+    /// Cluster settings that cannot work.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl Config {
@@ -197,6 +202,9 @@ impl Config {
                 AccessMode::Open => open = true,
                 _ => {}
             }
+        }
+        if let Some(c) = &self.cluster {
+            crate::cluster::Cluster::check(c).map_err(|e| ConfigError::Cluster(e.to_string()))?;
         }
         if open && !listen.ip().is_loopback() {
             if !allow_open {
@@ -246,6 +254,7 @@ impl Default for Config {
             max_sessions: 100_000,
             forward_auth: None,
             public_domain: None,
+            cluster: None,
         }
     }
 }

@@ -149,11 +149,50 @@ async fn relay(
     if let Verdict::Respond(resp) = admit(&state, &route, &mut req, peer, https).await? {
         return Ok(resp);
     }
-    let backend = state
-        .broker
-        .live_backend(&name)
-        .ok_or_else(|| RelayError::NoAgent(name.clone()))?;
+    let prepared = prepare(&state, req, route, peer, https, arrival)?;
+    match state.broker.live_backend(&name) {
+        Some(backend) => dispatch(&state, &backend, prepared).await,
+        None => match &state.cluster {
+            // Another replica may hold an agent for the name.
+            Some(cluster) => crate::peer::forward_user(&state, cluster, prepared).await,
+            None => Err(RelayError::NoAgent(name)),
+        },
+    }
+}
 
+/// A user request routed, admitted and ready for an agent: what a replica hands to the
+/// replica that holds the agent, or to its own broker.
+pub struct Prepared {
+    /// Backend name.
+    pub name: String,
+    /// Method.
+    pub method: Method,
+    /// Backend request target.
+    pub target: String,
+    /// Headers the backend gets (hop-by-hop removed, `X-Forwarded-*` set).
+    pub headers: HeaderMap,
+    /// Declared body length.
+    pub content_length: Option<u64>,
+    /// The protocol of a genuine upgrade request.
+    pub upgrade: Option<String>,
+    /// The user connection's switch, for upgrade requests.
+    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The request body, when it has one.
+    pub body: Option<UserBody>,
+    /// When the request arrived (timeouts count from here).
+    pub arrival: tokio::time::Instant,
+}
+
+/// Everything between admission and the broker: upgrade detection, the backend's headers,
+/// body limits.
+fn prepare(
+    state: &State,
+    mut req: Request<Incoming>,
+    route: crate::router::Route<'_>,
+    peer: SocketAddr,
+    https: bool,
+    arrival: tokio::time::Instant,
+) -> Result<Prepared, RelayError> {
     // A genuine upgrade (HTTP/1.1, `Connection: upgrade`, no body) is relayed as such; the
     // switch happens only if the backend answers 101. Anything else loses its Upgrade
     // header with the other hop-by-hop headers and is an ordinary request.
@@ -162,7 +201,6 @@ async fn relay(
         .flatten();
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let is_head = parts.method == Method::HEAD;
     let trusted = state
         .cfg
         .trusted_proxies
@@ -179,26 +217,69 @@ async fn relay(
             return Err(RelayError::PayloadTooLarge(max));
         }
     }
-    let (body_kind, upload) = if body.is_end_stream() {
-        (BodyKind::Empty, None)
+    let body = if body.is_end_stream() {
+        None
     } else {
-        let body = UserBody::prefetch(body).map_err(|e| {
-            RelayError::BadRequest(format!("the request body's framing is malformed: {e}"))
-        })?;
-        (BodyKind::Stream, Some(body))
+        Some(prefetch(body)?)
     };
-    let id = RequestId::random();
+    Ok(Prepared {
+        name: route.name.to_owned(),
+        method: parts.method,
+        target: route.target,
+        headers,
+        content_length,
+        upgrade,
+        on_upgrade,
+        body,
+        arrival,
+    })
+}
+
+/// The user's body with its first frame read (see [`UserBody::prefetch`]).
+pub fn prefetch(body: Incoming) -> Result<UserBody, RelayError> {
+    UserBody::prefetch(body).map_err(|e| {
+        RelayError::BadRequest(format!("the request body's framing is malformed: {e}"))
+    })
+}
+
+/// Queues a prepared request for `backend`'s agents and turns their answer into the
+/// response.
+pub async fn dispatch(
+    state: &Arc<State>,
+    backend: &Arc<crate::broker::Backend>,
+    p: Prepared,
+) -> Result<Response<RelayBody>, RelayError> {
+    let Prepared {
+        name,
+        method,
+        target,
+        headers,
+        content_length,
+        upgrade,
+        on_upgrade,
+        body,
+        arrival,
+    } = p;
+    let is_head = method == Method::HEAD;
+    let body_kind = match body {
+        Some(_) => BodyKind::Stream,
+        None => BodyKind::Empty,
+    };
+    let id = match &state.cluster {
+        Some(c) => RequestId::tagged(c.tag()),
+        None => RequestId::random(),
+    };
     tracing::Span::current().record("id", tracing::field::display(id));
     let head = RequestHead {
         id: id.to_string(),
-        method: parts.method.as_str().to_owned(),
-        target: route.target,
+        method: method.as_str().to_owned(),
+        target,
         headers: encode_headers(&headers),
         body: body_kind,
         content_length: content_length.filter(|_| body_kind == BodyKind::Stream),
         upgrade: upgrade.clone(),
     };
-    let slot = match upload {
+    let slot = match body {
         Some(body) => UploadSlot::Ready {
             source: UploadSource::Body(body),
             offset: 0,
@@ -213,7 +294,7 @@ async fn relay(
     let (head_tx, head_rx) = oneshot::channel();
     let pending = Pending::new(id, name.clone(), head, slot, head_tx);
     let upload_failed = pending.upload_failed.clone();
-    let (guard, claimed) = state.broker.enqueue(&backend, pending)?;
+    let (guard, claimed) = state.broker.enqueue(backend, pending)?;
 
     let agent = tokio::select! {
         a = claimed => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
@@ -260,7 +341,7 @@ async fn relay(
         .map_err(|e| RelayError::BadGateway(format!("the relay-client sent an {e}")))?;
     if head.status == 101 {
         return switch(
-            &state,
+            state,
             resp_headers,
             upgrade,
             on_upgrade,

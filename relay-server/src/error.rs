@@ -45,6 +45,12 @@ pub enum RelayError {
     /// The agent reported a failure or vanished before the response head (upstream).
     #[error("{0}")]
     BadGateway(String),
+    /// The request needs another replica and the cluster directory cannot say which.
+    #[error(
+        "backend {0:?} is not connected to this relay replica and the cluster directory \
+         (Redis) is unreachable; try again shortly"
+    )]
+    ClusterUnavailable(String),
     /// No response head in time (upstream).
     #[error("the backend did not answer within {0:?}")]
     ResponseTimeout(std::time::Duration),
@@ -66,6 +72,7 @@ impl RelayError {
             RelayError::NoAgent(_)
             | RelayError::PickupTimeout(_)
             | RelayError::Overloaded(_)
+            | RelayError::ClusterUnavailable(_)
             | RelayError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             RelayError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,

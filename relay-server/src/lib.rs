@@ -15,6 +15,8 @@
 //! - [`upload`]: the framed upload stream of one `/server/requeststream` exchange.
 //! - [`tunnel`]: the user side of a switched (101) connection.
 //! - [`tls`]: TLS termination (rustls, ALPN h2/http1.1) with certificate reload.
+//! - [`cluster`], [`peer`]: cluster mode: the Redis directory of which replica holds which
+//!   names, and the calls between replicas (forwarded user requests and agent calls).
 //! - [`body`], [`error`], [`auth`], [`config`].
 //!
 //! # Life of a request
@@ -32,6 +34,11 @@
 //!    into the user's body through a bounded channel. No head within `response_timeout` → 504.
 //! 5. When the user leaves, the [`pending::PendingGuard`] drops: the id is forgotten, and
 //!    the agent learns of it in its next poll answer (`cancel`) and cancels the backend call.
+//!
+//! In cluster mode, step 1 on a replica without an agent for the name asks [`cluster`] which
+//! replicas have one and [`peer`] forwards the prepared request there (one internal hop,
+//! streamed both ways); the owner runs steps 2-5. Request ids start with the owner's tag,
+//! so an agent call that the load balancer sends to another replica is forwarded to it.
 // `deny`, not `forbid`: the one exception is `trim::release`, a pointer-free libc call.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -42,6 +49,7 @@ pub mod auth;
 pub mod body;
 pub mod broker;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod downstream;
 pub mod error;
@@ -50,6 +58,7 @@ pub mod limits;
 pub mod link;
 pub mod listener;
 pub mod metrics;
+pub mod peer;
 pub mod pending;
 pub mod router;
 pub mod status;
@@ -115,6 +124,8 @@ pub struct State {
     pub stop: CancellationToken,
     /// Switched connections (they outlive the request handler that started them).
     pub tunnels: TaskTracker,
+    /// Membership in a cluster of replicas (`--cluster-redis`).
+    pub cluster: Option<Arc<cluster::Cluster>>,
     /// TLS termination, once the listener loaded the certificate.
     pub tls: std::sync::OnceLock<Arc<tls::Tls>>,
 }
@@ -123,7 +134,14 @@ impl State {
     /// Builds the state for `cfg`.
     pub fn new(cfg: Config) -> Self {
         let metrics = Arc::new(metrics::Metrics::default());
+        let cluster = cfg.cluster.clone().map(|c| {
+            Arc::new(
+                cluster::Cluster::new(c)
+                    .expect("bug: cluster settings are checked by Config::validate"),
+            )
+        });
         State {
+            cluster,
             metrics: metrics.clone(),
             budget: budget::Budget::new(cfg.max_buffered_bytes),
             conns: Arc::new(limits::ConnLimits::new(

@@ -49,6 +49,7 @@ pub async fn serve(
         public: listener,
         agent: None,
         admin: None,
+        cluster: None,
     };
     serve_faces(listeners, state, shutdown).await
 }
@@ -64,6 +65,9 @@ enum Face {
     Agent,
     /// Operators only: health, readiness, metrics and the status page (plain HTTP).
     Admin,
+    /// Other replicas only (cluster mode): forwarded user requests and agent calls, each
+    /// with the cluster secret (plain HTTP).
+    Cluster,
 }
 
 /// The listeners of one server.
@@ -74,6 +78,8 @@ pub struct Listeners {
     pub agent: Option<TcpListener>,
     /// Operators only (`--admin-listen`): `/metrics`, `/status`, `/healthz`, `/readyz`.
     pub admin: Option<TcpListener>,
+    /// Other replicas only (`--cluster-listen`, cluster mode).
+    pub cluster: Option<TcpListener>,
 }
 
 /// Serves users on the public listener and, when given, agent endpoints on their own
@@ -88,6 +94,7 @@ pub async fn serve_faces(
         public,
         agent,
         admin,
+        cluster,
     } = listeners;
     // Without an admin listener, metrics and the status page are served on a loopback
     // public listener only (the zero-config case); a public address never exposes them.
@@ -188,10 +195,30 @@ pub async fn serve_faces(
             conns.accept_loop(l, Face::Admin).await;
         }
     };
+    // A forwarded head carries the user's headers and the prepared head: room for both.
+    let mut cluster_builder = builder.clone();
+    cluster_builder
+        .http1()
+        .max_buf_size(state.cfg.max_head_bytes * 4)
+        .http2()
+        .max_header_list_size((state.cfg.max_head_bytes * 4) as u32);
+    let cluster_conns = Conns {
+        builder: &cluster_builder,
+        ..conns
+    };
+    let cluster_loop = async {
+        if let Some(l) = cluster {
+            cluster_conns.accept_loop(l, Face::Cluster).await;
+        }
+    };
+    if let Some(c) = &state.cluster {
+        tracker.spawn(c.clone().run(state.broker.clone(), state.stop.clone()));
+    }
     tokio::join!(
         conns.accept_loop(public, public_face),
         agent_loop,
-        admin_loop
+        admin_loop,
+        cluster_loop
     );
     tracker.close();
     // Connections got the stop; each gets a second to finish its response in progress.
@@ -225,7 +252,8 @@ impl Conns<'_> {
                     }
                 },
             };
-            let permit = match self.limits.admit(peer.ip(), face != Face::Agent) {
+            let per_ip = !matches!(face, Face::Agent | Face::Cluster);
+            let permit = match self.limits.admit(peer.ip(), per_ip) {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
                     tracing::debug!(%peer, reason = %e, "connection refused");
@@ -238,7 +266,7 @@ impl Conns<'_> {
             };
             let _ = stream.set_nodelay(true);
             let conn_state = self.state.clone();
-            let https = self.tls.is_some() && face != Face::Admin;
+            let https = self.tls.is_some() && !matches!(face, Face::Admin | Face::Cluster);
             let activity = Arc::new(Activity::default());
             let busy_on = activity.clone();
             let conn_permit = permit.clone();
@@ -269,7 +297,7 @@ impl Conns<'_> {
             let builder = self.builder.clone();
             let acceptor = self
                 .tls
-                .filter(|_| face != Face::Admin)
+                .filter(|_| !matches!(face, Face::Admin | Face::Cluster))
                 .map(|t| t.acceptor());
             let stop = self.state.stop.clone();
             let cfg = &self.state.cfg;
@@ -383,7 +411,7 @@ async fn dispatch(
 ) -> Response<RelayBody> {
     // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
     // including paths like /healthz and /server/.
-    let host_routed = !matches!(face, Face::Agent | Face::Admin)
+    let host_routed = !matches!(face, Face::Agent | Face::Admin | Face::Cluster)
         && state.cfg.public_domain.as_deref().is_some_and(|d| {
             downstream::request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
         });
@@ -396,6 +424,13 @@ async fn dispatch(
         "/readyz" if state.draining() => {
             return text_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
         }
+        // Still ready: the replica serves its own agents; only forwarding is down.
+        "/readyz" if state.cluster.as_ref().is_some_and(|c| !c.redis_up()) => {
+            return text_response(
+                StatusCode::OK,
+                "degraded: the cluster directory (Redis) is unreachable; serving local agents only",
+            )
+        }
         "/readyz" => return text_response(StatusCode::OK, "ready"),
         "/metrics" | "/status" | "/status.json"
             if face == Face::Admin || state.ops_on_public.load(Ordering::Acquire) =>
@@ -403,6 +438,9 @@ async fn dispatch(
             return ops(&state, path);
         }
         _ => {}
+    }
+    if face == Face::Cluster {
+        return crate::peer::handle(state, req, peer).await;
     }
     if face == Face::Admin {
         return text_response(

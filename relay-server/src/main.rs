@@ -121,7 +121,34 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
     if agent_listener.is_some() {
         println!("relay-server agent endpoints on {scheme}://{agent_addr}");
     }
+    let cluster_listener = match (cli.cluster_listen, cfg.cluster.as_mut()) {
+        (Some(a), Some(c)) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))?;
+            let bound = l.local_addr()?;
+            if c.advertise_url.is_empty() {
+                if bound.ip().is_unspecified() {
+                    anyhow::bail!(
+                        "--cluster-listen {a} is a wildcard address: set --advertise-url to \
+                         the URL other replicas reach this one at"
+                    );
+                }
+                c.advertise_url = format!("http://{bound}");
+            }
+            println!("relay-server cluster endpoints on http://{bound}");
+            Some(l)
+        }
+        _ => None,
+    };
     let state = Arc::new(State::new(cfg));
+    if let Some(c) = &state.cluster {
+        println!(
+            "relay-server cluster replica {:08x} advertised as {}",
+            c.tag(),
+            c.advertise_url()
+        );
+    }
     if let Some((path, hup, seen)) = reload {
         let watch = Watch { path, hup, seen };
         tokio::spawn(reload_loop(state.clone(), args, watch, shutdown.clone()));
@@ -140,6 +167,7 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
         public: listener,
         agent: agent_listener,
         admin: admin_listener,
+        cluster: cluster_listener,
     };
     relay_server::serve_faces(listeners, state, shutdown).await?;
     tracing::info!("stopped");

@@ -46,6 +46,11 @@ struct SideLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabel {
     limit: &'static str,
 }
@@ -68,6 +73,8 @@ pub struct Metrics {
     buffered: Gauge,
     auth_failures: Family<SideLabel, Counter>,
     rejections: Family<LimitLabel, Counter>,
+    forwarded: Family<KindLabel, Counter>,
+    redis_up: Gauge,
 }
 
 fn seconds() -> Histogram {
@@ -93,6 +100,8 @@ impl Default for Metrics {
             buffered: Gauge::default(),
             auth_failures: Family::default(),
             rejections: Family::default(),
+            forwarded: Family::default(),
+            redis_up: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -157,8 +166,20 @@ impl Default for Metrics {
         );
         registry.register(
             "auth_failures",
-            "Refused credentials, by side (agent or user)",
+            "Refused credentials, by side (agent, user, or cluster for calls between replicas)",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "cluster_forwarded",
+            "Calls between replicas (cluster mode), by kind: user_out/user_in (user requests \
+             sent to / received from the replica holding the agent), agent_out/agent_in \
+             (agent calls for requests another replica owns)",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "cluster_redis_up",
+            "1 while the cluster directory (Redis) answers, 0 when it does not (cluster mode)",
+            m.redis_up.clone(),
         );
         registry.register(
             "limit_rejections",
@@ -227,6 +248,11 @@ impl Metrics {
         self.auth_failures.get_or_create(&SideLabel { side }).inc();
     }
 
+    /// Counts a call between replicas.
+    pub fn forwarded(&self, kind: &'static str) {
+        self.forwarded.get_or_create(&KindLabel { kind }).inc();
+    }
+
     /// Counts a limit rejection.
     pub fn rejected(&self, limit: &'static str) {
         self.rejections.get_or_create(&LimitLabel { limit }).inc();
@@ -262,6 +288,9 @@ impl Metrics {
         self.tunnels.set(state.tunnels.len() as i64);
         self.connections.set(state.conns.open() as i64);
         self.buffered.set(state.budget.in_use() as i64);
+        if let Some(c) = &state.cluster {
+            self.redis_up.set(i64::from(c.redis_up()));
+        }
         self.agents.clear();
         for (name, agents) in state.broker.agents_per_name() {
             self.agents

@@ -183,6 +183,16 @@ pub fn json(state: &State) -> Value {
         },
         "backends": backends,
         "recent_errors": errors,
+        "cluster": state.cluster.as_ref().map(|c| {
+            let view = c.view();
+            json!({
+                "replica": format!("{:08x}", c.tag()),
+                "advertise_url": c.advertise_url(),
+                "redis": if c.redis_up() { "up" } else { "unreachable" },
+                "replicas": view.replicas.iter().map(|(tag, url)| json!({"replica": tag, "url": url})).collect::<Vec<_>>(),
+                "names": view.names.iter().map(|(name, tags)| json!({"name": name, "replicas": tags})).collect::<Vec<_>>(),
+            })
+        }),
     })
 }
 
@@ -226,6 +236,13 @@ pub const PAGE: &str = r##"<!doctype html>
   <thead><tr><th>backend</th><th>agents</th><th class="num">requests</th><th class="num">req/s (1 min)</th><th class="num">errors (1 min)</th><th>last 15 min</th></tr></thead>
   <tbody><tr><td colspan="6" class="empty">no backend connected</td></tr></tbody>
 </table>
+<div id="cluster" hidden>
+<h2 style="font-size:1.1rem">Cluster <span class="meta" id="cluster-meta"></span></h2>
+<table id="cluster-names">
+  <thead><tr><th>backend</th><th>replicas holding its agents</th></tr></thead>
+  <tbody></tbody>
+</table>
+</div>
 <h2 style="font-size:1.1rem">Recent errors</h2>
 <table id="errors">
   <thead><tr><th>time</th><th>backend</th><th class="num">status</th><th>what happened</th></tr></thead>
@@ -284,6 +301,20 @@ function render(s) {
     tr.appendChild(el("td", (100 * b.error_rate).toFixed(1) + "%", "num" + (b.error_rate > 0 ? " bad" : "")));
     const spark = el("td"); spark.appendChild(sparkline(b.series)); tr.appendChild(spark);
     body.appendChild(tr);
+  }
+  const cl = document.getElementById("cluster");
+  cl.hidden = !s.cluster;
+  if (s.cluster) {
+    document.getElementById("cluster-meta").textContent = "this replica " + s.cluster.replica +
+      " · Redis " + s.cluster.redis + " · replicas: " + s.cluster.replicas.map(r => r.replica + " " + r.url).join(", ");
+    const cb = document.querySelector("#cluster-names tbody");
+    cb.replaceChildren();
+    for (const n of s.cluster.names) {
+      const tr = el("tr");
+      tr.appendChild(el("td", n.name));
+      tr.appendChild(el("td", n.replicas.join(", ")));
+      cb.appendChild(tr);
+    }
   }
   const errs = document.querySelector("#errors tbody");
   errs.replaceChildren();

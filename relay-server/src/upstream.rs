@@ -43,6 +43,31 @@ pub async fn handle(
             return r;
         }
     };
+    // An id owned by another replica: the load balancer sent this call here, the request
+    // lives there (cluster mode).
+    if let Some(cluster) = &state.cluster {
+        if let ("/server/response" | "/server/requeststream", Some(id)) = (
+            req.uri().path(),
+            Query::parse(req.uri().query().unwrap_or(""))
+                .id
+                .and_then(relay_common::id::RequestId::parse),
+        ) {
+            if id.tag() != cluster.tag() {
+                let cluster = cluster.clone();
+                return crate::peer::forward_agent(&state, &cluster, req, id.tag(), &grant).await;
+            }
+        }
+    }
+    serve(state, grant, req, peer).await
+}
+
+/// Serves an authenticated agent call (`grant` says which names the caller may serve).
+pub async fn serve(
+    state: Arc<State>,
+    grant: Grant,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<RelayBody> {
     let uri = req.uri().clone();
     let query = Query::parse(uri.query().unwrap_or(""));
     match uri.path() {

@@ -1,0 +1,417 @@
+//! Calls between replicas in cluster mode, and the cluster listener that answers them.
+//!
+//! - A user request that reaches a replica without a local agent for its name is prepared
+//!   there (routing, access, the backend's headers) and sent to a replica that has one as
+//!   `<method> /cluster/request` with the prepared head as JSON in `X-Relay-Cluster-Head`
+//!   and the user's body as the body. The owner queues it like its own request; its
+//!   response (status, headers, streamed body, trailers) is the user's response. Ordinary
+//!   requests share one HTTP/2 connection per peer (trailers, many streams); upgrade
+//!   requests take an HTTP/1.1 connection of their own whose 101 is spliced to the user's.
+//! - An agent call (`/server/response`, `/server/requeststream`) for an id owned by another
+//!   replica goes there verbatim, with the caller's grant in `X-Relay-Cluster-Grant` (the
+//!   receiving replica checked the credential; the owner checks the id against the grant).
+//!
+//! Every call carries the cluster secret (`X-Relay-Cluster-Secret`), checked in constant
+//! time. A peer that cannot be connected to is skipped for the next one holding the name;
+//! once a request was sent it is never repeated (its body is gone and it may have had
+//! effects): a failure then is a 502, a broken body an aborted response.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use relay_common::headers::strip_hop_by_hop;
+use relay_common::message::{decode_headers, encode_headers};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::auth::Grant;
+use crate::body::{empty, BodyError, RelayBody};
+use crate::cluster::{Cluster, SECRET_HEADER};
+use crate::downstream::{dispatch, prefetch, Prepared};
+use crate::error::{text_response, RelayError};
+use crate::State;
+
+/// Path of forwarded user requests on the cluster listener.
+pub const FORWARD_PATH: &str = "/cluster/request";
+/// Header with the prepared request head (JSON [`PeerHead`]).
+pub const HEAD_HEADER: &str = "x-relay-cluster-head";
+/// Header with the grant of a forwarded agent call.
+pub const GRANT_HEADER: &str = "x-relay-cluster-grant";
+
+/// Longest wait for a TCP connection to another replica.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a forwarded user request carries besides its method and body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerHead {
+    /// Backend name.
+    pub name: String,
+    /// Backend request target.
+    pub target: String,
+    /// The backend's headers (already stripped and completed by the first replica).
+    pub headers: Vec<(String, String)>,
+    /// Declared body length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_length: Option<u64>,
+    /// Upgrade protocol of a genuine upgrade request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
+}
+
+/// Pooled HTTP/2 connections to other replicas, one per address.
+#[derive(Default)]
+pub struct Peers {
+    h2: Mutex<HashMap<String, http2::SendRequest<RelayBody>>>,
+}
+
+impl Peers {
+    /// A sender on the pooled connection to `url`, connecting when there is none or it
+    /// closed.
+    async fn h2(&self, url: &str) -> std::io::Result<http2::SendRequest<RelayBody>> {
+        if let Some(s) = self.h2.lock().expect("bug: poisoned").get(url) {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let tcp = connect(url).await?;
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            // Bulk bodies: windows large enough that one stream fills a LAN link.
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(std::io::Error::other)?;
+        let peer = url.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer, error = %e, "connection to a relay replica ended");
+            }
+        });
+        self.h2
+            .lock()
+            .expect("bug: poisoned")
+            .insert(url.to_owned(), send.clone());
+        Ok(send)
+    }
+
+    fn drop_conn(&self, url: &str) {
+        self.h2.lock().expect("bug: poisoned").remove(url);
+    }
+}
+
+async fn connect(url: &str) -> std::io::Result<TcpStream> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("bad replica address {url:?}")))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| std::io::Error::other(format!("bad replica address {url:?}")))?;
+    let port = authority.port_u16().unwrap_or(80);
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((authority.host().trim_matches(['[', ']']), port)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+fn header_value(s: &str) -> Result<HeaderValue, RelayError> {
+    HeaderValue::from_str(s)
+        .map_err(|_| RelayError::BadGateway("a value cannot cross to another replica".into()))
+}
+
+/// Sends a prepared user request to a replica holding an agent for its name.
+pub async fn forward_user(
+    state: &Arc<State>,
+    cluster: &Arc<Cluster>,
+    mut p: Prepared,
+) -> Result<Response<RelayBody>, RelayError> {
+    let peers = cluster
+        .replicas_for(&p.name)
+        .await
+        .map_err(|_| RelayError::ClusterUnavailable(p.name.clone()))?;
+    if peers.is_empty() {
+        return Err(RelayError::NoAgent(p.name));
+    }
+    let head = PeerHead {
+        name: p.name.clone(),
+        target: p.target,
+        headers: encode_headers(&p.headers),
+        content_length: p.content_length,
+        upgrade: p.upgrade.clone(),
+    };
+    let head = serde_json::to_string(&head).expect("bug: a head always serialises");
+    let mut body = p
+        .body
+        .take()
+        .map(|b| b.map_err(BodyError::from).boxed_unsync());
+    let mut on_upgrade = p.on_upgrade.take();
+    let build = |url: &str, body: RelayBody| -> Result<Request<RelayBody>, RelayError> {
+        let mut req = Request::new(body);
+        *req.method_mut() = p.method.clone();
+        *req.uri_mut() = format!("{url}{FORWARD_PATH}")
+            .parse()
+            .map_err(|_| RelayError::BadGateway(format!("bad replica address {url:?}")))?;
+        let h = req.headers_mut();
+        h.insert(SECRET_HEADER, header_value(cluster.secret())?);
+        h.insert(HEAD_HEADER, header_value(&head)?);
+        if let Some(n) = p.content_length {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        if let Some(proto) = &p.upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, header_value(proto)?);
+        }
+        Ok(req)
+    };
+    // Nothing is sent before a connection stands, so an unreachable peer is skipped.
+    let mut last = String::new();
+    for peer in peers {
+        if on_upgrade.is_some() {
+            let tcp = match connect(&peer.url).await {
+                Ok(t) => t,
+                Err(e) => {
+                    cluster.forget_peer(peer.tag);
+                    last = format!("{}: {e}", peer.url);
+                    continue;
+                }
+            };
+            let req = build(&peer.url, empty())?;
+            let user = on_upgrade.take().expect("bug: checked above");
+            return upgrade(state, tcp, req, user).await;
+        }
+        let send = match cluster.peers.h2(&peer.url).await {
+            Ok(s) => s,
+            Err(e) => {
+                cluster.forget_peer(peer.tag);
+                last = format!("{}: {e}", peer.url);
+                continue;
+            }
+        };
+        let req = build(&peer.url, body.take().unwrap_or_else(empty))?;
+        state.metrics.forwarded("user_out");
+        return exchange(cluster, &peer.url, send, req).await;
+    }
+    Err(RelayError::BadGateway(format!(
+        "no relay replica holding backend {:?} could be reached ({last})",
+        p.name
+    )))
+}
+
+/// One request on a pooled HTTP/2 connection; the answer passes through as it streams.
+async fn exchange(
+    cluster: &Cluster,
+    url: &str,
+    mut send: http2::SendRequest<RelayBody>,
+    req: Request<RelayBody>,
+) -> Result<Response<RelayBody>, RelayError> {
+    let sent = async {
+        send.ready().await?;
+        send.send_request(req).await
+    };
+    match sent.await {
+        Ok(resp) => Ok(resp.map(|b| b.map_err(BodyError::from).boxed_unsync())),
+        Err(e) => {
+            cluster.peers.drop_conn(url);
+            Err(RelayError::BadGateway(format!(
+                "the relay replica at {url} failed: {e}"
+            )))
+        }
+    }
+}
+
+/// A forwarded upgrade request on its own HTTP/1.1 connection: a 101 from the owner is
+/// answered to the user and both switched connections are spliced.
+async fn upgrade(
+    state: &Arc<State>,
+    tcp: TcpStream,
+    req: Request<RelayBody>,
+    user: hyper::upgrade::OnUpgrade,
+) -> Result<Response<RelayBody>, RelayError> {
+    let fail = |e: hyper::Error| RelayError::BadGateway(format!("the relay replica failed: {e}"));
+    let (mut send, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(fail)?;
+    state.tunnels.spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    state.metrics.forwarded("user_out");
+    let mut resp = send.send_request(req).await.map_err(fail)?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(resp.map(|b| b.map_err(BodyError::from).boxed_unsync()));
+    }
+    let peer = hyper::upgrade::on(&mut resp);
+    let stop = state.stop.clone();
+    state.tunnels.spawn(async move {
+        let (Ok(user), Ok(peer)) = tokio::join!(user, peer) else {
+            return;
+        };
+        let (mut user, mut peer) = (TokioIo::new(user), TokioIo::new(peer));
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut user, &mut peer) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "forwarded tunnel ended");
+                }
+            }
+            _ = stop.cancelled() => {}
+        }
+    });
+    let mut out = Response::new(empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *out.headers_mut() = resp.headers().clone();
+    Ok(out)
+}
+
+/// Sends an agent call for a request owned by the replica tagged `owner` there.
+pub async fn forward_agent(
+    state: &Arc<State>,
+    cluster: &Arc<Cluster>,
+    req: Request<Incoming>,
+    owner: u32,
+    grant: &Grant,
+) -> Response<RelayBody> {
+    let url = match cluster.url_of(owner).await {
+        Ok(Some(url)) => url,
+        // The owner is gone, and its requests with it.
+        Ok(None) => return text_response(StatusCode::NOT_FOUND, "unknown request id"),
+        Err(e) => {
+            return RelayError::ClusterUnavailable(format!("(request owner: {e})"))
+                .into_response(state.cfg.retry_after_secs)
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut out = Request::new(body.map_err(BodyError::from).boxed_unsync());
+    *out.method_mut() = parts.method.clone();
+    let Ok(uri) = format!("{url}{target}").parse() else {
+        return text_response(StatusCode::BAD_GATEWAY, "bad replica address");
+    };
+    *out.uri_mut() = uri;
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers, false);
+    // The owner trusts the grant, not a credential it would have to check again.
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::HOST);
+    *out.headers_mut() = headers;
+    let h = out.headers_mut();
+    let (Ok(secret), Ok(grant)) = (
+        HeaderValue::from_str(cluster.secret()),
+        HeaderValue::from_str(&grant.encode()),
+    ) else {
+        return text_response(StatusCode::INTERNAL_SERVER_ERROR, "bad cluster secret");
+    };
+    h.insert(SECRET_HEADER, secret);
+    h.insert(GRANT_HEADER, grant);
+    let send = match cluster.peers.h2(&url).await {
+        Ok(s) => s,
+        Err(e) => {
+            cluster.forget_peer(owner);
+            return text_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("the relay replica owning this request is unreachable: {e}"),
+            );
+        }
+    };
+    state.metrics.forwarded("agent_out");
+    match exchange(cluster, &url, send, out).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(state.cfg.retry_after_secs),
+    }
+}
+
+/// Serves a call on the cluster listener: forwarded user requests and agent calls.
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<RelayBody> {
+    let Some(cluster) = state.cluster.clone() else {
+        return text_response(StatusCode::NOT_FOUND, "cluster mode is off");
+    };
+    if !cluster.check_secret(req.headers().get(SECRET_HEADER).map(|v| v.as_bytes())) {
+        state.metrics.auth_failure("cluster");
+        return text_response(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster secret (X-Relay-Cluster-Secret)",
+        );
+    }
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        FORWARD_PATH => {
+            state.metrics.forwarded("user_in");
+            let retry = state.cfg.retry_after_secs;
+            let span = tracing::info_span!(
+                "forwarded",
+                method = %req.method(),
+                id = tracing::field::Empty,
+                backend = tracing::field::Empty,
+            );
+            use tracing::Instrument;
+            match forwarded_request(&state, req).instrument(span).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "forwarded request failed");
+                    e.into_response(retry)
+                }
+            }
+        }
+        "/server/response" | "/server/requeststream" => {
+            let Some(grant) = req
+                .headers()
+                .get(GRANT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(Grant::decode)
+            else {
+                return text_response(StatusCode::BAD_REQUEST, "missing X-Relay-Cluster-Grant");
+            };
+            state.metrics.forwarded("agent_in");
+            crate::upstream::serve(state, grant, req, peer).await
+        }
+        _ => text_response(StatusCode::NOT_FOUND, "no such cluster endpoint"),
+    }
+}
+
+/// A user request another replica prepared, queued here for a local agent.
+async fn forwarded_request(
+    state: &Arc<State>,
+    mut req: Request<Incoming>,
+) -> Result<Response<RelayBody>, RelayError> {
+    let head: PeerHead = req
+        .headers()
+        .get(HEAD_HEADER)
+        .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+        .ok_or_else(|| RelayError::BadRequest(format!("missing or malformed {HEAD_HEADER}")))?;
+    tracing::Span::current().record("backend", head.name.as_str());
+    let headers: HeaderMap = decode_headers(&head.headers)
+        .map_err(|e| RelayError::BadRequest(format!("the forwarded head has an {e}")))?;
+    let on_upgrade = head.upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let method: Method = req.method().clone();
+    let body = req.into_body();
+    let body = if hyper::body::Body::is_end_stream(&body) {
+        None
+    } else {
+        Some(prefetch(body)?)
+    };
+    let backend = state
+        .broker
+        .live_backend(&head.name)
+        .ok_or_else(|| RelayError::NoAgent(head.name.clone()))?;
+    let prepared = Prepared {
+        name: head.name,
+        method,
+        target: head.target,
+        headers,
+        content_length: head.content_length,
+        upgrade: head.upgrade,
+        on_upgrade,
+        body,
+        arrival: tokio::time::Instant::now(),
+    };
+    dispatch(state, &backend, prepared).await
+}
