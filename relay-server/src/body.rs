@@ -193,10 +193,11 @@ impl Body for UserBody {
             .and_then(|f| f.data_ref())
             .map(|d| d.len() as u64)
         {
-            hint.set_lower(hint.lower() + n);
+            // Upper first: `set_lower` asserts the new lower bound stays below the upper.
             if let Some(u) = hint.upper() {
                 hint.set_upper(u + n);
             }
+            hint.set_lower(hint.lower() + n);
         }
         hint
     }

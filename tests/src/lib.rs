@@ -3,6 +3,7 @@
 //! Everything binds `127.0.0.1:0`; readiness is waited for by observing state (a connected
 //! agent in the broker, a listening port), never by sleeping.
 
+pub mod cluster;
 pub mod pki;
 pub mod procs;
 

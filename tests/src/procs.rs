@@ -73,18 +73,23 @@ impl Proc {
 
     /// Waits (up to 60 s) for a line containing `needle` among lines not yet seen.
     pub fn next_line(&mut self, needle: &str) -> String {
+        self.wait_any(&[needle])
+    }
+
+    /// Waits (up to 60 s) for a line, not yet seen, containing any of `needles`.
+    pub fn wait_any(&mut self, needles: &[&str]) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if line.contains(needle) {
+                    if needles.iter().any(|n| line.contains(n)) {
                         return line;
                     }
                 }
                 Err(_) => panic!(
-                    "no line containing {needle:?}; output so far:\n{}",
+                    "no line containing {needles:?}; output so far:\n{}",
                     self.seen.join("\n")
                 ),
             }

@@ -346,6 +346,7 @@ async fn agent_endpoints_on_their_own_listener() {
         public,
         agent: Some(agents),
         admin: None,
+        cluster: None,
     };
     tokio::spawn(relay_server::serve_faces(
         listeners,

@@ -204,6 +204,7 @@ async fn an_admin_listener_takes_the_operator_endpoints_off_the_public_one() {
         public,
         agent: None,
         admin: Some(admin),
+        cluster: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(relay_server::serve_faces(

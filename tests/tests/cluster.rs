@@ -1,0 +1,601 @@
+//! Cluster mode with a real redis-server, relay-server replicas (the binary) and a
+//! round-robin TCP balancer: forwarding of plain, streamed (100 MB each way), gRPC-style
+//! (trailers) and WebSocket requests, agent calls landing on the wrong replica, load
+//! sharing, a replica dying, Redis going away and coming back.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use relay_common::frame::{self, Kind};
+use relay_common::message::{BodyKind, PollAnswer, ResponseHead};
+use relay_tests::cluster::{balancer, replica, Redis, Replica, Secret};
+use relay_tests::{
+    backend, body_bytes, channel_body, client, data, empty, full, h2_client, Agent, TOKEN,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+const MB100: usize = 100_000_000;
+
+/// The replica's `/metrics` text.
+async fn metrics(r: &Replica) -> String {
+    let resp = client()
+        .request(
+            Request::get(format!("{}/metrics", r.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    String::from_utf8(body_bytes(resp.into_body()).await.unwrap().to_vec()).unwrap()
+}
+
+/// One counter or gauge value from `/metrics` text (0 when absent).
+fn value(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Waits until the directory lists `tag` for `name` (state in Redis, polled).
+async fn wait_directory(redis: &Redis, name: &str, tag: &str) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let members: Vec<String> = client
+            .get_connection()
+            .and_then(|mut c| {
+                redis::cmd("ZRANGE")
+                    .arg(format!("relay:name:{name}"))
+                    .arg(0)
+                    .arg(-1)
+                    .query(&mut c)
+            })
+            .unwrap_or_default();
+        if members.iter().any(|m| m == tag) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tag} never registered {name:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A GET through `base` for backend `name`; status and body.
+async fn get(base: &str, name: &str, path: &str) -> (StatusCode, String) {
+    let resp = client()
+        .request(
+            Request::get(format!("{base}/client/{name}{path}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = body_bytes(resp.into_body()).await.unwrap_or_default();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A backend: `/who` answers `id`, `/count` counts the upload, `/big?n` streams n bytes,
+/// `/grpc` answers with trailers, `/slow` never answers.
+async fn test_backend(id: &'static str) -> std::net::SocketAddr {
+    backend(move |req: Request<hyper::body::Incoming>| async move {
+        match req.uri().path() {
+            "/count" => {
+                let mut body = req.into_body();
+                let mut n = 0usize;
+                while let Some(Ok(f)) = body.frame().await {
+                    n += f.data_ref().map_or(0, |d| d.len());
+                }
+                hyper::Response::new(full(n.to_string()))
+            }
+            "/big" => {
+                let n: usize = req.uri().query().unwrap().parse().unwrap();
+                let (tx, body) = channel_body(4);
+                tokio::spawn(async move {
+                    let chunk = Bytes::from(vec![b'd'; 1 << 20]);
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(chunk.len());
+                        if tx.send(data(chunk.slice(..k))).await.is_err() {
+                            return;
+                        }
+                        left -= k;
+                    }
+                });
+                hyper::Response::new(body)
+            }
+            "/grpc" => {
+                let (tx, body) = channel_body(4);
+                tokio::spawn(async move {
+                    tx.send(data(Bytes::from_static(b"\0\0\0\0\x02hi")))
+                        .await
+                        .unwrap();
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", "0".parse().unwrap());
+                    tx.send(Ok(Frame::trailers(t))).await.unwrap();
+                });
+                hyper::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(body)
+                    .unwrap()
+            }
+            "/slow" => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            _ => hyper::Response::new(full(id)),
+        }
+    })
+    .await
+}
+
+/// A WebSocket echo backend.
+async fn websocket_echo() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn agent(relay: &str, name: &str, backend: std::net::SocketAddr, h2: bool) -> Agent {
+    let mut cfg = Agent::config(relay, name, &format!("http://{backend}"));
+    cfg.backend_http2 = h2;
+    Agent::start(cfg)
+}
+
+#[tokio::test]
+async fn requests_reach_an_agent_on_another_replica_streaming_both_ways() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let home = replica(&redis, &secret, &[]);
+    let other = replica(&redis, &secret, &[]);
+    let _a = agent(&home.url(), "s", test_backend("home").await, true);
+    let _w = agent(&home.url(), "ws", websocket_echo().await, false);
+    wait_directory(&redis, "s", &home.tag).await;
+    wait_directory(&redis, "ws", &home.tag).await;
+
+    // Plain.
+    assert_eq!(
+        get(&other.url(), "s", "/who").await,
+        (StatusCode::OK, "home".into())
+    );
+
+    // 100 MB up, streamed as it is sent.
+    let (tx, body) = channel_body(4);
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'u'; 1 << 20]);
+        let mut left = MB100;
+        while left > 0 {
+            let k = left.min(chunk.len());
+            tx.send(data(chunk.slice(..k))).await.unwrap();
+            left -= k;
+        }
+    });
+    let resp = client()
+        .request(
+            Request::post(format!("{}/client/s/count", other.url()))
+                .body(body)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        body_bytes(resp.into_body()).await.unwrap(),
+        MB100.to_string()
+    );
+
+    // 100 MB down.
+    let resp = client()
+        .request(
+            Request::get(format!("{}/client/s/big?{MB100}", other.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    while let Some(f) = body.frame().await {
+        got += f.unwrap().data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(got, MB100);
+
+    // gRPC-style: HTTP/2, X-Server-Name, trailers.
+    let resp = h2_client()
+        .request(
+            Request::post(format!("http://{}/grpc", other.public))
+                .header("x-server-name", "s")
+                .header("te", "trailers")
+                .header("content-type", "application/grpc")
+                .body(full(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let (mut payload, mut trailers) = (Vec::new(), None);
+    while let Some(f) = body.frame().await {
+        match f.unwrap().into_data() {
+            Ok(d) => payload.extend_from_slice(&d),
+            Err(f) => trailers = f.into_trailers().ok(),
+        }
+    }
+    assert_eq!(payload, b"\0\0\0\0\x02hi");
+    assert_eq!(
+        trailers.expect("trailers crossed both replicas")["grpc-status"],
+        "0"
+    );
+
+    // WebSocket: the 101 and then bytes both ways through both replicas.
+    let tcp = TcpStream::connect(other.public).await.unwrap();
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(format!("ws://{}/client/ws/echo", other.public), tcp)
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    ws.close(None).await.unwrap();
+
+    let m = metrics(&other).await;
+    assert_eq!(
+        value(&m, "relay_cluster_forwarded_total{kind=\"user_out\"}"),
+        5,
+        "{m}"
+    );
+    assert_eq!(value(&m, "relay_cluster_redis_up"), 1);
+    let m = metrics(&home).await;
+    assert_eq!(
+        value(&m, "relay_cluster_forwarded_total{kind=\"user_in\"}"),
+        5,
+        "{m}"
+    );
+
+    // The cluster listener wants the secret.
+    let resp = client()
+        .request(
+            Request::get(format!("http://{}/cluster/request", other.cluster))
+                .header(
+                    "x-relay-cluster-secret",
+                    "not the secret, but long enough to try",
+                )
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // And the public listener has no cluster endpoint.
+    assert_eq!(
+        get_path(&other, "/cluster/request").await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+/// The agent protocol by hand: a poll parked on one replica, the response posted to another
+/// and the upload pulled from a third reach the owner (the id carries its tag).
+#[tokio::test]
+async fn agent_calls_that_land_on_another_replica_reach_the_owner() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let r: Vec<Replica> = (0..3).map(|_| replica(&redis, &secret, &[])).collect();
+    let c = client();
+    let call = |method: &str, url: String, body: relay_tests::TestBody| {
+        Request::builder()
+            .method(method)
+            .uri(url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("x-relay-agent-id", "handmade-agent-0001")
+            .header("x-relay-protocol", "1")
+            .body(body)
+            .unwrap()
+    };
+    // Park a poll on replica 0, then send a user request with a body to replica 0.
+    let poll = c.request(call(
+        "GET",
+        format!("{}/server/request?server=hand", r[0].url()),
+        empty(),
+    ));
+    let poll = tokio::spawn(poll);
+    wait_directory(&redis, "hand", &r[0].tag).await;
+    let user = tokio::spawn(
+        client().request(
+            Request::post(format!("{}/client/hand/upload", r[1].url()))
+                .body(full("user bytes"))
+                .unwrap(),
+        ),
+    );
+    let resp = poll.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let answer: PollAnswer =
+        serde_json::from_slice(&body_bytes(resp.into_body()).await.unwrap()).unwrap();
+    let head = &answer.requests[0];
+    assert_eq!(head.body, BodyKind::Stream);
+    assert!(
+        head.id.starts_with(&r[0].tag),
+        "the id {} carries its owner",
+        head.id
+    );
+
+    // The upload, pulled through replica 2.
+    let resp = c
+        .request(call(
+            "GET",
+            format!(
+                "{}/server/requeststream?id={}&offset=0",
+                r[2].url(),
+                head.id
+            ),
+            empty(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let framed = body_bytes(resp.into_body()).await.unwrap();
+    let mut dec = frame::Decoder::default();
+    let mut input = framed.clone();
+    let mut upload = Vec::new();
+    while let Some(item) = dec.decode(&mut input).unwrap() {
+        if let frame::Item::Data(d) = item {
+            upload.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(upload, b"user bytes");
+
+    // The response, posted to replica 1.
+    let head_json = serde_json::to_vec(&ResponseHead {
+        status: 201,
+        headers: vec![("x-made".into(), "by hand".into())],
+        body: BodyKind::Stream,
+        content_length: None,
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    out.extend_from_slice(&frame::control(Kind::Head, &head_json));
+    out.extend_from_slice(&frame::header(Kind::Data, 5));
+    out.extend_from_slice(b"reply");
+    out.extend_from_slice(&frame::control(Kind::End, b""));
+    let resp = c
+        .request(call(
+            "POST",
+            format!("{}/server/response?id={}&offset=0", r[1].url(), head.id),
+            full(out),
+        ))
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let resp = user.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(resp.headers()["x-made"], "by hand");
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "reply");
+    assert_eq!(
+        value(
+            &metrics(&r[1]).await,
+            "relay_cluster_forwarded_total{kind=\"agent_out\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        value(
+            &metrics(&r[2]).await,
+            "relay_cluster_forwarded_total{kind=\"agent_out\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        value(
+            &metrics(&r[0]).await,
+            "relay_cluster_forwarded_total{kind=\"agent_in\"}"
+        ),
+        2
+    );
+    // An id of this replica's own tag that it does not know is just unknown, and a grant
+    // never widens: a token-less call is refused before any forwarding.
+    let resp = c
+        .request(
+            Request::post(format!("{}/server/response?id={}", r[1].url(), head.id))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn agents_on_several_replicas_share_the_load_and_real_agents_work_through_the_balancer() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let r: Vec<Replica> = (0..3).map(|_| replica(&redis, &secret, &[])).collect();
+    let lb = balancer(r.iter().map(|x| x.public).collect()).await;
+    let _a = agent(&r[0].url(), "shared", test_backend("a").await, false);
+    let _b = agent(&r[1].url(), "shared", test_backend("b").await, false);
+    wait_directory(&redis, "shared", &r[0].tag).await;
+    wait_directory(&redis, "shared", &r[1].tag).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        let (status, who) = get(&r[2].url(), "shared", "/who").await;
+        assert_eq!(status, StatusCode::OK);
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both replicas' agents served: {seen:?}");
+
+    // A real relay-client whose every connection goes through the balancer: its polls,
+    // responses and uploads land on any replica.
+    let _lb_agent = agent(
+        &format!("http://{lb}"),
+        "lb",
+        test_backend("lb").await,
+        false,
+    );
+    for x in &r {
+        wait_directory(&redis, "lb", &x.tag).await;
+    }
+    for i in 0..30 {
+        let body = vec![b'x'; 10_000 + i];
+        let resp = client()
+            .request(
+                Request::post(format!("http://{lb}/client/lb/count"))
+                    .body(full(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            body_bytes(resp.into_body()).await.unwrap(),
+            (10_000 + i).to_string()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dying_replica_fails_its_requests_cleanly_and_its_agents_move() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let mut r: Vec<Replica> = (0..3).map(|_| replica(&redis, &secret, &[])).collect();
+    let lb = balancer(r.iter().map(|x| x.public).collect()).await;
+    let be = test_backend("up").await;
+    // One agent only on replica 0, one through the balancer.
+    let _pinned = agent(&r[0].url(), "pinned", be, false);
+    let _moving = agent(&format!("http://{lb}"), "moving", be, false);
+    wait_directory(&redis, "pinned", &r[0].tag).await;
+    for x in &r {
+        wait_directory(&redis, "moving", &x.tag).await;
+    }
+    // A request forwarded to replica 0 that is waiting for its answer when 0 dies.
+    let via = r[1].url();
+    let in_flight = tokio::spawn(async move { get(&via, "pinned", "/slow").await });
+    while value(&metrics(&r[0]).await, "relay_requests_in_flight") == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(r.remove(0)); // SIGKILL
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), in_flight)
+        .await
+        .expect("the in-flight request ends, never hangs")
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+
+    // Through the balancer the name served by the moving agent works again within 35 s.
+    let start = tokio::time::Instant::now();
+    loop {
+        let (status, body) = get(&format!("http://{lb}"), "moving", "/who").await;
+        if status == StatusCode::OK {
+            assert_eq!(body, "up");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(35),
+            "still {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then every request succeeds, whichever replica it lands on.
+    for _ in 0..6 {
+        assert_eq!(
+            get(&format!("http://{lb}"), "moving", "/who").await.0,
+            StatusCode::OK
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_redis_replicas_serve_their_own_agents_and_recover_when_it_returns() {
+    let mut redis = Redis::start();
+    let secret = Secret::new();
+    let home = replica(&redis, &secret, &[]);
+    let mut other = replica(&redis, &secret, &[]);
+    let _a = agent(&home.url(), "r", test_backend("r").await, false);
+    wait_directory(&redis, "r", &home.tag).await;
+    assert_eq!(get(&other.url(), "r", "/who").await.0, StatusCode::OK);
+
+    redis.stop();
+    // Local agents keep working.
+    assert_eq!(
+        get(&home.url(), "r", "/who").await,
+        (StatusCode::OK, "r".into())
+    );
+    // Cross-replica requests get a clear 503 with Retry-After (the name's cached lookup
+    // lasts a second; the answer turns once it runs out).
+    let resp = loop {
+        let resp = client()
+            .request(
+                Request::get(format!("{}/client/r/who", other.url()))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        if resp.status() != StatusCode::OK {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key("retry-after"));
+    let text = String::from_utf8(body_bytes(resp.into_body()).await.unwrap().to_vec()).unwrap();
+    assert!(
+        text.contains("Redis") && text.contains("unreachable"),
+        "{text}"
+    );
+    let (status, ready) = get_path(&other, "/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ready.starts_with("degraded"), "{ready}");
+    other
+        .proc
+        .wait_line("cluster directory (Redis) unreachable");
+
+    // Redis comes back empty; the replicas register again on their own.
+    redis.restart();
+    wait_directory(&redis, "r", &home.tag).await;
+    other.proc.next_line("cluster directory (Redis) reachable");
+    assert_eq!(
+        get(&other.url(), "r", "/who").await,
+        (StatusCode::OK, "r".into())
+    );
+    assert_eq!(
+        get_path(&other, "/readyz").await,
+        (StatusCode::OK, "ready\n".into())
+    );
+}
+
+async fn get_path(r: &Replica, path: &str) -> (StatusCode, String) {
+    let resp = client()
+        .request(
+            Request::get(format!("{}{path}", r.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = body_bytes(resp.into_body()).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
