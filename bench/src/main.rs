@@ -1,6 +1,6 @@
 //! `relay-bench`: the same load against the backend directly, this relay, rathole and bore,
 //! in one run, reported as ratios to direct (medians of several runs), as a table and as
-//! JSON. `--smoke` is the few-second version the test command runs (direct and relay only).
+//! JSON. `--smoke` is the few-second version the test command runs (no rathole or bore).
 
 mod backend;
 mod load;
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 struct Cli {
     #[command(subcommand)]
     command: Option<Sub>,
-    /// A few seconds in total: direct and relay only, short runs, small sizes.
+    /// A few seconds in total: no rathole or bore, short runs, small sizes.
     #[arg(long)]
     smoke: bool,
     /// Runs per scenario; the median is reported.
@@ -40,6 +40,9 @@ struct Cli {
     /// Skip rathole and bore (no installation).
     #[arg(long)]
     no_peers: bool,
+    /// Skip the three-replica cluster target (needs redis-server).
+    #[arg(long)]
+    no_cluster: bool,
     /// Where rathole and bore are installed when missing.
     #[arg(long, default_value = "target/bench-tools")]
     tools: PathBuf,
@@ -124,6 +127,9 @@ fn main() -> anyhow::Result<()> {
     let dur = Duration::from_secs_f64(secs);
     let b = targets::backend()?;
     let mut running = vec![targets::direct(&b), targets::relay(&b)?];
+    if !cli.no_cluster {
+        running.push(targets::cluster(&b)?);
+    }
     if !cli.smoke && !cli.no_peers {
         let rathole = targets::install(
             &cli.tools,

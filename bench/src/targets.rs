@@ -37,6 +37,7 @@ pub struct Running {
     pub server_pid: Option<u32>,
     _procs: Vec<Proc>,
     _dir: Option<TempDir>,
+    _secret: Option<relay_tests::cluster::Secret>,
 }
 
 /// The backend process: its HTTP and TCP addresses.
@@ -85,6 +86,7 @@ pub fn direct(b: &Backend) -> Running {
         server_pid: None,
         _procs: Vec::new(),
         _dir: None,
+        _secret: None,
     }
 }
 
@@ -145,6 +147,77 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
         server_pid: Some(server.child.id()),
         _procs: vec![server, agent, connect],
         _dir: None,
+        _secret: None,
+    })
+}
+
+/// Three relay-server replicas in cluster mode on a real redis-server; the agent serves from
+/// replica 0 and every request (HTTP, HTTP/2, the tunnel) enters at replica 1, so each one
+/// takes the internal hop: the worst case of a balancer that ignores where agents are.
+pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
+    use relay_tests::cluster::{replica, Redis, Secret};
+    let mut redis = Redis::start();
+    let secret = Secret::new();
+    let flags = [
+        "--max-connections-per-ip",
+        "1000000",
+        "--max-parked-per-name",
+        "20000",
+        "--max-parked",
+        "20000",
+    ];
+    let mut r: Vec<_> = (0..3).map(|_| replica(&redis, &secret, &flags)).collect();
+    let home = r[0].url();
+    let entry = r[1].public;
+    let agent = Proc::spawn({
+        let mut c = Command::new(binary("relay-client"));
+        // The replicas take the test harness's agent token.
+        c.args([
+            "--relay-url",
+            &home,
+            "--name",
+            "bench",
+            "--token",
+            relay_tests::TOKEN,
+        ])
+        .arg("--backend-url")
+        .arg(format!("http://{}", b.http))
+        .arg("--service")
+        .arg(format!("sink={}", b.tcp))
+        .args(["--max-in-flight", "20000", "--log", "warn"]);
+        c
+    });
+    let mut connect = Proc::spawn({
+        let mut c = Command::new(binary("relay-client"));
+        c.args(["connect", "--relay-url", &format!("http://{entry}")])
+            .args([
+                "--name",
+                "bench",
+                "--app",
+                "sink",
+                "--listen",
+                "127.0.0.1:0",
+            ]);
+        c
+    });
+    let tcp = addr_after(&mut connect, "relay-client connect listening on")?;
+    let http = Target {
+        addr: entry,
+        prefix: "/client/bench".into(),
+    };
+    wait_http(&http)?;
+    let mut procs = vec![agent, connect];
+    procs.extend(redis.proc.take());
+    procs.extend(r.drain(..).map(|x| x.proc));
+    Ok(Running {
+        name: "cluster",
+        http,
+        tcp,
+        h2: Some((entry, Some("bench".into()))),
+        server_pid: None,
+        _procs: procs,
+        _dir: None,
+        _secret: Some(secret),
     })
 }
 
@@ -219,6 +292,7 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         server_pid: None,
         _procs: vec![s, c],
         _dir: Some(dir),
+        _secret: None,
     })
 }
 
@@ -266,6 +340,7 @@ pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         server_pid: None,
         _procs: vec![server, h, t],
         _dir: None,
+        _secret: None,
     })
 }
 

@@ -16,7 +16,7 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::auth::TokenStore;
 use crate::body::{empty, RelayBody};
-use crate::link::{LinkParams, Sessions, SESSION_COOKIE};
+use crate::link::{LinkError, LinkParams, Sessions, SESSION_COOKIE};
 
 /// Header that carries a user token without taking `Authorization` from the backend.
 pub const TOKEN_HEADER: &str = "x-relay-token";
@@ -150,7 +150,7 @@ pub fn check_token(
 
 /// Signed-link mode: redeems a link (answering with the redirect and cookie) or checks the
 /// session cookie.
-pub fn check_link(
+pub async fn check_link(
     sessions: &Sessions,
     name: &str,
     path: &str,
@@ -162,7 +162,11 @@ pub fn check_link(
     if let Some(params) = query.and_then(LinkParams::parse) {
         let id = sessions
             .redeem(name, path, &params)
-            .map_err(|e| AccessError::Forbidden(e.to_string()))?;
+            .await
+            .map_err(|e| match e {
+                LinkError::Store(_) => AccessError::AuthService(e.to_string()),
+                e => AccessError::Forbidden(e.to_string()),
+            })?;
         tracing::info!(name, "signed link redeemed");
         let location = match &params.rest {
             Some(q) => format!(
@@ -196,7 +200,17 @@ pub fn check_link(
         h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
         return Ok(Verdict::Respond(resp));
     }
-    let admitted = cookies(headers, SESSION_COOKIE).any(|id| sessions.check(id, name, path));
+    let mut admitted = false;
+    for id in cookies(headers, SESSION_COOKIE) {
+        if sessions
+            .check(id, name, path)
+            .await
+            .map_err(|e| AccessError::AuthService(e.to_string()))?
+        {
+            admitted = true;
+            break;
+        }
+    }
     if admitted {
         Ok(Verdict::Admit)
     } else {

@@ -189,19 +189,19 @@ pub struct Cli {
     pub agent_client_ca: Option<PathBuf>,
     /// Cluster mode: the Redis directory all replicas share (redis:// or rediss://). Without
     /// it the server runs alone and never touches Redis.
-    #[arg(long, env = "RELAY_CLUSTER_REDIS", requires_all = ["cluster_listen", "cluster_secret_file"])]
+    #[arg(long, env = "RELAY_CLUSTER_REDIS")]
     pub cluster_redis: Option<String>,
     /// Cluster mode: listen here for other replicas (forwarded requests and agent calls;
     /// plain HTTP, each call authenticated by the cluster secret). Keep it on a private
     /// network.
-    #[arg(long, env = "RELAY_CLUSTER_LISTEN", requires = "cluster_redis")]
+    #[arg(long, env = "RELAY_CLUSTER_LISTEN")]
     pub cluster_listen: Option<SocketAddr>,
     /// Cluster mode: the URL other replicas reach --cluster-listen at (default:
     /// http://ADDRESS:PORT of that listener, unless it listens on a wildcard address).
-    #[arg(long, env = "RELAY_ADVERTISE_URL", requires = "cluster_redis")]
+    #[arg(long, env = "RELAY_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// Cluster mode: file holding the secret all replicas share (at least 32 characters).
-    #[arg(long, env = "RELAY_CLUSTER_SECRET_FILE", requires = "cluster_redis")]
+    #[arg(long, env = "RELAY_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
     /// Cluster mode: how long a directory entry outlives the replica that wrote it.
     #[arg(long, env = "RELAY_CLUSTER_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -393,7 +393,22 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         .as_deref()
         .map(|d| d.trim_matches('.').to_ascii_lowercase())
         .filter(|d| !d.is_empty());
+    // Checked here, not with clap's `requires`: values from a config file are defaults to
+    // clap, and defaults never satisfy `requires`.
     let cluster = match (&cli.cluster_redis, &cli.cluster_secret_file) {
+        (Some(_), _) if cli.cluster_listen.is_none() => {
+            bail!("--cluster-redis needs --cluster-listen (the listener for the other replicas)")
+        }
+        (Some(_), None) => bail!("--cluster-redis needs --cluster-secret-file"),
+        (None, _)
+            if cli.cluster_listen.is_some()
+                || cli.cluster_secret_file.is_some()
+                || cli.advertise_url.is_some() =>
+        {
+            bail!(
+                "--cluster-listen, --cluster-secret-file and --advertise-url need --cluster-redis"
+            )
+        }
         (Some(url), Some(secret)) => Some(ClusterConfig {
             redis_url: url.clone(),
             // Empty: derived from the cluster listener's address once it is bound.

@@ -502,7 +502,8 @@ async fn admit(
                 req.headers(),
                 &cookie_path,
                 https,
-            )?
+            )
+            .await?
         }
         AccessMode::ForwardAuth => {
             let fa = state.forward_auth.as_ref().ok_or_else(|| {

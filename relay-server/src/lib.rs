@@ -140,6 +140,19 @@ impl State {
                     .expect("bug: cluster settings are checked by Config::validate"),
             )
         });
+        let sessions = link::Sessions::new(
+            cfg.link_secret
+                .clone()
+                .unwrap_or_else(|| Secret(relay_common::id::random_hex(32))),
+            cfg.session_idle,
+            cfg.session_max_age,
+            cfg.max_sessions,
+        );
+        // Cluster mode: every replica honours every session.
+        let sessions = match &cluster {
+            Some(c) => sessions.shared(c.clone()),
+            None => sessions,
+        };
         State {
             cluster,
             metrics: metrics.clone(),
@@ -149,14 +162,7 @@ impl State {
                 cfg.max_connections_per_ip,
             )),
             auth: std::sync::RwLock::new(Arc::new(Auth::new(&cfg))),
-            sessions: link::Sessions::new(
-                cfg.link_secret
-                    .clone()
-                    .unwrap_or_else(|| Secret(relay_common::id::random_hex(32))),
-                cfg.session_idle,
-                cfg.session_max_age,
-                cfg.max_sessions,
-            ),
+            sessions,
             forward_auth: cfg.forward_auth.clone().map(|f| {
                 forward_auth::ForwardAuth::new(f)
                     .expect("bug: the ring provider supports the default TLS versions")

@@ -10,6 +10,10 @@
 //! Session ids are 256 random bits and the server keeps only their SHA-256 digests, so
 //! neither a memory dump nor a hash-table timing leak gives a usable cookie. Nonces of used
 //! links are remembered until the link's own expiry, which makes each link single use.
+//!
+//! In cluster mode sessions and used nonces live in Redis instead (digests only, with the
+//! same expiries), so a link redeemed on one replica is used up everywhere and its session
+//! admits on every replica.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -49,6 +53,9 @@ pub enum LinkError {
     /// Too many live sessions.
     #[error("too many open sessions; try again later")]
     Full,
+    /// The shared session store (cluster mode) did not answer.
+    #[error("the session store (Redis) is unreachable: {0}")]
+    Store(String),
 }
 
 /// Signs `path` on backend `name` until `exp` (Unix seconds) with `nonce`.
@@ -74,6 +81,11 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The hex SHA-256 digest of a session id: what the server keeps instead of the id.
+fn digest_hex(id: &str) -> String {
+    hex(&Sha256::digest(id.as_bytes()))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -139,6 +151,8 @@ pub struct Sessions {
     sessions: DashMap<[u8; 32], Session>,
     /// Nonces of used links and the instant their link expires.
     used: Mutex<HashMap<String, u64>>,
+    /// The cluster's Redis, which holds sessions and nonces instead (cluster mode).
+    shared: Option<std::sync::Arc<crate::cluster::Cluster>>,
 }
 
 impl Sessions {
@@ -151,7 +165,14 @@ impl Sessions {
             max_sessions,
             sessions: DashMap::new(),
             used: Mutex::new(HashMap::new()),
+            shared: None,
         }
+    }
+
+    /// Keeps sessions and used nonces in the cluster's Redis, shared by every replica.
+    pub fn shared(mut self, cluster: std::sync::Arc<crate::cluster::Cluster>) -> Self {
+        self.shared = Some(cluster);
+        self
     }
 
     /// Absolute session lifetime (the cookie's `Max-Age`).
@@ -171,7 +192,12 @@ impl Sessions {
 
     /// Checks a link for `path` on `name` and, if it is valid and unused, opens a session
     /// and returns its cookie value.
-    pub fn redeem(&self, name: &str, path: &str, p: &LinkParams<'_>) -> Result<String, LinkError> {
+    pub async fn redeem(
+        &self,
+        name: &str,
+        path: &str,
+        p: &LinkParams<'_>,
+    ) -> Result<String, LinkError> {
         let (Some(exp), Some(nonce), Some(sig)) = (p.exp, p.id, p.sig) else {
             return Err(LinkError::Malformed);
         };
@@ -187,6 +213,18 @@ impl Sessions {
         let now = unix_now();
         if exp <= now {
             return Err(LinkError::Expired);
+        }
+        if let Some(c) = &self.shared {
+            let store = |e: crate::cluster::ClusterError| LinkError::Store(e.to_string());
+            if !c.claim_nonce(nonce, exp).await.map_err(store)? {
+                return Err(LinkError::Used);
+            }
+            let id = relay_common::id::random_hex(32);
+            let value = format!("{name}\n{path}\n{}", unix_now());
+            c.put_session(&digest_hex(&id), &value, self.idle)
+                .await
+                .map_err(store)?;
+            return Ok(id);
         }
         {
             let mut used = self.used.lock().expect("bug: poisoned");
@@ -219,7 +257,28 @@ impl Sessions {
 
     /// Whether the cookie value `id` is a live session for `path` on `name`; refreshes its
     /// idle timer when it is.
-    pub fn check(&self, id: &str, name: &str, path: &str) -> bool {
+    pub async fn check(&self, id: &str, name: &str, path: &str) -> Result<bool, LinkError> {
+        let Some(c) = &self.shared else {
+            return Ok(self.check_local(id, name, path));
+        };
+        let Some(value) = c
+            .touch_session(&digest_hex(id), self.idle)
+            .await
+            .map_err(|e| LinkError::Store(e.to_string()))?
+        else {
+            return Ok(false);
+        };
+        let mut parts = value.splitn(3, '\n');
+        let (Some(n), Some(prefix), Some(created)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(false);
+        };
+        let created: u64 = created.parse().unwrap_or(0);
+        let young = unix_now().saturating_sub(created) < self.max_age.as_secs();
+        Ok(young && n == name && path.starts_with(prefix))
+    }
+
+    fn check_local(&self, id: &str, name: &str, path: &str) -> bool {
         let key: [u8; 32] = Sha256::digest(id.as_bytes()).into();
         let Some(s) = self.sessions.get(&key) else {
             return false;
@@ -263,26 +322,29 @@ mod tests {
         )
     }
 
-    #[test]
-    fn link_round_trip_single_use_and_scope() {
+    #[tokio::test]
+    async fn link_round_trip_single_use_and_scope() {
         let s = sessions();
         let q = sign(&s.key, "a", "/lab/", Duration::from_secs(60));
         let full = format!("x=1&{q}");
         let p = LinkParams::parse(&full).unwrap();
         assert_eq!(p.rest.as_deref(), Some("x=1"));
         // Another name or another path breaks the signature.
-        assert_eq!(s.redeem("b", "/lab/", &p), Err(LinkError::BadSignature));
-        assert_eq!(s.redeem("a", "/", &p), Err(LinkError::BadSignature));
-        let id = s.redeem("a", "/lab/", &p).unwrap();
-        assert_eq!(s.redeem("a", "/lab/", &p), Err(LinkError::Used));
-        assert!(s.check(&id, "a", "/lab/tree"));
-        assert!(!s.check(&id, "a", "/other"));
-        assert!(!s.check(&id, "b", "/lab/"));
-        assert!(!s.check("nope", "a", "/lab/"));
+        assert_eq!(
+            s.redeem("b", "/lab/", &p).await,
+            Err(LinkError::BadSignature)
+        );
+        assert_eq!(s.redeem("a", "/", &p).await, Err(LinkError::BadSignature));
+        let id = s.redeem("a", "/lab/", &p).await.unwrap();
+        assert_eq!(s.redeem("a", "/lab/", &p).await, Err(LinkError::Used));
+        assert_eq!(s.check(&id, "a", "/lab/tree").await, Ok(true));
+        assert_eq!(s.check(&id, "a", "/other").await, Ok(false));
+        assert_eq!(s.check(&id, "b", "/lab/").await, Ok(false));
+        assert_eq!(s.check("nope", "a", "/lab/").await, Ok(false));
     }
 
-    #[test]
-    fn expired_and_malformed() {
+    #[tokio::test]
+    async fn expired_and_malformed() {
         let s = sessions();
         let exp = unix_now() - 1;
         let sig = hex(&mac(s.key.0.as_bytes(), "a", "/", exp, "ab")
@@ -290,27 +352,29 @@ mod tests {
             .into_bytes());
         let q = format!("relay_exp={exp}&relay_id=ab&relay_sig={sig}");
         assert_eq!(
-            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()),
+            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()).await,
             Err(LinkError::Expired)
         );
         let q = "relay_exp=9&relay_sig=00";
         assert_eq!(
-            s.redeem("a", "/", &LinkParams::parse(q).unwrap()),
+            s.redeem("a", "/", &LinkParams::parse(q).unwrap()).await,
             Err(LinkError::Malformed)
         );
         assert!(LinkParams::parse("a=b").is_none());
     }
 
-    #[test]
-    fn session_table_is_bounded() {
+    #[tokio::test]
+    async fn session_table_is_bounded() {
         let s = sessions();
         for _ in 0..2 {
             let q = sign(&s.key, "a", "/", Duration::from_secs(60));
-            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()).unwrap();
+            s.redeem("a", "/", &LinkParams::parse(&q).unwrap())
+                .await
+                .unwrap();
         }
         let q = sign(&s.key, "a", "/", Duration::from_secs(60));
         assert_eq!(
-            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()),
+            s.redeem("a", "/", &LinkParams::parse(&q).unwrap()).await,
             Err(LinkError::Full)
         );
     }

@@ -201,7 +201,12 @@ pub async fn serve_faces(
         .http1()
         .max_buf_size(state.cfg.max_head_bytes * 4)
         .http2()
-        .max_header_list_size((state.cfg.max_head_bytes * 4) as u32);
+        .max_header_list_size((state.cfg.max_head_bytes * 4) as u32)
+        // One long-lived connection per peer carries every forwarded request, and each user
+        // who leaves early resets a stream: h2's lifetime caps on resets (flood protection
+        // for untrusted clients) would eventually close it with every stream on it.
+        .max_local_error_reset_streams(None)
+        .max_pending_accept_reset_streams(None);
     let cluster_conns = Conns {
         builder: &cluster_builder,
         ..conns

@@ -84,6 +84,9 @@ impl Peers {
             // Bulk bodies: windows large enough that one stream fills a LAN link.
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
+            // Long-lived and trusted: see the cluster listener's builder.
+            .max_local_error_reset_streams(None)
+            .max_pending_accept_reset_streams(None)
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(std::io::Error::other)?;

@@ -12,8 +12,14 @@ use std::time::Duration;
 /// the debug equivalent must have run; the test command does it).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
+    // Test binaries live in target/<profile>/deps, other executables (relay-bench) next to
+    // the binaries.
+    let here = exe.parent().unwrap();
+    let path = if here.ends_with("deps") {
+        here.parent().unwrap().join(name)
+    } else {
+        here.join(name)
+    };
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (cargo build --bins, same profile as the tests)",

@@ -1,6 +1,6 @@
-//! The benchmark suite's smoke mode (a few seconds, direct and relay only), so the suite
-//! cannot rot: every scenario runs end to end through the real binaries and reports a
-//! value for both targets.
+//! The benchmark suite's smoke mode (a few seconds; direct, relay and the three-replica
+//! cluster), so the suite cannot rot: every scenario runs end to end through the real
+//! binaries and reports a value for every target.
 
 use std::process::Command;
 
@@ -21,7 +21,10 @@ fn bench_smoke_runs_every_scenario() {
         String::from_utf8_lossy(&run.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    assert_eq!(v["targets"], serde_json::json!(["direct", "relay"]));
+    assert_eq!(
+        v["targets"],
+        serde_json::json!(["direct", "relay", "cluster"])
+    );
     let rows = v["results"].as_array().unwrap();
     for scenario in [
         "1 keep-alive 16 conn req/s",
@@ -35,7 +38,7 @@ fn bench_smoke_runs_every_scenario() {
             .iter()
             .find(|r| r["metric"].as_str().unwrap().starts_with(scenario))
             .unwrap_or_else(|| panic!("no {scenario} row"));
-        for t in ["direct", "relay"] {
+        for t in ["direct", "relay", "cluster"] {
             assert!(
                 row[t]["value"].as_f64().unwrap() > 0.0,
                 "{scenario} {t}: {row}"

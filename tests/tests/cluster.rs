@@ -278,6 +278,20 @@ async fn requests_reach_an_agent_on_another_replica_streaming_both_ways() {
         "{m}"
     );
 
+    // The status data shows the cluster view: this replica, Redis, the replicas.
+    let (status, json) = get_path(&other, "/status.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["cluster"]["replica"], other.tag.as_str());
+    assert_eq!(v["cluster"]["redis"], "up");
+    let replicas: Vec<&str> = v["cluster"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["replica"].as_str().unwrap())
+        .collect();
+    assert!(replicas.contains(&home.tag.as_str()), "{json}");
+
     // The cluster listener wants the secret.
     let resp = client()
         .request(
@@ -598,4 +612,79 @@ async fn get_path(r: &Replica, path: &str) -> (StatusCode, String) {
     let status = resp.status();
     let body = body_bytes(resp.into_body()).await.unwrap();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_signed_link_is_single_use_and_its_session_admits_on_every_replica() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let key = relay_common::id::random_hex(32);
+    let key_file = secret.path.with_file_name("link-secret");
+    std::fs::write(&key_file, &key).unwrap();
+    let flags = [
+        "--access",
+        "signed-link",
+        "--link-secret-file",
+        key_file.to_str().unwrap(),
+    ];
+    let home = replica(&redis, &secret, &flags);
+    let other = replica(&redis, &secret, &flags);
+    let _a = agent(&home.url(), "sl", test_backend("sl").await, false);
+    wait_directory(&redis, "sl", &home.tag).await;
+    let q = relay_server::link::sign(
+        &relay_server::Secret(key),
+        "sl",
+        "/",
+        Duration::from_secs(60),
+    );
+    let open = |base: String, cookie: Option<String>, query: Option<String>| async move {
+        let mut req = Request::get(match query {
+            // The link is signed for "/" and opened there; its session covers "/who".
+            Some(q) => format!("{base}/client/sl/?{q}"),
+            None => format!("{base}/client/sl/who"),
+        });
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        client().request(req.body(empty()).unwrap()).await.unwrap()
+    };
+    // Redeemed on one replica…
+    let resp = open(other.url(), None, Some(q.clone())).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // …used up on every replica…
+    let resp = open(home.url(), None, Some(q)).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let text = body_bytes(resp.into_body()).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&text).contains("already used"),
+        "{text:?}"
+    );
+    // …and its session admits on both.
+    for base in [home.url(), other.url()] {
+        let resp = open(base, Some(cookie.clone()), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "sl");
+    }
+    // A made-up session admits nowhere.
+    let resp = open(home.url(), Some("relay_session=00ff".into()), None).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // Redis holds digests, never the cookie's value.
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("relay:session:*")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let id = cookie.split('=').nth(1).unwrap();
+    assert!(!keys[0].contains(id));
 }

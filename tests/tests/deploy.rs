@@ -157,6 +157,75 @@ fn kubernetes_manifests_wire_probes_drain_and_config() {
 }
 
 #[test]
+fn the_cluster_manifest_runs_replicas_on_redis_with_an_internal_headless_service() {
+    let docs = yaml(&deploy("k8s/relay-cluster.yaml"));
+    let named = |k: &str, n: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k && d["metadata"]["name"] == n)
+            .unwrap_or_else(|| panic!("no {k} {n}"))
+    };
+    let deployment = named("Deployment", "relay-cluster");
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let env = c["env"].as_array().unwrap();
+    let advertise = env
+        .iter()
+        .find(|e| e["name"] == "RELAY_ADVERTISE_URL")
+        .expect("the advertised URL comes from the pod");
+    assert_eq!(advertise["value"], "http://$(POD_IP):8090");
+    assert!(c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "cluster" && p["containerPort"] == 8090));
+    let internal = named("Service", "relay-cluster-internal");
+    assert_eq!(internal["spec"]["clusterIP"], "None", "headless");
+    assert_eq!(internal["spec"]["ports"][0]["targetPort"], "cluster");
+    let public = named("Service", "relay-cluster");
+    assert!(
+        public["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "cluster"),
+        "the internal listener is not on the public Service"
+    );
+    named("Service", "relay-redis");
+
+    // Its configuration passes the binary's own check, secrets from the Secret.
+    let toml = named("ConfigMap", "relay-cluster")["data"]["relay.toml"]
+        .as_str()
+        .unwrap();
+    assert!(toml.contains("cluster_redis = \"redis://relay-redis:6379\""));
+    let dir = TempDir::new("deploy-cluster");
+    let cfg = dir.0.join("relay.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let secret = &named("Secret", "relay-cluster-secrets")["stringData"];
+    let (agents, users, cluster) = (
+        dir.0.join("agents"),
+        dir.0.join("users"),
+        dir.0.join("cluster"),
+    );
+    std::fs::write(&agents, secret["agent-tokens"].as_str().unwrap()).unwrap();
+    std::fs::write(&users, secret["user-tokens"].as_str().unwrap()).unwrap();
+    std::fs::write(&cluster, secret["cluster-secret"].as_str().unwrap()).unwrap();
+    let out = Command::new(binary("relay-server"))
+        .arg("check-config")
+        .arg(&cfg)
+        .env("RELAY_AGENT_TOKEN_FILE", &agents)
+        .env("RELAY_USER_TOKEN_FILE", &users)
+        .env("RELAY_CLUSTER_SECRET_FILE", &cluster)
+        .env("RELAY_ADVERTISE_URL", "http://10.1.2.3:8090")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn compose_and_dockerfile_agree() {
     let compose = yaml(&deploy("docker-compose.yml"));
     let services = compose[0]["services"].as_object().unwrap();
