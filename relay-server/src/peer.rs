@@ -44,6 +44,11 @@ pub const HEAD_HEADER: &str = "x-relay-cluster-head";
 /// Header with the grant of a forwarded agent call.
 pub const GRANT_HEADER: &str = "x-relay-cluster-grant";
 
+/// How much longer than its own response timeout the owner may take to answer.
+const OWNER_GRACE: Duration = Duration::from_secs(5);
+/// Pings on idle inter-replica connections, so a vanished peer is noticed.
+const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// Longest wait for a TCP connection to another replica.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -87,6 +92,9 @@ impl Peers {
             // Long-lived and trusted: see the cluster listener's builder.
             .max_local_error_reset_streams(None)
             .max_pending_accept_reset_streams(None)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(PEER_KEEPALIVE)
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(std::io::Error::other)?;
@@ -189,7 +197,8 @@ pub async fn forward_user(
             };
             let req = build(&peer.url, empty())?;
             let user = on_upgrade.take().expect("bug: checked above");
-            return upgrade(state, tcp, req, user).await;
+            let deadline = p.arrival + state.cfg.upgrade_response_timeout + OWNER_GRACE;
+            return upgrade(state, tcp, req, user, deadline).await;
         }
         let send = match cluster.peers.h2(&peer.url).await {
             Ok(s) => s,
@@ -201,7 +210,18 @@ pub async fn forward_user(
         };
         let req = build(&peer.url, body.take().unwrap_or_else(empty))?;
         state.metrics.forwarded("user_out");
-        return exchange(cluster, &peer.url, send, req).await;
+        // The owner answers within its response timeout; a replica that stopped answering
+        // (a partition, not a crash) must not hold the user longer than that.
+        let limit = state.cfg.response_timeout + OWNER_GRACE;
+        return match tokio::time::timeout_at(
+            p.arrival + limit,
+            exchange(cluster, &peer.url, send, req),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(RelayError::ResponseTimeout(limit)),
+        };
     }
     Err(RelayError::BadGateway(format!(
         "no relay replica holding backend {:?} could be reached ({last})",
@@ -238,6 +258,7 @@ async fn upgrade(
     tcp: TcpStream,
     req: Request<RelayBody>,
     user: hyper::upgrade::OnUpgrade,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<RelayBody>, RelayError> {
     let fail = |e: hyper::Error| RelayError::BadGateway(format!("the relay replica failed: {e}"));
     let (mut send, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(fail)?;
@@ -245,7 +266,10 @@ async fn upgrade(
         let _ = conn.with_upgrades().await;
     });
     state.metrics.forwarded("user_out");
-    let mut resp = send.send_request(req).await.map_err(fail)?;
+    let mut resp = tokio::time::timeout_at(deadline, send.send_request(req))
+        .await
+        .map_err(|_| RelayError::ResponseTimeout(state.cfg.upgrade_response_timeout))?
+        .map_err(fail)?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(resp.map(|b| b.map_err(BodyError::from).boxed_unsync()));
     }
