@@ -108,32 +108,7 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
     });
     let addr = addr_after(&mut server, "relay-server listening on http://")?;
     let url = format!("http://{addr}");
-    let agent = Proc::spawn({
-        let mut c = Command::new(binary("relay-client"));
-        c.args(["--relay-url", &url, "--name", "bench", "--token", TOKEN])
-            .arg("--backend-url")
-            .arg(format!("http://{}", b.http))
-            .arg("--service")
-            .arg(format!("sink={}", b.tcp))
-            // Every idle tunnel of scenario 5 is an exchange in flight.
-            .args(["--max-in-flight", "20000", "--log", "warn"]);
-        c
-    });
-    let mut connect = Proc::spawn({
-        let mut c = Command::new(binary("relay-client"));
-        c.args([
-            "connect",
-            "--relay-url",
-            &url,
-            "--name",
-            "bench",
-            "--app",
-            "sink",
-        ])
-        .args(["--listen", "127.0.0.1:0"]);
-        c
-    });
-    let tcp = addr_after(&mut connect, "relay-client connect listening on")?;
+    let (agent, connect, tcp) = agent_and_entry(b, &url, TOKEN, &url)?;
     let http = Target {
         addr,
         prefix: "/client/bench".into(),
@@ -149,6 +124,49 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
         _dir: None,
         _secret: None,
     })
+}
+
+/// The agent `bench` on `agent_relay` (the backend, and the TCP service as service port
+/// `sink`) and a `relay-client connect` entry for that service through `entry_relay`; the
+/// entry's TCP address.
+fn agent_and_entry(
+    b: &Backend,
+    agent_relay: &str,
+    token: &str,
+    entry_relay: &str,
+) -> anyhow::Result<(Proc, Proc, SocketAddr)> {
+    let agent = Proc::spawn({
+        let mut c = Command::new(binary("relay-client"));
+        c.args([
+            "--relay-url",
+            agent_relay,
+            "--name",
+            "bench",
+            "--token",
+            token,
+        ])
+        .arg("--backend-url")
+        .arg(format!("http://{}", b.http))
+        .arg("--service")
+        .arg(format!("sink={}", b.tcp))
+        // Every idle tunnel of scenario 5 is an exchange in flight.
+        .args(["--max-in-flight", "20000", "--log", "warn"]);
+        c
+    });
+    let mut connect = Proc::spawn({
+        let mut c = Command::new(binary("relay-client"));
+        c.args(["connect", "--relay-url", entry_relay]).args([
+            "--name",
+            "bench",
+            "--app",
+            "sink",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        c
+    });
+    let tcp = addr_after(&mut connect, "relay-client connect listening on")?;
+    Ok((agent, connect, tcp))
 }
 
 /// Three relay-server replicas in cluster mode on a real redis-server; the agent serves from
@@ -169,38 +187,9 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
     let mut r: Vec<_> = (0..3).map(|_| replica(&redis, &secret, &flags)).collect();
     let home = r[0].url();
     let entry = r[1].public;
-    let agent = Proc::spawn({
-        let mut c = Command::new(binary("relay-client"));
-        // The replicas take the test harness's agent token.
-        c.args([
-            "--relay-url",
-            &home,
-            "--name",
-            "bench",
-            "--token",
-            relay_tests::TOKEN,
-        ])
-        .arg("--backend-url")
-        .arg(format!("http://{}", b.http))
-        .arg("--service")
-        .arg(format!("sink={}", b.tcp))
-        .args(["--max-in-flight", "20000", "--log", "warn"]);
-        c
-    });
-    let mut connect = Proc::spawn({
-        let mut c = Command::new(binary("relay-client"));
-        c.args(["connect", "--relay-url", &format!("http://{entry}")])
-            .args([
-                "--name",
-                "bench",
-                "--app",
-                "sink",
-                "--listen",
-                "127.0.0.1:0",
-            ]);
-        c
-    });
-    let tcp = addr_after(&mut connect, "relay-client connect listening on")?;
+    // The replicas take the test harness's agent token.
+    let (agent, connect, tcp) =
+        agent_and_entry(b, &home, relay_tests::TOKEN, &format!("http://{entry}"))?;
     let http = Target {
         addr: entry,
         prefix: "/client/bench".into(),

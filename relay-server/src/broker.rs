@@ -77,6 +77,18 @@ impl Backend {
             .any(|a| !a.state.lock().expect("bug: poisoned").draining)
     }
 
+    /// Whether a non-draining agent has a poll parked here right now.
+    pub fn has_parked_poll(&self) -> bool {
+        self.agents
+            .lock()
+            .expect("bug: poisoned")
+            .values()
+            .any(|a| {
+                let s = a.state.lock().expect("bug: poisoned");
+                !s.draining && s.polls > 0
+            })
+    }
+
     /// Removes a request from the wait queue (pickup timeout or user gone).
     pub fn unqueue(&self, id: RequestId) -> bool {
         let mut q = self.queue.lock().expect("bug: poisoned");

@@ -19,7 +19,7 @@
 //! [`RequestId::tagged`]: relay_common::id::RequestId::tagged
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -84,6 +84,10 @@ pub struct View {
 /// Most names the status view lists.
 pub const VIEW_NAMES: usize = 1000;
 
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
 /// How long a name's replica list is reused before Redis is asked again.
 const NAME_CACHE: Duration = Duration::from_secs(1);
 /// Longest wait for one Redis round trip.
@@ -94,7 +98,8 @@ pub struct Cluster {
     cfg: ClusterConfig,
     tag: u32,
     redis: ConnectionManager,
-    up: AtomicBool,
+    /// [`UNKNOWN`], [`UP`] or [`DOWN`]: how the last Redis call went.
+    health: AtomicU8,
     secret_digest: [u8; 32],
     names: Mutex<HashMap<String, (Vec<u32>, Instant)>>,
     urls: Mutex<HashMap<u32, (String, Instant)>>,
@@ -163,7 +168,7 @@ impl Cluster {
             secret_digest: Sha256::digest(cfg.secret.0.as_bytes()).into(),
             tag: u32::from_be_bytes(tag),
             redis,
-            up: AtomicBool::new(false),
+            health: AtomicU8::new(UNKNOWN),
             names: Mutex::default(),
             urls: Mutex::default(),
             next: AtomicUsize::new(0),
@@ -185,7 +190,7 @@ impl Cluster {
 
     /// Whether the last Redis call succeeded.
     pub fn redis_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.health.load(Ordering::Acquire) == UP
     }
 
     /// The last cluster view (refreshed with every full renewal).
@@ -213,17 +218,20 @@ impl Cluster {
         format!("{}name:{name}", self.cfg.key_prefix)
     }
 
+    /// Records how a Redis call went; logs each change (and the first failure at start).
     fn mark(&self, ok: bool, why: Option<&redis::RedisError>) {
-        let was = self.up.swap(ok, Ordering::AcqRel);
-        match (was, ok) {
-            (true, false) => tracing::warn!(
+        let now = if ok { UP } else { DOWN };
+        let was = self.health.swap(now, Ordering::AcqRel);
+        if was == now {
+            return;
+        }
+        if ok {
+            tracing::info!(tag = %tag_hex(self.tag), "cluster directory (Redis) reachable");
+        } else {
+            tracing::warn!(
                 error = %why.map(|e| e.to_string()).unwrap_or_default(),
                 "cluster directory (Redis) unreachable: serving local agents only"
-            ),
-            (false, true) => {
-                tracing::info!(tag = %tag_hex(self.tag), "cluster directory (Redis) reachable")
-            }
-            _ => {}
+            );
         }
     }
 
@@ -385,6 +393,11 @@ impl Cluster {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => break,
             }
+            // Lookups of names nobody serves must not pile up (users choose names).
+            self.names
+                .lock()
+                .expect("bug: poisoned")
+                .retain(|_, (_, at)| at.elapsed() < NAME_CACHE);
             let local: HashSet<String> = broker
                 .agents_per_name()
                 .into_iter()

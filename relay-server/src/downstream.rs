@@ -150,13 +150,25 @@ async fn relay(
         return Ok(resp);
     }
     let prepared = prepare(&state, req, route, peer, https, arrival)?;
-    match state.broker.live_backend(&name) {
+    let local = state.broker.live_backend(&name);
+    if let Some(cluster) = &state.cluster {
+        // Another replica may hold an agent for the name. An agent reached through a
+        // balancer moves between replicas as its connections do, so a local agent without
+        // a parked poll may not come back here: then a replica that holds the name is
+        // preferred too.
+        if local.as_ref().is_none_or(|b| !b.has_parked_poll()) {
+            match cluster.replicas_for(&name).await {
+                Ok(peers) if !peers.is_empty() => {
+                    return crate::peer::forward_user(&state, cluster, prepared, peers).await
+                }
+                Err(_) if local.is_none() => return Err(RelayError::ClusterUnavailable(name)),
+                _ => {}
+            }
+        }
+    }
+    match local {
         Some(backend) => dispatch(&state, &backend, prepared).await,
-        None => match &state.cluster {
-            // Another replica may hold an agent for the name.
-            Some(cluster) => crate::peer::forward_user(&state, cluster, prepared).await,
-            None => Err(RelayError::NoAgent(name)),
-        },
+        None => Err(RelayError::NoAgent(name)),
     }
 }
 

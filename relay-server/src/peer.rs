@@ -139,19 +139,14 @@ fn header_value(s: &str) -> Result<HeaderValue, RelayError> {
         .map_err(|_| RelayError::BadGateway("a value cannot cross to another replica".into()))
 }
 
-/// Sends a prepared user request to a replica holding an agent for its name.
+/// Sends a prepared user request to the first of `peers` (replicas holding an agent for
+/// its name, from [`Cluster::replicas_for`]) that accepts a connection.
 pub async fn forward_user(
     state: &Arc<State>,
     cluster: &Arc<Cluster>,
     mut p: Prepared,
+    peers: Vec<crate::cluster::Peer>,
 ) -> Result<Response<RelayBody>, RelayError> {
-    let peers = cluster
-        .replicas_for(&p.name)
-        .await
-        .map_err(|_| RelayError::ClusterUnavailable(p.name.clone()))?;
-    if peers.is_empty() {
-        return Err(RelayError::NoAgent(p.name));
-    }
     let head = PeerHead {
         name: p.name.clone(),
         target: p.target,

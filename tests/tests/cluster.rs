@@ -68,19 +68,25 @@ async fn wait_directory(redis: &Redis, name: &str, tag: &str) {
     }
 }
 
-/// A GET through `base` for backend `name`; status and body.
-async fn get(base: &str, name: &str, path: &str) -> (StatusCode, String) {
+/// A GET of `url`; status and body (empty when the body broke).
+async fn fetch(url: String) -> (StatusCode, String) {
     let resp = client()
-        .request(
-            Request::get(format!("{base}/client/{name}{path}"))
-                .body(empty())
-                .unwrap(),
-        )
+        .request(Request::get(url).body(empty()).unwrap())
         .await
         .unwrap();
     let status = resp.status();
     let body = body_bytes(resp.into_body()).await.unwrap_or_default();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A GET through `base` for backend `name`.
+async fn get(base: &str, name: &str, path: &str) -> (StatusCode, String) {
+    fetch(format!("{base}/client/{name}{path}")).await
+}
+
+/// A GET of one of the replica's own endpoints.
+async fn get_path(r: &Replica, path: &str) -> (StatusCode, String) {
+    fetch(format!("{}{path}", r.url())).await
 }
 
 /// A backend: `/who` answers `id`, `/count` counts the upload, `/big?n` streams n bytes,
@@ -598,20 +604,6 @@ async fn without_redis_replicas_serve_their_own_agents_and_recover_when_it_retur
         get_path(&other, "/readyz").await,
         (StatusCode::OK, "ready\n".into())
     );
-}
-
-async fn get_path(r: &Replica, path: &str) -> (StatusCode, String) {
-    let resp = client()
-        .request(
-            Request::get(format!("{}{path}", r.url()))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let body = body_bytes(resp.into_body()).await.unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test]

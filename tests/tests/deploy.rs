@@ -40,6 +40,21 @@ fn keys_documented(file: &str, bin: &str) {
     }
 }
 
+/// `relay-server check-config FILE` with `env` succeeds.
+fn check_config(file: &Path, env: &[(&str, &std::ffi::OsStr)]) {
+    let out = Command::new(binary("relay-server"))
+        .arg("check-config")
+        .arg(file)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every YAML document of `file`, as JSON (through python3-yaml).
 fn yaml(file: &Path) -> Vec<serde_json::Value> {
     let out = Command::new("python3")
@@ -66,16 +81,9 @@ fn example_configs_document_every_flag_and_check_out() {
     let dir = TempDir::new("deploy-cfg");
     let key = dir.0.join("link.key");
     std::fs::write(&key, "k".repeat(40)).unwrap();
-    let out = Command::new(binary("relay-server"))
-        .arg("check-config")
-        .arg(deploy("relay.example.toml"))
-        .env("RELAY_LINK_SECRET_FILE", &key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    check_config(
+        &deploy("relay.example.toml"),
+        &[("RELAY_LINK_SECRET_FILE", key.as_os_str())],
     );
     // The agent parses its file before anything else (every value through its flag's parser).
     let out = Command::new(binary("relay-client"))
@@ -127,17 +135,12 @@ fn kubernetes_manifests_wire_probes_drain_and_config() {
     let secret = &kind("Secret")["stringData"];
     std::fs::write(&agents, secret["agent-tokens"].as_str().unwrap()).unwrap();
     std::fs::write(&users, secret["user-tokens"].as_str().unwrap()).unwrap();
-    let out = Command::new(binary("relay-server"))
-        .arg("check-config")
-        .arg(&cfg)
-        .env("RELAY_AGENT_TOKEN_FILE", &agents)
-        .env("RELAY_USER_TOKEN_FILE", &users)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    check_config(
+        &cfg,
+        &[
+            ("RELAY_AGENT_TOKEN_FILE", agents.as_os_str()),
+            ("RELAY_USER_TOKEN_FILE", users.as_os_str()),
+        ],
     );
     let drain: u64 = toml
         .lines()
@@ -209,19 +212,14 @@ fn the_cluster_manifest_runs_replicas_on_redis_with_an_internal_headless_service
     std::fs::write(&agents, secret["agent-tokens"].as_str().unwrap()).unwrap();
     std::fs::write(&users, secret["user-tokens"].as_str().unwrap()).unwrap();
     std::fs::write(&cluster, secret["cluster-secret"].as_str().unwrap()).unwrap();
-    let out = Command::new(binary("relay-server"))
-        .arg("check-config")
-        .arg(&cfg)
-        .env("RELAY_AGENT_TOKEN_FILE", &agents)
-        .env("RELAY_USER_TOKEN_FILE", &users)
-        .env("RELAY_CLUSTER_SECRET_FILE", &cluster)
-        .env("RELAY_ADVERTISE_URL", "http://10.1.2.3:8090")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    check_config(
+        &cfg,
+        &[
+            ("RELAY_AGENT_TOKEN_FILE", agents.as_os_str()),
+            ("RELAY_USER_TOKEN_FILE", users.as_os_str()),
+            ("RELAY_CLUSTER_SECRET_FILE", cluster.as_os_str()),
+            ("RELAY_ADVERTISE_URL", "http://10.1.2.3:8090".as_ref()),
+        ],
     );
 }
 
