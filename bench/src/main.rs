@@ -87,6 +87,11 @@ fn cpu_ticks(pid: u32) -> f64 {
     n(11) + n(12)
 }
 
+/// A process's CPU use in % of one core since `ticks0` (from [`cpu_ticks`]) over `dur`.
+fn cpu_percent(pid: u32, ticks0: f64, dur: Duration) -> f64 {
+    (cpu_ticks(pid) - ticks0) / 100.0 / dur.as_secs_f64() * 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -264,7 +269,7 @@ fn main() -> anyhow::Result<()> {
                 let after = rss_kib(pid, "VmRSS");
                 let cpu0 = cpu_ticks(pid);
                 let polls = agents.polls_during(idle_hold).await;
-                let cpu = (cpu_ticks(pid) - cpu0) / 100.0 / idle_hold.as_secs_f64() * 100.0;
+                let cpu = cpu_percent(pid, cpu0, idle_hold);
                 drop(agents);
                 put(
                     format!("5 idle {idle} agents KiB per agent"),
@@ -282,7 +287,7 @@ fn main() -> anyhow::Result<()> {
                 let after = rss_kib(pid, "VmRSS");
                 let cpu0 = cpu_ticks(pid);
                 tokio::time::sleep(idle_hold).await;
-                let cpu = (cpu_ticks(pid) - cpu0) / 100.0 / idle_hold.as_secs_f64() * 100.0;
+                let cpu = cpu_percent(pid, cpu0, idle_hold);
                 drop(tunnels);
                 put(
                     format!("5 idle {idle_tunnels} tunnels KiB per tunnel"),

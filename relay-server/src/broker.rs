@@ -117,8 +117,8 @@ pub struct Broker {
     backends: DashMap<String, Arc<Backend>>,
     requests: DashMap<RequestId, Arc<Pending>>,
     parked_total: Arc<AtomicUsize>,
-    /// Most requests in flight since [`Broker::take_peak`] last ran.
-    peak_in_flight: AtomicUsize,
+    /// Most requests waiting for pickup since [`Broker::take_peak`] last ran.
+    peak_parked: AtomicUsize,
     max_parked_per_name: usize,
     max_parked_total: usize,
     agent_grace: Duration,
@@ -147,7 +147,7 @@ impl Broker {
             backends: DashMap::new(),
             requests: DashMap::new(),
             parked_total: Arc::new(AtomicUsize::new(0)),
-            peak_in_flight: AtomicUsize::new(0),
+            peak_parked: AtomicUsize::new(0),
             max_parked_per_name,
             max_parked_total,
             agent_grace,
@@ -159,11 +159,12 @@ impl Broker {
         self.requests.len()
     }
 
-    /// The most requests in flight since the last call (a burst between two samples is
-    /// seen), restarting from the current number.
+    /// The most requests waiting for pickup since the last call (a burst between two
+    /// samples is seen, since every request waits first), or the requests in flight now if
+    /// more.
     pub fn take_peak(&self) -> usize {
-        self.peak_in_flight
-            .swap(self.requests.len(), Ordering::Relaxed)
+        self.peak_parked
+            .swap(0, Ordering::Relaxed)
             .max(self.requests.len())
     }
 
@@ -242,8 +243,9 @@ impl Broker {
             self.requests.insert(pending.id, pending.clone());
             q.push_back(pending.clone());
         }
-        self.peak_in_flight
-            .fetch_max(self.requests.len(), Ordering::Relaxed);
+        // An atomic read, not `requests.len()`, which locks every shard of the map.
+        self.peak_parked
+            .fetch_max(self.parked_total.load(Ordering::Acquire), Ordering::Relaxed);
         backend.work.notify_one();
         let guard = PendingGuard::new(self.clone(), backend.clone(), pending);
         Ok((guard, claimed_rx))

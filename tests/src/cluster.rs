@@ -122,14 +122,7 @@ pub fn replica(redis: &Redis, secret: &Secret, extra: &[&str]) -> Replica {
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (mut proc, public) = relay_server(&args);
-    let line = proc.wait_line("relay-server cluster endpoints on http://");
-    let cluster = line
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let cluster = proc.wait_addr("relay-server cluster endpoints on http://");
     let line = proc.wait_line("relay-server cluster replica ");
     let tag = line.split_whitespace().nth(3).unwrap().to_owned();
     proc.wait_line("cluster directory (Redis) reachable");

@@ -102,6 +102,18 @@ impl Proc {
         }
     }
 
+    /// Waits for a line containing `prefix` (ending in `http://`) and parses the address
+    /// that follows it.
+    pub fn wait_addr(&mut self, prefix: &str) -> SocketAddr {
+        let line = self.wait_line(prefix);
+        line.rsplit("http://")
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no address in {line:?}"))
+    }
+
     /// Every line seen so far plus whatever is still buffered (after the process ended,
     /// that is all of its output).
     pub fn drain_output(&mut self) -> Vec<String> {
@@ -141,14 +153,7 @@ pub fn relay_server(args: &[&str]) -> (Proc, SocketAddr) {
     .args(args)
     .env("RELAY_LOG", "info");
     let mut p = Proc::spawn(cmd);
-    let line = p.wait_line("relay-server listening on http://");
-    let addr = line
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let addr = p.wait_addr("relay-server listening on http://");
     (p, addr)
 }
 

@@ -79,6 +79,16 @@ async fn fetch(url: String) -> (StatusCode, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// POSTs `body` to a `/count` URL of [`test_backend`]; the count it answers with (200).
+async fn count(url: String, body: relay_tests::TestBody) -> String {
+    let resp = client()
+        .request(Request::post(url).body(body).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    String::from_utf8(body_bytes(resp.into_body()).await.unwrap().to_vec()).unwrap()
+}
+
 /// A GET through `base` for backend `name`.
 async fn get(base: &str, name: &str, path: &str) -> (StatusCode, String) {
     fetch(format!("{base}/client/{name}{path}")).await
@@ -198,17 +208,8 @@ async fn requests_reach_an_agent_on_another_replica_streaming_both_ways() {
             left -= k;
         }
     });
-    let resp = client()
-        .request(
-            Request::post(format!("{}/client/s/count", other.url()))
-                .body(body)
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
-        body_bytes(resp.into_body()).await.unwrap(),
+        count(format!("{}/client/s/count", other.url()), body).await,
         MB100.to_string()
     );
 
@@ -480,17 +481,8 @@ async fn agents_on_several_replicas_share_the_load_and_real_agents_work_through_
     }
     for i in 0..30 {
         let body = vec![b'x'; 10_000 + i];
-        let resp = client()
-            .request(
-                Request::post(format!("http://{lb}/client/lb/count"))
-                    .body(full(body))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(
-            body_bytes(resp.into_body()).await.unwrap(),
+            count(format!("http://{lb}/client/lb/count"), full(body)).await,
             (10_000 + i).to_string()
         );
     }

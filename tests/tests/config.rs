@@ -21,14 +21,7 @@ fn server(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::net::SocketAddr) {
         cmd.env(k, v);
     }
     let mut p = Proc::spawn(cmd);
-    let line = p.wait_line("relay-server listening on http://");
-    let addr = line
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let addr = p.wait_addr("relay-server listening on http://");
     (p, addr)
 }
 
