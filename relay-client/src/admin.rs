@@ -99,14 +99,16 @@ impl Stats {
 
     /// A request ended.
     pub fn finished(&self, outcome: crate::exchange::Outcome) {
-        self.in_flight
-            .set(self.in_flight_now.fetch_sub(1, Ordering::AcqRel) - 1);
         let outcome = match outcome {
             crate::exchange::Outcome::Served => "served",
             crate::exchange::Outcome::Failed => "failed",
             crate::exchange::Outcome::Cancelled => "cancelled",
         };
+        // Counted before the gauge drops, so a scrape that sees nothing in flight sees
+        // every outcome.
         self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.in_flight
+            .set(self.in_flight_now.fetch_sub(1, Ordering::AcqRel) - 1);
     }
 
     fn ready(&self) -> Result<(), &'static str> {

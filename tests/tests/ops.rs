@@ -296,7 +296,17 @@ async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
     for _ in 0..2 {
         assert_eq!(get_text(format!("http://{addr}/client/adm/x")).await.0, 200);
     }
-    let (_, m) = get_text(format!("http://{admin}/metrics")).await;
+    // The user has the whole answer before the agent's upload of it completes, so the
+    // agent counts a request as served a moment later: wait for in-flight to drain.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let m = loop {
+        let (_, m) = get_text(format!("http://{admin}/metrics")).await;
+        if sample(&m, "relay_agent_requests_in_flight") == Some(0.0) {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never idle:\n{m}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(
         sample(&m, r#"relay_agent_requests_total{outcome="served"}"#),
         Some(2.0),
