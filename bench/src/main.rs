@@ -46,6 +46,9 @@ struct Cli {
     /// Where rathole and bore are installed when missing.
     #[arg(long, default_value = "target/bench-tools")]
     tools: PathBuf,
+    /// Only these scenarios (numbers 1-7, comma-separated), e.g. `--only 1,5`; all by default.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=7))]
+    only: Vec<u8>,
     /// JSON results file.
     #[arg(long, default_value = "target/bench-results.json")]
     out: PathBuf,
@@ -130,12 +133,13 @@ fn main() -> anyhow::Result<()> {
         (false, None) => 10_000.min(fd_room),
     };
     let dur = Duration::from_secs_f64(secs);
+    let want = |n: u8| cli.only.is_empty() || cli.only.contains(&n);
     let b = targets::backend()?;
     let mut running = vec![targets::direct(&b), targets::relay(&b)?];
     if !cli.no_cluster {
         running.push(targets::cluster(&b)?);
     }
-    if !cli.smoke && !cli.no_peers {
+    if !cli.smoke && !cli.no_peers && (1..=7).any(|n| n != 5 && want(n)) {
         let rathole = targets::install(
             &cli.tools,
             "rathole",
@@ -157,7 +161,7 @@ fn main() -> anyhow::Result<()> {
     for t in &running {
         eprintln!("measuring {}…", t.name);
         rt.block_on(async {
-            for conns in [1usize, 16] {
+            for conns in [1usize, 16].into_iter().filter(|_| want(1)) {
                 let mut rps = Vec::new();
                 let mut p50 = Vec::new();
                 let mut p99 = Vec::new();
@@ -185,22 +189,24 @@ fn main() -> anyhow::Result<()> {
             }
             let mut rps = Vec::new();
             let mut p50 = Vec::new();
-            for _ in 0..runs {
+            for _ in (0..runs).filter(|_| want(2)) {
                 let r = load::small_gets(&t.http, 16, true, dur).await?;
                 rps.push(r.rps);
                 p50.push(r.p50);
             }
-            put(
-                "2 new connection per request req/s".into(),
-                t.name,
-                median(rps),
-            );
-            put(
-                "2 new connection per request p50 ms".into(),
-                t.name,
-                median(p50),
-            );
-            for &size in sizes {
+            if want(2) {
+                put(
+                    "2 new connection per request req/s".into(),
+                    t.name,
+                    median(rps),
+                );
+                put(
+                    "2 new connection per request p50 ms".into(),
+                    t.name,
+                    median(p50),
+                );
+            }
+            for &size in sizes.iter().filter(|_| want(3)) {
                 let label = match size {
                     1_000 => "1 KB".to_owned(),
                     1_000_000 => "1 MB".to_owned(),
@@ -215,21 +221,25 @@ fn main() -> anyhow::Result<()> {
                 put(format!("3 download {label} MB/s"), t.name, median(down));
                 put(format!("3 upload {label} MB/s"), t.name, median(up));
             }
-            let mut up = Vec::new();
-            let mut down = Vec::new();
-            for _ in 0..runs {
-                let (u, d) = load::tcp_copy(t.tcp, tunnel).await?;
-                up.push(u);
-                down.push(d);
+            if want(4) {
+                let mut up = Vec::new();
+                let mut down = Vec::new();
+                for _ in 0..runs {
+                    let (u, d) = load::tcp_copy(t.tcp, tunnel).await?;
+                    up.push(u);
+                    down.push(d);
+                }
+                put("4 tunnel up MB/s".into(), t.name, median(up));
+                put("4 tunnel down MB/s".into(), t.name, median(down));
             }
-            put("4 tunnel up MB/s".into(), t.name, median(up));
-            put("4 tunnel down MB/s".into(), t.name, median(down));
-            if let Some((addr, name)) = &t.h2 {
+            if let Some((addr, name)) = t.h2.as_ref().filter(|_| want(7)) {
                 let mut rps = Vec::new();
                 for _ in 0..runs {
                     rps.push(load::h2(*addr, name.as_deref(), 32, dur).await?.rps);
                 }
                 put("7 HTTP/2 32 streams req/s".into(), t.name, median(rps));
+            }
+            if let Some((addr, name)) = t.h2.as_ref().filter(|_| want(6)) {
                 // 6: a burst at once; the relay's memory before, at the peak, after.
                 let before = t.server_pid.map(|p| rss_kib(p, "VmRSS"));
                 let mut secs = Vec::new();
@@ -263,7 +273,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             // 5: idle agents (the relay only).
-            if let Some(pid) = t.server_pid {
+            if let Some(pid) = t.server_pid.filter(|_| want(5)) {
                 let before = rss_kib(pid, "VmRSS");
                 let agents = load::IdleAgents::start(t.http.addr, targets::TOKEN, idle).await?;
                 let after = rss_kib(pid, "VmRSS");

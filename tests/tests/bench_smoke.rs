@@ -46,3 +46,48 @@ fn bench_smoke_runs_every_scenario() {
         }
     }
 }
+
+#[test]
+fn bench_only_runs_the_chosen_scenarios() {
+    let dir = TempDir::new("bench-only");
+    let out = dir.0.join("results.json");
+    let run = Command::new(binary("relay-bench"))
+        .args(["--smoke", "--no-cluster", "--only", "2,5", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let metrics: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metric"].as_str().unwrap())
+        .collect();
+    assert!(metrics.iter().any(|m| m.starts_with("2 ")), "{metrics:?}");
+    assert!(
+        metrics.iter().any(|m| m.contains("agents KiB per agent")),
+        "{metrics:?}"
+    );
+    assert!(
+        metrics
+            .iter()
+            .all(|m| m.starts_with("2 ") || m.starts_with("5 ")),
+        "{metrics:?}"
+    );
+    // A scenario number outside 1-7 is refused with a clear message.
+    let bad = Command::new(binary("relay-bench"))
+        .args(["--smoke", "--only", "8"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--only"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
