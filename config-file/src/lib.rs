@@ -6,6 +6,10 @@
 //! "…" }`). [`apply`] makes every file value the *default* of its flag, so clap's own
 //! precedence gives flag > environment variable > file > built-in default, and every value
 //! is checked by the flag's own parser. Errors name the file, the line and the key.
+//! A relative path in the file (any flag whose values are paths) is relative to the file's
+//! own directory, so a configuration directory can be moved or referred to from anywhere;
+//! on the command line and in environment variables paths stay relative to the working
+//! directory, as everywhere else.
 //!
 //! [`logs`] holds the other piece both binaries share: `--log` / `--log-format` set-up.
 #![forbid(unsafe_code)]
@@ -241,7 +245,15 @@ pub fn apply(mut cmd: Command, file: &FileConfig, reserved: &[&str]) -> Result<C
                 reason,
             });
         }
-        let values = entry.values.clone();
+        let mut values = entry.values.clone();
+        if arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>() {
+            let dir = file.path.parent().unwrap_or(Path::new(""));
+            for v in &mut values {
+                if Path::new(v.as_str()).is_relative() {
+                    *v = dir.join(&*v).to_string_lossy().into_owned();
+                }
+            }
+        }
         cmd = cmd.mut_arg(arg.get_id().clone(), move |a| {
             // A value from the file satisfies a required flag.
             let a = a.required(false);
@@ -343,6 +355,46 @@ mod tests {
         assert!(e.to_string().contains("expected true or false"), "{e}");
         let e = apply(cmd(), &file("config = \"x\"\n").unwrap(), &["config"]).unwrap_err();
         assert!(e.to_string().contains("unknown key `config`"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_in_the_file_are_relative_to_its_directory() {
+        let cmd = || {
+            cmd().arg(
+                Arg::new("cert")
+                    .long("tls-cert")
+                    .value_parser(clap::value_parser!(PathBuf)),
+            )
+        };
+        let text = "tls_cert = \"certs/a.pem\"\nname = \"x/y\"\n";
+        let f = parse(Path::new("/etc/relay/relay.toml"), text).unwrap();
+        let m = apply(cmd(), &f, &[]).unwrap().get_matches_from(["t"]);
+        assert_eq!(
+            m.get_one::<PathBuf>("cert").unwrap(),
+            Path::new("/etc/relay/certs/a.pem")
+        );
+        // Not a path flag: the value is kept as written.
+        assert_eq!(m.get_one::<String>("name").unwrap(), "x/y");
+        // Absolute paths, and paths given on the command line, are kept as they are.
+        let f = parse(
+            Path::new("/etc/relay/relay.toml"),
+            "tls_cert = \"/k/a.pem\"\n",
+        )
+        .unwrap();
+        let m = apply(cmd(), &f, &[]).unwrap().get_matches_from(["t"]);
+        assert_eq!(m.get_one::<PathBuf>("cert").unwrap(), Path::new("/k/a.pem"));
+        let f = parse(Path::new("/etc/relay/relay.toml"), text).unwrap();
+        let m = apply(cmd(), &f, &[])
+            .unwrap()
+            .get_matches_from(["t", "--tls-cert", "b.pem"]);
+        assert_eq!(m.get_one::<PathBuf>("cert").unwrap(), Path::new("b.pem"));
+        // A file named without a directory: its paths are relative to the working directory.
+        let f = parse(Path::new("relay.toml"), text).unwrap();
+        let m = apply(cmd(), &f, &[]).unwrap().get_matches_from(["t"]);
+        assert_eq!(
+            m.get_one::<PathBuf>("cert").unwrap(),
+            Path::new("certs/a.pem")
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub async fn handle(
 ) -> Response<RelayBody> {
     let retry_after = state.cfg.retry_after_secs;
     let http1 = req.version() < http::Version::HTTP_2;
+    // hyper knows at the head whether a body follows (no Content-Length or `0`, no
+    // Transfer-Encoding: RFC 9112 §6.3).
+    let bodiless = hyper::body::Body::is_end_stream(req.body());
     let method = req.method().clone();
     let mut name = None;
     let span = tracing::info_span!(
@@ -87,10 +90,14 @@ pub async fn handle(
                 RelayError::UriTooLong(_) => m.rejected("uri_length"),
                 _ => {}
             }
+            let malformed = status == StatusCode::BAD_REQUEST.as_u16();
             let mut resp = e.into_response(retry_after);
-            if http1 {
-                // The request body may be unread; closing is the only way to never parse
-                // its bytes as a next request (RFC 9112 §9.6).
+            if http1 && (malformed || !bodiless) {
+                // A request body may be unread, and closing is the only way to never parse
+                // its bytes as a next request (RFC 9112 §9.6); a malformed head says the
+                // client and the relay may not agree on where this request ends. Any other
+                // refusal of a bodiless request (no agent, no access, a timeout) keeps the
+                // connection, so a client retrying after a 503 does not reconnect.
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }

@@ -185,6 +185,19 @@ async fn reload_swaps_tokens_on_sighup_and_change_and_keeps_connections() {
     reloads(&mut s);
     assert_eq!(status(addr, "/client/a/", Some(USER1)).await, 503);
     assert_eq!(status_on(&mut conn, "/healthz", None).await, 200);
+
+    // A relative token file is found next to the configuration file, not in the server's
+    // working directory (the test's, elsewhere).
+    std::fs::write(dir.0.join("users"), format!("*={USER2}\n")).unwrap();
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\naccess = \"token\"\nuser_token_file = \"users\"\n",
+    )
+    .unwrap();
+    hup(&s);
+    reloads(&mut s);
+    assert_eq!(status(addr, "/client/a/", Some(USER2)).await, 503);
+    assert_eq!(status(addr, "/client/a/", Some(USER1)).await, 403);
 }
 
 #[tokio::test]
