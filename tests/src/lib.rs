@@ -274,6 +274,20 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Sends raw bytes on a fresh connection; returns the whole answer as text. The server must
+/// close the connection within 10 s (the test fails otherwise).
+pub async fn exchange_closed(addr: SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the server kept the connection open")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// What a recording backend saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {

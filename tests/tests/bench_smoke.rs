@@ -6,12 +6,14 @@ use std::process::Command;
 
 use relay_tests::procs::{binary, TempDir};
 
-#[test]
-fn bench_smoke_runs_every_scenario() {
+/// Runs `relay-bench --smoke` with `args`; returns its JSON results.
+fn bench(args: &[&str]) -> serde_json::Value {
     let dir = TempDir::new("bench");
     let out = dir.0.join("results.json");
     let run = Command::new(binary("relay-bench"))
-        .args(["--smoke", "--out"])
+        .arg("--smoke")
+        .args(args)
+        .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
@@ -20,7 +22,12 @@ fn bench_smoke_runs_every_scenario() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap()
+}
+
+#[test]
+fn bench_smoke_runs_every_scenario() {
+    let v = bench(&[]);
     assert_eq!(
         v["targets"],
         serde_json::json!(["direct", "relay", "cluster"])
@@ -49,19 +56,7 @@ fn bench_smoke_runs_every_scenario() {
 
 #[test]
 fn bench_only_runs_the_chosen_scenarios() {
-    let dir = TempDir::new("bench-only");
-    let out = dir.0.join("results.json");
-    let run = Command::new(binary("relay-bench"))
-        .args(["--smoke", "--no-cluster", "--only", "2,5", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let v = bench(&["--no-cluster", "--only", "2,5"]);
     let metrics: Vec<&str> = v["results"]
         .as_array()
         .unwrap()

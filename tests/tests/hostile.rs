@@ -3,25 +3,10 @@
 //! name confusion: `routing.rs`; upgrade smuggling: `upgrades.rs`; another name's request
 //! id: `agents.rs`; parked-request caps: `limits.rs`.)
 
-use std::time::Duration;
-
 use http::{Request, StatusCode};
 use relay_server::access::{AccessMode, AccessPolicy};
 use relay_server::{Secret, TokenScope};
 use relay_tests::*;
-
-/// Sends `raw` on a fresh connection; returns the whole answer (the server must close).
-async fn exchange_closed(addr: std::net::SocketAddr, raw: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("the server kept the connection open")
-        .ok();
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 #[tokio::test]
 async fn smuggling_and_malformed_framing_are_refused_before_any_agent_sees_them() {

@@ -62,14 +62,7 @@ async fn refusals_keep_the_connection_only_when_nothing_is_left_unread() {
         ),
         format!("GET /client/nobody/x HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n{ghost}"),
     ] {
-        let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        conn.write_all(raw.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut out))
-            .await
-            .expect("the connection stayed open")
-            .unwrap();
-        let out = String::from_utf8_lossy(&out);
+        let out = exchange_closed(server.addr, raw.as_bytes()).await;
         assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
         assert!(
             out.to_ascii_lowercase().contains("connection: close"),
