@@ -288,6 +288,33 @@ pub async fn exchange_closed(addr: SocketAddr, raw: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one HTTP/1.1 response on a keep-alive connection: the head (through the blank line,
+/// byte by byte so nothing of a next answer is consumed) and the body by its Content-Length.
+/// Fails the test when the peer closes inside it or stays silent for 10 s.
+pub async fn read_response(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut byte))
+            .await
+            .expect("no answer")
+            .unwrap_or_else(|e| panic!("{e} inside a head: {:?}", String::from_utf8_lossy(&head)));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim())
+        })
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
+
 /// What a recording backend saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use relay_tests::procs::{binary, Proc, TempDir};
 use relay_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const USER1: &str = "user-one-token-0123456789";
 const USER2: &str = "user-two-token-0123456789";
@@ -33,20 +33,7 @@ async fn status_on(conn: &mut tokio::net::TcpStream, path: &str, token: Option<&
     conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
         .await
         .unwrap();
-    // Read the head, then the body by its Content-Length.
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        conn.read_exact(&mut byte).await.unwrap();
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    let mut body = vec![0u8; len];
-    conn.read_exact(&mut body).await.unwrap();
+    let (head, _) = read_response(conn).await;
     head[9..12].parse().unwrap()
 }
 
