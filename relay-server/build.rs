@@ -13,8 +13,11 @@ fn main() {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=RELAY_GIT_COMMIT={commit}");
-    // A new commit or checkout changes HEAD or the ref it points to.
+    // A new commit or checkout changes HEAD or the ref it points to. Only paths that exist
+    // are watched: cargo treats a missing one as changed, which would rebuild every time.
     for path in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
-        println!("cargo:rerun-if-changed={path}");
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue};
 use relay_common::frame::{self, Decoder, Item, Kind};
 use relay_common::message::{self, BodyKind, ResponseHead};
-use relay_server::router;
+use relay_server::user::router;
 
 /// A response body of `frames` DATA frames of `size` bytes, framed as the agent sends it.
 fn framed_body(frames: usize, size: usize) -> Bytes {

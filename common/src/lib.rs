@@ -3,6 +3,9 @@
 //! # Layout
 //! - [`frame`]: the binary frame codec carried in `/server/response` request bodies and
 //!   `/server/requeststream` response bodies (HEAD, DATA, TRAILERS, END, ABORT, CONTINUE).
+//! - [`codec`]: typed encoding and decoding of those bodies ([`codec::BodyMsg`] in, frames
+//!   out; an HTTP body of frames in, [`codec::Message`]s out), used by both binaries.
+//! - [`source`]: where a framed body's bytes come from (an HTTP body or a tunnel).
 //! - [`message`]: the JSON messages (request heads in poll answers, response heads in HEAD
 //!   frames) and the lossless header encoding they use.
 //! - [`headers`]: hop-by-hop header rules (RFC 9110 §7.6.1) applied on both sides.
@@ -16,6 +19,7 @@
 #![warn(missing_docs)]
 #![deny(rust_2018_idioms)]
 
+pub mod codec;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -25,6 +29,7 @@ pub mod message;
 pub mod name;
 pub mod readbuf;
 pub mod signal;
+pub mod source;
 
 /// Protocol version announced by agents (`X-Relay-Protocol`) and checked by the server.
 pub const PROTOCOL_VERSION: &str = "1";
@@ -35,3 +40,13 @@ pub const AGENT_ID_HEADER: &str = "x-relay-agent-id";
 
 /// Header on agent calls that carries [`PROTOCOL_VERSION`].
 pub const PROTOCOL_HEADER: &str = "x-relay-protocol";
+
+/// Most requests one poll answer carries (the agent asks for at most this many).
+pub const MAX_POLL_BATCH: usize = 64;
+
+/// Largest read of tunnel bytes (one DATA frame at most this long).
+pub const TUNNEL_READ: usize = 64 * 1024;
+
+/// Depth of the channel between exchanges and the body they feed, on both sides. Small:
+/// backpressure from a slow reader reaches the sending exchange after this many chunks.
+pub const BODY_CHANNEL_DEPTH: usize = 8;

@@ -1,6 +1,7 @@
 //! The agent's life: probe the transport, keep `pollers` long polls open, hand each request
 //! to its own task, cancel what the server says is gone, and drain on shutdown.
 
+use relay_common::MAX_POLL_BATCH;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +20,6 @@ use crate::service::Services;
 use crate::upstream::Backend;
 
 /// Most requests one poll asks for.
-const MAX_POLL_BATCH: usize = 64;
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`], with full jitter.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.

@@ -1,17 +1,16 @@
 //! Bodies the agent produces: the framed response sent to the server, bounded exchange
 //! bodies, and the backend request body fed by upload exchanges.
 
-use relay_common::readbuf::ReadBuf;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use relay_common::frame::{self, Kind};
-use relay_common::message::{encode_headers, Trailers};
+use relay_common::codec::{encode, encode_head, BodyMsg, Encoded};
+use relay_common::message::ResponseHead;
+use relay_common::source::SourceError;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
@@ -28,30 +27,15 @@ pub struct ResponseFrames {
     pub finished: bool,
 }
 
-/// Where response body bytes come from.
-pub enum Source {
-    /// The backend's response body.
-    Body(Incoming),
-    /// After a 101: the backend→user side of the switched connection, and a read buffer.
-    Tunnel(Box<dyn AsyncRead + Send + Unpin>, ReadBuf),
-}
-
-/// One step of a response source.
-enum Chunk {
-    Data(Bytes),
-    Trailers(HeaderMap),
-    End,
-    Failed(String),
-}
-
-/// Largest read of tunnel bytes.
-pub const TUNNEL_READ: usize = 64 * 1024;
+/// Where response body bytes come from: the backend's response body, or after a 101 the
+/// backend→user side of the switched connection.
+pub type Source = relay_common::source::Source<Incoming, Box<dyn AsyncRead + Send + Unpin>>;
 
 impl ResponseFrames {
-    /// Frames for a response whose HEAD frame is `head` and body `body` (`None`: no body).
-    pub fn new(head: Bytes, body: Option<Source>) -> Self {
+    /// Frames for a response with `head` and body `body` (`None`: no body).
+    pub fn new(head: &ResponseHead, body: Option<Source>) -> Self {
         ResponseFrames {
-            head: Some(head),
+            head: Some(encode_head(head)),
             finished: body.is_none(),
             body,
             queued: None,
@@ -63,14 +47,6 @@ impl ResponseFrames {
     pub fn done(&self) -> bool {
         self.finished && self.head.is_none() && self.queued.is_none()
     }
-}
-
-fn trailers_frame(t: &HeaderMap) -> Bytes {
-    let json = serde_json::to_vec(&Trailers {
-        headers: encode_headers(t),
-    })
-    .expect("bug: trailers always serialise");
-    frame::control(Kind::Trailers, &json)
 }
 
 impl Body for ResponseFrames {
@@ -91,48 +67,25 @@ impl Body for ResponseFrames {
         let Some(body) = this.body.as_mut() else {
             return Poll::Ready(None);
         };
-        loop {
-            let chunk = match body {
-                Source::Body(b) => match Pin::new(b).poll_frame(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(None) => Chunk::End,
-                    Poll::Ready(Some(Err(e))) => {
-                        Chunk::Failed(format!("the backend's response body failed: {e}"))
-                    }
-                    Poll::Ready(Some(Ok(f))) => match f.into_data() {
-                        Ok(d) => Chunk::Data(d),
-                        Err(f) => match f.into_trailers() {
-                            Ok(t) => Chunk::Trailers(t),
-                            Err(_) => continue,
-                        },
-                    },
-                },
-                Source::Tunnel(rd, buf) => match buf.poll_read(Pin::new(rd), cx) {
-                    Poll::Pending => return Poll::Pending,
-                    // The backend shut down writing: END carries the half-close.
-                    Poll::Ready(Ok(None)) => Chunk::End,
-                    Poll::Ready(Ok(Some(data))) => Chunk::Data(data),
-                    Poll::Ready(Err(e)) => {
-                        Chunk::Failed(format!("the backend connection failed: {e}"))
-                    }
-                },
-            };
-            let out = match chunk {
-                Chunk::Data(data) if data.is_empty() => continue,
-                Chunk::Data(data) => {
-                    this.offset += data.len() as u64;
-                    let h = frame::header(Kind::Data, data.len());
-                    this.queued = Some(data);
-                    return Poll::Ready(Some(Ok(Frame::data(h))));
-                }
-                Chunk::Trailers(t) => trailers_frame(&t),
-                Chunk::Failed(why) => frame::control(Kind::Abort, why.as_bytes()),
-                Chunk::End => frame::control(Kind::End, b""),
-            };
+        let msg = match body.poll_next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(msg)) => msg,
+            Poll::Ready(Err(SourceError::Body(e))) => {
+                BodyMsg::Abort(format!("the backend's response body failed: {e}"))
+            }
+            Poll::Ready(Err(SourceError::Tunnel(e))) => {
+                BodyMsg::Abort(format!("the backend connection failed: {e}"))
+            }
+        };
+        if let BodyMsg::Data(d) = &msg {
+            this.offset += d.len() as u64;
+        } else {
             this.body = None;
             this.finished = true;
-            return Poll::Ready(Some(Ok(Frame::data(out))));
         }
+        let Encoded { frame, payload } = encode(msg);
+        this.queued = payload;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
     }
 }
 
@@ -177,25 +130,10 @@ impl Body for ChunksBody {
     }
 }
 
-/// What the upload pump sends into the backend request body.
-pub enum UploadMsg {
-    /// Body bytes.
-    Data(Bytes),
-    /// Trailers; the body ends.
-    Trailers(HeaderMap),
-    /// Clean end.
-    End,
-    /// The upload broke; the backend request must fail, not end cleanly.
-    Abort(String),
-}
-
-/// Depth of the channel between upload exchanges and the backend request.
-pub const UPLOAD_CHANNEL_DEPTH: usize = 8;
-
 /// The backend request body. A channel closed without `End` is an error, so a dead pump can
 /// never pass for a complete upload.
 pub struct UploadBody {
-    rx: mpsc::Receiver<UploadMsg>,
+    rx: mpsc::Receiver<BodyMsg>,
     content_length: Option<u64>,
     done: bool,
 }
@@ -203,7 +141,7 @@ pub struct UploadBody {
 impl UploadBody {
     /// Body over `rx` announcing `content_length` (so the backend gets the same framing as
     /// the user sent).
-    pub fn new(rx: mpsc::Receiver<UploadMsg>, content_length: Option<u64>) -> Self {
+    pub fn new(rx: mpsc::Receiver<BodyMsg>, content_length: Option<u64>) -> Self {
         UploadBody {
             rx,
             content_length,
@@ -229,16 +167,16 @@ impl Body for UploadBody {
         };
         let fail = |why: String| Poll::Ready(Some(Err(std::io::Error::other(why))));
         match msg {
-            Some(UploadMsg::Data(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
-            Some(UploadMsg::Trailers(t)) => {
+            Some(BodyMsg::Data(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            Some(BodyMsg::Trailers(t)) => {
                 self.done = true;
                 Poll::Ready(Some(Ok(Frame::trailers(t))))
             }
-            Some(UploadMsg::End) => {
+            Some(BodyMsg::End) => {
                 self.done = true;
                 Poll::Ready(None)
             }
-            Some(UploadMsg::Abort(why)) => {
+            Some(BodyMsg::Abort(why)) => {
                 self.done = true;
                 fail(why)
             }

@@ -1,7 +1,6 @@
 //! Serving one relayed request: pull the upload, call the backend, and post the response
 //! back in streaming or bounded exchanges.
 
-use relay_common::readbuf::ReadBuf;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -13,19 +12,16 @@ use http::{header, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use hyper_util::rt::TokioIo;
-use relay_common::frame::{self, Decoder, Item, Kind};
+use relay_common::codec::{encode, encode_continue, encode_head, BodyMsg, FrameReader, Message};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
-use relay_common::message::{
-    decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers,
-};
+use relay_common::message::{encode_headers, BodyKind, RequestHead, ResponseHead};
+use relay_common::BODY_CHANNEL_DEPTH;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bodies::{
-    ChunksBody, ResponseFrames, Source, UploadBody, UploadMsg, UPLOAD_CHANNEL_DEPTH,
-};
+use crate::bodies::{ChunksBody, ResponseFrames, Source, UploadBody};
 use crate::config::Transport;
 use crate::error::RelayCallError;
 use crate::relay::{error_chain, RelayClient};
@@ -89,7 +85,7 @@ async fn serve_inner(
         return serve_service(ctx, &head, call, cancel).await;
     }
     let body = if head.body == BodyKind::Stream {
-        let (tx, rx) = mpsc::channel(UPLOAD_CHANNEL_DEPTH);
+        let (tx, rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
         let relay = ctx.relay.clone();
         let id = head.id.clone();
         let cancel = cancel.clone();
@@ -140,13 +136,8 @@ async fn serve_inner(
         },
         content_length,
     };
-    let frames = ResponseFrames::new(head_frame(&rh), has_body.then_some(Source::Body(body)));
+    let frames = ResponseFrames::new(&rh, has_body.then_some(Source::Body(body)));
     send_response(ctx, &head.id, frames).await
-}
-
-fn head_frame(head: &ResponseHead) -> Bytes {
-    let json = serde_json::to_vec(head).expect("bug: heads always serialise");
-    frame::control(Kind::Head, &json)
 }
 
 /// The backend answered 101: if the user asked for exactly this switch, relay the 101 and
@@ -200,7 +191,7 @@ pub async fn tunnel(
     mut wr: Box<dyn AsyncWrite + Send + Unpin>,
     cancel: &CancellationToken,
 ) -> Result<(), RelayCallError> {
-    let (tx, mut rx) = mpsc::channel(UPLOAD_CHANNEL_DEPTH);
+    let (tx, mut rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
     let relay = ctx.relay.clone();
     let up_id = id.to_owned();
     let up = async move {
@@ -208,17 +199,17 @@ pub async fn tunnel(
         let write = async {
             while let Some(msg) = rx.recv().await {
                 match msg {
-                    UploadMsg::Data(b) => {
+                    BodyMsg::Data(b) => {
                         if wr.write_all(&b).await.is_err() {
                             return false;
                         }
                     }
                     // The user shut down writing: pass the half-close on.
-                    UploadMsg::End | UploadMsg::Trailers(_) => {
+                    BodyMsg::End | BodyMsg::Trailers(_) => {
                         let _ = wr.shutdown().await;
                         return true;
                     }
-                    UploadMsg::Abort(_) => return false,
+                    BodyMsg::Abort(_) => return false,
                 }
             }
             false
@@ -226,10 +217,7 @@ pub async fn tunnel(
         let (_, clean) = tokio::join!(pump, write);
         clean
     };
-    let frames = ResponseFrames::new(
-        head_frame(head),
-        Some(Source::Tunnel(rd, ReadBuf::new(crate::bodies::TUNNEL_READ))),
-    );
+    let frames = ResponseFrames::new(head, Some(Source::tunnel(rd)));
     let down = send_response(ctx, id, frames);
     tokio::pin!(down, up);
     // A reset on the user side (ABORT) ends the whole tunnel at once: cancelling drops both
@@ -320,12 +308,13 @@ async fn post_local(
         body: BodyKind::Stream,
         content_length: Some(body.len() as u64),
     };
-    let json = serde_json::to_vec(&head).expect("bug: heads always serialise");
-    let mut chunks = VecDeque::new();
-    chunks.push_back(frame::control(Kind::Head, &json));
-    chunks.push_back(frame::header(Kind::Data, body.len()));
-    chunks.push_back(body);
-    chunks.push_back(frame::control(Kind::End, b""));
+    let data = encode(BodyMsg::Data(body));
+    let chunks = VecDeque::from([
+        encode_head(&head),
+        data.frame,
+        data.payload.expect("bug: DATA has a payload"),
+        encode(BodyMsg::End).frame,
+    ]);
     let (status, text) = ctx
         .relay
         .post_response(id, 0, boxed(ChunksBody::new(chunks)))
@@ -378,7 +367,7 @@ async fn send_response(
         }
         let last = frames.done();
         if !last {
-            chunks.push_back(frame::control(Kind::Continue, b""));
+            chunks.push_back(encode_continue());
         }
         let (status, text) = ctx
             .relay
@@ -391,59 +380,34 @@ async fn send_response(
 }
 
 /// Pulls the user's upload through `/server/requeststream` exchanges into `tx`.
-async fn pump_upload(relay: &RelayClient, id: &str, tx: mpsc::Sender<UploadMsg>) {
+async fn pump_upload(relay: &RelayClient, id: &str, tx: mpsc::Sender<BodyMsg>) {
     let mut offset = 0u64;
     loop {
-        let mut body = match relay.request_stream(id, offset, None).await {
+        let body = match relay.request_stream(id, offset, None).await {
             Ok(b) => b,
             Err(e) => {
-                let _ = tx.send(UploadMsg::Abort(e.to_string())).await;
+                let _ = tx.send(BodyMsg::Abort(e.to_string())).await;
                 return;
             }
         };
-        let mut decoder = Decoder::default();
-        let next = 'exchange: loop {
-            let Some(frame) = body.frame().await else {
-                break 'exchange Err("upload exchange ended without a final frame".to_owned());
+        let mut reader = FrameReader::new(body);
+        let failed = loop {
+            let msg = match reader.next().await {
+                Ok(Message::Body(msg)) => msg,
+                Ok(Message::Continue) => break None,
+                Ok(Message::Head(_)) => break Some("HEAD frame in an upload".to_owned()),
+                Err(e) => break Some(format!("upload exchange failed: {e}")),
             };
-            let mut data = match frame {
-                Ok(f) => match f.into_data() {
-                    Ok(d) => d,
-                    Err(_) => continue,
-                },
-                Err(e) => break 'exchange Err(format!("upload exchange failed: {e}")),
-            };
-            loop {
-                let item = match decoder.decode(&mut data) {
-                    Ok(Some(i)) => i,
-                    Ok(None) => break,
-                    Err(e) => break 'exchange Err(e.to_string()),
-                };
-                let msg = match item {
-                    Item::Data(b) => {
-                        offset += b.len() as u64;
-                        UploadMsg::Data(b)
-                    }
-                    Item::Trailers(json) => match serde_json::from_slice::<Trailers>(&json)
-                        .map_err(|e| e.to_string())
-                        .and_then(|t| decode_headers(&t.headers).map_err(|e| e.to_string()))
-                    {
-                        Ok(map) => UploadMsg::Trailers(map),
-                        Err(e) => break 'exchange Err(format!("bad upload trailers: {e}")),
-                    },
-                    Item::End => UploadMsg::End,
-                    Item::Abort(why) => UploadMsg::Abort(why),
-                    Item::Continue => break 'exchange Ok(()),
-                    Item::Head(_) => break 'exchange Err("HEAD frame in an upload".into()),
-                };
-                let last = !matches!(msg, UploadMsg::Data(_));
-                if tx.send(msg).await.is_err() || last {
-                    return;
-                }
+            if let BodyMsg::Data(b) = &msg {
+                offset += b.len() as u64;
+            }
+            let last = msg.is_last();
+            if tx.send(msg).await.is_err() || last {
+                return;
             }
         };
-        if let Err(why) = next {
-            let _ = tx.send(UploadMsg::Abort(why)).await;
+        if let Some(why) = failed {
+            let _ = tx.send(BodyMsg::Abort(why)).await;
             return;
         }
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, FromArgMatches, Parser};
-use relay_server::access::{AccessMode, AccessPolicy};
-use relay_server::cluster::ClusterConfig;
-use relay_server::forward_auth::ForwardAuthConfig;
+use relay_server::cluster::directory::ClusterConfig;
+use relay_server::user::access::{AccessMode, AccessPolicy};
+use relay_server::user::forward_auth::ForwardAuthConfig;
 use relay_server::{Config, Secret, TokenScope};
 
 /// Public side of the HTTP long-polling relay: users reach backends at /client/<name>/...,
@@ -326,7 +326,7 @@ pub fn sign_link(args: SignLink) -> anyhow::Result<()> {
         bail!("--path must be a path starting with / (no query)");
     }
     let key = read_link_secret(&args.link_secret_file)?;
-    let query = relay_server::link::sign(&key, &args.name, &args.path, args.ttl);
+    let query = relay_server::user::link::sign(&key, &args.name, &args.path, args.ttl);
     let scheme = args.base_url.scheme_str().unwrap_or("http");
     let authority = args
         .base_url

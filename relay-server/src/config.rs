@@ -1,20 +1,10 @@
 //! Server settings as a plain struct; the binary fills it from flags and env vars.
 
-use std::fmt;
 use std::time::Duration;
 
-use crate::access::{AccessMode, AccessPolicy};
-use crate::forward_auth::ForwardAuthConfig;
-
-/// A secret string whose `Debug` never shows the value.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use crate::base::auth::{Secret, TokenScope};
+use crate::user::access::{AccessMode, AccessPolicy};
+use crate::user::forward_auth::ForwardAuthConfig;
 
 /// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,15 +52,6 @@ impl Cidr {
         let shift = bits - u32::from(self.len);
         shift >= bits || (a >> shift) == (b >> shift)
     }
-}
-
-/// Which names an agent token may serve.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TokenScope {
-    /// Any name (the generated zero-config token, or `*=TOKEN`).
-    Any,
-    /// Exactly this name.
-    Name(String),
 }
 
 /// Everything `run` needs. Defaults are the documented limits.
@@ -149,7 +130,7 @@ pub struct Config {
     /// `Host: <name>.<public_domain>` reaches backend `<name>` with the path untouched.
     pub public_domain: Option<String>,
     /// Cluster mode (several replicas coordinated through Redis); `None` is one process.
-    pub cluster: Option<crate::cluster::ClusterConfig>,
+    pub cluster: Option<crate::cluster::directory::ClusterConfig>,
 }
 
 /// A configuration that cannot run.
@@ -204,7 +185,8 @@ impl Config {
             }
         }
         if let Some(c) = &self.cluster {
-            crate::cluster::Cluster::check(c).map_err(|e| ConfigError::Cluster(e.to_string()))?;
+            crate::cluster::directory::Cluster::check(c)
+                .map_err(|e| ConfigError::Cluster(e.to_string()))?;
         }
         if open && !listen.ip().is_loopback() {
             if !allow_open {

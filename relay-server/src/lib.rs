@@ -44,29 +44,14 @@
 #![warn(missing_docs)]
 #![deny(rust_2018_idioms)]
 
-pub mod access;
-pub mod auth;
-pub mod body;
-pub mod broker;
-pub mod budget;
+pub mod agent;
+pub mod base;
 pub mod cluster;
 pub mod config;
-pub mod downstream;
-pub mod error;
-pub mod forward_auth;
-pub mod limits;
-pub mod link;
+pub mod dispatch;
 pub mod listener;
-pub mod metrics;
-pub mod peer;
-pub mod pending;
-pub mod router;
-pub mod status;
-pub mod tls;
-pub mod trim;
-pub mod tunnel;
-pub mod upload;
-pub mod upstream;
+pub mod ops;
+pub mod user;
 
 pub use config::{Config, ConfigError, Secret, TokenScope};
 pub use listener::{run, serve, serve_faces, Listeners};
@@ -80,18 +65,18 @@ use tokio_util::task::TaskTracker;
 /// What admits agents and users; replaced whole on reload.
 pub struct Auth {
     /// Agent tokens.
-    pub tokens: Arc<auth::TokenStore>,
+    pub tokens: Arc<base::auth::TokenStore>,
     /// User tokens (`token` access).
-    pub user_tokens: auth::TokenStore,
+    pub user_tokens: base::auth::TokenStore,
     /// Access mode per name.
-    pub access: access::AccessPolicy,
+    pub access: user::access::AccessPolicy,
 }
 
 impl Auth {
     fn new(cfg: &Config) -> Self {
         Auth {
-            tokens: Arc::new(auth::TokenStore::new(&cfg.agent_tokens)),
-            user_tokens: auth::TokenStore::new(&cfg.user_tokens),
+            tokens: Arc::new(base::auth::TokenStore::new(&cfg.agent_tokens)),
+            user_tokens: base::auth::TokenStore::new(&cfg.user_tokens),
             access: cfg.access.clone(),
         }
     }
@@ -104,17 +89,17 @@ pub struct State {
     /// Tokens and access rules; swapped whole on a configuration reload.
     auth: std::sync::RwLock<Arc<Auth>>,
     /// Signed-link sessions.
-    pub sessions: link::Sessions,
+    pub sessions: user::link::Sessions,
     /// The forward-auth client, when configured.
-    pub forward_auth: Option<forward_auth::ForwardAuth>,
+    pub forward_auth: Option<user::forward_auth::ForwardAuth>,
     /// Prometheus metrics.
-    pub metrics: Arc<metrics::Metrics>,
+    pub metrics: Arc<base::metrics::Metrics>,
     /// Relayed bytes held in memory, all requests together.
-    pub budget: budget::Budget,
+    pub budget: base::budget::Budget,
     /// Open connections, in total and per address.
-    pub conns: Arc<limits::ConnLimits>,
+    pub conns: Arc<base::limits::ConnLimits>,
     /// Agents, queues, requests.
-    pub broker: Arc<broker::Broker>,
+    pub broker: Arc<agent::broker::Broker>,
     /// Whether `/metrics` and `/status` are served on the public listener (no admin
     /// listener, public listener on loopback).
     pub ops_on_public: AtomicBool,
@@ -125,22 +110,22 @@ pub struct State {
     /// Switched connections (they outlive the request handler that started them).
     pub tunnels: TaskTracker,
     /// Membership in a cluster of replicas (`--cluster-redis`).
-    pub cluster: Option<Arc<cluster::Cluster>>,
+    pub cluster: Option<Arc<cluster::directory::Cluster>>,
     /// TLS termination, once the listener loaded the certificate.
-    pub tls: std::sync::OnceLock<Arc<tls::Tls>>,
+    pub tls: std::sync::OnceLock<Arc<base::tls::Tls>>,
 }
 
 impl State {
     /// Builds the state for `cfg`.
     pub fn new(cfg: Config) -> Self {
-        let metrics = Arc::new(metrics::Metrics::default());
+        let metrics = Arc::new(base::metrics::Metrics::default());
         let cluster = cfg.cluster.clone().map(|c| {
             Arc::new(
-                cluster::Cluster::new(c)
+                cluster::directory::Cluster::new(c)
                     .expect("bug: cluster settings are checked by Config::validate"),
             )
         });
-        let sessions = link::Sessions::new(
+        let sessions = user::link::Sessions::new(
             cfg.link_secret
                 .clone()
                 .unwrap_or_else(|| Secret(relay_common::id::random_hex(32))),
@@ -156,18 +141,18 @@ impl State {
         State {
             cluster,
             metrics: metrics.clone(),
-            budget: budget::Budget::new(cfg.max_buffered_bytes),
-            conns: Arc::new(limits::ConnLimits::new(
+            budget: base::budget::Budget::new(cfg.max_buffered_bytes),
+            conns: Arc::new(base::limits::ConnLimits::new(
                 cfg.max_connections,
                 cfg.max_connections_per_ip,
             )),
             auth: std::sync::RwLock::new(Arc::new(Auth::new(&cfg))),
             sessions,
             forward_auth: cfg.forward_auth.clone().map(|f| {
-                forward_auth::ForwardAuth::new(f)
+                user::forward_auth::ForwardAuth::new(f)
                     .expect("bug: the ring provider supports the default TLS versions")
             }),
-            broker: Arc::new(broker::Broker::new(
+            broker: Arc::new(agent::broker::Broker::new(
                 cfg.max_parked_per_name,
                 cfg.max_parked_total,
                 cfg.agent_grace,

@@ -1,13 +1,10 @@
 //! Accepting connections, dispatching requests, and the drain on shutdown.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -16,12 +13,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{cert_grant, Grant};
-use crate::body::{full, RelayBody};
-use crate::error::text_response;
-use crate::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Tracked};
-use crate::tls::Tls;
-use crate::{downstream, router, upstream, Config, State};
+use crate::base::auth::{cert_grant, Grant};
+use crate::base::body::RelayBody;
+use crate::base::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Tracked};
+use crate::base::tls::Tls;
+use crate::{Config, State};
 
 /// Longest TLS handshake before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,7 +52,7 @@ pub async fn serve(
 
 /// Which endpoints a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Face {
+pub enum Face {
     /// Users and agents on one listener (agent calls still need their token).
     Shared,
     /// Users only: `/server/*` is 404.
@@ -120,7 +116,7 @@ pub async fn serve_faces(
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         let mut n = 0u32;
-        let mut trimmer = crate::trim::Trimmer::default();
+        let mut trimmer = crate::base::trim::Trimmer::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -294,7 +290,8 @@ impl Conns<'_> {
                     conn_permit.exempt_from_per_ip();
                 }
                 async move {
-                    let resp = dispatch(state, req, peer, https, face, cert.get()).await;
+                    let resp =
+                        crate::dispatch::route(state, req, peer, https, face, cert.get()).await;
                     // The connection counts as busy until the response body is over.
                     Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, busy)))
                 }
@@ -386,100 +383,4 @@ where
         Ok(r) => r,
         Err(_) => Ok(()),
     }
-}
-
-/// The operator endpoints.
-fn ops(state: &State, path: &str) -> Response<RelayBody> {
-    let (body, content_type) = match path {
-        "/metrics" => (
-            state.metrics.render(state),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
-        "/status.json" => (crate::status::json(state).to_string(), "application/json"),
-        _ => (crate::status::PAGE.to_owned(), "text/html; charset=utf-8"),
-    };
-    let mut resp = Response::new(full(Bytes::from(body)));
-    let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
-    resp
-}
-
-/// Routes one request to its handler. Each handler is boxed: hyper keeps the future of a
-/// connection's request in progress for as long as it lasts, and unboxed it would be as large
-/// as the largest path (a user request, 4.3 KiB) even for the parked polls that idle agents
-/// hold for minutes (2.8 KiB).
-async fn dispatch(
-    state: Arc<State>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    https: bool,
-    face: Face,
-    cert: Option<&Grant>,
-) -> Response<RelayBody> {
-    // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
-    // including paths like /healthz and /server/.
-    let host_routed = !matches!(face, Face::Agent | Face::Admin | Face::Cluster)
-        && state.cfg.public_domain.as_deref().is_some_and(|d| {
-            downstream::request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
-        });
-    if host_routed {
-        return Box::pin(downstream::handle(state, req, peer, https)).await;
-    }
-    let path = req.uri().path();
-    match path {
-        "/healthz" => return Response::new(full(Bytes::from_static(b"ok\n"))),
-        "/readyz" if state.draining() => {
-            return text_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
-        }
-        // Still ready: the replica serves its own agents; only forwarding is down.
-        "/readyz" if state.cluster.as_ref().is_some_and(|c| !c.redis_up()) => {
-            return text_response(
-                StatusCode::OK,
-                "degraded: the cluster directory (Redis) is unreachable; serving local agents only",
-            )
-        }
-        "/readyz" => return text_response(StatusCode::OK, "ready"),
-        "/metrics" | "/status" | "/status.json"
-            if face == Face::Admin || state.ops_on_public.load(Ordering::Acquire) =>
-        {
-            return ops(&state, path);
-        }
-        _ => {}
-    }
-    if face == Face::Cluster {
-        return Box::pin(crate::peer::handle(state, req, peer)).await;
-    }
-    if face == Face::Admin {
-        return text_response(
-            StatusCode::NOT_FOUND,
-            "this listener serves /healthz, /readyz, /metrics, /status and /status.json",
-        );
-    }
-    let agent_path = path.starts_with("/server/");
-    if agent_path && face == Face::Public {
-        return text_response(StatusCode::NOT_FOUND, "agent endpoints are not served here");
-    }
-    if !agent_path && face == Face::Agent {
-        return text_response(
-            StatusCode::NOT_FOUND,
-            "this listener serves relay-clients only; users use the public address",
-        );
-    }
-    if matches!(
-        path,
-        "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
-    ) {
-        return Box::pin(upstream::handle(state, req, peer, cert)).await;
-    }
-    if path.starts_with("/server/") {
-        return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");
-    }
-    Box::pin(downstream::handle(state, req, peer, https)).await
 }

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{header, Request, Response, StatusCode};
-use relay_server::access::{AccessMode, AccessPolicy};
-use relay_server::forward_auth::ForwardAuthConfig;
+use relay_server::user::access::{AccessMode, AccessPolicy};
+use relay_server::user::forward_auth::ForwardAuthConfig;
 use relay_server::{Secret, TokenScope};
 use relay_tests::*;
 
@@ -143,7 +143,7 @@ async fn signed_link_opens_one_session_scoped_to_its_backend_and_path() {
     let (server, _agents, seen) = setup(cfg).await;
     let c = client();
 
-    let query = relay_server::link::sign(&key, "a", "/lab/", Duration::from_secs(60));
+    let query = relay_server::user::link::sign(&key, "a", "/lab/", Duration::from_secs(60));
     let link = format!("{}/client/a/lab/?keep=1&{query}", server.url());
     let (status, h, _) = text(c.request(get(link.clone(), &[])).await.unwrap()).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
@@ -191,14 +191,14 @@ async fn signed_link_opens_one_session_scoped_to_its_backend_and_path() {
         assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
     }
     // A tampered link (path changed) and an expired one are refused.
-    let q = relay_server::link::sign(&key, "a", "/lab/", Duration::from_secs(60));
+    let q = relay_server::user::link::sign(&key, "a", "/lab/", Duration::from_secs(60));
     let resp = c
         .request(get(format!("{}/client/a/?{q}", server.url()), &[]))
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let other = Secret("another-key-0123456789abcdef0123456".into());
-    let q = relay_server::link::sign(&other, "a", "/", Duration::from_secs(60));
+    let q = relay_server::user::link::sign(&other, "a", "/", Duration::from_secs(60));
     let (status, _, body) = text(
         c.request(get(format!("{}/client/a/?{q}", server.url()), &[]))
             .await

@@ -615,7 +615,7 @@ async fn a_signed_link_is_single_use_and_its_session_admits_on_every_replica() {
     let other = replica(&redis, &secret, &flags);
     let _a = agent(&home.url(), "sl", test_backend("sl").await, false);
     wait_directory(&redis, "sl", &home.tag).await;
-    let q = relay_server::link::sign(
+    let q = relay_server::user::link::sign(
         &relay_server::Secret(key),
         "sl",
         "/",

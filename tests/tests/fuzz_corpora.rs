@@ -38,5 +38,5 @@ fn frame_decoder_corpus() {
 
 #[test]
 fn router_corpus() {
-    replay("router", relay_server::router::fuzz_check);
+    replay("router", relay_server::user::router::fuzz_check);
 }

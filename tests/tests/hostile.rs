@@ -4,7 +4,7 @@
 //! id: `agents.rs`; parked-request caps: `limits.rs`.)
 
 use http::{Request, StatusCode};
-use relay_server::access::{AccessMode, AccessPolicy};
+use relay_server::user::access::{AccessMode, AccessPolicy};
 use relay_server::{Secret, TokenScope};
 use relay_tests::*;
 

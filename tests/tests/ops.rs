@@ -235,7 +235,7 @@ async fn json_logs_carry_the_request_span_and_traceparent_passes_through() {
     let mut server = Proc::spawn({
         let mut c = std::process::Command::new(binary("relay-server"));
         c.args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--log", "info,relay_server::access=debug"])
+            .args(["--log", "info,relay_server::user::access=debug"])
             .args(["--agent-token", &format!("*={TOKEN}")]);
         c
     });

@@ -1,10 +1,9 @@
 //! Errors the user side can see, each mapped to exactly one status with a one-line body.
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::access::AccessError;
-use crate::body::{full, RelayBody};
+use crate::base::body::{text_response, RelayBody};
+use crate::user::access::AccessError;
 
 /// A failure while relaying one user request. The variant says which side failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +19,7 @@ pub enum RelayError {
     UriTooLong(usize),
     /// The user is not admitted to the backend (downstream).
     #[error(transparent)]
-    Access(#[from] crate::access::AccessError),
+    Access(#[from] crate::user::access::AccessError),
     /// The request uses something the relay does not implement (downstream).
     #[error("{0}")]
     NotImplemented(String),
@@ -37,8 +36,8 @@ pub enum RelayError {
     #[error("no relay-client for backend {0:?} picked up the request in time")]
     PickupTimeout(String),
     /// Too many requests waiting (internal limit).
-    #[error("too many requests are waiting for backend {0:?}")]
-    Overloaded(String),
+    #[error(transparent)]
+    Overloaded(#[from] crate::agent::broker::QueueFull),
     /// The server is shutting down.
     #[error("the relay is shutting down")]
     Draining,
@@ -96,21 +95,4 @@ impl RelayError {
         }
         resp
     }
-}
-
-/// A `text/plain` response whose body is `msg` and a newline.
-pub fn text_response(status: StatusCode, msg: &str) -> Response<RelayBody> {
-    let mut resp = Response::new(full(Bytes::from(format!("{msg}\n"))));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }

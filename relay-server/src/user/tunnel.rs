@@ -15,14 +15,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::BodyMsg;
-use crate::pending::{PendingGuard, UploadSlot, UploadSource};
+use crate::agent::pending::{PendingGuard, UploadSlot, UploadSource};
+use crate::base::body::{BodyMsg, Delivery};
 
 /// Runs one tunnel until both directions ended or it must close. Dropping `guard` at the
 /// end frees the request and tells the agent.
 pub async fn bridge(
     on_upgrade: OnUpgrade,
-    body_rx: Option<mpsc::Receiver<BodyMsg>>,
+    body_rx: Option<mpsc::Receiver<Delivery>>,
     guard: PendingGuard,
     agent_gone: CancellationToken,
     idle_timeout: Duration,
@@ -39,7 +39,7 @@ pub async fn bridge(
     let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     // Only now, with the 101 written, may user bytes flow to the backend.
     pending.set_upload(UploadSlot::Ready {
-        source: UploadSource::Tunnel(rd),
+        source: UploadSource::tunnel(rd),
         offset: 0,
     });
     let mut down = body_rx;
@@ -56,19 +56,19 @@ pub async fn bridge(
         }
         tokio::select! {
             msg = async { down.as_mut().expect("bug: guarded").recv().await }, if down.is_some() => match msg {
-                Some(BodyMsg::Data(b, held)) => {
+                Some(Delivery { msg: BodyMsg::Data(b), held }) => {
                     down_bytes += b.len() as u64;
                     if wr.write_all(&b).await.is_err() {
                         break "the user connection failed";
                     }
                     drop(held);
                 }
-                Some(BodyMsg::End) | Some(BodyMsg::Trailers(_)) => {
+                Some(Delivery { msg: BodyMsg::End | BodyMsg::Trailers(_), .. }) => {
                     // The backend shut down writing: pass the half-close on.
                     let _ = wr.shutdown().await;
                     down = None;
                 }
-                Some(BodyMsg::Abort(_)) | None => break "the backend side closed abruptly",
+                Some(Delivery { msg: BodyMsg::Abort(_), .. }) | None => break "the backend side closed abruptly",
             },
             _ = pending.upload_done.cancelled(), if up_open => {
                 if pending.upload_broken() {

@@ -7,7 +7,6 @@
 //! An exchange dropped before its last frame marks the upload broken: bytes may have been
 //! lost in flight, and the request must not go on with a hole in its body.
 
-use relay_common::readbuf::ReadBuf;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,16 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
-use relay_common::frame::{self, Kind};
-use relay_common::message::{encode_headers, Trailers};
+use relay_common::codec::{encode, encode_continue, BodyMsg, Encoded};
+use relay_common::source::SourceError;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::body::BodyError;
-use crate::pending::{Pending, UploadFailure, UploadSlot, UploadSource};
-
-/// Largest read of tunnel bytes.
-const TUNNEL_READ: usize = 64 * 1024;
+use crate::agent::pending::{Pending, UploadFailure, UploadSlot, UploadSource};
+use crate::base::body::BodyError;
 
 /// Limits on a user's request body (not on tunnel bytes, which have their own idle timer).
 #[derive(Clone, Copy, Debug)]
@@ -47,7 +43,6 @@ enum Next {
 pub struct UploadExchange {
     pending: Arc<Pending>,
     source: Option<UploadSource>,
-    buf: ReadBuf,
     offset: u64,
     sent: u64,
     max: u64,
@@ -73,7 +68,6 @@ impl UploadExchange {
         let mut x = UploadExchange {
             pending,
             source: Some(source),
-            buf: ReadBuf::new(TUNNEL_READ),
             offset,
             sent: 0,
             max,
@@ -89,7 +83,7 @@ impl UploadExchange {
     }
 
     fn is_body(&self) -> bool {
-        matches!(self.source, Some(UploadSource::Body(_)))
+        self.source.as_ref().is_some_and(UploadSource::is_body)
     }
 
     /// The idle timer ends the exchange (CONTINUE) after `idle_for`, or earlier when the
@@ -115,7 +109,7 @@ impl UploadExchange {
             UploadFailure::Stalled(d) => format!("the request body stalled for {d:?}"),
             UploadFailure::Malformed => "the request body's framing is malformed".to_owned(),
         };
-        self.finish(Next::Broken, frame::control(Kind::Abort, text.as_bytes()))
+        self.finish(Next::Broken, encode(BodyMsg::Abort(text)).frame)
     }
 
     fn finish(&mut self, next: Next, last: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -156,93 +150,72 @@ impl Body for UploadExchange {
         if this.finished {
             return Poll::Ready(None);
         }
-        loop {
-            if this.sent >= this.max {
-                return this.finish(Next::Continue, frame::control(Kind::Continue, b""));
+        if this.sent >= this.max {
+            return this.finish(Next::Continue, encode_continue());
+        }
+        let source = this
+            .source
+            .as_mut()
+            .expect("bug: source taken before finish");
+        let msg = match source.poll_next(cx) {
+            Poll::Ready(Ok(msg)) => msg,
+            Poll::Ready(Err(SourceError::Body(e))) if e.is_parse() => {
+                return this.fail(UploadFailure::Malformed)
             }
-            let chunk = match this
-                .source
-                .as_mut()
-                .expect("bug: source taken before finish")
-            {
-                UploadSource::Body(body) => Pin::new(body).poll_frame(cx).map(|f| {
-                    f.map(|r| {
-                        r.map(|f| {
-                            f.into_data()
-                                .map_err(|f| f.into_trailers().unwrap_or_default())
-                        })
-                        .map_err(|e| (e.is_parse(), e.to_string()))
-                    })
-                }),
-                UploadSource::Tunnel(rd) => match this.buf.poll_read(Pin::new(rd), cx) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Ok(None)) => Poll::Ready(None),
-                    Poll::Ready(Ok(Some(data))) => Poll::Ready(Some(Ok(Ok(data)))),
-                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err((false, e.to_string())))),
-                },
-            };
-            match chunk {
-                Poll::Ready(Some(Ok(item))) => match item {
-                    Ok(data) => {
-                        if data.is_empty() {
-                            continue;
-                        }
-                        let len = data.len();
-                        if let (true, Some(max)) = (this.is_body(), this.limits.max_body) {
-                            if this.offset + len as u64 > max {
-                                return this.fail(UploadFailure::TooLarge(max));
-                            }
-                        }
-                        let last_byte = this.is_body().then(|| {
-                            let now = std::time::Instant::now();
-                            *this.pending.last_upload.lock().expect("bug: poisoned") = now;
-                            now
-                        });
-                        this.sent += len as u64;
-                        this.offset += len as u64;
-                        this.pending
-                            .upload_bytes
-                            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                        this.reset_idle(last_byte);
-                        this.queued = Some(data);
-                        return Poll::Ready(Some(Ok(Frame::data(frame::header(Kind::Data, len)))));
-                    }
-                    Err(t) => {
-                        let json = serde_json::to_vec(&Trailers {
-                            headers: encode_headers(&t),
-                        })
-                        .expect("bug: trailers always serialise");
-                        return this.finish(Next::Finished, frame::control(Kind::Trailers, &json));
-                    }
-                },
-                Poll::Ready(Some(Err((true, _)))) => return this.fail(UploadFailure::Malformed),
-                Poll::Ready(Some(Err((false, e)))) => {
-                    let why = format!("the user's side failed: {e}");
-                    return this.finish(Next::Broken, frame::control(Kind::Abort, why.as_bytes()));
-                }
-                Poll::Ready(None) => {
-                    return this.finish(Next::Finished, frame::control(Kind::End, b""));
-                }
-                Poll::Pending => {
-                    if this.user_gone.as_mut().poll(cx).is_ready() {
-                        return this.finish(
-                            Next::Broken,
-                            frame::control(Kind::Abort, b"the user went away"),
-                        );
-                    }
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        if this.is_body() {
-                            let last = *this.pending.last_upload.lock().expect("bug: poisoned");
-                            if last.elapsed() >= this.limits.inactivity {
-                                return this.fail(UploadFailure::Stalled(this.limits.inactivity));
-                            }
-                        }
-                        return this.finish(Next::Continue, frame::control(Kind::Continue, b""));
-                    }
-                    return Poll::Pending;
-                }
+            Poll::Ready(Err(e)) => {
+                let why = format!("the user's side failed: {e}");
+                return this.finish(Next::Broken, encode(BodyMsg::Abort(why)).frame);
+            }
+            Poll::Pending => return this.poll_quiet(cx),
+        };
+        let BodyMsg::Data(data) = msg else {
+            // END or TRAILERS: the upload is complete.
+            return this.finish(Next::Finished, encode(msg).frame);
+        };
+        let len = data.len() as u64;
+        if let (true, Some(max)) = (this.is_body(), this.limits.max_body) {
+            if this.offset + len > max {
+                return this.fail(UploadFailure::TooLarge(max));
             }
         }
+        let last_byte = this.is_body().then(|| {
+            let now = std::time::Instant::now();
+            *this.pending.last_upload.lock().expect("bug: poisoned") = now;
+            now
+        });
+        this.sent += len;
+        this.offset += len;
+        this.pending
+            .upload_bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        this.reset_idle(last_byte);
+        let Encoded { frame, payload } = encode(BodyMsg::Data(data));
+        this.queued = payload;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+}
+
+impl UploadExchange {
+    /// Nothing to send: the exchange ends when the user left (ABORT), the body stalled past
+    /// its limit (ABORT, 408 to the user) or the exchange idled (CONTINUE).
+    fn poll_quiet(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.user_gone.as_mut().poll(cx).is_ready() {
+            let why = BodyMsg::Abort("the user went away".into());
+            return self.finish(Next::Broken, encode(why).frame);
+        }
+        if self.idle.as_mut().poll(cx).is_ready() {
+            if self.is_body() {
+                let last = *self.pending.last_upload.lock().expect("bug: poisoned");
+                if last.elapsed() >= self.limits.inactivity {
+                    return self.fail(UploadFailure::Stalled(self.limits.inactivity));
+                }
+            }
+            return self.finish(Next::Continue, encode_continue());
+        }
+        Poll::Pending
     }
 }
 

@@ -16,8 +16,7 @@ use relay_common::message::RequestHead;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::RelayError;
-use crate::pending::{Pending, PendingGuard};
+use crate::agent::pending::{Pending, PendingGuard};
 
 /// Where an agent polls from and what it says it is (for the status page).
 #[derive(Clone, Debug, Default)]
@@ -123,7 +122,7 @@ pub struct Broker {
     max_parked_total: usize,
     agent_grace: Duration,
     /// Metrics (the broker removes a name's series when it forgets the name).
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::base::metrics::Metrics>,
 }
 
 /// Outcome of one long poll.
@@ -134,13 +133,18 @@ pub struct PollBatch {
     pub cancel: Vec<RequestId>,
 }
 
+/// A request refused because too many wait already (for this name, or in total).
+#[derive(Debug, thiserror::Error)]
+#[error("too many requests are waiting for backend {0:?}")]
+pub struct QueueFull(pub String);
+
 impl Broker {
     /// An empty broker with the given limits.
     pub fn new(
         max_parked_per_name: usize,
         max_parked_total: usize,
         agent_grace: Duration,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<crate::base::metrics::Metrics>,
     ) -> Self {
         Broker {
             metrics,
@@ -220,14 +224,15 @@ impl Broker {
         b.has_live_agent().then_some(b)
     }
 
-    /// Queues a user request for `backend`. The guard cancels it everywhere when dropped.
+    /// Queues a user request for `backend` (refused when the name's queue or all queues
+    /// together are full). The guard cancels it everywhere when dropped.
     pub fn enqueue(
         self: &Arc<Self>,
         backend: &Arc<Backend>,
         pending: Pending,
-    ) -> Result<(PendingGuard, oneshot::Receiver<Arc<Agent>>), RelayError> {
+    ) -> Result<(PendingGuard, oneshot::Receiver<Arc<Agent>>), QueueFull> {
         if self.parked_total.load(Ordering::Acquire) >= self.max_parked_total {
-            return Err(RelayError::Overloaded(backend.name.clone()));
+            return Err(QueueFull(backend.name.clone()));
         }
         let (claimed_tx, claimed_rx) = oneshot::channel();
         pending.set_queued(claimed_tx, self.parked_total.clone());
@@ -238,7 +243,7 @@ impl Broker {
                 drop(q);
                 // Never queued: leaving the Queued state releases the global slot.
                 pending.cancel_queued();
-                return Err(RelayError::Overloaded(backend.name.clone()));
+                return Err(QueueFull(backend.name.clone()));
             }
             self.requests.insert(pending.id, pending.clone());
             q.push_back(pending.clone());

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
@@ -31,29 +31,29 @@ pub fn empty() -> RelayBody {
         .boxed_unsync()
 }
 
-/// What `/server/response` exchanges push towards the user.
+pub use relay_common::codec::BodyMsg;
+
+/// What `/server/response` exchanges push towards the user: a body step, and for DATA its
+/// size held from the global [`crate::base::budget::Budget`] until the user side takes it.
 #[derive(Debug)]
-pub enum BodyMsg {
-    /// Body bytes, holding their size from the global [`crate::budget::Budget`] until the
-    /// user side takes them.
-    Data(Bytes, crate::budget::Held),
-    /// Trailers; the body ends after them.
-    Trailers(HeaderMap),
-    /// Clean end.
-    End,
-    /// The agent or backend broke the body.
-    Abort(String),
+pub struct Delivery {
+    /// The step.
+    pub msg: BodyMsg,
+    /// The budget the bytes hold while they wait.
+    pub held: Option<crate::base::budget::Held>,
 }
 
-/// Capacity of the channel between an exchange and the user's body. Small: backpressure
-/// from a slow user reaches the agent's POST after at most this many chunks.
-pub const BODY_CHANNEL_DEPTH: usize = 8;
+impl From<BodyMsg> for Delivery {
+    fn from(msg: BodyMsg) -> Self {
+        Delivery { msg, held: None }
+    }
+}
 
 /// The user-facing body of a relayed response. Dropping it (the user left) drops `guard`,
 /// which cancels the request everywhere. When the agent that serves it is declared gone
 /// (`gone`), the body aborts instead of waiting for an exchange that will never come.
 pub struct RelayedBody<G> {
-    rx: mpsc::Receiver<BodyMsg>,
+    rx: mpsc::Receiver<Delivery>,
     remaining: Option<u64>,
     done: bool,
     gone: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -63,7 +63,7 @@ pub struct RelayedBody<G> {
 impl<G> RelayedBody<G> {
     /// Body over `rx`; `content_length` is announced through `size_hint`.
     pub fn new(
-        rx: mpsc::Receiver<BodyMsg>,
+        rx: mpsc::Receiver<Delivery>,
         content_length: Option<u64>,
         gone: CancellationToken,
         guard: G,
@@ -100,7 +100,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
             Poll::Ready(Some(Err(Box::new(Aborted(why)) as BodyError)))
         };
         let msg = match this.rx.poll_recv(cx) {
-            Poll::Ready(m) => m,
+            Poll::Ready(m) => m.map(|d| d.msg),
             Poll::Pending => {
                 if this.gone.as_mut().poll(cx).is_ready() {
                     return abort(this, "the relay-client disconnected".into());
@@ -109,7 +109,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
             }
         };
         match msg {
-            Some(BodyMsg::Data(b, _held)) => {
+            Some(BodyMsg::Data(b)) => {
                 if let Some(rem) = this.remaining.as_mut() {
                     match rem.checked_sub(b.len() as u64) {
                         Some(r) => *rem = r,
@@ -201,4 +201,21 @@ impl Body for UserBody {
         }
         hint
     }
+}
+
+/// A `text/plain` response whose body is `msg` and a newline.
+pub fn text_response(status: StatusCode, msg: &str) -> Response<RelayBody> {
+    let mut resp = Response::new(full(Bytes::from(format!("{msg}\n"))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }

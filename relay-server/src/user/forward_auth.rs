@@ -21,7 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use relay_common::headers::strip_hop_by_hop;
 
-use crate::access::{passthrough, AccessError, Verdict};
+use crate::user::access::{passthrough, AccessError, Verdict};
 
 /// Largest denial body copied to the user.
 const MAX_DENIAL_BODY: usize = 64 * 1024;

@@ -6,59 +6,52 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use relay_common::frame::{Decoder, Item};
-use relay_common::message::{decode_headers, BodyKind, PollAnswer, ResponseHead, Trailers};
+use relay_common::codec::{BodyMsg, FrameReader, Message};
+use relay_common::message::{BodyKind, PollAnswer};
 use relay_common::name::is_valid_name;
 use relay_common::AGENT_ID_HEADER;
+use relay_common::{BODY_CHANNEL_DEPTH, MAX_POLL_BATCH};
 use tokio::sync::mpsc;
 
-use crate::auth::Grant;
-use crate::body::{full, BodyMsg, RelayBody, BODY_CHANNEL_DEPTH};
-use crate::broker::AgentInfo;
-use crate::error::text_response;
-use crate::pending::{Pending, ResponseSink, ResponseStart, UploadSlot, UploadSource};
-use crate::upload::{UploadExchange, UploadLimits};
+use crate::agent::broker::AgentInfo;
+use crate::agent::error::AgentCallError;
+use crate::agent::pending::{Pending, ResponseSink, ResponseStart, UploadSlot, UploadSource};
+use crate::agent::upload::{UploadExchange, UploadLimits};
+use crate::base::auth::Grant;
+use crate::base::body::text_response;
+use crate::base::body::{full, Delivery, RelayBody};
 use crate::State;
 
-/// Most requests one poll answer carries.
-pub const MAX_POLL_BATCH: usize = 64;
-
-/// Dispatches an agent call.
-pub async fn handle(
-    state: Arc<State>,
-    req: Request<Incoming>,
-    peer: std::net::SocketAddr,
+/// Authenticates an agent call by its token or client certificate.
+pub fn authenticate(
+    state: &State,
+    req: &Request<Incoming>,
     cert: Option<&Grant>,
-) -> Response<RelayBody> {
-    let grant = match state.auth().tokens.authenticate_agent(req.headers(), cert) {
-        Ok(g) => g,
-        Err(e) => {
+) -> Result<Grant, AgentCallError> {
+    state
+        .auth()
+        .tokens
+        .authenticate_agent(req.headers(), cert)
+        .map_err(|e| {
             state.metrics.auth_failure("agent");
-            let mut r = text_response(StatusCode::UNAUTHORIZED, &e.to_string());
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
-        }
-    };
-    // An id owned by another replica: the load balancer sent this call here, the request
-    // lives there (cluster mode).
-    if let Some(cluster) = &state.cluster {
-        if let ("/server/response" | "/server/requeststream", Some(id)) = (
-            req.uri().path(),
+            AgentCallError::Unauthenticated(e.to_string())
+        })
+}
+
+/// The request an exchange call (`/server/response`, `/server/requeststream`) is about,
+/// when its id is well-formed (in cluster mode its tag names the replica that owns it).
+pub fn exchange_id(req: &Request<Incoming>) -> Option<relay_common::id::RequestId> {
+    match req.uri().path() {
+        "/server/response" | "/server/requeststream" => {
             Query::parse(req.uri().query().unwrap_or(""))
                 .id
-                .and_then(relay_common::id::RequestId::parse),
-        ) {
-            if id.tag() != cluster.tag() {
-                let cluster = cluster.clone();
-                return crate::peer::forward_agent(&state, &cluster, req, id.tag(), &grant).await;
-            }
+                .and_then(relay_common::id::RequestId::parse)
         }
+        _ => None,
     }
-    serve(state, grant, req, peer).await
 }
 
 /// Serves an authenticated agent call (`grant` says which names the caller may serve).
@@ -324,9 +317,9 @@ async fn response(
         pending.agent_finished.store(true, Ordering::Release);
         return text_response(StatusCode::CONFLICT, &msg);
     }
-    let mut body = req.into_body();
+    let body = req.into_body();
     let result = tokio::select! {
-        r = run_exchange(&mut guard, &mut body, &state.budget, &pending.download_bytes) => r,
+        r = run_exchange(&mut guard, body, &state.budget, &pending.download_bytes) => r,
         _ = pending.done.cancelled() => Err(ExchangeError::Gone),
     };
     match result {
@@ -351,90 +344,70 @@ async fn response(
 /// Runs one exchange; `Ok(true)` when the response is complete, `Ok(false)` on CONTINUE.
 async fn run_exchange(
     guard: &mut ExchangeGuard,
-    body: &mut Incoming,
-    budget: &crate::budget::Budget,
+    body: Incoming,
+    budget: &crate::base::budget::Budget,
     downloaded: &std::sync::atomic::AtomicU64,
 ) -> Result<bool, ExchangeError> {
     let sink = &mut *guard.sink;
-    let mut decoder = Decoder::default();
+    let mut reader = FrameReader::new(body);
     loop {
-        let Some(frame) = body.frame().await else {
-            return Err(ExchangeError::Protocol(
-                "exchange ended without END, TRAILERS, ABORT or CONTINUE".into(),
-            ));
-        };
-        let frame =
-            frame.map_err(|e| ExchangeError::Protocol(format!("reading the exchange: {e}")))?;
-        let Ok(mut data) = frame.into_data() else {
-            continue;
-        };
-        while let Some(item) = decoder
-            .decode(&mut data)
-            .map_err(|e| ExchangeError::Protocol(e.to_string()))?
-        {
-            match item {
-                Item::Head(json) => {
-                    let head_tx = sink
-                        .head_tx
-                        .take()
-                        .ok_or_else(|| ExchangeError::Protocol("HEAD sent twice".into()))?;
-                    let head: ResponseHead = serde_json::from_slice(&json)
-                        .map_err(|e| ExchangeError::Protocol(format!("bad HEAD: {e}")))?;
-                    let rx = if head.body == BodyKind::Stream {
-                        let (tx, rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
-                        sink.body_tx = Some(tx);
-                        Some(rx)
-                    } else {
-                        None
-                    };
-                    let empty = rx.is_none();
-                    head_tx
-                        .send(ResponseStart::Head(head, rx))
-                        .map_err(|_| ExchangeError::Gone)?;
-                    if empty {
-                        return Ok(true);
-                    }
-                }
-                Item::Data(bytes) => {
-                    let len = bytes.len() as u64;
-                    // Waits while the global budget is spent (the caller gives up when the
-                    // user leaves).
-                    let held = budget.hold(bytes.len()).await;
-                    deliver(sink, BodyMsg::Data(bytes, held)).await?;
-                    sink.offset += len;
-                    downloaded.fetch_add(len, Ordering::Relaxed);
-                }
-                Item::Trailers(json) => {
-                    let t: Trailers = serde_json::from_slice(&json)
-                        .map_err(|e| ExchangeError::Protocol(format!("bad TRAILERS: {e}")))?;
-                    let map = decode_headers(&t.headers)
-                        .map_err(|e| ExchangeError::Protocol(e.to_string()))?;
-                    deliver(sink, BodyMsg::Trailers(map)).await?;
-                    sink.body_tx = None;
+        let msg = reader
+            .next()
+            .await
+            .map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+        match msg {
+            Message::Head(head) => {
+                let head_tx = sink
+                    .head_tx
+                    .take()
+                    .ok_or_else(|| ExchangeError::Protocol("HEAD sent twice".into()))?;
+                let rx = if head.body == BodyKind::Stream {
+                    let (tx, rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
+                    sink.body_tx = Some(tx);
+                    Some(rx)
+                } else {
+                    None
+                };
+                let empty = rx.is_none();
+                head_tx
+                    .send(ResponseStart::Head(head, rx))
+                    .map_err(|_| ExchangeError::Gone)?;
+                if empty {
                     return Ok(true);
                 }
-                Item::End => {
-                    deliver(sink, BodyMsg::End).await?;
-                    sink.body_tx = None;
-                    return Ok(true);
-                }
-                Item::Abort(why) => {
-                    if let Some(tx) = sink.head_tx.take() {
-                        let _ = tx.send(ResponseStart::Abort(why));
-                    } else {
-                        let _ = deliver(sink, BodyMsg::Abort(why)).await;
-                    }
-                    sink.body_tx = None;
-                    return Ok(true);
-                }
-                // Also valid before HEAD: the agent has nothing to say yet.
-                Item::Continue => return Ok(false),
             }
+            Message::Body(BodyMsg::Data(bytes)) => {
+                let len = bytes.len() as u64;
+                // Waits while the global budget is spent (the caller gives up when the
+                // user leaves).
+                let held = Some(budget.hold(bytes.len()).await);
+                let msg = BodyMsg::Data(bytes);
+                deliver(sink, Delivery { msg, held }).await?;
+                sink.offset += len;
+                downloaded.fetch_add(len, Ordering::Relaxed);
+            }
+            Message::Body(BodyMsg::Abort(why)) => {
+                if let Some(tx) = sink.head_tx.take() {
+                    let _ = tx.send(ResponseStart::Abort(why));
+                } else {
+                    let _ = deliver(sink, BodyMsg::Abort(why).into()).await;
+                }
+                sink.body_tx = None;
+                return Ok(true);
+            }
+            // END or TRAILERS.
+            Message::Body(last) => {
+                deliver(sink, last.into()).await?;
+                sink.body_tx = None;
+                return Ok(true);
+            }
+            // Also valid before HEAD: the agent has nothing to say yet.
+            Message::Continue => return Ok(false),
         }
     }
 }
 
-async fn deliver(sink: &mut ResponseSink, msg: BodyMsg) -> Result<(), ExchangeError> {
+async fn deliver(sink: &mut ResponseSink, msg: Delivery) -> Result<(), ExchangeError> {
     let tx = sink
         .body_tx
         .as_ref()

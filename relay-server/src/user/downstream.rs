@@ -15,23 +15,30 @@ use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHea
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::access::{
+use crate::agent::pending::{Pending, ResponseStart, UploadFailure, UploadSlot, UploadSource};
+use crate::base::body::{empty, RelayBody, RelayedBody, UserBody};
+use crate::user::access::{
     check_link, check_token, strip_session_cookie, AccessError, AccessMode, Verdict, TOKEN_HEADER,
 };
-use crate::body::{empty, RelayBody, RelayedBody, UserBody};
-use crate::error::RelayError;
-use crate::forward_auth::Original;
-use crate::pending::{Pending, ResponseStart, UploadFailure, UploadSlot, UploadSource};
-use crate::router::{host_backend, route, RouteError};
+use crate::user::error::RelayError;
+use crate::user::forward_auth::Original;
+use crate::user::router::{host_backend, route, RouteError};
 use crate::State;
 
-/// Relays one user request; every failure becomes its status and text body.
-pub async fn handle(
+/// Relays one user request: routes and admits it, hands the prepared request to `onward`
+/// (which finds the agent, here or on another replica) and answers with its response;
+/// every failure becomes its status and text body.
+pub async fn handle<F, Fut>(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
     https: bool,
-) -> Response<RelayBody> {
+    onward: F,
+) -> Response<RelayBody>
+where
+    F: FnOnce(Arc<State>, Prepared) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<RelayBody>, RelayError>>,
+{
     let retry_after = state.cfg.retry_after_secs;
     let http1 = req.version() < http::Version::HTTP_2;
     // hyper knows at the head whether a body follows (no Content-Length or `0`, no
@@ -50,7 +57,7 @@ pub async fn handle(
         span.record("trace_id", trace);
     }
     let started = std::time::Instant::now();
-    let result = relay(state.clone(), req, peer, https, &mut name)
+    let result = relay(state.clone(), req, peer, https, &mut name, onward)
         .instrument(span.clone())
         .await;
     let status = match &result {
@@ -59,7 +66,7 @@ pub async fn handle(
     };
     span.in_scope(|| {
         tracing::debug!(
-            target: "relay_server::access",
+            target: "relay_server::user::access",
             status,
             ms = started.elapsed().as_millis() as u64,
             "answered"
@@ -106,13 +113,18 @@ pub async fn handle(
     }
 }
 
-async fn relay(
+async fn relay<F, Fut>(
     state: Arc<State>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     https: bool,
     routed: &mut Option<String>,
-) -> Result<Response<RelayBody>, RelayError> {
+    onward: F,
+) -> Result<Response<RelayBody>, RelayError>
+where
+    F: FnOnce(Arc<State>, Prepared) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<RelayBody>, RelayError>>,
+{
     let arrival = tokio::time::Instant::now();
     // RFC 9113 §3.1 / RFC 7540 §3.2: h2c upgrades from users would open an HTTP/2
     // connection that bypasses the relay's routing; only prior knowledge is served.
@@ -157,26 +169,7 @@ async fn relay(
         return Ok(resp);
     }
     let prepared = prepare(&state, req, route, peer, https, arrival)?;
-    let local = state.broker.live_backend(&name);
-    if let Some(cluster) = &state.cluster {
-        // Another replica may hold an agent for the name. An agent reached through a
-        // balancer moves between replicas as its connections do, so a local agent without
-        // a parked poll may not come back here: then a replica that holds the name is
-        // preferred too.
-        if local.as_ref().is_none_or(|b| !b.has_parked_poll()) {
-            match cluster.replicas_for(&name).await {
-                Ok(peers) if !peers.is_empty() => {
-                    return crate::peer::forward_user(&state, cluster, prepared, peers).await
-                }
-                Err(_) if local.is_none() => return Err(RelayError::ClusterUnavailable(name)),
-                _ => {}
-            }
-        }
-    }
-    match local {
-        Some(backend) => dispatch(&state, &backend, prepared).await,
-        None => Err(RelayError::NoAgent(name)),
-    }
+    onward(state, prepared).await
 }
 
 /// A user request routed, admitted and ready for an agent: what a replica hands to the
@@ -207,7 +200,7 @@ pub struct Prepared {
 fn prepare(
     state: &State,
     mut req: Request<Incoming>,
-    route: crate::router::Route<'_>,
+    route: crate::user::router::Route<'_>,
     peer: SocketAddr,
     https: bool,
     arrival: tokio::time::Instant,
@@ -265,7 +258,7 @@ pub fn prefetch(body: Incoming) -> Result<UserBody, RelayError> {
 /// response.
 pub async fn dispatch(
     state: &Arc<State>,
-    backend: &Arc<crate::broker::Backend>,
+    backend: &Arc<crate::agent::broker::Backend>,
     p: Prepared,
 ) -> Result<Response<RelayBody>, RelayError> {
     let Prepared {
@@ -409,9 +402,9 @@ fn switch(
     mut headers: HeaderMap,
     requested: Option<String>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    body_rx: Option<tokio::sync::mpsc::Receiver<crate::body::BodyMsg>>,
-    guard: crate::pending::PendingGuard,
-    agent: Arc<crate::broker::Agent>,
+    body_rx: Option<tokio::sync::mpsc::Receiver<crate::base::body::Delivery>>,
+    guard: crate::agent::pending::PendingGuard,
+    agent: Arc<crate::agent::broker::Agent>,
 ) -> Result<Response<RelayBody>, RelayError> {
     let answered = headers
         .get(header::UPGRADE)
@@ -430,7 +423,7 @@ fn switch(
     }
     strip_hop_by_hop(&mut headers, false);
     set_upgrade_headers(&mut headers, &answered);
-    state.tunnels.spawn(crate::tunnel::bridge(
+    state.tunnels.spawn(crate::user::tunnel::bridge(
         on_upgrade,
         body_rx,
         guard,
@@ -494,7 +487,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 /// Applies the access mode of the route's name to the request.
 async fn admit(
     state: &State,
-    route: &crate::router::Route<'_>,
+    route: &crate::user::router::Route<'_>,
     req: &mut Request<Incoming>,
     peer: SocketAddr,
     https: bool,

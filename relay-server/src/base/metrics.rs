@@ -14,8 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::State;
-
 /// Standard methods kept as label values; anything else is `other`.
 const METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
@@ -58,7 +56,7 @@ struct LimitLabel {
 /// Every metric the server exports.
 pub struct Metrics {
     /// Per-backend history for the status page (same cardinality rules).
-    pub history: crate::status::History,
+    pub history: crate::base::history::History,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     pickup_wait: Histogram,
@@ -86,7 +84,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("relay");
         let m = Metrics {
-            history: crate::status::History::default(),
+            history: crate::base::history::History::default(),
             requests: Family::default(),
             pickup_wait: seconds(),
             time_to_head: seconds(),
@@ -281,25 +279,44 @@ impl Metrics {
         });
     }
 
-    /// The exposition text, with gauges sampled from `state` now.
-    pub fn render(&self, state: &State) -> String {
-        self.parked.set(state.broker.parked() as i64);
-        self.in_flight.set(state.broker.in_flight() as i64);
-        self.tunnels.set(state.tunnels.len() as i64);
-        self.connections.set(state.conns.open() as i64);
-        self.buffered.set(state.budget.in_use() as i64);
-        if let Some(c) = &state.cluster {
-            self.redis_up.set(i64::from(c.redis_up()));
+    /// The exposition text, with the gauges set from `now`.
+    pub fn render(&self, now: &Sample) -> String {
+        self.parked.set(now.parked as i64);
+        self.in_flight.set(now.in_flight as i64);
+        self.tunnels.set(now.tunnels as i64);
+        self.connections.set(now.connections as i64);
+        self.buffered.set(now.buffered as i64);
+        if let Some(up) = now.redis_up {
+            self.redis_up.set(i64::from(up));
         }
         self.agents.clear();
-        for (name, agents) in state.broker.agents_per_name() {
+        for (name, agents) in &now.agents_per_name {
             self.agents
-                .get_or_create(&NameLabel { name })
-                .set(agents as i64);
+                .get_or_create(&NameLabel { name: name.clone() })
+                .set(*agents as i64);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("bug: writing to a String cannot fail");
         out
     }
+}
+
+/// Gauges read from the running server when `/metrics` is asked for.
+#[derive(Debug, Default)]
+pub struct Sample {
+    /// Parked user requests.
+    pub parked: usize,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Open tunnels.
+    pub tunnels: usize,
+    /// Open connections.
+    pub connections: usize,
+    /// Relayed bytes held in memory.
+    pub buffered: usize,
+    /// Whether Redis answers (cluster mode only).
+    pub redis_up: Option<bool>,
+    /// Agents per connected name.
+    pub agents_per_name: Vec<(String, usize)>,
 }

@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::config::Secret;
+use crate::base::auth::Secret;
 
 /// Name of the session cookie. Reserved: the relay strips it from every forwarded request.
 pub const SESSION_COOKIE: &str = "relay_session";
@@ -142,6 +142,35 @@ struct Session {
     last_used: Mutex<Instant>,
 }
 
+/// A failure of the shared session store (its own description).
+pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a shared store answers, later.
+pub type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Used nonces and open sessions kept outside this replica (cluster mode: in Redis), so
+/// that every replica honours every session and a link opens one session in the cluster.
+/// Session ids are stored only as digests.
+pub trait SharedSessions: Send + Sync {
+    /// Claims a link's nonce until the link expires (Unix seconds): false when it was
+    /// redeemed before, anywhere.
+    fn claim_nonce<'a>(&'a self, nonce: &'a str, exp_unix: u64) -> StoreFuture<'a, bool>;
+    /// Stores a session under `digest`, expiring after `idle` without use.
+    fn put_session<'a>(
+        &'a self,
+        digest: &'a str,
+        value: &'a str,
+        idle: Duration,
+    ) -> StoreFuture<'a, ()>;
+    /// A session's value, its idle timer restarted.
+    fn touch_session<'a>(
+        &'a self,
+        digest: &'a str,
+        idle: Duration,
+    ) -> StoreFuture<'a, Option<String>>;
+}
+
 /// Link verification and the session table.
 pub struct Sessions {
     key: Secret,
@@ -152,7 +181,7 @@ pub struct Sessions {
     /// Nonces of used links and the instant their link expires.
     used: Mutex<HashMap<String, u64>>,
     /// The cluster's Redis, which holds sessions and nonces instead (cluster mode).
-    shared: Option<std::sync::Arc<crate::cluster::Cluster>>,
+    shared: Option<std::sync::Arc<dyn SharedSessions>>,
 }
 
 impl Sessions {
@@ -169,9 +198,10 @@ impl Sessions {
         }
     }
 
-    /// Keeps sessions and used nonces in the cluster's Redis, shared by every replica.
-    pub fn shared(mut self, cluster: std::sync::Arc<crate::cluster::Cluster>) -> Self {
-        self.shared = Some(cluster);
+    /// Keeps sessions and used nonces in `store` (the cluster's Redis), shared by every
+    /// replica.
+    pub fn shared(mut self, store: std::sync::Arc<dyn SharedSessions>) -> Self {
+        self.shared = Some(store);
         self
     }
 
@@ -215,7 +245,7 @@ impl Sessions {
             return Err(LinkError::Expired);
         }
         if let Some(c) = &self.shared {
-            let store = |e: crate::cluster::ClusterError| LinkError::Store(e.to_string());
+            let store = |e: StoreError| LinkError::Store(e.to_string());
             if !c.claim_nonce(nonce, exp).await.map_err(store)? {
                 return Err(LinkError::Used);
             }

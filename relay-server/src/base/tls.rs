@@ -4,7 +4,7 @@
 //!
 //! With a client CA, clients may present a certificate (optional: users have none); one that
 //! does not chain to the CA fails the handshake. Agents use such certificates instead of
-//! tokens; see [`crate::auth::cert_grant`] for the names a certificate grants.
+//! tokens; see [`crate::base::auth::cert_grant`] for the names a certificate grants.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

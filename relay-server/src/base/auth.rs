@@ -8,7 +8,26 @@ use http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{Secret, TokenScope};
+use std::fmt;
+
+/// A secret string whose `Debug` never shows the value.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Which names an agent token may serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenScope {
+    /// Any name (the generated zero-config token, or `*=TOKEN`).
+    Any,
+    /// Exactly this name.
+    Name(String),
+}
 
 /// The configured agent tokens.
 pub struct TokenStore {

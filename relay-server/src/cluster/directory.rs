@@ -28,8 +28,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
-use crate::config::Secret;
+use crate::agent::broker::Broker;
+use crate::base::auth::Secret;
+use crate::user::link::StoreFuture;
 
 /// Header carrying the shared cluster secret on calls between replicas.
 pub const SECRET_HEADER: &str = "x-relay-cluster-secret";
@@ -106,7 +107,7 @@ pub struct Cluster {
     next: AtomicUsize,
     view: Mutex<View>,
     /// Calls to other replicas (connection pool).
-    pub peers: crate::peer::Peers,
+    pub peers: crate::cluster::peer::Peers,
 }
 
 fn now_ms() -> u64 {
@@ -173,7 +174,7 @@ impl Cluster {
             urls: Mutex::default(),
             next: AtomicUsize::new(0),
             view: Mutex::default(),
-            peers: crate::peer::Peers::default(),
+            peers: crate::cluster::peer::Peers::default(),
             cfg,
         })
     }
@@ -518,5 +519,28 @@ impl Cluster {
         view.replicas.sort();
         view.names.sort();
         Ok(view)
+    }
+}
+
+impl crate::user::link::SharedSessions for Cluster {
+    fn claim_nonce<'a>(&'a self, nonce: &'a str, exp_unix: u64) -> StoreFuture<'a, bool> {
+        Box::pin(async move { Ok(Cluster::claim_nonce(self, nonce, exp_unix).await?) })
+    }
+
+    fn put_session<'a>(
+        &'a self,
+        digest: &'a str,
+        value: &'a str,
+        idle: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move { Ok(Cluster::put_session(self, digest, value, idle).await?) })
+    }
+
+    fn touch_session<'a>(
+        &'a self,
+        digest: &'a str,
+        idle: Duration,
+    ) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move { Ok(Cluster::touch_session(self, digest, idle).await?) })
     }
 }

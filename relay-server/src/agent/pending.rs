@@ -12,8 +12,8 @@ use tokio::io::ReadHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::BodyMsg;
-use crate::broker::{Agent, Backend, Broker};
+use crate::agent::broker::{Agent, Backend, Broker};
+use crate::base::body::Delivery;
 
 enum Claim {
     /// Waiting in the backend's queue; holds one slot of the global parked count.
@@ -28,7 +28,7 @@ enum Claim {
 /// What the first response exchange hands to the waiting user handler.
 pub enum ResponseStart {
     /// The response head, and the body channel when a body follows.
-    Head(ResponseHead, Option<mpsc::Receiver<BodyMsg>>),
+    Head(ResponseHead, Option<mpsc::Receiver<Delivery>>),
     /// The agent gave up before the head (its reason).
     Abort(String),
 }
@@ -39,19 +39,15 @@ pub struct ResponseSink {
     /// Until the head was delivered.
     pub head_tx: Option<oneshot::Sender<ResponseStart>>,
     /// While a body is being delivered.
-    pub body_tx: Option<mpsc::Sender<BodyMsg>>,
+    pub body_tx: Option<mpsc::Sender<Delivery>>,
     /// Body bytes delivered so far: the offset the next exchange must start at.
     pub offset: u64,
 }
 
 /// Where upload bytes come from: the request body, or after a 101 the user's side of the
 /// switched connection.
-pub enum UploadSource {
-    /// The request body.
-    Body(crate::body::UserBody),
-    /// The read half of the upgraded user connection.
-    Tunnel(ReadHalf<TokioIo<Upgraded>>),
-}
+pub type UploadSource =
+    relay_common::source::Source<crate::base::body::UserBody, ReadHalf<TokioIo<Upgraded>>>;
 
 /// The user's upload as seen by `/server/requeststream`.
 pub enum UploadSlot {

@@ -2,8 +2,8 @@
 //! else is revealed about the name (an unauthenticated user cannot tell a connected backend
 //! from an unknown one).
 //!
-//! Modes: `open`, `token` (bearer tokens kept as digests), `signed-link` (see [`crate::link`])
-//! and `forward-auth` (see [`crate::forward_auth`]). Whatever the mode, the relay's own
+//! Modes: `open`, `token` (bearer tokens kept as digests), `signed-link` (see [`crate::user::link`])
+//! and `forward-auth` (see [`crate::user::forward_auth`]). Whatever the mode, the relay's own
 //! credentials (`X-Relay-Token`, a bearer token it accepted, the `relay_session` cookie)
 //! are removed before the request goes on to the backend.
 
@@ -14,9 +14,9 @@ use std::str::FromStr;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
-use crate::auth::TokenStore;
-use crate::body::{empty, RelayBody};
-use crate::link::{LinkError, LinkParams, Sessions, SESSION_COOKIE};
+use crate::base::auth::TokenStore;
+use crate::base::body::{empty, RelayBody};
+use crate::user::link::{LinkError, LinkParams, Sessions, SESSION_COOKIE};
 
 /// Header that carries a user token without taking `Authorization` from the backend.
 pub const TOKEN_HEADER: &str = "x-relay-token";
@@ -266,7 +266,7 @@ pub fn strip_session_cookie(headers: &mut HeaderMap) {
 
 /// A response copied from the forward-auth service (its denial or redirect).
 pub fn passthrough(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<RelayBody> {
-    let mut resp = Response::new(crate::body::full(body));
+    let mut resp = Response::new(crate::base::body::full(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
@@ -275,7 +275,7 @@ pub fn passthrough(status: StatusCode, headers: HeaderMap, body: Bytes) -> Respo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Secret, TokenScope};
+    use crate::base::auth::{Secret, TokenScope};
 
     #[test]
     fn token_sources_and_stripping() {

@@ -30,11 +30,12 @@ use relay_common::message::{decode_headers, encode_headers};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-use crate::auth::Grant;
-use crate::body::{empty, BodyError, RelayBody};
-use crate::cluster::{Cluster, SECRET_HEADER};
-use crate::downstream::{dispatch, prefetch, Prepared};
-use crate::error::{text_response, RelayError};
+use crate::base::auth::Grant;
+use crate::base::body::text_response;
+use crate::base::body::{empty, BodyError, RelayBody};
+use crate::cluster::directory::{Cluster, SECRET_HEADER};
+use crate::user::downstream::{dispatch, prefetch, Prepared};
+use crate::user::error::RelayError;
 use crate::State;
 
 /// Path of forwarded user requests on the cluster listener.
@@ -145,7 +146,7 @@ pub async fn forward_user(
     state: &Arc<State>,
     cluster: &Arc<Cluster>,
     mut p: Prepared,
-    peers: Vec<crate::cluster::Peer>,
+    peers: Vec<crate::cluster::directory::Peer>,
 ) -> Result<Response<RelayBody>, RelayError> {
     let head = PeerHead {
         name: p.name.clone(),
@@ -393,7 +394,7 @@ pub async fn handle(
                 return text_response(StatusCode::BAD_REQUEST, "missing X-Relay-Cluster-Grant");
             };
             state.metrics.forwarded("agent_in");
-            crate::upstream::serve(state, grant, req, peer).await
+            crate::agent::endpoints::serve(state, grant, req, peer).await
         }
         _ => text_response(StatusCode::NOT_FOUND, "no such cluster endpoint"),
     }

@@ -1,0 +1,10 @@
+//! The agent side: the endpoints relay-clients call (`/server/request`, `/server/response`,
+//! `/server/requeststream`, `/server/probe`), the broker that hands requests to their polls,
+//! and the state of one request in flight with its upload and response exchanges.
+//! Uses [`crate::base`] only.
+
+pub mod broker;
+pub mod endpoints;
+pub mod error;
+pub mod pending;
+pub mod upload;

@@ -1,0 +1,12 @@
+//! The base layer every feature stands on: credentials, response bodies, the byte budget,
+//! connection limits, metrics and the request history, TLS termination, memory trimming.
+//! Nothing here knows about users, agents or replicas.
+
+pub mod auth;
+pub mod body;
+pub mod budget;
+pub mod history;
+pub mod limits;
+pub mod metrics;
+pub mod tls;
+pub mod trim;

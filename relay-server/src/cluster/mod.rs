@@ -1,0 +1,6 @@
+//! Cluster mode (`--cluster-redis`): the Redis directory of which replica holds which names,
+//! and the calls between replicas (forwarded user requests and agent calls). Uses
+//! [`crate::user`], [`crate::agent`] and [`crate::base`]; nothing below knows it exists.
+
+pub mod directory;
+pub mod peer;

@@ -1,0 +1,153 @@
+//! Where each request goes: the operator endpoints, the agent endpoints, the cluster
+//! listener or the user side, by listener (face), path and host. This is the one place that
+//! knows every layer; the layers themselves only know the ones below them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::agent::endpoints;
+use crate::base::auth::Grant;
+use crate::base::body::{full, text_response, RelayBody};
+use crate::listener::Face;
+use crate::user::downstream::{self, Prepared};
+use crate::user::error::RelayError;
+use crate::user::router;
+use crate::State;
+
+/// Routes one request to its handler. Each handler is boxed: hyper keeps the future of a
+/// connection's request in progress for as long as it lasts, and unboxed it would be as large
+/// as the largest path (a user request, 4.3 KiB) even for the parked polls that idle agents
+/// hold for minutes (2.8 KiB).
+pub async fn route(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    https: bool,
+    face: Face,
+    cert: Option<&Grant>,
+) -> Response<RelayBody> {
+    // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
+    // including paths like /healthz and /server/.
+    let host_routed = !matches!(face, Face::Agent | Face::Admin | Face::Cluster)
+        && state.cfg.public_domain.as_deref().is_some_and(|d| {
+            downstream::request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
+        });
+    if host_routed {
+        return Box::pin(user_request(state, req, peer, https)).await;
+    }
+    let path = req.uri().path();
+    match path {
+        "/healthz" => return Response::new(full(Bytes::from_static(b"ok\n"))),
+        "/readyz" if state.draining() => {
+            return text_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
+        }
+        // Still ready: the replica serves its own agents; only forwarding is down.
+        "/readyz" if state.cluster.as_ref().is_some_and(|c| !c.redis_up()) => {
+            return text_response(
+                StatusCode::OK,
+                "degraded: the cluster directory (Redis) is unreachable; serving local agents only",
+            )
+        }
+        "/readyz" => return text_response(StatusCode::OK, "ready"),
+        "/metrics" | "/status" | "/status.json"
+            if face == Face::Admin || state.ops_on_public.load(Ordering::Acquire) =>
+        {
+            return crate::ops::page::answer(&state, path);
+        }
+        _ => {}
+    }
+    if face == Face::Cluster {
+        return Box::pin(crate::cluster::peer::handle(state, req, peer)).await;
+    }
+    if face == Face::Admin {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "this listener serves /healthz, /readyz, /metrics, /status and /status.json",
+        );
+    }
+    let agent_path = path.starts_with("/server/");
+    if agent_path && face == Face::Public {
+        return text_response(StatusCode::NOT_FOUND, "agent endpoints are not served here");
+    }
+    if !agent_path && face == Face::Agent {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "this listener serves relay-clients only; users use the public address",
+        );
+    }
+    if matches!(
+        path,
+        "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
+    ) {
+        return Box::pin(agent_call(state, req, peer, cert)).await;
+    }
+    if path.starts_with("/server/") {
+        return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");
+    }
+    Box::pin(user_request(state, req, peer, https)).await
+}
+
+/// A user request: the user side routes and admits it, then [`deliver`] finds its agent.
+async fn user_request(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    https: bool,
+) -> Response<RelayBody> {
+    downstream::handle(state, req, peer, https, deliver).await
+}
+
+/// Hands a prepared request to a local agent, or in cluster mode to the replica that holds
+/// one for its name.
+async fn deliver(state: Arc<State>, prepared: Prepared) -> Result<Response<RelayBody>, RelayError> {
+    let name = prepared.name.clone();
+    let local = state.broker.live_backend(&name);
+    if let Some(cluster) = &state.cluster {
+        // Another replica may hold an agent for the name. An agent reached through a
+        // balancer moves between replicas as its connections do, so a local agent without
+        // a parked poll may not come back here: then a replica that holds the name is
+        // preferred too.
+        if local.as_ref().is_none_or(|b| !b.has_parked_poll()) {
+            match cluster.replicas_for(&name).await {
+                Ok(peers) if !peers.is_empty() => {
+                    return crate::cluster::peer::forward_user(&state, cluster, prepared, peers)
+                        .await
+                }
+                Err(_) if local.is_none() => return Err(RelayError::ClusterUnavailable(name)),
+                _ => {}
+            }
+        }
+    }
+    match local {
+        Some(backend) => downstream::dispatch(&state, &backend, prepared).await,
+        None => Err(RelayError::NoAgent(name)),
+    }
+}
+
+/// An agent call: authenticated here; in cluster mode a call about a request another
+/// replica owns (the load balancer sent it here) goes to that replica with the caller's
+/// grant.
+async fn agent_call(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    cert: Option<&Grant>,
+) -> Response<RelayBody> {
+    let grant = match endpoints::authenticate(&state, &req, cert) {
+        Ok(g) => g,
+        Err(refused) => return refused.into_response(),
+    };
+    if let (Some(cluster), Some(id)) = (&state.cluster, endpoints::exchange_id(&req)) {
+        if id.tag() != cluster.tag() {
+            let cluster = cluster.clone();
+            return crate::cluster::peer::forward_agent(&state, &cluster, req, id.tag(), &grant)
+                .await;
+        }
+    }
+    endpoints::serve(state, grant, req, peer).await
+}
