@@ -7,4 +7,9 @@ pub mod broker;
 pub mod endpoints;
 pub mod error;
 pub mod pending;
+pub mod response;
+pub mod response_side;
+#[cfg(test)]
+mod tests;
 pub mod upload;
+pub mod upload_side;

@@ -1,11 +1,12 @@
-//! The body of a `/server/requeststream` answer: the user's upload, framed, for one exchange.
+//! `/server/requeststream`: one upload exchange, the user's upload framed for the agent.
 //!
-//! The exchange takes the user's body out of its slot, streams DATA frames as the user sends
-//! bytes (no buffering: each user chunk becomes one frame header plus the chunk itself), and
-//! ends with END or TRAILERS when the upload is complete, ABORT when it broke, or CONTINUE
-//! after `max` bytes or `idle` without bytes, handing the body back for the next exchange.
-//! An exchange dropped before its last frame marks the upload broken: bytes may have been
-//! lost in flight, and the request must not go on with a hole in its body.
+//! The exchange leases the upload ([`crate::agent::upload_side`]), streams DATA frames as
+//! the user sends bytes (no buffering: each user chunk becomes one frame header plus the
+//! chunk itself), and ends with END or TRAILERS when the upload is complete, ABORT when it
+//! broke, or CONTINUE after `max` bytes or `idle` without bytes, handing the upload back
+//! for the next exchange. An exchange dropped before its last frame drops its lease, which
+//! marks the upload broken: bytes may have been lost in flight, and the request must not go
+//! on with a hole in its body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,14 +15,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{header, Response};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 use relay_common::codec::{encode, encode_continue, BodyMsg, Encoded};
 use relay_common::source::SourceError;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::agent::pending::{Pending, UploadFailure, UploadSlot, UploadSource};
-use crate::base::body::BodyError;
+use crate::agent::endpoints::no_store;
+use crate::agent::error::AgentCallError;
+use crate::agent::pending::Pending;
+use crate::agent::upload_side::{lease, Phase, Refusal, UploadFailure, UploadLease};
+use crate::base::body::{BodyError, RelayBody};
+use crate::State;
+
+/// How long an upload exchange of an upgrade request waits for the 101 to reach the user.
+const UPGRADE_WAIT: Duration = Duration::from_secs(30);
 
 /// Limits on a user's request body (not on tunnel bytes, which have their own idle timer).
 #[derive(Clone, Copy, Debug)]
@@ -32,106 +42,161 @@ pub struct UploadLimits {
     pub inactivity: Duration,
 }
 
-/// What becomes of the upload after this exchange.
-enum Next {
-    Continue,
-    Finished,
-    Broken,
+/// Serves one upload exchange for `pending` starting at `offset`, of at most `max` bytes.
+pub async fn serve(
+    state: &State,
+    pending: Arc<Pending>,
+    offset: Option<u64>,
+    max: Option<u64>,
+) -> Result<Response<RelayBody>, AgentCallError> {
+    let deadline = tokio::time::Instant::now() + UPGRADE_WAIT;
+    let lease = loop {
+        match lease(&pending, offset) {
+            Ok(lease) => break lease,
+            Err(Refusal::Refused(e)) => return Err(e),
+            // An upgrade whose 101 has not reached the user yet: wait for the switch.
+            Err(Refusal::Wait) => tokio::select! {
+                _ = pending.upload.wait_for(|p| *p != Phase::AwaitingUpgrade) => {}
+                _ = pending.done.cancelled() => return Err(AgentCallError::UnknownId),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(AgentCallError::Conflict("the connection was not switched".into()));
+                }
+            },
+        }
+    };
+    let limits = UploadLimits {
+        max_body: state.cfg.max_request_body,
+        inactivity: state.cfg.upload_inactivity_timeout,
+    };
+    let max = max.unwrap_or(u64::MAX).max(1);
+    let exchange = UploadExchange::new(lease, max, state.cfg.exchange_idle, limits);
+    Ok(no_store(Response::builder())
+        .header(header::CONTENT_TYPE, "application/x-relay-frames")
+        // nginx passes this response on as it arrives instead of buffering it.
+        .header("x-accel-buffering", "no")
+        .body(exchange.boxed_unsync())
+        .expect("bug: static response"))
 }
 
-/// One upload exchange.
+/// One upload exchange, as the body of the `/server/requeststream` answer.
 pub struct UploadExchange {
-    pending: Arc<Pending>,
-    source: Option<UploadSource>,
-    offset: u64,
+    /// The upload, until the exchange's last frame.
+    lease: Option<UploadLease>,
     sent: u64,
     max: u64,
     queued: Option<Bytes>,
     idle: Pin<Box<Sleep>>,
     idle_for: Duration,
     user_gone: Pin<Box<WaitForCancellationFutureOwned>>,
-    finished: bool,
     limits: UploadLimits,
 }
 
+/// How the exchange hands the upload on.
+enum Next {
+    Continue,
+    Finished,
+    Broken,
+    Failed(UploadFailure),
+}
+
+type Polled = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
+
 impl UploadExchange {
-    /// Starts an exchange over `source`, which has delivered `offset` bytes before.
-    pub fn new(
-        pending: Arc<Pending>,
-        source: UploadSource,
-        offset: u64,
-        max: u64,
-        idle_for: Duration,
-        limits: UploadLimits,
-    ) -> Self {
-        let user_gone = Box::pin(pending.done.clone().cancelled_owned());
+    /// An exchange over `lease` of at most `max` bytes, ending with CONTINUE after
+    /// `idle_for` without a byte.
+    pub fn new(lease: UploadLease, max: u64, idle_for: Duration, limits: UploadLimits) -> Self {
+        let user_gone = Box::pin(lease.pending().done.clone().cancelled_owned());
         let mut x = UploadExchange {
-            pending,
-            source: Some(source),
-            offset,
+            lease: Some(lease),
             sent: 0,
             max,
             queued: None,
             idle: Box::pin(tokio::time::sleep(idle_for)),
             idle_for,
             user_gone,
-            finished: false,
             limits,
         };
         x.reset_idle(None);
         x
     }
 
-    fn is_body(&self) -> bool {
-        self.source.as_ref().is_some_and(UploadSource::is_body)
+    fn lease(&mut self) -> &mut UploadLease {
+        self.lease
+            .as_mut()
+            .expect("bug: polled after the last frame")
     }
 
     /// The idle timer ends the exchange (CONTINUE) after `idle_for`, or earlier when the
     /// body's inactivity limit comes first. `last_byte` is the time of the latest body
     /// byte when the caller knows it (it just recorded it), else it is read.
-    fn reset_idle(&mut self, last_byte: Option<std::time::Instant>) {
+    fn reset_idle(&mut self, last_byte: Option<tokio::time::Instant>) {
         let now = tokio::time::Instant::now();
         let mut deadline = now + self.idle_for;
-        if self.is_body() {
-            let last = last_byte
-                .unwrap_or_else(|| *self.pending.last_upload.lock().expect("bug: poisoned"));
-            let stall = tokio::time::Instant::from_std(last) + self.limits.inactivity;
+        let lease = self.lease();
+        if lease.is_body() {
+            let last = last_byte.unwrap_or_else(|| lease.pending().upload.last_byte());
+            let stall = last + self.limits.inactivity;
             deadline = deadline.min(stall.max(now));
         }
         self.idle.as_mut().reset(deadline);
     }
 
+    /// Ends the exchange with `last` and hands the upload on as `next` says.
+    fn finish(&mut self, next: Next, last: Bytes) -> Polled {
+        let lease = self.lease.take().expect("bug: an exchange finishes once");
+        match next {
+            Next::Continue => lease.give_back(),
+            Next::Finished => lease.finish(),
+            Next::Broken => lease.break_off(),
+            Next::Failed(why) => lease.fail(why),
+        }
+        Poll::Ready(Some(Ok(Frame::data(last))))
+    }
+
     /// Gives up on the user's body: the agent gets ABORT, the user its status.
-    fn fail(&mut self, why: UploadFailure) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.pending.fail_upload(why);
+    fn fail(&mut self, why: UploadFailure) -> Polled {
         let text = match why {
             UploadFailure::TooLarge(n) => format!("the request body is larger than {n} bytes"),
             UploadFailure::Stalled(d) => format!("the request body stalled for {d:?}"),
             UploadFailure::Malformed => "the request body's framing is malformed".to_owned(),
         };
-        self.finish(Next::Broken, encode(BodyMsg::Abort(text)).frame)
+        self.finish(Next::Failed(why), encode(BodyMsg::Abort(text)).frame)
     }
 
-    fn finish(&mut self, next: Next, last: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.finished = true;
-        let source = self.source.take().expect("bug: exchange finished twice");
-        let slot = match next {
-            Next::Continue => UploadSlot::Ready {
-                source,
-                offset: self.offset,
-            },
-            Next::Finished => UploadSlot::Finished,
-            Next::Broken => UploadSlot::Broken,
-        };
-        // The user side may have finished meanwhile (slot Finished); keep that.
-        let in_use = matches!(
-            *self.pending.upload.lock().expect("bug: poisoned"),
-            UploadSlot::InUse
-        );
-        if in_use {
-            self.pending.set_upload(slot);
+    /// Nothing to send: the exchange ends when the user left (ABORT), the body stalled past
+    /// its limit (ABORT, 408 to the user) or the exchange idled (CONTINUE).
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Polled {
+        if self.user_gone.as_mut().poll(cx).is_ready() {
+            let why = BodyMsg::Abort("the user went away".into());
+            return self.finish(Next::Broken, encode(why).frame);
         }
-        Poll::Ready(Some(Ok(Frame::data(last))))
+        if self.idle.as_mut().poll(cx).is_ready() {
+            let inactivity = self.limits.inactivity;
+            let lease = self.lease();
+            if lease.is_body() && lease.pending().upload.last_byte().elapsed() >= inactivity {
+                return self.fail(UploadFailure::Stalled(self.limits.inactivity));
+            }
+            return self.finish(Next::Continue, encode_continue());
+        }
+        Poll::Pending
+    }
+
+    /// One DATA frame of `data` (header now, payload next).
+    fn data(&mut self, data: Bytes) -> Polled {
+        let len = data.len() as u64;
+        let max_body = self.limits.max_body;
+        let lease = self.lease();
+        if let (true, Some(max)) = (lease.is_body(), max_body) {
+            if lease.offset() + len > max {
+                return self.fail(UploadFailure::TooLarge(max));
+            }
+        }
+        let last_byte = self.lease().delivered(len);
+        self.sent += len;
+        self.reset_idle(last_byte);
+        let Encoded { frame, payload } = encode(BodyMsg::Data(data));
+        self.queued = payload;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
     }
 }
 
@@ -139,96 +204,29 @@ impl Body for UploadExchange {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         if let Some(b) = this.queued.take() {
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
-        if this.finished {
+        if this.lease.is_none() {
             return Poll::Ready(None);
         }
         if this.sent >= this.max {
             return this.finish(Next::Continue, encode_continue());
         }
-        let source = this
-            .source
-            .as_mut()
-            .expect("bug: source taken before finish");
-        let msg = match source.poll_next(cx) {
-            Poll::Ready(Ok(msg)) => msg,
+        match this.lease().source().poll_next(cx) {
+            Poll::Ready(Ok(BodyMsg::Data(data))) => this.data(data),
+            // END or TRAILERS: the upload is complete.
+            Poll::Ready(Ok(last)) => this.finish(Next::Finished, encode(last).frame),
             Poll::Ready(Err(SourceError::Body(e))) if e.is_parse() => {
-                return this.fail(UploadFailure::Malformed)
+                this.fail(UploadFailure::Malformed)
             }
             Poll::Ready(Err(e)) => {
                 let why = format!("the user's side failed: {e}");
-                return this.finish(Next::Broken, encode(BodyMsg::Abort(why)).frame);
+                this.finish(Next::Broken, encode(BodyMsg::Abort(why)).frame)
             }
-            Poll::Pending => return this.poll_quiet(cx),
-        };
-        let BodyMsg::Data(data) = msg else {
-            // END or TRAILERS: the upload is complete.
-            return this.finish(Next::Finished, encode(msg).frame);
-        };
-        let len = data.len() as u64;
-        if let (true, Some(max)) = (this.is_body(), this.limits.max_body) {
-            if this.offset + len > max {
-                return this.fail(UploadFailure::TooLarge(max));
-            }
-        }
-        let last_byte = this.is_body().then(|| {
-            let now = std::time::Instant::now();
-            *this.pending.last_upload.lock().expect("bug: poisoned") = now;
-            now
-        });
-        this.sent += len;
-        this.offset += len;
-        this.pending
-            .upload_bytes
-            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        this.reset_idle(last_byte);
-        let Encoded { frame, payload } = encode(BodyMsg::Data(data));
-        this.queued = payload;
-        Poll::Ready(Some(Ok(Frame::data(frame))))
-    }
-}
-
-impl UploadExchange {
-    /// Nothing to send: the exchange ends when the user left (ABORT), the body stalled past
-    /// its limit (ABORT, 408 to the user) or the exchange idled (CONTINUE).
-    fn poll_quiet(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if self.user_gone.as_mut().poll(cx).is_ready() {
-            let why = BodyMsg::Abort("the user went away".into());
-            return self.finish(Next::Broken, encode(why).frame);
-        }
-        if self.idle.as_mut().poll(cx).is_ready() {
-            if self.is_body() {
-                let last = *self.pending.last_upload.lock().expect("bug: poisoned");
-                if last.elapsed() >= self.limits.inactivity {
-                    return self.fail(UploadFailure::Stalled(self.limits.inactivity));
-                }
-            }
-            return self.finish(Next::Continue, encode_continue());
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for UploadExchange {
-    fn drop(&mut self) {
-        if !self.finished {
-            let in_use = matches!(
-                *self.pending.upload.lock().expect("bug: poisoned"),
-                UploadSlot::InUse
-            );
-            if in_use {
-                self.pending.set_upload(UploadSlot::Broken);
-            }
+            Poll::Pending => this.poll_quiet(cx),
         }
     }
 }

@@ -151,7 +151,14 @@ impl<G: Unpin> Body for RelayedBody<G> {
 /// sent with the head) a 400 that no agent ever sees.
 pub struct UserBody {
     first: Option<Frame<Bytes>>,
-    inner: hyper::body::Incoming,
+    inner: Inner,
+}
+
+enum Inner {
+    Hyper(hyper::body::Incoming),
+    /// Unit tests: chunks as a test sends them; the body ends when the sender goes.
+    #[cfg(test)]
+    Test(mpsc::Receiver<Bytes>),
 }
 
 impl UserBody {
@@ -163,7 +170,21 @@ impl UserBody {
             Poll::Ready(Some(Err(e))) => return Err(e),
             Poll::Ready(None) | Poll::Pending => None,
         };
-        Ok(UserBody { first, inner })
+        Ok(UserBody {
+            first,
+            inner: Inner::Hyper(inner),
+        })
+    }
+
+    /// A body of the chunks sent into the returned sender (unit tests).
+    #[cfg(test)]
+    pub fn test() -> (mpsc::Sender<Bytes>, Self) {
+        let (tx, rx) = mpsc::channel(16);
+        let body = UserBody {
+            first: None,
+            inner: Inner::Test(rx),
+        };
+        (tx, body)
     }
 }
 
@@ -178,15 +199,28 @@ impl Body for UserBody {
         if let Some(f) = self.first.take() {
             return Poll::Ready(Some(Ok(f)));
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match &mut self.inner {
+            Inner::Hyper(b) => Pin::new(b).poll_frame(cx),
+            #[cfg(test)]
+            Inner::Test(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.first.is_none()
+            && match &self.inner {
+                Inner::Hyper(b) => b.is_end_stream(),
+                #[cfg(test)]
+                Inner::Test(_) => false,
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
+        let mut hint = match &self.inner {
+            Inner::Hyper(b) => b.size_hint(),
+            #[cfg(test)]
+            Inner::Test(_) => SizeHint::default(),
+        };
         if let Some(n) = self
             .first
             .as_ref()

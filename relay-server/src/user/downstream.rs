@@ -15,7 +15,9 @@ use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHea
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::agent::pending::{Pending, ResponseStart, UploadFailure, UploadSlot, UploadSource};
+use crate::agent::pending::Pending;
+use crate::agent::response_side::ResponseStart;
+use crate::agent::upload_side::{UploadFailure, UploadSide};
 use crate::base::body::{empty, RelayBody, RelayedBody, UserBody};
 use crate::user::access::{
     check_link, check_token, strip_session_cookie, AccessError, AccessMode, Verdict, TOKEN_HEADER,
@@ -291,22 +293,19 @@ pub async fn dispatch(
         content_length: content_length.filter(|_| body_kind == BodyKind::Stream),
         upgrade: upgrade.clone(),
     };
-    let slot = match body {
-        Some(body) => UploadSlot::Ready {
-            source: UploadSource::Body(body),
-            offset: 0,
-        },
-        None if upgrade.is_some() => UploadSlot::AwaitingUpgrade,
-        None => UploadSlot::NoBody,
+    let upload = match body {
+        Some(body) => UploadSide::body(body),
+        None if upgrade.is_some() => UploadSide::awaiting_upgrade(),
+        None => UploadSide::none(),
     };
     let response_timeout = match upgrade {
         Some(_) => state.cfg.upgrade_response_timeout,
         None => state.cfg.response_timeout,
     };
     let (head_tx, head_rx) = oneshot::channel();
-    let pending = Pending::new(id, name.clone(), head, slot, head_tx);
-    let upload_failed = pending.upload_failed.clone();
+    let pending = Pending::new(id, name.clone(), head, upload, head_tx);
     let (guard, claimed) = state.broker.enqueue(backend, pending)?;
+    let pending = guard.pending().clone();
 
     let agent = tokio::select! {
         a = claimed => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
@@ -326,14 +325,13 @@ pub async fn dispatch(
         _ = agent.gone.cancelled() => {
             return Err(RelayError::BadGateway("the relay-client disconnected".into()));
         }
-        _ = upload_failed.cancelled() => {
-            return Err(match guard.pending().upload_failure.get() {
-                Some(UploadFailure::TooLarge(n)) => RelayError::PayloadTooLarge(*n),
-                Some(UploadFailure::Stalled(d)) => RelayError::UploadStalled(*d),
-                Some(UploadFailure::Malformed) => RelayError::BadRequest(
+        why = pending.upload.failed() => {
+            return Err(match why {
+                UploadFailure::TooLarge(n) => RelayError::PayloadTooLarge(n),
+                UploadFailure::Stalled(d) => RelayError::UploadStalled(d),
+                UploadFailure::Malformed => RelayError::BadRequest(
                     "the request body's framing is malformed".into(),
                 ),
-                None => RelayError::BadGateway("the request body failed".into()),
             });
         }
     };

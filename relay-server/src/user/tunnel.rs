@@ -6,7 +6,6 @@
 //! write shutdown, so half-closed connections keep working); ABORT, a cut exchange, the
 //! agent going away, the idle timeout or the end of the drain close both.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
@@ -15,7 +14,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::pending::{PendingGuard, UploadSlot, UploadSource};
+use crate::agent::pending::PendingGuard;
+use crate::agent::upload_side::UploadEnd;
 use crate::base::body::{BodyMsg, Delivery};
 
 /// Runs one tunnel until both directions ended or it must close. Dropping `guard` at the
@@ -38,10 +38,7 @@ pub async fn bridge(
     let pending = guard.pending().clone();
     let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     // Only now, with the 101 written, may user bytes flow to the backend.
-    pending.set_upload(UploadSlot::Ready {
-        source: UploadSource::tunnel(rd),
-        offset: 0,
-    });
+    pending.upload.open_tunnel(rd);
     let mut down = body_rx;
     let mut up_open = true;
     let mut down_bytes = 0u64;
@@ -70,8 +67,8 @@ pub async fn bridge(
                 }
                 Some(Delivery { msg: BodyMsg::Abort(_), .. }) | None => break "the backend side closed abruptly",
             },
-            _ = pending.upload_done.cancelled(), if up_open => {
-                if pending.upload_broken() {
+            end = pending.upload.ended(), if up_open => {
+                if end != UploadEnd::Finished {
                     break "the user side closed abruptly";
                 }
                 up_open = false;
@@ -79,7 +76,7 @@ pub async fn bridge(
             _ = agent_gone.cancelled() => break "the relay-client disconnected",
             _ = stop.cancelled() => break "the relay is shutting down",
             _ = idle.tick() => {
-                let now = (down_bytes, pending.upload_bytes.load(Ordering::Relaxed));
+                let now = (down_bytes, pending.upload.bytes());
                 if now == last {
                     quiet_ticks += 1;
                     if quiet_ticks >= 4 {

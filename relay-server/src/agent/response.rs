@@ -1,0 +1,121 @@
+//! `/server/response`: one response exchange. It holds the request's response side as a
+//! lease for as long as it runs, decodes the agent's frames and delivers them towards the
+//! user; how it ends (CONTINUE, a final frame, a cut, a protocol error, the user leaving)
+//! decides what the lease leaves behind.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use relay_common::codec::{BodyMsg, FrameReader, Message};
+
+use crate::agent::error::AgentCallError;
+use crate::agent::pending::Pending;
+use crate::agent::response_side::{DeliverError, ResponseLease};
+use crate::base::body::{text_response, RelayBody};
+use crate::State;
+
+/// How an exchange that did not fail ended.
+enum Ended {
+    /// A final frame: the response is complete.
+    Complete,
+    /// CONTINUE: the next exchange goes on.
+    Continue,
+}
+
+/// Why an exchange stopped early.
+enum Stopped {
+    UserGone,
+    Protocol(String),
+}
+
+impl From<DeliverError> for Stopped {
+    fn from(e: DeliverError) -> Self {
+        match e {
+            DeliverError::UserGone => Stopped::UserGone,
+            DeliverError::Protocol(why) => Stopped::Protocol(why.to_owned()),
+        }
+    }
+}
+
+/// Serves one response exchange for `pending`, whose body starts at `offset`.
+pub async fn serve(
+    state: &State,
+    pending: Arc<Pending>,
+    req: Request<Incoming>,
+    offset: Option<u64>,
+) -> Result<Response<RelayBody>, AgentCallError> {
+    let Some(lease) = pending.response.lease() else {
+        return Err(AgentCallError::Conflict(
+            "another response exchange is in progress".into(),
+        ));
+    };
+    if Some(lease.offset()) != offset {
+        // A gap or a duplicate: the body can no longer be delivered intact, so the user's
+        // response is failed rather than left hanging.
+        let msg = format!(
+            "offset mismatch: the next response byte is {}",
+            lease.offset()
+        );
+        lease.protocol_error();
+        return Err(AgentCallError::Conflict(msg));
+    }
+    let mut lease = lease;
+    let result = tokio::select! {
+        r = run(&mut lease, req.into_body(), state, &pending) => r,
+        _ = pending.done.cancelled() => Err(Stopped::UserGone),
+    };
+    match result {
+        Ok(Ended::Complete) => Ok(text_response(StatusCode::OK, "ok")),
+        Ok(Ended::Continue) => {
+            lease.hand_over();
+            Ok(text_response(StatusCode::OK, "ok"))
+        }
+        Err(Stopped::UserGone) => {
+            lease.hand_over();
+            Err(AgentCallError::UserGone)
+        }
+        Err(Stopped::Protocol(msg)) => {
+            lease.protocol_error();
+            Err(AgentCallError::BadRequest(msg))
+        }
+    }
+}
+
+/// Decodes the exchange's frames into the lease until a final frame or CONTINUE.
+async fn run(
+    lease: &mut ResponseLease,
+    body: Incoming,
+    state: &State,
+    pending: &Pending,
+) -> Result<Ended, Stopped> {
+    let mut reader = FrameReader::new(body);
+    loop {
+        let msg = reader
+            .next()
+            .await
+            .map_err(|e| Stopped::Protocol(e.to_string()))?;
+        match msg {
+            Message::Head(head) => {
+                if !lease.head(head)? {
+                    return Ok(Ended::Complete);
+                }
+            }
+            Message::Body(BodyMsg::Data(bytes)) => {
+                let len = bytes.len() as u64;
+                // Waits while the global budget is spent (the caller gives up when the
+                // user leaves).
+                let held = state.budget.hold(bytes.len()).await;
+                lease.data(bytes, held).await?;
+                pending.download_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Message::Body(last) => {
+                lease.end(last).await?;
+                return Ok(Ended::Complete);
+            }
+            // Also valid before HEAD: the agent has nothing to say yet.
+            Message::Continue => return Ok(Ended::Continue),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The broker: queues bounded per name and in total, polls that claim what is queued,
+//! cancel notices, and agents that go.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{broker, info, request};
+use crate::agent::upload_side::UploadSide;
+
+const HOLD: Duration = Duration::from_secs(30);
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_claims_queued_requests_up_to_its_max() {
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", false, info);
+    let backend = b.live_backend("n").expect("a poll makes the name live");
+    let mut claims = Vec::new();
+    let mut ids = Vec::new();
+    let mut guards = Vec::new();
+    for _ in 0..3 {
+        let (p, _rx) = request("n", UploadSide::none());
+        ids.push(p.id.to_string());
+        let (g, claimed) = b.enqueue(&backend, p).expect("room");
+        guards.push(g);
+        claims.push(claimed);
+    }
+    assert_eq!((b.parked(), b.in_flight()), (3, 3));
+    let stop = CancellationToken::new();
+    let batch = poll.next(2, HOLD, &stop).await;
+    let got: Vec<_> = batch.requests.iter().map(|h| h.id.clone()).collect();
+    assert_eq!(got, ids[..2], "oldest first, no more than asked for");
+    assert_eq!(b.parked(), 1);
+    let agent = claims
+        .remove(0)
+        .await
+        .expect("the user side learns who claimed it");
+    assert_eq!(agent.id, "a1");
+    let batch = poll.next(8, HOLD, &stop).await;
+    assert_eq!(batch.requests.len(), 1);
+    assert_eq!(b.parked(), 0);
+    // With nothing queued the poll waits out its hold and answers empty.
+    let started = tokio::time::Instant::now();
+    let batch = poll.next(8, HOLD, &stop).await;
+    assert!(batch.requests.is_empty() && batch.cancel.is_empty());
+    assert_eq!(started.elapsed(), HOLD);
+    drop(guards);
+    assert_eq!(
+        b.in_flight(),
+        0,
+        "a request leaves the table with its guard"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn queues_are_bounded_and_a_dropped_request_frees_its_slot() {
+    let b = broker(2, 3);
+    let _p1 = b.begin_poll("a", "x", false, info);
+    let _p2 = b.begin_poll("b", "y", false, info);
+    let (ba, bb) = (b.live_backend("a").unwrap(), b.live_backend("b").unwrap());
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            b.enqueue(&ba, request("a", UploadSide::none()).0)
+                .expect("room for a"),
+        );
+    }
+    let full = b
+        .enqueue(&ba, request("a", UploadSide::none()).0)
+        .err()
+        .expect("a is full");
+    assert_eq!(full.0, "a");
+    held.push(
+        b.enqueue(&bb, request("b", UploadSide::none()).0)
+            .expect("room for b"),
+    );
+    assert!(
+        b.enqueue(&bb, request("b", UploadSide::none()).0).is_err(),
+        "3 in all"
+    );
+    assert_eq!(b.parked(), 3);
+    held.remove(0);
+    assert_eq!(b.parked(), 2, "an abandoned request leaves the queue");
+    assert!(b.enqueue(&bb, request("b", UploadSide::none()).0).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claimed_request_dropped_by_its_user_is_cancelled_at_the_agent() {
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", false, info);
+    let backend = b.live_backend("n").unwrap();
+    let (p, _rx) = request("n", UploadSide::none());
+    let id = p.id;
+    let (guard, _claimed) = b.enqueue(&backend, p).unwrap();
+    let stop = CancellationToken::new();
+    assert_eq!(poll.next(1, HOLD, &stop).await.requests.len(), 1);
+    drop(guard);
+    // A poll at capacity (max 0) still carries cancel notices.
+    let batch = poll.next(0, HOLD, &stop).await;
+    assert_eq!(batch.cancel, vec![id]);
+    assert!(b.lookup(&id.to_string(), |_| true).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn lookups_are_bound_to_the_names_a_caller_may_serve() {
+    let b = broker(8, 8);
+    let _poll = b.begin_poll("n", "a1", false, info);
+    let backend = b.live_backend("n").unwrap();
+    let (p, _rx) = request("n", UploadSide::none());
+    let id = p.id.to_string();
+    let (_guard, _claimed) = b.enqueue(&backend, p).unwrap();
+    assert!(b.lookup(&id, |name| name == "n").is_some());
+    assert!(b.lookup(&id, |name| name == "other").is_none());
+    assert!(b.lookup("not-an-id", |_| true).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_without_polls_is_gone_after_its_grace() {
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", false, info);
+    let agent = poll.agent().clone();
+    b.reap();
+    assert!(b.is_connected("n"), "a parked poll keeps the agent");
+    drop(poll);
+    b.reap();
+    assert!(agent.gone.is_cancelled(), "its requests fail at once");
+    assert!(
+        !b.is_connected("n"),
+        "the name is forgotten with its last agent"
+    );
+    assert!(b.live_backend("n").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_ends_a_parked_poll() {
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", false, info);
+    let stop = CancellationToken::new();
+    stop.cancel();
+    let batch = poll.next(4, HOLD, &stop).await;
+    assert!(batch.requests.is_empty());
+}
