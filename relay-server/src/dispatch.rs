@@ -14,8 +14,10 @@ use crate::agent::endpoints;
 use crate::base::auth::Grant;
 use crate::base::body::{full, text_response, RelayBody};
 use crate::listener::Face;
-use crate::user::downstream::{self, Prepared};
+use crate::user::downstream;
 use crate::user::error::RelayError;
+use crate::user::prepare::{request_host, Prepared};
+use crate::user::relayed;
 use crate::user::router;
 use crate::State;
 
@@ -35,7 +37,7 @@ pub async fn route(
     // including paths like /healthz and /server/.
     let host_routed = !matches!(face, Face::Agent | Face::Admin | Face::Cluster)
         && state.cfg.public_domain.as_deref().is_some_and(|d| {
-            downstream::request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
+            request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
         });
     if host_routed {
         return Box::pin(user_request(state, req, peer, https)).await;
@@ -124,7 +126,7 @@ async fn deliver(state: Arc<State>, prepared: Prepared) -> Result<Response<Relay
         }
     }
     match local {
-        Some(backend) => downstream::dispatch(&state, &backend, prepared).await,
+        Some(backend) => relayed::dispatch(&state, &backend, prepared).await,
         None => Err(RelayError::NoAgent(name)),
     }
 }

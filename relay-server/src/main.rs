@@ -8,6 +8,7 @@ use relay_server::{Secret, State, TokenScope};
 use tokio_util::sync::CancellationToken;
 
 mod cli;
+mod settings;
 
 use cli::{Cli, Command, ParseError};
 
@@ -23,7 +24,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::SignLink(args)) => {
-            return match cli::sign_link(args) {
+            return match settings::sign_link(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("relay-server sign-link: {e:#}");
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
             };
         }
         Some(Command::CheckConfig { file }) => {
-            return match cli::check_config(&file) {
+            return match settings::check_config(&file) {
                 Ok(summary) => {
                     println!("{summary}");
                     ExitCode::SUCCESS
@@ -68,7 +69,7 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut cfg = cli::build_config(&cli)?;
+    let mut cfg = settings::build_config(&cli)?;
     let scheme = if cli.tls_cert.is_some() {
         "https"
     } else {
@@ -221,7 +222,7 @@ async fn reload_loop(
 
 fn reloaded(state: &State, args: &[OsString]) -> anyhow::Result<()> {
     let cli = cli::parse(args).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let cfg = cli::build_config(&cli)?;
+    let cfg = settings::build_config(&cli)?;
     cfg.validate(cli.listen, cli.allow_open)?;
     state.reload(&cfg).context("applying")?;
     Ok(())

@@ -18,19 +18,16 @@
 //!
 //! [`RequestId::tagged`]: relay_common::id::RequestId::tagged
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio_util::sync::CancellationToken;
 
-use crate::agent::broker::Broker;
 use crate::base::auth::Secret;
-use crate::user::link::StoreFuture;
 
 /// Header carrying the shared cluster secret on calls between replicas.
 pub const SECRET_HEADER: &str = "x-relay-cluster-secret";
@@ -90,33 +87,35 @@ const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 /// How long a name's replica list is reused before Redis is asked again.
-const NAME_CACHE: Duration = Duration::from_secs(1);
+pub(super) const NAME_CACHE: Duration = Duration::from_secs(1);
 /// Longest wait for one Redis round trip.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A replica's membership in the cluster.
 pub struct Cluster {
-    cfg: ClusterConfig,
-    tag: u32,
+    pub(super) cfg: ClusterConfig,
+    pub(super) tag: u32,
     redis: ConnectionManager,
     /// [`UNKNOWN`], [`UP`] or [`DOWN`]: how the last Redis call went.
     health: AtomicU8,
     secret_digest: [u8; 32],
-    names: Mutex<HashMap<String, (Vec<u32>, Instant)>>,
+    /// Replicas per name looked up lately, and when (cached for [`NAME_CACHE`]).
+    pub(super) names: Mutex<HashMap<String, (Vec<u32>, Instant)>>,
     urls: Mutex<HashMap<u32, (String, Instant)>>,
     next: AtomicUsize,
-    view: Mutex<View>,
+    /// The directory as the status page shows it, refreshed by the renewal loop.
+    pub(super) view: Mutex<View>,
     /// Calls to other replicas (connection pool).
     pub peers: crate::cluster::peer::Peers,
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn tag_hex(tag: u32) -> String {
+pub(super) fn tag_hex(tag: u32) -> String {
     format!("{tag:08x}")
 }
 
@@ -211,16 +210,16 @@ impl Cluster {
         &self.cfg.secret.0
     }
 
-    fn replica_key(&self, tag: u32) -> String {
+    pub(super) fn replica_key(&self, tag: u32) -> String {
         format!("{}replica:{}", self.cfg.key_prefix, tag_hex(tag))
     }
 
-    fn name_key(&self, name: &str) -> String {
+    pub(super) fn name_key(&self, name: &str) -> String {
         format!("{}name:{name}", self.cfg.key_prefix)
     }
 
     /// Records how a Redis call went; logs each change (and the first failure at start).
-    fn mark(&self, ok: bool, why: Option<&redis::RedisError>) {
+    pub(super) fn mark(&self, ok: bool, why: Option<&redis::RedisError>) {
         let now = if ok { UP } else { DOWN };
         let was = self.health.swap(now, Ordering::AcqRel);
         if was == now {
@@ -236,7 +235,7 @@ impl Cluster {
         }
     }
 
-    async fn query<T: redis::FromRedisValue>(
+    pub(super) async fn query<T: redis::FromRedisValue>(
         &self,
         p: &redis::Pipeline,
     ) -> Result<T, ClusterError> {
@@ -324,55 +323,6 @@ impl Cluster {
         Ok(url)
     }
 
-    /// Claims a signed link's nonce until the link expires (Unix seconds): false when any
-    /// replica redeemed it before.
-    pub async fn claim_nonce(&self, nonce: &str, exp_unix: u64) -> Result<bool, ClusterError> {
-        let mut p = redis::pipe();
-        p.cmd("SET")
-            .arg(format!("{}nonce:{nonce}", self.cfg.key_prefix))
-            .arg(1)
-            .arg("NX")
-            .arg("PXAT")
-            .arg(exp_unix.saturating_mul(1000));
-        let (set,): (Option<String>,) = self.query(&p).await?;
-        Ok(set.is_some())
-    }
-
-    /// Stores a signed-link session under the digest of its id, expiring after `idle`
-    /// without use.
-    pub async fn put_session(
-        &self,
-        digest: &str,
-        value: &str,
-        idle: Duration,
-    ) -> Result<(), ClusterError> {
-        let mut p = redis::pipe();
-        p.cmd("SET")
-            .arg(format!("{}session:{digest}", self.cfg.key_prefix))
-            .arg(value)
-            .arg("PX")
-            .arg(idle.as_millis() as u64)
-            .ignore();
-        self.query(&p).await
-    }
-
-    /// A session's value, its idle timer restarted (one round trip).
-    pub async fn touch_session(
-        &self,
-        digest: &str,
-        idle: Duration,
-    ) -> Result<Option<String>, ClusterError> {
-        let key = format!("{}session:{digest}", self.cfg.key_prefix);
-        let mut p = redis::pipe();
-        p.cmd("GET").arg(&key);
-        p.cmd("PEXPIRE")
-            .arg(&key)
-            .arg(idle.as_millis() as u64)
-            .ignore();
-        let (value,): (Option<String>,) = self.query(&p).await?;
-        Ok(value)
-    }
-
     /// Forgets what is cached about `tag` (its connection failed).
     pub fn forget_peer(&self, tag: u32) {
         self.urls.lock().expect("bug: poisoned").remove(&tag);
@@ -380,167 +330,5 @@ impl Cluster {
             .lock()
             .expect("bug: poisoned")
             .retain(|_, (tags, _)| !tags.contains(&tag));
-    }
-
-    /// Keeps this replica's entries in the directory until `stop`, then removes them.
-    pub async fn run(self: Arc<Self>, broker: Arc<Broker>, stop: CancellationToken) {
-        let lease_ms = self.cfg.lease.as_millis() as u64;
-        let me = tag_hex(self.tag);
-        let mut registered: HashSet<String> = HashSet::new();
-        let mut last_full: Option<Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => break,
-            }
-            // Lookups of names nobody serves must not pile up (users choose names).
-            self.names
-                .lock()
-                .expect("bug: poisoned")
-                .retain(|_, (_, at)| at.elapsed() < NAME_CACHE);
-            let local: HashSet<String> = broker
-                .agents_per_name()
-                .into_iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(name, _)| name)
-                .collect();
-            // Renews the replica's own lease; 0 means Redis lost it (restart, eviction).
-            let mut p = redis::pipe();
-            p.cmd("PEXPIRE")
-                .arg(self.replica_key(self.tag))
-                .arg(lease_ms);
-            let Ok((kept,)) = self.query::<(u8,)>(&p).await else {
-                continue;
-            };
-            let full = kept == 0 || last_full.is_none_or(|t| t.elapsed() >= self.cfg.lease / 3);
-            let added: Vec<&String> = if full {
-                local.iter().collect()
-            } else {
-                local.difference(&registered).collect()
-            };
-            let removed: Vec<&String> = registered.difference(&local).collect();
-            if !full && added.is_empty() && removed.is_empty() {
-                continue;
-            }
-            let now = now_ms();
-            let mut p = redis::pipe();
-            if full {
-                p.cmd("SET")
-                    .arg(self.replica_key(self.tag))
-                    .arg(&self.cfg.advertise_url)
-                    .arg("PX")
-                    .arg(lease_ms)
-                    .ignore();
-            }
-            for name in &added {
-                let key = self.name_key(name);
-                p.cmd("ZADD")
-                    .arg(&key)
-                    .arg(now + lease_ms)
-                    .arg(&me)
-                    .ignore();
-                p.cmd("ZREMRANGEBYSCORE")
-                    .arg(&key)
-                    .arg("-inf")
-                    .arg(now)
-                    .ignore();
-                p.cmd("PEXPIRE").arg(&key).arg(lease_ms).ignore();
-            }
-            for name in &removed {
-                p.cmd("ZREM").arg(self.name_key(name)).arg(&me).ignore();
-            }
-            if self.query::<()>(&p).await.is_ok() {
-                registered = local;
-                if full {
-                    last_full = Some(Instant::now());
-                    if let Ok(v) = self.fetch_view().await {
-                        *self.view.lock().expect("bug: poisoned") = v;
-                    }
-                }
-            }
-        }
-        // Leaving: other replicas stop sending at once instead of after the lease.
-        let mut p = redis::pipe();
-        p.cmd("DEL").arg(self.replica_key(self.tag)).ignore();
-        for name in &registered {
-            p.cmd("ZREM").arg(self.name_key(name)).arg(&me).ignore();
-        }
-        let _ = self.query::<()>(&p).await;
-    }
-
-    /// Reads the directory for the status page: live replicas and up to [`VIEW_NAMES`]
-    /// names with their replicas.
-    async fn fetch_view(&self) -> Result<View, ClusterError> {
-        let prefix = &self.cfg.key_prefix;
-        let keys = |pattern: String| {
-            let mut p = redis::pipe();
-            p.cmd("SCAN")
-                .arg(0)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(10_000);
-            p
-        };
-        let ((_, replica_keys),): ((u64, Vec<String>),) =
-            self.query(&keys(format!("{prefix}replica:*"))).await?;
-        let ((_, name_keys),): ((u64, Vec<String>),) =
-            self.query(&keys(format!("{prefix}name:*"))).await?;
-        let name_keys: Vec<String> = name_keys.into_iter().take(VIEW_NAMES).collect();
-        let mut p = redis::pipe();
-        for k in &replica_keys {
-            p.cmd("GET").arg(k);
-        }
-        let now = now_ms();
-        for k in &name_keys {
-            p.cmd("ZRANGEBYSCORE").arg(k).arg(now).arg("+inf");
-        }
-        let values: Vec<redis::Value> = self.query(&p).await?;
-        let mut values = values.into_iter();
-        let mut view = View::default();
-        for k in &replica_keys {
-            let url: Option<String> = values.next().and_then(|v| redis::from_redis_value(v).ok());
-            if let (Some(url), Some(tag)) = (url, k.strip_prefix(&format!("{prefix}replica:"))) {
-                view.replicas.push((tag.to_owned(), url));
-            }
-        }
-        for k in &name_keys {
-            let tags: Vec<String> = values
-                .next()
-                .and_then(|v| redis::from_redis_value(v).ok())
-                .unwrap_or_default();
-            if let (false, Some(name)) =
-                (tags.is_empty(), k.strip_prefix(&format!("{prefix}name:")))
-            {
-                view.names.push((name.to_owned(), tags));
-            }
-        }
-        view.replicas.sort();
-        view.names.sort();
-        Ok(view)
-    }
-}
-
-impl crate::user::link::SharedSessions for Cluster {
-    fn claim_nonce<'a>(&'a self, nonce: &'a str, exp_unix: u64) -> StoreFuture<'a, bool> {
-        Box::pin(async move { Ok(Cluster::claim_nonce(self, nonce, exp_unix).await?) })
-    }
-
-    fn put_session<'a>(
-        &'a self,
-        digest: &'a str,
-        value: &'a str,
-        idle: Duration,
-    ) -> StoreFuture<'a, ()> {
-        Box::pin(async move { Ok(Cluster::put_session(self, digest, value, idle).await?) })
-    }
-
-    fn touch_session<'a>(
-        &'a self,
-        digest: &'a str,
-        idle: Duration,
-    ) -> StoreFuture<'a, Option<String>> {
-        Box::pin(async move { Ok(Cluster::touch_session(self, digest, idle).await?) })
     }
 }

@@ -4,3 +4,5 @@
 
 pub mod directory;
 pub mod peer;
+pub mod renewal;
+pub mod sessions;

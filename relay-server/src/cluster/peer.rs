@@ -34,8 +34,9 @@ use crate::base::auth::Grant;
 use crate::base::body::text_response;
 use crate::base::body::{empty, BodyError, RelayBody};
 use crate::cluster::directory::{Cluster, SECRET_HEADER};
-use crate::user::downstream::{dispatch, prefetch, Prepared};
 use crate::user::error::RelayError;
+use crate::user::prepare::{prefetch, Prepared};
+use crate::user::relayed::dispatch;
 use crate::State;
 
 /// Path of forwarded user requests on the cluster listener.
@@ -137,7 +138,7 @@ async fn connect(url: &str) -> std::io::Result<TcpStream> {
 
 fn header_value(s: &str) -> Result<HeaderValue, RelayError> {
     HeaderValue::from_str(s)
-        .map_err(|_| RelayError::BadGateway("a value cannot cross to another replica".into()))
+        .map_err(|_| RelayError::Replica("a value cannot cross to another replica".into()))
 }
 
 /// Sends a prepared user request to the first of `peers` (replicas holding an agent for
@@ -166,7 +167,7 @@ pub async fn forward_user(
         *req.method_mut() = p.method.clone();
         *req.uri_mut() = format!("{url}{FORWARD_PATH}")
             .parse()
-            .map_err(|_| RelayError::BadGateway(format!("bad replica address {url:?}")))?;
+            .map_err(|_| RelayError::Replica(format!("bad replica address {url:?}")))?;
         let h = req.headers_mut();
         h.insert(SECRET_HEADER, header_value(cluster.secret())?);
         h.insert(HEAD_HEADER, header_value(&head)?);
@@ -219,7 +220,7 @@ pub async fn forward_user(
             Err(_) => Err(RelayError::ResponseTimeout(limit)),
         };
     }
-    Err(RelayError::BadGateway(format!(
+    Err(RelayError::Replica(format!(
         "no relay replica holding backend {:?} could be reached ({last})",
         p.name
     )))
@@ -240,7 +241,7 @@ async fn exchange(
         Ok(resp) => Ok(resp.map(|b| b.map_err(BodyError::from).boxed_unsync())),
         Err(e) => {
             cluster.peers.drop_conn(url);
-            Err(RelayError::BadGateway(format!(
+            Err(RelayError::Replica(format!(
                 "the relay replica at {url} failed: {e}"
             )))
         }
@@ -256,7 +257,7 @@ async fn upgrade(
     user: hyper::upgrade::OnUpgrade,
     deadline: tokio::time::Instant,
 ) -> Result<Response<RelayBody>, RelayError> {
-    let fail = |e: hyper::Error| RelayError::BadGateway(format!("the relay replica failed: {e}"));
+    let fail = |e: hyper::Error| RelayError::Replica(format!("the relay replica failed: {e}"));
     let (mut send, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(fail)?;
     state.tunnels.spawn(async move {
         let _ = conn.with_upgrades().await;

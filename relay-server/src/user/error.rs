@@ -8,31 +8,31 @@ use crate::user::access::AccessError;
 /// A failure while relaying one user request. The variant says which side failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// The user's request cannot be routed (downstream).
+    /// The user's request cannot be routed (user side).
     #[error("{0}")]
     BadRequest(String),
-    /// No such route (downstream).
+    /// No such route (user side).
     #[error("{0}")]
     NotFound(String),
-    /// The request target is longer than the limit (downstream).
+    /// The request target is longer than the limit (user side).
     #[error("the request target is longer than {0} bytes")]
     UriTooLong(usize),
-    /// The user is not admitted to the backend (downstream).
+    /// The user is not admitted to the backend (user side).
     #[error(transparent)]
     Access(#[from] crate::user::access::AccessError),
-    /// The request uses something the relay does not implement (downstream).
+    /// The request uses something the relay does not implement (user side).
     #[error("{0}")]
     NotImplemented(String),
-    /// The request body is larger than allowed (downstream).
+    /// The request body is larger than allowed (user side).
     #[error("the request body is larger than {0} bytes")]
     PayloadTooLarge(u64),
-    /// The user stopped sending the request body (downstream).
+    /// The user stopped sending the request body (user side).
     #[error("the request body stalled for {0:?}")]
     UploadStalled(std::time::Duration),
-    /// No agent is connected for the name (upstream, fail fast).
+    /// No agent is connected for the name (agent side, fail fast).
     #[error("no relay-client is connected for backend {0:?}")]
     NoAgent(String),
-    /// Agents are connected but none took the request in time (upstream).
+    /// Agents are connected but none took the request in time (agent side).
     #[error("no relay-client for backend {0:?} picked up the request in time")]
     PickupTimeout(String),
     /// Too many requests waiting (internal limit).
@@ -41,16 +41,23 @@ pub enum RelayError {
     /// The server is shutting down.
     #[error("the relay is shutting down")]
     Draining,
-    /// The agent reported a failure or vanished before the response head (upstream).
+    /// The agent reported a failure, broke the protocol or vanished before the response
+    /// head (agent side).
     #[error("{0}")]
-    BadGateway(String),
+    Agent(String),
+    /// The backend answered something the relay cannot pass on (backend side).
+    #[error("{0}")]
+    Backend(String),
+    /// The replica that holds the name failed or could not be reached (cluster).
+    #[error("{0}")]
+    Replica(String),
     /// The request needs another replica and the cluster directory cannot say which.
     #[error(
         "backend {0:?} is not connected to this relay replica and the cluster directory \
          (Redis) is unreachable; try again shortly"
     )]
     ClusterUnavailable(String),
-    /// No response head in time (upstream).
+    /// No response head in time (backend side: the agent passes on what its backend does).
     #[error("the backend did not answer within {0:?}")]
     ResponseTimeout(std::time::Duration),
 }
@@ -73,7 +80,9 @@ impl RelayError {
             | RelayError::Overloaded(_)
             | RelayError::ClusterUnavailable(_)
             | RelayError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            RelayError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            RelayError::Agent(_) | RelayError::Backend(_) | RelayError::Replica(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             RelayError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }

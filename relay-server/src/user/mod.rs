@@ -7,5 +7,7 @@ pub mod downstream;
 pub mod error;
 pub mod forward_auth;
 pub mod link;
+pub mod prepare;
+pub mod relayed;
 pub mod router;
 pub mod tunnel;

@@ -1,0 +1,206 @@
+//! A routed, admitted user request made ready for an agent: upgrade detection, the headers
+//! the backend sees, framing checks, body limits and the prefetched body.
+
+use std::net::SocketAddr;
+
+use http::{header, HeaderMap, HeaderValue, Method, Request};
+use hyper::body::{Body, Incoming};
+use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_request};
+
+use crate::base::body::UserBody;
+use crate::user::access::{strip_session_cookie, TOKEN_HEADER};
+use crate::user::error::RelayError;
+use crate::State;
+
+/// A user request routed, admitted and ready for an agent: what a replica hands to the
+/// replica that holds the agent, or to its own broker.
+pub struct Prepared {
+    /// Backend name.
+    pub name: String,
+    /// Method.
+    pub method: Method,
+    /// Backend request target.
+    pub target: String,
+    /// Headers the backend gets (hop-by-hop removed, `X-Forwarded-*` set).
+    pub headers: HeaderMap,
+    /// Declared body length.
+    pub content_length: Option<u64>,
+    /// The protocol of a genuine upgrade request.
+    pub upgrade: Option<String>,
+    /// The user connection's switch, for upgrade requests.
+    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The request body, when it has one.
+    pub body: Option<UserBody>,
+    /// When the request arrived (timeouts count from here).
+    pub arrival: tokio::time::Instant,
+}
+
+/// Everything between admission and the broker: upgrade detection, the backend's headers,
+/// body limits.
+pub fn prepare(
+    state: &State,
+    mut req: Request<Incoming>,
+    route: crate::user::router::Route<'_>,
+    peer: SocketAddr,
+    https: bool,
+    arrival: tokio::time::Instant,
+) -> Result<Prepared, RelayError> {
+    // A genuine upgrade (HTTP/1.1, `Connection: upgrade`, no body) is relayed as such; the
+    // switch happens only if the backend answers 101. Anything else loses its Upgrade
+    // header with the other hop-by-hop headers and is an ordinary request.
+    let upgrade = (req.version() == http::Version::HTTP_11 && req.body().is_end_stream())
+        .then(|| upgrade_request(req.headers()))
+        .flatten();
+    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let trusted = state
+        .cfg
+        .trusted_proxies
+        .iter()
+        .any(|c| c.contains(peer.ip()));
+    let mut headers = forward_headers(&parts, peer, https, route.prefix, trusted)?;
+    if let Some(proto) = &upgrade {
+        set_upgrade_headers(&mut headers, proto);
+    }
+    let content_length = body.size_hint().exact();
+    // RFC 9110 §15.5.14: refuse a declared oversize body before anything is relayed.
+    if let (Some(n), Some(max)) = (content_length, state.cfg.max_request_body) {
+        if n > max {
+            return Err(RelayError::PayloadTooLarge(max));
+        }
+    }
+    let body = if body.is_end_stream() {
+        None
+    } else {
+        Some(prefetch(body)?)
+    };
+    Ok(Prepared {
+        name: route.name.to_owned(),
+        method: parts.method,
+        target: route.target,
+        headers,
+        content_length,
+        upgrade,
+        on_upgrade,
+        body,
+        arrival,
+    })
+}
+
+/// The user's body with its first frame read (see [`UserBody::prefetch`]).
+pub fn prefetch(body: Incoming) -> Result<UserBody, RelayError> {
+    UserBody::prefetch(body).map_err(|e| {
+        RelayError::BadRequest(format!("the request body's framing is malformed: {e}"))
+    })
+}
+
+/// Refuses HTTP/1.1 framing that hyper accepts but the relay cannot pass on faithfully.
+/// RFC 9112 §6.1: a transfer coding other than the final `chunked` is not understood here
+/// (501), since the backend would get undecoded bytes without knowing. (Both
+/// Transfer-Encoding and Content-Length: hyper frames by Transfer-Encoding, drops
+/// Content-Length and closes the connection after the answer, RFC 9112 §6.3.)
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), RelayError> {
+    if req.version() >= http::Version::HTTP_2 {
+        return Ok(());
+    }
+    let h = req.headers();
+    let te: Vec<_> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if te.is_empty() {
+        return Ok(());
+    }
+    let codings: Vec<String> = te
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if codings != ["chunked"] {
+        return Err(RelayError::NotImplemented(format!(
+            "transfer coding {:?} is not supported; only chunked is",
+            codings.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The host the user addressed: `:authority` (HTTP/2, RFC 9113 §8.3.1) or `Host`.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// The request headers the backend sees: hop-by-hop and framing removed (RFC 9110 §7.6.1),
+/// then the relay's own `X-Forwarded-*` (added after stripping, so `Connection` cannot
+/// remove them).
+fn forward_headers(
+    req: &http::request::Parts,
+    peer: SocketAddr,
+    https: bool,
+    prefix: Option<&str>,
+    trusted: bool,
+) -> Result<HeaderMap, RelayError> {
+    let mut h = req.headers.clone();
+    if h.get_all(header::HOST).iter().count() > 1 {
+        return Err(RelayError::BadRequest("more than one Host header".into()));
+    }
+    strip_hop_by_hop(&mut h, true);
+    if !trusted {
+        // Only a trusted proxy may speak for the client (RFC 7239 §8.1).
+        for name in FORWARDING_HEADERS {
+            h.remove(*name);
+        }
+    }
+    // The relay's own credentials never reach the backend, whatever the access mode.
+    h.remove(TOKEN_HEADER);
+    strip_session_cookie(&mut h);
+    // HTTP/2 carries the host in :authority (RFC 9113 §8.3.1); give the backend a Host.
+    if !h.contains_key(header::HOST) {
+        if let Some(auth) = req.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                h.insert(header::HOST, v);
+            }
+        }
+    }
+    append(&mut h, "x-forwarded-for", &peer.ip().to_string());
+    if !h.contains_key("x-forwarded-proto") {
+        let proto = if https { "https" } else { "http" };
+        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+    if !h.contains_key("x-forwarded-host") {
+        if let Some(host) = h.get(header::HOST).cloned() {
+            h.insert("x-forwarded-host", host);
+        }
+    }
+    if let Some(prefix) = prefix {
+        h.insert(
+            "x-forwarded-prefix",
+            HeaderValue::from_str(prefix).expect("bug: a valid name makes a valid prefix"),
+        );
+    }
+    Ok(h)
+}
+
+/// Headers that describe the client to the backend; dropped from untrusted peers.
+const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+];
+
+/// Appends to a comma-separated list header (RFC 9110 §5.3), keeping one field line.
+fn append(h: &mut HeaderMap, name: &'static str, value: &str) {
+    let joined = match h.get(name).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {value}"),
+        None => value.to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        h.insert(name, v);
+    }
+}

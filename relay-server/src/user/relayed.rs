@@ -1,0 +1,211 @@
+//! A prepared request queued for an agent, and the agent's answer turned into the user's
+//! response: its head, its streamed body, or a switch to a tunnel.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body_util::BodyExt;
+use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
+use relay_common::id::RequestId;
+use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead};
+use tokio::sync::oneshot;
+
+use crate::agent::pending::Pending;
+use crate::agent::response_side::ResponseStart;
+use crate::agent::upload_side::{UploadFailure, UploadSide};
+use crate::base::body::{empty, RelayBody, RelayedBody};
+use crate::user::error::RelayError;
+use crate::user::prepare::Prepared;
+use crate::State;
+
+/// Queues a prepared request for `backend`'s agents and turns their answer into the
+/// response: queue → claimed by a poll → response head → the user's response.
+pub async fn dispatch(
+    state: &Arc<State>,
+    backend: &Arc<crate::agent::broker::Backend>,
+    p: Prepared,
+) -> Result<Response<RelayBody>, RelayError> {
+    let is_head = p.method == Method::HEAD;
+    let (name, arrival) = (p.name.clone(), p.arrival);
+    let response_timeout = match p.upgrade {
+        Some(_) => state.cfg.upgrade_response_timeout,
+        None => state.cfg.response_timeout,
+    };
+    let (pending, head_rx, upgrade, on_upgrade) = request(state, p);
+    let (guard, claimed) = state.broker.enqueue(backend, pending)?;
+    let pending = guard.pending().clone();
+
+    let agent = tokio::select! {
+        a = claimed => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
+        _ = tokio::time::sleep(state.cfg.pickup_timeout) => {
+            return Err(RelayError::PickupTimeout(name));
+        }
+        _ = state.stop.cancelled() => return Err(RelayError::Draining),
+    };
+    state.metrics.pickup(arrival.elapsed());
+
+    let start = tokio::select! {
+        r = head_rx => r.map_err(|_| RelayError::Agent(
+            "the relay-client failed before sending a response head".into()))?,
+        _ = tokio::time::sleep_until(arrival + response_timeout) => {
+            return Err(RelayError::ResponseTimeout(response_timeout));
+        }
+        _ = agent.gone.cancelled() => {
+            return Err(RelayError::Agent("the relay-client disconnected".into()));
+        }
+        why = pending.upload.failed() => return Err(refused_upload(why)),
+    };
+    let (head, body_rx) = match start {
+        ResponseStart::Head(head, rx) => {
+            state.metrics.head(arrival.elapsed());
+            (head, rx)
+        }
+        ResponseStart::Abort(why) => {
+            return Err(RelayError::Agent(format!("the relay-client failed: {why}")))
+        }
+    };
+    let mut resp_headers = decode_headers(&head.headers)
+        .map_err(|e| RelayError::Agent(format!("the relay-client sent an {e}")))?;
+    if head.status == 101 {
+        let tunnel = Tunnel {
+            requested: upgrade,
+            on_upgrade,
+            body_rx,
+            guard,
+            agent,
+        };
+        return switch(state, resp_headers, tunnel);
+    }
+    strip_hop_by_hop(&mut resp_headers, false);
+    let status = StatusCode::from_u16(head.status)
+        .ok()
+        .filter(|s| s.as_u16() >= 200)
+        .ok_or_else(|| {
+            RelayError::Backend(format!(
+                "the backend answered status {} to a request that did not ask to upgrade",
+                head.status
+            ))
+        })?;
+    // RFC 9110 §8.6: a HEAD or 304 response may carry the length the body would have had.
+    if let Some(n) = head.content_length {
+        if head.body == BodyKind::Stream || is_head || status == StatusCode::NOT_MODIFIED {
+            resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    let body = match body_rx {
+        Some(rx) => {
+            RelayedBody::new(rx, head.content_length, agent.gone.clone(), guard).boxed_unsync()
+        }
+        None => {
+            drop(guard);
+            empty()
+        }
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = resp_headers;
+    Ok(resp)
+}
+
+/// The request in flight for `p`, with a fresh id (tagged with this replica in cluster
+/// mode), where its response head will arrive, and its upgrade, if any.
+fn request(
+    state: &State,
+    p: Prepared,
+) -> (
+    Pending,
+    oneshot::Receiver<ResponseStart>,
+    Option<String>,
+    Option<hyper::upgrade::OnUpgrade>,
+) {
+    let body_kind = match p.body {
+        Some(_) => BodyKind::Stream,
+        None => BodyKind::Empty,
+    };
+    let id = match &state.cluster {
+        Some(c) => RequestId::tagged(c.tag()),
+        None => RequestId::random(),
+    };
+    tracing::Span::current().record("id", tracing::field::display(id));
+    let head = RequestHead {
+        id: id.to_string(),
+        method: p.method.as_str().to_owned(),
+        target: p.target,
+        headers: encode_headers(&p.headers),
+        body: body_kind,
+        content_length: p.content_length.filter(|_| body_kind == BodyKind::Stream),
+        upgrade: p.upgrade.clone(),
+    };
+    let upload = match p.body {
+        Some(body) => UploadSide::body(body),
+        None if p.upgrade.is_some() => UploadSide::awaiting_upgrade(),
+        None => UploadSide::none(),
+    };
+    let (head_tx, head_rx) = oneshot::channel();
+    let pending = Pending::new(id, p.name, head, upload, head_tx);
+    (pending, head_rx, p.upgrade, p.on_upgrade)
+}
+
+/// The user's status for a body the relay refused.
+fn refused_upload(why: UploadFailure) -> RelayError {
+    match why {
+        UploadFailure::TooLarge(n) => RelayError::PayloadTooLarge(n),
+        UploadFailure::Stalled(d) => RelayError::UploadStalled(d),
+        UploadFailure::Malformed => {
+            RelayError::BadRequest("the request body's framing is malformed".into())
+        }
+    }
+}
+
+/// What a switch to a tunnel takes over from the request.
+struct Tunnel {
+    /// The protocol the user asked for.
+    requested: Option<String>,
+    /// The user connection's switch.
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Backend→user bytes.
+    body_rx: Option<tokio::sync::mpsc::Receiver<crate::base::body::Delivery>>,
+    /// Frees the request when the tunnel ends.
+    guard: crate::agent::pending::PendingGuard,
+    /// The agent carrying it.
+    agent: Arc<crate::agent::broker::Agent>,
+}
+
+/// Answers 101 and hands the connection to a tunnel, if the user asked for exactly this
+/// switch (RFC 9110 §15.2.2: the server switches to one of the protocols in `Upgrade`).
+/// Otherwise the 101 is a protocol violation of the backend: 502, no tunnel.
+fn switch(
+    state: &Arc<State>,
+    mut headers: HeaderMap,
+    t: Tunnel,
+) -> Result<Response<RelayBody>, RelayError> {
+    let answered = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let (Some(requested), Some(on_upgrade)) = (t.requested, t.on_upgrade) else {
+        return Err(RelayError::Backend(
+            "the backend answered 101 to a request that did not ask to upgrade".into(),
+        ));
+    };
+    if !upgrade_matches(&requested, &answered) {
+        return Err(RelayError::Backend(format!(
+            "the backend switched to {answered:?}, which the user did not ask for"
+        )));
+    }
+    strip_hop_by_hop(&mut headers, false);
+    set_upgrade_headers(&mut headers, &answered);
+    state.tunnels.spawn(crate::user::tunnel::bridge(
+        on_upgrade,
+        t.body_rx,
+        t.guard,
+        t.agent.gone.clone(),
+        state.cfg.tunnel_idle_timeout,
+        state.stop.clone(),
+    ));
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
