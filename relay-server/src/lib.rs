@@ -48,6 +48,7 @@ pub mod agent;
 pub mod base;
 pub mod cluster;
 pub mod config;
+pub mod connection;
 pub mod defaults;
 pub mod dispatch;
 pub mod listener;

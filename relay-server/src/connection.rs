@@ -1,0 +1,247 @@
+//! One listener's accept loop and each connection it accepts: admission against the
+//! connection limits, protocol detection, TLS, the request service, and a supervisor that
+//! closes the connection gracefully when the server stops or it idles.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::base::auth::{cert_grant, Grant};
+use crate::base::body::RelayBody;
+use crate::base::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Tracked};
+use crate::base::tls::Tls;
+use crate::listener::Face;
+use crate::State;
+
+/// Longest TLS handshake before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection of the accept loops shares.
+pub struct Conns<'a> {
+    /// The server.
+    pub state: &'a Arc<State>,
+    /// HTTP settings of this listener.
+    pub builder: &'a auto::Builder<TokioExecutor>,
+    /// Connection limits.
+    pub limits: &'a Arc<ConnLimits>,
+    /// Owner of every connection task.
+    pub tracker: &'a TaskTracker,
+    /// TLS termination, when configured.
+    pub tls: Option<&'a Arc<Tls>>,
+}
+
+impl Conns<'_> {
+    /// Accepts on `listener`, if there is one.
+    pub async fn accept_optional(&self, listener: Option<TcpListener>, face: Face) {
+        if let Some(l) = listener {
+            self.accept_loop(l, face).await;
+        }
+    }
+
+    /// Accepts on `listener` until the stop, serving each connection on the tracker.
+    pub async fn accept_loop(&self, listener: TcpListener, face: Face) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = self.state.stop.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if let Some(permit) = self.admit(peer, face) {
+                self.spawn(stream, peer, face, permit);
+            }
+        }
+    }
+
+    /// A permit of the connection limits, or `None` (the connection is closed at once).
+    fn admit(&self, peer: SocketAddr, face: Face) -> Option<Arc<crate::base::limits::ConnPermit>> {
+        let per_ip = !matches!(face, Face::Agent | Face::Cluster);
+        match self.limits.admit(peer.ip(), per_ip) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::debug!(%peer, reason = %e, "connection refused");
+                self.state.metrics.rejected(match e {
+                    ConnRefused::Total(_) => "connections",
+                    ConnRefused::PerIp(_) => "connections_per_ip",
+                });
+                None
+            }
+        }
+    }
+
+    /// Serves one accepted connection on the tracker: TLS when configured, protocol
+    /// detection, the request service, the supervisor.
+    fn spawn(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        face: Face,
+        permit: Arc<crate::base::limits::ConnPermit>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let https = self.tls.is_some() && !matches!(face, Face::Admin | Face::Cluster);
+        let activity = Arc::new(Activity::default());
+        // What the client certificate (TLS) grants, set once the handshake is done.
+        let cert: Arc<OnceLock<Grant>> = Arc::default();
+        let svc = service(
+            self.state.clone(),
+            peer,
+            https,
+            face,
+            &activity,
+            &permit,
+            &cert,
+        );
+        let builder = self.builder.clone();
+        let acceptor = self
+            .tls
+            .filter(|_| !matches!(face, Face::Admin | Face::Cluster))
+            .map(|t| t.acceptor());
+        let stop = self.state.stop.clone();
+        let cfg = &self.state.cfg;
+        let (detect, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
+        self.tracker.spawn(async move {
+            let _permit = permit;
+            let result = match acceptor {
+                None => {
+                    let io = TokioIo::new(FirstBytes::new(stream, detect));
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    supervise(conn, &activity, idle, &stop).await
+                }
+                // Boxed: a TLS connection's state is much larger than a plain one's, and
+                // unboxed every plain connection's task would be as large.
+                Some(acceptor) => {
+                    Box::pin(async move {
+                        let Some(tls_stream) = handshake(acceptor, stream, peer, &cert).await
+                        else {
+                            return Ok(());
+                        };
+                        let io = TokioIo::new(FirstBytes::new(tls_stream, detect));
+                        let conn = builder.serve_connection_with_upgrades(io, svc);
+                        supervise(conn, &activity, idle, &stop).await
+                    })
+                    .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The TLS handshake, bounded in time; records what the client certificate grants.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cert: &OnceLock<Grant>,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            if let Some(g) = cert_grant(s.get_ref().1.peer_certificates()) {
+                let _ = cert.set(g);
+            }
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The request service of one connection. A connection whose first agent call
+/// authenticates leaves the per-address count (agents behind one NAT address are many).
+fn service(
+    state: Arc<State>,
+    peer: SocketAddr,
+    https: bool,
+    face: Face,
+    activity: &Arc<Activity>,
+    permit: &Arc<crate::base::limits::ConnPermit>,
+    cert: &Arc<OnceLock<Grant>>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked<RelayBody>>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<Tracked<RelayBody>>, Infallible>>
+                 + Send
+                 + 'static,
+> + Clone {
+    let (activity, permit, cert) = (activity.clone(), permit.clone(), cert.clone());
+    service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        let busy = activity.begin();
+        let cert = cert.clone();
+        if permit.counts_per_ip()
+            && req.uri().path().starts_with("/server/")
+            && face != Face::Public
+            && state
+                .auth()
+                .tokens
+                .authenticate_agent(req.headers(), cert.get())
+                .is_ok()
+        {
+            permit.exempt_from_per_ip();
+        }
+        async move {
+            let resp = crate::dispatch::route(state, req, peer, https, face, cert.get()).await;
+            // The connection counts as busy until the response body is over.
+            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, busy)))
+        }
+    })
+}
+
+/// Runs one connection to its end; asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
+/// close after the response in progress) when the server stops or the connection has had
+/// no request in progress for `idle`.
+async fn supervise<I, S>(
+    conn: auto::UpgradeableConnection<'_, I, S, TokioExecutor>,
+    activity: &Activity,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Tracked<RelayBody>>,
+        Error = Infallible,
+    >,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, Tracked<RelayBody>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = stop.cancelled() => {}
+        _ = activity.idle_for(idle) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    // A connection that does not finish within a second after the stop is dropped.
+    match tokio::time::timeout(Duration::from_secs(1), conn).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
+}
