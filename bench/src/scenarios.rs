@@ -1,0 +1,218 @@
+//! The scenarios, one function each, numbered as in docs/PERFORMANCE.md. Each runs its
+//! measurement `plan.runs` times against one target and records the medians.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::load;
+use crate::procfs::{cpu_percent, cpu_ticks, rss_kib};
+use crate::targets::{self, Running};
+
+/// Sizes and counts of one benchmark run (smaller in smoke mode).
+pub struct Plan {
+    /// Runs per measurement (the median is kept).
+    pub runs: usize,
+    /// Length of one rate measurement.
+    pub dur: Duration,
+    /// Tunnel bytes each way.
+    pub tunnel: u64,
+    /// Body sizes of scenario 3.
+    pub sizes: &'static [usize],
+    /// Requests sent at once in scenario 6.
+    pub burst: usize,
+    /// Idle agents of scenario 5.
+    pub idle_agents: usize,
+    /// Idle tunnels of scenario 5.
+    pub idle_tunnels: usize,
+    /// How long idle agents and tunnels are held while CPU is measured.
+    pub idle_hold: Duration,
+}
+
+/// Results: metric → target → median value.
+#[derive(Default)]
+pub struct Table(pub BTreeMap<String, BTreeMap<&'static str, f64>>);
+
+impl Table {
+    fn put(&mut self, metric: impl Into<String>, target: &'static str, v: f64) {
+        self.0.entry(metric.into()).or_default().insert(target, v);
+    }
+}
+
+/// The median of `v` (0 when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the scenarios `want` selects against `t`.
+pub async fn run_all(
+    plan: &Plan,
+    t: &Running,
+    want: impl Fn(u8) -> bool,
+    out: &mut Table,
+) -> anyhow::Result<()> {
+    if want(1) {
+        keep_alive(plan, t, out).await?;
+    }
+    if want(2) {
+        new_connections(plan, t, out).await?;
+    }
+    if want(3) {
+        bodies(plan, t, out).await?;
+    }
+    if want(4) {
+        tunnel(plan, t, out).await?;
+    }
+    if want(7) {
+        h2_streams(plan, t, out).await?;
+    }
+    if want(6) {
+        burst(plan, t, out).await?;
+    }
+    if want(5) {
+        idle(plan, t, out).await?;
+    }
+    Ok(())
+}
+
+/// 1: small GETs on keep-alive connections (1 and 16).
+async fn keep_alive(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    for conns in [1usize, 16] {
+        let (mut rps, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..plan.runs {
+            let r = load::small_gets(&t.http, conns, false, plan.dur).await?;
+            rps.push(r.rps);
+            p50.push(r.p50);
+            p99.push(r.p99);
+        }
+        let m = format!("1 keep-alive {conns} conn");
+        out.put(format!("{m} req/s"), t.name, median(rps));
+        out.put(format!("{m} p50 ms"), t.name, median(p50));
+        out.put(format!("{m} p99 ms"), t.name, median(p99));
+    }
+    Ok(())
+}
+
+/// 2: a new connection per request (16 at a time).
+async fn new_connections(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    let (mut rps, mut p50) = (Vec::new(), Vec::new());
+    for _ in 0..plan.runs {
+        let r = load::small_gets(&t.http, 16, true, plan.dur).await?;
+        rps.push(r.rps);
+        p50.push(r.p50);
+    }
+    out.put("2 new connection per request req/s", t.name, median(rps));
+    out.put("2 new connection per request p50 ms", t.name, median(p50));
+    Ok(())
+}
+
+/// 3: downloads and uploads of each size.
+async fn bodies(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    for &size in plan.sizes {
+        let label = match size {
+            1_000 => "1 KB".to_owned(),
+            1_000_000 => "1 MB".to_owned(),
+            n => format!("{} MB", n / 1_000_000),
+        };
+        let (mut down, mut up) = (Vec::new(), Vec::new());
+        for _ in 0..plan.runs {
+            down.push(load::download(&t.http, size, plan.dur).await?);
+            up.push(load::upload(&t.http, size, plan.dur).await?);
+        }
+        out.put(format!("3 download {label} MB/s"), t.name, median(down));
+        out.put(format!("3 upload {label} MB/s"), t.name, median(up));
+    }
+    Ok(())
+}
+
+/// 4: raw bytes through a TCP tunnel, each way.
+async fn tunnel(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for _ in 0..plan.runs {
+        let (u, d) = load::tcp_copy(t.tcp, plan.tunnel).await?;
+        up.push(u);
+        down.push(d);
+    }
+    out.put("4 tunnel up MB/s", t.name, median(up));
+    out.put("4 tunnel down MB/s", t.name, median(down));
+    Ok(())
+}
+
+/// 7: small GETs over one HTTP/2 connection, 32 streams at a time.
+async fn h2_streams(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    let Some((addr, name)) = &t.h2 else {
+        return Ok(());
+    };
+    let mut rps = Vec::new();
+    for _ in 0..plan.runs {
+        rps.push(load::h2(*addr, name.as_deref(), 32, plan.dur).await?.rps);
+    }
+    out.put("7 HTTP/2 32 streams req/s", t.name, median(rps));
+    Ok(())
+}
+
+/// 6: a burst of requests at once; the relay's memory before, at the peak, after.
+async fn burst(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    let Some((addr, name)) = &t.h2 else {
+        return Ok(());
+    };
+    let n = plan.burst;
+    let before = t.server_pid.map(|p| rss_kib(p, "VmRSS"));
+    let mut secs = Vec::new();
+    for _ in 0..plan.runs {
+        let (s, ok) = load::burst(*addr, name.as_deref(), n).await?;
+        anyhow::ensure!(ok == n, "{}: {ok} of {n} burst requests answered", t.name);
+        secs.push(s);
+    }
+    out.put(format!("6 burst of {n} requests, s"), t.name, median(secs));
+    if let (Some(pid), Some(before)) = (t.server_pid, before) {
+        // The relay hands memory back on its next housekeeping tick (1 s).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let peak = rss_kib(pid, "VmHWM") / 1024.0;
+        out.put("6 burst relay-server peak RSS MiB", t.name, peak);
+        let growth = (rss_kib(pid, "VmRSS") - before) / 1024.0;
+        out.put("6 burst relay-server RSS growth after MiB", t.name, growth);
+    }
+    Ok(())
+}
+
+/// 5: idle agents and idle tunnels held by the relay (the relay's memory and CPU only).
+async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    let Some(pid) = t.server_pid else {
+        return Ok(());
+    };
+    let (n, hold) = (plan.idle_agents, plan.idle_hold);
+    let before = rss_kib(pid, "VmRSS");
+    let agents = load::IdleAgents::start(t.http.addr, targets::TOKEN, n).await?;
+    let after = rss_kib(pid, "VmRSS");
+    let cpu0 = cpu_ticks(pid);
+    let polls = agents.polls_during(hold).await;
+    let cpu = cpu_percent(pid, cpu0, hold);
+    drop(agents);
+    let m = format!("5 idle {n} agents");
+    out.put(
+        format!("{m} KiB per agent"),
+        t.name,
+        (after - before) / n as f64,
+    );
+    out.put(format!("{m} server CPU %"), t.name, cpu);
+    let rate = polls as f64 / hold.as_secs_f64();
+    out.put(format!("{m} re-polls/s"), t.name, rate);
+
+    let n = plan.idle_tunnels;
+    let before = rss_kib(pid, "VmRSS");
+    let tunnels = load::IdleTunnels::start(t.tcp, t.http.addr, n).await?;
+    let after = rss_kib(pid, "VmRSS");
+    let cpu0 = cpu_ticks(pid);
+    tokio::time::sleep(hold).await;
+    let cpu = cpu_percent(pid, cpu0, hold);
+    drop(tunnels);
+    let m = format!("5 idle {n} tunnels");
+    out.put(
+        format!("{m} KiB per tunnel"),
+        t.name,
+        (after - before) / n as f64,
+    );
+    out.put(format!("{m} server CPU %"), t.name, cpu);
+    Ok(())
+}
