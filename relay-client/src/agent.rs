@@ -53,8 +53,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         &cfg.services,
         &cfg.service_cmds,
         cfg.service_start_timeout,
-    )
-    .map_err(AgentError::Config)?;
+    )?;
 
     let stats = Arc::new(Stats::default());
     let admin_stop = CancellationToken::new();

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
-use crate::error::AgentError;
+use crate::error::{AgentError, TunnelError};
 use crate::service::{splice, ws_config, HALF_CLOSE_PROTOCOL};
 use crate::tls;
 
@@ -126,28 +126,24 @@ fn target(cfg: &ConnectConfig) -> Result<Target, AgentError> {
     })
 }
 
-async fn tunnel(target: &Target, local: TcpStream) -> Result<(), String> {
+async fn tunnel(target: &Target, local: TcpStream) -> Result<(), TunnelError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
-        .map_err(|e| format!("connecting to the relay: {e}"))?;
+        .map_err(TunnelError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let stream: Box<dyn Io> = match &target.tls {
         None => Box::new(tcp),
         Some(tls) => {
             let name = rustls::pki_types::ServerName::try_from(target.host.clone())
-                .map_err(|e| format!("bad relay host name: {e}"))?;
-            Box::new(
-                tls.connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("TLS: {e}"))?,
-            )
+                .map_err(|e| TunnelError::HostName(e.to_string()))?;
+            Box::new(tls.connect(name, tcp).await.map_err(TunnelError::Tls)?)
         }
     };
     let mut req = target
         .ws_url
         .as_str()
         .into_client_request()
-        .map_err(|e| format!("bad tunnel URL: {e}"))?;
+        .map_err(|e| TunnelError::Handshake(format!("bad tunnel URL: {e}")))?;
     req.headers_mut().insert(
         "sec-websocket-protocol",
         HeaderValue::from_static(HALF_CLOSE_PROTOCOL),
@@ -157,7 +153,7 @@ async fn tunnel(target: &Target, local: TcpStream) -> Result<(), String> {
     }
     let (ws, resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
         .await
-        .map_err(|e| format!("opening the tunnel: {e}"))?;
+        .map_err(|e| TunnelError::Handshake(e.to_string()))?;
     let half_close = resp
         .headers()
         .get("sec-websocket-protocol")

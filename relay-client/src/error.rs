@@ -31,3 +31,21 @@ pub enum RelayCallError {
         message: String,
     },
 }
+
+/// Why one `relay-client connect` tunnel could not be opened (the relay's side of it: the
+/// local connection is already accepted).
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The TCP connection to the relay failed.
+    #[error("connecting to the relay: {0}")]
+    Connect(std::io::Error),
+    /// The relay's host is not a valid TLS server name.
+    #[error("bad relay host name: {0}")]
+    HostName(String),
+    /// The TLS handshake with the relay failed.
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The WebSocket upgrade was refused or broke (a status, a bad answer).
+    #[error("opening the tunnel: {0}")]
+    Handshake(String),
+}

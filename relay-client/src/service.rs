@@ -27,6 +27,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::error::AgentError;
+
 /// The WebSocket subprotocol that adds per-direction end-of-stream (empty BINARY message).
 pub const HALF_CLOSE_PROTOCOL: &str = "relay.halfclose.v1";
 
@@ -88,7 +90,7 @@ impl Services {
         addrs: &[(String, String)],
         commands: &[(String, String)],
         start_timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, AgentError> {
         let mut services = HashMap::new();
         for (app, addr) in addrs {
             services.insert(
@@ -101,9 +103,11 @@ impl Services {
             );
         }
         for (app, cmd) in commands {
-            let s = services
-                .get_mut(app)
-                .ok_or_else(|| format!("--service-cmd {app}=… needs --service {app}=HOST:PORT"))?;
+            let s = services.get_mut(app).ok_or_else(|| {
+                AgentError::Config(format!(
+                    "--service-cmd {app}=… needs --service {app}=HOST:PORT"
+                ))
+            })?;
             s.command = Some(cmd.clone());
         }
         Ok(Services {

@@ -1,44 +1,35 @@
 //! relay-server: the public side of the HTTP long-polling relay.
 //!
 //! # Layout
-//! - [`listener`]: accepts connections (HTTP/1.1 and h2c prior knowledge on one port),
-//!   dispatches requests, drains on shutdown.
-//! - [`router`]: backend name and target from the raw path, `X-Server-Name` or the host.
-//! - [`access`], [`link`], [`forward_auth`]: who may reach a backend (open, token, signed
-//!   link, external authorization).
-//! - [`limits`], [`budget`]: connection limits and timers; the global bound on relayed bytes.
-//! - [`downstream`]: the user side of a relayed request.
-//! - [`upstream`]: the agent endpoints `/server/request`, `/server/response`,
-//!   `/server/requeststream`.
-//! - [`broker`]: connected agents per name, the wait queue, requests in flight.
-//! - [`pending`]: one request in flight and the guard that frees it.
-//! - [`upload`]: the framed upload stream of one `/server/requeststream` exchange.
-//! - [`tunnel`]: the user side of a switched (101) connection.
-//! - [`tls`]: TLS termination (rustls, ALPN h2/http1.1) with certificate reload.
-//! - [`cluster`], [`peer`]: cluster mode: the Redis directory of which replica holds which
-//!   names, and the calls between replicas (forwarded user requests and agent calls).
-//! - [`body`], [`error`], [`auth`], [`config`].
+//! The folders are the layers; dependencies point one way (`ops`, `cluster` → `user` →
+//! `agent` → `base`), and only the wiring at the root ([`dispatch`], [`listener`],
+//! [`connection`], [`State`]) knows them all.
+//! - [`base`]: credentials, response bodies, the byte budget, connection limits, metrics,
+//!   TLS. Knows no user, agent or replica.
+//! - [`agent`]: the agent endpoints, the broker, and one request in flight with its upload
+//!   and response sides as state machines.
+//! - [`user`]: routing, access control, preparing a user request, its response or tunnel.
+//! - [`cluster`]: the Redis directory and the calls between replicas.
+//! - [`ops`]: `/metrics` and the status page.
 //!
 //! # Life of a request
-//! 1. A user sends `GET /client/robot/status`. [`router`] takes `robot` from the raw path;
-//!    [`access`] admits the user (or answers 401/403/a redirect); [`downstream`] checks an
-//!    agent is connected for `robot` (else 503 at once), strips hop-by-hop headers and the
-//!    relay's credentials, sets `X-Forwarded-*`, and queues a [`pending::Pending`] with a
-//!    fresh 128-bit id.
-//! 2. A parked `/server/request` poll of a `robot` agent wakes, claims the request and
-//!    returns its head as JSON. No poll within `pickup_timeout` → 503.
-//! 3. If the request has a body, the agent pulls it through `/server/requeststream`
-//!    exchanges (framed, streamed as the user sends it).
-//! 4. The agent posts the backend's answer to `/server/response`: a HEAD frame, DATA frames,
-//!    then END/TRAILERS (or ABORT). The head becomes the user's response head, DATA flows
-//!    into the user's body through a bounded channel. No head within `response_timeout` → 504.
-//! 5. When the user leaves, the [`pending::PendingGuard`] drops: the id is forgotten, and
-//!    the agent learns of it in its next poll answer (`cancel`) and cancels the backend call.
-//!
-//! In cluster mode, step 1 on a replica without an agent for the name asks [`cluster`] which
-//! replicas have one and [`peer`] forwards the prepared request there (one internal hop,
-//! streamed both ways); the owner runs steps 2-5. Request ids start with the owner's tag,
-//! so an agent call that the load balancer sends to another replica is forwarded to it.
+//! 1. A user sends `GET /client/robot/status`. [`user::router`] takes `robot` from the raw
+//!    path; [`user::access`] admits the user (or answers 401/403/a redirect);
+//!    [`user::prepare`] strips hop-by-hop headers and the relay's credentials and sets
+//!    `X-Forwarded-*`.
+//! 2. [`dispatch`] finds a local agent for `robot` (else 503 at once, or another replica in
+//!    cluster mode); [`user::relayed`] queues an [`agent::pending::Pending`] with a fresh
+//!    128-bit id.
+//! 3. A parked `/server/request` poll of a `robot` agent wakes, claims the request and
+//!    returns its head as JSON ([`agent::endpoints`]). No poll within `pickup_timeout` → 503.
+//! 4. If the request has a body, the agent pulls it through `/server/requeststream`
+//!    exchanges ([`agent::upload`]), each holding the upload as a lease.
+//! 5. The agent posts the backend's answer to `/server/response` ([`agent::response`]): a
+//!    HEAD frame, DATA frames, then END/TRAILERS (or ABORT). The head becomes the user's
+//!    response head, DATA flows into the user's body through a bounded channel. No head
+//!    within `response_timeout` → 504.
+//! 6. When the user leaves, the [`agent::pending::PendingGuard`] drops: the id is
+//!    forgotten, and the agent learns of it in its next poll answer (`cancel`).
 // `deny`, not `forbid`: the one exception is `trim::release`, a pointer-free libc call.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

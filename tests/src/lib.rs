@@ -120,13 +120,30 @@ impl Server {
 
 /// Polls `cond` every 5 ms for up to 20 s (state observation, not a timed sleep).
 pub async fn wait_for(mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !cond() {
+    eventually(Duration::from_secs(20), "the condition", || {
+        std::future::ready(cond().then_some(()))
+    })
+    .await
+}
+
+/// Asks `check` again and again (every 10 ms) until it answers `Some`, and returns that:
+/// for state that other processes change (a directory entry, a metric, an exit status).
+/// `patience` bounds the wait; past it the test fails naming `what`.
+pub async fn eventually<T, F, Fut>(patience: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "condition not reached within 20 s"
+            "{what} not reached within {patience:?}"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -209,13 +209,11 @@ fn sigterm(p: &Proc) {
 }
 
 async fn exit_status(p: &mut Proc) -> std::process::ExitStatus {
-    for _ in 0..3000 {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            return s;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("process did not exit within 30 s");
+    let patience = std::time::Duration::from_secs(30);
+    eventually(patience, "the process's exit", || {
+        std::future::ready(p.child.try_wait().unwrap())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,8 @@ use relay_common::frame::{self, Kind};
 use relay_common::message::{BodyKind, PollAnswer, ResponseHead};
 use relay_tests::cluster::{balancer, replica, Redis, Replica, Secret};
 use relay_tests::{
-    backend, body_bytes, channel_body, client, data, empty, full, h2_client, Agent, TOKEN,
+    backend, body_bytes, channel_body, client, data, empty, eventually, full, h2_client, Agent,
+    TOKEN,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -45,8 +46,8 @@ fn value(metrics: &str, series: &str) -> u64 {
 /// Waits until the directory lists `tag` for `name` (state in Redis, polled).
 async fn wait_directory(redis: &Redis, name: &str, tag: &str) {
     let client = redis::Client::open(redis.url()).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let what = format!("{tag} registering {name:?}");
+    eventually(Duration::from_secs(20), &what, || {
         let members: Vec<String> = client
             .get_connection()
             .and_then(|mut c| {
@@ -57,15 +58,9 @@ async fn wait_directory(redis: &Redis, name: &str, tag: &str) {
                     .query(&mut c)
             })
             .unwrap_or_default();
-        if members.iter().any(|m| m == tag) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{tag} never registered {name:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        std::future::ready(members.iter().any(|m| m == tag).then_some(()))
+    })
+    .await
 }
 
 /// A GET of `url`; status and body (empty when the body broke).
@@ -505,9 +500,12 @@ async fn a_dying_replica_fails_its_requests_cleanly_and_its_agents_move() {
     // A request forwarded to replica 0 that is waiting for its answer when 0 dies.
     let via = r[1].url();
     let in_flight = tokio::spawn(async move { get(&via, "pinned", "/slow").await });
-    while value(&metrics(&r[0]).await, "relay_requests_in_flight") == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        "a request in flight on 0",
+        || async { (value(&metrics(&r[0]).await, "relay_requests_in_flight") > 0).then_some(()) },
+    )
+    .await;
     drop(r.remove(0)); // SIGKILL
     let (status, body) = tokio::time::timeout(Duration::from_secs(20), in_flight)
         .await
@@ -516,19 +514,16 @@ async fn a_dying_replica_fails_its_requests_cleanly_and_its_agents_move() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
 
     // Through the balancer the name served by the moving agent works again within 35 s.
-    let start = tokio::time::Instant::now();
-    loop {
-        let (status, body) = get(&format!("http://{lb}"), "moving", "/who").await;
-        if status == StatusCode::OK {
-            assert_eq!(body, "up");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(35),
-            "still {status}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let body = eventually(
+        Duration::from_secs(35),
+        "moving answering again",
+        || async {
+            let (status, body) = get(&format!("http://{lb}"), "moving", "/who").await;
+            (status == StatusCode::OK).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(body, "up");
     // Then every request succeeds, whichever replica it lands on.
     for _ in 0..6 {
         assert_eq!(
@@ -556,20 +551,22 @@ async fn without_redis_replicas_serve_their_own_agents_and_recover_when_it_retur
     );
     // Cross-replica requests get a clear 503 with Retry-After (the name's cached lookup
     // lasts a second; the answer turns once it runs out).
-    let resp = loop {
-        let resp = client()
-            .request(
-                Request::get(format!("{}/client/r/who", other.url()))
-                    .body(empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        if resp.status() != StatusCode::OK {
-            break resp;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let resp = eventually(
+        Duration::from_secs(20),
+        "a refusal without Redis",
+        || async {
+            let resp = client()
+                .request(
+                    Request::get(format!("{}/client/r/who", other.url()))
+                        .body(empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            (resp.status() != StatusCode::OK).then_some(resp)
+        },
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
     let text = String::from_utf8(body_bytes(resp.into_body()).await.unwrap().to_vec()).unwrap();

@@ -298,15 +298,12 @@ async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
     }
     // The user has the whole answer before the agent's upload of it completes, so the
     // agent counts a request as served a moment later: wait for in-flight to drain.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    let m = loop {
+    let patience = std::time::Duration::from_secs(30);
+    let m = eventually(patience, "the agent idle", || async {
         let (_, m) = get_text(format!("http://{admin}/metrics")).await;
-        if sample(&m, "relay_agent_requests_in_flight") == Some(0.0) {
-            break m;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never idle:\n{m}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+        (sample(&m, "relay_agent_requests_in_flight") == Some(0.0)).then_some(m)
+    })
+    .await;
     assert_eq!(
         sample(&m, r#"relay_agent_requests_total{outcome="served"}"#),
         Some(2.0),
@@ -315,18 +312,12 @@ async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
     assert_eq!(sample(&m, "relay_agent_connected"), Some(1.0), "{m}");
     // The relay-server goes away: the agent is alive but not ready.
     drop(server);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
+    let patience = std::time::Duration::from_secs(60);
+    let body = eventually(patience, "not ready without a server", || async {
         let (status, body) = get_text(format!("http://{admin}/readyz")).await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            assert!(body.contains("not reachable"), "{body}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still ready without a server"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        (status == StatusCode::SERVICE_UNAVAILABLE).then_some(body)
+    })
+    .await;
+    assert!(body.contains("not reachable"), "{body}");
     assert_eq!(get_text(format!("http://{admin}/healthz")).await.0, 200);
 }

@@ -202,13 +202,14 @@ async fn unknown_apps_and_ids_are_404_json_and_apps_lists_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_command_starts_on_first_use_and_stops_with_the_agent() {
-    // The service's port must be named up front; take one the OS just handed out.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // The service's port must be named up front. The test reserves it with a socket that is
+    // bound but not listening (connections are refused, no other process can take the port)
+    // and the service inherits that socket and listens on it: no window in which the port is
+    // free.
+    let (fd, port) = reserved_port();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     let script = format!(
-        "import socket,time\ntime.sleep(0.5)\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',{port}))\ns.listen()\nwhile True:\n c,_=s.accept()\n d=c.recv(100)\n c.sendall(b'lazy:'+d)\n c.close()\n"
+        "import socket,time\ntime.sleep(0.5)\ns=socket.socket(fileno={raw})\ns.listen()\nwhile True:\n c,_=s.accept()\n d=c.recv(100)\n c.sendall(b'lazy:'+d)\n c.close()\n"
     );
     let dir = relay_tests::procs::TempDir::new("svc");
     let path = dir.0.join("svc.py");
@@ -229,8 +230,47 @@ async fn a_service_command_starts_on_first_use_and_stops_with_the_agent() {
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"lazy:ping");
     drop(s);
+    // The service holds the socket now; the test's copy goes, so the port closes with it.
+    drop(fd);
     server.wait_idle().await;
     agent.stop().await.unwrap();
     // The service process went with the agent.
     wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_err()).await;
+}
+
+/// A TCP socket bound to a free loopback port but not listening, inheritable by child
+/// processes (no close-on-exec), and its port.
+fn reserved_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    #[allow(unsafe_code)]
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        let fd = OwnedFd::from_raw_fd(fd);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0u16.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            len,
+        );
+        assert_eq!(rc, 0, "bind");
+        let mut bound: libc::sockaddr_in = std::mem::zeroed();
+        let mut blen = len;
+        let rc = libc::getsockname(
+            fd.as_raw_fd(),
+            &mut bound as *mut _ as *mut libc::sockaddr,
+            &mut blen,
+        );
+        assert_eq!(rc, 0, "getsockname");
+        (fd, u16::from_be(bound.sin_port))
+    }
 }

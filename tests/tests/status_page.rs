@@ -52,6 +52,8 @@ impl Page {
 
     /// Evaluates `expression` until it yields `want` (the page refreshes itself every 2 s).
     async fn wait_for_value(&mut self, expression: &str, want: serde_json::Value) {
+        // A hand-rolled loop: each evaluation borrows the page's connection mutably, which
+        // a closure handing out futures cannot.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let got = self.eval(expression).await;

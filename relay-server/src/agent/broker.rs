@@ -58,7 +58,7 @@ impl Agent {
 }
 
 /// Per-name state, kept only while agents are connected for the name.
-pub struct Backend {
+pub struct NameQueue {
     /// The backend name.
     pub name: String,
     queue: Mutex<VecDeque<Arc<Pending>>>,
@@ -67,7 +67,7 @@ pub struct Backend {
     agents: Mutex<HashMap<String, Arc<Agent>>>,
 }
 
-impl Backend {
+impl NameQueue {
     fn has_live_agent(&self) -> bool {
         self.agents
             .lock()
@@ -113,7 +113,7 @@ pub type AgentList = Vec<(Arc<Agent>, usize)>;
 
 /// Everything the broker tracks.
 pub struct Broker {
-    backends: DashMap<String, Arc<Backend>>,
+    backends: DashMap<String, Arc<NameQueue>>,
     requests: DashMap<RequestId, Arc<Pending>>,
     parked_total: Arc<AtomicUsize>,
     /// Most requests waiting for pickup since [`Broker::take_peak`] last ran.
@@ -219,7 +219,7 @@ impl Broker {
     }
 
     /// The backend for `name` if a non-draining agent is connected.
-    pub fn live_backend(&self, name: &str) -> Option<Arc<Backend>> {
+    pub fn live_backend(&self, name: &str) -> Option<Arc<NameQueue>> {
         let b = self.backends.get(name)?.clone();
         b.has_live_agent().then_some(b)
     }
@@ -228,7 +228,7 @@ impl Broker {
     /// together are full). The guard cancels it everywhere when dropped.
     pub fn enqueue(
         self: &Arc<Self>,
-        backend: &Arc<Backend>,
+        backend: &Arc<NameQueue>,
         pending: Pending,
     ) -> Result<(PendingGuard, oneshot::Receiver<Arc<Agent>>), QueueFull> {
         if self.parked_total.load(Ordering::Acquire) >= self.max_parked_total {
@@ -282,7 +282,7 @@ impl Broker {
             .backends
             .entry(name.to_owned())
             .or_insert_with(|| {
-                Arc::new(Backend {
+                Arc::new(NameQueue {
                     name: name.to_owned(),
                     queue: Mutex::new(VecDeque::new()),
                     work: Notify::new(),
@@ -349,7 +349,7 @@ impl Broker {
 /// One parked poll. Dropping it (answer sent or agent connection gone) records the time,
 /// which starts the agent's grace period.
 pub struct PollHandle {
-    backend: Arc<Backend>,
+    backend: Arc<NameQueue>,
     agent: Arc<Agent>,
 }
 

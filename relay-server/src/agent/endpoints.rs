@@ -1,6 +1,5 @@
 //! The agent endpoints: authentication, `/server/request` (the long poll) and the routing
-//! of exchange calls to [`response`](crate::agent::response) and
-//! [`upload`](crate::agent::upload). Every call is authenticated, and every id is checked
+//! of exchange calls to [`response`] and [`upload`]. Every call is authenticated, and every id is checked
 //! against the names the caller's token may serve.
 
 use std::sync::Arc;

@@ -9,7 +9,7 @@ use relay_common::message::RequestHead;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::broker::{Agent, Backend, Broker};
+use crate::agent::broker::{Agent, Broker, NameQueue};
 use crate::agent::response_side::{ResponseSide, ResponseStart};
 use crate::agent::upload_side::UploadSide;
 
@@ -119,7 +119,7 @@ impl Pending {
 /// it (response finished, user gone, error) releases all of them and tells the agent.
 pub struct PendingGuard {
     broker: Arc<Broker>,
-    backend: Arc<Backend>,
+    backend: Arc<NameQueue>,
     pending: Arc<Pending>,
 }
 
@@ -129,7 +129,7 @@ impl PendingGuard {
         &self.pending
     }
 
-    pub(crate) fn new(broker: Arc<Broker>, backend: Arc<Backend>, pending: Arc<Pending>) -> Self {
+    pub(crate) fn new(broker: Arc<Broker>, backend: Arc<NameQueue>, pending: Arc<Pending>) -> Self {
         PendingGuard {
             broker,
             backend,

@@ -22,7 +22,7 @@ use crate::State;
 /// response: queue → claimed by a poll → response head → the user's response.
 pub async fn dispatch(
     state: &Arc<State>,
-    backend: &Arc<crate::agent::broker::Backend>,
+    backend: &Arc<crate::agent::broker::NameQueue>,
     p: Prepared,
 ) -> Result<Response<RelayBody>, RelayError> {
     let is_head = p.method == Method::HEAD;
