@@ -1,10 +1,12 @@
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use relay_server::{Secret, State, TokenScope};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod cli;
@@ -65,7 +67,7 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
             let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                 .context("installing the SIGHUP handler")?;
             let seen = mtime(&path);
-            Some((path, hup, seen))
+            Some(Watch { path, hup, seen })
         }
         None => None,
     };
@@ -87,61 +89,21 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
     if let Some(warning) = cfg.validate(cli.listen, cli.allow_open)? {
         tracing::warn!("{warning}");
     }
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
-        .with_context(|| format!("binding {}", cli.listen))?;
+    let listener = bind(cli.listen).await?;
     let addr = listener.local_addr()?;
-    let agent_listener = match cli.agent_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding {a}"))?,
-        ),
-        None => None,
-    };
+    let agent_listener = bind_optional(cli.agent_listen).await?;
     let agent_addr = match &agent_listener {
         Some(l) => l.local_addr()?,
         None => addr,
     };
-    if let Some(token) = generated {
-        // Printed once, on stdout, for the operator to copy; never logged.
-        println!("relay-server listening on {scheme}://{addr}");
-        println!("no agent token configured; generated one for this run (serves any name):");
-        println!();
-        println!(
-            "  relay-client --relay-url {scheme}://{agent_addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
-        );
-        println!();
-        println!("then open {scheme}://{addr}/client/NAME/");
-    } else {
-        println!("relay-server listening on {scheme}://{addr}");
-    }
+    announce(scheme, addr, agent_addr, generated.as_deref());
 
     let shutdown = CancellationToken::new();
     tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
     if agent_listener.is_some() {
         println!("relay-server agent endpoints on {scheme}://{agent_addr}");
     }
-    let cluster_listener = match (cli.cluster_listen, cfg.cluster.as_mut()) {
-        (Some(a), Some(c)) => {
-            let l = tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding {a}"))?;
-            let bound = l.local_addr()?;
-            if c.advertise_url.is_empty() {
-                if bound.ip().is_unspecified() {
-                    anyhow::bail!(
-                        "--cluster-listen {a} is a wildcard address: set --advertise-url to \
-                         the URL other replicas reach this one at"
-                    );
-                }
-                c.advertise_url = format!("http://{bound}");
-            }
-            println!("relay-server cluster endpoints on http://{bound}");
-            Some(l)
-        }
-        _ => None,
-    };
+    let cluster_listener = bind_cluster(cli.cluster_listen, &mut cfg).await?;
     let state = Arc::new(State::new(cfg));
     if let Some(c) = &state.cluster {
         println!(
@@ -150,20 +112,13 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
             c.advertise_url()
         );
     }
-    if let Some((path, hup, seen)) = reload {
-        let watch = Watch { path, hup, seen };
+    if let Some(watch) = reload {
         tokio::spawn(reload_loop(state.clone(), args, watch, shutdown.clone()));
     }
-    let admin_listener = match cli.admin_listen {
-        Some(a) => {
-            let l = tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding {a}"))?;
-            println!("relay-server admin endpoints on http://{}", l.local_addr()?);
-            Some(l)
-        }
-        None => None,
-    };
+    let admin_listener = bind_optional(cli.admin_listen).await?;
+    if let Some(l) = &admin_listener {
+        println!("relay-server admin endpoints on http://{}", l.local_addr()?);
+    }
     let listeners = relay_server::Listeners {
         public: listener,
         agent: agent_listener,
@@ -173,6 +128,58 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
     relay_server::serve_faces(listeners, state, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+async fn bind_optional(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => Ok(Some(bind(a).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The listening line and, with a generated token, the agent command to paste. The token
+/// is printed once, on stdout, for the operator to copy; never logged.
+fn announce(scheme: &str, addr: SocketAddr, agent_addr: SocketAddr, generated: Option<&str>) {
+    println!("relay-server listening on {scheme}://{addr}");
+    if let Some(token) = generated {
+        println!("no agent token configured; generated one for this run (serves any name):");
+        println!();
+        println!(
+            "  relay-client --relay-url {scheme}://{agent_addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
+        );
+        println!();
+        println!("then open {scheme}://{addr}/client/NAME/");
+    }
+}
+
+/// The cluster listener (cluster mode), and the advertised URL derived from it when none
+/// was given.
+async fn bind_cluster(
+    addr: Option<SocketAddr>,
+    cfg: &mut relay_server::Config,
+) -> anyhow::Result<Option<TcpListener>> {
+    let (Some(a), Some(c)) = (addr, cfg.cluster.as_mut()) else {
+        return Ok(None);
+    };
+    let l = bind(a).await?;
+    let bound = l.local_addr()?;
+    if c.advertise_url.is_empty() {
+        if bound.ip().is_unspecified() {
+            anyhow::bail!(
+                "--cluster-listen {a} is a wildcard address: set --advertise-url to \
+                 the URL other replicas reach this one at"
+            );
+        }
+        c.advertise_url = format!("http://{bound}");
+    }
+    println!("relay-server cluster endpoints on http://{bound}");
+    Ok(Some(l))
 }
 
 fn mtime(p: &std::path::Path) -> Option<std::time::SystemTime> {
