@@ -56,9 +56,7 @@ pub async fn route(
             )
         }
         "/readyz" => return text_response(StatusCode::OK, "ready"),
-        "/metrics" | "/status" | "/status.json"
-            if face == Face::Admin || state.ops_on_public.load(Ordering::Acquire) =>
-        {
+        "/metrics" | "/status" | "/status.json" if ops_allowed(&state, face, peer) => {
             return crate::ops::page::answer(&state, path);
         }
         _ => {}
@@ -92,6 +90,26 @@ pub async fn route(
         return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");
     }
     Box::pin(user_request(state, req, peer, https)).await
+}
+
+/// Whether the operator pages may be shown to `peer` on this listener: always on the admin
+/// listener; without one, on the public listener of a loopback address to loopback peers
+/// only, and not to a trusted proxy on loopback (a local reverse proxy would pass the world's
+/// requests on). Never on the agent or cluster listener.
+fn ops_allowed(state: &State, face: Face, peer: SocketAddr) -> bool {
+    match face {
+        Face::Admin => true,
+        Face::Public | Face::Shared => {
+            state.ops_on_public.load(Ordering::Acquire)
+                && peer.ip().is_loopback()
+                && !state
+                    .cfg
+                    .trusted_proxies
+                    .iter()
+                    .any(|c| c.contains(peer.ip()))
+        }
+        Face::Agent | Face::Cluster => false,
+    }
 }
 
 /// A user request: the user side routes and admits it, then [`deliver`] finds its agent.

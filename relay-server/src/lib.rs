@@ -165,15 +165,12 @@ impl State {
         self.auth.read().expect("bug: poisoned").clone()
     }
 
-    /// Applies the reloadable part of `cfg` (agent and user tokens, access rules). With no
-    /// agent token in `cfg` the running ones stay (the generated zero-config token).
+    /// Applies the reloadable part of `cfg` (agent and user tokens, access rules): exactly
+    /// the tokens `cfg` holds, so a token that left the configuration is refused from now on
+    /// (the binary puts its generated zero-config token back in when the file has none).
     /// Requests in flight keep what admitted them; the next request sees the new rules.
     pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
-        let mut next = Auth::new(cfg);
-        let current = self.auth();
-        if cfg.agent_tokens.is_empty() {
-            next.tokens = current.tokens.clone();
-        }
+        let next = Auth::new(cfg);
         *self.auth.write().expect("bug: poisoned") = Arc::new(next);
         if let Some(tls) = self.tls.get() {
             tls.reload_now();

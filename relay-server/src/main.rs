@@ -67,7 +67,12 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
             let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                 .context("installing the SIGHUP handler")?;
             let seen = mtime(&path);
-            Some(Watch { path, hup, seen })
+            Some(Watch {
+                path,
+                hup,
+                seen,
+                generated: None,
+            })
         }
         None => None,
     };
@@ -112,7 +117,8 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
             c.advertise_url()
         );
     }
-    if let Some(watch) = reload {
+    if let Some(mut watch) = reload {
+        watch.generated = generated;
         tokio::spawn(reload_loop(state.clone(), args, watch, shutdown.clone()));
     }
     let admin_listener = bind_optional(cli.admin_listen).await?;
@@ -191,6 +197,10 @@ struct Watch {
     path: std::path::PathBuf,
     hup: tokio::signal::unix::Signal,
     seen: Option<std::time::SystemTime>,
+    /// The agent token generated at start (no token configured then). It is the only token
+    /// a reload keeps when the new configuration has none: a token that left the file is
+    /// revoked.
+    generated: Option<String>,
 }
 
 /// Reloads tokens, access rules and certificates on SIGHUP and when the config file
@@ -214,7 +224,7 @@ async fn reload_loop(
                 "file changed"
             }
         };
-        match reloaded(&state, &args) {
+        match reloaded(&state, &args, w.generated.as_deref()) {
             Ok(()) => {
                 tracing::info!(reason = why, file = %w.path.display(), "configuration reloaded")
             }
@@ -227,9 +237,13 @@ async fn reload_loop(
     }
 }
 
-fn reloaded(state: &State, args: &[OsString]) -> anyhow::Result<()> {
+fn reloaded(state: &State, args: &[OsString], generated: Option<&str>) -> anyhow::Result<()> {
     let cli = cli::parse(args).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let cfg = settings::build_config(&cli)?;
+    let mut cfg = settings::build_config(&cli)?;
+    if let (true, Some(token)) = (cfg.agent_tokens.is_empty(), generated) {
+        cfg.agent_tokens
+            .push((TokenScope::Any, Secret(token.to_owned())));
+    }
     cfg.validate(cli.listen, cli.allow_open)?;
     state.reload(&cfg).context("applying")?;
     Ok(())

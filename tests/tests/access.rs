@@ -219,6 +219,45 @@ async fn signed_link_opens_one_session_scoped_to_its_backend_and_path() {
     assert_eq!(server.state.sessions.len(), 1);
 }
 
+#[tokio::test]
+async fn a_link_scope_is_whole_path_segments() {
+    let mut cfg = server_config();
+    cfg.access = AccessPolicy {
+        default: AccessMode::SignedLink,
+        ..AccessPolicy::default()
+    };
+    let key = Secret(LINK_KEY.into());
+    cfg.link_secret = Some(key.clone());
+    let (server, _agents, seen) = setup(cfg).await;
+    let c = client();
+    let query = relay_server::user::link::sign(&key, "a", "/lab", Duration::from_secs(60));
+    let link = format!("{}/client/a/lab?{query}", server.url());
+    let (status, h, _) = text(c.request(get(link, &[])).await.unwrap()).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = h[header::SET_COOKIE].to_str().unwrap().to_owned();
+    let session = cookie.split(';').next().unwrap().to_owned();
+    for (path, want) in [
+        ("/client/a/lab", StatusCode::OK),
+        ("/client/a/lab/", StatusCode::OK),
+        ("/client/a/lab/notes", StatusCode::OK),
+        ("/client/a/laboratory/secret", StatusCode::FORBIDDEN),
+        ("/client/a/lab-admin/", StatusCode::FORBIDDEN),
+        ("/client/a/lab/..%2Fadmin", StatusCode::BAD_REQUEST),
+    ] {
+        let resp = c
+            .request(get(
+                format!("{}{path}", server.url()),
+                &[("cookie", &session)],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want, "{path}");
+    }
+    let seen = seen.lock().unwrap();
+    let targets: Vec<&str> = seen.iter().map(|s| s.target.as_str()).collect();
+    assert_eq!(targets, ["/lab", "/lab/", "/lab/notes"]);
+}
+
 /// An authorization service: admits requests whose cookie says `sso=alice`, and sends
 /// everyone else to a sign-in page. Records what it was asked.
 async fn auth_service() -> (std::net::SocketAddr, Arc<Mutex<Vec<http::HeaderMap>>>) {

@@ -187,6 +187,63 @@ async fn reload_swaps_tokens_on_sighup_and_change_and_keeps_connections() {
     assert_eq!(status(addr, "/client/a/", Some(USER1)).await, 403);
 }
 
+/// An agent call (`/server/probe`) with `token`; returns the status code.
+async fn agent_status(addr: std::net::SocketAddr, token: &str) -> u16 {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req =
+        format!("GET /server/probe HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    c.write_all(req.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut c).await;
+    head[9..12].parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_token_removed_from_the_file_is_refused_after_the_reload() {
+    const AGENT: &str = "agent-token-in-the-file-0123456789";
+    let dir = TempDir::new("cfg-revoke");
+    let file = dir.0.join("relay.toml");
+    let base = "listen = \"127.0.0.1:0\"\n";
+    std::fs::write(
+        &file,
+        format!("{base}agent_token = {{ \"*\" = \"{AGENT}\" }}\n"),
+    )
+    .unwrap();
+    let (mut s, addr) = server(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(agent_status(addr, AGENT).await, 200);
+    // The last token leaves the file: no agent is admitted any more (nothing was generated
+    // at start, so nothing is kept).
+    std::fs::write(&file, base).unwrap();
+    s.next_line("configuration reloaded");
+    assert_eq!(agent_status(addr, AGENT).await, 401);
+    // Back in the file, back in force.
+    std::fs::write(
+        &file,
+        format!("{base}agent_token = {{ \"*\" = \"{AGENT}\" }}\n"),
+    )
+    .unwrap();
+    s.next_line("configuration reloaded");
+    assert_eq!(agent_status(addr, AGENT).await, 200);
+}
+
+#[tokio::test]
+async fn the_generated_token_survives_reloads_of_a_file_without_tokens() {
+    const USER: &str = "user-token-for-the-reload-0123456789";
+    let dir = TempDir::new("cfg-generated");
+    let file = dir.0.join("relay.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\n").unwrap();
+    let (mut s, addr) = server(&["--config", file.to_str().unwrap()], &[]);
+    let line = s.next_line("--token ");
+    let token = line.rsplit("--token ").next().unwrap().trim().to_owned();
+    assert_eq!(agent_status(addr, &token).await, 200);
+    std::fs::write(
+        &file,
+        format!("listen = \"127.0.0.1:0\"\nuser_token = {{ \"*\" = \"{USER}\" }}\n"),
+    )
+    .unwrap();
+    s.next_line("configuration reloaded");
+    assert_eq!(agent_status(addr, &token).await, 200);
+}
+
 #[tokio::test]
 async fn the_agent_reads_its_settings_from_a_file() {
     let (backend, seen) = recording_backend().await;

@@ -229,6 +229,39 @@ async fn an_admin_listener_takes_the_operator_endpoints_off_the_public_one() {
 }
 
 #[tokio::test]
+async fn operator_pages_stay_off_the_agent_listener_and_away_from_trusted_proxies() {
+    use relay_tests::procs::relay_server;
+    let (mut server, addr) = relay_server(&["--agent-listen", "127.0.0.1:0"]);
+    let agent = server
+        .wait_line("agent endpoints on http://")
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    for path in ["/metrics", "/status", "/status.json"] {
+        assert_eq!(
+            get_text(format!("http://{addr}{path}")).await.0,
+            200,
+            "{path}"
+        );
+        let (status, body) = get_text(format!("http://{agent}{path}")).await;
+        assert_eq!(status, 404, "{path} on the agent listener: {body}");
+        assert!(
+            !body.contains("relay_") && !body.contains("backends"),
+            "{body}"
+        );
+    }
+    // A reverse proxy on loopback passes everyone's requests on: not to it either.
+    let (_proxied, addr) = relay_server(&["--trusted-proxy", "127.0.0.1"]);
+    for path in ["/metrics", "/status.json"] {
+        let (status, body) = get_text(format!("http://{addr}{path}")).await;
+        assert_eq!(status, 404, "{path} through a trusted proxy: {body}");
+    }
+    assert_eq!(get_text(format!("http://{addr}/healthz")).await.0, 200);
+}
+
+#[tokio::test]
 async fn json_logs_carry_the_request_span_and_traceparent_passes_through() {
     use relay_tests::procs::{binary, Proc};
     let (backend, seen) = recording_backend().await;

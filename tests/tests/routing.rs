@@ -171,6 +171,11 @@ async fn bad_names_and_dot_segments_are_400_and_reach_nobody() {
         "/client/%2e%2e/b",
         "/client/b/./x",
         "/client/b/..;x=y/",
+        // Percent-encoded separators make a dot-segment too (a backend that decodes them
+        // would climb out of the path).
+        "/client/b/..%2fb/echo",
+        "/client/b/lab/..%2Fadmin",
+        "/client/b/x%5C..%5Cadmin",
         "/client/-b/",
         "/client/b%00/",
     ] {

@@ -305,7 +305,7 @@ impl Sessions {
         };
         let created: u64 = created.parse().unwrap_or(0);
         let young = unix_now().saturating_sub(created) < self.max_age.as_secs();
-        Ok(young && n == name && path.starts_with(prefix))
+        Ok(young && n == name && within(path, prefix))
     }
 
     fn check_local(&self, id: &str, name: &str, path: &str) -> bool {
@@ -317,7 +317,7 @@ impl Sessions {
         let mut last = s.last_used.lock().expect("bug: poisoned");
         let live =
             now.duration_since(s.created) < self.max_age && now.duration_since(*last) < self.idle;
-        if live && s.name == name && path.starts_with(&s.prefix) {
+        if live && s.name == name && within(path, &s.prefix) {
             *last = now;
             return true;
         }
@@ -339,9 +339,37 @@ impl Sessions {
     }
 }
 
+/// Whether `path` lies in the scope of a link for `prefix`, segment by segment: a link for
+/// `/lab` admits `/lab`, `/lab/` and `/lab/x`, not `/laboratory` or `/lab-admin/`. (A path
+/// that could normalise out of the scope, `/lab/..%2Fadmin`, never gets here: the router
+/// refuses dot-segments in every spelling.)
+pub fn within(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_are_whole_segments() {
+        for (path, prefix, ok) in [
+            ("/lab", "/lab", true),
+            ("/lab/", "/lab", true),
+            ("/lab/x/y", "/lab", true),
+            ("/laboratory/secret", "/lab", false),
+            ("/lab-admin/", "/lab", false),
+            ("/lab/x", "/lab/", true),
+            ("/lab", "/lab/", false),
+            ("/anything", "/", true),
+            ("/other", "/lab", false),
+        ] {
+            assert_eq!(within(path, prefix), ok, "{path} in {prefix}");
+        }
+    }
 
     fn sessions() -> Sessions {
         Sessions::new(

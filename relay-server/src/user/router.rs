@@ -128,10 +128,11 @@ pub fn route<'a>(
 }
 
 /// Whether any segment is `.` or `..` once `%2e` is read as a dot (RFC 3986 §5.2.4 would
-/// remove it), or is `..;params` (which some servers treat as `..`). Backslashes count as
-/// separators because some backends treat them so.
+/// remove it), or is `..;params` (which some servers treat as `..`). Backslashes and the
+/// percent-encoded separators `%2F` and `%5C` count as separators too, because some backends
+/// and proxies decode or treat them so (`/lab/..%2Fadmin` is `/admin` to them).
 fn has_dot_segment(path: &str) -> bool {
-    path.split(['/', '\\']).any(|seg| {
+    segments(path).any(|seg| {
         let seg = seg.split(';').next().unwrap_or("");
         let mut dots = 0;
         let mut rest = seg.as_bytes();
@@ -150,6 +151,39 @@ fn has_dot_segment(path: &str) -> bool {
             dots += 1;
         }
         dots == 1 || dots == 2
+    })
+}
+
+/// The segments of `path`, split at `/`, `\`, `%2F` and `%5C` (any case).
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    let b = path.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i <= b.len() {
+            let sep = match b.get(i) {
+                None => Some(0),
+                Some(b'/' | b'\\') => Some(1),
+                Some(b'%')
+                    if b.len() >= i + 3
+                        && (b[i + 1] == b'2' && (b[i + 2] | 0x20) == b'f'
+                            || b[i + 1] == b'5' && (b[i + 2] | 0x20) == b'c') =>
+                {
+                    Some(3)
+                }
+                _ => None,
+            };
+            match sep {
+                None => i += 1,
+                Some(n) => {
+                    let seg = &path[start..i];
+                    i += n.max(1);
+                    start = i;
+                    return Some(seg);
+                }
+            }
+        }
+        None
     })
 }
 
@@ -298,6 +332,9 @@ mod tests {
             "/client/%2e%2e/b",
             "/client/a/..;x=y/../b",
             "/client/a\\..\\b",
+            "/client/a/..%2fb/echo",
+            "/client/a/lab/..%2Fadmin",
+            "/client/a/x%5C..%5Cadmin",
             "/client/a/./b",
             "/client/a%00",
             "/x/../client/a",
