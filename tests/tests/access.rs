@@ -384,6 +384,79 @@ async fn forward_auth_decides_and_its_headers_replace_spoofed_ones() {
 }
 
 #[tokio::test]
+async fn forward_auth_judges_the_routed_host_whatever_the_user_sends() {
+    // A service that admits only backend b's origin, recording what it was asked.
+    let asked = Arc::new(Mutex::new(Vec::<http::HeaderMap>::new()));
+    let log = asked.clone();
+    let auth = backend(move |req: Request<hyper::body::Incoming>| {
+        let log = log.clone();
+        async move {
+            let host = req.headers().get("x-forwarded-host").cloned();
+            log.lock().unwrap().push(req.headers().clone());
+            let ok = host.is_some_and(|h| h.as_bytes().starts_with(b"b.relay.test"));
+            Response::builder()
+                .status(if ok { 200 } else { 403 })
+                .body(empty())
+                .unwrap()
+        }
+    })
+    .await;
+    let mut cfg = server_config();
+    cfg.public_domain = Some("relay.test".into());
+    cfg.access.default = AccessMode::ForwardAuth;
+    cfg.forward_auth = Some(ForwardAuthConfig {
+        url: format!("http://{auth}/auth").parse().unwrap(),
+        copy_headers: vec![],
+        timeout: Duration::from_secs(5),
+    });
+    let (server, _agents, seen) = setup(cfg).await;
+
+    // HTTP/1.1, absolute-form for a, Host naming b: routed to a, so judged as a.
+    let raw = b"GET http://a.relay.test/secret HTTP/1.1\r\nHost: b.relay.test\r\nConnection: close\r\n\r\n";
+    let resp = String::from_utf8_lossy(&raw_exchange(server.addr, raw).await).into_owned();
+    assert!(resp.starts_with("HTTP/1.1 403 "), "{resp}");
+    // HTTP/2, :authority a, a forged X-Forwarded-Host naming b.
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://a.relay.test/secret")
+        .header("x-forwarded-host", "b.relay.test")
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert!(seen.lock().unwrap().is_empty(), "backend a was reached");
+
+    // b itself is admitted; the user's forwarding headers never reach the service.
+    let resp = client()
+        .request(get(
+            format!("{}/page", server.url()),
+            &[
+                ("host", "b.relay.test"),
+                ("cookie", "sso=alice"),
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("x-real-ip", "203.0.113.9"),
+                ("forwarded", "for=203.0.113.9;host=evil.example"),
+                ("x-original-url", "/admin"),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let asked = asked.lock().unwrap();
+    let last = asked.last().unwrap();
+    assert_eq!(last["x-forwarded-host"], "b.relay.test");
+    assert_eq!(last["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(last["x-forwarded-uri"], "/page");
+    assert_eq!(last["cookie"], "sso=alice");
+    for h in ["x-real-ip", "forwarded", "x-original-url"] {
+        assert!(last.get(h).is_none(), "{h} reached the service");
+    }
+    assert_eq!(last.get_all("x-forwarded-host").iter().count(), 1);
+}
+
+#[tokio::test]
 async fn public_domain_routes_hosts_to_backends_with_the_path_untouched() {
     let mut cfg = server_config();
     cfg.public_domain = Some("relay.test".into());

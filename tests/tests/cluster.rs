@@ -142,6 +142,10 @@ async fn test_backend(id: &'static str) -> std::net::SocketAddr {
                 std::future::pending::<()>().await;
                 unreachable!()
             }
+            "/cookie" => {
+                let cookie = req.headers().get("cookie").map(|v| v.as_bytes().to_vec());
+                hyper::Response::new(full(cookie.unwrap_or_default()))
+            }
             _ => hyper::Response::new(full(id)),
         }
     })
@@ -191,6 +195,20 @@ async fn requests_reach_an_agent_on_another_replica_streaming_both_ways() {
         get(&other.url(), "s", "/who").await,
         (StatusCode::OK, "home".into())
     );
+
+    // Header values with bytes beyond ASCII (a UTF-8 cookie) cross replicas unchanged.
+    let cookie: &[u8] = b"name=caf\xc3\xa9; raw=\xff";
+    let resp = client()
+        .request(
+            Request::get(format!("{}/client/s/cookie", other.url()))
+                .header("cookie", http::HeaderValue::from_bytes(cookie).unwrap())
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap(), cookie);
 
     // 100 MB up, streamed as it is sent.
     let (tx, body) = channel_body(4);

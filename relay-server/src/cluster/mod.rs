@@ -3,6 +3,7 @@
 //! [`crate::user`], [`crate::agent`] and [`crate::base`]; nothing below knows it exists.
 
 pub mod directory;
+pub mod head;
 pub mod peer;
 pub mod renewal;
 pub mod sessions;

@@ -27,13 +27,13 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use relay_common::headers::strip_hop_by_hop;
 use relay_common::message::{decode_headers, encode_headers};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
 use crate::base::auth::Grant;
 use crate::base::body::text_response;
 use crate::base::body::{empty, BodyError, RelayBody};
 use crate::cluster::directory::{Cluster, SECRET_HEADER};
+use crate::cluster::head::{PeerHead, HEAD_HEADER};
 use crate::user::error::RelayError;
 use crate::user::prepare::{prefetch, Prepared};
 use crate::user::relayed::dispatch;
@@ -41,8 +41,6 @@ use crate::State;
 
 /// Path of forwarded user requests on the cluster listener.
 pub const FORWARD_PATH: &str = "/cluster/request";
-/// Header with the prepared request head (JSON [`PeerHead`]).
-pub const HEAD_HEADER: &str = "x-relay-cluster-head";
 /// Header with the grant of a forwarded agent call.
 pub const GRANT_HEADER: &str = "x-relay-cluster-grant";
 
@@ -53,23 +51,6 @@ const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// Longest wait for a TCP connection to another replica.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What a forwarded user request carries besides its method and body.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PeerHead {
-    /// Backend name.
-    pub name: String,
-    /// Backend request target.
-    pub target: String,
-    /// The backend's headers (already stripped and completed by the first replica).
-    pub headers: Vec<(String, String)>,
-    /// Declared body length.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_length: Option<u64>,
-    /// Upgrade protocol of a genuine upgrade request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upgrade: Option<String>,
-}
 
 /// Pooled HTTP/2 connections to other replicas, one per address.
 #[derive(Default)]
@@ -156,7 +137,7 @@ pub async fn forward_user(
         content_length: p.content_length,
         upgrade: p.upgrade.clone(),
     };
-    let head = serde_json::to_string(&head).expect("bug: a head always serialises");
+    let head = head.encode();
     let mut body = p
         .body
         .take()
@@ -170,7 +151,7 @@ pub async fn forward_user(
             .map_err(|_| RelayError::Replica(format!("bad replica address {url:?}")))?;
         let h = req.headers_mut();
         h.insert(SECRET_HEADER, header_value(cluster.secret())?);
-        h.insert(HEAD_HEADER, header_value(&head)?);
+        h.insert(HEAD_HEADER, head.clone());
         if let Some(n) = p.content_length {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
@@ -406,10 +387,10 @@ async fn forwarded_request(
     state: &Arc<State>,
     mut req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, RelayError> {
-    let head: PeerHead = req
+    let head = req
         .headers()
         .get(HEAD_HEADER)
-        .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+        .and_then(PeerHead::decode)
         .ok_or_else(|| RelayError::BadRequest(format!("missing or malformed {HEAD_HEADER}")))?;
     tracing::Span::current().record("backend", head.name.as_str());
     let headers: HeaderMap = decode_headers(&head.headers)

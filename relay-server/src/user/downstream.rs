@@ -213,14 +213,22 @@ async fn admit(
                 ))
             })?;
             let uri = req.uri().clone();
-            let host = req.headers().get(header::HOST).cloned();
+            // The host the request was routed by (RFC 9112 §3.2.2: an absolute-form target's
+            // authority wins over Host), so the service judges what will be served.
+            let host = request_host(req).map(str::to_owned);
             let method = req.method().clone();
+            let trusted = state
+                .cfg
+                .trusted_proxies
+                .iter()
+                .any(|c| c.contains(peer.ip()));
             let orig = Original {
                 method: &method,
                 uri: uri.path_and_query().map_or("/", |pq| pq.as_str()),
-                host: host.as_ref(),
+                host: host.as_deref(),
                 peer,
                 https,
+                trusted,
             };
             fa.check(&orig, req.headers_mut()).await?
         }

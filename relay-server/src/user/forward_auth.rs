@@ -2,8 +2,13 @@
 //! `auth_request` and Traefik ForwardAuth, so oauth2-proxy or any OIDC gateway can guard
 //! backends.
 //!
-//! For every user request the relay sends `GET <url>` with the user's headers plus
-//! `X-Forwarded-Method`, `-Proto`, `-Host`, `-Uri` and `-For`. A 2xx admits the request and
+//! For every user request the relay sends `GET <url>` with the user's credentials and client
+//! headers ([`ASKED_HEADERS`]) plus `X-Forwarded-Method`, `-Proto`, `-Host`, `-Uri` and
+//! `-For`, all set by the relay from what it routed on: the host is the one the request was
+//! routed by (the `:authority`, an absolute-form target's authority, or `Host`), never a
+//! header the user chose, and the user's own forwarding headers (`Forwarded`,
+//! `X-Forwarded-*`, `X-Real-IP`, `X-Original-*`) never reach the service, so a user cannot
+//! make the service judge another host or path than the one that will be served. A 2xx admits the request and
 //! the configured response headers (e.g. `X-Auth-Request-User`) are copied onto it,
 //! replacing whatever the user sent under those names. A 3xx, 401 or 403 is passed to the
 //! user as it is (a sign-in redirect or a challenge). Anything else, or no answer within the
@@ -43,18 +48,34 @@ pub struct ForwardAuth {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }
 
+/// The user's headers the authorization service sees: credentials, and what describes the
+/// client software (what oauth2-proxy and similar gateways read). Nothing else passes.
+pub const ASKED_HEADERS: &[&str] = &[
+    "cookie",
+    "authorization",
+    "user-agent",
+    "accept",
+    "accept-language",
+    "origin",
+    "referer",
+    "x-requested-with",
+];
+
 /// What the check needs to know about the user request.
 pub struct Original<'a> {
     /// Request method.
     pub method: &'a Method,
     /// The target as the user sent it (path and query).
     pub uri: &'a str,
-    /// Host the user addressed.
-    pub host: Option<&'a HeaderValue>,
+    /// The host the request was routed by.
+    pub host: Option<&'a str>,
     /// The user's address.
     pub peer: SocketAddr,
     /// Whether the user came over TLS.
     pub https: bool,
+    /// Whether `peer` is a trusted proxy, whose `X-Forwarded-Proto` and `-For` describe the
+    /// client behind it.
+    pub trusted: bool,
 }
 
 impl ForwardAuth {
@@ -95,22 +116,7 @@ impl ForwardAuth {
     ) -> Result<Verdict, AccessError> {
         let mut ask = Request::new(Empty::new());
         *ask.uri_mut() = self.cfg.url.clone();
-        let h = ask.headers_mut();
-        *h = headers.clone();
-        strip_hop_by_hop(h, false);
-        h.remove(header::HOST);
-        h.remove(header::CONTENT_LENGTH);
-        set(h, "x-forwarded-method", orig.method.as_str());
-        set(
-            h,
-            "x-forwarded-proto",
-            if orig.https { "https" } else { "http" },
-        );
-        if let Some(host) = orig.host {
-            h.insert("x-forwarded-host", host.clone());
-        }
-        set(h, "x-forwarded-uri", orig.uri);
-        set(h, "x-forwarded-for", &orig.peer.ip().to_string());
+        *ask.headers_mut() = asked_headers(orig, headers);
         let resp = tokio::time::timeout(self.cfg.timeout, self.client.request(ask))
             .await
             .map_err(|_| {
@@ -144,6 +150,37 @@ impl ForwardAuth {
         }
         Err(AccessError::AuthService(format!("it answered {status}")))
     }
+}
+
+/// The check request's headers: the whitelisted user headers and the relay's own view of
+/// the request.
+fn asked_headers(orig: &Original<'_>, user: &HeaderMap) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for &name in ASKED_HEADERS {
+        for v in user.get_all(name) {
+            h.append(HeaderName::from_static(name), v.clone());
+        }
+    }
+    let from_proxy = |name: &str| {
+        orig.trusted
+            .then(|| user.get(name)?.to_str().ok())
+            .flatten()
+    };
+    set(&mut h, "x-forwarded-method", orig.method.as_str());
+    let proto =
+        from_proxy("x-forwarded-proto").unwrap_or(if orig.https { "https" } else { "http" });
+    set(&mut h, "x-forwarded-proto", proto);
+    if let Some(host) = orig.host {
+        set(&mut h, "x-forwarded-host", host);
+    }
+    set(&mut h, "x-forwarded-uri", orig.uri);
+    let peer = orig.peer.ip().to_string();
+    let chain = match from_proxy("x-forwarded-for") {
+        Some(before) => format!("{before}, {peer}"),
+        None => peer,
+    };
+    set(&mut h, "x-forwarded-for", &chain);
+    h
 }
 
 fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
