@@ -201,6 +201,62 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The settings of `next` that differ from these and take effect only after a restart
+    /// (a reload applies tokens, access rules, trusted proxies, forward auth and the link
+    /// key; limits, timeouts, listeners' TLS files and cluster settings are fixed at start).
+    pub fn needs_restart(&self, next: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! compare {
+            ($($field:ident),* $(,)?) => {
+                $(
+                    if format!("{:?}", self.$field) != format!("{:?}", next.$field) {
+                        changed.push(stringify!($field));
+                    }
+                )*
+            };
+        }
+        compare!(
+            pickup_timeout,
+            response_timeout,
+            upgrade_response_timeout,
+            tunnel_idle_timeout,
+            poll_timeout,
+            agent_grace,
+            drain_timeout,
+            max_parked_per_name,
+            max_parked_total,
+            header_read_timeout,
+            max_head_bytes,
+            max_headers,
+            max_uri_bytes,
+            max_request_body,
+            upload_inactivity_timeout,
+            max_buffered_bytes,
+            max_connections,
+            max_connections_per_ip,
+            idle_timeout,
+            tls,
+            agent_client_ca,
+            session_idle,
+            session_max_age,
+            max_sessions,
+            public_domain,
+        );
+        // The advertised URL is derived from the bound listener when not configured, so
+        // only what the operator sets is compared.
+        let cluster = |c: &Config| {
+            c.cluster
+                .as_ref()
+                .map(|c| (c.redis_url.clone(), c.lease, c.key_prefix.clone()))
+        };
+        if cluster(self) != cluster(next) {
+            changed.push("cluster");
+        }
+        changed
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -102,11 +102,7 @@ fn ops_allowed(state: &State, face: Face, peer: SocketAddr) -> bool {
         Face::Public | Face::Shared => {
             state.ops_on_public.load(Ordering::Acquire)
                 && peer.ip().is_loopback()
-                && !state
-                    .cfg
-                    .trusted_proxies
-                    .iter()
-                    .any(|c| c.contains(peer.ip()))
+                && !state.auth().trusts(peer.ip())
         }
         Face::Agent | Face::Cluster => false,
     }

@@ -63,6 +63,10 @@ pub struct Auth {
     pub user_tokens: base::auth::TokenStore,
     /// Access mode per name.
     pub access: user::access::AccessPolicy,
+    /// Proxies whose forwarding headers are believed (`--trusted-proxy`).
+    pub trusted_proxies: Vec<config::Cidr>,
+    /// The forward-auth client, when configured.
+    pub forward_auth: Option<user::forward_auth::ForwardAuth>,
 }
 
 impl Auth {
@@ -71,7 +75,17 @@ impl Auth {
             tokens: Arc::new(base::auth::TokenStore::new(&cfg.agent_tokens)),
             user_tokens: base::auth::TokenStore::new(&cfg.user_tokens),
             access: cfg.access.clone(),
+            trusted_proxies: cfg.trusted_proxies.clone(),
+            forward_auth: cfg.forward_auth.clone().map(|f| {
+                user::forward_auth::ForwardAuth::new(f)
+                    .expect("bug: the ring provider supports the default TLS versions")
+            }),
         }
+    }
+
+    /// Whether `ip` is a trusted proxy.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(ip))
     }
 }
 
@@ -83,8 +97,6 @@ pub struct State {
     auth: std::sync::RwLock<Arc<Auth>>,
     /// Signed-link sessions.
     pub sessions: user::link::Sessions,
-    /// The forward-auth client, when configured.
-    pub forward_auth: Option<user::forward_auth::ForwardAuth>,
     /// Prometheus metrics.
     pub metrics: Arc<base::metrics::Metrics>,
     /// Relayed bytes held in memory, all requests together.
@@ -119,9 +131,7 @@ impl State {
             )
         });
         let sessions = user::link::Sessions::new(
-            cfg.link_secret
-                .clone()
-                .unwrap_or_else(|| Secret(relay_common::id::random_hex(32))),
+            link_key(&cfg),
             cfg.session_idle,
             cfg.session_max_age,
             cfg.max_sessions,
@@ -141,10 +151,6 @@ impl State {
             )),
             auth: std::sync::RwLock::new(Arc::new(Auth::new(&cfg))),
             sessions,
-            forward_auth: cfg.forward_auth.clone().map(|f| {
-                user::forward_auth::ForwardAuth::new(f)
-                    .expect("bug: the ring provider supports the default TLS versions")
-            }),
             broker: Arc::new(agent::broker::Broker::new(
                 cfg.max_parked_per_name,
                 cfg.max_parked_total,
@@ -165,17 +171,20 @@ impl State {
         self.auth.read().expect("bug: poisoned").clone()
     }
 
-    /// Applies the reloadable part of `cfg` (agent and user tokens, access rules): exactly
-    /// the tokens `cfg` holds, so a token that left the configuration is refused from now on
-    /// (the binary puts its generated zero-config token back in when the file has none).
-    /// Requests in flight keep what admitted them; the next request sees the new rules.
-    pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
+    /// Applies the reloadable part of `cfg`: agent and user tokens (exactly those `cfg`
+    /// holds, so a token that left the configuration is refused from now on; the binary
+    /// puts its generated zero-config token back in when the file has none), access rules,
+    /// trusted proxies, the forward-auth settings and the signed-link key. Requests in
+    /// flight keep what admitted them; the next request sees the new rules. Returns the
+    /// settings that differ from the running ones but only take effect after a restart.
+    pub fn reload(&self, cfg: &Config) -> Result<Vec<&'static str>, ConfigError> {
         let next = Auth::new(cfg);
         *self.auth.write().expect("bug: poisoned") = Arc::new(next);
+        self.sessions.set_key(link_key(cfg));
         if let Some(tls) = self.tls.get() {
             tls.reload_now();
         }
-        Ok(())
+        Ok(self.cfg.needs_restart(cfg))
     }
 
     /// Whether shutdown began.
@@ -186,4 +195,12 @@ impl State {
     fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
+}
+
+/// The signed-link key of `cfg`, or a random one (links then verify only against a key
+/// nobody has: none can be redeemed).
+fn link_key(cfg: &Config) -> Secret {
+    cfg.link_secret
+        .clone()
+        .unwrap_or_else(|| Secret(relay_common::id::random_hex(32)))
 }

@@ -245,6 +245,12 @@ fn reloaded(state: &State, args: &[OsString], generated: Option<&str>) -> anyhow
             .push((TokenScope::Any, Secret(token.to_owned())));
     }
     cfg.validate(cli.listen, cli.allow_open)?;
-    state.reload(&cfg).context("applying")?;
+    let fixed = state.reload(&cfg).context("applying")?;
+    if !fixed.is_empty() {
+        tracing::warn!(
+            settings = fixed.join(", "),
+            "these settings changed but take effect only after a restart"
+        );
+    }
     Ok(())
 }

@@ -245,6 +245,41 @@ async fn the_generated_token_survives_reloads_of_a_file_without_tokens() {
 }
 
 #[tokio::test]
+async fn a_reload_rotates_the_link_key_and_names_what_needs_a_restart() {
+    let (k1, k2) = (
+        "first-link-key-0123456789abcdef0123",
+        "second-link-key-0123456789abcdef012",
+    );
+    let dir = TempDir::new("cfg-link-key");
+    std::fs::write(dir.0.join("k1"), k1).unwrap();
+    std::fs::write(dir.0.join("k2"), k2).unwrap();
+    let file = dir.0.join("relay.toml");
+    let config = |key: &str, extra: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\naccess = \"signed-link\"\nlink_secret_file = \"{key}\"\n{extra}"
+        )
+    };
+    std::fs::write(&file, config("k1", "")).unwrap();
+    let (mut s, addr) = server(&["--config", file.to_str().unwrap()], &[]);
+    let link = |key: &str| {
+        let secret = relay_server::Secret(key.to_owned());
+        let q =
+            relay_server::user::link::sign(&secret, "a", "/", std::time::Duration::from_secs(60));
+        format!("/client/a/?{q}")
+    };
+    assert_eq!(status(addr, &link(k1), None).await, 303);
+    // The key is rotated (it leaked): links signed with the old one stop at once. A changed
+    // limit is named as needing a restart instead of being ignored silently.
+    std::fs::write(&file, config("k2", "pickup_timeout = \"3s\"\n")).unwrap();
+    let line = s.next_line("take effect only after a restart");
+    assert!(line.contains("pickup_timeout"), "{line}");
+    assert!(!line.contains("link"), "{line}");
+    s.next_line("configuration reloaded");
+    assert_eq!(status(addr, &link(k1), None).await, 403);
+    assert_eq!(status(addr, &link(k2), None).await, 303);
+}
+
+#[tokio::test]
 async fn the_agent_reads_its_settings_from_a_file() {
     let (backend, seen) = recording_backend().await;
     let (mut s, addr) = relay_tests::procs::relay_server(&[]);

@@ -207,7 +207,8 @@ async fn admit(
             .await?
         }
         AccessMode::ForwardAuth => {
-            let fa = state.forward_auth.as_ref().ok_or_else(|| {
+            let auth = state.auth();
+            let fa = auth.forward_auth.as_ref().ok_or_else(|| {
                 RelayError::from(AccessError::AuthService(
                     "forward-auth is not configured".into(),
                 ))
@@ -217,11 +218,7 @@ async fn admit(
             // authority wins over Host), so the service judges what will be served.
             let host = request_host(req).map(str::to_owned);
             let method = req.method().clone();
-            let trusted = state
-                .cfg
-                .trusted_proxies
-                .iter()
-                .any(|c| c.contains(peer.ip()));
+            let trusted = auth.trusts(peer.ip());
             let orig = Original {
                 method: &method,
                 uri: uri.path_and_query().map_or("/", |pq| pq.as_str()),

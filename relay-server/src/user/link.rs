@@ -173,7 +173,8 @@ pub trait SharedSessions: Send + Sync {
 
 /// Link verification and the session table.
 pub struct Sessions {
-    key: Secret,
+    /// The HMAC key of links; replaced on reload (a rotated key stops old links at once).
+    key: std::sync::RwLock<Secret>,
     idle: Duration,
     max_age: Duration,
     max_sessions: usize,
@@ -188,7 +189,7 @@ impl Sessions {
     /// An empty table; links are checked with `key`.
     pub fn new(key: Secret, idle: Duration, max_age: Duration, max_sessions: usize) -> Self {
         Sessions {
-            key,
+            key: std::sync::RwLock::new(key),
             idle,
             max_age,
             max_sessions,
@@ -203,6 +204,11 @@ impl Sessions {
     pub fn shared(mut self, store: std::sync::Arc<dyn SharedSessions>) -> Self {
         self.shared = Some(store);
         self
+    }
+
+    /// Verifies links with `key` from now on (sessions already open stay).
+    pub fn set_key(&self, key: Secret) {
+        *self.key.write().expect("bug: poisoned") = key;
     }
 
     /// Absolute session lifetime (the cookie's `Max-Age`).
@@ -237,7 +243,8 @@ impl Sessions {
         }
         let sig = unhex(sig).ok_or(LinkError::Malformed)?;
         // `verify_slice` compares in constant time.
-        mac(self.key.0.as_bytes(), name, path, exp, nonce)
+        let key = self.key.read().expect("bug: poisoned").clone();
+        mac(key.0.as_bytes(), name, path, exp, nonce)
             .verify_slice(&sig)
             .map_err(|_| LinkError::BadSignature)?;
         let now = unix_now();
@@ -383,7 +390,12 @@ mod tests {
     #[tokio::test]
     async fn link_round_trip_single_use_and_scope() {
         let s = sessions();
-        let q = sign(&s.key, "a", "/lab/", Duration::from_secs(60));
+        let q = sign(
+            &s.key.read().unwrap(),
+            "a",
+            "/lab/",
+            Duration::from_secs(60),
+        );
         let full = format!("x=1&{q}");
         let p = LinkParams::parse(&full).unwrap();
         assert_eq!(p.rest.as_deref(), Some("x=1"));
@@ -405,9 +417,11 @@ mod tests {
     async fn expired_and_malformed() {
         let s = sessions();
         let exp = unix_now() - 1;
-        let sig = hex(&mac(s.key.0.as_bytes(), "a", "/", exp, "ab")
-            .finalize()
-            .into_bytes());
+        let sig = hex(
+            &mac(s.key.read().unwrap().0.as_bytes(), "a", "/", exp, "ab")
+                .finalize()
+                .into_bytes(),
+        );
         let q = format!("relay_exp={exp}&relay_id=ab&relay_sig={sig}");
         assert_eq!(
             s.redeem("a", "/", &LinkParams::parse(&q).unwrap()).await,
@@ -425,12 +439,12 @@ mod tests {
     async fn session_table_is_bounded() {
         let s = sessions();
         for _ in 0..2 {
-            let q = sign(&s.key, "a", "/", Duration::from_secs(60));
+            let q = sign(&s.key.read().unwrap(), "a", "/", Duration::from_secs(60));
             s.redeem("a", "/", &LinkParams::parse(&q).unwrap())
                 .await
                 .unwrap();
         }
-        let q = sign(&s.key, "a", "/", Duration::from_secs(60));
+        let q = sign(&s.key.read().unwrap(), "a", "/", Duration::from_secs(60));
         assert_eq!(
             s.redeem("a", "/", &LinkParams::parse(&q).unwrap()).await,
             Err(LinkError::Full)

@@ -53,11 +53,7 @@ pub fn prepare(
         .flatten();
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let trusted = state
-        .cfg
-        .trusted_proxies
-        .iter()
-        .any(|c| c.contains(peer.ip()));
+    let trusted = state.auth().trusts(peer.ip());
     let mut headers = forward_headers(&parts, peer, https, route.prefix, trusted)?;
     if let Some(proto) = &upgrade {
         set_upgrade_headers(&mut headers, proto);
