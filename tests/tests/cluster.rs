@@ -287,14 +287,14 @@ async fn requests_reach_an_agent_on_another_replica_streaming_both_ways() {
     let m = metrics(&other).await;
     assert_eq!(
         value(&m, "relay_cluster_forwarded_total{kind=\"user_out\"}"),
-        5,
+        6,
         "{m}"
     );
     assert_eq!(value(&m, "relay_cluster_redis_up"), 1);
     let m = metrics(&home).await;
     assert_eq!(
         value(&m, "relay_cluster_forwarded_total{kind=\"user_in\"}"),
-        5,
+        6,
         "{m}"
     );
 
