@@ -131,8 +131,8 @@ async fn token_access_admits_only_the_right_token_and_strips_it() {
     assert_eq!(seen[1].headers["authorization"], "Basic YmFja2VuZA==");
 }
 
-#[tokio::test]
-async fn signed_link_opens_one_session_scoped_to_its_backend_and_path() {
+/// [`setup`] with signed-link access for every backend, and the link key.
+async fn signed_link_setup() -> (Server, Vec<Agent>, Arc<Mutex<Vec<Seen>>>, Secret) {
     let mut cfg = server_config();
     cfg.access = AccessPolicy {
         default: AccessMode::SignedLink,
@@ -140,7 +140,13 @@ async fn signed_link_opens_one_session_scoped_to_its_backend_and_path() {
     };
     let key = Secret(LINK_KEY.into());
     cfg.link_secret = Some(key.clone());
-    let (server, _agents, seen) = setup(cfg).await;
+    let (server, agents, seen) = setup(cfg).await;
+    (server, agents, seen, key)
+}
+
+#[tokio::test]
+async fn signed_link_opens_one_session_scoped_to_its_backend_and_path() {
+    let (server, _agents, seen, key) = signed_link_setup().await;
     let c = client();
 
     let query = relay_server::user::link::sign(&key, "a", "/lab/", Duration::from_secs(60));
@@ -221,14 +227,7 @@ async fn signed_link_opens_one_session_scoped_to_its_backend_and_path() {
 
 #[tokio::test]
 async fn a_link_scope_is_whole_path_segments() {
-    let mut cfg = server_config();
-    cfg.access = AccessPolicy {
-        default: AccessMode::SignedLink,
-        ..AccessPolicy::default()
-    };
-    let key = Secret(LINK_KEY.into());
-    cfg.link_secret = Some(key.clone());
-    let (server, _agents, seen) = setup(cfg).await;
+    let (server, _agents, seen, key) = signed_link_setup().await;
     let c = client();
     let query = relay_server::user::link::sign(&key, "a", "/lab", Duration::from_secs(60));
     let link = format!("{}/client/a/lab?{query}", server.url());
