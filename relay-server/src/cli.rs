@@ -115,10 +115,12 @@ pub struct Cli {
     /// streams wait (backpressure) until users catch up.
     #[arg(long, env = "RELAY_MAX_BUFFERED_BYTES", default_value_t = defaults::MAX_BUFFERED_BYTES)]
     pub max_buffered_bytes: usize,
-    /// Open connections in total (more are closed at once).
+    /// Open connections per listener (more are closed at once); each listener has its own
+    /// allowance, so a flood on one cannot refuse the other's clients.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     pub max_connections: usize,
-    /// Open connections from one IP address.
+    /// Open connections from one IP address, until a request on the connection
+    /// authenticates as an agent (trusted proxies are exempt).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", default_value_t = defaults::MAX_CONNECTIONS_PER_IP)]
     pub max_connections_per_ip: usize,
     /// Certificate chain (PEM) to serve HTTPS with (ALPN h2 and http/1.1); reloaded when the

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::base::auth::{cert_grant, Grant};
 use crate::base::body::RelayBody;
-use crate::base::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Tracked};
+use crate::base::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Pool, Tracked};
 use crate::base::tls::Tls;
 use crate::listener::Face;
 use crate::State;
@@ -71,8 +71,19 @@ impl Conns<'_> {
 
     /// A permit of the connection limits, or `None` (the connection is closed at once).
     fn admit(&self, peer: SocketAddr, face: Face) -> Option<Arc<crate::base::limits::ConnPermit>> {
-        let per_ip = !matches!(face, Face::Agent | Face::Cluster);
-        match self.limits.admit(peer.ip(), per_ip) {
+        // Every connection counts against its address until a request on it authenticates
+        // as an agent (see `service`), on the agent listener too: otherwise one address
+        // could hold the agent listener's every place without a token. Replicas and trusted
+        // proxies are few addresses carrying many clients; they count only against their
+        // listener's allowance.
+        let pool = match face {
+            Face::Shared | Face::Public => Pool::Main,
+            Face::Agent => Pool::Agent,
+            Face::Admin => Pool::Admin,
+            Face::Cluster => Pool::Cluster,
+        };
+        let per_ip = face != Face::Cluster && !self.state.auth().trusts(peer.ip().to_canonical());
+        match self.limits.admit(peer.ip(), pool, per_ip) {
             Ok(p) => Some(Arc::new(p)),
             Err(e) => {
                 tracing::debug!(%peer, reason = %e, "connection refused");

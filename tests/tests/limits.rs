@@ -95,6 +95,107 @@ async fn agent_connections_do_not_count_against_their_address() {
     }
 }
 
+/// A server with its own agent listener: (state, public address, agent address, shutdown).
+async fn split_listeners(
+    cfg: relay_server::Config,
+) -> (
+    std::sync::Arc<relay_server::State>,
+    SocketAddr,
+    SocketAddr,
+    tokio_util::sync::CancellationToken,
+) {
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agents = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (public_addr, agent_addr) = (public.local_addr().unwrap(), agents.local_addr().unwrap());
+    let state = std::sync::Arc::new(relay_server::State::new(cfg));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let listeners = relay_server::Listeners {
+        public,
+        agent: Some(agents),
+        admin: None,
+        cluster: None,
+    };
+    tokio::spawn(relay_server::serve_faces(
+        listeners,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    (state, public_addr, agent_addr, shutdown)
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_on_the_agent_listener_count_per_address_and_per_listener() {
+    let (backend, _seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 3;
+    cfg.max_connections = 6;
+    let (state, public, agents, shutdown) = split_listeners(cfg).await;
+    // One address holds idle keep-alive connections on the agent listener, no token: the
+    // fourth is refused (before the fix it was exempt and took the places of everyone).
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(healthy_conn(agents, "127.0.0.1").await);
+    }
+    let extra = connect_from(agents, "127.0.0.1").await;
+    assert!(closed_unanswered(extra, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    // Other addresses fill the agent listener's allowance...
+    for _ in 0..3 {
+        idle.push(healthy_conn(agents, "127.0.0.2").await);
+    }
+    let full = connect_from(agents, "127.0.0.3").await;
+    assert!(closed_unanswered(full, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    // ...and users on the public listener are still served: each listener has its own.
+    let _user = healthy_conn(public, "127.0.0.4").await;
+    drop(idle);
+    wait_for(|| state.conns.open() == 1).await;
+    // An authenticated agent's connections leave the per-address count: its four pollers
+    // and its response exchanges all fit although the address allows three.
+    let _agent = Agent::start(Agent::config(
+        &format!("http://{agents}"),
+        "a",
+        &format!("http://{backend}"),
+    ));
+    wait_for(|| state.broker.live_backend("a").is_some()).await;
+    let c = client();
+    for i in 0..5 {
+        let resp = c
+            .request(
+                Request::get(format!("http://{public}/client/a/{i}"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_is_not_held_to_one_address_s_allowance() {
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 2;
+    cfg.max_connections = 5;
+    cfg.trusted_proxies = vec!["127.0.0.9/32".parse().unwrap()];
+    let server = Server::start(cfg).await;
+    // Every user behind the proxy arrives from its address: five connections are five
+    // users, bounded by the listener's allowance only.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(healthy_conn(server.addr, "127.0.0.9").await);
+    }
+    let over = connect_from(server.addr, "127.0.0.9").await;
+    assert!(closed_unanswered(over, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    assert_eq!(server.state.conns.addresses(), 0);
+    // Any other address keeps its own limit.
+    drop(held);
+    wait_for(|| server.state.conns.open() == 0).await;
+    let _a = healthy_conn(server.addr, "127.0.0.1").await;
+    let _b = healthy_conn(server.addr, "127.0.0.1").await;
+    let c = connect_from(server.addr, "127.0.0.1").await;
+    assert!(closed_unanswered(c, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+}
+
 #[tokio::test]
 async fn silent_slow_and_idle_connections_are_closed_after_the_header_read_timeout() {
     let mut cfg = server_config();

@@ -17,9 +17,24 @@ use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// Open connections, in total and per source address.
+/// Which listener a connection came in on. Each listener has its own allowance of
+/// connections, so a flood on one (anonymous users on the public listener, or unauthenticated
+/// connections on the agent listener) cannot refuse the other's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// The public (or shared) listener.
+    Main = 0,
+    /// `--agent-listen`.
+    Agent = 1,
+    /// `--admin-listen`.
+    Admin = 2,
+    /// `--cluster-listen`.
+    Cluster = 3,
+}
+
+/// Open connections, per listener and per source address.
 pub struct ConnLimits {
-    total: AtomicUsize,
+    totals: [AtomicUsize; 4],
     per_ip: DashMap<IpAddr, usize>,
     max_total: usize,
     max_per_ip: usize,
@@ -28,6 +43,7 @@ pub struct ConnLimits {
 /// One admitted connection; dropping it frees its place.
 pub struct ConnPermit {
     limits: Arc<ConnLimits>,
+    pool: Pool,
     ip: IpAddr,
     /// Whether the connection still counts against its address's limit.
     per_ip: std::sync::atomic::AtomicBool,
@@ -36,8 +52,8 @@ pub struct ConnPermit {
 /// Why a connection was not admitted.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConnRefused {
-    /// The global limit.
-    #[error("{0} connections are open, the limit")]
+    /// The listener's limit.
+    #[error("{0} connections are open on this listener, the limit")]
     Total(usize),
     /// The per-address limit.
     #[error("{0} connections are open from this address, the limit")]
@@ -45,19 +61,20 @@ pub enum ConnRefused {
 }
 
 impl ConnLimits {
-    /// Limits of `max_total` connections and `max_per_ip` from one address.
+    /// Limits of `max_total` connections per listener and `max_per_ip` from one address
+    /// (all listeners together).
     pub fn new(max_total: usize, max_per_ip: usize) -> Self {
         ConnLimits {
-            total: AtomicUsize::new(0),
+            totals: Default::default(),
             per_ip: DashMap::new(),
             max_total,
             max_per_ip,
         }
     }
 
-    /// Open connections.
+    /// Open connections, all listeners together.
     pub fn open(&self) -> usize {
-        self.total.load(Ordering::Acquire)
+        self.totals.iter().map(|t| t.load(Ordering::Acquire)).sum()
     }
 
     /// Addresses with open connections (the per-address table never outgrows them).
@@ -65,18 +82,26 @@ impl ConnLimits {
         self.per_ip.len()
     }
 
-    /// Admits a connection from `ip`, or says which limit it hit. `per_ip` false admits
-    /// it without counting it against its address (the agent listener's connections).
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, per_ip: bool) -> Result<ConnPermit, ConnRefused> {
+    /// Admits a connection from `ip` on the listener of `pool`, or says which limit it hit.
+    /// `per_ip` false admits it without counting it against its address (replicas, and
+    /// trusted proxies, behind which every user has the proxy's address).
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        pool: Pool,
+        per_ip: bool,
+    ) -> Result<ConnPermit, ConnRefused> {
         // IPv4-mapped IPv6 peers are the same hosts as their IPv4 form.
         let ip = ip.to_canonical();
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
-            self.total.fetch_sub(1, Ordering::AcqRel);
+        let total = &self.totals[pool as usize];
+        if total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            total.fetch_sub(1, Ordering::AcqRel);
             return Err(ConnRefused::Total(self.max_total));
         }
         if !per_ip {
             return Ok(ConnPermit {
                 limits: self.clone(),
+                pool,
                 ip,
                 per_ip: std::sync::atomic::AtomicBool::new(false),
             });
@@ -84,12 +109,13 @@ impl ConnLimits {
         let mut n = self.per_ip.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
             drop(n);
-            self.total.fetch_sub(1, Ordering::AcqRel);
+            total.fetch_sub(1, Ordering::AcqRel);
             return Err(ConnRefused::PerIp(self.max_per_ip));
         }
         *n += 1;
         Ok(ConnPermit {
             limits: self.clone(),
+            pool,
             ip,
             per_ip: std::sync::atomic::AtomicBool::new(true),
         })
@@ -118,7 +144,7 @@ impl ConnPermit {
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         self.exempt_from_per_ip();
-        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+        self.limits.totals[self.pool as usize].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -304,19 +330,24 @@ mod tests {
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let p1 = l.admit(a, true).unwrap();
-        let _p2 = l.admit(mapped, true).unwrap();
-        assert_eq!(l.admit(a, true).err(), Some(ConnRefused::PerIp(2)));
-        let _p3 = l.admit(b, true).unwrap();
-        assert_eq!(l.admit(b, true).err(), Some(ConnRefused::Total(3)));
+        let m = Pool::Main;
+        let p1 = l.admit(a, m, true).unwrap();
+        let _p2 = l.admit(mapped, m, true).unwrap();
+        assert_eq!(l.admit(a, m, true).err(), Some(ConnRefused::PerIp(2)));
+        let _p3 = l.admit(b, m, true).unwrap();
+        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(3)));
+        // Another listener has its own allowance.
+        let _on_agent = l.admit(b, Pool::Agent, true).unwrap();
+        assert_eq!(l.open(), 4);
+        drop(_on_agent);
         drop(p1);
         assert_eq!(l.open(), 2);
         _p2.exempt_from_per_ip();
         assert_eq!(l.addresses(), 1);
-        let _p5 = l.admit(a, true).unwrap();
-        assert_eq!(l.admit(b, true).err(), Some(ConnRefused::Total(3)));
+        let _p5 = l.admit(a, m, true).unwrap();
+        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(3)));
         drop(_p5);
-        let _agent = l.admit(a, false).unwrap();
+        let _agent = l.admit(a, Pool::Agent, false).unwrap();
         assert_eq!(l.addresses(), 1);
     }
 
