@@ -174,12 +174,25 @@ impl State {
     /// Applies the reloadable part of `cfg`: agent and user tokens (exactly those `cfg`
     /// holds, so a token that left the configuration is refused from now on; the binary
     /// puts its generated zero-config token back in when the file has none), access rules,
-    /// trusted proxies, the forward-auth settings and the signed-link key. Requests in
-    /// flight keep what admitted them; the next request sees the new rules. Returns the
-    /// settings that differ from the running ones but only take effect after a restart.
+    /// trusted proxies, the forward-auth settings and the signed-link key. Revocation is
+    /// immediate: an agent whose token no longer grants its name is disconnected (parked
+    /// polls end with 401, its requests and tunnels fail, new requests for a name left
+    /// without agents get 503), and sessions opened by links of a replaced key end. Other
+    /// requests in flight keep what admitted them; the next request sees the new rules.
+    /// Returns the settings that differ from the running ones but only take effect after a
+    /// restart.
     pub fn reload(&self, cfg: &Config) -> Result<Vec<&'static str>, ConfigError> {
-        let next = Auth::new(cfg);
-        *self.auth.write().expect("bug: poisoned") = Arc::new(next);
+        let next = Arc::new(Auth::new(cfg));
+        *self.auth.write().expect("bug: poisoned") = next.clone();
+        let revoked = self
+            .broker
+            .revoke(|token, name| next.tokens.still_grants_token(token, name));
+        if revoked > 0 {
+            tracing::warn!(
+                agents = revoked,
+                "agents disconnected: their token was revoked"
+            );
+        }
         self.sessions.set_key(link_key(cfg));
         if let Some(tls) = self.tls.get() {
             tls.reload_now();

@@ -267,15 +267,40 @@ async fn a_reload_rotates_the_link_key_and_names_what_needs_a_restart() {
             relay_server::user::link::sign(&secret, "a", "/", std::time::Duration::from_secs(60));
         format!("/client/a/?{q}")
     };
-    assert_eq!(status(addr, &link(k1), None).await, 303);
-    // The key is rotated (it leaked): links signed with the old one stop at once. A changed
-    // limit is named as needing a restart instead of being ignored silently.
+    // A session opened with the first key: admitted (503: no agent serves `a` here).
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", link(k1)).as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 303"), "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let with_session = |cookie: String| async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            format!("GET /client/a/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (head, _) = read_response(&mut c).await;
+        head[9..12].parse::<u16>().unwrap()
+    };
+    assert_eq!(with_session(cookie.clone()).await, 503);
+    // The key is rotated (it leaked): links signed with the old one stop at once, and so
+    // do the sessions they opened. A changed limit is named as needing a restart instead
+    // of being ignored silently.
     std::fs::write(&file, config("k2", "pickup_timeout = \"3s\"\n")).unwrap();
     let line = s.next_line("take effect only after a restart");
     assert!(line.contains("pickup_timeout"), "{line}");
     assert!(!line.contains("link"), "{line}");
     s.next_line("configuration reloaded");
     assert_eq!(status(addr, &link(k1), None).await, 403);
+    assert_eq!(with_session(cookie).await, 403);
     assert_eq!(status(addr, &link(k2), None).await, 303);
 }
 
@@ -301,4 +326,100 @@ async fn the_agent_reads_its_settings_from_a_file() {
     s.wait_line("relay-client connected name=\"from-file\"");
     assert_eq!(status(addr, "/client/from-file/x", None).await, 200);
     assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_revoked_agent_token_ends_work_in_progress_and_gets_no_new_request() {
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = hits.clone();
+    // `/stream` sends one chunk and then holds the response open (an SSE feed).
+    let backend = backend(move |req: Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if req.uri().path() == "/stream" {
+                let (tx, body) = channel_body(1);
+                tokio::spawn(async move {
+                    tx.send(data("event: hello\n\n")).await.unwrap();
+                    tx.closed().await;
+                });
+                return hyper::Response::new(body);
+            }
+            hyper::Response::new(full("secret page"))
+        }
+    })
+    .await;
+    let server = Server::default().await;
+    let agent = Agent::start(Agent::config(
+        &server.url(),
+        "a",
+        &format!("http://{backend}"),
+    ));
+    server.wait_agent("a").await;
+    let c = client();
+    let resp = c
+        .request(
+            Request::get(format!("{}/client/a/stream", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.into_body();
+    let first = stream.frame().await.unwrap().unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"event: hello\n\n");
+    // The agent's polls are parked again, holding the old token.
+    wait_for(|| {
+        server
+            .state
+            .broker
+            .live_backend("a")
+            .is_some_and(|b| b.has_parked_poll())
+    })
+    .await;
+    let before = hits.load(std::sync::atomic::Ordering::SeqCst);
+
+    // The operator replaces the token (it leaked) and reloads.
+    let mut cfg = server_config();
+    cfg.agent_tokens = vec![(
+        relay_server::TokenScope::Any,
+        relay_server::Secret("the-new-agent-token-0123456789".into()),
+    )];
+    server.state.reload(&cfg).unwrap();
+
+    // The open stream ends visibly (an error, not a clean end that looks complete)...
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match stream.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return "error",
+                None => return "clean end",
+            }
+        }
+    })
+    .await
+    .expect("the stream of a revoked agent stayed open");
+    assert_eq!(end, "error");
+    // ...the next request is refused at once instead of reaching a parked poll of the
+    // revoked agent (with the user's cookies)...
+    let resp = c
+        .request(
+            Request::get(format!("{}/client/a/page", server.url()))
+                .header("cookie", "sid=users-session")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), before);
+    // ...and the agent learns it was refused (401) and stops.
+    match agent.exited().await {
+        Err(relay_client::AgentError::Refused { status: 401, .. }) => {}
+        other => panic!("expected a 401 refusal, got {other:?}"),
+    }
+    server.wait_idle().await;
 }

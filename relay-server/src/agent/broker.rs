@@ -47,6 +47,9 @@ struct AgentState {
     last_seen: Instant,
     draining: bool,
     cancels: Vec<RequestId>,
+    /// Digests of the tokens its polls presented (one, unless it rotated its token), each
+    /// re-checked on reload.
+    tokens: Vec<[u8; 32]>,
 }
 
 impl Agent {
@@ -97,8 +100,11 @@ impl NameQueue {
     }
 
     /// Takes up to `max` requests for `agent`, skipping ones already cancelled.
-    fn take(&self, agent: &Arc<Agent>, max: usize, out: &mut Vec<Arc<Pending>>) {
+    pub(crate) fn take(&self, agent: &Arc<Agent>, max: usize, out: &mut Vec<Arc<Pending>>) {
         let mut q = self.queue.lock().expect("bug: poisoned");
+        if agent.gone.is_cancelled() {
+            return;
+        }
         while out.len() < max {
             let Some(p) = q.pop_front() else { break };
             if p.claim(agent) {
@@ -269,12 +275,14 @@ impl Broker {
         allowed(&p.name).then_some(p)
     }
 
-    /// Registers a poll of `agent_id` for `name`; the returned handle must be ended with
+    /// Registers a poll of `agent_id` for `name`, made with the token of digest `token`
+    /// (`None`: a client certificate); the returned handle must be ended with
     /// [`PollHandle`]'s drop.
     pub fn begin_poll(
         &self,
         name: &str,
         agent_id: &str,
+        token: Option<&[u8; 32]>,
         draining: bool,
         info: impl FnOnce() -> AgentInfo,
     ) -> PollHandle {
@@ -308,6 +316,7 @@ impl Broker {
                         last_seen: Instant::now(),
                         draining: false,
                         cancels: Vec::new(),
+                        tokens: Vec::new(),
                     }),
                     wake: Notify::new(),
                     gone: CancellationToken::new(),
@@ -318,8 +327,38 @@ impl Broker {
             let mut s = agent.state.lock().expect("bug: poisoned");
             s.polls += 1;
             s.draining |= draining;
+            if let Some(t) = token.filter(|t| !s.tokens.contains(t)) {
+                s.tokens.push(*t);
+            }
         }
         PollHandle { backend, agent }
+    }
+
+    /// Applies a reload: every agent one of whose tokens `still` no longer grants its name
+    /// is gone at once. Its parked polls end (they answer 401), the requests it claimed
+    /// fail, tunnels through it close, and new requests for a name left without agents get
+    /// 503. Returns how many agents were revoked.
+    pub fn revoke(&self, still: impl Fn(&[u8; 32], &str) -> bool) -> usize {
+        let mut revoked = 0;
+        self.backends.retain(|name, backend| {
+            let mut agents = backend.agents.lock().expect("bug: poisoned");
+            agents.retain(|id, agent| {
+                let s = agent.state.lock().expect("bug: poisoned");
+                let keep = s.tokens.iter().all(|t| still(t, name));
+                if !keep {
+                    tracing::warn!(name, agent = %id, "relay-client's token revoked: disconnected");
+                    agent.gone.cancel();
+                    revoked += 1;
+                }
+                keep
+            });
+            let keep = !agents.is_empty();
+            if !keep {
+                self.metrics.forget(name);
+            }
+            keep
+        });
+        revoked
     }
 
     /// Declares agents without polls for longer than the grace period gone, and drops the
@@ -388,6 +427,8 @@ impl PollHandle {
                 _ = &mut wake => {}
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = stop.cancelled() => break,
+                // Revoked: the poll ends without work.
+                _ = self.agent.gone.cancelled() => break,
             }
         }
         PollBatch {

@@ -144,7 +144,7 @@ async fn poll(
     };
     let handle = state
         .broker
-        .begin_poll(name, agent_id, q.draining, || AgentInfo {
+        .begin_poll(name, agent_id, grant.token(), q.draining, || AgentInfo {
             addr: peer.ip().to_string(),
             version: req
                 .headers()
@@ -156,7 +156,17 @@ async fn poll(
                 .collect(),
         });
     let batch = handle.next(max, state.cfg.poll_timeout, &state.stop).await;
+    let gone = handle.agent().gone.is_cancelled();
     drop(handle);
+    // A reload may have revoked the token while the poll was parked: what it claimed in
+    // that instant is not handed out (the requests fail with the agent), and the agent
+    // learns it must stop.
+    if gone && !state.auth().tokens.still_grants(&grant, name) {
+        state.metrics.auth_failure("agent");
+        return Err(AgentCallError::Unauthenticated(
+            "the agent token was revoked by a configuration reload".into(),
+        ));
+    }
     if batch.requests.is_empty() && batch.cancel.is_empty() {
         return Ok(no_store(Response::builder().status(StatusCode::NO_CONTENT))
             .body(full(Bytes::new()))

@@ -39,12 +39,25 @@ pub struct TokenStore {
 pub struct Grant {
     any: bool,
     names: Vec<String>,
+    /// The digest of the token that earned it; `None` for a client certificate (verified
+    /// by the TLS handshake, not revocable by a reload) or a grant from another replica.
+    token: Option<[u8; 32]>,
 }
 
 impl Grant {
     /// A grant of `names` (and of every name when `any`).
     pub fn new(any: bool, names: Vec<String>) -> Self {
-        Grant { any, names }
+        Grant {
+            any,
+            names,
+            token: None,
+        }
+    }
+
+    /// The digest of the token behind the grant (a reload re-checks it: a token that left
+    /// the configuration revokes the grant).
+    pub fn token(&self) -> Option<&[u8; 32]> {
+        self.token.as_ref()
     }
 
     /// The grant as text for a call between replicas: `*`, or the names joined by commas
@@ -131,14 +144,32 @@ impl TokenStore {
     /// What `token` grants, if it matches a configured token. Compares the digest against
     /// every entry in constant time, without an early exit.
     pub fn check(&self, token: &[u8]) -> Option<Grant> {
-        let presented = digest(token);
+        self.check_digest(&digest(token))
+    }
+
+    /// Whether the grant a token earned earlier still covers `name` under these tokens (a
+    /// reload re-checks every agent this way). Grants without a token stand.
+    pub fn still_grants(&self, grant: &Grant, name: &str) -> bool {
+        match grant.token() {
+            None => grant.allows(name),
+            Some(d) => self.still_grants_token(d, name),
+        }
+    }
+
+    /// Whether the token of digest `token` still grants `name`.
+    pub fn still_grants_token(&self, token: &[u8; 32], name: &str) -> bool {
+        self.check_digest(token).is_some_and(|g| g.allows(name))
+    }
+
+    fn check_digest(&self, presented: &[u8; 32]) -> Option<Grant> {
         let mut grant = Grant {
             any: false,
             names: Vec::new(),
+            token: Some(*presented),
         };
         let mut matched = subtle::Choice::from(0);
         for (scope, d) in &self.entries {
-            let eq = d.ct_eq(&presented);
+            let eq = d.ct_eq(presented);
             matched |= eq;
             if bool::from(eq) {
                 match scope {
@@ -209,6 +240,24 @@ mod tests {
         assert_eq!(auth(Some("Basic ta")), Err(AuthError::Missing));
         assert_eq!(auth(Some("Bearer t")), Err(AuthError::Invalid));
         assert_eq!(auth(Some("Bearer tax")), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn a_reload_rechecks_grants_by_their_token() {
+        let g = auth(Some("Bearer tab")).unwrap();
+        assert!(store().still_grants(&g, "b"));
+        // The token now serves only `c`; another token took `b`.
+        let next = TokenStore::new(&[
+            (TokenScope::Name("c".into()), Secret("tab".into())),
+            (TokenScope::Name("b".into()), Secret("new".into())),
+        ]);
+        assert!(!next.still_grants(&g, "b"));
+        assert!(next.still_grants(&g, "c"));
+        assert!(!TokenStore::new(&[]).still_grants(&g, "c"));
+        // A certificate's grant is not a token's to revoke.
+        let cert = Grant::new(false, vec!["b".into()]);
+        assert!(TokenStore::new(&[]).still_grants(&cert, "b"));
+        assert!(!TokenStore::new(&[]).still_grants(&cert, "a"));
     }
 
     #[test]

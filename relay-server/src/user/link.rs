@@ -88,6 +88,16 @@ fn digest_hex(id: &str) -> String {
     hex(&Sha256::digest(id.as_bytes()))
 }
 
+/// A short public fingerprint of a link key, recorded with each session it opened: a session
+/// is valid only while the key that signed its link is the key in force, so replacing a
+/// leaked key ends what was opened with it.
+fn key_tag(key: &Secret) -> String {
+    let mut h = Sha256::new();
+    h.update(b"relay-link-key-tag\n");
+    h.update(key.0.as_bytes());
+    hex(&h.finalize()[..8])
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -138,6 +148,8 @@ impl<'a> LinkParams<'a> {
 struct Session {
     name: String,
     prefix: String,
+    /// [`key_tag`] of the key that signed the link: sessions end when the key is replaced.
+    key_tag: String,
     created: Instant,
     last_used: Mutex<Instant>,
 }
@@ -206,9 +218,19 @@ impl Sessions {
         self
     }
 
-    /// Verifies links with `key` from now on (sessions already open stay).
+    /// Verifies links with `key` from now on; when it differs from the key in force,
+    /// sessions opened with the old key end (everywhere: each session records its key's tag).
     pub fn set_key(&self, key: Secret) {
-        *self.key.write().expect("bug: poisoned") = key;
+        let tag = key_tag(&key);
+        let old = std::mem::replace(&mut *self.key.write().expect("bug: poisoned"), key);
+        // Not under the key's lock: `check_local` takes the key after a table entry.
+        if key_tag(&old) != tag {
+            self.sessions.retain(|_, s| s.key_tag == tag);
+        }
+    }
+
+    fn current_tag(&self) -> String {
+        key_tag(&self.key.read().expect("bug: poisoned"))
     }
 
     /// Absolute session lifetime (the cookie's `Max-Age`).
@@ -257,7 +279,7 @@ impl Sessions {
                 return Err(LinkError::Used);
             }
             let id = relay_common::id::random_hex(32);
-            let value = format!("{name}\n{path}\n{}", unix_now());
+            let value = format!("{name}\n{path}\n{}\n{}", unix_now(), key_tag(&key));
             c.put_session(&digest_hex(&id), &value, self.idle)
                 .await
                 .map_err(store)?;
@@ -285,6 +307,7 @@ impl Sessions {
             Session {
                 name: name.to_owned(),
                 prefix: path.to_owned(),
+                key_tag: key_tag(&key),
                 created: now,
                 last_used: Mutex::new(now),
             },
@@ -305,25 +328,28 @@ impl Sessions {
         else {
             return Ok(false);
         };
-        let mut parts = value.splitn(3, '\n');
-        let (Some(n), Some(prefix), Some(created)) = (parts.next(), parts.next(), parts.next())
+        let mut parts = value.splitn(4, '\n');
+        let (Some(n), Some(prefix), Some(created), Some(tag)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Ok(false);
         };
         let created: u64 = created.parse().unwrap_or(0);
         let young = unix_now().saturating_sub(created) < self.max_age.as_secs();
-        Ok(young && n == name && within(path, prefix))
+        Ok(young && tag == self.current_tag() && n == name && within(path, prefix))
     }
 
     fn check_local(&self, id: &str, name: &str, path: &str) -> bool {
+        let tag = self.current_tag();
         let key: [u8; 32] = Sha256::digest(id.as_bytes()).into();
         let Some(s) = self.sessions.get(&key) else {
             return false;
         };
         let now = Instant::now();
         let mut last = s.last_used.lock().expect("bug: poisoned");
-        let live =
-            now.duration_since(s.created) < self.max_age && now.duration_since(*last) < self.idle;
+        let live = now.duration_since(s.created) < self.max_age
+            && now.duration_since(*last) < self.idle
+            && s.key_tag == tag;
         if live && s.name == name && within(path, &s.prefix) {
             *last = now;
             return true;
@@ -411,6 +437,12 @@ mod tests {
         assert_eq!(s.check(&id, "a", "/other").await, Ok(false));
         assert_eq!(s.check(&id, "b", "/lab/").await, Ok(false));
         assert_eq!(s.check("nope", "a", "/lab/").await, Ok(false));
+        // The same key again changes nothing; a new key ends the session.
+        s.set_key(Secret("k".repeat(32)));
+        assert_eq!(s.check(&id, "a", "/lab/tree").await, Ok(true));
+        s.set_key(Secret("n".repeat(32)));
+        assert_eq!(s.check(&id, "a", "/lab/tree").await, Ok(false));
+        assert!(s.is_empty(), "sessions of the old key are dropped");
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ const HOLD: Duration = Duration::from_secs(30);
 #[tokio::test(start_paused = true)]
 async fn a_poll_claims_queued_requests_up_to_its_max() {
     let b = broker(8, 8);
-    let poll = b.begin_poll("n", "a1", false, info);
+    let poll = b.begin_poll("n", "a1", None, false, info);
     let backend = b.live_backend("n").expect("a poll makes the name live");
     let mut claims = Vec::new();
     let mut ids = Vec::new();
@@ -55,8 +55,8 @@ async fn a_poll_claims_queued_requests_up_to_its_max() {
 #[tokio::test(start_paused = true)]
 async fn queues_are_bounded_and_a_dropped_request_frees_its_slot() {
     let b = broker(2, 3);
-    let _p1 = b.begin_poll("a", "x", false, info);
-    let _p2 = b.begin_poll("b", "y", false, info);
+    let _p1 = b.begin_poll("a", "x", None, false, info);
+    let _p2 = b.begin_poll("b", "y", None, false, info);
     let (ba, bb) = (b.live_backend("a").unwrap(), b.live_backend("b").unwrap());
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -87,7 +87,7 @@ async fn queues_are_bounded_and_a_dropped_request_frees_its_slot() {
 #[tokio::test(start_paused = true)]
 async fn a_claimed_request_dropped_by_its_user_is_cancelled_at_the_agent() {
     let b = broker(8, 8);
-    let poll = b.begin_poll("n", "a1", false, info);
+    let poll = b.begin_poll("n", "a1", None, false, info);
     let backend = b.live_backend("n").unwrap();
     let (p, _rx) = request("n", UploadSide::none());
     let id = p.id;
@@ -104,7 +104,7 @@ async fn a_claimed_request_dropped_by_its_user_is_cancelled_at_the_agent() {
 #[tokio::test(start_paused = true)]
 async fn lookups_are_bound_to_the_names_a_caller_may_serve() {
     let b = broker(8, 8);
-    let _poll = b.begin_poll("n", "a1", false, info);
+    let _poll = b.begin_poll("n", "a1", None, false, info);
     let backend = b.live_backend("n").unwrap();
     let (p, _rx) = request("n", UploadSide::none());
     let id = p.id.to_string();
@@ -117,7 +117,7 @@ async fn lookups_are_bound_to_the_names_a_caller_may_serve() {
 #[tokio::test(start_paused = true)]
 async fn an_agent_without_polls_is_gone_after_its_grace() {
     let b = broker(8, 8);
-    let poll = b.begin_poll("n", "a1", false, info);
+    let poll = b.begin_poll("n", "a1", None, false, info);
     let agent = poll.agent().clone();
     b.reap();
     assert!(b.is_connected("n"), "a parked poll keeps the agent");
@@ -134,9 +134,46 @@ async fn an_agent_without_polls_is_gone_after_its_grace() {
 #[tokio::test(start_paused = true)]
 async fn stop_ends_a_parked_poll() {
     let b = broker(8, 8);
-    let poll = b.begin_poll("n", "a1", false, info);
+    let poll = b.begin_poll("n", "a1", None, false, info);
     let stop = CancellationToken::new();
     stop.cancel();
     let batch = poll.next(4, HOLD, &stop).await;
     assert!(batch.requests.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_agent_is_gone_and_its_parked_poll_ends_without_work() {
+    let b = broker(8, 8);
+    let (old, kept) = ([1u8; 32], [2u8; 32]);
+    let poll = b.begin_poll("n", "a1", Some(&old), false, info);
+    let _other = b.begin_poll("n", "a2", Some(&kept), false, info);
+    let agent = poll.agent().clone();
+    let waiting = tokio::spawn(async move {
+        let batch = poll.next(4, HOLD, &CancellationToken::new()).await;
+        (batch.requests.len(), tokio::time::Instant::now())
+    });
+    tokio::task::yield_now().await;
+    let before = tokio::time::Instant::now();
+    assert_eq!(b.revoke(|t, _| *t != old), 1);
+    let (taken, at) = waiting.await.unwrap();
+    assert_eq!(taken, 0);
+    assert_eq!(
+        at, before,
+        "the parked poll ends at once, not at its deadline"
+    );
+    assert!(
+        agent.gone.is_cancelled(),
+        "its claimed requests fail at once"
+    );
+    // The agent with a kept token still serves the name; a request queued now is not
+    // claimable by the revoked one.
+    let backend = b.live_backend("n").expect("a2 still serves");
+    let (p, _rx) = request("n", UploadSide::none());
+    let (_guard, _claimed) = b.enqueue(&backend, p).unwrap();
+    let mut out = Vec::new();
+    backend.take(&agent, 4, &mut out);
+    assert!(out.is_empty());
+    // The last agent revoked: the name is gone, new requests are refused at once.
+    assert_eq!(b.revoke(|_, _| false), 1);
+    assert!(b.live_backend("n").is_none() && !b.is_connected("n"));
 }
