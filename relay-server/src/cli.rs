@@ -112,9 +112,15 @@ pub struct Cli {
     )]
     pub trusted_proxies: Vec<relay_server::config::Cidr>,
     /// Relayed bytes held in memory across all requests; beyond it, agents' response
-    /// streams wait (backpressure) until users catch up.
+    /// streams wait (backpressure) until users catch up. One backend name may hold a
+    /// quarter of it and one client address an eighth, so users who stop reading cannot
+    /// stall everyone.
     #[arg(long, env = "RELAY_MAX_BUFFERED_BYTES", default_value_t = defaults::MAX_BUFFERED_BYTES)]
     pub max_buffered_bytes: usize,
+    /// A user who takes none of the waiting response (or tunnel) bytes for this long has
+    /// the response or tunnel failed and its buffered bytes freed.
+    #[arg(long, env = "RELAY_USER_WRITE_TIMEOUT", default_value = defaults::USER_WRITE_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub user_write_timeout: Duration,
     /// Open connections per listener (more are closed at once); each listener has its own
     /// allowance, so a flood on one cannot refuse the other's clients.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]

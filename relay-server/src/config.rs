@@ -96,8 +96,12 @@ pub struct Config {
     pub max_request_body: Option<u64>,
     /// Longest wait for the next request body byte while the relay waits for it (408).
     pub upload_inactivity_timeout: Duration,
-    /// Relayed bytes held in memory across all requests (then exchanges wait).
+    /// Relayed bytes held in memory across all requests (then exchanges wait); a name may
+    /// hold a quarter, a client address an eighth.
     pub max_buffered_bytes: usize,
+    /// A user who takes none of the response bytes waiting for it for this long has the
+    /// response (or tunnel) failed, and what it held of the budget freed.
+    pub user_write_timeout: Duration,
     /// Open connections across all listeners (more are closed at accept).
     pub max_connections: usize,
     /// Open connections from one IP address.
@@ -233,6 +237,7 @@ impl Config {
             max_request_body,
             upload_inactivity_timeout,
             max_buffered_bytes,
+            user_write_timeout,
             max_connections,
             max_connections_per_ip,
             idle_timeout,
@@ -280,6 +285,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             upload_inactivity_timeout: defaults::duration(defaults::UPLOAD_INACTIVITY_TIMEOUT),
             max_buffered_bytes: defaults::MAX_BUFFERED_BYTES,
+            user_write_timeout: defaults::duration(defaults::USER_WRITE_TIMEOUT),
             max_connections: defaults::MAX_CONNECTIONS,
             max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
             idle_timeout: defaults::duration(defaults::IDLE_TIMEOUT),

@@ -44,6 +44,8 @@ pub const IDLE_TIMEOUT: &str = "75s";
 
 /// A request body without a new byte for this long is refused.
 pub const UPLOAD_INACTIVITY_TIMEOUT: &str = "60s";
+/// A user who takes none of the waiting response bytes for this long has its response failed.
+pub const USER_WRITE_TIMEOUT: &str = "60s";
 
 /// A signed-link session unused this long ends.
 pub const SESSION_IDLE: &str = "1h";

@@ -143,8 +143,9 @@ fn start_tls(state: &Arc<State>, tracker: &TaskTracker) -> std::io::Result<Optio
     Ok(Some(tls))
 }
 
-/// Once a second until the stop: agents without polls are reaped, freed memory goes back
-/// to the OS after a peak, and (every 30 s) expired signed-link sessions go.
+/// Once a second until the stop: agents without polls are reaped, users who stopped
+/// reading lose what they hold of the memory budget, freed memory goes back to the OS after
+/// a peak, and (every 30 s) expired signed-link sessions go.
 async fn housekeeping(state: Arc<State>) {
     let mut tick = tokio::time::interval(REAP_INTERVAL);
     let mut n = 0u32;
@@ -155,6 +156,11 @@ async fn housekeeping(state: Arc<State>) {
             _ = state.stop.cancelled() => break,
         }
         state.broker.reap();
+        let cut = state.budget.cut_stalled(state.cfg.user_write_timeout);
+        for _ in 0..cut {
+            state.metrics.rejected("user_write_timeout");
+        }
+        state.budget.reap();
         let others = state.conns.open() + state.tunnels.len();
         trimmer.tick(
             state.broker.take_peak() + others,

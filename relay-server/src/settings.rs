@@ -197,6 +197,7 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         idle_timeout: cli.idle_timeout,
         max_request_body: cli.max_request_body,
         upload_inactivity_timeout: cli.upload_inactivity_timeout,
+        user_write_timeout: cli.user_write_timeout,
         max_connections: cli.max_connections,
         max_buffered_bytes: cli.max_buffered_bytes,
         trusted_proxies: cli.trusted_proxies.clone(),

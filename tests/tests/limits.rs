@@ -462,3 +462,90 @@ async fn relayed_bytes_in_memory_stay_within_the_global_budget() {
     wait_for(|| budget.in_use() == 0).await;
     server.wait_idle().await;
 }
+
+/// A download that is never read: the request is sent on a socket with a tiny receive
+/// buffer, and nothing is read from it.
+async fn unread_download(server: SocketAddr, from: &str, path: &str) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    let mut s = sock.connect(server).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
+#[tokio::test]
+async fn users_who_stop_reading_cannot_stall_other_backends_and_are_cut_off() {
+    // Both backends stream `n` MiB in 64 KiB chunks.
+    let big = || {
+        backend(|req: Request<hyper::body::Incoming>| async move {
+            let mib: usize = req.uri().query().unwrap().parse().unwrap();
+            let (tx, body) = channel_body(4);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'd'; 64 * 1024]);
+                for _ in 0..mib * 16 {
+                    if tx.send(data(chunk.clone())).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            hyper::Response::new(body)
+        })
+    };
+    let (a, b) = (big().await, big().await);
+    let mut cfg = server_config();
+    cfg.max_buffered_bytes = 1 << 20;
+    cfg.user_write_timeout = Duration::from_secs(5);
+    let server = Server::start(cfg).await;
+    let _agent_a = Agent::start(Agent::config(&server.url(), "a", &format!("http://{a}")));
+    let _agent_b = Agent::start(Agent::config(&server.url(), "b", &format!("http://{b}")));
+    server.wait_agent("a").await;
+    server.wait_agent("b").await;
+    // Eight users of `a`, each from its own address, stop reading 32 MiB downloads: before
+    // the fix their waiting chunks held the whole 1 MiB budget and every other backend's
+    // responses froze behind them. Now `a` holds at most its quarter.
+    let mut stuck = Vec::new();
+    for i in 2..10 {
+        let from = format!("127.0.0.{i}");
+        stuck.push(unread_download(server.addr, &from, "/client/a/big?32").await);
+    }
+    wait_for(|| server.state.budget.in_use() >= 192 * 1024).await;
+    assert!(server.state.budget.in_use() <= 256 * 1024);
+    // A reading user of `b` gets all 8 MiB meanwhile.
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        client().request(
+            Request::get(format!("{}/client/b/big?8", server.url()))
+                .body(empty())
+                .unwrap(),
+        ),
+    )
+    .await
+    .expect("b's response head is stuck behind a's unread bytes")
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = tokio::time::timeout(Duration::from_secs(30), body_bytes(resp.into_body()))
+        .await
+        .expect("b's body is stuck behind a's unread bytes")
+        .unwrap();
+    assert_eq!(body.len(), 8 << 20);
+    // After the write timeout the stuck users' bytes stop counting...
+    wait_for(|| server.state.budget.in_use() == 0).await;
+    // ...and their responses are cut: reading now, each ends without the final chunk.
+    for mut s in stuck {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+            .await
+            .expect("a cut response closes its connection");
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            !got.ends_with(b"0\r\n\r\n"),
+            "a cut response must not look complete"
+        );
+        assert!(got.len() < 32 << 20);
+    }
+    server.wait_idle().await;
+}

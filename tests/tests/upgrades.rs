@@ -386,3 +386,28 @@ async fn idle_tunnels_close_after_the_idle_timeout_and_busy_ones_stay() {
     drop(busy);
     server.wait_idle().await;
 }
+
+#[tokio::test]
+async fn a_tunnel_whose_user_stops_reading_closes_after_the_write_timeout() {
+    let (addr, _early) = raw_echo_backend().await;
+    let mut cfg = server_config();
+    // Far beyond the test: only the write timeout can close this tunnel.
+    cfg.tunnel_idle_timeout = std::time::Duration::from_secs(3600);
+    cfg.user_write_timeout = std::time::Duration::from_millis(500);
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(&server.url(), "e", &format!("http://{addr}")));
+    server.wait_agent("e").await;
+    let tunnel = open_tunnel(server.addr, b"").await;
+    // The user sends and sends but never reads what the echo sends back: every buffer on
+    // the way back fills, and the relay's write to the user waits for good.
+    let (_rd, mut wr) = tunnel.into_split();
+    let flood = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        while wr.write_all(&chunk).await.is_ok() {}
+    });
+    // Before the fix the write blocked the tunnel's loop: no timeout, no agent-gone, no
+    // stop could end it. Now it closes, and the request is released.
+    wait_for(|| server.state.broker.in_flight() == 0).await;
+    assert_eq!(server.state.budget.in_use(), 0);
+    flood.abort();
+}

@@ -60,7 +60,7 @@ pub async fn serve(
     let result = match uri.path() {
         "/server/request" => poll(state, grant, &req, query, peer).await,
         "/server/response" => match lookup(&state, &grant, query.id) {
-            Ok(pending) => response::serve(&state, pending, req, query.offset).await,
+            Ok(pending) => response::serve(pending, req, query.offset).await,
             Err(e) => Err(e),
         },
         "/server/requeststream" => match lookup(&state, &grant, query.id) {

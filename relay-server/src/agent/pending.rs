@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::broker::{Agent, Broker, NameQueue};
 use crate::agent::response_side::{ResponseSide, ResponseStart};
 use crate::agent::upload_side::UploadSide;
+use crate::base::budget::Account;
 
 enum Claim {
     /// Waiting in the backend's queue; holds one slot of the global parked count.
@@ -43,6 +44,8 @@ pub struct Pending {
     pub arrived: std::time::Instant,
     /// Response body bytes delivered towards the user.
     pub download_bytes: AtomicU64,
+    /// What its waiting response bytes hold of the memory budget and their shares.
+    pub account: Account,
 }
 
 impl Pending {
@@ -53,6 +56,7 @@ impl Pending {
         head: RequestHead,
         upload: UploadSide,
         head_tx: oneshot::Sender<ResponseStart>,
+        account: Account,
     ) -> Self {
         Pending {
             id,
@@ -64,6 +68,7 @@ impl Pending {
             done: CancellationToken::new(),
             arrived: std::time::Instant::now(),
             download_bytes: AtomicU64::new(0),
+            account,
         }
     }
 

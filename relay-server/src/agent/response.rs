@@ -14,7 +14,6 @@ use crate::agent::error::AgentCallError;
 use crate::agent::pending::Pending;
 use crate::agent::response_side::{DeliverError, ResponseLease};
 use crate::base::body::{text_response, RelayBody};
-use crate::State;
 
 /// How an exchange that did not fail ended.
 enum Ended {
@@ -27,6 +26,8 @@ enum Ended {
 /// Why an exchange stopped early.
 enum Stopped {
     UserGone,
+    /// The user took none of the waiting bytes for the write timeout.
+    UserStalled,
     Protocol(String),
 }
 
@@ -41,7 +42,6 @@ impl From<DeliverError> for Stopped {
 
 /// Serves one response exchange for `pending`, whose body starts at `offset`.
 pub async fn serve(
-    state: &State,
     pending: Arc<Pending>,
     req: Request<Incoming>,
     offset: Option<u64>,
@@ -63,8 +63,10 @@ pub async fn serve(
     }
     let mut lease = lease;
     let result = tokio::select! {
-        r = run(&mut lease, req.into_body(), state, &pending) => r,
+        r = run(&mut lease, req.into_body(), &pending) => r,
         _ = pending.done.cancelled() => Err(Stopped::UserGone),
+        // The housekeeping found the user taking none of its waiting bytes.
+        _ = pending.account.stalled() => Err(Stopped::UserStalled),
     };
     match result {
         Ok(Ended::Complete) => Ok(text_response(StatusCode::OK, "ok")),
@@ -74,6 +76,15 @@ pub async fn serve(
         }
         Err(Stopped::UserGone) => {
             lease.hand_over();
+            Err(AgentCallError::UserGone)
+        }
+        Err(Stopped::UserStalled) => {
+            // What the user did not read no longer counts against the budget (forfeited),
+            // the user's response fails (the lease drops uncleanly: its body ends in an
+            // error, never a clean end) and the agent stops as if the user had left.
+            pending.done.cancel();
+            tracing::debug!(id = %pending.id, "the user stopped reading: response failed");
+            drop(lease);
             Err(AgentCallError::UserGone)
         }
         Err(Stopped::Protocol(msg)) => {
@@ -87,7 +98,6 @@ pub async fn serve(
 async fn run(
     lease: &mut ResponseLease,
     body: Incoming,
-    state: &State,
     pending: &Pending,
 ) -> Result<Ended, Stopped> {
     let mut reader = FrameReader::new(body);
@@ -104,9 +114,9 @@ async fn run(
             }
             Message::Body(BodyMsg::Data(bytes)) => {
                 let len = bytes.len() as u64;
-                // Waits while the global budget is spent (the caller gives up when the
-                // user leaves).
-                let held = state.budget.hold(bytes.len()).await;
+                // Waits while the budget or the name's or client's share is spent (the
+                // caller gives up when the user leaves).
+                let held = pending.account.hold(bytes.len()).await;
                 lease.data(bytes, held).await?;
                 pending.download_bytes.fetch_add(len, Ordering::Relaxed);
             }

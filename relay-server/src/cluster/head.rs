@@ -22,6 +22,9 @@ pub struct PeerHead {
     /// Upgrade protocol of a genuine upgrade request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
+    /// The user's address (the owner charges the response to its share of the budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl PeerHead {
@@ -75,6 +78,7 @@ mod tests {
             headers: encode_headers(&h),
             content_length: None,
             upgrade: None,
+            client: Some([127, 0, 0, 1].into()),
         };
         let back = PeerHead::decode(&head.encode()).unwrap();
         assert_eq!(decode_headers(&back.headers).unwrap(), h);

@@ -136,6 +136,7 @@ pub async fn forward_user(
         headers: encode_headers(&p.headers),
         content_length: p.content_length,
         upgrade: p.upgrade.clone(),
+        client: Some(p.client),
     };
     let head = head.encode();
     let mut body = p
@@ -358,7 +359,7 @@ pub async fn handle(
                 backend = tracing::field::Empty,
             );
             use tracing::Instrument;
-            match forwarded_request(&state, req).instrument(span).await {
+            match forwarded_request(&state, req, peer).instrument(span).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(error = %e, "forwarded request failed");
@@ -386,6 +387,7 @@ pub async fn handle(
 async fn forwarded_request(
     state: &Arc<State>,
     mut req: Request<Incoming>,
+    peer: std::net::SocketAddr,
 ) -> Result<Response<RelayBody>, RelayError> {
     let head = req
         .headers()
@@ -417,6 +419,8 @@ async fn forwarded_request(
         on_upgrade,
         body,
         arrival: tokio::time::Instant::now(),
+        // A head without one (an older replica) is charged to the replica that sent it.
+        client: head.client.unwrap_or(peer.ip()),
     };
     dispatch(state, &backend, prepared).await
 }

@@ -33,6 +33,9 @@ pub struct Prepared {
     pub body: Option<UserBody>,
     /// When the request arrived (timeouts count from here).
     pub arrival: tokio::time::Instant,
+    /// The user's address: the peer's, or behind a trusted proxy the client it names
+    /// (whose share of the memory budget the response uses).
+    pub client: std::net::IpAddr,
 }
 
 /// Everything between admission and the broker: upgrade detection, the backend's headers,
@@ -55,6 +58,7 @@ pub fn prepare(
     let (parts, body) = req.into_parts();
     let trusted = state.auth().trusts(peer.ip());
     let mut headers = forward_headers(&parts, peer, https, route.prefix, trusted)?;
+    let client = client_address(&headers, peer, trusted);
     if let Some(proto) = &upgrade {
         set_upgrade_headers(&mut headers, proto);
     }
@@ -80,7 +84,20 @@ pub fn prepare(
         on_upgrade,
         body,
         arrival,
+        client,
     })
+}
+
+/// The user's address: behind a trusted proxy, the last address before it in
+/// `X-Forwarded-For` (the one the proxy saw; RFC 7239 §5.2 for the list's order), else the
+/// peer.
+fn client_address(h: &HeaderMap, peer: SocketAddr, trusted: bool) -> std::net::IpAddr {
+    let named = || {
+        let list = h.get("x-forwarded-for")?.to_str().ok()?;
+        // The relay appended the peer itself last; the entry before it is the client.
+        list.rsplit(',').nth(1)?.trim().parse().ok()
+    };
+    trusted.then(named).flatten().unwrap_or(peer.ip())
 }
 
 /// The user's body with its first frame read (see [`UserBody::prefetch`]).

@@ -142,7 +142,8 @@ fn request(
         None => UploadSide::none(),
     };
     let (head_tx, head_rx) = oneshot::channel();
-    let pending = Pending::new(id, p.name, head, upload, head_tx);
+    let account = state.budget.account(&p.name, p.client);
+    let pending = Pending::new(id, p.name, head, upload, head_tx, account);
     (pending, head_rx, p.upgrade, p.on_upgrade)
 }
 
@@ -201,7 +202,10 @@ fn switch(
         t.body_rx,
         t.guard,
         t.agent.gone.clone(),
-        state.cfg.tunnel_idle_timeout,
+        crate::user::tunnel::Limits {
+            idle: state.cfg.tunnel_idle_timeout,
+            write: state.cfg.user_write_timeout,
+        },
         state.stop.clone(),
     ));
     let mut resp = Response::new(empty());

@@ -4,19 +4,30 @@
 //!
 //! Each direction ends on its own (END = the sender shut down writing, passed on as a
 //! write shutdown, so half-closed connections keep working); ABORT, a cut exchange, the
-//! agent going away, the idle timeout or the end of the drain close both.
+//! agent going away, the idle timeout, a user who stops reading (the write timeout) or the
+//! end of the drain close both.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::pending::PendingGuard;
 use crate::agent::upload_side::UploadEnd;
 use crate::base::body::{BodyMsg, Delivery};
+
+/// When a tunnel ends.
+pub struct Limits {
+    /// No byte either way for this long closes it.
+    pub idle: Duration,
+    /// A user who takes none of the bytes being written for this long closes it.
+    pub write: Duration,
+}
 
 /// Runs one tunnel until both directions ended or it must close. Dropping `guard` at the
 /// end frees the request and tells the agent.
@@ -25,7 +36,7 @@ pub async fn bridge(
     body_rx: Option<mpsc::Receiver<Delivery>>,
     guard: PendingGuard,
     agent_gone: CancellationToken,
-    idle_timeout: Duration,
+    limits: Limits,
     stop: CancellationToken,
 ) {
     let upgraded = match on_upgrade.await {
@@ -36,36 +47,31 @@ pub async fn bridge(
         }
     };
     let pending = guard.pending().clone();
-    let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
     // Only now, with the 101 written, may user bytes flow to the backend.
     pending.upload.open_tunnel(rd);
-    let mut down = body_rx;
+    // The backend→user direction runs as one future polled beside the others, so a write
+    // the user does not take never blocks the idle check, the agent-gone signal or the
+    // stop (an `.await` on the write inside a `select!` branch would).
+    let writer = Writer::default();
+    let down = writer.run(body_rx, wr);
+    tokio::pin!(down);
+    let mut down_open = true;
     let mut up_open = true;
-    let mut down_bytes = 0u64;
     let mut last = (0u64, 0u64);
     // Checked four times per timeout; a zero timeout would make the interval panic.
-    let mut idle = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(1)));
-    idle.tick().await;
-    let mut quiet_ticks = 0;
+    let tick = limits.idle.min(limits.write) / 4;
+    let mut check = tokio::time::interval(tick.max(Duration::from_millis(1)));
+    check.tick().await;
+    let mut quiet_since = tokio::time::Instant::now();
     let reason = loop {
-        if down.is_none() && !up_open {
+        if !down_open && !up_open {
             break "both directions ended";
         }
         tokio::select! {
-            msg = async { down.as_mut().expect("bug: guarded").recv().await }, if down.is_some() => match msg {
-                Some(Delivery { msg: BodyMsg::Data(b), held }) => {
-                    down_bytes += b.len() as u64;
-                    if wr.write_all(&b).await.is_err() {
-                        break "the user connection failed";
-                    }
-                    drop(held);
-                }
-                Some(Delivery { msg: BodyMsg::End | BodyMsg::Trailers(_), .. }) => {
-                    // The backend shut down writing: pass the half-close on.
-                    let _ = wr.shutdown().await;
-                    down = None;
-                }
-                Some(Delivery { msg: BodyMsg::Abort(_), .. }) | None => break "the backend side closed abruptly",
+            r = &mut down, if down_open => match r {
+                Ok(()) => down_open = false,
+                Err(why) => break why,
             },
             end = pending.upload.ended(), if up_open => {
                 if end != UploadEnd::Finished {
@@ -75,20 +81,84 @@ pub async fn bridge(
             }
             _ = agent_gone.cancelled() => break "the relay-client disconnected",
             _ = stop.cancelled() => break "the relay is shutting down",
-            _ = idle.tick() => {
-                let now = (down_bytes, pending.upload.bytes());
-                if now == last {
-                    quiet_ticks += 1;
-                    if quiet_ticks >= 4 {
-                        break "idle timeout";
-                    }
-                } else {
-                    quiet_ticks = 0;
-                    last = now;
+            _ = check.tick() => {
+                let now = tokio::time::Instant::now();
+                if writer.stalled_for(now) >= limits.write {
+                    break "the user stopped reading";
+                }
+                let moved = (writer.bytes.load(Ordering::Relaxed), pending.upload.bytes());
+                if moved != last {
+                    last = moved;
+                    quiet_since = now;
+                } else if now - quiet_since >= limits.idle {
+                    break "idle timeout";
                 }
             }
         }
     };
     tracing::debug!(id = %pending.id, reason, "tunnel closed");
     drop(guard);
+}
+
+/// The backend→user direction's progress, read by the tunnel's checks.
+#[derive(Default)]
+struct Writer {
+    bytes: AtomicU64,
+    /// Since when a write has been waiting for the user to take bytes.
+    writing_since: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Writer {
+    /// Writes what the response exchanges deliver to the user until END (passed on as a
+    /// write shutdown, so half-closed connections keep working); an error says why the
+    /// tunnel must close.
+    async fn run<W: AsyncWrite + Unpin>(
+        &self,
+        body_rx: Option<mpsc::Receiver<Delivery>>,
+        mut wr: W,
+    ) -> Result<(), &'static str> {
+        let Some(mut rx) = body_rx else {
+            return Ok(());
+        };
+        loop {
+            match rx.recv().await {
+                Some(Delivery {
+                    msg: BodyMsg::Data(b),
+                    held,
+                }) => {
+                    self.set_writing(Some(tokio::time::Instant::now()));
+                    let written = wr.write_all(&b).await;
+                    self.set_writing(None);
+                    written.map_err(|_| "the user connection failed")?;
+                    self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    drop(held);
+                }
+                Some(Delivery {
+                    msg: BodyMsg::End | BodyMsg::Trailers(_),
+                    ..
+                }) => {
+                    // The backend shut down writing: pass the half-close on.
+                    let _ = wr.shutdown().await;
+                    return Ok(());
+                }
+                Some(Delivery {
+                    msg: BodyMsg::Abort(_),
+                    ..
+                })
+                | None => return Err("the backend side closed abruptly"),
+            }
+        }
+    }
+
+    /// How long the write in progress has waited (zero when none is).
+    fn stalled_for(&self, now: tokio::time::Instant) -> Duration {
+        self.writing_since
+            .lock()
+            .expect("bug: poisoned")
+            .map_or(Duration::ZERO, |t| now - t)
+    }
+
+    fn set_writing(&self, since: Option<tokio::time::Instant>) {
+        *self.writing_since.lock().expect("bug: poisoned") = since;
+    }
 }

@@ -32,7 +32,8 @@ fn request(name: &str, upload: UploadSide) -> (Pending, oneshot::Receiver<Respon
         upgrade: None,
     };
     let (tx, rx) = oneshot::channel();
-    (Pending::new(id, name.into(), head, upload, tx), rx)
+    let account = crate::base::budget::Budget::new(1 << 20).account(name, [127, 0, 0, 1].into());
+    (Pending::new(id, name.into(), head, upload, tx, account), rx)
 }
 
 /// A broker with room for `per_name` requests per name and `total` in all, whose agents are

@@ -131,6 +131,7 @@ fn head(body: BodyKind) -> ResponseHead {
 async fn a_response_streams_in_order_across_exchanges() {
     let (p, head_rx) = request("n", UploadSide::none());
     let budget = Budget::new(1 << 20);
+    let account = budget.account("n", [127, 0, 0, 1].into());
     let mut l = p.response.lease().expect("free");
     assert!(p.response.lease().is_none(), "one exchange at a time");
     assert!(l.head(head(BodyKind::Stream)).unwrap());
@@ -138,14 +139,14 @@ async fn a_response_streams_in_order_across_exchanges() {
         panic!("a head with a body channel")
     };
     assert_eq!(h.status, 200);
-    l.data(Bytes::from_static(b"ab"), budget.hold(2).await)
+    l.data(Bytes::from_static(b"ab"), account.hold(2).await)
         .await
         .unwrap();
     assert_eq!(budget.in_use(), 2, "bytes hold the budget while they wait");
     l.hand_over();
     let mut l = p.response.lease().expect("handed over");
     assert_eq!(l.offset(), 2);
-    l.data(Bytes::from_static(b"c"), budget.hold(1).await)
+    l.data(Bytes::from_static(b"c"), account.hold(1).await)
         .await
         .unwrap();
     l.end(BodyMsg::Trailers(HeaderMap::new())).await.unwrap();
@@ -189,7 +190,13 @@ async fn protocol_errors_and_aborts() {
     let (p, head_rx) = request("n", UploadSide::none());
     let mut l = p.response.lease().expect("free");
     assert!(l
-        .data(Bytes::from_static(b"x"), Budget::new(1).hold(1).await)
+        .data(
+            Bytes::from_static(b"x"),
+            Budget::new(1)
+                .account("n", [127, 0, 0, 1].into())
+                .hold(1)
+                .await
+        )
         .await
         .is_err());
     l.protocol_error();
