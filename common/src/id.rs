@@ -80,7 +80,24 @@ impl fmt::Debug for RequestId {
 pub fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     getrandom::getrandom(&mut b).expect("bug: the OS random source failed");
+    hex(&b)
+}
+
+/// Bytes as lowercase hex.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex (either case) back to bytes; `None` for anything else.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| hex_val(c.to_ascii_lowercase());
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| match pair {
+            [h, l] => Some((val(*h)? << 4) | val(*l)?),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

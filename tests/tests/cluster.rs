@@ -686,4 +686,100 @@ async fn a_signed_link_is_single_use_and_its_session_admits_on_every_replica() {
     assert_eq!(keys.len(), 1);
     let id = cookie.split('=').nth(1).unwrap();
     assert!(!keys[0].contains(id));
+    // Whoever can write to Redis cannot mint a session: a copy of the real record under the
+    // digest of an id of their choosing admits nowhere (the record's MAC binds it to its
+    // digest and needs the cluster secret).
+    let record: String = redis::cmd("GET").arg(&keys[0]).query(&mut c).unwrap();
+    let minted = "6d696e7465642d62792d612d72656469732d777269746572".to_owned();
+    let digest: String = {
+        use sha2::Digest;
+        relay_common::id::hex(&sha2::Sha256::digest(minted.as_bytes()))
+    };
+    let _: () = redis::cmd("SET")
+        .arg(format!("relay:session:{digest}"))
+        .arg(&record)
+        .query(&mut c)
+        .unwrap();
+    // Nor can it write a session record of its own.
+    let value = record.rsplit_once('\n').unwrap().0.to_owned();
+    let _: () = redis::cmd("SET")
+        .arg(format!("relay:session:{digest}"))
+        .arg(&value)
+        .query(&mut c)
+        .unwrap();
+    for base in [home.url(), other.url()] {
+        let resp = open(base, Some(format!("relay_session={minted}")), None).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+}
+
+#[tokio::test]
+async fn redis_writers_without_the_secret_cannot_steer_requests_and_calls_need_a_mac() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let a = replica(&redis, &secret, &[]);
+    // A listener of the attacker's, which Redis is told holds backend `x`.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trap_addr = trap.local_addr().unwrap();
+    let caught = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = caught.clone();
+    tokio::spawn(async move {
+        // Holds what it accepts open and unanswered, as a thief would.
+        let mut held = Vec::new();
+        while let Ok((s, _)) = trap.accept().await {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("relay:replica:0badc0de")
+        .arg(format!("http://{trap_addr}"))
+        .query(&mut c)
+        .unwrap();
+    // A copy of a genuine replica's signed record under the fake tag fails as well.
+    let genuine: String = redis::cmd("GET")
+        .arg(format!("relay:replica:{}", a.tag))
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("relay:replica:0badc0df")
+        .arg(genuine.replace(&a.cluster.to_string(), &trap_addr.to_string()))
+        .query(&mut c)
+        .unwrap();
+    for tag in ["0badc0de", "0badc0df"] {
+        let _: () = redis::cmd("ZADD")
+            .arg("relay:name:x")
+            .arg(u64::MAX / 4)
+            .arg(tag)
+            .query(&mut c)
+            .unwrap();
+    }
+    // The user's request is not sent there: no replica holds `x`.
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), get(&a.url(), "x", "/"))
+        .await
+        .expect("the request went to the attacker's address and waits there");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(!caught.load(std::sync::atomic::Ordering::SeqCst));
+    // A call that presents the cluster secret itself (the old scheme) is refused: only a
+    // MAC made with the derived key admits, and the secret never travels.
+    let secret_value = std::fs::read_to_string(&secret.path).unwrap();
+    let resp = client()
+        .request(
+            Request::get(format!("http://{}/cluster/request", a.cluster))
+                .header("x-relay-cluster-secret", secret_value.trim())
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let text = body_bytes(resp.into_body()).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&text).contains("X-Relay-Cluster-Auth"),
+        "{text:?}"
+    );
 }

@@ -24,13 +24,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::base::auth::Secret;
-
-/// Header carrying the shared cluster secret on calls between replicas.
-pub const SECRET_HEADER: &str = "x-relay-cluster-secret";
+use crate::cluster::seal::Seal;
 
 /// Cluster settings.
 #[derive(Clone, Debug)]
@@ -39,7 +35,8 @@ pub struct ClusterConfig {
     pub redis_url: String,
     /// How other replicas reach this one's cluster listener (`http://host:port`).
     pub advertise_url: String,
-    /// Shared by all replicas; authenticates calls between them.
+    /// Shared by all replicas; the keys that sign their Redis records and their calls to
+    /// each other derive from it (it never crosses the wire).
     pub secret: Secret,
     /// How long a directory entry outlives its last renewal.
     pub lease: Duration,
@@ -98,7 +95,8 @@ pub struct Cluster {
     redis: ConnectionManager,
     /// [`UNKNOWN`], [`UP`] or [`DOWN`]: how the last Redis call went.
     health: AtomicU8,
-    secret_digest: [u8; 32],
+    /// Keys that sign records and calls.
+    pub(super) seal: Seal,
     /// Replicas per name looked up lately, and when (cached for [`NAME_CACHE`]).
     pub(super) names: Mutex<HashMap<String, (Vec<u32>, Instant)>>,
     urls: Mutex<HashMap<u32, (String, Instant)>>,
@@ -165,7 +163,7 @@ impl Cluster {
         let mut tag = [0u8; 4];
         getrandom::getrandom(&mut tag).expect("bug: the OS random source failed");
         Ok(Cluster {
-            secret_digest: Sha256::digest(cfg.secret.0.as_bytes()).into(),
+            seal: Seal::new(&cfg.secret),
             tag: u32::from_be_bytes(tag),
             redis,
             health: AtomicU8::new(UNKNOWN),
@@ -198,16 +196,9 @@ impl Cluster {
         self.view.lock().expect("bug: poisoned").clone()
     }
 
-    /// Whether `presented` is the cluster secret (compared as digests, in constant time).
-    pub fn check_secret(&self, presented: Option<&[u8]>) -> bool {
-        let Some(p) = presented else { return false };
-        let d: [u8; 32] = Sha256::digest(p).into();
-        bool::from(d.ct_eq(&self.secret_digest))
-    }
-
-    /// The secret for calls to other replicas.
-    pub fn secret(&self) -> &str {
-        &self.cfg.secret.0
+    /// The keys that sign this cluster's records and calls.
+    pub fn seal(&self) -> &Seal {
+        &self.seal
     }
 
     pub(super) fn replica_key(&self, tag: u32) -> String {
@@ -310,7 +301,8 @@ impl Cluster {
         }
         let mut p = redis::pipe();
         p.cmd("GET").arg(self.replica_key(tag));
-        let (url,): (Option<String>,) = self.query(&p).await?;
+        let (record,): (Option<String>,) = self.query(&p).await?;
+        let url = record.and_then(|r| self.open_replica(tag, &r));
         let mut urls = self.urls.lock().expect("bug: poisoned");
         match &url {
             Some(u) => {
@@ -321,6 +313,20 @@ impl Cluster {
             }
         }
         Ok(url)
+    }
+
+    /// The address in a replica record, if the record is signed with this cluster's key
+    /// and fresh; a forged or stale one is ignored (and said so), so whoever can write to
+    /// Redis without the secret cannot steer users' requests to an address of theirs.
+    pub(super) fn open_replica(&self, tag: u32, record: &str) -> Option<String> {
+        let url = self.seal.open_replica(tag, record, now_ms());
+        if url.is_none() {
+            tracing::warn!(
+                tag = %tag_hex(tag),
+                "a replica record in Redis is not signed with this cluster's secret, or expired: ignored"
+            );
+        }
+        url
     }
 
     /// Forgets what is cached about `tag` (its connection failed).

@@ -6,4 +6,5 @@ pub mod directory;
 pub mod head;
 pub mod peer;
 pub mod renewal;
+pub mod seal;
 pub mod sessions;

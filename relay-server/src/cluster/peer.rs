@@ -11,8 +11,9 @@
 //!   replica goes there verbatim, with the caller's grant in `X-Relay-Cluster-Grant` (the
 //!   receiving replica checked the credential; the owner checks the id against the grant).
 //!
-//! Every call carries the cluster secret (`X-Relay-Cluster-Secret`), checked in constant
-//! time. A peer that cannot be connected to is skipped for the next one holding the name;
+//! Every call is authenticated by `X-Relay-Cluster-Auth`, a MAC over its method, target,
+//! time and the relay's own headers with a key derived from the cluster secret (the secret
+//! itself never crosses the wire; see [`super::seal`]). A peer that cannot be connected to is skipped for the next one holding the name;
 //! once a request was sent it is never repeated (its body is gone and it may have had
 //! effects): a failure then is a 502, a broken body an aborted response.
 
@@ -32,8 +33,9 @@ use tokio::net::TcpStream;
 use crate::base::auth::Grant;
 use crate::base::body::text_response;
 use crate::base::body::{empty, BodyError, RelayBody};
-use crate::cluster::directory::{Cluster, SECRET_HEADER};
+use crate::cluster::directory::{now_ms, Cluster};
 use crate::cluster::head::{PeerHead, HEAD_HEADER};
+use crate::cluster::seal::AUTH_HEADER;
 use crate::user::error::RelayError;
 use crate::user::prepare::{prefetch, Prepared};
 use crate::user::relayed::dispatch;
@@ -122,6 +124,26 @@ fn header_value(s: &str) -> Result<HeaderValue, RelayError> {
         .map_err(|_| RelayError::Replica("a value cannot cross to another replica".into()))
 }
 
+/// The relay's own headers of a call between replicas, which its MAC covers besides the
+/// method and target: the forwarded head and the agent's grant (empty when absent).
+fn bound(h: &HeaderMap) -> [&[u8]; 2] {
+    let value = |name| h.get(name).map_or(&[][..], |v: &HeaderValue| v.as_bytes());
+    [value(HEAD_HEADER), value(GRANT_HEADER)]
+}
+
+/// Authenticates a call to another replica (`X-Relay-Cluster-Auth`, see [`super::seal`]).
+fn sign<B>(cluster: &Cluster, req: &mut Request<B>) {
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let value = cluster.seal().call(
+        req.method().as_str(),
+        target,
+        &bound(req.headers()),
+        now_ms(),
+    );
+    let value = HeaderValue::from_str(&value).expect("bug: the auth value is ASCII");
+    req.headers_mut().insert(AUTH_HEADER, value);
+}
+
 /// Sends a prepared user request to the first of `peers` (replicas holding an agent for
 /// its name, from [`Cluster::replicas_for`]) that accepts a connection.
 pub async fn forward_user(
@@ -151,7 +173,6 @@ pub async fn forward_user(
             .parse()
             .map_err(|_| RelayError::Replica(format!("bad replica address {url:?}")))?;
         let h = req.headers_mut();
-        h.insert(SECRET_HEADER, header_value(cluster.secret())?);
         h.insert(HEAD_HEADER, head.clone());
         if let Some(n) = p.content_length {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
@@ -160,6 +181,7 @@ pub async fn forward_user(
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, header_value(proto)?);
         }
+        sign(cluster, &mut req);
         Ok(req)
     };
     // Nothing is sent before a connection stands, so an unreachable peer is skipped.
@@ -306,14 +328,13 @@ pub async fn forward_agent(
     headers.remove(header::HOST);
     *out.headers_mut() = headers;
     let h = out.headers_mut();
-    let (Ok(secret), Ok(grant)) = (
-        HeaderValue::from_str(cluster.secret()),
-        HeaderValue::from_str(&grant.encode()),
-    ) else {
-        return text_response(StatusCode::INTERNAL_SERVER_ERROR, "bad cluster secret");
+    // Only this replica speaks for the call.
+    h.remove(HEAD_HEADER);
+    let Ok(grant) = HeaderValue::from_str(&grant.encode()) else {
+        return text_response(StatusCode::INTERNAL_SERVER_ERROR, "bug: a grant is ASCII");
     };
-    h.insert(SECRET_HEADER, secret);
     h.insert(GRANT_HEADER, grant);
+    sign(cluster, &mut out);
     let send = match cluster.peers.h2(&url).await {
         Ok(s) => s,
         Err(e) => {
@@ -340,12 +361,17 @@ pub async fn handle(
     let Some(cluster) = state.cluster.clone() else {
         return text_response(StatusCode::NOT_FOUND, "cluster mode is off");
     };
-    if !cluster.check_secret(req.headers().get(SECRET_HEADER).map(|v| v.as_bytes())) {
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let checked = cluster.seal().check_call(
+        req.headers().get(AUTH_HEADER).map(|v| v.as_bytes()),
+        req.method().as_str(),
+        target,
+        &bound(req.headers()),
+        now_ms(),
+    );
+    if let Err(e) = checked {
         state.metrics.auth_failure("cluster");
-        return text_response(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong cluster secret (X-Relay-Cluster-Secret)",
-        );
+        return text_response(StatusCode::UNAUTHORIZED, &e.to_string());
     }
     let path = req.uri().path().to_owned();
     match path.as_str() {

@@ -57,9 +57,13 @@ impl Cluster {
             let now = now_ms();
             let mut p = redis::pipe();
             if full {
+                // Signed until the lease would end; re-signed every lease / 3.
                 p.cmd("SET")
                     .arg(self.replica_key(self.tag))
-                    .arg(&self.cfg.advertise_url)
+                    .arg(
+                        self.seal
+                            .replica(self.tag, &self.cfg.advertise_url, now + lease_ms),
+                    )
                     .arg("PX")
                     .arg(lease_ms)
                     .ignore();
@@ -131,8 +135,14 @@ impl Cluster {
         let mut values = values.into_iter();
         let mut view = View::default();
         for k in &replica_keys {
-            let url: Option<String> = values.next().and_then(|v| redis::from_redis_value(v).ok());
-            if let (Some(url), Some(tag)) = (url, k.strip_prefix(&format!("{prefix}replica:"))) {
+            let record: Option<String> =
+                values.next().and_then(|v| redis::from_redis_value(v).ok());
+            let tag = k.strip_prefix(&format!("{prefix}replica:"));
+            let url = tag
+                .and_then(|t| u32::from_str_radix(t, 16).ok())
+                .zip(record)
+                .and_then(|(t, r)| self.open_replica(t, &r));
+            if let (Some(url), Some(tag)) = (url, tag) {
                 view.replicas.push((tag.to_owned(), url));
             }
         }

@@ -1,6 +1,7 @@
 //! Signed-link nonces and sessions in the cluster's Redis: every replica honours every
 //! session, and a link opens one session in the whole cluster. Session ids are stored only
-//! as digests.
+//! as digests, and each record carries a MAC of the cluster's key (see [`super::seal`]), so
+//! a session cannot be minted by writing to Redis.
 
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ impl Cluster {
         let mut p = redis::pipe();
         p.cmd("SET")
             .arg(format!("{}session:{digest}", self.cfg.key_prefix))
-            .arg(value)
+            .arg(self.seal.session(digest, value))
             .arg("PX")
             .arg(idle.as_millis() as u64)
             .ignore();
@@ -53,8 +54,17 @@ impl Cluster {
             .arg(&key)
             .arg(idle.as_millis() as u64)
             .ignore();
-        let (value,): (Option<String>,) = self.query(&p).await?;
-        Ok(value)
+        let (record,): (Option<String>,) = self.query(&p).await?;
+        // A record without this cluster's MAC was not written by a replica: no session.
+        Ok(record.and_then(|r| {
+            let value = self.seal.open_session(digest, &r).map(str::to_owned);
+            if value.is_none() {
+                tracing::warn!(
+                    "a session record in Redis is not signed with this cluster's secret: ignored"
+                );
+            }
+            value
+        }))
     }
 }
 

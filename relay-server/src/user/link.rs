@@ -24,6 +24,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::base::auth::Secret;
+use relay_common::id::{hex, unhex};
 
 /// Name of the session cookie. Reserved: the relay strips it from every forwarded request.
 pub const SESSION_COOKIE: &str = "relay_session";
@@ -96,20 +97,6 @@ fn key_tag(key: &Secret) -> String {
     h.update(b"relay-link-key-tag\n");
     h.update(key.0.as_bytes());
     hex(&h.finalize()[..8])
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// The `relay_*` parameters of a query, and the query without them.
