@@ -196,13 +196,13 @@ pub struct Cli {
     /// it the server runs alone and never touches Redis.
     #[arg(long, env = "RELAY_CLUSTER_REDIS")]
     pub cluster_redis: Option<String>,
-    /// Cluster mode: listen here for other replicas (forwarded requests and agent calls;
-    /// plain HTTP, each call authenticated by the cluster secret). Keep it on a private
-    /// network.
+    /// Cluster mode: listen here for other replicas (forwarded requests and agent calls,
+    /// each authenticated by a MAC of the cluster secret; plain HTTP unless
+    /// --cluster-tls-cert). Keep it on a private network.
     #[arg(long, env = "RELAY_CLUSTER_LISTEN")]
     pub cluster_listen: Option<SocketAddr>,
     /// Cluster mode: the URL other replicas reach --cluster-listen at (default:
-    /// http://ADDRESS:PORT of that listener, unless it listens on a wildcard address).
+    /// http(s)://ADDRESS:PORT of that listener, unless it listens on a wildcard address).
     #[arg(long, env = "RELAY_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// Cluster mode: file holding the secret all replicas share (at least 32 characters).
@@ -214,6 +214,17 @@ pub struct Cli {
     /// Cluster mode: prefix of every Redis key (several clusters may share one Redis).
     #[arg(long, env = "RELAY_CLUSTER_KEY_PREFIX", default_value = defaults::CLUSTER_KEY_PREFIX)]
     pub cluster_key_prefix: String,
+    /// Cluster mode: certificate chain (PEM) for TLS on --cluster-listen; calls between
+    /// replicas then use https:// (bodies and headers encrypted, replicas verified).
+    #[arg(long, env = "RELAY_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// Cluster mode: private key (PEM) for --cluster-tls-cert.
+    #[arg(long, env = "RELAY_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// Cluster mode: roots (PEM) other replicas' certificates must chain to (default: the
+    /// --cluster-tls-cert file itself, for a cluster sharing one self-signed certificate).
+    #[arg(long, env = "RELAY_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
     /// Log format: `text` for people, `json` (one object per line) for log shippers.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: relay_config_file::logs::LogFormat,

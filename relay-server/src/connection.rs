@@ -120,9 +120,10 @@ impl Conns<'_> {
             &cert,
         );
         let builder = self.builder.clone();
+        // The cluster listener's `tls` is its own (`--cluster-tls-cert`).
         let acceptor = self
             .tls
-            .filter(|_| !matches!(face, Face::Admin | Face::Cluster))
+            .filter(|_| face != Face::Admin)
             .map(|t| t.acceptor());
         let stop = self.state.stop.clone();
         let cfg = &self.state.cfg;

@@ -92,6 +92,7 @@ pub async fn serve_faces(
         .store(ops_public, std::sync::atomic::Ordering::Release);
     let tracker = TaskTracker::new();
     let tls = start_tls(&state, &tracker)?;
+    let cluster_tls = start_cluster_tls(&state, &tracker)?;
     tracker.spawn(housekeeping(state.clone()));
     tracker.spawn(drain(state.clone(), shutdown));
     if let Some(c) = &state.cluster {
@@ -109,6 +110,7 @@ pub async fn serve_faces(
     };
     let cluster_conns = Conns {
         builder: &cluster_builder,
+        tls: cluster_tls.as_ref(),
         ..conns
     };
     let public_face = if agent.is_some() {
@@ -140,6 +142,23 @@ fn start_tls(state: &Arc<State>, tracker: &TaskTracker) -> std::io::Result<Optio
     );
     tracker.spawn(tls.clone().watch(state.stop.clone()));
     let _ = state.tls.set(tls.clone());
+    Ok(Some(tls))
+}
+
+/// Loads the cluster listener's certificate when TLS between replicas is configured, and
+/// watches it for changes.
+fn start_cluster_tls(
+    state: &Arc<State>,
+    tracker: &TaskTracker,
+) -> std::io::Result<Option<Arc<Tls>>> {
+    let Some(t) = state.cluster.as_ref().and_then(|c| c.tls()) else {
+        return Ok(None);
+    };
+    let tls = Arc::new(
+        Tls::new(t.cert.clone(), t.key.clone(), None)
+            .map_err(|e| std::io::Error::other(format!("cluster TLS: {e}")))?,
+    );
+    tracker.spawn(tls.clone().watch(state.stop.clone()));
     Ok(Some(tls))
 }
 

@@ -182,9 +182,11 @@ async fn bind_cluster(
                  the URL other replicas reach this one at"
             );
         }
-        c.advertise_url = format!("http://{bound}");
+        let scheme = if c.tls.is_some() { "https" } else { "http" };
+        c.advertise_url = format!("{scheme}://{bound}");
     }
-    println!("relay-server cluster endpoints on http://{bound}");
+    let scheme = if c.tls.is_some() { "https" } else { "http" };
+    println!("relay-server cluster endpoints on {scheme}://{bound}");
     Ok(Some(l))
 }
 

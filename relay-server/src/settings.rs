@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use relay_server::cluster::directory::ClusterConfig;
+use relay_server::cluster::directory::{ClusterConfig, ClusterTls};
 use relay_server::user::access::AccessPolicy;
 use relay_server::user::forward_auth::ForwardAuthConfig;
 use relay_server::{Config, Secret, TokenScope};
@@ -153,6 +153,19 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         .filter(|d| !d.is_empty());
     // Checked here, not with clap's `requires`: values from a config file are defaults to
     // clap, and defaults never satisfy `requires`.
+    let cluster_tls = match (&cli.cluster_tls_cert, &cli.cluster_tls_key) {
+        (Some(cert), Some(key)) => Some(ClusterTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: cli.cluster_ca.clone().unwrap_or_else(|| cert.clone()),
+        }),
+        (None, None) if cli.cluster_ca.is_none() => None,
+        (None, None) => bail!("--cluster-ca needs --cluster-tls-cert and --cluster-tls-key"),
+        _ => bail!("--cluster-tls-cert and --cluster-tls-key go together"),
+    };
+    if cluster_tls.is_some() && cli.cluster_redis.is_none() {
+        bail!("--cluster-tls-cert needs --cluster-redis");
+    }
     let cluster = match (&cli.cluster_redis, &cli.cluster_secret_file) {
         (Some(_), _) if cli.cluster_listen.is_none() => {
             bail!("--cluster-redis needs --cluster-listen (the listener for the other replicas)")
@@ -174,6 +187,7 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
             secret: read_secret("cluster", secret)?,
             lease: cli.cluster_lease,
             key_prefix: cli.cluster_key_prefix.clone(),
+            tls: cluster_tls,
         }),
         _ => None,
     };

@@ -122,7 +122,12 @@ pub fn replica(redis: &Redis, secret: &Secret, extra: &[&str]) -> Replica {
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (mut proc, public) = relay_server(&args);
-    let cluster = proc.wait_addr("relay-server cluster endpoints on http://");
+    let scheme = if extra.contains(&"--cluster-tls-cert") {
+        "https"
+    } else {
+        "http"
+    };
+    let cluster = proc.wait_addr(&format!("relay-server cluster endpoints on {scheme}://"));
     let line = proc.wait_line("relay-server cluster replica ");
     let tag = line.split_whitespace().nth(3).unwrap().to_owned();
     proc.wait_line("cluster directory (Redis) reachable");

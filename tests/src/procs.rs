@@ -102,11 +102,11 @@ impl Proc {
         }
     }
 
-    /// Waits for a line containing `prefix` (ending in `http://`) and parses the address
-    /// that follows it.
+    /// Waits for a line containing `prefix` (ending in `http://` or `https://`) and parses
+    /// the address that follows it.
     pub fn wait_addr(&mut self, prefix: &str) -> SocketAddr {
         let line = self.wait_line(prefix);
-        line.rsplit("http://")
+        line.rsplit("://")
             .next()
             .unwrap()
             .trim()

@@ -783,3 +783,75 @@ async fn redis_writers_without_the_secret_cannot_steer_requests_and_calls_need_a
         "{text:?}"
     );
 }
+
+#[tokio::test]
+async fn replicas_call_each_other_over_tls_when_configured() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let (ca, leaf, key) = relay_tests::pki::throwaway_pki_pem();
+    let dir = secret.path.parent().unwrap().to_owned();
+    let (ca_file, cert_file, key_file) = (
+        dir.join("cluster-ca.pem"),
+        dir.join("cluster-cert.pem"),
+        dir.join("cluster-key.pem"),
+    );
+    std::fs::write(&ca_file, ca).unwrap();
+    std::fs::write(&cert_file, leaf).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let flags = [
+        "--cluster-tls-cert",
+        cert_file.to_str().unwrap(),
+        "--cluster-tls-key",
+        key_file.to_str().unwrap(),
+        "--cluster-ca",
+        ca_file.to_str().unwrap(),
+    ];
+    let home = replica(&redis, &secret, &flags);
+    let other = replica(&redis, &secret, &flags);
+    let _a = agent(&home.url(), "s", test_backend("home").await, true);
+    let _w = agent(&home.url(), "ws", websocket_echo().await, false);
+    wait_directory(&redis, "s", &home.tag).await;
+    wait_directory(&redis, "ws", &home.tag).await;
+    // The directory advertises the TLS listener.
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let record: String = redis::cmd("GET")
+        .arg(format!("relay:replica:{}", home.tag))
+        .query(&mut c)
+        .unwrap();
+    assert!(
+        record.contains(&format!("https://{}", home.cluster)),
+        "{record}"
+    );
+    // A pooled HTTP/2 call and an HTTP/1.1 upgrade cross over TLS.
+    assert_eq!(
+        get(&other.url(), "s", "/who").await,
+        (StatusCode::OK, "home".into())
+    );
+    let tcp = TcpStream::connect(other.public).await.unwrap();
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(format!("ws://{}/client/ws/echo", other.public), tcp)
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over tls"));
+    ws.close(None).await.unwrap();
+    let m = metrics(&other).await;
+    assert_eq!(
+        value(&m, "relay_cluster_forwarded_total{kind=\"user_out\"}"),
+        2,
+        "{m}"
+    );
+    // Plain HTTP gets no answer from the cluster listener.
+    let resp = client()
+        .request(
+            Request::get(format!("http://{}/cluster/request", home.cluster))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert!(resp.is_err(), "{resp:?}");
+}

@@ -42,6 +42,21 @@ pub struct ClusterConfig {
     pub lease: Duration,
     /// Prefix of every key (several clusters can share one Redis).
     pub key_prefix: String,
+    /// TLS between replicas: this replica's listener certificate, and what its calls to
+    /// other replicas verify theirs against.
+    pub tls: Option<ClusterTls>,
+}
+
+/// TLS on the cluster listener and on calls between replicas.
+#[derive(Clone, Debug)]
+pub struct ClusterTls {
+    /// Certificate chain (PEM) of this replica's cluster listener.
+    pub cert: std::path::PathBuf,
+    /// Its private key (PEM).
+    pub key: std::path::PathBuf,
+    /// The roots other replicas' certificates must chain to (PEM); a cluster sharing one
+    /// self-signed certificate names that certificate here.
+    pub ca: std::path::PathBuf,
 }
 
 /// Why a cluster operation failed.
@@ -128,18 +143,26 @@ impl Cluster {
                 "the cluster secret must be at least 32 characters".into(),
             ));
         }
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
         let ok = cfg
             .advertise_url
             .parse::<http::Uri>()
             .ok()
-            .filter(|u| u.scheme_str() == Some("http") && u.authority().is_some());
+            .filter(|u| u.scheme_str() == Some(scheme) && u.authority().is_some());
         // Empty: the binary fills it in from the bound cluster listener.
         if ok.is_none() && !cfg.advertise_url.is_empty() {
             return Err(ClusterError::Settings(format!(
-                "--advertise-url {:?} must be http://HOST:PORT (the cluster listener)",
-                cfg.advertise_url
+                "--advertise-url {:?} must be {scheme}://HOST:PORT (the cluster listener{})",
+                cfg.advertise_url,
+                if cfg.tls.is_some() {
+                    " with --cluster-tls-cert"
+                } else {
+                    ""
+                }
             )));
         }
+        // The roots for calls to https:// replicas must load.
+        crate::cluster::peer::Peers::new(cfg.tls.as_ref())?;
         if cfg.lease < Duration::from_secs(3) {
             return Err(ClusterError::Settings(
                 "--cluster-lease must be at least 3s".into(),
@@ -171,7 +194,7 @@ impl Cluster {
             urls: Mutex::default(),
             next: AtomicUsize::new(0),
             view: Mutex::default(),
-            peers: crate::cluster::peer::Peers::default(),
+            peers: crate::cluster::peer::Peers::new(cfg.tls.as_ref())?,
             cfg,
         })
     }
@@ -179,6 +202,11 @@ impl Cluster {
     /// This replica's tag.
     pub fn tag(&self) -> u32 {
         self.tag
+    }
+
+    /// TLS settings of the cluster listener, when it serves HTTPS.
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.cfg.tls.as_ref()
     }
 
     /// This replica's advertised address.

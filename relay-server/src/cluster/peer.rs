@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use crate::base::auth::Grant;
 use crate::base::body::text_response;
 use crate::base::body::{empty, BodyError, RelayBody};
-use crate::cluster::directory::{now_ms, Cluster};
+use crate::cluster::directory::{now_ms, Cluster, ClusterError, ClusterTls};
 use crate::cluster::head::{PeerHead, HEAD_HEADER};
 use crate::cluster::seal::AUTH_HEADER;
 use crate::user::error::RelayError;
@@ -54,13 +54,77 @@ const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
 /// Longest wait for a TCP connection to another replica.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Pooled HTTP/2 connections to other replicas, one per address.
-#[derive(Default)]
+/// Pooled HTTP/2 connections to other replicas, one per address, and how to reach
+/// `https://` replicas.
 pub struct Peers {
     h2: Mutex<HashMap<String, http2::SendRequest<RelayBody>>>,
+    /// Client TLS for `https://` replicas: ALPN `h2` (pooled calls) and `http/1.1`
+    /// (upgrades).
+    tls: Option<(tokio_rustls::TlsConnector, tokio_rustls::TlsConnector)>,
 }
 
+/// A connection to another replica, plain or TLS.
+pub trait PeerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> PeerIo for T {}
+
 impl Peers {
+    /// No connections yet; `tls` gives the roots `https://` replicas are verified against.
+    pub fn new(tls: Option<&ClusterTls>) -> Result<Self, ClusterError> {
+        let tls = match tls {
+            None => None,
+            Some(t) => {
+                let bad = |e: &dyn std::fmt::Display| {
+                    ClusterError::Settings(format!("--cluster-ca {}: {e}", t.ca.display()))
+                };
+                let pem = std::fs::read(&t.ca).map_err(|e| bad(&e))?;
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+                    roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+                }
+                if roots.is_empty() {
+                    return Err(bad(&"no PEM certificate in the file"));
+                }
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let connector = |alpn: &[u8]| -> Result<_, ClusterError> {
+                    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+                        .with_safe_default_protocol_versions()
+                        .map_err(|e| bad(&e))?
+                        .with_root_certificates(roots.clone())
+                        .with_no_client_auth();
+                    cfg.alpn_protocols = vec![alpn.to_vec()];
+                    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+                };
+                Some((connector(b"h2")?, connector(b"http/1.1")?))
+            }
+        };
+        Ok(Peers {
+            h2: Mutex::default(),
+            tls,
+        })
+    }
+
+    /// A connection to the replica at `url`, TLS for `https://`; `h2` picks the ALPN.
+    async fn connect(&self, url: &str, h2: bool) -> std::io::Result<Box<dyn PeerIo>> {
+        let (tcp, host, https) = connect(url).await?;
+        if !https {
+            return Ok(Box::new(tcp));
+        }
+        let Some((h2_tls, h1_tls)) = &self.tls else {
+            return Err(std::io::Error::other(format!(
+                "{url} needs TLS, and this replica has no --cluster-tls-cert/--cluster-ca"
+            )));
+        };
+        let name = rustls::pki_types::ServerName::try_from(host)
+            .map_err(|_| std::io::Error::other(format!("bad replica host in {url:?}")))?;
+        let tls = if h2 { h2_tls } else { h1_tls };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
+        Ok(Box::new(stream))
+    }
+
     /// A sender on the pooled connection to `url`, connecting when there is none or it
     /// closed.
     async fn h2(&self, url: &str) -> std::io::Result<http2::SendRequest<RelayBody>> {
@@ -69,7 +133,7 @@ impl Peers {
                 return Ok(s.clone());
             }
         }
-        let tcp = connect(url).await?;
+        let io = self.connect(url, true).await?;
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             // Bulk bodies: windows large enough that one stream fills a LAN link.
             .initial_stream_window_size(4 << 20)
@@ -80,7 +144,7 @@ impl Peers {
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(PEER_KEEPALIVE)
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(std::io::Error::other)?;
         let peer = url.to_owned();
@@ -101,22 +165,22 @@ impl Peers {
     }
 }
 
-async fn connect(url: &str) -> std::io::Result<TcpStream> {
+/// A TCP connection to the replica at `url`, its host, and whether it speaks TLS.
+async fn connect(url: &str) -> std::io::Result<(TcpStream, String, bool)> {
     let uri: http::Uri = url
         .parse()
         .map_err(|_| std::io::Error::other(format!("bad replica address {url:?}")))?;
     let authority = uri
         .authority()
         .ok_or_else(|| std::io::Error::other(format!("bad replica address {url:?}")))?;
-    let port = authority.port_u16().unwrap_or(80);
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((authority.host().trim_matches(['[', ']']), port)),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let https = uri.scheme_str() == Some("https");
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let host = authority.host().trim_matches(['[', ']']).to_owned();
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     let _ = tcp.set_nodelay(true);
-    Ok(tcp)
+    Ok((tcp, host, https))
 }
 
 fn header_value(s: &str) -> Result<HeaderValue, RelayError> {
@@ -188,7 +252,7 @@ pub async fn forward_user(
     let mut last = String::new();
     for peer in peers {
         if on_upgrade.is_some() {
-            let tcp = match connect(&peer.url).await {
+            let io = match cluster.peers.connect(&peer.url, false).await {
                 Ok(t) => t,
                 Err(e) => {
                     cluster.forget_peer(peer.tag);
@@ -199,7 +263,7 @@ pub async fn forward_user(
             let req = build(&peer.url, empty())?;
             let user = on_upgrade.take().expect("bug: checked above");
             let deadline = p.arrival + state.cfg.upgrade_response_timeout + OWNER_GRACE;
-            return upgrade(state, tcp, req, user, deadline).await;
+            return upgrade(state, io, req, user, deadline).await;
         }
         let send = match cluster.peers.h2(&peer.url).await {
             Ok(s) => s,
@@ -256,13 +320,13 @@ async fn exchange(
 /// answered to the user and both switched connections are spliced.
 async fn upgrade(
     state: &Arc<State>,
-    tcp: TcpStream,
+    io: Box<dyn PeerIo>,
     req: Request<RelayBody>,
     user: hyper::upgrade::OnUpgrade,
     deadline: tokio::time::Instant,
 ) -> Result<Response<RelayBody>, RelayError> {
     let fail = |e: hyper::Error| RelayError::Replica(format!("the relay replica failed: {e}"));
-    let (mut send, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(fail)?;
+    let (mut send, conn) = http1::handshake(TokioIo::new(io)).await.map_err(fail)?;
     state.tunnels.spawn(async move {
         let _ = conn.with_upgrades().await;
     });
