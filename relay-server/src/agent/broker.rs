@@ -17,6 +17,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::pending::{Pending, PendingGuard};
+pub use crate::agent::poll::PollHandle;
 
 /// Where an agent polls from and what it says it is (for the status page).
 #[derive(Clone, Debug, Default)]
@@ -35,18 +36,18 @@ pub struct Agent {
     pub info: AgentInfo,
     /// When it connected (Unix seconds).
     pub since: u64,
-    state: Mutex<AgentState>,
+    pub(super) state: Mutex<AgentState>,
     /// Woken when a cancel notice is queued for this agent.
-    wake: Notify,
+    pub(super) wake: Notify,
     /// Cancelled when the agent is declared gone; requests it claimed fail at once.
     pub gone: CancellationToken,
 }
 
-struct AgentState {
-    polls: usize,
-    last_seen: Instant,
+pub(super) struct AgentState {
+    pub(super) polls: usize,
+    pub(super) last_seen: Instant,
     draining: bool,
-    cancels: Vec<RequestId>,
+    pub(super) cancels: Vec<RequestId>,
     /// Digests of the tokens its polls presented (one, unless it rotated its token), each
     /// re-checked on reload.
     tokens: Vec<[u8; 32]>,
@@ -64,9 +65,9 @@ impl Agent {
 pub struct NameQueue {
     /// The backend name.
     pub name: String,
-    queue: Mutex<VecDeque<Arc<Pending>>>,
+    pub(super) queue: Mutex<VecDeque<Arc<Pending>>>,
     /// Woken when a request is queued.
-    work: Notify,
+    pub(super) work: Notify,
     agents: Mutex<HashMap<String, Arc<Agent>>>,
 }
 
@@ -331,7 +332,7 @@ impl Broker {
                 s.tokens.push(*t);
             }
         }
-        PollHandle { backend, agent }
+        PollHandle::new(backend, agent)
     }
 
     /// Applies a reload: every agent one of whose tokens `still` no longer grants its name
@@ -382,71 +383,5 @@ impl Broker {
             }
             keep
         });
-    }
-}
-
-/// One parked poll. Dropping it (answer sent or agent connection gone) records the time,
-/// which starts the agent's grace period.
-pub struct PollHandle {
-    backend: Arc<NameQueue>,
-    agent: Arc<Agent>,
-}
-
-impl PollHandle {
-    /// Waits for work: up to `max` requests, or cancel notices, or `deadline`/`stop`.
-    /// `max == 0` only waits for cancel notices (the agent is at capacity or draining).
-    pub async fn next(&self, max: usize, hold: Duration, stop: &CancellationToken) -> PollBatch {
-        let deadline = tokio::time::Instant::now() + hold;
-        let mut claimed = Vec::new();
-        loop {
-            // Only polls that take work may register for work notifications: notify_one
-            // hands its wake-up to one registered waiter, and a poll that would ignore it
-            // would swallow the notification.
-            let work = (max > 0).then(|| self.backend.work.notified());
-            let wake = self.agent.wake.notified();
-            tokio::pin!(work, wake);
-            if let Some(w) = work.as_mut().as_pin_mut() {
-                w.enable();
-            }
-            wake.as_mut().enable();
-            if max > 0 {
-                self.backend.take(&self.agent, max, &mut claimed);
-            }
-            let cancel =
-                std::mem::take(&mut self.agent.state.lock().expect("bug: poisoned").cancels);
-            if !claimed.is_empty() || !cancel.is_empty() {
-                // Another poll may be waiting for what is still queued.
-                if max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty() {
-                    self.backend.work.notify_one();
-                }
-                let requests = claimed.iter().filter_map(|p| p.take_head()).collect();
-                return PollBatch { requests, cancel };
-            }
-            tokio::select! {
-                _ = async { work.as_mut().as_pin_mut().expect("bug: guarded by max").await }, if max > 0 => {}
-                _ = &mut wake => {}
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = stop.cancelled() => break,
-                // Revoked: the poll ends without work.
-                _ = self.agent.gone.cancelled() => break,
-            }
-        }
-        PollBatch {
-            requests: Vec::new(),
-            cancel: Vec::new(),
-        }
-    }
-
-    /// The agent behind this poll.
-    pub fn agent(&self) -> &Arc<Agent> {
-        &self.agent
-    }
-}
-
-impl Drop for PollHandle {
-    fn drop(&mut self) {
-        let mut s = self.agent.state.lock().expect("bug: poisoned");
-        s.polls -= 1;
-        s.last_seen = Instant::now();
     }
 }

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod endpoints;
 pub mod error;
 pub mod pending;
+pub mod poll;
 pub mod response;
 pub mod response_side;
 #[cfg(test)]

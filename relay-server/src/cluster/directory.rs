@@ -119,7 +119,7 @@ pub struct Cluster {
     /// The directory as the status page shows it, refreshed by the renewal loop.
     pub(super) view: Mutex<View>,
     /// Calls to other replicas (connection pool).
-    pub peers: crate::cluster::peer::Peers,
+    pub peers: crate::cluster::pool::Peers,
 }
 
 pub(super) fn now_ms() -> u64 {
@@ -162,7 +162,7 @@ impl Cluster {
             )));
         }
         // The roots for calls to https:// replicas must load.
-        crate::cluster::peer::Peers::new(cfg.tls.as_ref())?;
+        crate::cluster::pool::Peers::new(cfg.tls.as_ref())?;
         if cfg.lease < Duration::from_secs(3) {
             return Err(ClusterError::Settings(
                 "--cluster-lease must be at least 3s".into(),
@@ -194,7 +194,7 @@ impl Cluster {
             urls: Mutex::default(),
             next: AtomicUsize::new(0),
             view: Mutex::default(),
-            peers: crate::cluster::peer::Peers::new(cfg.tls.as_ref())?,
+            peers: crate::cluster::pool::Peers::new(cfg.tls.as_ref())?,
             cfg,
         })
     }

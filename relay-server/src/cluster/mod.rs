@@ -5,6 +5,7 @@
 pub mod directory;
 pub mod head;
 pub mod peer;
+pub mod pool;
 pub mod renewal;
 pub mod seal;
 pub mod sessions;

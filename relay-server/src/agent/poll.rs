@@ -1,0 +1,79 @@
+//! One parked long poll: what it waits for (work for its name, cancel notices for its
+//! agent, its deadline, the stop, its agent's revocation) and the bookkeeping its end does.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::broker::{Agent, NameQueue, PollBatch};
+
+/// One parked poll. Dropping it (answer sent or agent connection gone) records the time,
+/// which starts the agent's grace period.
+pub struct PollHandle {
+    backend: Arc<NameQueue>,
+    agent: Arc<Agent>,
+}
+
+impl PollHandle {
+    pub(super) fn new(backend: Arc<NameQueue>, agent: Arc<Agent>) -> Self {
+        PollHandle { backend, agent }
+    }
+
+    /// Waits for work: up to `max` requests, or cancel notices, or `deadline`/`stop`.
+    /// `max == 0` only waits for cancel notices (the agent is at capacity or draining).
+    pub async fn next(&self, max: usize, hold: Duration, stop: &CancellationToken) -> PollBatch {
+        let deadline = tokio::time::Instant::now() + hold;
+        let mut claimed = Vec::new();
+        loop {
+            // Only polls that take work may register for work notifications: notify_one
+            // hands its wake-up to one registered waiter, and a poll that would ignore it
+            // would swallow the notification.
+            let work = (max > 0).then(|| self.backend.work.notified());
+            let wake = self.agent.wake.notified();
+            tokio::pin!(work, wake);
+            if let Some(w) = work.as_mut().as_pin_mut() {
+                w.enable();
+            }
+            wake.as_mut().enable();
+            if max > 0 {
+                self.backend.take(&self.agent, max, &mut claimed);
+            }
+            let cancel =
+                std::mem::take(&mut self.agent.state.lock().expect("bug: poisoned").cancels);
+            if !claimed.is_empty() || !cancel.is_empty() {
+                // Another poll may be waiting for what is still queued.
+                if max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty() {
+                    self.backend.work.notify_one();
+                }
+                let requests = claimed.iter().filter_map(|p| p.take_head()).collect();
+                return PollBatch { requests, cancel };
+            }
+            tokio::select! {
+                _ = async { work.as_mut().as_pin_mut().expect("bug: guarded by max").await }, if max > 0 => {}
+                _ = &mut wake => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stop.cancelled() => break,
+                // Revoked: the poll ends without work.
+                _ = self.agent.gone.cancelled() => break,
+            }
+        }
+        PollBatch {
+            requests: Vec::new(),
+            cancel: Vec::new(),
+        }
+    }
+
+    /// The agent behind this poll.
+    pub fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+}
+
+impl Drop for PollHandle {
+    fn drop(&mut self) {
+        let mut s = self.agent.state.lock().expect("bug: poisoned");
+        s.polls -= 1;
+        s.last_seen = Instant::now();
+    }
+}
