@@ -118,6 +118,60 @@ impl Server {
     }
 }
 
+/// An in-process server on listeners of its own: the public one, and an agent listener
+/// and an admin listener when asked for.
+pub struct Faces {
+    /// Its state.
+    pub state: Arc<State>,
+    /// The public listener.
+    pub public: SocketAddr,
+    /// `--agent-listen`, when started with one.
+    pub agent: Option<SocketAddr>,
+    /// `--admin-listen`, when started with one.
+    pub admin: Option<SocketAddr>,
+    /// Cancel to begin the drain.
+    pub shutdown: CancellationToken,
+}
+
+impl Faces {
+    /// Starts a server with `cfg` and the listeners asked for.
+    pub async fn start(cfg: relay_server::Config, agent: bool, admin: bool) -> Faces {
+        init_logs();
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let public = bind().await.unwrap();
+        let agent = if agent {
+            Some(bind().await.unwrap())
+        } else {
+            None
+        };
+        let admin = if admin {
+            Some(bind().await.unwrap())
+        } else {
+            None
+        };
+        let addr = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr().unwrap());
+        let faces = Faces {
+            state: Arc::new(State::new(cfg)),
+            public: public.local_addr().unwrap(),
+            agent: addr(&agent),
+            admin: addr(&admin),
+            shutdown: CancellationToken::new(),
+        };
+        let listeners = relay_server::Listeners {
+            public,
+            agent,
+            admin,
+            cluster: None,
+        };
+        tokio::spawn(relay_server::serve_faces(
+            listeners,
+            faces.state.clone(),
+            faces.shutdown.clone(),
+        ));
+        faces
+    }
+}
+
 /// Polls `cond` every 5 ms for up to 20 s (state observation, not a timed sleep).
 pub async fn wait_for(mut cond: impl FnMut() -> bool) {
     eventually(Duration::from_secs(20), "the condition", || {

@@ -337,22 +337,9 @@ async fn agent_reconnects_after_the_server_restarts() {
 #[tokio::test]
 async fn agent_endpoints_on_their_own_listener() {
     let (rec, _seen) = recording_backend().await;
-    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agents = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (public_addr, agent_addr) = (public.local_addr().unwrap(), agents.local_addr().unwrap());
-    let state = std::sync::Arc::new(relay_server::State::new(server_config()));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let listeners = relay_server::Listeners {
-        public,
-        agent: Some(agents),
-        admin: None,
-        cluster: None,
-    };
-    tokio::spawn(relay_server::serve_faces(
-        listeners,
-        state.clone(),
-        shutdown.clone(),
-    ));
+    let faces = Faces::start(server_config(), true, false).await;
+    let (state, shutdown) = (faces.state.clone(), faces.shutdown.clone());
+    let (public_addr, agent_addr) = (faces.public, faces.agent.unwrap());
     let _agent = Agent::start(Agent::config(
         &format!("http://{agent_addr}"),
         "p",

@@ -271,12 +271,7 @@ async fn requests_reach_an_agent_on_another_replica_streaming_both_ways() {
     );
 
     // WebSocket: the 101 and then bytes both ways through both replicas.
-    let tcp = TcpStream::connect(other.public).await.unwrap();
-    let (mut ws, resp) =
-        tokio_tungstenite::client_async(format!("ws://{}/client/ws/echo", other.public), tcp)
-            .await
-            .unwrap();
-    assert_eq!(resp.status(), 101);
+    let mut ws = ws_echo(other.public).await;
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -331,6 +326,16 @@ async fn requests_reach_an_agent_on_another_replica_streaming_both_ways() {
         get_path(&other, "/cluster/request").await.0,
         StatusCode::NOT_FOUND
     );
+}
+
+/// A WebSocket to backend `ws` through the replica at `public` (asserting the 101).
+async fn ws_echo(public: std::net::SocketAddr) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let tcp = TcpStream::connect(public).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{public}/client/ws/echo"), tcp)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
 }
 
 /// The agent protocol by hand: a poll parked on one replica, the response posted to another
@@ -830,12 +835,7 @@ async fn replicas_call_each_other_over_tls_when_configured() {
         get(&other.url(), "s", "/who").await,
         (StatusCode::OK, "home".into())
     );
-    let tcp = TcpStream::connect(other.public).await.unwrap();
-    let (mut ws, resp) =
-        tokio_tungstenite::client_async(format!("ws://{}/client/ws/echo", other.public), tcp)
-            .await
-            .unwrap();
-    assert_eq!(resp.status(), 101);
+    let mut ws = ws_echo(other.public).await;
     ws.send(Message::text("over tls")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over tls"));
     ws.close(None).await.unwrap();

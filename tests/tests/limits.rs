@@ -95,41 +95,14 @@ async fn agent_connections_do_not_count_against_their_address() {
     }
 }
 
-/// A server with its own agent listener: (state, public address, agent address, shutdown).
-async fn split_listeners(
-    cfg: relay_server::Config,
-) -> (
-    std::sync::Arc<relay_server::State>,
-    SocketAddr,
-    SocketAddr,
-    tokio_util::sync::CancellationToken,
-) {
-    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agents = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (public_addr, agent_addr) = (public.local_addr().unwrap(), agents.local_addr().unwrap());
-    let state = std::sync::Arc::new(relay_server::State::new(cfg));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let listeners = relay_server::Listeners {
-        public,
-        agent: Some(agents),
-        admin: None,
-        cluster: None,
-    };
-    tokio::spawn(relay_server::serve_faces(
-        listeners,
-        state.clone(),
-        shutdown.clone(),
-    ));
-    (state, public_addr, agent_addr, shutdown)
-}
-
 #[tokio::test]
 async fn unauthenticated_connections_on_the_agent_listener_count_per_address_and_per_listener() {
     let (backend, _seen) = recording_backend().await;
     let mut cfg = server_config();
     cfg.max_connections_per_ip = 3;
     cfg.max_connections = 6;
-    let (state, public, agents, shutdown) = split_listeners(cfg).await;
+    let faces = Faces::start(cfg, true, false).await;
+    let (state, public, agents) = (faces.state.clone(), faces.public, faces.agent.unwrap());
     // One address holds idle keep-alive connections on the agent listener, no token: the
     // fourth is refused (before the fix it was exempt and took the places of everyone).
     let mut idle = Vec::new();
@@ -168,7 +141,7 @@ async fn unauthenticated_connections_on_the_agent_listener_count_per_address_and
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    shutdown.cancel();
+    faces.shutdown.cancel();
 }
 
 #[tokio::test]
@@ -498,7 +471,7 @@ async fn users_who_stop_reading_cannot_stall_other_backends_and_are_cut_off() {
     let (a, b) = (big().await, big().await);
     let mut cfg = server_config();
     cfg.max_buffered_bytes = 1 << 20;
-    cfg.user_write_timeout = Duration::from_secs(5);
+    cfg.user_write_timeout = Duration::from_secs(3);
     let server = Server::start(cfg).await;
     let _agent_a = Agent::start(Agent::config(&server.url(), "a", &format!("http://{a}")));
     let _agent_b = Agent::start(Agent::config(&server.url(), "b", &format!("http://{b}")));
@@ -512,7 +485,10 @@ async fn users_who_stop_reading_cannot_stall_other_backends_and_are_cut_off() {
         let from = format!("127.0.0.{i}");
         stuck.push(unread_download(server.addr, &from, "/client/a/big?32").await);
     }
-    wait_for(|| server.state.budget.in_use() >= 192 * 1024).await;
+    eventually(Duration::from_secs(20), "a's unread bytes held", || {
+        std::future::ready((server.state.budget.in_use() >= 192 * 1024).then_some(()))
+    })
+    .await;
     assert!(server.state.budget.in_use() <= 256 * 1024);
     // A reading user of `b` gets all 8 MiB meanwhile.
     let resp = tokio::time::timeout(
@@ -532,8 +508,14 @@ async fn users_who_stop_reading_cannot_stall_other_backends_and_are_cut_off() {
         .expect("b's body is stuck behind a's unread bytes")
         .unwrap();
     assert_eq!(body.len(), 8 << 20);
-    // After the write timeout the stuck users' bytes stop counting...
-    wait_for(|| server.state.budget.in_use() == 0).await;
+    // After the write timeout the stuck users' bytes stop counting (one by one: a request
+    // that only got bytes when the others' went counts its own timeout from then on, so on
+    // a loaded machine this can take several timeouts)...
+    let budget = &server.state.budget;
+    eventually(Duration::from_secs(120), "every stuck user cut off", || {
+        std::future::ready((budget.in_use() == 0).then_some(()))
+    })
+    .await;
     // ...and their responses are cut: reading now, each ends without the final chunk.
     for mut s in stuck {
         let mut got = Vec::new();

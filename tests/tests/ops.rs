@@ -196,22 +196,9 @@ async fn readiness_fails_during_the_drain_while_health_holds() {
 
 #[tokio::test]
 async fn an_admin_listener_takes_the_operator_endpoints_off_the_public_one() {
-    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (public_addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
-    let state = std::sync::Arc::new(relay_server::State::new(server_config()));
-    let listeners = relay_server::Listeners {
-        public,
-        agent: None,
-        admin: Some(admin),
-        cluster: None,
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(relay_server::serve_faces(
-        listeners,
-        state,
-        shutdown.clone(),
-    ));
+    let faces = Faces::start(server_config(), false, true).await;
+    let (public_addr, admin_addr, shutdown) =
+        (faces.public, faces.admin.unwrap(), faces.shutdown.clone());
     let (status, m) = get_text(format!("http://{admin_addr}/metrics")).await;
     assert_eq!(status, 200);
     assert!(m.contains("relay_open_connections"));

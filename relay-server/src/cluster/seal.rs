@@ -70,6 +70,13 @@ fn mac(key: &[u8; 32], fields: &[&[u8]]) -> Hm {
     m
 }
 
+/// Exactly four space-separated fields (a version and three values), or `None`.
+fn v1_fields(s: &str) -> Option<[&str; 4]> {
+    let mut parts = s.split(' ');
+    let fields = [parts.next()?, parts.next()?, parts.next()?, parts.next()?];
+    parts.next().is_none().then_some(fields)
+}
+
 fn verify(m: Hm, sig_hex: &str) -> bool {
     unhex(sig_hex).is_some_and(|sig| m.verify_slice(&sig).is_ok())
 }
@@ -101,14 +108,7 @@ impl Seal {
     /// The URL of a replica record for `tag`, if it is signed with this cluster's key and
     /// has not expired at `now_ms`.
     pub fn open_replica(&self, tag: u32, record: &str, now_ms: u64) -> Option<String> {
-        let mut parts = record.split(' ');
-        let (Some("v1"), Some(exp), Some(url), Some(sig), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let ["v1", exp, url, sig] = v1_fields(record)? else {
             return None;
         };
         let m = mac(
@@ -164,14 +164,7 @@ impl Seal {
         let value = value
             .and_then(|v| std::str::from_utf8(v).ok())
             .ok_or(CallAuthError::Malformed)?;
-        let mut parts = value.split(' ');
-        let (Some("v1"), Some(ts), Some(nonce), Some(sig), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let Some(["v1", ts, nonce, sig]) = v1_fields(value) else {
             return Err(CallAuthError::Malformed);
         };
         let at: u64 = ts.parse().map_err(|_| CallAuthError::Malformed)?;
