@@ -52,6 +52,7 @@ pub use listener::{run, serve, serve_faces, Listeners};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use base::revocation::Credential;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -99,6 +100,8 @@ pub struct State {
     pub sessions: user::link::Sessions,
     /// Prometheus metrics.
     pub metrics: Arc<base::metrics::Metrics>,
+    /// User requests in progress admitted by a credential a reload may revoke.
+    pub revocations: base::revocation::Revocations,
     /// Relayed bytes held in memory, all requests together.
     pub budget: base::budget::Budget,
     /// Open connections, in total and per address.
@@ -151,6 +154,7 @@ impl State {
             )),
             auth: std::sync::RwLock::new(Arc::new(Auth::new(&cfg))),
             sessions,
+            revocations: Default::default(),
             broker: Arc::new(agent::broker::Broker::new(
                 cfg.max_parked_per_name,
                 cfg.max_parked_total,
@@ -194,6 +198,20 @@ impl State {
             );
         }
         self.sessions.set_key(link_key(cfg));
+        // User requests in progress: each must still be admitted by what admitted it.
+        let key = self.sessions.key_tag();
+        let cut = self
+            .revocations
+            .revoke(|credential, name| match credential {
+                Credential::UserToken(d) => next.user_tokens.still_grants_token(d, name),
+                Credential::LinkKey(tag) => *tag == key,
+            });
+        if cut > 0 {
+            tracing::warn!(
+                requests = cut,
+                "user requests ended: their credential was revoked"
+            );
+        }
         if let Some(tls) = self.tls.get() {
             tls.reload_now();
         }

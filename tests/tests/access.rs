@@ -505,3 +505,53 @@ async fn public_domain_routes_hosts_to_backends_with_the_path_untouched() {
     assert!(seen[0].headers.get("x-forwarded-prefix").is_none());
     assert_eq!(seen[0].headers["x-forwarded-host"], "a.relay.test");
 }
+
+#[tokio::test]
+async fn a_revoked_user_token_ends_its_streams_at_once() {
+    use http_body_util::BodyExt;
+    let backend = backend(|_req: Request<hyper::body::Incoming>| async move {
+        let (tx, body) = channel_body(1);
+        tokio::spawn(async move {
+            tx.send(data("event: hello\n\n")).await.unwrap();
+            tx.closed().await;
+        });
+        hyper::Response::new(body)
+    })
+    .await;
+    let mut cfg = server_config();
+    cfg.access = AccessPolicy {
+        default: AccessMode::Token,
+        ..AccessPolicy::default()
+    };
+    cfg.user_tokens = vec![(TokenScope::Name("a".into()), Secret(USER_TOKEN.into()))];
+    let server = Server::start(cfg.clone()).await;
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "a",
+        &format!("http://{backend}"),
+    ));
+    server.wait_agent("a").await;
+    let resp = client()
+        .request(get(
+            format!("{}/client/a/events", server.url()),
+            &[("x-relay-token", USER_TOKEN)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"event: hello\n\n");
+    // The token is replaced: the feed it opened ends with an error, not a clean end.
+    cfg.user_tokens = vec![(
+        TokenScope::Name("a".into()),
+        Secret("a-new-token-0123456789".into()),
+    )];
+    server.state.reload(&cfg).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the stream of a revoked token stayed open");
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+    server.wait_idle().await;
+    assert!(server.state.revocations.is_empty());
+}

@@ -411,3 +411,62 @@ async fn a_tunnel_whose_user_stops_reading_closes_after_the_write_timeout() {
     assert_eq!(server.state.budget.in_use(), 0);
     flood.abort();
 }
+
+#[tokio::test]
+async fn a_revoked_user_token_ends_its_tunnels_and_leaves_the_others() {
+    use relay_server::user::access::{AccessMode, AccessPolicy};
+    use relay_server::{Secret, TokenScope};
+    let (addr, _early) = raw_echo_backend().await;
+    let mut cfg = server_config();
+    cfg.access = AccessPolicy {
+        default: AccessMode::Token,
+        ..AccessPolicy::default()
+    };
+    let users = |tokens: &[&str]| {
+        tokens
+            .iter()
+            .map(|t| (TokenScope::Any, Secret((*t).into())))
+            .collect::<Vec<_>>()
+    };
+    let (leaked, kept) = ("leaked-user-token-0123456789", "kept-user-token-0123456789");
+    cfg.user_tokens = users(&[leaked, kept]);
+    let server = Server::start(cfg.clone()).await;
+    let _agent = Agent::start(Agent::config(&server.url(), "e", &format!("http://{addr}")));
+    server.wait_agent("e").await;
+    let open = |token: &'static str| async move {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        let head = UPGRADE_HEAD.replace("\r\n\r\n", &format!("\r\nX-Relay-Token: {token}\r\n\r\n"));
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (head, _) = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        s
+    };
+    let mut doomed = open(leaked).await;
+    let mut other = open(kept).await;
+    let mut buf = [0u8; 4];
+    for s in [&mut doomed, &mut other] {
+        s.write_all(b"ping").await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+    // The leaked token leaves the configuration.
+    cfg.user_tokens = users(&[kept]);
+    server.state.reload(&cfg).unwrap();
+    // Its tunnel closes at once (the idle timeout is minutes away)...
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        doomed.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the tunnel of a revoked token stayed open")
+    .unwrap();
+    assert!(rest.is_empty());
+    // ...and the other token's tunnel goes on.
+    other.write_all(b"pong").await.unwrap();
+    other.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    drop(other);
+    server.wait_idle().await;
+    assert!(server.state.revocations.is_empty());
+}

@@ -146,6 +146,52 @@ impl<G: Unpin> Body for RelayedBody<G> {
     }
 }
 
+/// A response body that aborts once the credential that admitted its request is revoked
+/// (and keeps the request registered for revocation while it streams).
+pub struct Revocable {
+    inner: RelayBody,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    _admission: std::sync::Arc<crate::base::revocation::Admission>,
+}
+
+impl Revocable {
+    /// `inner`, cut when `admission`'s credential is revoked.
+    pub fn new(
+        inner: RelayBody,
+        admission: std::sync::Arc<crate::base::revocation::Admission>,
+    ) -> Self {
+        Revocable {
+            inner,
+            cut: Box::pin(admission.cut().clone().cancelled_owned()),
+            _admission: admission,
+        }
+    }
+}
+
+impl Body for Revocable {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.cut.as_mut().poll(cx).is_ready() {
+            let why = "the credential that admitted the request was revoked";
+            return Poll::Ready(Some(Err(Box::new(Aborted(why.into())))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The user's request body, with the first frame when the relay already read it. Reading
 /// what is buffered before the request is queued makes malformed framing (a bad chunk size
 /// sent with the head) a 400 that no agent ever sees.

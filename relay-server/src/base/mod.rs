@@ -8,5 +8,6 @@ pub mod budget;
 pub mod history;
 pub mod limits;
 pub mod metrics;
+pub mod revocation;
 pub mod tls;
 pub mod trim;

@@ -31,6 +31,7 @@ use relay_common::message::{decode_headers, encode_headers};
 use crate::base::auth::Grant;
 use crate::base::body::text_response;
 use crate::base::body::{empty, BodyError, RelayBody};
+use crate::base::revocation::{revoked, Admission};
 use crate::cluster::directory::{now_ms, Cluster};
 use crate::cluster::head::{PeerHead, HEAD_HEADER};
 use crate::cluster::pool::PeerIo;
@@ -127,7 +128,7 @@ pub async fn forward_user(
             let req = build(&peer.url, empty())?;
             let user = on_upgrade.take().expect("bug: checked above");
             let deadline = p.arrival + state.cfg.upgrade_response_timeout + OWNER_GRACE;
-            return upgrade(state, io, req, user, deadline).await;
+            return upgrade(state, io, req, (user, p.admission.take()), deadline).await;
         }
         let send = match cluster.peers.h2(&peer.url).await {
             Ok(s) => s,
@@ -186,7 +187,7 @@ async fn upgrade(
     state: &Arc<State>,
     io: Box<dyn PeerIo>,
     req: Request<RelayBody>,
-    user: hyper::upgrade::OnUpgrade,
+    (user, admission): (hyper::upgrade::OnUpgrade, Option<Arc<Admission>>),
     deadline: tokio::time::Instant,
 ) -> Result<Response<RelayBody>, RelayError> {
     let fail = |e: hyper::Error| RelayError::Replica(format!("the relay replica failed: {e}"));
@@ -216,6 +217,8 @@ async fn upgrade(
                 }
             }
             _ = stop.cancelled() => {}
+            // The user's credential was revoked: the tunnel ends here too.
+            _ = revoked(admission.as_deref()) => {}
         }
     });
     let mut out = Response::new(empty());
@@ -375,6 +378,8 @@ async fn forwarded_request(
         arrival: tokio::time::Instant::now(),
         // A head without one (an older replica) is charged to the replica that sent it.
         client: head.client.unwrap_or(peer.ip()),
+        // The replica the user reached checked the credential and watches it.
+        admission: None,
     };
     dispatch(state, &backend, prepared).await
 }

@@ -117,11 +117,12 @@ pub enum Verdict {
 
 /// Checks a user token from `X-Relay-Token` or `Authorization: Bearer`, and removes the
 /// header it came from. `X-Relay-Token` wins so that a backend's own `Authorization` passes.
+/// Returns the token's digest (what a reload re-checks).
 pub fn check_token(
     tokens: &TokenStore,
     name: &str,
     headers: &mut HeaderMap,
-) -> Result<(), AccessError> {
+) -> Result<[u8; 32], AccessError> {
     let (token, from) = if let Some(v) = headers.get(TOKEN_HEADER) {
         (
             v.as_bytes().trim_ascii().to_vec(),
@@ -139,7 +140,7 @@ pub fn check_token(
     match tokens.check(&token) {
         Some(grant) if grant.allows(name) => {
             headers.remove(from);
-            Ok(())
+            Ok(*grant.token().expect("bug: a checked token has a digest"))
         }
         Some(_) => Err(AccessError::Forbidden(format!(
             "this token does not give access to backend {name:?}"

@@ -9,13 +9,15 @@ use hyper::body::Incoming;
 use relay_common::headers::has_token;
 use tracing::Instrument;
 
-use crate::base::body::RelayBody;
+use crate::base::body::{RelayBody, Revocable};
+use crate::base::revocation::Credential;
 use crate::user::access::{check_link, check_token, AccessError, AccessMode, Verdict};
 use crate::user::error::RelayError;
 use crate::user::forward_auth::Original;
 use crate::user::prepare::{check_framing, prepare, request_host, Prepared};
 use crate::user::router::{host_backend, route, RouteError};
 use crate::State;
+use http_body_util::BodyExt;
 
 /// Relays one user request: routes and admits it, hands the prepared request to `onward`
 /// (which finds the agent, here or on another replica) and answers with its response;
@@ -157,11 +159,22 @@ where
     *routed = Some(name.clone());
     tracing::Span::current().record("backend", name.as_str());
     // Access first: before it, nothing tells whether the name has an agent.
-    if let Verdict::Respond(resp) = admit(&state, &route, &mut req, peer, https).await? {
-        return Ok(resp);
-    }
-    let prepared = prepare(&state, req, route, peer, https, arrival)?;
-    onward(state, prepared).await
+    let credential = match admit(&state, &route, &mut req, peer, https).await? {
+        (Verdict::Respond(resp), _) => return Ok(resp),
+        (Verdict::Admit, credential) => credential,
+    };
+    // A request admitted by a credential stays registered while it runs, so a reload that
+    // revokes the credential ends it (its body aborts, its tunnel closes).
+    let admission = credential.map(|c| state.revocations.admit(c, &name));
+    let mut prepared = prepare(&state, req, route, peer, https, arrival)?;
+    prepared.admission = admission.clone();
+    let resp = onward(state, prepared).await?;
+    Ok(match admission {
+        Some(a) if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
+            resp.map(|b| Revocable::new(b, a).boxed_unsync())
+        }
+        _ => resp,
+    })
 }
 
 /// The trace id of a W3C `traceparent` header (Trace Context §3.2), for log correlation.
@@ -173,29 +186,32 @@ fn trace_id(h: &HeaderMap) -> Option<&str> {
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
-/// Applies the access mode of the route's name to the request.
+/// Applies the access mode of the route's name to the request; says which of the relay's
+/// credentials admitted it, if one did.
 async fn admit(
     state: &State,
     route: &crate::user::router::Route<'_>,
     req: &mut Request<Incoming>,
     peer: SocketAddr,
     https: bool,
-) -> Result<Verdict, RelayError> {
+) -> Result<(Verdict, Option<Credential>), RelayError> {
     let name = route.name;
     let path = route.target.split('?').next().unwrap_or("/");
     let auth = state.auth();
     Ok(match auth.access.mode(name) {
-        AccessMode::Open => Verdict::Admit,
+        AccessMode::Open => (Verdict::Admit, None),
         AccessMode::Token => {
-            check_token(&auth.user_tokens, name, req.headers_mut())?;
-            Verdict::Admit
+            let digest = check_token(&auth.user_tokens, name, req.headers_mut())?;
+            (Verdict::Admit, Some(Credential::UserToken(digest)))
         }
         AccessMode::SignedLink => {
             let cookie_path = match route.prefix {
                 Some(p) => format!("{p}/"),
                 None => "/".to_owned(),
             };
-            check_link(
+            // Read before the check: a key replaced meanwhile revokes the request at once.
+            let key = Credential::LinkKey(state.sessions.key_tag());
+            let verdict = check_link(
                 &state.sessions,
                 name,
                 path,
@@ -204,7 +220,8 @@ async fn admit(
                 &cookie_path,
                 https,
             )
-            .await?
+            .await?;
+            (verdict, Some(key))
         }
         AccessMode::ForwardAuth => {
             let auth = state.auth();
@@ -227,7 +244,7 @@ async fn admit(
                 https,
                 trusted,
             };
-            fa.check(&orig, req.headers_mut()).await?
+            (fa.check(&orig, req.headers_mut()).await?, None)
         }
     })
 }

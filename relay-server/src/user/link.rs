@@ -216,6 +216,11 @@ impl Sessions {
         }
     }
 
+    /// The tag of the key in force (what sessions opened now record).
+    pub fn key_tag(&self) -> String {
+        self.current_tag()
+    }
+
     fn current_tag(&self) -> String {
         key_tag(&self.key.read().expect("bug: poisoned"))
     }

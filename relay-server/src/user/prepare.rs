@@ -2,12 +2,14 @@
 //! the backend sees, framing checks, body limits and the prefetched body.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request};
 use hyper::body::{Body, Incoming};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_request};
 
 use crate::base::body::UserBody;
+use crate::base::revocation::Admission;
 use crate::user::access::{strip_session_cookie, TOKEN_HEADER};
 use crate::user::error::RelayError;
 use crate::State;
@@ -36,6 +38,9 @@ pub struct Prepared {
     /// The user's address: the peer's, or behind a trusted proxy the client it names
     /// (whose share of the memory budget the response uses).
     pub client: std::net::IpAddr,
+    /// The registration of a request admitted by a revocable credential: a tunnel keeps
+    /// it and closes when it is cut.
+    pub admission: Option<Arc<Admission>>,
 }
 
 /// Everything between admission and the broker: upgrade detection, the backend's headers,
@@ -85,6 +90,7 @@ pub fn prepare(
         body,
         arrival,
         client,
+        admission: None,
     })
 }
 

@@ -14,6 +14,7 @@ use crate::agent::pending::Pending;
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::{UploadFailure, UploadSide};
 use crate::base::body::{empty, RelayBody, RelayedBody};
+use crate::base::revocation::{revoked, Admission};
 use crate::user::error::RelayError;
 use crate::user::prepare::Prepared;
 use crate::State;
@@ -31,6 +32,7 @@ pub async fn dispatch(
         Some(_) => state.cfg.upgrade_response_timeout,
         None => state.cfg.response_timeout,
     };
+    let admission = p.admission.clone();
     let (pending, head_rx, upgrade, on_upgrade) = request(state, p);
     let (guard, claimed) = state.broker.enqueue(backend, pending)?;
     let pending = guard.pending().clone();
@@ -41,6 +43,7 @@ pub async fn dispatch(
             return Err(RelayError::PickupTimeout(name));
         }
         _ = state.stop.cancelled() => return Err(RelayError::Draining),
+        _ = revoked(admission.as_deref()) => return Err(credential_revoked()),
     };
     state.metrics.pickup(arrival.elapsed());
 
@@ -54,6 +57,7 @@ pub async fn dispatch(
             return Err(RelayError::Agent("the relay-client disconnected".into()));
         }
         why = pending.upload.failed() => return Err(refused_upload(why)),
+        _ = revoked(admission.as_deref()) => return Err(credential_revoked()),
     };
     let (head, body_rx) = match start {
         ResponseStart::Head(head, rx) => {
@@ -73,6 +77,7 @@ pub async fn dispatch(
             body_rx,
             guard,
             agent,
+            admission,
         };
         return switch(state, resp_headers, tunnel);
     }
@@ -147,6 +152,14 @@ fn request(
     (pending, head_rx, p.upgrade, p.on_upgrade)
 }
 
+/// The user's answer when the credential that admitted the request was revoked while it
+/// waited.
+fn credential_revoked() -> RelayError {
+    RelayError::Access(crate::user::access::AccessError::Forbidden(
+        "the credential that admitted this request was revoked".into(),
+    ))
+}
+
 /// The user's status for a body the relay refused.
 fn refused_upload(why: UploadFailure) -> RelayError {
     match why {
@@ -170,6 +183,8 @@ struct Tunnel {
     guard: crate::agent::pending::PendingGuard,
     /// The agent carrying it.
     agent: Arc<crate::agent::broker::Agent>,
+    /// The registration of the credential that admitted it, if one did.
+    admission: Option<Arc<Admission>>,
 }
 
 /// Answers 101 and hands the connection to a tunnel, if the user asked for exactly this
@@ -202,6 +217,7 @@ fn switch(
         t.body_rx,
         t.guard,
         t.agent.gone.clone(),
+        t.admission,
         crate::user::tunnel::Limits {
             idle: state.cfg.tunnel_idle_timeout,
             write: state.cfg.user_write_timeout,

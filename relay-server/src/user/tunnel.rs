@@ -8,7 +8,7 @@
 //! end of the drain close both.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::pending::PendingGuard;
 use crate::agent::upload_side::UploadEnd;
 use crate::base::body::{BodyMsg, Delivery};
+use crate::base::revocation::{revoked, Admission};
 
 /// When a tunnel ends.
 pub struct Limits {
@@ -36,6 +37,7 @@ pub async fn bridge(
     body_rx: Option<mpsc::Receiver<Delivery>>,
     guard: PendingGuard,
     agent_gone: CancellationToken,
+    admission: Option<Arc<Admission>>,
     limits: Limits,
     stop: CancellationToken,
 ) {
@@ -80,6 +82,7 @@ pub async fn bridge(
                 up_open = false;
             }
             _ = agent_gone.cancelled() => break "the relay-client disconnected",
+            _ = revoked(admission.as_deref()) => break "the user's credential was revoked",
             _ = stop.cancelled() => break "the relay is shutting down",
             _ = check.tick() => {
                 let now = tokio::time::Instant::now();
