@@ -1,7 +1,8 @@
 //! `relay-client connect`: the user side of a service port. Every local TCP connection
 //! becomes one WebSocket to `/client/<name>/stream/kernel/<id>/tcpproxy?app=<app>` (as
 //! Backend.AI's `backend.ai app` does), offering the half-close subprotocol so that a client
-//! that shuts down writing still receives the service's whole reply.
+//! that shuts down writing still receives the service's whole reply. With `--stdio` the one
+//! connection is stdin and stdout instead (ssh's `ProxyCommand`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::error::{AgentError, TunnelError};
-use crate::service::{splice, ws_config, HALF_CLOSE_PROTOCOL};
+use crate::service::{splice, ws_config, Ends, HALF_CLOSE_PROTOCOL};
 use crate::tls;
 
 /// Settings of `connect`.
@@ -127,6 +128,44 @@ fn target(cfg: &ConnectConfig) -> Result<Target, AgentError> {
 }
 
 async fn tunnel(target: &Target, local: TcpStream) -> Result<(), TunnelError> {
+    let (ws, half_close) = open(target).await?;
+    let _ = local.set_nodelay(true);
+    let (rd, wr) = local.into_split();
+    let ends = if half_close {
+        Ends::HalfClose
+    } else {
+        Ends::Either(1000)
+    };
+    splice(ws, rd, wr, ends).await;
+    Ok(())
+}
+
+/// Carries stdin and stdout as one tunnel (ssh's `ProxyCommand`): stdin's EOF is passed on
+/// as a write shutdown while the service's bytes keep coming; the service's end ends it,
+/// and the process exits, which closes stdout for the reader.
+pub async fn stdio(cfg: ConnectConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let target = target(&cfg)?;
+    let ws = tokio::select! {
+        r = open(&target) => r.map_err(|e| AgentError::Config(format!("tunnel: {e}")))?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let (ws, half_close) = ws;
+    let ends = if half_close {
+        Ends::HalfCloseUntilRemoteEnds
+    } else {
+        Ends::Either(1000)
+    };
+    tokio::select! {
+        _ = splice(ws, tokio::io::stdin(), tokio::io::stdout(), ends) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    Ok(())
+}
+
+/// Opens the WebSocket of one tunnel; says whether the half-close subprotocol was agreed.
+async fn open(
+    target: &Target,
+) -> Result<(tokio_tungstenite::WebSocketStream<Box<dyn Io>>, bool), TunnelError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(TunnelError::Connect)?;
@@ -158,8 +197,7 @@ async fn tunnel(target: &Target, local: TcpStream) -> Result<(), TunnelError> {
         .headers()
         .get("sec-websocket-protocol")
         .is_some_and(|v| v.as_bytes() == HALF_CLOSE_PROTOCOL.as_bytes());
-    splice(ws, local, half_close, 1000).await;
-    Ok(())
+    Ok((ws, half_close))
 }
 
 /// Binds the local listener (port 0 picks one).

@@ -139,8 +139,13 @@ struct ConnectArgs {
     #[arg(long)]
     kernel_id: Option<String>,
     /// Local address to listen on; port 0 picks one and prints it.
-    #[arg(long, default_value = "127.0.0.1:0")]
+    #[arg(long, default_value = "127.0.0.1:0", conflicts_with = "stdio")]
     listen: std::net::SocketAddr,
+    /// Carry stdin and stdout as the one connection instead of listening (for ssh:
+    /// -o ProxyCommand='relay-client connect --stdio --relay-url URL --name NAME --app ssh').
+    /// Logs go to stderr.
+    #[arg(long)]
+    stdio: bool,
     /// User credential for the relay, sent as Authorization: Bearer.
     #[arg(long, env = "RELAY_USER_TOKEN", hide_env_values = true)]
     user_token: Option<String>,
@@ -202,12 +207,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
     if let Some(Cmd::Connect(c)) = cli.command {
-        let listener = relay_client::connect::bind(c.listen).await?;
-        // Printed for scripts and users that passed port 0.
-        println!(
-            "relay-client connect listening on {}",
-            listener.local_addr()?
-        );
         let cfg = relay_client::connect::ConnectConfig {
             relay_url: c.relay_url,
             name: c.name,
@@ -216,6 +215,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             user_token: c.user_token.map(Secret),
             relay_ca_file: c.relay_ca_file,
         };
+        if c.stdio {
+            relay_client::connect::stdio(cfg, shutdown).await?;
+            return Ok(());
+        }
+        let listener = relay_client::connect::bind(c.listen).await?;
+        // Printed for scripts and users that passed port 0.
+        println!(
+            "relay-client connect listening on {}",
+            listener.local_addr()?
+        );
         relay_client::connect::run(cfg, listener, shutdown).await?;
         return Ok(());
     }

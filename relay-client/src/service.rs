@@ -298,19 +298,45 @@ where
             return;
         }
     };
-    splice(ws, tcp, half_close, 1001).await;
+    let _ = tcp.set_nodelay(true);
+    let (rd, wr) = tcp.into_split();
+    let ends = if half_close {
+        Ends::HalfClose
+    } else {
+        Ends::Either(1001)
+    };
+    splice(ws, rd, wr, ends).await;
 }
 
-/// Carries one TCP connection over one WebSocket, both ways: BINARY messages are bytes, TEXT
-/// is dropped, pings are answered. With `half_close` an empty BINARY message is a write
-/// shutdown and the WebSocket closes normally once both directions ended; without it, either
-/// side ending ends both, and the TCP side's EOF closes the WebSocket with `eof_code`.
-pub async fn splice<S>(ws: WebSocketStream<S>, tcp: TcpStream, half_close: bool, eof_code: u16)
+/// How a spliced connection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ends {
+    /// Each direction ends on its own (an empty BINARY message is a write shutdown); the
+    /// WebSocket closes normally once both ended.
+    HalfClose,
+    /// As [`Ends::HalfClose`], but the local side is a pipe that cannot be half-closed and
+    /// whose reader waits for EOF (ssh's ProxyCommand): once the WebSocket's direction
+    /// ended, everything ends (the local side's own EOF is still passed on as a write
+    /// shutdown while the other direction runs).
+    HalfCloseUntilRemoteEnds,
+    /// Either side ending ends both (Backend.AI's semantics); the local side's EOF closes
+    /// the WebSocket with this code.
+    Either(u16),
+}
+
+/// Carries one local byte stream (a TCP connection, or stdin and stdout) over one WebSocket,
+/// both ways: BINARY messages are bytes, TEXT is dropped, pings are answered; `ends` says
+/// how it ends.
+pub async fn splice<S, R, W>(ws: WebSocketStream<S>, mut tcp_rd: R, mut tcp_wr: W, ends: Ends)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
 {
-    let _ = tcp.set_nodelay(true);
-    let (mut tcp_rd, mut tcp_wr) = tcp.into_split();
+    let (half_close, eof_code) = match ends {
+        Ends::Either(code) => (false, code),
+        _ => (true, 1000),
+    };
     let (ws_tx, mut ws_rx) = ws.split();
     let ws_tx = Arc::new(Mutex::new(ws_tx));
 
@@ -324,7 +350,7 @@ where
                     return;
                 }
                 Ok(Message::Binary(b)) => {
-                    if tcp_wr.write_all(&b).await.is_err() {
+                    if tcp_wr.write_all(&b).await.is_err() || tcp_wr.flush().await.is_err() {
                         return;
                     }
                 }
@@ -376,7 +402,20 @@ where
             }
         }
     };
-    if half_close {
+    if ends == Ends::HalfCloseUntilRemoteEnds {
+        {
+            tokio::pin!(to_service, from_service);
+            let mut local_done = false;
+            loop {
+                tokio::select! {
+                    _ = &mut to_service => break,
+                    _ = &mut from_service, if !local_done => local_done = true,
+                }
+            }
+        }
+        let _ = tcp_wr.shutdown().await;
+        let _ = ws_tx.lock().await.send(close(1000, "")).await;
+    } else if half_close {
         // Each direction ends on its own; the WebSocket closes normally after both.
         tokio::join!(to_service, from_service);
         let _ = ws_tx.lock().await.send(close(1000, "")).await;
