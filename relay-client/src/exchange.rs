@@ -81,7 +81,7 @@ async fn serve_inner(
     head: RequestHead,
     cancel: &CancellationToken,
 ) -> Result<(), RelayCallError> {
-    if let Some(call) = ctx.services.route(&head.target) {
+    if let Some(call) = ctx.services.route(&head) {
         return serve_service(ctx, &head, call, cancel).await;
     }
     let body = if head.body == BodyKind::Stream {
@@ -250,6 +250,7 @@ async fn serve_service(
     let answer = match call {
         Err(a) => a,
         Ok(Call::Apps) => ctx.services.apps(),
+        Ok(Call::Version) => ctx.services.version(),
         Ok(Call::Proxy(app)) => match service::accept(head) {
             Err(a) => a,
             Ok((headers, half_close)) => match ctx.services.ensure_started(app).await {

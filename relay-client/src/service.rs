@@ -32,6 +32,19 @@ use crate::error::AgentError;
 /// The WebSocket subprotocol that adds per-direction end-of-stream (empty BINARY message).
 pub const HALF_CLOSE_PROTOCOL: &str = "relay.halfclose.v1";
 
+/// The Backend.AI API version the agent's version document names (that of the 23.09 client
+/// and manager; newer clients take the lower of theirs and this one).
+pub const BACKEND_AI_API_VERSION: &str = "v7.20230615";
+
+/// Whether a request comes from a Backend.AI client: its SDK's `User-Agent` (the only header
+/// of its version probe) or the `X-BackendAI-Version` of its API calls.
+fn from_backend_ai(head: &RequestHead) -> bool {
+    head.headers.iter().any(|(k, v)| {
+        (k.eq_ignore_ascii_case("user-agent") && v.starts_with("Backend.AI Client"))
+            || k.eq_ignore_ascii_case("x-backendai-version")
+    })
+}
+
 /// Largest WebSocket message accepted (Backend.AI's default `max-wsmsg-size`).
 const MAX_MESSAGE: usize = 16 << 20;
 /// Largest read from the service.
@@ -57,6 +70,8 @@ pub struct Services {
 pub enum Call<'a> {
     /// `…/apps`.
     Apps,
+    /// Backend.AI's API version probe (`GET /`).
+    Version,
     /// `…/tcpproxy` or `…/httpproxy` for an app.
     Proxy(&'a str),
 }
@@ -122,10 +137,15 @@ impl Services {
         self.services.is_empty()
     }
 
-    /// Recognises `/stream/{kernel,session}/<id>/{apps,tcpproxy,httpproxy}`. `Err` is the
-    /// answer for a service-port path that names another id or an unknown app.
-    pub fn route<'a>(&self, target: &'a str) -> Option<Result<Call<'a>, LocalAnswer>> {
+    /// Recognises `/stream/{kernel,session}/<id>/{apps,tcpproxy,httpproxy}`, and Backend.AI
+    /// clients' version probe. `Err` is the answer for a service-port path that names
+    /// another id or an unknown app.
+    pub fn route<'a>(&self, head: &'a RequestHead) -> Option<Result<Call<'a>, LocalAnswer>> {
+        let target = head.target.as_str();
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        if path == "/" && head.method == "GET" && !self.is_empty() && from_backend_ai(head) {
+            return Some(Ok(Call::Version));
+        }
         let rest = path
             .strip_prefix("/stream/kernel/")
             .or_else(|| path.strip_prefix("/stream/session/"))?;
@@ -153,6 +173,21 @@ impl Services {
                 &format!("no app {app:?} in this session"),
             ))),
             None => Some(Err(problem(400, "missing app query parameter"))),
+        }
+    }
+
+    /// The answer to the version probe: what a Backend.AI manager answers at its root
+    /// (`backend.ai app` negotiates the API version with it before anything else, and dies
+    /// on any other JSON). The service-port API it then uses is stable across versions.
+    pub fn version(&self) -> LocalAnswer {
+        LocalAnswer {
+            status: 200,
+            body: serde_json::json!({
+                "version": BACKEND_AI_API_VERSION,
+                "manager": concat!("relay-client ", env!("CARGO_PKG_VERSION")),
+            })
+            .to_string(),
+            content_type: "application/json",
         }
     }
 

@@ -1,6 +1,7 @@
 //! Backend.AI's own CLI (`backend.ai app`, PyPI backend.ai-client 23.9) pointed at the relay
-//! reaches a service port of the agent unchanged: its `/apps` check, then one signed
-//! WebSocket per local TCP connection.
+//! reaches a service port of the agent unchanged: its API version probe (answered by the
+//! agent, whatever the backend serves at `/`), its `/apps` check, then one signed WebSocket
+//! per local TCP connection.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,8 +25,17 @@ fn cli_binary() -> PathBuf {
 async fn backend_ai_app_through_the_relay() {
     let cli = cli_binary();
     let echo = tcp_echo(b"").await;
+    // A backend that answers every path with JSON of its own (a JSON API, not a Backend.AI
+    // manager): the CLI's version probe must not reach it.
+    let api = backend(|_req: http::Request<hyper::body::Incoming>| async move {
+        let mut resp = hyper::Response::new(full(r#"{"service":"lab api"}"#));
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        resp
+    })
+    .await;
     let server = Server::default().await;
-    let mut cfg = Agent::config(&server.url(), "box", "http://127.0.0.1:9");
+    let mut cfg = Agent::config(&server.url(), "box", &format!("http://{api}"));
     cfg.services = vec![("echo".into(), echo.to_string())];
     cfg.kernel_id = Some("sess-1".into());
     let _agent = Agent::start(cfg);
@@ -65,4 +75,18 @@ async fn backend_ai_app_through_the_relay() {
     }
     let _ = proc.child.kill();
     let _ = proc.child.wait();
+    // Everyone else's `GET /` still reaches the backend.
+    let resp = client()
+        .request(
+            http::Request::get(format!("{}/client/box/", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert_eq!(
+        body_bytes(resp.into_body()).await.unwrap(),
+        r#"{"service":"lab api"}"#
+    );
 }
