@@ -341,3 +341,73 @@ async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
     assert!(body.contains("not reachable"), "{body}");
     assert_eq!(get_text(format!("http://{admin}/healthz")).await.0, 200);
 }
+
+/// The metric names a PromQL expression uses (`relay_…`).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("relay_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_grafana_dashboard_queries_only_metrics_the_server_exports() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/grafana/relay-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            names.extend(metric_names(t["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(names.len() >= 14, "{names:?}");
+
+    // Some traffic: relayed requests, a refused agent token, a request over a limit.
+    let server = Server::default().await;
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "a",
+        &format!("http://{}", status_backend().await),
+    ));
+    server.wait_agent("a").await;
+    for path in ["/", "/status/503"] {
+        get_text(format!("{}/client/a{path}", server.url())).await;
+    }
+    let refused = client()
+        .request(
+            Request::get(format!("{}/server/request?server=a", server.url()))
+                .header("authorization", "Bearer not-a-token")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let long = format!("{}/client/a/{}", server.url(), "x".repeat(9000));
+    assert_eq!(get_text(long).await.0, StatusCode::URI_TOO_LONG);
+
+    let (status, metrics) = get_text(format!("{}/metrics", server.url())).await;
+    assert_eq!(status, StatusCode::OK);
+    // Series that exist only in cluster mode: their family must still be declared.
+    let cluster_only = ["relay_cluster_forwarded_total"];
+    for name in &names {
+        let has_sample = metrics
+            .lines()
+            .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));
+        let family = name.trim_end_matches("_total");
+        let declared = metrics.contains(&format!("# TYPE {family} "));
+        assert!(
+            has_sample || (cluster_only.contains(&name.as_str()) && declared),
+            "the dashboard queries {name}, which /metrics does not export:\n{metrics}"
+        );
+    }
+}
