@@ -42,6 +42,8 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run the real binaries; build them in the same profile.
 cargo build --release --workspace --all-targets
+# The Debian packages the packaging test installs (cargo-deb is installed when missing).
+scripts/package.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast
 else

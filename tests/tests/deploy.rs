@@ -310,10 +310,7 @@ fn systemd_units_verify() {
             assert!(text.contains(key), "{unit} lacks {key}");
         }
         // Verify against the binaries built here (the unit's path is the install path).
-        let local = text.replace(
-            &format!("/usr/local/bin/{bin}"),
-            binary(bin).to_str().unwrap(),
-        );
+        let local = text.replace(&format!("/usr/bin/{bin}"), binary(bin).to_str().unwrap());
         let path = dir.0.join(unit);
         std::fs::write(&path, local).unwrap();
         units.push(path);
