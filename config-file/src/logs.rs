@@ -9,20 +9,42 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the log subscriber: `filter` in tracing's EnvFilter syntax, lines on stderr.
-pub fn init(filter: &str, format: LogFormat) {
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => b
+/// Installs the log subscriber: `filter` in tracing's EnvFilter syntax, lines on stderr; and
+/// with `otlp` the trace exporter beside it (its guard flushes on drop).
+pub fn init(
+    filter: &str,
+    format: LogFormat,
+    otlp: Option<&crate::telemetry::Otlp>,
+) -> Result<Option<crate::telemetry::Guard>, crate::telemetry::TelemetryError> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let lines: Boxed = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .init(),
-        LogFormat::Text => b
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    // The log filter applies to the lines only: the trace exporter has its own.
+    let mut layers = vec![lines
+        .with_filter(tracing_subscriber::EnvFilter::new(filter))
+        .boxed()];
+    let guard = match otlp {
+        Some(cfg) => {
+            let (traces, guard) = crate::telemetry::layer(cfg)?;
+            layers.push(traces.boxed());
+            Some(guard)
+        }
+        None => None,
+    };
+    tracing_subscriber::registry().with(layers).init();
+    Ok(guard)
 }

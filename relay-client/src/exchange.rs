@@ -56,7 +56,19 @@ pub enum Outcome {
 
 /// Serves one request to its end.
 pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) -> Outcome {
-    let span = tracing::info_span!("request", id = %head.id, method = %head.method);
+    let span = tracing::info_span!(
+        "request",
+        otel.kind = "client",
+        id = %head.id,
+        method = %head.method,
+        path = %head.target.split('?').next().unwrap_or("/"),
+    );
+    if relay_config_file::telemetry::enabled() {
+        // The relay-server's span for this request (its traceparent) is the parent.
+        if let Ok(h) = relay_common::message::decode_headers(&head.headers) {
+            relay_config_file::telemetry::continue_trace(&span, &h);
+        }
+    }
     async move {
         tokio::select! {
             r = serve_inner(&ctx, head, &cancel) => match r {

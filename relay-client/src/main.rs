@@ -109,6 +109,15 @@ struct Cli {
     /// Serve /healthz, /readyz and /metrics on this address (operators).
     #[arg(long, env = "RELAY_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
+    /// Export OpenTelemetry traces over OTLP/HTTP to this collector (base URL, e.g.
+    /// http://collector:4318; spans go to /v1/traces); default: OTEL_EXPORTER_OTLP_ENDPOINT.
+    /// Off when neither is set. OTEL_SERVICE_NAME overrides the service name.
+    #[arg(long, env = "RELAY_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces exported (0 to 1); a caller's sampled traceparent is always
+    /// followed.
+    #[arg(long, env = "RELAY_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = relay_config_file::telemetry::parse_ratio)]
+    otlp_sample_ratio: f64,
     /// Log format: `text` for people, `json` (one object per line) for log shippers.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: relay_config_file::logs::LogFormat,
@@ -192,7 +201,18 @@ fn main() -> ExitCode {
         Some(Cmd::Connect(c)) => c.log.clone(),
         None => cli.log.clone(),
     };
-    relay_config_file::logs::init(&log, cli.log_format);
+    let otlp = relay_config_file::telemetry::Otlp::from_flags(
+        cli.otlp_endpoint.as_deref(),
+        "relay-client",
+        cli.otlp_sample_ratio,
+    );
+    let _traces = match relay_config_file::logs::init(&log, cli.log_format, otlp.as_ref()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("relay-client: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,6 +85,8 @@ impl Backend {
         if self.rewrite_host {
             headers.insert(header::HOST, self.authority.clone());
         }
+        // Traces on: the backend's parent span is this agent's request span.
+        relay_config_file::telemetry::hand_on(&tracing::Span::current(), &mut headers);
         let mut req = Request::new(body);
         *req.method_mut() = method;
         *req.uri_mut() = uri;

@@ -225,6 +225,15 @@ pub struct Cli {
     /// --cluster-tls-cert file itself, for a cluster sharing one self-signed certificate).
     #[arg(long, env = "RELAY_CLUSTER_CA")]
     pub cluster_ca: Option<PathBuf>,
+    /// Export OpenTelemetry traces over OTLP/HTTP to this collector (base URL, e.g.
+    /// http://collector:4318; spans go to /v1/traces); default: OTEL_EXPORTER_OTLP_ENDPOINT.
+    /// Off when neither is set. OTEL_SERVICE_NAME overrides the service name.
+    #[arg(long, env = "RELAY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces exported (0 to 1); a caller's sampled traceparent is always
+    /// followed.
+    #[arg(long, env = "RELAY_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = relay_config_file::telemetry::parse_ratio)]
+    pub otlp_sample_ratio: f64,
     /// Log format: `text` for people, `json` (one object per line) for log shippers.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: relay_config_file::logs::LogFormat,

@@ -48,7 +48,19 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    relay_config_file::logs::init(&cli.log, cli.log_format);
+    let otlp = relay_config_file::telemetry::Otlp::from_flags(
+        cli.otlp_endpoint.as_deref(),
+        "relay-server",
+        cli.otlp_sample_ratio,
+    );
+    // Dropped after the runtime: the last spans are flushed on the way out.
+    let _traces = match relay_config_file::logs::init(&cli.log, cli.log_format, otlp.as_ref()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("relay-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli, args)) {
         Ok(()) => ExitCode::SUCCESS,

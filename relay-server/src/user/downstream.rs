@@ -42,14 +42,19 @@ where
     let mut name = None;
     let span = tracing::info_span!(
         "request",
+        otel.kind = "server",
         method = %method,
+        path = %req.uri().path(),
         id = tracing::field::Empty,
         backend = tracing::field::Empty,
         trace_id = tracing::field::Empty,
+        status = tracing::field::Empty,
     );
     if let Some(trace) = trace_id(req.headers()) {
         span.record("trace_id", trace);
     }
+    // Traces on: the span continues the user's trace (or starts one).
+    relay_config_file::telemetry::continue_trace(&span, req.headers());
     let started = std::time::Instant::now();
     let result = relay(state.clone(), req, peer, https, &mut name, onward)
         .instrument(span.clone())
@@ -58,6 +63,7 @@ where
         Ok(r) => r.status().as_u16(),
         Err(e) => e.status().as_u16(),
     };
+    span.record("status", status);
     span.in_scope(|| {
         tracing::debug!(
             target: "relay_server::user::access",

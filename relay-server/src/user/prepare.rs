@@ -67,6 +67,9 @@ pub fn prepare(
     if let Some(proto) = &upgrade {
         set_upgrade_headers(&mut headers, proto);
     }
+    // Traces on: the agent and the backend see the relay's request span as their parent
+    // (W3C Trace Context §3.2: a proxy that takes part in the trace replaces traceparent).
+    relay_config_file::telemetry::hand_on(&tracing::Span::current(), &mut headers);
     let content_length = body.size_hint().exact();
     // RFC 9110 §15.5.14: refuse a declared oversize body before anything is relayed.
     if let (Some(n), Some(max)) = (content_length, state.cfg.max_request_body) {

@@ -9,6 +9,7 @@ use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_match
 use relay_common::id::RequestId;
 use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::agent::pending::Pending;
 use crate::agent::response_side::ResponseStart;
@@ -37,8 +38,10 @@ pub async fn dispatch(
     let (guard, claimed) = state.broker.enqueue(backend, pending)?;
     let pending = guard.pending().clone();
 
+    // Spans of the two waits (exported when traces are on).
+    let pickup = tracing::info_span!("pickup", backend = %name);
     let agent = tokio::select! {
-        a = claimed => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
+        a = claimed.instrument(pickup) => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
         _ = tokio::time::sleep(state.cfg.pickup_timeout) => {
             return Err(RelayError::PickupTimeout(name));
         }
@@ -47,8 +50,9 @@ pub async fn dispatch(
     };
     state.metrics.pickup(arrival.elapsed());
 
+    let waiting = tracing::info_span!("response head", backend = %name);
     let start = tokio::select! {
-        r = head_rx => r.map_err(|_| RelayError::Agent(
+        r = head_rx.instrument(waiting) => r.map_err(|_| RelayError::Agent(
             "the relay-client failed before sending a response head".into()))?,
         _ = tokio::time::sleep_until(arrival + response_timeout) => {
             return Err(RelayError::ResponseTimeout(response_timeout));
