@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::error::{AgentError, TunnelError};
-use crate::service::{splice, ws_config, Ends, HALF_CLOSE_PROTOCOL};
+use crate::service::HALF_CLOSE_PROTOCOL;
+use crate::splice::{splice, ws_config, Ends};
 use crate::tls;
 
 /// Settings of `connect`.

@@ -33,6 +33,7 @@ pub mod error;
 pub mod exchange;
 pub mod relay;
 pub mod service;
+pub mod splice;
 pub mod tls;
 pub mod upstream;
 
