@@ -28,7 +28,8 @@ pub struct Cli {
     /// TOML file with the same settings as the flags (keys are the flag names, e.g.
     /// `pickup_timeout = "10s"`); flags and environment variables override it. Tokens,
     /// access rules and certificates are reloaded on SIGHUP and when the file changes.
-    #[arg(long, env = "RELAY_CONFIG")]
+    /// `sign-link` reads the key file, public URL and public domain from it too.
+    #[arg(long, env = "RELAY_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Address to listen on (HTTP/1.1 and HTTP/2 prior knowledge).
     #[arg(long, env = "RELAY_LISTEN", default_value = defaults::LISTEN)]
@@ -187,6 +188,9 @@ pub struct Cli {
     /// origin per backend).
     #[arg(long, env = "RELAY_PUBLIC_DOMAIN")]
     pub public_domain: Option<String>,
+    /// The URL users reach the relay at (what `sign-link` builds links on).
+    #[arg(long, env = "RELAY_PUBLIC_URL")]
+    pub public_url: Option<http::Uri>,
     /// CA certificate (PEM) of agent client certificates (mTLS, an alternative to tokens;
     /// needs --tls-cert). A certificate's DNS names, and its `urn:relay-agent:NAME` URI
     /// names, are the backend names it may serve.
@@ -264,19 +268,18 @@ pub struct SignLink {
     /// Path on the backend the link (and its session) admits to, and everything below it.
     #[arg(long, default_value = "/")]
     pub path: String,
-    /// The relay's public URL.
-    #[arg(
-        long,
-        env = "RELAY_PUBLIC_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub base_url: http::Uri,
-    /// Make a link to `<name>.<DOMAIN>` (host routing) instead of /client/<name>.
-    #[arg(long, env = "RELAY_PUBLIC_DOMAIN")]
+    /// The relay's public URL (default: public_url of --config, RELAY_PUBLIC_URL, or
+    /// http://127.0.0.1:8080).
+    #[arg(long)]
+    pub base_url: Option<http::Uri>,
+    /// Make a link to `<name>.<DOMAIN>` (host routing) instead of /client/<name> (default:
+    /// public_domain of --config or RELAY_PUBLIC_DOMAIN).
+    #[arg(long)]
     pub public_domain: Option<String>,
-    /// The server's HMAC key file.
-    #[arg(long, env = "RELAY_LINK_SECRET_FILE")]
-    pub link_secret_file: PathBuf,
+    /// The server's HMAC key file (default: link_secret_file of --config or
+    /// RELAY_LINK_SECRET_FILE).
+    #[arg(long)]
+    pub link_secret_file: Option<PathBuf>,
 }
 
 /// Parses `args` with the `--config` file's values as defaults (flag > env > file >

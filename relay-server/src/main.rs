@@ -16,7 +16,7 @@ use cli::{Cli, Command, ParseError};
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
-    let cli = match cli::parse(&args) {
+    let mut cli = match cli::parse(&args) {
         Ok(c) => c,
         Err(ParseError::Flags(e)) => e.exit(),
         Err(ParseError::File(e)) => {
@@ -24,9 +24,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command {
-        Some(Command::SignLink(args)) => {
-            return match settings::sign_link(args) {
+    match cli.command.take() {
+        Some(Command::SignLink(link)) => {
+            return match settings::sign_link(link, &cli) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("relay-server sign-link: {e:#}");

@@ -76,21 +76,34 @@ fn read_secret(what: &str, path: &PathBuf) -> anyhow::Result<Secret> {
     Ok(Secret(key))
 }
 
-pub fn sign_link(args: SignLink) -> anyhow::Result<()> {
+/// `sign-link`: a signed link for `args.name`; what the flags leave out comes from the
+/// server's own settings (`--config`, environment), so the same file serves both.
+pub fn sign_link(args: SignLink, server: &Cli) -> anyhow::Result<()> {
     if !relay_common::name::is_valid_name(&args.name) {
         bail!("invalid backend name {:?}", args.name);
     }
     if !args.path.starts_with('/') || args.path.contains(['?', '#', '\n']) {
         bail!("--path must be a path starting with / (no query)");
     }
-    let key = read_link_secret(&args.link_secret_file)?;
+    let key_file = args
+        .link_secret_file
+        .as_ref()
+        .or(server.link_secret_file.as_ref())
+        .context("no link key: give --link-secret-file, or link_secret_file in --config")?;
+    let key = read_link_secret(key_file)?;
     let query = relay_server::user::link::sign(&key, &args.name, &args.path, args.ttl);
-    let scheme = args.base_url.scheme_str().unwrap_or("http");
-    let authority = args
+    let base_url = args
         .base_url
-        .authority()
-        .context("--base-url needs a host")?;
-    let url = match &args.public_domain {
+        .clone()
+        .or_else(|| server.public_url.clone())
+        .unwrap_or_else(|| http::Uri::from_static("http://127.0.0.1:8080"));
+    let scheme = base_url.scheme_str().unwrap_or("http");
+    let authority = base_url.authority().context("--base-url needs a host")?;
+    let public_domain = args
+        .public_domain
+        .as_ref()
+        .or(server.public_domain.as_ref());
+    let url = match public_domain {
         Some(domain) => {
             let port = authority
                 .port()
@@ -102,7 +115,7 @@ pub fn sign_link(args: SignLink) -> anyhow::Result<()> {
             )
         }
         None => {
-            let base = args.base_url.path().trim_end_matches('/');
+            let base = base_url.path().trim_end_matches('/');
             format!(
                 "{scheme}://{authority}{base}/client/{}{}?{query}",
                 args.name, args.path

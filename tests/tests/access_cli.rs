@@ -2,6 +2,7 @@
 //! serve open backends beyond loopback, and `relay-server sign-link`.
 
 use std::process::Command;
+use std::time::Duration;
 
 use http::{header, Request, StatusCode};
 use relay_tests::procs::{binary, relay_server, TempDir};
@@ -137,4 +138,64 @@ async fn sign_link_prints_a_link_the_server_honours_once() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(seen.lock().unwrap().iter().any(|s| s.target == "/notebook"));
+}
+
+#[tokio::test]
+async fn sign_link_takes_key_url_and_domain_from_the_server_config() {
+    let dir = TempDir::new("links-config");
+    let key = dir.0.join("link.key");
+    std::fs::write(&key, "k3y-from-the-config-0123456789abcdef\n").unwrap();
+    let file = dir.0.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "access = \"signed-link\"\nlink_secret_file = \"{}\"\npublic_url = \"https://relay.example:8443\"\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let sign = |extra: &[&str]| {
+        let out = Command::new(binary("relay-server"))
+            .args([
+                "sign-link",
+                "--config",
+                file.to_str().unwrap(),
+                "--name",
+                "nb",
+            ])
+            .args(["--ttl", "10m"])
+            .args(extra)
+            .env_remove("RELAY_PUBLIC_URL")
+            .env_remove("RELAY_PUBLIC_DOMAIN")
+            .env_remove("RELAY_LINK_SECRET_FILE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let link = sign(&[]);
+    assert!(
+        link.starts_with("https://relay.example:8443/client/nb/?relay_exp="),
+        "{link}"
+    );
+    // The link is signed with the config's key: a server with that key redeems it.
+    let sessions = relay_server::user::link::Sessions::new(
+        relay_server::Secret("k3y-from-the-config-0123456789abcdef".into()),
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+        10,
+    );
+    let query = link.split_once('?').unwrap().1;
+    let params = relay_server::user::link::LinkParams::parse(query).unwrap();
+    assert!(sessions.redeem("nb", "/", &params).await.is_ok());
+    // A flag still wins over the file; a public domain makes a host link.
+    let link = sign(&["--public-domain", "apps.example"]);
+    assert!(
+        link.starts_with("https://nb.apps.example:8443/?relay_exp="),
+        "{link}"
+    );
 }
