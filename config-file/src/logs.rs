@@ -48,3 +48,67 @@ pub fn init(
     tracing_subscriber::registry().with(layers).init();
     Ok(guard)
 }
+
+/// A line for the operator outside the log stream: the start-up announcements on stdout
+/// (addresses, the zero-config agent command) and the fatal error on stderr. Text mode
+/// prints `text` as it is (scripts wait for these lines); JSON mode prints one JSON object
+/// instead, with `message` and `fields`, so that every line a binary writes parses.
+pub struct Say {
+    format: LogFormat,
+}
+
+impl Say {
+    /// Lines in `format`.
+    pub fn new(format: LogFormat) -> Self {
+        Say { format }
+    }
+
+    /// An announcement on stdout.
+    pub fn info(&self, text: &str, message: &str, fields: &[(&str, String)]) {
+        println!("{}", self.render(text, "INFO", message, fields));
+    }
+
+    /// A fatal error on stderr.
+    pub fn error(&self, text: &str, message: &str, fields: &[(&str, String)]) {
+        eprintln!("{}", self.render(text, "ERROR", message, fields));
+    }
+
+    fn render(&self, text: &str, level: &str, message: &str, fields: &[(&str, String)]) -> String {
+        match self.format {
+            LogFormat::Text => text.to_owned(),
+            LogFormat::Json => {
+                let mut o = serde_json::Map::new();
+                let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+                o.insert("timestamp".into(), now.to_string().into());
+                o.insert("level".into(), level.into());
+                o.insert("message".into(), message.into());
+                for (k, v) in fields {
+                    o.insert((*k).into(), v.clone().into());
+                }
+                serde_json::Value::Object(o).to_string()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_parse_and_text_lines_stay() {
+        let text = Say::new(LogFormat::Text).render("a b", "INFO", "m", &[]);
+        assert_eq!(text, "a b");
+        let json = Say::new(LogFormat::Json).render(
+            "ignored",
+            "INFO",
+            "relay-server listening",
+            &[("address", "http://127.0.0.1:8080".into())],
+        );
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["message"], "relay-server listening");
+        assert_eq!(v["address"], "http://127.0.0.1:8080");
+        assert_eq!(v["level"], "INFO");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+}

@@ -213,11 +213,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let say = relay_config_file::logs::Say::new(cli.log_format);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("relay-client: {e:#}");
+            let error = format!("{e:#}");
+            say.error(
+                &format!("relay-client: {error}"),
+                "relay-client stopped",
+                &[("error", error)],
+            );
             ExitCode::from(1)
         }
     }
@@ -241,9 +247,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         let listener = relay_client::connect::bind(c.listen).await?;
         // Printed for scripts and users that passed port 0.
-        println!(
-            "relay-client connect listening on {}",
-            listener.local_addr()?
+        let addr = listener.local_addr()?.to_string();
+        relay_config_file::logs::Say::new(cli.log_format).info(
+            &format!("relay-client connect listening on {addr}"),
+            "relay-client connect listening",
+            &[("address", addr)],
         );
         relay_client::connect::run(cfg, listener, shutdown).await?;
         return Ok(());

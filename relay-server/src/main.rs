@@ -61,11 +61,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let say = relay_config_file::logs::Say::new(cli.log_format);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli, args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("relay-server: {e:#}");
+            let error = format!("{e:#}");
+            say.error(
+                &format!("relay-server: {error}"),
+                "relay-server stopped",
+                &[("error", error)],
+            );
             ExitCode::from(1)
         }
     }
@@ -88,6 +94,7 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let say = relay_config_file::logs::Say::new(cli.log_format);
     let mut cfg = settings::build_config(&cli)?;
     let scheme = if cli.tls_cert.is_some() {
         "https"
@@ -113,20 +120,32 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
         Some(l) => l.local_addr()?,
         None => addr,
     };
-    announce(scheme, addr, agent_addr, generated.as_deref());
+    announce(&say, scheme, addr, agent_addr, generated.as_deref());
 
     let shutdown = CancellationToken::new();
     tokio::spawn(relay_common::signal::cancel_on_signal(shutdown.clone()));
     if agent_listener.is_some() {
-        println!("relay-server agent endpoints on {scheme}://{agent_addr}");
+        let url = format!("{scheme}://{agent_addr}");
+        say.info(
+            &format!("relay-server agent endpoints on {url}"),
+            "relay-server agent endpoints",
+            &[("address", url)],
+        );
     }
-    let cluster_listener = bind_cluster(cli.cluster_listen, &mut cfg).await?;
+    let cluster_listener = bind_cluster(&say, cli.cluster_listen, &mut cfg).await?;
     let state = Arc::new(State::new(cfg));
     if let Some(c) = &state.cluster {
-        println!(
-            "relay-server cluster replica {:08x} advertised as {}",
-            c.tag(),
-            c.advertise_url()
+        let tag = format!("{:08x}", c.tag());
+        say.info(
+            &format!(
+                "relay-server cluster replica {tag} advertised as {}",
+                c.advertise_url()
+            ),
+            "relay-server cluster replica",
+            &[
+                ("replica", tag),
+                ("advertised", c.advertise_url().to_owned()),
+            ],
         );
     }
     if let Some(mut watch) = reload {
@@ -135,7 +154,12 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
     }
     let admin_listener = bind_optional(cli.admin_listen).await?;
     if let Some(l) = &admin_listener {
-        println!("relay-server admin endpoints on http://{}", l.local_addr()?);
+        let url = format!("http://{}", l.local_addr()?);
+        say.info(
+            &format!("relay-server admin endpoints on {url}"),
+            "relay-server admin endpoints",
+            &[("address", url)],
+        );
     }
     let listeners = relay_server::Listeners {
         public: listener,
@@ -163,22 +187,38 @@ async fn bind_optional(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpLis
 
 /// The listening line and, with a generated token, the agent command to paste. The token
 /// is printed once, on stdout, for the operator to copy; never logged.
-fn announce(scheme: &str, addr: SocketAddr, agent_addr: SocketAddr, generated: Option<&str>) {
-    println!("relay-server listening on {scheme}://{addr}");
+fn announce(
+    say: &relay_config_file::logs::Say,
+    scheme: &str,
+    addr: SocketAddr,
+    agent_addr: SocketAddr,
+    generated: Option<&str>,
+) {
+    let url = format!("{scheme}://{addr}");
+    say.info(
+        &format!("relay-server listening on {url}"),
+        "relay-server listening",
+        &[("address", url.clone())],
+    );
     if let Some(token) = generated {
-        println!("no agent token configured; generated one for this run (serves any name):");
-        println!();
-        println!(
-            "  relay-client --relay-url {scheme}://{agent_addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
+        let command = format!(
+            "relay-client --relay-url {scheme}://{agent_addr} --name NAME --backend-url http://127.0.0.1:8000 --token {token}"
         );
-        println!();
-        println!("then open {scheme}://{addr}/client/NAME/");
+        let open = format!("{url}/client/NAME/");
+        say.info(
+            &format!(
+                "no agent token configured; generated one for this run (serves any name):\n\n  {command}\n\nthen open {open}"
+            ),
+            "no agent token configured; generated one for this run (serves any name)",
+            &[("agent_command", command), ("open", open)],
+        );
     }
 }
 
 /// The cluster listener (cluster mode), and the advertised URL derived from it when none
 /// was given.
 async fn bind_cluster(
+    say: &relay_config_file::logs::Say,
     addr: Option<SocketAddr>,
     cfg: &mut relay_server::Config,
 ) -> anyhow::Result<Option<TcpListener>> {
@@ -198,7 +238,12 @@ async fn bind_cluster(
         c.advertise_url = format!("{scheme}://{bound}");
     }
     let scheme = if c.tls.is_some() { "https" } else { "http" };
-    println!("relay-server cluster endpoints on {scheme}://{bound}");
+    let url = format!("{scheme}://{bound}");
+    say.info(
+        &format!("relay-server cluster endpoints on {url}"),
+        "relay-server cluster endpoints",
+        &[("address", url)],
+    );
     Ok(Some(l))
 }
 

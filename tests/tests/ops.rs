@@ -259,8 +259,14 @@ async fn json_logs_carry_the_request_span_and_traceparent_passes_through() {
             .args(["--agent-token", &format!("*={TOKEN}")]);
         c
     });
-    let line = server.wait_line("relay-server listening on http://");
-    let addr = line.rsplit("http://").next().unwrap().trim().to_owned();
+    // The start-up line is a JSON event too, with the address as a field.
+    let line = server.wait_line("\"relay-server listening\"");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON start-up line");
+    let addr = v["address"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_owned();
     let _agent = Agent::start(Agent::config(
         &format!("http://{addr}"),
         "traced",
@@ -287,6 +293,73 @@ async fn json_logs_carry_the_request_span_and_traceparent_passes_through() {
     assert_eq!(span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(span["id"].as_str().unwrap().len(), 32);
     assert_eq!(span["method"], "GET");
+    // Every line the server wrote, on stdout and stderr, is one JSON object.
+    stop_gracefully(&mut server);
+    let lines = server.drain_output();
+    assert!(lines.len() >= 3, "{lines:?}");
+    for l in &lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.is_object()),
+            "not a JSON object: {l:?}"
+        );
+    }
+}
+
+/// SIGTERM (the drain) and the exit.
+fn stop_gracefully(p: &mut relay_tests::procs::Proc) {
+    let pid = p.child.id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = p.child.wait();
+}
+
+#[test]
+fn json_mode_start_up_banner_and_fatal_error_are_json_too() {
+    use relay_tests::procs::{binary, Proc};
+    // Zero-config: the generated token's banner, as one JSON event with the command.
+    let mut server = Proc::spawn({
+        let mut c = std::process::Command::new(binary("relay-server"));
+        c.args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env_remove("RELAY_AGENT_TOKEN")
+            .env_remove("RELAY_CONFIG");
+        c
+    });
+    let line = server.wait_line("\"agent_command\"");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON banner");
+    let command = v["agent_command"].as_str().unwrap();
+    assert!(
+        command.starts_with("relay-client --relay-url http://127.0.0.1:"),
+        "{command}"
+    );
+    assert!(command.contains(" --token "), "{command}");
+    let taken =
+        serde_json::from_str::<serde_json::Value>(&server.wait_line("\"relay-server listening\""))
+            .unwrap()["address"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("http://")
+            .to_owned();
+    // A second server on the same address fails: its error is a JSON event on stderr.
+    let out = std::process::Command::new(binary("relay-server"))
+        .args(["--listen", &taken, "--log-format", "json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).expect("a JSON error line");
+    assert_eq!(v["level"], "ERROR");
+    assert!(v["error"].as_str().unwrap().contains("binding"), "{v}");
+    for l in stderr
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+    {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok(),
+            "{l:?}"
+        );
+    }
 }
 
 #[tokio::test]
