@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod logs;
+pub mod manual;
 pub mod telemetry;
 
 use std::ffi::OsString;

@@ -130,7 +130,16 @@ struct Cli {
 enum Cmd {
     /// Accept local TCP connections and carry each as one WebSocket to a service port of a
     /// backend (like `backend.ai app`), e.g. for ssh.
-    Connect(ConnectArgs),
+    Connect(Box<ConnectArgs>),
+    /// Print the shell completion script (e.g. `relay-client completions bash >
+    /// /etc/bash_completion.d/relay-client`).
+    Completions {
+        /// The shell.
+        shell: relay_config_file::manual::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(clap::Args, Debug)]
@@ -199,6 +208,16 @@ fn main() -> ExitCode {
     };
     let log = match &cli.command {
         Some(Cmd::Connect(c)) => c.log.clone(),
+        Some(Cmd::Completions { shell }) => {
+            relay_config_file::manual::completions(Cli::command(), *shell);
+            return ExitCode::SUCCESS;
+        }
+        Some(Cmd::Man) => {
+            return match relay_config_file::manual::man(Cli::command()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            };
+        }
         None => cli.log.clone(),
     };
     let otlp = relay_config_file::telemetry::Otlp::from_flags(

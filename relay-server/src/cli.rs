@@ -255,6 +255,15 @@ pub enum Command {
         /// The file.
         file: PathBuf,
     },
+    /// Print the shell completion script (e.g. `relay-server completions bash >
+    /// /etc/bash_completion.d/relay-server`).
+    Completions {
+        /// The shell.
+        shell: relay_config_file::manual::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(clap::Args, Debug)]

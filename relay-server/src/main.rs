@@ -34,6 +34,21 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Completions { shell }) => {
+            relay_config_file::manual::completions(
+                <cli::Cli as clap::CommandFactory>::command(),
+                shell,
+            );
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            return match relay_config_file::manual::man(
+                <cli::Cli as clap::CommandFactory>::command(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            };
+        }
         Some(Command::CheckConfig { file }) => {
             return match settings::check_config(&file) {
                 Ok(summary) => {

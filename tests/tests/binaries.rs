@@ -287,3 +287,40 @@ fn version_names_the_git_commit() {
         );
     }
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_flags() {
+    for (bin, sub, flag) in [
+        ("relay-server", "sign-link", "--otlp-endpoint"),
+        ("relay-client", "connect", "--stdio"),
+    ] {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(binary(bin))
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{bin} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+            let script = run(&["completions", shell]);
+            assert!(script.contains(sub), "{bin} {shell}: no {sub}");
+            assert!(
+                script.contains(flag.trim_start_matches('-')),
+                "{bin} {shell}: no {flag}"
+            );
+        }
+        let man = run(&["man"]);
+        assert!(man.contains("\n.TH "), "{man}");
+        // roff writes a hyphen in a flag as \-.
+        assert!(
+            man.contains(&flag.replace('-', "\\-")),
+            "{bin}: no {flag} in the man page"
+        );
+        assert!(man.contains(&sub.to_uppercase()), "{bin}: no {sub} section");
+    }
+}

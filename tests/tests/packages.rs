@@ -96,6 +96,16 @@ fn debian_packages_install_run_verify_and_purge() {
     }
     let listed = ok(Command::new("dpkg").args(["-L", "relay-server"]));
     assert!(listed.contains("/etc/relay/relay.toml"), "{listed}");
+    // Man pages and completions made from the binaries' own flags.
+    for bin in ["relay-server", "relay-client"] {
+        let page = std::fs::read(format!("/usr/share/man/man1/{bin}.1.gz")).unwrap();
+        assert_eq!(&page[..2], b"\x1f\x8b", "{bin}.1.gz is gzip");
+        let bash = std::fs::read_to_string(format!("/usr/share/bash-completion/completions/{bin}"))
+            .unwrap();
+        assert!(bash.contains("--otlp-endpoint"), "{bin} bash completion");
+        assert!(Path::new(&format!("/usr/share/zsh/vendor-completions/_{bin}")).exists());
+        assert!(Path::new(&format!("/usr/share/fish/vendor_completions.d/{bin}.fish")).exists());
+    }
 
     ok(Command::new("dpkg").args(["--purge", "relay-client", "relay-server"]));
     for gone in [
@@ -104,6 +114,7 @@ fn debian_packages_install_run_verify_and_purge() {
         "/lib/systemd/system/relay-server.service",
         "/etc/relay/relay.toml",
         "/etc/relay-client/agent.toml",
+        "/usr/share/man/man1/relay-server.1.gz",
     ] {
         assert!(!Path::new(gone).exists(), "{gone} is left after the purge");
     }
