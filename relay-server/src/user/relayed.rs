@@ -38,8 +38,14 @@ pub async fn dispatch(
     let (guard, claimed) = state.broker.enqueue(backend, pending)?;
     let pending = guard.pending().clone();
 
-    // Spans of the two waits (exported when traces are on).
-    let pickup = tracing::info_span!("pickup", backend = %name);
+    // Spans of the two waits, only when traces are exported: the logs never use them, and
+    // each span is a registry allocation per request.
+    let traced = relay_config_file::telemetry::enabled();
+    let wait_span = |what: &'static str| match traced {
+        true => tracing::info_span!("wait", otel.name = what, backend = %name),
+        false => tracing::Span::none(),
+    };
+    let pickup = wait_span("pickup");
     let agent = tokio::select! {
         a = claimed.instrument(pickup) => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
         _ = tokio::time::sleep(state.cfg.pickup_timeout) => {
@@ -50,7 +56,7 @@ pub async fn dispatch(
     };
     state.metrics.pickup(arrival.elapsed());
 
-    let waiting = tracing::info_span!("response head", backend = %name);
+    let waiting = wait_span("response head");
     let start = tokio::select! {
         r = head_rx.instrument(waiting) => r.map_err(|_| RelayError::Agent(
             "the relay-client failed before sending a response head".into()))?,
