@@ -13,6 +13,8 @@
 //! - [`id`]: unguessable request ids.
 //! - [`readbuf`]: the adaptive read buffer of tunnels and service ports.
 //! - [`signal`]: Ctrl-C / SIGTERM into a cancellation token.
+//! - [`v1alpha1`]: the messages of the Go `http-relay` protocol, which the server also speaks
+//!   so existing Go relay-clients connect unchanged.
 //!
 //! `docs/PROTOCOL.md` in the repository describes the same protocol in prose.
 #![forbid(unsafe_code)]
@@ -30,6 +32,7 @@ pub mod name;
 pub mod readbuf;
 pub mod signal;
 pub mod source;
+pub mod v1alpha1;
 
 /// Protocol version announced by agents (`X-Relay-Protocol`) and checked by the server.
 pub const PROTOCOL_VERSION: &str = "1";

@@ -181,13 +181,36 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub forward_auth_headers: Vec<http::HeaderName>,
-    /// How long the authorization service may take (then 502).
+    /// How long the authorization service (of users or of agents) may take (then 502).
     #[arg(long, env = "RELAY_FORWARD_AUTH_TIMEOUT", default_value = defaults::FORWARD_AUTH_TIMEOUT, value_parser = humantime::parse_duration)]
     pub forward_auth_timeout: Duration,
+    /// Authorization service for agents without a configured token (robots with their
+    /// own OAuth tokens): asked with the agent's Authorization, Cookie and User-Agent; a
+    /// 2xx listing names in --agent-forward-auth-names-header grants them.
+    #[arg(long, env = "RELAY_AGENT_FORWARD_AUTH_URL")]
+    pub agent_forward_auth_url: Option<http::Uri>,
+    /// Answer header of the agents' authorization service that lists the granted names
+    /// (comma-separated; `*` grants every name).
+    #[arg(
+        long,
+        env = "RELAY_AGENT_FORWARD_AUTH_NAMES_HEADER",
+        default_value = "x-relay-names"
+    )]
+    pub agent_forward_auth_names_header: http::HeaderName,
+    /// How long a verdict of the agents' authorization service is kept per credential
+    /// (a credential it stops accepting is refused within this time).
+    #[arg(long, env = "RELAY_AGENT_FORWARD_AUTH_CACHE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub agent_forward_auth_cache: Duration,
     /// Also route `Host: <name>.<DOMAIN>` to backend <name>, path untouched (one browser
     /// origin per backend).
     #[arg(long, env = "RELAY_PUBLIC_DOMAIN")]
     pub public_domain: Option<String>,
+    /// Serve everything under this path prefix: the agent endpoints
+    /// (`PREFIX/server/...`, as Go relay-clients' --relay_prefix calls them) and
+    /// `PREFIX/client/<name>/...`. /healthz, /readyz and the operator pages answer at the
+    /// root too, and gRPC users with X-Server-Name may use any path.
+    #[arg(long, env = "RELAY_BASE_PATH", value_parser = base_path)]
+    pub base_path: Option<String>,
     /// The URL users reach the relay at (what `sign-link` builds links on).
     #[arg(long, env = "RELAY_PUBLIC_URL")]
     pub public_url: Option<http::Uri>,
@@ -293,6 +316,11 @@ pub struct SignLink {
 
 /// Parses `args` with the `--config` file's values as defaults (flag > env > file >
 /// built-in default).
+/// `--base-path`, normalised (`/` alone becomes the empty string: no prefix).
+fn base_path(s: &str) -> Result<String, String> {
+    Ok(relay_server::config::parse_base_path(s)?.unwrap_or_default())
+}
+
 pub fn parse(args: &[OsString]) -> Result<Cli, ParseError> {
     let mut cmd = Cli::command();
     if let Some(path) = relay_config_file::config_path(args, "RELAY_CONFIG") {

@@ -132,8 +132,14 @@ pub struct Config {
     pub max_sessions: usize,
     /// The authorization service of `forward-auth` access.
     pub forward_auth: Option<ForwardAuthConfig>,
+    /// The agents' authorization service (`--agent-forward-auth-url`), asked when an agent
+    /// presents no configured token.
+    pub agent_forward_auth: Option<crate::agent::forward_auth::AgentForwardAuthConfig>,
     /// `Host: <name>.<public_domain>` reaches backend `<name>` with the path untouched.
     pub public_domain: Option<String>,
+    /// Path prefix the relay is served under (`/apis/core.kubernetes-relay`): agent
+    /// endpoints and `/client/` live below it (see [`parse_base_path`]).
+    pub base_path: Option<String>,
     /// Cluster mode (several replicas coordinated through Redis); `None` is one process.
     pub cluster: Option<crate::cluster::directory::ClusterConfig>,
 }
@@ -247,6 +253,7 @@ impl Config {
             session_max_age,
             max_sessions,
             public_domain,
+            base_path,
         );
         // The advertised URL is derived from the bound listener when not configured, so
         // only what the operator sets is compared.
@@ -299,14 +306,56 @@ impl Default for Config {
             max_sessions: 100_000,
             forward_auth: None,
             public_domain: None,
+            agent_forward_auth: None,
+            base_path: None,
             cluster: None,
         }
     }
 }
 
+/// Checks a `--base-path`: `/` and segments, no trailing slash (one is taken off), no
+/// query, fragment, dot-segment or empty segment. `/` alone means no prefix.
+pub fn parse_base_path(s: &str) -> Result<Option<String>, String> {
+    let p = s.trim_end_matches('/');
+    if p.is_empty() {
+        return Ok(None);
+    }
+    let segments_ok = p.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@".contains(&b))
+        })
+    });
+    if !segments_ok {
+        return Err(format!(
+            "base path {s:?} must look like /a/b: a slash, then non-empty segments of URL path \
+             characters (no query, fragment or dot-segments)"
+        ));
+    }
+    Ok(Some(p.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_paths() {
+        assert_eq!(
+            parse_base_path("/apis/core.kubernetes-relay/")
+                .unwrap()
+                .as_deref(),
+            Some("/apis/core.kubernetes-relay")
+        );
+        assert_eq!(parse_base_path("/").unwrap(), None);
+        for bad in ["apis", "/a//b", "/a/../b", "/a?x", "/a#b", "/a b"] {
+            assert!(parse_base_path(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cidr_contains() {

@@ -43,6 +43,19 @@ pub async fn route(
         return Box::pin(user_request(state, req, peer, https)).await;
     }
     let path = req.uri().path();
+    // Below --base-path the endpoints see the path without it; outside it only the probes
+    // and operator pages answer (and users routed by X-Server-Name, see the router).
+    let (strip, mounted) = match state.cfg.base_path.as_deref() {
+        Some(base) => match path.strip_prefix(base) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => (base.len(), true),
+            _ => (0, false),
+        },
+        None => (0, true),
+    };
+    let path = match &path[strip..] {
+        "" => "/",
+        p => p,
+    };
     match path {
         "/healthz" => return Response::new(full(Bytes::from_static(b"ok\n"))),
         "/readyz" if state.draining() => {
@@ -70,7 +83,7 @@ pub async fn route(
             "this listener serves /healthz, /readyz, /metrics, /status and /status.json",
         );
     }
-    let agent_path = path.starts_with("/server/");
+    let agent_path = mounted && path.starts_with("/server/");
     if agent_path && face == Face::Public {
         return text_response(StatusCode::NOT_FOUND, "agent endpoints are not served here");
     }
@@ -80,16 +93,41 @@ pub async fn route(
             "this listener serves relay-clients only; users use the public address",
         );
     }
-    if matches!(
-        path,
-        "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
-    ) {
+    if agent_path
+        && matches!(
+            path,
+            "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
+        )
+    {
+        let mut req = req;
+        if strip > 0 {
+            unmount(&mut req, strip);
+        }
         return Box::pin(agent_call(state, req, peer, cert)).await;
     }
-    if path.starts_with("/server/") {
+    if agent_path {
         return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");
     }
     Box::pin(user_request(state, req, peer, https)).await
+}
+
+/// Takes the first `strip` bytes (the base path) off the request's path, so agent
+/// endpoints, and the replica a call is forwarded to, see the path they know.
+fn unmount(req: &mut Request<Incoming>, strip: usize) {
+    let Some(pq) = req.uri().path_and_query() else {
+        return;
+    };
+    let rest = &pq.as_str()[strip..];
+    let rest = if rest.is_empty() || rest.starts_with('?') {
+        format!("/{rest}")
+    } else {
+        rest.to_owned()
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = rest.parse().ok();
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
 }
 
 /// Whether the operator pages may be shown to `peer` on this listener: always on the admin
@@ -154,7 +192,7 @@ async fn agent_call(
     peer: SocketAddr,
     cert: Option<&Grant>,
 ) -> Response<RelayBody> {
-    let grant = match endpoints::authenticate(&state, &req, cert) {
+    let grant = match endpoints::authenticate(&state, &req, cert, peer).await {
         Ok(g) => g,
         Err(refused) => return refused.into_response(),
     };

@@ -68,6 +68,8 @@ pub struct Auth {
     pub trusted_proxies: Vec<config::Cidr>,
     /// The forward-auth client, when configured.
     pub forward_auth: Option<user::forward_auth::ForwardAuth>,
+    /// The agents' forward-auth client (with its verdict cache), when configured.
+    pub agent_forward_auth: Option<agent::forward_auth::AgentForwardAuth>,
 }
 
 impl Auth {
@@ -77,10 +79,14 @@ impl Auth {
             user_tokens: base::auth::TokenStore::new(&cfg.user_tokens),
             access: cfg.access.clone(),
             trusted_proxies: cfg.trusted_proxies.clone(),
-            forward_auth: cfg.forward_auth.clone().map(|f| {
-                user::forward_auth::ForwardAuth::new(f)
-                    .expect("bug: the ring provider supports the default TLS versions")
-            }),
+            forward_auth: cfg
+                .forward_auth
+                .clone()
+                .map(user::forward_auth::ForwardAuth::new),
+            agent_forward_auth: cfg
+                .agent_forward_auth
+                .clone()
+                .map(agent::forward_auth::AgentForwardAuth::new),
         }
     }
 

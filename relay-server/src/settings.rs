@@ -159,6 +159,14 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         copy_headers: cli.forward_auth_headers.clone(),
         timeout: cli.forward_auth_timeout,
     });
+    let agent_forward_auth = cli.agent_forward_auth_url.clone().map(|url| {
+        relay_server::agent::forward_auth::AgentForwardAuthConfig {
+            url,
+            names_header: cli.agent_forward_auth_names_header.clone(),
+            timeout: cli.forward_auth_timeout,
+            cache_for: cli.agent_forward_auth_cache,
+        }
+    });
     let public_domain = cli
         .public_domain
         .as_deref()
@@ -236,6 +244,8 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         session_max_age: cli.session_max_age,
         forward_auth,
         public_domain,
+        base_path: cli.base_path.clone().filter(|p| !p.is_empty()),
+        agent_forward_auth,
         cluster,
         ..Config::default()
     };

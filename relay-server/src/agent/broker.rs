@@ -26,6 +26,28 @@ pub struct AgentInfo {
     pub addr: String,
     /// Its `User-Agent` (name and version).
     pub version: String,
+    /// The protocol it speaks.
+    pub protocol: AgentProtocol,
+}
+
+/// The protocol an agent speaks (shown per agent on the status page and in `/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AgentProtocol {
+    /// This project's protocol (`X-Relay-Protocol: 1`).
+    #[default]
+    Relay1,
+    /// The Go `http-relay-client`'s protobuf messages (no `X-Relay-Protocol` header).
+    V1alpha1,
+}
+
+impl AgentProtocol {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentProtocol::Relay1 => "relay/1",
+            AgentProtocol::V1alpha1 => "v1alpha1",
+        }
+    }
 }
 
 /// One connected agent process (identified by its `X-Relay-Agent-Id`) serving one name.
@@ -56,6 +78,11 @@ pub(super) struct AgentState {
 impl Agent {
     /// Queues a cancel notice (the user of `id` left) and wakes one of the agent's polls.
     pub fn notify_cancel(&self, id: RequestId) {
+        // A Go relay-client has no cancel notices: it learns that the user left from the
+        // 400 its next response message gets.
+        if self.info.protocol == AgentProtocol::V1alpha1 {
+            return;
+        }
         self.state.lock().expect("bug: poisoned").cancels.push(id);
         self.wake.notify_one();
     }
@@ -212,6 +239,21 @@ impl Broker {
                 (b.key().clone(), agents)
             })
             .collect()
+    }
+
+    /// Connected agent processes per name and protocol.
+    pub fn agents_per_protocol(&self) -> Vec<(String, &'static str, usize)> {
+        let mut out = Vec::new();
+        for b in self.backends.iter() {
+            let agents = b.agents.lock().expect("bug: poisoned");
+            for p in [AgentProtocol::Relay1, AgentProtocol::V1alpha1] {
+                let n = agents.values().filter(|a| a.info.protocol == p).count();
+                if n > 0 {
+                    out.push((b.key().clone(), p.as_str(), n));
+                }
+            }
+        }
+        out
     }
 
     /// Connected agent processes per name.

@@ -11,28 +11,36 @@ use relay_common::message::PollAnswer;
 use relay_common::name::is_valid_name;
 use relay_common::{AGENT_ID_HEADER, MAX_POLL_BATCH};
 
-use crate::agent::broker::AgentInfo;
+use crate::agent::broker::{AgentInfo, AgentProtocol};
 use crate::agent::error::AgentCallError;
 use crate::agent::pending::Pending;
-use crate::agent::{response, upload};
+use crate::agent::{response, upload, v1alpha1};
 use crate::base::auth::Grant;
 use crate::base::body::{full, text_response, RelayBody};
 use crate::State;
 
-/// Authenticates an agent call by its token or client certificate.
-pub fn authenticate(
+/// Authenticates an agent call by its token or client certificate, or else, when one is
+/// configured, by the verdict of the agents' authorization service.
+pub async fn authenticate(
     state: &State,
     req: &Request<Incoming>,
     cert: Option<&Grant>,
+    peer: std::net::SocketAddr,
 ) -> Result<Grant, AgentCallError> {
-    state
-        .auth()
-        .tokens
-        .authenticate_agent(req.headers(), cert)
-        .map_err(|e| {
+    let auth = state.auth();
+    let refused = |e: AgentCallError| {
+        if !matches!(e, AgentCallError::AuthService(_)) {
             state.metrics.auth_failure("agent");
-            AgentCallError::Unauthenticated(e.to_string())
-        })
+        }
+        e
+    };
+    match auth.tokens.authenticate_agent(req.headers(), cert) {
+        Ok(grant) => Ok(grant),
+        Err(e) => match &auth.agent_forward_auth {
+            Some(service) => service.check(req.headers(), peer).await.map_err(refused),
+            None => Err(refused(AgentCallError::Unauthenticated(e.to_string()))),
+        },
+    }
 }
 
 /// The request an exchange call (`/server/response`, `/server/requeststream`) is about,
@@ -55,6 +63,9 @@ pub async fn serve(
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
 ) -> Response<RelayBody> {
+    if v1alpha1::is_v1alpha1(&req) {
+        return v1alpha1::serve(state, grant, req, peer).await;
+    }
     let uri = req.uri().clone();
     let query = Query::parse(uri.query().unwrap_or(""));
     let result = match uri.path() {
@@ -144,16 +155,8 @@ async fn poll(
     };
     let handle = state
         .broker
-        .begin_poll(name, agent_id, grant.token(), q.draining, || AgentInfo {
-            addr: peer.ip().to_string(),
-            version: req
-                .headers()
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("unknown")
-                .chars()
-                .take(64)
-                .collect(),
+        .begin_poll(name, agent_id, grant.token(), q.draining, || {
+            agent_info(req, peer, AgentProtocol::Relay1)
         });
     let batch = handle.next(max, state.cfg.poll_timeout, &state.stop).await;
     let gone = handle.agent().gone.is_cancelled();
@@ -181,6 +184,27 @@ async fn poll(
         .header(header::CONTENT_TYPE, "application/json")
         .body(full(Bytes::from(json)))
         .expect("bug: static response"))
+}
+
+/// What the status page shows of an agent: the address of its first poll, its
+/// `User-Agent` (cut to 64 characters) and its protocol.
+pub fn agent_info<B>(
+    req: &Request<B>,
+    peer: std::net::SocketAddr,
+    protocol: AgentProtocol,
+) -> AgentInfo {
+    AgentInfo {
+        addr: peer.ip().to_string(),
+        version: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .chars()
+            .take(64)
+            .collect(),
+        protocol,
+    }
 }
 
 /// Agent answers are never cached (RFC 9111 §5.2.2.5): each poll answer is for one agent.

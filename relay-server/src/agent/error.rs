@@ -1,5 +1,6 @@
 //! Why an agent call was refused or cut short. Each variant maps to the one status the agent
-//! acts on: 401 (stop and fix the token), 403 (the name is not this token's), 404 or 410
+//! acts on: 401 (stop and fix the token), 403 (the name is not this token's, or the
+//! authorization service refused the agent), 502 (that service failed), 404 or 410
 //! (the request is over: cancel it), 409 (the exchange does not fit the request's state: an
 //! offset mismatch, a second exchange at once, an upgrade that did not switch) and 400 (a
 //! protocol error of the agent, which gives the request up).
@@ -14,6 +15,12 @@ pub enum AgentCallError {
     /// No valid token or client certificate.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The agents' authorization service refused the caller (403: the Go client exits).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The agents' authorization service failed or did not answer in time.
+    #[error("the agents' authorization service failed: {0}")]
+    AuthService(String),
     /// The token may not serve this name.
     #[error("this token may not serve backend {0:?}")]
     Forbidden(String),
@@ -43,7 +50,8 @@ impl AgentCallError {
     pub fn status(&self) -> StatusCode {
         match self {
             AgentCallError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            AgentCallError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AgentCallError::Forbidden(_) | AgentCallError::Unauthorized(_) => StatusCode::FORBIDDEN,
+            AgentCallError::AuthService(_) => StatusCode::BAD_GATEWAY,
             AgentCallError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentCallError::UnknownId | AgentCallError::NoEndpoint => StatusCode::NOT_FOUND,
             AgentCallError::Conflict(_) => StatusCode::CONFLICT,
@@ -72,6 +80,8 @@ mod tests {
         let cases = [
             (AgentCallError::Unauthenticated("no token".into()), 401),
             (AgentCallError::Forbidden("a".into()), 403),
+            (AgentCallError::Unauthorized("no".into()), 403),
+            (AgentCallError::AuthService("down".into()), 502),
             (AgentCallError::BadRequest("bad".into()), 400),
             (AgentCallError::UnknownId, 404),
             (AgentCallError::NoEndpoint, 404),

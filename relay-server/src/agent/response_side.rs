@@ -39,6 +39,9 @@ struct SinkState {
     sink: Sink,
     /// Body bytes delivered so far: the offset the next exchange must start at.
     offset: u64,
+    /// Trailer fields that came before the end (v1alpha1 messages may carry trailers on
+    /// any message; they all go out with the end).
+    trailers: http::HeaderMap,
 }
 
 /// The response side of one request.
@@ -65,6 +68,7 @@ impl ResponseSide {
             state: Arc::new(Mutex::new(SinkState {
                 sink: Sink::AwaitingHead(head_tx),
                 offset: 0,
+                trailers: http::HeaderMap::new(),
             })),
             agent_finished: AtomicBool::new(false),
         }
@@ -97,6 +101,28 @@ impl ResponseLease {
     /// The offset the exchange must start at.
     pub fn offset(&self) -> u64 {
         self.state.offset
+    }
+
+    /// Whether the head is still to come.
+    pub fn awaiting_head(&self) -> bool {
+        matches!(self.state.sink, Sink::AwaitingHead(_))
+    }
+
+    /// Keeps trailer fields for the end of the body.
+    pub fn stash_trailers(&mut self, fields: http::HeaderMap) {
+        // A name is given once for all its values (`None` repeats the last).
+        let mut last = None;
+        for (name, value) in fields {
+            last = name.or(last);
+            if let Some(name) = &last {
+                self.state.trailers.append(name.clone(), value);
+            }
+        }
+    }
+
+    /// The trailer fields kept so far.
+    pub fn take_trailers(&mut self) -> http::HeaderMap {
+        std::mem::take(&mut self.state.trailers)
     }
 
     /// Delivers the head. `Ok(true)` when a body follows.

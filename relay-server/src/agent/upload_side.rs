@@ -161,6 +161,15 @@ impl UploadSide {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// The offset the next exchange starts at, while the upload waits for one (protocols
+    /// without offsets of their own, v1alpha1, continue where the last exchange ended).
+    pub fn next_offset(&self) -> Option<u64> {
+        match &*self.slot.lock().expect("bug: poisoned") {
+            Slot::Ready { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
+
     /// When the last body byte arrived.
     pub fn last_byte(&self) -> Instant {
         *self.last_byte.lock().expect("bug: poisoned")

@@ -28,8 +28,9 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NameLabel {
+struct AgentLabels {
     name: String,
+    protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,7 +64,8 @@ pub struct Metrics {
     time_to_head: Histogram,
     duration: Histogram,
     bytes: Family<BytesLabels, Counter>,
-    agents: Family<NameLabel, Gauge>,
+    agents: Family<AgentLabels, Gauge>,
+    backend_duration: Histogram,
     parked: Gauge,
     in_flight: Gauge,
     tunnels: Gauge,
@@ -91,6 +93,7 @@ impl Default for Metrics {
             duration: seconds(),
             bytes: Family::default(),
             agents: Family::default(),
+            backend_duration: seconds(),
             parked: Gauge::default(),
             in_flight: Gauge::default(),
             tunnels: Gauge::default(),
@@ -133,8 +136,16 @@ impl Default for Metrics {
         );
         registry.register(
             "agents",
-            "Connected agent processes per backend name",
+            "Connected agent processes per backend name and protocol (relay/1, or v1alpha1 \
+             for Go http-relay-clients)",
             m.agents.clone(),
+        );
+        registry.register_with_unit(
+            "backend_duration",
+            "Time backends took to answer, as Go http-relay-clients report it \
+             (backend_duration_ms of their last message)",
+            Unit::Seconds,
+            m.backend_duration.clone(),
         );
         registry.register(
             "parked_requests",
@@ -241,6 +252,11 @@ impl Metrics {
         }
     }
 
+    /// Records the backend time a Go relay-client reported for one request.
+    pub fn backend_duration(&self, took: Duration) {
+        self.backend_duration.observe(took.as_secs_f64());
+    }
+
     /// Counts a refused credential (`agent` or `user`).
     pub fn auth_failure(&self, side: &'static str) {
         self.auth_failures.get_or_create(&SideLabel { side }).inc();
@@ -274,9 +290,12 @@ impl Metrics {
                 direction,
             });
         }
-        self.agents.remove(&NameLabel {
-            name: name.to_owned(),
-        });
+        for protocol in ["relay/1", "v1alpha1"] {
+            self.agents.remove(&AgentLabels {
+                name: name.to_owned(),
+                protocol,
+            });
+        }
     }
 
     /// The exposition text, with the gauges set from `now`.
@@ -290,9 +309,12 @@ impl Metrics {
             self.redis_up.set(i64::from(up));
         }
         self.agents.clear();
-        for (name, agents) in &now.agents_per_name {
+        for (name, protocol, agents) in &now.agents_per_name {
             self.agents
-                .get_or_create(&NameLabel { name: name.clone() })
+                .get_or_create(&AgentLabels {
+                    name: name.clone(),
+                    protocol,
+                })
                 .set(*agents as i64);
         }
         let mut out = String::new();
@@ -317,6 +339,6 @@ pub struct Sample {
     pub buffered: usize,
     /// Whether Redis answers (cluster mode only).
     pub redis_up: Option<bool>,
-    /// Agents per connected name.
-    pub agents_per_name: Vec<(String, usize)>,
+    /// Agents per connected name and protocol.
+    pub agents_per_name: Vec<(String, &'static str, usize)>,
 }

@@ -1,5 +1,6 @@
 //! The base layer every feature stands on: credentials, response bodies, the byte budget,
-//! connection limits, metrics and the request history, TLS termination, memory trimming.
+//! connection limits, metrics and the request history, TLS termination, memory trimming,
+//! the client of external services.
 //! Nothing here knows about users, agents or replicas.
 
 pub mod auth;
@@ -8,6 +9,7 @@ pub mod budget;
 pub mod history;
 pub mod limits;
 pub mod metrics;
+pub mod outbound;
 pub mod revocation;
 pub mod tls;
 pub mod trim;

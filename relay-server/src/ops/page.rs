@@ -34,6 +34,6 @@ fn sample(state: &State) -> Sample {
         connections: state.conns.open(),
         buffered: state.budget.in_use(),
         redis_up: state.cluster.as_ref().map(|c| c.redis_up()),
-        agents_per_name: state.broker.agents_per_name(),
+        agents_per_name: state.broker.agents_per_protocol(),
     }
 }

@@ -23,6 +23,7 @@ pub fn json(state: &State) -> Value {
                         "id": a.id,
                         "addr": a.info.addr,
                         "version": a.info.version,
+                        "protocol": a.info.protocol.as_str(),
                         "since": a.since,
                         "parked_polls": polls,
                     })
@@ -162,7 +163,7 @@ function render(s) {
     tr.dataset.backend = b.name;
     tr.appendChild(el("td", b.name));
     const agents = el("td", undefined, "agents");
-    for (const a of b.agents) agents.appendChild(el("div", a.addr + " · " + a.version + " · since " + ago(s.now - a.since)));
+    for (const a of b.agents) agents.appendChild(el("div", a.addr + " · " + a.version + " · " + a.protocol + " · since " + ago(s.now - a.since)));
     tr.appendChild(agents);
     tr.appendChild(el("td", b.requests, "num requests"));
     tr.appendChild(el("td", b.rps.toFixed(2), "num rps"));

@@ -15,7 +15,7 @@ use crate::user::access::{check_link, check_token, AccessError, AccessMode, Verd
 use crate::user::error::RelayError;
 use crate::user::forward_auth::Original;
 use crate::user::prepare::{check_framing, prepare, request_host, Prepared};
-use crate::user::router::{host_backend, route, RouteError};
+use crate::user::router::{host_backend, route_in, RouteError};
 use crate::State;
 use http_body_util::BodyExt;
 
@@ -155,12 +155,18 @@ where
         .as_deref()
         .zip(host.as_deref())
         .and_then(|(domain, host)| host_backend(host, domain));
-    let route = route(uri.path(), uri.query(), server_name.as_deref(), host_label).map_err(
-        |e| match e {
-            RouteError::Bad(m) => RelayError::BadRequest(m),
-            RouteError::NoRoute(m) => RelayError::NotFound(m),
-        },
-    )?;
+    let mount = state.cfg.base_path.as_deref().unwrap_or("");
+    let route = route_in(
+        mount,
+        uri.path(),
+        uri.query(),
+        server_name.as_deref(),
+        host_label,
+    )
+    .map_err(|e| match e {
+        RouteError::Bad(m) => RelayError::BadRequest(m),
+        RouteError::NoRoute(m) => RelayError::NotFound(m),
+    })?;
     let name = route.name.to_owned();
     *routed = Some(name.clone());
     tracing::Span::current().record("backend", name.as_str());

@@ -17,15 +17,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use relay_common::headers::strip_hop_by_hop;
 
+use crate::base::outbound::{self, Outbound};
 use crate::user::access::{passthrough, AccessError, Verdict};
 
 /// Largest denial body copied to the user.
@@ -45,7 +41,7 @@ pub struct ForwardAuthConfig {
 /// The forward-auth client.
 pub struct ForwardAuth {
     cfg: ForwardAuthConfig,
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: Outbound,
 }
 
 /// The user's headers the authorization service sees: credentials, and what describes the
@@ -80,31 +76,11 @@ pub struct Original<'a> {
 
 impl ForwardAuth {
     /// A client for `cfg`.
-    pub fn new(cfg: ForwardAuthConfig) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        Ok(ForwardAuth {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+    pub fn new(cfg: ForwardAuthConfig) -> Self {
+        ForwardAuth {
+            client: outbound::client(cfg.timeout),
             cfg,
-        })
+        }
     }
 
     /// Asks the service about one request; on admission, `headers` (the request to the

@@ -59,6 +59,20 @@ pub fn route<'a>(
     server_name: Option<&'a [u8]>,
     host_label: Option<&'a str>,
 ) -> Result<Route<'a>, RouteError> {
+    route_in("", path, query, server_name, host_label)
+}
+
+/// [`route`] for a relay served under the path prefix `mount` (`--base-path`; empty for
+/// none): `/client/` routes only below it, and the prefix the backend is told of
+/// (`X-Forwarded-Prefix`) includes it. `X-Server-Name` routing works on any path (gRPC
+/// method paths cannot carry a prefix), minus the mount when the path is below it.
+pub fn route_in<'a>(
+    mount: &str,
+    path: &'a str,
+    query: Option<&str>,
+    server_name: Option<&'a [u8]>,
+    host_label: Option<&'a str>,
+) -> Result<Route<'a>, RouteError> {
     if has_dot_segment(path) {
         return Err(RouteError::Bad(format!(
             "path {path:?} contains a dot-segment; send a normalised path"
@@ -81,8 +95,15 @@ pub fn route<'a>(
             prefix: None,
         });
     }
-    if path == "/client" || path.starts_with(CLIENT_PREFIX) {
-        let rest = path.get(CLIENT_PREFIX.len()..).unwrap_or("");
+    let below = if mount.is_empty() {
+        Some(path)
+    } else {
+        path.strip_prefix(mount)
+            .filter(|r| r.is_empty() || r.starts_with('/'))
+    };
+    let inner = below.unwrap_or("");
+    if below.is_some() && (inner == "/client" || inner.starts_with(CLIENT_PREFIX)) {
+        let rest = inner.get(CLIENT_PREFIX.len()..).unwrap_or("");
         let (name, tail) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -97,7 +118,7 @@ pub fn route<'a>(
                 "invalid backend name {name:?}: names match [A-Za-z0-9][A-Za-z0-9._-]{{0,62}}"
             )));
         }
-        let prefix_len = CLIENT_PREFIX.len() + name.len();
+        let prefix_len = mount.len() + CLIENT_PREFIX.len() + name.len();
         return Ok(Route {
             name,
             target: with_query(tail),
@@ -106,7 +127,7 @@ pub fn route<'a>(
     }
     match server_name {
         None => Err(RouteError::NoRoute(format!(
-            "no route for {path:?}: use /client/<name>/... or an X-Server-Name header"
+            "no route for {path:?}: use {mount}/client/<name>/... or an X-Server-Name header"
         ))),
         Some(raw) => {
             let name = std::str::from_utf8(raw)
@@ -120,7 +141,11 @@ pub fn route<'a>(
                 })?;
             Ok(Route {
                 name,
-                target: with_query(path),
+                target: with_query(match below {
+                    Some("") => "/",
+                    Some(b) => b,
+                    None => path,
+                }),
                 prefix: None,
             })
         }
@@ -252,6 +277,29 @@ mod tests {
     fn ok(path: &str, query: Option<&str>) -> (String, String, Option<String>) {
         let r = route(path, query, None, None).unwrap();
         (r.name.into(), r.target, r.prefix.map(Into::into))
+    }
+
+    #[test]
+    fn a_mount_prefixes_client_routes_and_their_forwarded_prefix() {
+        let m = "/apis/relay";
+        let r = route_in(m, "/apis/relay/client/a/x", Some("q"), None, None).unwrap();
+        assert_eq!(
+            (r.name, r.target.as_str(), r.prefix),
+            ("a", "/x?q", Some("/apis/relay/client/a"))
+        );
+        assert!(matches!(
+            route_in(m, "/client/a/x", None, None, None),
+            Err(RouteError::NoRoute(_))
+        ));
+        assert!(matches!(
+            route_in(m, "/apis/relayx/client/a", None, None, None),
+            Err(RouteError::NoRoute(_))
+        ));
+        // gRPC: any path with X-Server-Name, the mount taken off when it is there.
+        let r = route_in(m, "/pkg.Svc/Call", None, Some(b"a"), None).unwrap();
+        assert_eq!(r.target, "/pkg.Svc/Call");
+        let r = route_in(m, "/apis/relay/pkg.Svc/Call", None, Some(b"a"), None).unwrap();
+        assert_eq!(r.target, "/pkg.Svc/Call");
     }
 
     #[test]

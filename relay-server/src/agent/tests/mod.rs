@@ -51,5 +51,6 @@ fn info() -> AgentInfo {
     AgentInfo {
         addr: "127.0.0.1".into(),
         version: "test".into(),
+        ..Default::default()
     }
 }
