@@ -132,6 +132,11 @@ async fn deliver(
             BodyMsg::Trailers(trailers)
         };
         lease.end(last).await?;
+        // After a 101 the Go client closes its backend connection with the last message:
+        // user bytes could no longer go anywhere, so the tunnel closes whole (as the Go
+        // server closes the user's connection). A request body was read whole by the poll,
+        // so for other requests this changes nothing.
+        pending.upload.close();
         if let Some(ms) = msg.backend_duration_ms.filter(|ms| *ms > 0) {
             state
                 .metrics
