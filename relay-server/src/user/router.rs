@@ -142,7 +142,7 @@ pub fn route_in<'a>(
             Ok(Route {
                 name,
                 target: with_query(match below {
-                    Some("") => "/",
+                    Some("") if !mount.is_empty() => "/",
                     Some(b) => b,
                     None => path,
                 }),

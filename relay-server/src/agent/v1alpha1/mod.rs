@@ -1,5 +1,6 @@
 //! Protocol v1alpha1: the Go `http-relay-client` of Google Cloud Robotics, served unchanged
-//! on the same endpoints as this project's agents. A call without `X-Relay-Protocol` is
+//! on the same endpoints as this project's agents. A call without `X-Relay-Protocol` (and
+//! without `X-Relay-Agent-Id`, which this project's agents send on every call too) is
 //! v1alpha1 (`docs/PROTOCOL.md`, "Go relay-clients"):
 //!
 //! - `/server/request?server=NAME` ([`poll`]): a long poll answered with one protobuf
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use relay_common::v1alpha1::{canonical_name, HttpHeader};
-use relay_common::PROTOCOL_HEADER;
+use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER};
 
 use crate::agent::endpoints::no_store;
 use crate::agent::error::AgentCallError;
@@ -29,10 +30,14 @@ use crate::base::auth::Grant;
 use crate::base::body::{text_response, RelayBody};
 use crate::State;
 
-/// Whether an agent call speaks v1alpha1: this project's agents always announce their
-/// protocol, the Go client never does.
+/// Whether an agent call speaks v1alpha1: this project's agents announce their protocol
+/// and name themselves on every call, the Go client does neither. `/server/probe` is not a
+/// v1alpha1 endpoint.
 pub fn is_v1alpha1<B>(req: &Request<B>) -> bool {
-    !req.headers().contains_key(PROTOCOL_HEADER)
+    let h = req.headers();
+    !h.contains_key(PROTOCOL_HEADER)
+        && !h.contains_key(AGENT_ID_HEADER)
+        && req.uri().path() != "/server/probe"
 }
 
 /// A refused or failed v1alpha1 call, with the status the Go client acts on: 408 re-polls
