@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::agent::endpoints;
+use crate::agent::{endpoints, v1alpha1};
 use crate::base::auth::Grant;
-use crate::base::body::{full, text_response, RelayBody};
+use crate::base::body::{full, text_response, BodyError, RelayBody};
 use crate::listener::Face;
 use crate::user::downstream;
 use crate::user::error::RelayError;
@@ -196,12 +197,34 @@ async fn agent_call(
         Ok(g) => g,
         Err(refused) => return refused.into_response(),
     };
-    if let (Some(cluster), Some(id)) = (&state.cluster, endpoints::exchange_id(&req)) {
+    let Some(cluster) = state.cluster.clone() else {
+        return endpoints::serve(state, grant, req, peer).await;
+    };
+    if let Some(id) = endpoints::exchange_id(&req) {
         if id.tag() != cluster.tag() {
-            let cluster = cluster.clone();
+            let req = req.map(|b| b.map_err(BodyError::from).boxed_unsync());
             return crate::cluster::peer::forward_agent(&state, &cluster, req, id.tag(), &grant)
                 .await;
         }
+    }
+    // A Go client's response message names its request inside the message.
+    if v1alpha1::is_v1alpha1(&req) && req.uri().path() == "/server/response" {
+        let (parts, body) = req.into_parts();
+        let bytes = match v1alpha1::response::read_message(body).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let owner = v1alpha1::response::message_id(&bytes)
+            .and_then(|id| relay_common::id::RequestId::parse(&id))
+            .map(|id| id.tag())
+            .filter(|tag| *tag != cluster.tag());
+        if let Some(owner) = owner {
+            let req = Request::from_parts(parts, full(bytes));
+            return crate::cluster::peer::forward_agent(&state, &cluster, req, owner, &grant).await;
+        }
+        return v1alpha1::response::serve_message(&state, &grant, &bytes)
+            .await
+            .unwrap_or_else(v1alpha1::GoCallError::into_response);
     }
     endpoints::serve(state, grant, req, peer).await
 }

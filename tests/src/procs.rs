@@ -157,6 +157,28 @@ pub fn relay_server(args: &[&str]) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
+/// Starts the stand-in of the Go `http-relay-client` (`tests/stand-ins/`) for `name`,
+/// presenting `token`, in front of `backend` (if any), polling `relay`.
+pub fn go_relay_client(
+    relay: SocketAddr,
+    name: &str,
+    token: &str,
+    backend: Option<SocketAddr>,
+    extra: &[&str],
+) -> Proc {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("stand-ins/go_http_relay_client.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
+        .args(["--relay_scheme", "http", "--backend_scheme", "http"])
+        .args(["--relay_address", &relay.to_string()])
+        .args(["--server_name", name, "--relay_token", token])
+        .args(extra);
+    if let Some(b) = backend {
+        cmd.args(["--backend_address", &b.to_string()]);
+    }
+    Proc::spawn(cmd)
+}
+
 /// Starts the relay-client binary for `name`.
 pub fn relay_client(relay: &str, name: &str, backend: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(binary("relay-client"));

@@ -507,6 +507,60 @@ async fn agents_on_several_replicas_share_the_load_and_real_agents_work_through_
 }
 
 #[tokio::test]
+async fn go_relay_clients_through_the_balancer_are_answered_on_every_replica() {
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let r: Vec<Replica> = (0..3).map(|_| replica(&redis, &secret, &[])).collect();
+    let lb = balancer(r.iter().map(|x| x.public).collect()).await;
+    const SIZE: usize = 3 * 1024 * 1024 + 17;
+    let be = backend(|req: Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/count" {
+            let n = body_bytes(req.into_body()).await.unwrap().len();
+            return http::Response::new(full(n.to_string()));
+        }
+        // Several messages of the Go client (1 MiB each), so they land on several replicas.
+        http::Response::new(full(vec![b'g'; SIZE]))
+    })
+    .await;
+    // Three pollers, each on its own connection through the balancer; every request's
+    // messages go out on fresh connections, so they land anywhere.
+    let _go = relay_tests::procs::go_relay_client(
+        lb,
+        "go",
+        TOKEN,
+        Some(be),
+        &["--num_pending_requests", "3"],
+    );
+    for x in &r {
+        wait_directory(&redis, "go", &x.tag).await;
+    }
+    for i in 0..6 {
+        let (status, body) = fetch(format!("http://{lb}/client/go/big")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), SIZE, "download {i} arrives whole");
+        assert_eq!(
+            count(
+                format!("http://{lb}/client/go/count"),
+                full(vec![b'u'; 50_000 + i])
+            )
+            .await,
+            (50_000 + i).to_string()
+        );
+    }
+    let mut forwarded = 0;
+    for x in &r {
+        forwarded += value(
+            &metrics(x).await,
+            r#"relay_cluster_forwarded_total{kind="agent_out"}"#,
+        );
+    }
+    assert!(
+        forwarded > 0,
+        "messages reached replicas that did not own their request"
+    );
+}
+
+#[tokio::test]
 async fn a_dying_replica_fails_its_requests_cleanly_and_its_agents_move() {
     let redis = Redis::start();
     let secret = Secret::new();

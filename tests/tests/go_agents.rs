@@ -4,8 +4,6 @@
 //! by hand with the protobuf messages.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +14,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use relay_common::v1alpha1::{self, HttpHeader, HttpRequest, HttpResponse};
-use relay_tests::procs::Proc;
+use relay_tests::procs::{go_relay_client, Proc};
 use relay_tests::*;
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,15 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The stand-in Go client for `name` in front of `backend`, polling `relay`.
 fn go_agent(relay: SocketAddr, name: &str, backend: SocketAddr, extra: &[&str]) -> Proc {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("stand-ins/go_http_relay_client.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(script)
-        .args(["--relay_scheme", "http", "--backend_scheme", "http"])
-        .args(["--relay_address", &relay.to_string()])
-        .args(["--backend_address", &backend.to_string()])
-        .args(["--server_name", name, "--relay_token", TOKEN])
-        .args(extra);
-    Proc::spawn(cmd)
+    go_relay_client(relay, name, TOKEN, Some(backend), extra)
 }
 
 async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, Bytes) {
@@ -320,17 +310,7 @@ async fn wrong_tokens_and_foreign_names_are_refused_and_403_makes_the_go_client_
     .unwrap();
     assert_eq!(status.code(), Some(1));
     // A wrong token: 401, retried with backoff, never connected.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("stand-ins/go_http_relay_client.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(script)
-        .args([
-            "--relay_scheme",
-            "http",
-            "--relay_address",
-            &server.addr.to_string(),
-        ])
-        .args(["--server_name", "robot-a", "--relay_token", "not-the-token"]);
-    let mut wrong = Proc::spawn(cmd);
+    let mut wrong = go_relay_client(server.addr, "robot-a", "not-the-token", None, &[]);
     let line = tokio::task::spawn_blocking(move || {
         let first = wrong.wait_line("poll failed: 401");
         // Backoff: it tries again.
@@ -708,15 +688,8 @@ async fn an_agent_forward_auth_service_grants_names_to_go_agents() {
     });
     let server = Server::start(cfg).await;
     let (backend_addr, _) = recording_backend().await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("stand-ins/go_http_relay_client.py");
     let spawn = |name: &str, token: &str| {
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script)
-            .args(["--relay_scheme", "http", "--backend_scheme", "http"])
-            .args(["--relay_address", &server.addr.to_string()])
-            .args(["--backend_address", &backend_addr.to_string()])
-            .args(["--server_name", name, "--relay_token", token]);
-        Proc::spawn(cmd)
+        go_relay_client(server.addr, name, token, Some(backend_addr), &[])
     };
     let _robot = spawn("robot-1", "oauth-robot-1");
     server.wait_agent("robot-1").await;

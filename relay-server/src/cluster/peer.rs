@@ -231,7 +231,7 @@ async fn upgrade(
 pub async fn forward_agent(
     state: &Arc<State>,
     cluster: &Arc<Cluster>,
-    req: Request<Incoming>,
+    req: Request<RelayBody>,
     owner: u32,
     grant: &Grant,
 ) -> Response<RelayBody> {
@@ -246,7 +246,7 @@ pub async fn forward_agent(
     };
     let (parts, body) = req.into_parts();
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut out = Request::new(body.map_err(BodyError::from).boxed_unsync());
+    let mut out = Request::new(body);
     *out.method_mut() = parts.method.clone();
     let Ok(uri) = format!("{url}{target}").parse() else {
         return text_response(StatusCode::BAD_GATEWAY, "bad replica address");

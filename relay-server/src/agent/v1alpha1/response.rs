@@ -36,7 +36,13 @@ pub async fn serve(
     grant: &Grant,
     req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, GoCallError> {
-    let bytes = Limited::new(req.into_body(), MAX_MESSAGE)
+    let bytes = read_message(req.into_body()).await?;
+    serve_message(state, grant, &bytes).await
+}
+
+/// The bytes of one message (at most [`MAX_MESSAGE`]).
+pub async fn read_message(body: Incoming) -> Result<Bytes, GoCallError> {
+    Ok(Limited::new(body, MAX_MESSAGE)
         .collect()
         .await
         .map_err(|e| {
@@ -46,8 +52,21 @@ pub async fn serve(
                 GoCallError::BadMessage(format!("reading the message failed: {e}"))
             }
         })?
-        .to_bytes();
-    let msg: HttpResponse = decode(&bytes)
+        .to_bytes())
+}
+
+/// The request id a message is about, if it decodes (cluster mode routes by its tag).
+pub fn message_id(bytes: &[u8]) -> Option<String> {
+    decode::<HttpResponse>(bytes).ok()?.id
+}
+
+/// Serves one response message already read.
+pub async fn serve_message(
+    state: &State,
+    grant: &Grant,
+    bytes: &[u8],
+) -> Result<Response<RelayBody>, GoCallError> {
+    let msg: HttpResponse = decode(bytes)
         .map_err(|e| GoCallError::BadMessage(format!("not an HttpResponse message: {e}")))?;
     let id = msg
         .id
