@@ -14,10 +14,10 @@ use relay_common::frame::{self, Kind};
 use relay_common::message::{BodyKind, PollAnswer, ResponseHead};
 use relay_tests::cluster::{balancer, replica, Redis, Replica, Secret};
 use relay_tests::{
-    backend, body_bytes, channel_body, client, data, empty, eventually, full, h2_client, Agent,
-    TOKEN,
+    backend, body_bytes, channel_body, client, data, empty, eventually, full, h2_client,
+    websocket_echo, Agent, TOKEN,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const MB100: usize = 100_000_000;
@@ -150,27 +150,6 @@ async fn test_backend(id: &'static str) -> std::net::SocketAddr {
         }
     })
     .await
-}
-
-/// A WebSocket echo backend.
-async fn websocket_echo() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 fn agent(relay: &str, name: &str, backend: std::net::SocketAddr, h2: bool) -> Agent {

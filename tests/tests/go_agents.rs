@@ -17,12 +17,28 @@ use relay_common::v1alpha1::{self, HttpHeader, HttpRequest, HttpResponse};
 use relay_tests::procs::{go_relay_client, Proc};
 use relay_tests::*;
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The stand-in Go client for `name` in front of `backend`, polling `relay`.
 fn go_agent(relay: SocketAddr, name: &str, backend: SocketAddr, extra: &[&str]) -> Proc {
     go_relay_client(relay, name, TOKEN, Some(backend), extra)
+}
+
+/// A server with one Go agent for `robot` in front of `backend`, connected.
+async fn serve_through_go_agent(backend: SocketAddr) -> (Server, Proc) {
+    let server = Server::default().await;
+    let go = go_agent(server.addr, "robot", backend, &[]);
+    server.wait_agent("robot").await;
+    (server, go)
+}
+
+/// A GET of `url`, its response as it arrives.
+async fn open(url: String) -> Response<Incoming> {
+    client()
+        .request(Request::get(url).body(empty()).unwrap())
+        .await
+        .unwrap()
 }
 
 async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, Bytes) {
@@ -66,9 +82,7 @@ async fn a_go_agent_relays_exact_targets_statuses_and_x_server_name() {
             .unwrap()
     })
     .await;
-    let server = Server::default().await;
-    let _go = go_agent(server.addr, "robot", backend_addr, &[]);
-    server.wait_agent("robot").await;
+    let (server, _go) = serve_through_go_agent(backend_addr).await;
     let base = server.url();
     for target in [
         "/",
@@ -137,9 +151,7 @@ async fn a_go_agent_carries_a_2_mib_upload_and_a_50_mib_download_intact() {
             .unwrap()
     })
     .await;
-    let server = Server::default().await;
-    let _go = go_agent(server.addr, "robot", backend_addr, &[]);
-    server.wait_agent("robot").await;
+    let (server, _go) = serve_through_go_agent(backend_addr).await;
     let up: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
     let resp = client()
         .request(
@@ -155,14 +167,7 @@ async fn a_go_agent_carries_a_2_mib_upload_and_a_50_mib_download_intact() {
         text,
         format!("{} {:x}", up.len(), Sha256::digest(&up)).as_bytes()
     );
-    let resp = client()
-        .request(
-            Request::get(format!("{}/client/robot/download", server.url()))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open(format!("{}/client/robot/download", server.url())).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-length"], DOWN.to_string());
     let mut body = resp.into_body();
@@ -212,17 +217,8 @@ async fn server_sent_events_stream_through_a_go_agent() {
         }
     })
     .await;
-    let server = Server::default().await;
-    let _go = go_agent(server.addr, "robot", backend_addr, &[]);
-    server.wait_agent("robot").await;
-    let resp = client()
-        .request(
-            Request::get(format!("{}/client/robot/events", server.url()))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let (server, _go) = serve_through_go_agent(backend_addr).await;
+    let resp = open(format!("{}/client/robot/events", server.url())).await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
     let mut got = String::new();
@@ -241,29 +237,6 @@ async fn server_sent_events_stream_through_a_go_agent() {
         ack_tx.send(()).await.unwrap();
     }
     assert!(body_bytes(body).await.is_ok(), "the stream ends cleanly");
-}
-
-/// A WebSocket echo backend.
-async fn websocket_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if let Message::Close(frame) = msg {
-                        let _ = ws.close(frame).await;
-                    } else if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]
@@ -347,14 +320,7 @@ async fn a_user_leaving_mid_download_stops_the_go_agent_s_backend_request() {
     let server = Server::default().await;
     let mut go = go_agent(server.addr, "robot", backend_addr, &[]);
     server.wait_agent("robot").await;
-    let resp = client()
-        .request(
-            Request::get(format!("{}/client/robot/endless", server.url()))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open(format!("{}/client/robot/endless", server.url())).await;
     let mut body = resp.into_body();
     let mut n = 0;
     while n < 4 * 1024 * 1024 {

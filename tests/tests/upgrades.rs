@@ -12,33 +12,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A WebSocket echo server (tungstenite) that echoes text and binary and closes with the
-/// code it was sent.
-async fn websocket_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if let Message::Close(frame) = msg {
-                        let _ = ws.close(frame).await;
-                    } else if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Reads an HTTP head (up to the blank line) and returns it with any bytes that followed.
 async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
