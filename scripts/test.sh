@@ -53,3 +53,6 @@ fi
 cargo test --release --workspace --doc
 # The criterion micro-benchmarks, each run once so they cannot rot (timing: `cargo bench`).
 cargo bench -p relay-bench --bench micro -- --test
+# A 60-second soak under injected faults (docs/RELIABILITY.md): fails on any SILENT outcome
+# (a response that looked complete and was wrong) or a resource that does not come back.
+target/release/relay-soak --duration 60s --json target/soak-smoke.json
