@@ -1,5 +1,6 @@
-//! The agent's life: probe the transport, keep `pollers` long polls open, hand each request
-//! to its own task, cancel what the server says is gone, and drain on shutdown.
+//! The agent's life: for each relay-server URL, probe the transport and keep its share of
+//! the long polls open; hand each request to its own task (its exchanges go back to the
+//! server it came from), cancel what a server says is gone, and drain on shutdown.
 
 use relay_common::MAX_POLL_BATCH;
 use std::collections::HashMap;
@@ -25,15 +26,21 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// What every link shares: the backend's capacity, the requests in flight, the drain.
 struct Shared {
-    ctx: Arc<Ctx>,
     stats: Arc<Stats>,
-    relay: RelayClient,
     permits: Arc<Semaphore>,
     /// Signalled when a request finishes, so polls at capacity can ask for work again.
     freed: Notify,
     in_flight: Mutex<HashMap<String, CancellationToken>>,
     tracker: TaskTracker,
+}
+
+/// One relay-server URL and the context of the requests taken from it (their exchanges go
+/// back to the server they came from).
+struct Link {
+    ctx: Arc<Ctx>,
+    relay: RelayClient,
 }
 
 /// Runs the agent until `shutdown`, then drains. Returns an error only when retrying cannot
@@ -46,15 +53,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         )));
     }
     let agent_id = relay_common::id::random_hex(16);
-    let relay = RelayClient::new(&cfg, &agent_id)?;
+    // One client per URL, built up front so a bad URL or certificate fails at start.
+    let urls: Vec<_> = std::iter::once(cfg.relay_url.clone())
+        .chain(cfg.more_relay_urls.iter().cloned())
+        .collect();
+    let mut relays = Vec::with_capacity(urls.len());
+    for url in &urls {
+        let mut one = cfg.clone();
+        one.relay_url = url.clone();
+        relays.push((url.clone(), RelayClient::new(&one, &agent_id)?));
+    }
     let backend = Backend::new(&cfg)?;
-    let services = Services::new(
+    let services = Arc::new(Services::new(
         cfg.kernel_id.clone().unwrap_or_else(|| cfg.name.clone()),
         &cfg.services,
         &cfg.service_cmds,
         cfg.service_start_timeout,
-    )?;
-
+    )?);
     let stats = Arc::new(Stats::default());
     let admin_stop = CancellationToken::new();
     let _admin_guard = admin_stop.clone().drop_guard();
@@ -68,49 +83,39 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         tracing::info!(addr = %local, "admin endpoints listening");
         tokio::spawn(crate::admin::serve(listener, stats.clone(), admin_stop));
     }
-    let mut backoff = Backoff::default();
-    let transport = loop {
-        let r = tokio::select! {
-            r = relay.probe(cfg.transport) => r,
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        match r {
-            Ok(t) => break t,
-            Err(e) => {
-                fatal(&e)?;
-                tracing::warn!(error = %e, "relay-server not reachable yet");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.next()) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
-            }
-        }
-    };
-    tracing::info!(name = %cfg.name, ?transport, relay = %cfg.relay_url, "relay-client started");
-    stats.reachable();
-
     let shared = Arc::new(Shared {
-        ctx: Arc::new(Ctx {
-            relay: relay.clone(),
-            backend,
-            transport,
-            exchange_bytes: cfg.exchange_bytes,
-            services,
-        }),
-        relay,
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
         freed: Notify::new(),
         in_flight: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
     });
+    // The pollers are spread over the URLs, at least one each.
+    let per_link = cfg.pollers.max(1).div_ceil(relays.len()).max(1);
     let stop = CancellationToken::new();
-    let mut pollers = tokio::task::JoinSet::new();
-    for _ in 0..cfg.pollers.max(1) {
-        pollers.spawn(poller(shared.clone(), shutdown.clone(), stop.clone()));
+    let mut links = tokio::task::JoinSet::new();
+    for (url, relay) in relays {
+        let ctx = Ctx {
+            relay: relay.clone(),
+            backend: backend.clone(),
+            // Until the probe says otherwise.
+            transport: cfg.transport,
+            exchange_bytes: cfg.exchange_bytes,
+            services: services.clone(),
+        };
+        let link = link(
+            cfg.clone(),
+            url,
+            ctx,
+            shared.clone(),
+            per_link,
+            shutdown.clone(),
+            stop.clone(),
+        );
+        links.spawn(link);
     }
     let result = tokio::select! {
-        Some(r) = pollers.join_next() => r.expect("bug: poller panicked"),
+        Some(r) = links.join_next() => r.expect("bug: link task panicked"),
         _ = shutdown.cancelled() => Ok(()),
     };
     if result.is_ok() {
@@ -128,8 +133,61 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         }
     }
     stop.cancel();
-    pollers.shutdown().await;
+    links.shutdown().await;
     result
+}
+
+/// Serves through one relay-server URL: probes it until it answers (the other URLs serve
+/// meanwhile), then keeps `pollers` polls on it. Ends with an error only when retrying
+/// cannot help, and otherwise at `stop`.
+async fn link(
+    cfg: Config,
+    url: http::Uri,
+    mut ctx: Ctx,
+    shared: Arc<Shared>,
+    pollers: usize,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+) -> Result<(), AgentError> {
+    let relay = ctx.relay.clone();
+    let mut backoff = Backoff::default();
+    let transport = loop {
+        let r = tokio::select! {
+            r = relay.probe(cfg.transport) => r,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        match r {
+            Ok(t) => break t,
+            Err(e) => {
+                fatal(&e)?;
+                tracing::warn!(relay = %url, error = %e, "relay-server not reachable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+            }
+        }
+    };
+    tracing::info!(name = %cfg.name, ?transport, relay = %url, "relay-client started");
+    shared.stats.reachable();
+    ctx.transport = transport;
+    let link = Arc::new(Link {
+        ctx: Arc::new(ctx),
+        relay,
+    });
+    let mut polls = tokio::task::JoinSet::new();
+    for _ in 0..pollers {
+        polls.spawn(poller(
+            shared.clone(),
+            link.clone(),
+            shutdown.clone(),
+            stop.clone(),
+        ));
+    }
+    while let Some(r) = polls.join_next().await {
+        r.expect("bug: poller panicked")?;
+    }
+    Ok(())
 }
 
 fn fatal(e: &RelayCallError) -> Result<(), AgentError> {
@@ -147,6 +205,7 @@ fn fatal(e: &RelayCallError) -> Result<(), AgentError> {
 
 async fn poller(
     shared: Arc<Shared>,
+    link: Arc<Link>,
     draining: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -171,7 +230,7 @@ async fn poller(
         let max = reserved.as_ref().map_or(0, |p| p.num_permits());
         let freed = shared.freed.notified();
         let r = tokio::select! {
-            r = shared.relay.poll(max, is_draining) => r,
+            r = link.relay.poll(max, is_draining) => r,
             _ = stop.cancelled() => return Ok(()),
             _ = draining.cancelled(), if !is_draining => continue,
             _ = freed, if max == 0 && !is_draining => continue,
@@ -184,7 +243,7 @@ async fn poller(
                     // The server never hands out more than `max`; a permit is missing
                     // only if it broke that promise, and the request is served anyway.
                     let permit = reserved.as_mut().and_then(|p| p.split(1));
-                    dispatch(&shared, head, permit);
+                    dispatch(&shared, &link, head, permit);
                 }
                 let map = shared.in_flight.lock().expect("bug: poisoned");
                 for id in answer.cancel {
@@ -222,7 +281,12 @@ async fn poller(
     }
 }
 
-fn dispatch(shared: &Arc<Shared>, head: RequestHead, permit: Option<OwnedSemaphorePermit>) {
+fn dispatch(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    head: RequestHead,
+    permit: Option<OwnedSemaphorePermit>,
+) {
     let cancel = CancellationToken::new();
     shared
         .in_flight
@@ -230,11 +294,12 @@ fn dispatch(shared: &Arc<Shared>, head: RequestHead, permit: Option<OwnedSemapho
         .expect("bug: poisoned")
         .insert(head.id.clone(), cancel.clone());
     let task_shared = shared.clone();
+    let ctx = link.ctx.clone();
     shared.tracker.spawn(async move {
         let id = head.id.clone();
         tracing::debug!(id, method = head.method, target = head.target, "request");
         task_shared.stats.started();
-        let outcome = serve(task_shared.ctx.clone(), head, cancel).await;
+        let outcome = serve(ctx, head, cancel).await;
         task_shared.stats.finished(outcome);
         task_shared
             .in_flight

@@ -33,6 +33,9 @@ pub enum Transport {
 pub struct Config {
     /// Base URL of the relay-server (a path is kept as a prefix of `/server/...`).
     pub relay_url: Uri,
+    /// More relay-server URLs (replicas, edges): the agent keeps polls on each and serves
+    /// through those that answer.
+    pub more_relay_urls: Vec<Uri>,
     /// Backend name this agent serves.
     pub name: String,
     /// Backend base URL; its path is prepended to every backend path.
@@ -78,6 +81,7 @@ impl Config {
     pub fn new(relay_url: Uri, name: String, backend_url: Uri, token: Secret) -> Self {
         Config {
             relay_url,
+            more_relay_urls: Vec::new(),
             name,
             backend_url,
             token: Some(token),

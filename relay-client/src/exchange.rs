@@ -38,8 +38,8 @@ pub struct Ctx {
     pub transport: Transport,
     /// Largest bounded exchange.
     pub exchange_bytes: usize,
-    /// Service ports answered by the agent itself.
-    pub services: Services,
+    /// Service ports answered by the agent itself (one set for every relay-server URL).
+    pub services: Arc<Services>,
 }
 
 /// Serves `head` until done or `cancel` (the user left).

@@ -34,9 +34,11 @@ struct Cli {
     /// override it.
     #[arg(long, env = "RELAY_CONFIG")]
     config: Option<PathBuf>,
-    /// relay-server base URL, e.g. https://relay.example.com
-    #[arg(long, env = "RELAY_URL", required = true)]
-    relay_url: Option<Uri>,
+    /// relay-server base URL, e.g. https://relay.example.com; repeatable (or
+    /// comma-separated): the agent then keeps polls on every one (replicas, edges) and
+    /// serves through those that answer.
+    #[arg(long, env = "RELAY_URL", required = true, value_delimiter = ',')]
+    relay_url: Vec<Uri>,
     /// Backend name to serve (users reach it at /client/<name>/).
     #[arg(long, env = "RELAY_NAME", required = true)]
     name: Option<String>,
@@ -275,8 +277,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         relay_client::connect::run(cfg, listener, shutdown).await?;
         return Ok(());
     }
-    let (Some(relay_url), Some(name), Some(backend_url)) =
-        (cli.relay_url, cli.name, cli.backend_url)
+    let mut urls = cli.relay_url.into_iter();
+    let (Some(relay_url), Some(name), Some(backend_url)) = (urls.next(), cli.name, cli.backend_url)
     else {
         anyhow::bail!("--relay-url, --name and --backend-url are required");
     };
@@ -294,6 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     let mut cfg = Config::new(relay_url, name, backend_url, Secret(String::new()));
+    cfg.more_relay_urls = urls.collect();
     cfg.token = token.map(Secret);
     cfg.client_cert = cli.client_cert.zip(cli.client_key);
     cfg.services = cli.services;

@@ -384,3 +384,56 @@ async fn agent_endpoints_on_their_own_listener() {
     );
     shutdown.cancel();
 }
+
+/// A GET through `server`; its status and body.
+async fn status_and_body(server: &Server, path: &str) -> (StatusCode, Bytes) {
+    let resp = client()
+        .request(
+            Request::get(format!("{}{path}", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status();
+    (
+        status,
+        body_bytes(resp.into_body()).await.unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn an_agent_with_several_relay_urls_serves_through_each_and_outlives_one() {
+    let (backend_addr, _) = recording_backend().await;
+    // The first URL has nothing listening: the agent still serves through the others.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let a = Server::default().await;
+    let b = Server::default().await;
+    let mut cfg = Agent::config(
+        &format!("http://{dead}"),
+        "multi",
+        &format!("http://{backend_addr}"),
+    );
+    cfg.more_relay_urls = vec![a.url().parse().unwrap(), b.url().parse().unwrap()];
+    cfg.pollers = 2;
+    let agent = Agent::start(cfg);
+    a.wait_agent("multi").await;
+    b.wait_agent("multi").await;
+    for server in [&a, &b] {
+        for i in 0..5 {
+            let (status, _) = status_and_body(server, &format!("/client/multi/{i}")).await;
+            assert_eq!(status, 200);
+        }
+    }
+    // One server goes away: the agent keeps serving through the other.
+    a.shutdown.cancel();
+    a.join.await.unwrap().unwrap();
+    for i in 0..5 {
+        let (status, _) = status_and_body(&b, &format!("/client/multi/after/{i}")).await;
+        assert_eq!(status, 200);
+    }
+    agent.stop().await.unwrap();
+}

@@ -779,10 +779,13 @@ async fn redis_writers_without_the_secret_cannot_steer_requests_and_calls_need_a
         .query(&mut c)
         .unwrap();
     // A copy of a genuine replica's signed record under the fake tag fails as well.
-    let genuine: String = redis::cmd("GET")
-        .arg(format!("relay:replica:{}", a.tag))
-        .query(&mut c)
-        .unwrap();
+    // The replica may announce Redis reachable a moment before its record is written.
+    let key = format!("relay:replica:{}", a.tag);
+    let genuine: String = eventually(Duration::from_secs(20), "the replica's record", || {
+        let v: Option<String> = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        std::future::ready(v)
+    })
+    .await;
     let _: () = redis::cmd("SET")
         .arg("relay:replica:0badc0df")
         .arg(genuine.replace(&a.cluster.to_string(), &trap_addr.to_string()))
