@@ -5,6 +5,7 @@
 //! resource that does not come back. See `docs/RELIABILITY.md`.
 
 mod backend;
+mod chart;
 mod load;
 // Shared with relay-bench, which uses more of it.
 #[allow(dead_code)]
@@ -42,6 +43,12 @@ struct Args {
     /// Also write the report as JSON here.
     #[arg(long, env = "RELAY_SOAK_JSON")]
     json: Option<std::path::PathBuf>,
+    /// Also draw the run as an SVG chart here.
+    #[arg(long, env = "RELAY_SOAK_SVG")]
+    svg: Option<std::path::PathBuf>,
+    /// Only draw the chart of an earlier run's JSON (--json) into --svg, and exit.
+    #[arg(long, requires = "svg")]
+    chart_of: Option<std::path::PathBuf>,
 }
 
 /// The faults, in the order the schedule cycles through them.
@@ -78,6 +85,15 @@ fn inject(world: &Mutex<World>, n: usize) -> &'static str {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(from), Some(to)) = (&args.chart_of, &args.svg) {
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(from)?)?;
+        let title = report["command"]
+            .as_str()
+            .unwrap_or("relay-soak")
+            .to_owned();
+        std::fs::write(to, chart::svg(&report, &title))?;
+        return Ok(());
+    }
     let world = World::start().await;
     let relay = world.user_link.addr;
     let server_addr = world.server_addr;
@@ -144,8 +160,13 @@ async fn main() -> anyhow::Result<()> {
     r.silent_uploads = silent_uploads.load(std::sync::atomic::Ordering::SeqCst);
     r.leaks = leaks;
     println!("{}", r.markdown(&args_line(&args)));
+    let mut json = r.json();
+    json["command"] = serde_json::Value::String(args_line(&args));
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&r.json())?)?;
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, chart::svg(&json, &args_line(&args)))?;
     }
     if r.silent() > 0 || !r.leaks.is_empty() {
         eprintln!(
