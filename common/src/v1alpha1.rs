@@ -11,6 +11,7 @@
 //! One message is one HTTP exchange: a poll answer carries one [`HttpRequest`], a
 //! `/server/response` POST one [`HttpResponse`]. There is no length prefix.
 
+use bytes::Bytes;
 use prost::Message;
 
 /// `Content-Type` of a poll answer.
@@ -67,9 +68,9 @@ pub struct HttpResponse {
     /// Response headers (used from the first message only).
     #[prost(message, repeated, tag = "2")]
     pub header: Vec<HttpHeader>,
-    /// The next body bytes.
-    #[prost(bytes = "vec", optional, tag = "3")]
-    pub body: Option<Vec<u8>>,
+    /// The next body bytes (a slice of the message when decoded from [`Bytes`]: no copy).
+    #[prost(bytes = "bytes", optional, tag = "3")]
+    pub body: Option<Bytes>,
     /// The request id.
     #[prost(string, optional, tag = "4")]
     pub id: Option<String>,
@@ -115,6 +116,11 @@ pub fn canonical_name(name: &str) -> String {
 /// Encodes a message.
 pub fn encode(msg: &impl Message) -> Vec<u8> {
     msg.encode_to_vec()
+}
+
+/// Decodes a message from `bytes`; `bytes` fields share its buffer instead of copying.
+pub fn decode_bytes<M: Message + Default>(bytes: Bytes) -> Result<M, prost::DecodeError> {
+    M::decode(bytes)
 }
 
 /// Decodes a message, or says why it is not one.
@@ -167,7 +173,7 @@ mod tests {
         // A later message: no status at all (absent, not 0), the last one with eof and
         // trailers and the backend's duration.
         let last = HttpResponse {
-            body: Some(b"z".to_vec()),
+            body: Some(Bytes::from_static(b"z")),
             id: Some("i".into()),
             eof: Some(true),
             trailer: vec![HttpHeader::new("Grpc-Status", "0")],

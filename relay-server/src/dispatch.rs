@@ -222,7 +222,7 @@ async fn agent_call(
             let req = Request::from_parts(parts, full(bytes));
             return crate::cluster::peer::forward_agent(&state, &cluster, req, owner, &grant).await;
         }
-        return v1alpha1::response::serve_message(&state, &grant, &bytes)
+        return v1alpha1::response::serve_message(&state, &grant, bytes)
             .await
             .unwrap_or_else(v1alpha1::GoCallError::into_response);
     }

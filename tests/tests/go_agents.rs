@@ -551,12 +551,12 @@ async fn the_v1alpha1_endpoints_answer_as_the_go_server_does() {
     let mut first = message(&id);
     first.status_code = Some(201);
     first.header = vec![HttpHeader::new("Content-Type", "text/plain")];
-    first.body = Some(b"the".to_vec());
+    first.body = Some(Bytes::from_static(b"the"));
     let mut middle = message(&id);
-    middle.body = Some(b"-".to_vec());
+    middle.body = Some(Bytes::from_static(b"-"));
     middle.trailer = vec![HttpHeader::new("X-Early", "1")];
     let mut last = message(&id);
-    last.body = Some(b"body".to_vec());
+    last.body = Some(Bytes::from_static(b"body"));
     last.eof = Some(true);
     last.trailer = vec![HttpHeader::new("X-Checksum", "abc")];
     last.backend_duration_ms = Some(12);
@@ -610,7 +610,7 @@ async fn the_v1alpha1_endpoints_answer_as_the_go_server_does() {
         }
     };
     let mut m = message(&id);
-    m.body = Some(b"x".to_vec());
+    m.body = Some(Bytes::from_static(b"x"));
     let (status, _) = go_call(&server, "POST", "/server/response", v1alpha1::encode(&m)).await;
     assert_eq!(status, 400);
     assert_eq!(user.await.unwrap(), 502);

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use relay_common::codec::BodyMsg;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop};
 use relay_common::message::{encode_headers, BodyKind, ResponseHead};
-use relay_common::v1alpha1::{decode, HttpResponse};
+use relay_common::v1alpha1::{decode, decode_bytes, HttpResponse};
 
 use super::{header_map, no_store_text, GoCallError};
 use crate::agent::pending::Pending;
@@ -37,7 +37,7 @@ pub async fn serve(
     req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, GoCallError> {
     let bytes = read_message(req.into_body()).await?;
-    serve_message(state, grant, &bytes).await
+    serve_message(state, grant, bytes).await
 }
 
 /// The bytes of one message (at most [`MAX_MESSAGE`]).
@@ -60,13 +60,13 @@ pub fn message_id(bytes: &[u8]) -> Option<String> {
     decode::<HttpResponse>(bytes).ok()?.id
 }
 
-/// Serves one response message already read.
+/// Serves one response message already read (its body is passed on as a slice of it).
 pub async fn serve_message(
     state: &State,
     grant: &Grant,
-    bytes: &[u8],
+    bytes: Bytes,
 ) -> Result<Response<RelayBody>, GoCallError> {
-    let msg: HttpResponse = decode(bytes)
+    let msg: HttpResponse = decode_bytes(bytes)
         .map_err(|e| GoCallError::BadMessage(format!("not an HttpResponse message: {e}")))?;
     let id = msg
         .id
@@ -137,7 +137,7 @@ async fn deliver(
         let n = body.len();
         // Waits while the budget or the name's or client's share is spent.
         let held = pending.account.hold(n).await;
-        lease.data(Bytes::from(body), held).await?;
+        lease.data(body, held).await?;
         pending
             .download_bytes
             .fetch_add(n as u64, Ordering::Relaxed);
