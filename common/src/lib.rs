@@ -11,6 +11,8 @@
 //! - [`headers`]: hop-by-hop header rules (RFC 9110 §7.6.1) applied on both sides.
 //! - [`name`]: backend-name validation, shared so both sides agree on what a name is.
 //! - [`id`]: unguessable request ids.
+//! - [`session`]: agent sessions (protocol 2): many requests as frames over one WebSocket.
+//! - [`carrier`]: the WebSocket carrier of a session: coalescing writer, frame reader.
 //! - [`readbuf`]: the adaptive read buffer of tunnels and service ports.
 //! - [`signal`]: Ctrl-C / SIGTERM into a cancellation token.
 //! - [`v1alpha1`]: the messages of the Go `http-relay` protocol, which the server also speaks
@@ -21,6 +23,7 @@
 #![warn(missing_docs)]
 #![deny(rust_2018_idioms)]
 
+pub mod carrier;
 pub mod codec;
 pub mod frame;
 #[doc(hidden)]
@@ -30,6 +33,7 @@ pub mod id;
 pub mod message;
 pub mod name;
 pub mod readbuf;
+pub mod session;
 pub mod signal;
 pub mod source;
 pub mod v1alpha1;

@@ -7,13 +7,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use relay_common::carrier::Outbox;
 use relay_common::message::RequestHead;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Stats;
-use crate::config::Config;
+use crate::config::{Config, Transport};
 use crate::error::{AgentError, RelayCallError};
 use crate::exchange::{serve, Ctx};
 use crate::relay::{Polled, RelayClient};
@@ -26,21 +27,27 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// First delay before a new session after one was lost; doubles up to
+/// [`MAX_SESSION_BACKOFF`]. Capped low so that agents serve again within seconds of a
+/// server restart.
+const MAX_SESSION_BACKOFF: Duration = Duration::from_secs(4);
+
 /// What every link shares: the backend's capacity, the requests in flight, the drain.
-struct Shared {
+pub(crate) struct Shared {
     stats: Arc<Stats>,
-    permits: Arc<Semaphore>,
-    /// Signalled when a request finishes, so polls at capacity can ask for work again.
-    freed: Notify,
-    in_flight: Mutex<HashMap<String, CancellationToken>>,
+    pub(crate) permits: Arc<Semaphore>,
+    /// Signalled when a request finishes, so polls and sessions at capacity can ask for
+    /// work again.
+    pub(crate) freed: Notify,
+    pub(crate) in_flight: Mutex<HashMap<String, CancellationToken>>,
     tracker: TaskTracker,
 }
 
 /// One relay-server URL and the context of the requests taken from it (their exchanges go
 /// back to the server they came from).
-struct Link {
+pub(crate) struct Link {
     ctx: Arc<Ctx>,
-    relay: RelayClient,
+    pub(crate) relay: RelayClient,
 }
 
 /// Runs the agent until `shutdown`, then drains. Returns an error only when retrying cannot
@@ -91,7 +98,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         tracker: TaskTracker::new(),
     });
     // The pollers are spread over the URLs, at least one each.
-    let per_link = cfg.pollers.max(1).div_ceil(relays.len()).max(1);
+    let links_n = relays.len();
+    let per_link = cfg.pollers.max(1).div_ceil(links_n).max(1);
     let stop = CancellationToken::new();
     let mut links = tokio::task::JoinSet::new();
     for (url, relay) in relays {
@@ -108,7 +116,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
             url,
             ctx,
             shared.clone(),
-            per_link,
+            (per_link, links_n),
             shutdown.clone(),
             stop.clone(),
         );
@@ -133,6 +141,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         }
     }
     stop.cancel();
+    // Sessions write what they still hold (the last answers) and close; then whatever
+    // is left is cut.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while links.join_next().await.is_some() {}
+    })
+    .await;
     links.shutdown().await;
     result
 }
@@ -145,7 +159,7 @@ async fn link(
     url: http::Uri,
     mut ctx: Ctx,
     shared: Arc<Shared>,
-    pollers: usize,
+    (pollers, links): (usize, usize),
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -175,6 +189,15 @@ async fn link(
         ctx: Arc::new(ctx),
         relay,
     });
+    if cfg.transport.tries_session() {
+        let slots = cfg.max_in_flight.div_ceil(links).max(1);
+        match sessions(&cfg, &url, &shared, &link, slots, &shutdown, &stop).await? {
+            Carried::Done => return Ok(()),
+            Carried::Refused(why) => {
+                tracing::warn!(relay = %url, reason = why, "no session possible: using long polls");
+            }
+        }
+    }
     let mut polls = tokio::task::JoinSet::new();
     for _ in 0..pollers {
         polls.spawn(poller(
@@ -188,6 +211,63 @@ async fn link(
         r.expect("bug: poller panicked")?;
     }
     Ok(())
+}
+
+/// How a link's sessions ended.
+enum Carried {
+    /// The agent stopped.
+    Done,
+    /// The way to the server does not carry sessions (its reason): use long polls.
+    Refused(String),
+}
+
+/// Keeps one session open on the link, opening a new one whenever it ends, until `stop`.
+/// In `auto` mode, an upgrade refused by the server or a proxy (any answer but 101 that
+/// retrying cannot change) hands the link to long polls.
+async fn sessions(
+    cfg: &Config,
+    url: &http::Uri,
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    slots: usize,
+    draining: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<Carried, AgentError> {
+    let mut backoff = Backoff::default();
+    loop {
+        let opened = tokio::select! {
+            r = link.relay.open_session() => r,
+            _ = stop.cancelled() => return Ok(Carried::Done),
+        };
+        match opened {
+            Ok(ws) => {
+                backoff = Backoff::default();
+                shared.stats.reachable();
+                tracing::info!(relay = %url, carrier = "websocket", "agent session open");
+                let end = crate::session::run(shared, link, ws, slots, draining, stop).await;
+                if matches!(end, crate::session::SessionEnd::Stopped) {
+                    return Ok(Carried::Done);
+                }
+                tracing::warn!(relay = %url, reason = %end, "agent session lost; opening another");
+            }
+            Err(e) => {
+                fatal(&e)?;
+                if cfg.transport == Transport::Auto {
+                    if let RelayCallError::Status { status, message } = &e {
+                        if !matches!(status, 429 | 502 | 503 | 504) {
+                            return Ok(Carried::Refused(format!("{status} {message}")));
+                        }
+                    }
+                }
+                shared.stats.poll_failed();
+                tracing::warn!(relay = %url, error = %e, "agent session could not open");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next().min(MAX_SESSION_BACKOFF)) => {}
+            _ = stop.cancelled() => return Ok(Carried::Done),
+        }
+    }
 }
 
 fn fatal(e: &RelayCallError) -> Result<(), AgentError> {
@@ -243,7 +323,7 @@ async fn poller(
                     // The server never hands out more than `max`; a permit is missing
                     // only if it broke that promise, and the request is served anyway.
                     let permit = reserved.as_mut().and_then(|p| p.split(1));
-                    dispatch(&shared, &link, head, permit);
+                    dispatch(&shared, &link, head, permit, None);
                 }
                 let map = shared.in_flight.lock().expect("bug: poisoned");
                 for id in answer.cancel {
@@ -281,11 +361,14 @@ async fn poller(
     }
 }
 
-fn dispatch(
+/// Serves one request in a task of its own; `reply` is the session it came from (whole
+/// small responses go back on it), `None` for a polled request.
+pub(crate) fn dispatch(
     shared: &Arc<Shared>,
     link: &Arc<Link>,
     head: RequestHead,
     permit: Option<OwnedSemaphorePermit>,
+    reply: Option<Arc<Outbox>>,
 ) {
     let cancel = CancellationToken::new();
     shared
@@ -299,7 +382,7 @@ fn dispatch(
         let id = head.id.clone();
         tracing::debug!(id, method = head.method, target = head.target, "request");
         task_shared.stats.started();
-        let outcome = serve(ctx, head, cancel).await;
+        let outcome = serve(ctx, head, cancel, reply).await;
         task_shared.stats.finished(outcome);
         task_shared
             .in_flight

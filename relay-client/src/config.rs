@@ -16,16 +16,26 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// How response and upload bytes travel between agent and server.
+/// How requests and their bytes travel between agent and server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
-    /// Probe at start: `stream` if nothing in between buffers request bodies, else `bounded`.
+    /// A session over a WebSocket when the server and everything in between allow the
+    /// upgrade, else long polls; exchanges for big bodies probed (`stream` or `bounded`).
     Auto,
-    /// One streaming POST per response (fastest; needs a path that does not buffer).
+    /// Only a session over a WebSocket (retried until it opens); exchanges probed.
+    Websocket,
+    /// Long polls and one streaming POST per response (needs a path that does not buffer).
     Stream,
-    /// Bounded POSTs with Content-Length, each at most `exchange_bytes` (works through
-    /// nginx with default settings).
+    /// Long polls and bounded POSTs with Content-Length, each at most `exchange_bytes`
+    /// (works through nginx with default settings).
     Bounded,
+}
+
+impl Transport {
+    /// Whether a session is tried before long polls.
+    pub fn tries_session(self) -> bool {
+        matches!(self, Transport::Auto | Transport::Websocket)
+    }
 }
 
 /// Everything `run` needs.

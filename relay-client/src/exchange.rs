@@ -12,9 +12,13 @@ use http::{header, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use hyper_util::rt::TokioIo;
+use relay_common::carrier::Outbox;
 use relay_common::codec::{encode, encode_continue, encode_head, BodyMsg, FrameReader, Message};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
-use relay_common::message::{encode_headers, BodyKind, RequestHead, ResponseHead};
+use relay_common::message::{
+    decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers,
+};
+use relay_common::session::{self, INLINE_BODY_MAX};
 use relay_common::BODY_CHANNEL_DEPTH;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -54,8 +58,14 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Serves one request to its end.
-pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) -> Outcome {
+/// Serves one request to its end. `reply` is the session the request came from: whole
+/// small responses go back on it while it is open, everything else through exchanges.
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    head: RequestHead,
+    cancel: CancellationToken,
+    reply: Option<Arc<Outbox>>,
+) -> Outcome {
     let span = tracing::info_span!(
         "request",
         otel.kind = "client",
@@ -71,7 +81,7 @@ pub async fn serve(ctx: Arc<Ctx>, head: RequestHead, cancel: CancellationToken) 
     }
     async move {
         tokio::select! {
-            r = serve_inner(&ctx, head, &cancel) => match r {
+            r = serve_inner(&ctx, head, &cancel, reply.as_deref()) => match r {
                 Ok(()) => Outcome::Served,
                 Err(e) => {
                     tracing::debug!(error = %e, "request ended early");
@@ -92,9 +102,10 @@ async fn serve_inner(
     ctx: &Arc<Ctx>,
     head: RequestHead,
     cancel: &CancellationToken,
+    reply: Option<&Outbox>,
 ) -> Result<(), RelayCallError> {
     if let Some(call) = ctx.services.route(&head) {
-        return serve_service(ctx, &head, call, cancel).await;
+        return serve_service(ctx, &head, call, cancel, reply).await;
     }
     let body = if head.body == BodyKind::Stream {
         let (tx, rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
@@ -113,7 +124,7 @@ async fn serve_inner(
     };
     let req = match ctx.backend.build(&head, body) {
         Ok(r) => r,
-        Err(e) => return post_error(ctx, &head.id, StatusCode::BAD_REQUEST, &e.0).await,
+        Err(e) => return post_error(ctx, reply, &head.id, StatusCode::BAD_REQUEST, &e.0).await,
     };
     let mut resp = match ctx.backend.send(req).await {
         Ok(r) => r,
@@ -123,7 +134,7 @@ async fn serve_inner(
                 error_chain(&e)
             );
             tracing::warn!(id = head.id, error = %msg, "backend request failed");
-            return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
+            return post_error(ctx, reply, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -148,8 +159,55 @@ async fn serve_inner(
         },
         content_length,
     };
+    // A response known to be small goes back whole on the session; one of unknown length
+    // (it may stream: SSE, gRPC) or a big one takes an exchange of its own.
+    let small = !has_body || content_length.is_some_and(|n| n <= INLINE_BODY_MAX as u64);
+    if let Some(out) = reply.filter(|_| small) {
+        return answer_whole(ctx, out, &head.id, rh, body).await;
+    }
     let frames = ResponseFrames::new(&rh, has_body.then_some(Source::Body(body)));
     send_response(ctx, &head.id, frames).await
+}
+
+/// Reads a small body whole and sends the response on the session (or, if the session is
+/// gone meanwhile, in one exchange).
+async fn answer_whole(
+    ctx: &Ctx,
+    out: &Outbox,
+    id: &str,
+    head: ResponseHead,
+    body: hyper::body::Incoming,
+) -> Result<(), RelayCallError> {
+    let mut body = body;
+    let mut data = bytes::BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                // The head and the bytes so far go to the user and the body is aborted, as
+                // when it streams: a broken body, never a short complete one.
+                let why = format!("the backend's response body failed: {e}");
+                return post_broken(ctx, id, &head, data.freeze(), why).await;
+            }
+        };
+        match frame.into_data() {
+            Ok(d) if data.len() + d.len() <= INLINE_BODY_MAX => data.extend_from_slice(&d),
+            Ok(_) => {
+                let why = "the backend sent more than its Content-Length".to_owned();
+                return post_broken(ctx, id, &head, data.freeze(), why).await;
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    trailers = Some(Trailers {
+                        headers: encode_headers(&t),
+                    });
+                }
+            }
+        }
+    }
+    let data = data.freeze();
+    post_whole(ctx, Some(out), id, &head, data, trailers).await
 }
 
 /// The backend answered 101: if the user asked for exactly this switch, relay the 101 and
@@ -170,13 +228,13 @@ async fn switch(
     let asked = head.upgrade.as_deref();
     if !asked.is_some_and(|r| upgrade_matches(r, &answered)) {
         let msg = format!("the backend switched to {answered:?}, which the user did not ask for");
-        return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
+        return post_error(ctx, None, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
     }
     let upgraded = match hyper::upgrade::on(&mut *resp).await {
         Ok(u) => u,
         Err(e) => {
             let msg = format!("the backend connection did not switch: {e}");
-            return post_error(ctx, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
+            return post_error(ctx, None, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
         }
     };
     let mut headers = std::mem::take(resp.headers_mut());
@@ -258,6 +316,7 @@ async fn serve_service(
     head: &RequestHead,
     call: Result<Call<'_>, LocalAnswer>,
     cancel: &CancellationToken,
+    reply: Option<&Outbox>,
 ) -> Result<(), RelayCallError> {
     let answer = match call {
         Err(a) => a,
@@ -288,6 +347,7 @@ async fn serve_service(
     };
     post_local(
         ctx,
+        reply,
         &head.id,
         answer.status,
         answer.content_type,
@@ -296,20 +356,30 @@ async fn serve_service(
     .await
 }
 
-/// Posts a synthesised text response (the backend could not be asked).
+/// Sends a synthesised text response (the backend could not be asked).
 async fn post_error(
     ctx: &Ctx,
+    reply: Option<&Outbox>,
     id: &str,
     status: StatusCode,
     msg: &str,
 ) -> Result<(), RelayCallError> {
     let body = Bytes::from(format!("{msg}\n"));
-    post_local(ctx, id, status.as_u16(), "text/plain; charset=utf-8", body).await
+    post_local(
+        ctx,
+        reply,
+        id,
+        status.as_u16(),
+        "text/plain; charset=utf-8",
+        body,
+    )
+    .await
 }
 
-/// Posts a complete response the agent produced itself, in one exchange.
+/// Sends a complete response the agent produced itself.
 async fn post_local(
     ctx: &Ctx,
+    reply: Option<&Outbox>,
     id: &str,
     status: u16,
     content_type: &str,
@@ -321,13 +391,64 @@ async fn post_local(
         body: BodyKind::Stream,
         content_length: Some(body.len() as u64),
     };
-    let data = encode(BodyMsg::Data(body));
-    let chunks = VecDeque::from([
-        encode_head(&head),
-        data.frame,
-        data.payload.expect("bug: DATA has a payload"),
-        encode(BodyMsg::End).frame,
-    ]);
+    post_whole(ctx, reply, id, &head, body, None).await
+}
+
+/// Sends a head, the body bytes read so far and an ABORT, in one exchange.
+async fn post_broken(
+    ctx: &Ctx,
+    id: &str,
+    head: &ResponseHead,
+    data: Bytes,
+    why: String,
+) -> Result<(), RelayCallError> {
+    let mut chunks = VecDeque::from([encode_head(head)]);
+    if !data.is_empty() {
+        let d = encode(BodyMsg::Data(data));
+        chunks.push_back(d.frame);
+        chunks.push_back(d.payload.expect("bug: DATA has a payload"));
+    }
+    let last = encode(BodyMsg::Abort(why));
+    chunks.push_back(last.frame);
+    chunks.extend(last.payload);
+    let (status, text) = ctx
+        .relay
+        .post_response(id, 0, boxed(ChunksBody::new(chunks)))
+        .await?;
+    check_posted(status, &text).map(|_| ())
+}
+
+/// Sends a whole response: on the session when there is one and it is open (a body of at
+/// most `INLINE_BODY_MAX` bytes), else in one exchange.
+async fn post_whole(
+    ctx: &Ctx,
+    reply: Option<&Outbox>,
+    id: &str,
+    head: &ResponseHead,
+    body: Bytes,
+    trailers: Option<Trailers>,
+) -> Result<(), RelayCallError> {
+    if body.len() <= INLINE_BODY_MAX
+        && reply.is_some_and(|o| {
+            o.push(|b| session::put_response(b, id, head, &body, trailers.as_ref()))
+        })
+    {
+        return Ok(());
+    }
+    let mut chunks = VecDeque::from([encode_head(head)]);
+    if head.body == BodyKind::Stream {
+        if !body.is_empty() {
+            let data = encode(BodyMsg::Data(body));
+            chunks.push_back(data.frame);
+            chunks.push_back(data.payload.expect("bug: DATA has a payload"));
+        }
+        let last = match trailers.map(|t| decode_headers(&t.headers)) {
+            Some(Ok(map)) => encode(BodyMsg::Trailers(map)),
+            _ => encode(BodyMsg::End),
+        };
+        chunks.push_back(last.frame);
+        chunks.extend(last.payload);
+    }
     let (status, text) = ctx
         .relay
         .post_response(id, 0, boxed(ChunksBody::new(chunks)))

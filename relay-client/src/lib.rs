@@ -5,6 +5,8 @@
 //! - [`agent`]: start-up probe, the long-poll loop, dispatch, cancellation, drain.
 //! - [`relay`]: calls to the relay-server (`/server/request`, `/server/response`,
 //!   `/server/requeststream`, `/server/probe`).
+//! - [`session`]: the agent's end of a session (protocol 2 over a WebSocket): OPEN frames
+//!   in, whole small responses and credit out, pings; long polls are the fallback.
 //! - [`exchange`]: serving one request: upload pump, backend call, response exchanges.
 //! - [`upstream`]: building and sending backend requests.
 //! - [`service`]: Backend.AI-style service ports answered by the agent itself.
@@ -33,6 +35,7 @@ pub mod error;
 pub mod exchange;
 pub mod relay;
 pub mod service;
+pub mod session;
 pub mod splice;
 pub mod tls;
 pub mod upstream;

@@ -9,8 +9,14 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use relay_common::message::PollAnswer;
+use relay_common::session::{SESSION_PATH, SESSION_PROTOCOL_VERSION, SESSION_SUBPROTOCOL};
 use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{Config, Transport};
 use crate::error::{AgentError, RelayCallError};
@@ -23,6 +29,8 @@ pub type CallBody = UnsyncBoxBody<Bytes, std::io::Error>;
 #[derive(Clone)]
 pub struct RelayClient {
     client: Client<tls::Connector, CallBody>,
+    /// HTTP/1.1 only: a session is an HTTP/1.1 upgrade (RFC 9110 §7.8).
+    upgrader: Client<tls::Connector, CallBody>,
     base: String,
     /// `None` when the client certificate authenticates the agent.
     auth: Option<HeaderValue>,
@@ -30,6 +38,9 @@ pub struct RelayClient {
     name: String,
     poll_deadline: Duration,
 }
+
+/// An open session's connection.
+pub type Session = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// What a poll returned.
 pub enum Polled {
@@ -47,10 +58,13 @@ impl RelayClient {
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
         let tls_cfg = tls::client_config(cfg.relay_ca_file.as_deref(), identity)?;
-        let connector = tls::connector_with(tls_cfg, true)?;
+        let connector = tls::connector_with(tls_cfg.clone(), true)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(50))
             .build(connector);
+        let upgrader = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(tls::connector_with(tls_cfg, false)?);
         let mut base = cfg.relay_url.to_string();
         while base.ends_with('/') {
             base.pop();
@@ -67,6 +81,7 @@ impl RelayClient {
         };
         Ok(RelayClient {
             client,
+            upgrader,
             base,
             auth,
             agent_id: HeaderValue::from_str(agent_id).expect("bug: agent ids are hex"),
@@ -166,10 +181,80 @@ impl RelayClient {
         Ok(resp.into_body())
     }
 
+    /// Opens a session (`/server/session`, a WebSocket upgrade). A non-101 answer is a
+    /// [`RelayCallError::Status`]: 426 or 404 mean something in between (or an older
+    /// server) does not carry sessions.
+    pub async fn open_session(&self) -> Result<Session, RelayCallError> {
+        let key = generate_key();
+        let q = format!("{}?server={}", SESSION_PATH, self.name);
+        let mut req = self.request(Method::GET, &q, empty());
+        let h = req.headers_mut();
+        h.insert(
+            PROTOCOL_HEADER,
+            HeaderValue::from_static(SESSION_PROTOCOL_VERSION),
+        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SESSION_SUBPROTOCOL),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_str(&key).expect("bug: keys are base64"),
+        );
+        let connect = async {
+            let mut resp = self
+                .upgrader
+                .request(req)
+                .await
+                .map_err(|e| RelayCallError::Transport(error_chain(&e)))?;
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let status = resp.status();
+                let text = read_text_limited(resp.into_body(), 64 * 1024).await?;
+                return Err(status_error(status, &text));
+            }
+            let accept = derive_accept_key(key.as_bytes());
+            if resp
+                .headers()
+                .get(header::SEC_WEBSOCKET_ACCEPT)
+                .map(|v| v.as_bytes())
+                != Some(accept.as_bytes())
+            {
+                return Err(RelayCallError::Status {
+                    status: 101,
+                    message: "the upgrade was answered without the right Sec-WebSocket-Accept"
+                        .into(),
+                });
+            }
+            let upgraded = hyper::upgrade::on(&mut resp)
+                .await
+                .map_err(|e| RelayCallError::Transport(error_chain(&e)))?;
+            Ok(WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Client,
+                Some(relay_common::carrier::ws_config()),
+            )
+            .await)
+        };
+        tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .map_err(|_| RelayCallError::Transport("opening the session timed out".into()))?
+    }
+
+    /// Longest silence on a live session (pings go every third of it).
+    pub fn poll_deadline(&self) -> Duration {
+        self.poll_deadline
+    }
+
     /// Decides the transport: a streaming POST whose answer arrives before its body ends
     /// means nothing in between buffers request bodies.
     pub async fn probe(&self, wanted: Transport) -> Result<Transport, RelayCallError> {
-        if wanted != Transport::Auto {
+        if matches!(wanted, Transport::Stream | Transport::Bounded) {
             return Ok(wanted);
         }
         let req = self.request(

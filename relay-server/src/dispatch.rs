@@ -97,7 +97,11 @@ pub async fn route(
     if agent_path
         && matches!(
             path,
-            "/server/request" | "/server/response" | "/server/requeststream" | "/server/probe"
+            "/server/request"
+                | "/server/response"
+                | "/server/requeststream"
+                | "/server/probe"
+                | "/server/session"
         )
     {
         let mut req = req;

@@ -45,8 +45,14 @@ fn value(metrics: &str, series: &str) -> u64 {
 
 /// Waits until the directory lists `tag` for `name` (state in Redis, polled).
 async fn wait_directory(redis: &Redis, name: &str, tag: &str) {
+    wait_directory_any(redis, name, &[tag]).await;
+}
+
+/// Waits until the directory lists one of `tags` for `name`. An agent behind the balancer
+/// keeps one session, on whichever replica the balancer chose.
+async fn wait_directory_any(redis: &Redis, name: &str, tags: &[&str]) {
     let client = redis::Client::open(redis.url()).unwrap();
-    let what = format!("{tag} registering {name:?}");
+    let what = format!("{tags:?} registering {name:?}");
     eventually(Duration::from_secs(20), &what, || {
         let members: Vec<String> = client
             .get_connection()
@@ -58,7 +64,12 @@ async fn wait_directory(redis: &Redis, name: &str, tag: &str) {
                     .query(&mut c)
             })
             .unwrap_or_default();
-        std::future::ready(members.iter().any(|m| m == tag).then_some(()))
+        std::future::ready(
+            members
+                .iter()
+                .any(|m| tags.contains(&m.as_str()))
+                .then_some(()),
+        )
     })
     .await
 }
@@ -465,17 +476,16 @@ async fn agents_on_several_replicas_share_the_load_and_real_agents_work_through_
     }
     assert_eq!(seen.len(), 2, "both replicas' agents served: {seen:?}");
 
-    // A real relay-client whose every connection goes through the balancer: its polls,
-    // responses and uploads land on any replica.
+    // A real relay-client whose every connection goes through the balancer: its session
+    // lands on one replica, its responses and uploads on any.
     let _lb_agent = agent(
         &format!("http://{lb}"),
         "lb",
         test_backend("lb").await,
         false,
     );
-    for x in &r {
-        wait_directory(&redis, "lb", &x.tag).await;
-    }
+    let tags: Vec<&str> = r.iter().map(|x| x.tag.as_str()).collect();
+    wait_directory_any(&redis, "lb", &tags).await;
     for i in 0..30 {
         let body = vec![b'x'; 10_000 + i];
         assert_eq!(
@@ -550,9 +560,8 @@ async fn a_dying_replica_fails_its_requests_cleanly_and_its_agents_move() {
     let _pinned = agent(&r[0].url(), "pinned", be, false);
     let _moving = agent(&format!("http://{lb}"), "moving", be, false);
     wait_directory(&redis, "pinned", &r[0].tag).await;
-    for x in &r {
-        wait_directory(&redis, "moving", &x.tag).await;
-    }
+    let tags: Vec<&str> = r.iter().map(|x| x.tag.as_str()).collect();
+    wait_directory_any(&redis, "moving", &tags).await;
     // A request forwarded to replica 0 that is waiting for its answer when 0 dies.
     let via = r[1].url();
     let in_flight = tokio::spawn(async move { get(&via, "pinned", "/slow").await });

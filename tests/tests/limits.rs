@@ -73,13 +73,19 @@ async fn agent_connections_do_not_count_against_their_address() {
     cfg.max_connections_per_ip = 2;
     let server = Server::start(cfg).await;
     // Four pollers, each on its own connection from 127.0.0.1.
-    let _agent = Agent::start(Agent::config(
+    let mut polling = Agent::config(&server.url(), "a", &format!("http://{backend}"));
+    polling.transport = relay_client::Transport::Stream;
+    let _agent = Agent::start(polling);
+    wait_for(|| server.state.conns.open() >= 4 && server.state.conns.addresses() == 0).await;
+    // A second agent on a session: its connection is exempt too.
+    let _sessions = Agent::start(Agent::config(
         &server.url(),
         "a",
         &format!("http://{backend}"),
     ));
-    wait_for(|| server.state.conns.open() >= 4 && server.state.conns.addresses() == 0).await;
-    // Users from the same address still have their two places, and the agent's response
+    wait_for(|| server.state.broker.agents_per_name() == [("a".to_owned(), 2)]).await;
+    assert_eq!(server.state.conns.addresses(), 0);
+    // Users from the same address still have their two places, and the agents' response
     // exchanges still get through.
     let c = client();
     for i in 0..5 {

@@ -38,6 +38,8 @@ pub enum AgentProtocol {
     Relay1,
     /// The Go `http-relay-client`'s protobuf messages (no `X-Relay-Protocol` header).
     V1alpha1,
+    /// A session over a WebSocket (protocol 2, `/server/session`).
+    Session,
 }
 
 impl AgentProtocol {
@@ -46,6 +48,7 @@ impl AgentProtocol {
         match self {
             AgentProtocol::Relay1 => "relay/1",
             AgentProtocol::V1alpha1 => "v1alpha1",
+            AgentProtocol::Session => "relay/2",
         }
     }
 }
@@ -246,7 +249,11 @@ impl Broker {
         let mut out = Vec::new();
         for b in self.backends.iter() {
             let agents = b.agents.lock().expect("bug: poisoned");
-            for p in [AgentProtocol::Relay1, AgentProtocol::V1alpha1] {
+            for p in [
+                AgentProtocol::Relay1,
+                AgentProtocol::Session,
+                AgentProtocol::V1alpha1,
+            ] {
                 let n = agents.values().filter(|a| a.info.protocol == p).count();
                 if n > 0 {
                     out.push((b.key().clone(), p.as_str(), n));

@@ -14,7 +14,7 @@ use relay_common::{AGENT_ID_HEADER, MAX_POLL_BATCH};
 use crate::agent::broker::{AgentInfo, AgentProtocol};
 use crate::agent::error::AgentCallError;
 use crate::agent::pending::Pending;
-use crate::agent::{response, upload, v1alpha1};
+use crate::agent::{response, session, upload, v1alpha1};
 use crate::base::auth::Grant;
 use crate::base::body::{full, text_response, RelayBody};
 use crate::State;
@@ -70,6 +70,7 @@ pub async fn serve(
     let query = Query::parse(uri.query().unwrap_or(""));
     let result = match uri.path() {
         "/server/request" => poll(state, grant, &req, query, peer).await,
+        relay_common::session::SESSION_PATH => session::serve(state, grant, req, peer),
         "/server/response" => match lookup(&state, &grant, query.id) {
             Ok(pending) => response::serve(pending, req, query.offset).await,
             Err(e) => Err(e),
@@ -89,16 +90,16 @@ pub async fn serve(
 /// The query parameters agent calls use. Values are never percent-decoded: names and ids
 /// are restricted to characters that need no escaping.
 #[derive(Default)]
-struct Query<'a> {
-    server: Option<&'a str>,
-    id: Option<&'a str>,
-    offset: Option<u64>,
-    max: Option<u64>,
-    draining: bool,
+pub(crate) struct Query<'a> {
+    pub(crate) server: Option<&'a str>,
+    pub(crate) id: Option<&'a str>,
+    pub(crate) offset: Option<u64>,
+    pub(crate) max: Option<u64>,
+    pub(crate) draining: bool,
 }
 
 impl<'a> Query<'a> {
-    fn parse(q: &'a str) -> Self {
+    pub(crate) fn parse(q: &'a str) -> Self {
         let mut out = Query::default();
         for pair in q.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -121,13 +122,14 @@ fn lookup(state: &State, grant: &Grant, id: Option<&str>) -> Result<Arc<Pending>
         .ok_or(AgentCallError::UnknownId)
 }
 
-async fn poll(
-    state: Arc<State>,
-    grant: Grant,
+/// The name (`server=`) and agent id (`X-Relay-Agent-Id`) of a poll or session, checked
+/// against what the caller's grant allows.
+pub(crate) fn poller_identity(
+    state: &State,
+    grant: &Grant,
     req: &Request<Incoming>,
-    q: Query<'_>,
-    peer: std::net::SocketAddr,
-) -> Result<Response<RelayBody>, AgentCallError> {
+    q: &Query<'_>,
+) -> Result<(String, String), AgentCallError> {
     let Some(name) = q.server.filter(|n| is_valid_name(n)) else {
         return Err(AgentCallError::BadRequest(
             "missing or invalid server query parameter (a backend name)".into(),
@@ -147,6 +149,18 @@ async fn poll(
             "missing X-Relay-Agent-Id header".into(),
         ));
     };
+    Ok((name.to_owned(), agent_id.to_owned()))
+}
+
+async fn poll(
+    state: Arc<State>,
+    grant: Grant,
+    req: &Request<Incoming>,
+    q: Query<'_>,
+    peer: std::net::SocketAddr,
+) -> Result<Response<RelayBody>, AgentCallError> {
+    let (name, agent_id) = poller_identity(&state, &grant, req, &q)?;
+    let (name, agent_id) = (name.as_str(), agent_id.as_str());
     let draining = q.draining || state.draining();
     let max = if draining {
         0

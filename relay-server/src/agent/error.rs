@@ -2,8 +2,9 @@
 //! acts on: 401 (stop and fix the token), 403 (the name is not this token's, or the
 //! authorization service refused the agent), 502 (that service failed), 404 or 410
 //! (the request is over: cancel it), 409 (the exchange does not fit the request's state: an
-//! offset mismatch, a second exchange at once, an upgrade that did not switch) and 400 (a
-//! protocol error of the agent, which gives the request up).
+//! offset mismatch, a second exchange at once, an upgrade that did not switch), 400 (a
+//! protocol error of the agent, which gives the request up), 426 (a session call that is
+//! no WebSocket: fall back to polls) and 503 (shutting down: no new session).
 
 use http::{header, HeaderValue, Response, StatusCode};
 
@@ -43,6 +44,13 @@ pub enum AgentCallError {
     /// The user went away while the exchange ran: the agent cancels the request.
     #[error("the user went away; cancel the request")]
     UserGone,
+    /// `/server/session` without a WebSocket upgrade (426, RFC 9110 §15.5.22): something
+    /// in between dropped the `Upgrade` header; the agent falls back to long polls.
+    #[error("{0}")]
+    UpgradeRequired(String),
+    /// The server is shutting down and opens no session (503: try again or elsewhere).
+    #[error("the relay-server is shutting down")]
+    Draining,
 }
 
 impl AgentCallError {
@@ -56,6 +64,8 @@ impl AgentCallError {
             AgentCallError::UnknownId | AgentCallError::NoEndpoint => StatusCode::NOT_FOUND,
             AgentCallError::Conflict(_) => StatusCode::CONFLICT,
             AgentCallError::Gone(_) | AgentCallError::UserGone => StatusCode::GONE,
+            AgentCallError::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
+            AgentCallError::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -66,6 +76,11 @@ impl AgentCallError {
             // RFC 9110 §15.5.2: a 401 carries a challenge; RFC 6750 §3 for Bearer.
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if r.status() == StatusCode::UPGRADE_REQUIRED {
+            // RFC 9110 §15.5.22: a 426 names the protocol to switch to.
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
         r
     }
@@ -88,6 +103,8 @@ mod tests {
             (AgentCallError::Conflict("offset".into()), 409),
             (AgentCallError::Gone("over".into()), 410),
             (AgentCallError::UserGone, 410),
+            (AgentCallError::UpgradeRequired("ws".into()), 426),
+            (AgentCallError::Draining, 503),
         ];
         for (e, status) in cases {
             let r = e.into_response();

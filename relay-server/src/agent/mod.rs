@@ -12,6 +12,7 @@ pub mod pending;
 pub mod poll;
 pub mod response;
 pub mod response_side;
+pub mod session;
 #[cfg(test)]
 mod tests;
 pub mod upload;

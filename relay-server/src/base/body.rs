@@ -56,6 +56,8 @@ pub struct RelayedBody<G> {
     rx: mpsc::Receiver<Delivery>,
     remaining: Option<u64>,
     done: bool,
+    /// An abort received and held back for one turn (see `poll_frame`).
+    aborting: Option<String>,
     gone: Pin<Box<WaitForCancellationFutureOwned>>,
     _guard: G,
 }
@@ -72,6 +74,7 @@ impl<G> RelayedBody<G> {
             rx,
             remaining: content_length,
             done: false,
+            aborting: None,
             gone: Box::pin(gone.cancelled_owned()),
             _guard: guard,
         }
@@ -98,6 +101,18 @@ impl<G: Unpin> Body for RelayedBody<G> {
         let abort = |this: &mut Self, why: String| {
             this.done = true;
             Poll::Ready(Some(Err(Box::new(Aborted(why)) as BodyError)))
+        };
+        if let Some(why) = this.aborting.take() {
+            return abort(this, why);
+        }
+        // An abort right behind data is held back for one turn: hyper flushes what it
+        // buffered (the head, the bytes so far) when the body is not ready, so the user
+        // sees the response begin and then break rather than a connection closed with
+        // nothing.
+        let defer = |this: &mut Self, why: String, cx: &mut Context<'_>| {
+            this.aborting = Some(why);
+            cx.waker().wake_by_ref();
+            Poll::Pending
         };
         let msg = match this.rx.poll_recv(cx) {
             Poll::Ready(m) => m.map(|d| d.msg),
@@ -129,8 +144,12 @@ impl<G: Unpin> Body for RelayedBody<G> {
                 }
                 Poll::Ready(None)
             }
-            Some(BodyMsg::Abort(why)) => abort(this, why),
-            None => abort(this, "the relay-client's response stream was cut".into()),
+            Some(BodyMsg::Abort(why)) => defer(this, why, cx),
+            None => defer(
+                this,
+                "the relay-client's response stream was cut".into(),
+                cx,
+            ),
         }
     }
 

@@ -1,0 +1,168 @@
+//! The agent's end of a session (protocol 2, `relay_common::session`): request heads
+//! arrive as OPEN frames and are served like polled ones; whole small responses go back
+//! on the session (see `exchange`); the agent grants the server credit for exactly the
+//! slots it has free, pings, and notices a dead or black-holed connection within its
+//! poll deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use relay_common::carrier::{self, Outbox, ReadEnd};
+use relay_common::session::{self, Frame};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{dispatch, Link, Shared};
+use crate::relay::Session;
+
+/// How long the farewell (GOAWAY, Close) may take when the agent stops.
+const FAREWELL: Duration = Duration::from_secs(2);
+
+/// Why a session ended; the caller opens a new one unless it stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    /// The agent stopped (`stop`).
+    #[error("the agent stopped")]
+    Stopped,
+    /// The server said it goes away (drain, revocation): open a new session.
+    #[error("the relay-server ended the session: {0}")]
+    GoAway(String),
+    /// Reading failed or the server closed.
+    #[error("{0}")]
+    Read(#[from] ReadEnd),
+    /// Nothing arrived for the poll deadline: the connection is taken for dead.
+    #[error("nothing arrived on the session for {0:?}")]
+    Silent(Duration),
+    /// Writing failed.
+    #[error("writing to the session failed")]
+    WriteFailed,
+}
+
+/// Serves requests from one open session until it ends. `slots` is the most credit this
+/// session may hold (the agent's capacity, shared with its other links).
+pub(crate) async fn run(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    ws: Session,
+    slots: usize,
+    draining: &CancellationToken,
+    stop: &CancellationToken,
+) -> SessionEnd {
+    let (sink, mut stream) = ws.split();
+    let outbox = Arc::new(Outbox::default());
+    let writer = carrier::write(sink, &outbox, "agent leaving");
+    tokio::pin!(writer);
+    let deadline = link.relay.poll_deadline();
+    let mut ping = tokio::time::interval(deadline / 3);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_in = Instant::now();
+    // Slots granted to the server and not yet used by an OPEN.
+    let mut granted: Option<OwnedSemaphorePermit> = None;
+    let mut said_draining = false;
+    let mut pings = 0u64;
+    let end = loop {
+        let freed = shared.freed.notified();
+        tokio::pin!(freed);
+        // Registered before the check: a slot freed from here on wakes this loop.
+        freed.as_mut().enable();
+        if draining.is_cancelled() {
+            if !said_draining {
+                said_draining = true;
+                granted = None;
+                outbox.push(|b| session::put_goaway(b, "draining"));
+            }
+        } else {
+            grant(shared, &mut granted, slots, &outbox);
+        }
+        tokio::select! {
+            read = carrier::read(&mut stream) => {
+                let frames = match read {
+                    Ok(f) => f,
+                    Err(e) => break SessionEnd::Read(e),
+                };
+                last_in = Instant::now();
+                if let Some(end) = handle(shared, link, &outbox, &mut granted, frames) {
+                    break end;
+                }
+            }
+            _ = &mut freed => {}
+            _ = draining.cancelled(), if !said_draining => {}
+            _ = ping.tick() => {
+                if last_in.elapsed() > deadline {
+                    break SessionEnd::Silent(deadline);
+                }
+                pings += 1;
+                outbox.push(|b| session::put_ping(b, pings.to_be_bytes(), false));
+            }
+            _ = &mut writer => break SessionEnd::WriteFailed,
+            _ = stop.cancelled() => break SessionEnd::Stopped,
+        }
+    };
+    // Responses not yet written go through exchanges from now on.
+    outbox.close();
+    if matches!(end, SessionEnd::Stopped) {
+        let _ = tokio::time::timeout(FAREWELL, writer).await;
+    }
+    end
+}
+
+/// Grants the server the free slots this session may still hold, as one CREDIT frame.
+fn grant(
+    shared: &Shared,
+    granted: &mut Option<OwnedSemaphorePermit>,
+    slots: usize,
+    outbox: &Outbox,
+) {
+    let held = granted.as_ref().map_or(0, |p| p.num_permits());
+    let want = slots
+        .saturating_sub(held)
+        .min(shared.permits.available_permits());
+    if want == 0 {
+        return;
+    }
+    let Ok(more) = shared.permits.clone().try_acquire_many_owned(want as u32) else {
+        return;
+    };
+    if outbox.push(|b| session::put_credit(b, want as u32)) {
+        match granted {
+            Some(p) => p.merge(more),
+            None => *granted = Some(more),
+        }
+    }
+}
+
+/// Acts on one message's frames; `Some` ends the session.
+fn handle(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    outbox: &Arc<Outbox>,
+    granted: &mut Option<OwnedSemaphorePermit>,
+    frames: Vec<Frame>,
+) -> Option<SessionEnd> {
+    for frame in frames {
+        match frame {
+            Frame::Open(head) => {
+                // The server sends no more OPENs than credit; a missing slot means it broke
+                // that promise, and the request is served anyway.
+                let permit = granted.as_mut().and_then(|p| p.split(1));
+                dispatch(shared, link, head, permit, Some(outbox.clone()));
+            }
+            Frame::Cancel(id) => {
+                if let Some(t) = shared.in_flight.lock().expect("bug: poisoned").get(&id) {
+                    t.cancel();
+                }
+            }
+            Frame::Ping(d) => {
+                outbox.push(|b| session::put_ping(b, d, true));
+            }
+            Frame::Pong(_) => {}
+            Frame::GoAway(why) => return Some(SessionEnd::GoAway(why)),
+            Frame::Response(_) | Frame::Credit(_) => {
+                let why = "RESPONSE and CREDIT go from the agent to the server".into();
+                return Some(SessionEnd::Read(ReadEnd::Protocol(why)));
+            }
+        }
+    }
+    None
+}

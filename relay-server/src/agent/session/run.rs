@@ -1,0 +1,248 @@
+//! One agent session from its switch to its end: it is the agent's one standing poll
+//! (requests are claimed while the agent has credit and go down as OPEN frames, cancel
+//! notices as CANCEL), and it delivers the whole responses that come up into the requests'
+//! response sides, exactly as a `/server/response` exchange would.
+//!
+//! The session owns its connection, its writer and its registration with the broker: when
+//! it ends (agent gone, connection dead, revoked, server stopped) the registration drops,
+//! which starts the agent's grace period. Requests it handed out stay claimed by the agent:
+//! an agent that comes back (a new session, same agent id) finishes them through exchanges;
+//! one that does not is declared gone after the grace period and they fail with 502 (or an
+//! aborted body), never silently.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use relay_common::carrier::{self, Outbox, ReadEnd};
+use relay_common::codec::BodyMsg;
+use relay_common::message::decode_headers;
+use relay_common::session::{self, Frame};
+use relay_common::MAX_POLL_BATCH;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::agent::broker::{AgentInfo, PollHandle};
+use crate::agent::pending::Pending;
+use crate::base::auth::Grant;
+use crate::State;
+
+/// How often the server pings a quiet session (proxies commonly close WebSockets idle for
+/// 30–60 s; the agent pings too).
+const PING_EVERY: Duration = Duration::from_secs(15);
+/// A session from which nothing arrived for this long is taken for dead (half-open).
+const SILENT_LIMIT: Duration = Duration::from_secs(45);
+/// How long a parked claim waits before it is renewed (it ends early on any event).
+const HOLD: Duration = Duration::from_secs(60);
+/// Most credit an agent may have outstanding (its free slots).
+const MAX_CREDIT: usize = 1 << 16;
+/// How long the last frames (GOAWAY, Close) may take to go out.
+const FAREWELL: Duration = Duration::from_secs(5);
+
+/// Why a session ended (logged).
+#[derive(Debug)]
+enum End {
+    Read(ReadEnd),
+    Silent,
+    WriterFailed,
+    Revoked,
+    Stopped,
+}
+
+/// Runs one session until it ends.
+pub async fn run(
+    state: Arc<State>,
+    grant: Grant,
+    name: String,
+    agent_id: String,
+    info: AgentInfo,
+    ws: WebSocketStream<TokioIo<Upgraded>>,
+) {
+    let (sink, mut stream) = ws.split();
+    let outbox = Outbox::default();
+    let writer = carrier::write(sink, &outbox, "session over");
+    tokio::pin!(writer);
+    let begin = |draining: bool| {
+        let info = info.clone();
+        state
+            .broker
+            .begin_poll(&name, &agent_id, grant.token(), draining, move || info)
+    };
+    let mut handle = begin(false);
+    tracing::info!(name, agent = agent_id, "agent session opened");
+    let mut credit = 0usize;
+    let mut agent_draining = false;
+    let mut last_in = Instant::now();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pings = 0u64;
+    let end = 'session: loop {
+        let max = if agent_draining || state.draining() {
+            0
+        } else {
+            credit.min(MAX_POLL_BATCH)
+        };
+        tokio::select! {
+            batch = claim(&handle, max, &state) => {
+                let Some(batch) = batch else {
+                    break if state.stop.is_cancelled() { End::Stopped } else { End::Revoked };
+                };
+                credit -= batch.requests.len();
+                outbox.push(|b| {
+                    for head in &batch.requests {
+                        session::put_open(b, head);
+                    }
+                    for id in &batch.cancel {
+                        session::put_cancel(b, &id.to_string());
+                    }
+                });
+            }
+            read = carrier::read(&mut stream) => {
+                let frames = match read {
+                    Ok(f) => f,
+                    Err(e) => break End::Read(e),
+                };
+                last_in = Instant::now();
+                for frame in frames {
+                    match frame {
+                        Frame::Credit(n) => credit = (credit + n as usize).min(MAX_CREDIT),
+                        Frame::Response(r) => deliver_response(&state, &grant, r),
+                        Frame::Ping(d) => {
+                            outbox.push(|b| session::put_ping(b, d, true));
+                        }
+                        Frame::Pong(_) => {}
+                        Frame::GoAway(why) => {
+                            // The agent drains: no new work, but its answers and our cancel
+                            // notices still travel here. Re-registering marks it draining.
+                            tracing::info!(name, agent = agent_id, reason = why, "agent session draining");
+                            if !agent_draining {
+                                agent_draining = true;
+                                handle = begin(true);
+                            }
+                        }
+                        Frame::Open(_) | Frame::Cancel(_) => {
+                            let why = "OPEN and CANCEL go from the server to the agent".into();
+                            break 'session End::Read(ReadEnd::Protocol(why));
+                        }
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_in.elapsed() > SILENT_LIMIT {
+                    break End::Silent;
+                }
+                pings += 1;
+                outbox.push(|b| session::put_ping(b, pings.to_be_bytes(), false));
+            }
+            _ = &mut writer => break End::WriterFailed,
+        }
+    };
+    drop(handle);
+    let reason = match &end {
+        End::Stopped => "the relay-server is shutting down",
+        End::Revoked => "the agent token was revoked",
+        End::Silent => "nothing received for 45 s",
+        _ => "session over",
+    };
+    match &end {
+        End::Read(ReadEnd::Closed) | End::Stopped => {
+            tracing::info!(name, agent = agent_id, reason, "agent session closed");
+        }
+        e => tracing::warn!(name, agent = agent_id, end = ?e, "agent session ended"),
+    }
+    if !matches!(end, End::WriterFailed) {
+        outbox.push(|b| session::put_goaway(b, reason));
+        outbox.close();
+        let _ = tokio::time::timeout(FAREWELL, writer).await;
+    }
+}
+
+/// Waits for work for the agent (when it has credit) or cancel notices; `None` when the
+/// session must end (server stopped, agent revoked).
+async fn claim(
+    handle: &PollHandle,
+    max: usize,
+    state: &State,
+) -> Option<crate::agent::broker::PollBatch> {
+    let batch = handle.next(max, HOLD, &state.stop).await;
+    if state.stop.is_cancelled() || handle.agent().gone.is_cancelled() {
+        return None;
+    }
+    Some(batch)
+}
+
+/// Delivers one whole response. The common case (budget available, the user waiting)
+/// completes at once, inside the session's loop; a delivery that has to wait (the memory
+/// budget is spent) finishes in a task of its own, so one slow request never holds up the
+/// session's other requests.
+fn deliver_response(state: &Arc<State>, grant: &Grant, r: session::Response) {
+    let Some(pending) = state.broker.lookup(&r.id, |n| grant.allows(n)) else {
+        // Finished or cancelled meanwhile (its CANCEL may be on the way): nothing to do.
+        tracing::debug!(id = r.id, "session response for a request that is over");
+        return;
+    };
+    let mut fut = Box::pin(deliver(pending, r));
+    if (&mut fut).now_or_never().is_none() {
+        state.tunnels.spawn(fut);
+    }
+}
+
+async fn deliver(pending: Arc<Pending>, r: session::Response) {
+    let Some(mut lease) = pending.response.lease() else {
+        tracing::debug!(
+            id = r.id,
+            "session response while an exchange holds the response"
+        );
+        return;
+    };
+    if lease.offset() != 0 || !lease.awaiting_head() {
+        lease.protocol_error();
+        return;
+    }
+    let trailers = match r.trailers.map(|t| decode_headers(&t.headers)).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(id = r.id, error = %e, "bad trailers in a session response");
+            lease.protocol_error();
+            return;
+        }
+    };
+    let declared = r.head.content_length;
+    let has_body = match lease.head(r.head) {
+        Ok(b) => b,
+        Err(_) => return,
+    };
+    if !has_body {
+        return;
+    }
+    if declared.is_some_and(|n| n != r.body.len() as u64) {
+        // A whole response whose length contradicts its head: fail it, never pass on a
+        // body that looks complete and is not.
+        let _ = lease
+            .end(BodyMsg::Abort(
+                "the body does not match its Content-Length".into(),
+            ))
+            .await;
+        return;
+    }
+    if !r.body.is_empty() {
+        let len = r.body.len();
+        let held = tokio::select! {
+            h = pending.account.hold(len) => h,
+            _ = pending.done.cancelled() => return,
+        };
+        if lease.data(r.body, held).await.is_err() {
+            return;
+        }
+        pending
+            .download_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+    let last = match trailers {
+        Some(t) => BodyMsg::Trailers(t),
+        None => BodyMsg::End,
+    };
+    let _ = lease.end(last).await;
+}
