@@ -46,8 +46,15 @@ cargo build --release --workspace --all-targets
 scripts/package.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast
+  # The end-to-end suite once more with every agent on long polls (protocol 1, the
+  # fallback carrier); the run above uses sessions, and the nginx tests check that the
+  # fallback is found by itself.
+  RELAY_TEST_TRANSPORT=stream RELAY_TRANSPORT=stream \
+    cargo nextest run --release -p relay-tests --no-fail-fast
 else
   cargo test --release --workspace --no-fail-fast
+  RELAY_TEST_TRANSPORT=stream RELAY_TRANSPORT=stream \
+    cargo test --release -p relay-tests --no-fail-fast
 fi
 # Doc tests (nextest does not run them).
 cargo test --release --workspace --doc

@@ -18,6 +18,7 @@
 //! | 5 | PING | both | 8 opaque bytes; answered by PONG with the same bytes |
 //! | 6 | PONG | both | the 8 bytes of the PING |
 //! | 7 | GOAWAY | both | UTF-8 reason: the sender ends the session after this frame |
+//! | 8 | ACK | server → agent | u64be: RESPONSE frames received on this session so far |
 //!
 //! A RESPONSE payload is `id_len:u8 id head_len:u32be head body_len:u32be body trailers`,
 //! where `head` is a JSON [`ResponseHead`], `body` the whole body and `trailers` (may be
@@ -25,6 +26,10 @@
 //! bytes travel on the session; streaming bodies, bigger bodies, request bodies and
 //! tunnels use the exchanges of protocol 1 with the same request id, so bulk transfer
 //! keeps its dedicated connections and never delays the small requests on the session.
+//!
+//! The agent keeps each RESPONSE until an ACK covers it; when a session is lost, the
+//! responses not acknowledged go again through `/server/response` exchanges (a duplicate
+//! of one that did arrive is refused there, so nothing is delivered twice).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -70,6 +75,8 @@ pub enum Frame {
     Pong([u8; 8]),
     /// The sender ends the session.
     GoAway(String),
+    /// RESPONSE frames received so far.
+    Ack(u64),
 }
 
 /// A whole response as one RESPONSE frame carries it.
@@ -111,6 +118,7 @@ const CREDIT: u8 = 4;
 const PING: u8 = 5;
 const PONG: u8 = 6;
 const GOAWAY: u8 = 7;
+const ACK: u8 = 8;
 
 fn put_header(b: &mut BytesMut, kind: u8, len: usize) {
     b.put_u8(kind);
@@ -140,6 +148,12 @@ pub fn put_credit(b: &mut BytesMut, n: u32) {
 pub fn put_ping(b: &mut BytesMut, data: [u8; 8], pong: bool) {
     put_header(b, if pong { PONG } else { PING }, 8);
     b.put_slice(&data);
+}
+
+/// Appends an ACK frame: `n` RESPONSE frames received so far.
+pub fn put_ack(b: &mut BytesMut, n: u64) {
+    put_header(b, ACK, 8);
+    b.put_u64(n);
 }
 
 /// Appends a GOAWAY frame.
@@ -223,6 +237,7 @@ fn decode_one(kind: u8, p: Bytes) -> Result<Frame, SessionError> {
         PING => Frame::Ping(eight("PING", &p)?),
         PONG => Frame::Pong(eight("PONG", &p)?),
         GOAWAY => Frame::GoAway(String::from_utf8_lossy(&p).into_owned()),
+        ACK => Frame::Ack(u64::from_be_bytes(eight("ACK", &p)?)),
         k => return Err(SessionError::UnknownKind(k)),
     })
 }
@@ -296,8 +311,9 @@ mod tests {
         put_response(&mut b, "00fd", &rh, b"hello", Some(&t));
         put_response(&mut b, "00fc", &rh, b"", None);
         put_goaway(&mut b, "draining");
+        put_ack(&mut b, 1 << 40);
         let frames = decode(b.freeze()).unwrap();
-        assert_eq!(frames.len(), 8);
+        assert_eq!(frames.len(), 9);
         assert!(
             matches!(&frames[0], Frame::Open(h) if h.id == "00ff" && h.target == "/a?b=%2F"
             && h.headers[0].1 == "caf\u{e9}")
@@ -319,6 +335,7 @@ mod tests {
             matches!(&frames[6], Frame::Response(r) if r.body.is_empty() && r.trailers.is_none())
         );
         assert!(matches!(&frames[7], Frame::GoAway(r) if r == "draining"));
+        assert!(matches!(frames[8], Frame::Ack(n) if n == 1 << 40));
     }
 
     #[test]

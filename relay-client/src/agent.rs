@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use relay_common::carrier::Outbox;
 use relay_common::message::RequestHead;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +18,7 @@ use crate::error::{AgentError, RelayCallError};
 use crate::exchange::{serve, Ctx};
 use crate::relay::{Polled, RelayClient};
 use crate::service::Services;
+use crate::session::{Kept, Reply};
 use crate::upstream::Backend;
 
 /// Most requests one poll asks for.
@@ -368,7 +368,7 @@ pub(crate) fn dispatch(
     link: &Arc<Link>,
     head: RequestHead,
     permit: Option<OwnedSemaphorePermit>,
-    reply: Option<Arc<Outbox>>,
+    reply: Option<Arc<Reply>>,
 ) {
     let cancel = CancellationToken::new();
     shared
@@ -391,6 +391,18 @@ pub(crate) fn dispatch(
             .remove(&id);
         drop(permit);
         task_shared.freed.notify_waiters();
+    });
+}
+
+/// Sends a response a lost session did not acknowledge through an exchange, in a task the
+/// drain waits for.
+pub(crate) fn resend(shared: &Arc<Shared>, link: &Arc<Link>, kept: Kept) {
+    let ctx = link.ctx.clone();
+    shared.tracker.spawn(async move {
+        let id = kept.id.clone();
+        if let Err(e) = crate::exchange::post_kept(&ctx, kept).await {
+            tracing::debug!(id, error = %e, "re-sending a response failed");
+        }
     });
 }
 

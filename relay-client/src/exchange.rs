@@ -12,13 +12,12 @@ use http::{header, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use hyper_util::rt::TokioIo;
-use relay_common::carrier::Outbox;
 use relay_common::codec::{encode, encode_continue, encode_head, BodyMsg, FrameReader, Message};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
 use relay_common::message::{
     decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers,
 };
-use relay_common::session::{self, INLINE_BODY_MAX};
+use relay_common::session::INLINE_BODY_MAX;
 use relay_common::BODY_CHANNEL_DEPTH;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -30,6 +29,7 @@ use crate::config::Transport;
 use crate::error::RelayCallError;
 use crate::relay::{error_chain, RelayClient};
 use crate::service::{self, Call, LocalAnswer, Services};
+use crate::session::{Kept, Reply};
 use crate::upstream::{boxed, Backend};
 
 /// What serving a request needs.
@@ -64,7 +64,7 @@ pub async fn serve(
     ctx: Arc<Ctx>,
     head: RequestHead,
     cancel: CancellationToken,
-    reply: Option<Arc<Outbox>>,
+    reply: Option<Arc<Reply>>,
 ) -> Outcome {
     let span = tracing::info_span!(
         "request",
@@ -102,7 +102,7 @@ async fn serve_inner(
     ctx: &Arc<Ctx>,
     head: RequestHead,
     cancel: &CancellationToken,
-    reply: Option<&Outbox>,
+    reply: Option<&Reply>,
 ) -> Result<(), RelayCallError> {
     if let Some(call) = ctx.services.route(&head) {
         return serve_service(ctx, &head, call, cancel, reply).await;
@@ -173,7 +173,7 @@ async fn serve_inner(
 /// gone meanwhile, in one exchange).
 async fn answer_whole(
     ctx: &Ctx,
-    out: &Outbox,
+    out: &Reply,
     id: &str,
     head: ResponseHead,
     body: hyper::body::Incoming,
@@ -316,7 +316,7 @@ async fn serve_service(
     head: &RequestHead,
     call: Result<Call<'_>, LocalAnswer>,
     cancel: &CancellationToken,
-    reply: Option<&Outbox>,
+    reply: Option<&Reply>,
 ) -> Result<(), RelayCallError> {
     let answer = match call {
         Err(a) => a,
@@ -359,7 +359,7 @@ async fn serve_service(
 /// Sends a synthesised text response (the backend could not be asked).
 async fn post_error(
     ctx: &Ctx,
-    reply: Option<&Outbox>,
+    reply: Option<&Reply>,
     id: &str,
     status: StatusCode,
     msg: &str,
@@ -379,7 +379,7 @@ async fn post_error(
 /// Sends a complete response the agent produced itself.
 async fn post_local(
     ctx: &Ctx,
-    reply: Option<&Outbox>,
+    reply: Option<&Reply>,
     id: &str,
     status: u16,
     content_type: &str,
@@ -392,6 +392,11 @@ async fn post_local(
         content_length: Some(body.len() as u64),
     };
     post_whole(ctx, reply, id, &head, body, None).await
+}
+
+/// Sends a response a lost session did not acknowledge, in one exchange.
+pub(crate) async fn post_kept(ctx: &Ctx, kept: Kept) -> Result<(), RelayCallError> {
+    post_whole(ctx, None, &kept.id, &kept.head, kept.body, kept.trailers).await
 }
 
 /// Sends a head, the body bytes read so far and an ABORT, in one exchange.
@@ -422,19 +427,28 @@ async fn post_broken(
 /// most `INLINE_BODY_MAX` bytes), else in one exchange.
 async fn post_whole(
     ctx: &Ctx,
-    reply: Option<&Outbox>,
+    reply: Option<&Reply>,
     id: &str,
     head: &ResponseHead,
     body: Bytes,
     trailers: Option<Trailers>,
 ) -> Result<(), RelayCallError> {
-    if body.len() <= INLINE_BODY_MAX
-        && reply.is_some_and(|o| {
-            o.push(|b| session::put_response(b, id, head, &body, trailers.as_ref()))
-        })
-    {
-        return Ok(());
-    }
+    let (body, trailers) = match reply.filter(|_| body.len() <= INLINE_BODY_MAX) {
+        Some(reply) => {
+            let kept = Kept {
+                id: id.to_owned(),
+                head: head.clone(),
+                body: body.clone(),
+                trailers,
+            };
+            match reply.respond(kept) {
+                Ok(()) => return Ok(()),
+                // The session ended meanwhile.
+                Err(kept) => (kept.body, kept.trailers),
+            }
+        }
+        None => (body, trailers),
+    };
     let mut chunks = VecDeque::from([encode_head(head)]);
     if head.body == BodyKind::Stream {
         if !body.is_empty() {

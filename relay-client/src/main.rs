@@ -84,7 +84,10 @@ struct Cli {
     /// Backend requests in flight at most.
     #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
-    /// Agent-server transport: auto probes whether a proxy in between buffers bodies.
+    /// Agent-server transport: auto opens a session over a WebSocket when the way allows
+    /// the upgrade and falls back to long polls otherwise; bodies above 64 KiB take
+    /// exchanges, streaming or bounded as the probe finds; websocket insists on a session;
+    /// stream and bounded force long polls.
     #[arg(long, env = "RELAY_TRANSPORT", value_enum, default_value = "auto")]
     transport: Transport,
     /// Largest response POST in bounded mode, in bytes (stay under the proxy's body limit).

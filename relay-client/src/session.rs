@@ -4,20 +4,88 @@
 //! slots it has free, pings, and notices a dead or black-holed connection within its
 //! poll deadline.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use relay_common::carrier::{self, Outbox, ReadEnd};
+use relay_common::message::{ResponseHead, Trailers};
 use relay_common::session::{self, Frame};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{dispatch, Link, Shared};
+use crate::agent::{dispatch, resend, Link, Shared};
 use crate::relay::Session;
 
 /// How long the farewell (GOAWAY, Close) may take when the agent stops.
 const FAREWELL: Duration = Duration::from_secs(2);
+
+/// The way back for the requests that came on one session: whole responses go into its
+/// outbox and are kept until the server's ACK covers them; those not covered when the
+/// session is lost are sent again through exchanges (where a duplicate is refused).
+pub struct Reply {
+    outbox: Outbox,
+    unacked: Mutex<Unacked>,
+}
+
+#[derive(Default)]
+struct Unacked {
+    /// RESPONSE frames acknowledged (the front of `kept` is number `acked`).
+    acked: u64,
+    kept: VecDeque<Kept>,
+}
+
+/// A whole response sent on a session and not yet acknowledged.
+pub struct Kept {
+    /// The request.
+    pub id: String,
+    /// Its head.
+    pub head: ResponseHead,
+    /// Its body.
+    pub body: Bytes,
+    /// Its trailers.
+    pub trailers: Option<Trailers>,
+}
+
+impl Reply {
+    fn new() -> Self {
+        Reply {
+            outbox: Outbox::default(),
+            unacked: Mutex::new(Unacked::default()),
+        }
+    }
+
+    /// Sends a whole response on the session. Gives it back when the session is over: the
+    /// caller sends it through an exchange.
+    pub fn respond(&self, kept: Kept) -> Result<(), Box<Kept>> {
+        let mut u = self.unacked.lock().expect("bug: poisoned");
+        // Under the lock: the order of `kept` is the order of the frames.
+        let pushed = self.outbox.push(|b| {
+            session::put_response(b, &kept.id, &kept.head, &kept.body, kept.trailers.as_ref())
+        });
+        if !pushed {
+            return Err(Box::new(kept));
+        }
+        u.kept.push_back(kept);
+        Ok(())
+    }
+
+    fn ack(&self, n: u64) {
+        let mut u = self.unacked.lock().expect("bug: poisoned");
+        while u.acked < n && u.kept.pop_front().is_some() {
+            u.acked += 1;
+        }
+    }
+
+    /// Ends the session's writing and returns the responses no ACK covered.
+    fn close(&self) -> Vec<Kept> {
+        let mut u = self.unacked.lock().expect("bug: poisoned");
+        self.outbox.close();
+        u.kept.drain(..).collect()
+    }
+}
 
 /// Why a session ended; the caller opens a new one unless it stopped.
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +118,13 @@ pub(crate) async fn run(
     stop: &CancellationToken,
 ) -> SessionEnd {
     let (sink, mut stream) = ws.split();
-    let outbox = Arc::new(Outbox::default());
-    let writer = carrier::write(sink, &outbox, "agent leaving");
+    let reply = Arc::new(Reply::new());
+    let outbox = &reply.outbox;
+    let writer = carrier::write(sink, outbox, "agent leaving");
     tokio::pin!(writer);
     let deadline = link.relay.poll_deadline();
-    let mut ping = tokio::time::interval(deadline / 3);
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + deadline / 3, deadline / 3);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_in = Instant::now();
     // Slots granted to the server and not yet used by an OPEN.
@@ -73,7 +143,7 @@ pub(crate) async fn run(
                 outbox.push(|b| session::put_goaway(b, "draining"));
             }
         } else {
-            grant(shared, &mut granted, slots, &outbox);
+            grant(shared, &mut granted, slots, outbox);
         }
         tokio::select! {
             read = carrier::read(&mut stream) => {
@@ -82,7 +152,7 @@ pub(crate) async fn run(
                     Err(e) => break SessionEnd::Read(e),
                 };
                 last_in = Instant::now();
-                if let Some(end) = handle(shared, link, &outbox, &mut granted, frames) {
+                if let Some(end) = handle(shared, link, &reply, &mut granted, frames) {
                     break end;
                 }
             }
@@ -99,10 +169,17 @@ pub(crate) async fn run(
             _ = stop.cancelled() => break SessionEnd::Stopped,
         }
     };
-    // Responses not yet written go through exchanges from now on.
-    outbox.close();
+    // From now on responses go through exchanges, and so do those the server did not
+    // acknowledge (they may be lost with the connection).
+    let unacked = reply.close();
     if matches!(end, SessionEnd::Stopped) {
         let _ = tokio::time::timeout(FAREWELL, writer).await;
+    }
+    if !unacked.is_empty() {
+        tracing::debug!(n = unacked.len(), "re-sending unacknowledged responses");
+    }
+    for kept in unacked {
+        resend(shared, link, kept);
     }
     end
 }
@@ -136,17 +213,18 @@ fn grant(
 fn handle(
     shared: &Arc<Shared>,
     link: &Arc<Link>,
-    outbox: &Arc<Outbox>,
+    reply: &Arc<Reply>,
     granted: &mut Option<OwnedSemaphorePermit>,
     frames: Vec<Frame>,
 ) -> Option<SessionEnd> {
+    let outbox = &reply.outbox;
     for frame in frames {
         match frame {
             Frame::Open(head) => {
                 // The server sends no more OPENs than credit; a missing slot means it broke
                 // that promise, and the request is served anyway.
                 let permit = granted.as_mut().and_then(|p| p.split(1));
-                dispatch(shared, link, head, permit, Some(outbox.clone()));
+                dispatch(shared, link, head, permit, Some(reply.clone()));
             }
             Frame::Cancel(id) => {
                 if let Some(t) = shared.in_flight.lock().expect("bug: poisoned").get(&id) {
@@ -157,6 +235,7 @@ fn handle(
                 outbox.push(|b| session::put_ping(b, d, true));
             }
             Frame::Pong(_) => {}
+            Frame::Ack(n) => reply.ack(n),
             Frame::GoAway(why) => return Some(SessionEnd::GoAway(why)),
             Frame::Response(_) | Frame::Credit(_) => {
                 let why = "RESPONSE and CREDIT go from the agent to the server".into();
@@ -165,4 +244,44 @@ fn handle(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_common::message::BodyKind;
+
+    fn kept(id: &str) -> Kept {
+        Kept {
+            id: id.into(),
+            head: ResponseHead {
+                status: 200,
+                headers: vec![],
+                body: BodyKind::Empty,
+                content_length: None,
+            },
+            body: Bytes::new(),
+            trailers: None,
+        }
+    }
+
+    #[test]
+    fn responses_are_kept_until_acknowledged_and_handed_back_when_the_session_ends() {
+        let r = Reply::new();
+        for id in ["a", "b", "c"] {
+            assert!(r.respond(kept(id)).is_ok());
+        }
+        r.ack(1);
+        // An old or repeated ACK changes nothing.
+        r.ack(1);
+        r.ack(0);
+        let left: Vec<String> = r.close().into_iter().map(|k| k.id).collect();
+        assert_eq!(left, ["b", "c"]);
+        // After the end nothing more is taken.
+        assert_eq!(
+            r.respond(kept("d")).err().map(|k| k.id),
+            Some("d".to_owned())
+        );
+        assert!(r.close().is_empty());
+    }
 }

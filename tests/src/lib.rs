@@ -212,12 +212,14 @@ pub struct Agent {
 impl Agent {
     /// A config for `name` in front of `backend` (base URL) through `relay_url`.
     pub fn config(relay_url: &str, name: &str, backend: &str) -> relay_client::Config {
-        relay_client::Config::new(
+        let mut cfg = relay_client::Config::new(
             relay_url.parse().unwrap(),
             name.into(),
             backend.parse().unwrap(),
             relay_client::Secret(TOKEN.into()),
-        )
+        );
+        cfg.transport = test_transport();
+        cfg
     }
 
     /// Starts an agent with `cfg`.
@@ -511,4 +513,67 @@ pub async fn websocket_echo() -> SocketAddr {
         }
     });
     addr
+}
+
+/// The transport the suite's agents use: `auto` (a session), or what
+/// `RELAY_TEST_TRANSPORT` names (`stream`, `bounded`: the long polls of protocol 1). The
+/// test command runs the suite once per carrier.
+pub fn test_transport() -> relay_client::Transport {
+    use relay_client::Transport;
+    match std::env::var("RELAY_TEST_TRANSPORT").as_deref() {
+        Err(_) | Ok("" | "auto") => Transport::Auto,
+        Ok("websocket") => Transport::Websocket,
+        Ok("stream") => Transport::Stream,
+        Ok("bounded") => Transport::Bounded,
+        Ok(v) => panic!("RELAY_TEST_TRANSPORT={v}: auto, websocket, stream or bounded"),
+    }
+}
+
+/// The protocol label (`/status.json`, `relay_agents`) of the suite's native agents.
+pub fn native_protocol() -> &'static str {
+    if test_transport().tries_session() {
+        "relay/2"
+    } else {
+        "relay/1"
+    }
+}
+
+/// A TCP proxy in front of `upstream` whose open connections can all be cut at once
+/// (new ones go through as before).
+pub struct CuttableProxy {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+}
+
+impl CuttableProxy {
+    /// Closes every connection open now.
+    pub fn cut_all(&self) {
+        let mut g = self.generation.lock().unwrap();
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+}
+
+/// Starts a [`CuttableProxy`] to `upstream`.
+pub async fn cuttable_proxy(upstream: SocketAddr) -> CuttableProxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+    let g = generation.clone();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            let cut = g.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    _ = cut.cancelled() => {}
+                }
+            });
+        }
+    });
+    CuttableProxy { addr, generation }
 }

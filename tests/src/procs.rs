@@ -244,6 +244,22 @@ pub fn nginx_binary() -> PathBuf {
 impl Nginx {
     /// nginx proxying everything to `upstream`.
     pub fn start(upstream: SocketAddr) -> Nginx {
+        Nginx::start_with(upstream, "", "")
+    }
+
+    /// nginx configured for WebSocket as its documentation shows (HTTP/1.1 upstream,
+    /// `Upgrade` and `Connection` passed on), defaults otherwise.
+    pub fn start_websocket(upstream: SocketAddr) -> Nginx {
+        Nginx::start_with(
+            upstream,
+            "map $http_upgrade $connection_upgrade { default upgrade; '' close; }\n",
+            "proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; \
+             proxy_set_header Connection $connection_upgrade;",
+        )
+    }
+
+    /// nginx with `http_extra` in its `http` block and `location_extra` in its one location.
+    pub fn start_with(upstream: SocketAddr, http_extra: &str, location_extra: &str) -> Nginx {
         let dir = TempDir::new("nginx");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -253,7 +269,8 @@ impl Nginx {
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               server {{\n    listen {addr};\n    location / {{ proxy_pass http://{upstream}; }}\n  }}\n}}\n"
+               {http_extra}\n\
+               server {{\n    listen {addr};\n    location / {{ proxy_pass http://{upstream}; {location_extra} }}\n  }}\n}}\n"
         );
         let conf_path = dir.0.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();

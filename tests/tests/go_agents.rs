@@ -405,14 +405,17 @@ async fn a_go_agent_and_a_native_agent_serve_side_by_side_and_show_their_protoco
             .clone()
     };
     assert_eq!(protocol_of("go-robot"), "v1alpha1");
-    assert_eq!(protocol_of("native-robot"), "relay/2");
+    assert_eq!(protocol_of("native-robot"), native_protocol());
     let metrics = get(&format!("{}/metrics", server.url()), &[]).await.2;
     let metrics = String::from_utf8(metrics.to_vec()).unwrap();
     assert!(
         metrics.contains(r#"relay_agents{name="go-robot",protocol="v1alpha1"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"relay_agents{name="native-robot",protocol="relay/2"} 1"#));
+    assert!(metrics.contains(&format!(
+        r#"relay_agents{{name="native-robot",protocol="{}"}} 1"#,
+        native_protocol()
+    )));
     assert!(
         metrics.contains("relay_backend_duration_seconds_count 10"),
         "{metrics}"

@@ -12,6 +12,18 @@ use tokio::sync::mpsc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_flows_through_default_nginx() {
+    // nginx drops the upgrade headers: the agent must find long polls by itself.
+    everything_flows_through(Nginx::start, "relay/1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_flows_through_nginx_configured_for_websocket() {
+    // The upgrade passes: a session carries the small requests; bodies still take
+    // exchanges, which nginx buffers (bounded transport).
+    everything_flows_through(Nginx::start_websocket, "relay/2").await;
+}
+
+async fn everything_flows_through(start: fn(std::net::SocketAddr) -> Nginx, protocol: &str) {
     let (events_tx, events_rx) = mpsc::channel::<()>(1);
     let events_rx = std::sync::Arc::new(tokio::sync::Mutex::new(events_rx));
     let addr = backend(move |req: Request<hyper::body::Incoming>| {
@@ -48,7 +60,8 @@ async fn everything_flows_through_default_nginx() {
     })
     .await;
     let server = Server::default().await;
-    let nginx = tokio::task::spawn_blocking(move || Nginx::start(server.addr))
+    let server_addr = server.addr;
+    let nginx = tokio::task::spawn_blocking(move || start(server_addr))
         .await
         .unwrap();
     let server_ref = &server;
@@ -57,9 +70,16 @@ async fn everything_flows_through_default_nginx() {
         "behind",
         &format!("http://{addr}"),
     );
-    // Auto: the probe must find that nginx buffers request bodies.
+    // Auto (whatever carrier the rest of the suite runs on): the agent must find out by
+    // itself whether the upgrade passes, and the probe that nginx buffers request bodies.
+    let mut cfg = cfg;
+    cfg.transport = relay_client::Transport::Auto;
     let _agent = Agent::start(cfg);
     server_ref.wait_agent("behind").await;
+    assert_eq!(
+        server.state.broker.agents_per_protocol(),
+        [("behind".to_owned(), protocol, 1)]
+    );
     let c = client();
     let url = |p: &str| format!("{}/client/behind{p}", server.url());
 

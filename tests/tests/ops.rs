@@ -107,7 +107,13 @@ async fn metrics_count_known_traffic_and_forget_names_that_leave() {
     );
     has(r#"relay_body_bytes_total{name="a",direction="up"}"#, 5.0);
     has(r#"relay_body_bytes_total{name="a",direction="down"}"#, 5.0);
-    has(r#"relay_agents{name="a",protocol="relay/2"}"#, 1.0);
+    has(
+        &format!(
+            r#"relay_agents{{name="a",protocol="{}"}}"#,
+            native_protocol()
+        ),
+        1.0,
+    );
     has(r#"relay_auth_failures_total{side="agent"}"#, 1.0);
     has("relay_request_duration_seconds_count", 5.0);
     has("relay_time_to_response_head_seconds_count", 5.0);

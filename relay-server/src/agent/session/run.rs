@@ -75,9 +75,10 @@ pub async fn run(
     let mut credit = 0usize;
     let mut agent_draining = false;
     let mut last_in = Instant::now();
-    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pings = 0u64;
+    let mut responses = 0u64;
     let end = 'session: loop {
         let max = if agent_draining || state.draining() {
             0
@@ -105,10 +106,14 @@ pub async fn run(
                     Err(e) => break End::Read(e),
                 };
                 last_in = Instant::now();
+                let before = responses;
                 for frame in frames {
                     match frame {
                         Frame::Credit(n) => credit = (credit + n as usize).min(MAX_CREDIT),
-                        Frame::Response(r) => deliver_response(&state, &grant, r),
+                        Frame::Response(r) => {
+                            responses += 1;
+                            deliver_response(&state, &grant, r);
+                        }
                         Frame::Ping(d) => {
                             outbox.push(|b| session::put_ping(b, d, true));
                         }
@@ -122,11 +127,15 @@ pub async fn run(
                                 handle = begin(true);
                             }
                         }
-                        Frame::Open(_) | Frame::Cancel(_) => {
-                            let why = "OPEN and CANCEL go from the server to the agent".into();
+                        Frame::Open(_) | Frame::Cancel(_) | Frame::Ack(_) => {
+                            let why = "OPEN, CANCEL and ACK go from the server to the agent".into();
                             break 'session End::Read(ReadEnd::Protocol(why));
                         }
                     }
+                }
+                if responses > before {
+                    // One ACK per message read: the agent may forget what it covers.
+                    outbox.push(|b| session::put_ack(b, responses));
                 }
             }
             _ = ping.tick() => {

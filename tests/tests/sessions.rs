@@ -1,0 +1,350 @@
+//! Agent sessions (protocol 2): the endpoint's refusals, the frames by hand (credit, whole
+//! responses, cancel notices, pings, a lying RESPONSE, a frame in the wrong direction), and
+//! faults on a session (the agent killed with 100 requests in flight, the session's
+//! connection cut while answers are pending, a user stalling one download while small
+//! requests flow).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use relay_common::message::{BodyKind, ResponseHead};
+use relay_common::session::{self, Frame};
+use relay_tests::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens a session by hand for `name`.
+async fn open(server: &Server, name: &str) -> Ws {
+    let mut req = format!("ws://{}/server/session?server={name}", server.addr)
+        .into_client_request()
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    h.insert("x-relay-agent-id", "by-hand".parse().unwrap());
+    h.insert("x-relay-protocol", "2".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
+}
+
+async fn send(ws: &mut Ws, put: impl FnOnce(&mut BytesMut)) {
+    let mut b = BytesMut::new();
+    put(&mut b);
+    ws.send(Message::Binary(b.freeze())).await.unwrap();
+}
+
+/// The next session frame from the server (pings by the library are skipped).
+async fn next_frame(ws: &mut Ws, pending: &mut Vec<Frame>) -> Frame {
+    loop {
+        if !pending.is_empty() {
+            return pending.remove(0);
+        }
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("no frame from the server")
+            .expect("session closed")
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            *pending = session::decode(b).unwrap();
+        }
+    }
+}
+
+async fn next_open(ws: &mut Ws, pending: &mut Vec<Frame>) -> relay_common::message::RequestHead {
+    loop {
+        match next_frame(ws, pending).await {
+            Frame::Open(h) => return h,
+            Frame::Ping(_) | Frame::Ack(_) => {}
+            f => panic!("expected OPEN, got {f:?}"),
+        }
+    }
+}
+
+fn head(status: u16, len: u64) -> ResponseHead {
+    ResponseHead {
+        status,
+        headers: vec![("content-type".into(), "text/plain".into())],
+        body: BodyKind::Stream,
+        content_length: Some(len),
+    }
+}
+
+#[tokio::test]
+async fn the_session_endpoint_wants_a_websocket_and_a_valid_agent() {
+    let server = Server::default().await;
+    let c = client();
+    let call = |auth: Option<&str>, upgrade: bool| {
+        let mut b = Request::get(format!("{}/server/session?server=s", server.url()))
+            .header("x-relay-agent-id", "a1")
+            .header("x-relay-protocol", "2");
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        if upgrade {
+            b = b
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "8")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        }
+        c.request(b.body(empty()).unwrap())
+    };
+    // No upgrade (what a proxy that drops the headers delivers): 426 naming websocket.
+    let r = call(Some(&format!("Bearer {TOKEN}")), false).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(r.headers()["upgrade"], "websocket");
+    let text = body_bytes(r.into_body()).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&text).contains("WebSocket"),
+        "{text:?}"
+    );
+    // A version other than 13.
+    let r = call(Some(&format!("Bearer {TOKEN}")), true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UPGRADE_REQUIRED);
+    // The token is checked before anything else.
+    let r = call(Some("Bearer wrong"), true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(server.state.broker.agents().is_empty());
+}
+
+#[tokio::test]
+async fn frames_by_hand_credit_whole_responses_cancels_and_pings() {
+    let server = Server::default().await;
+    let mut ws = open(&server, "hand").await;
+    let mut pending = Vec::new();
+    server.wait_agent("hand").await;
+    assert_eq!(
+        server.state.broker.agents_per_protocol(),
+        [("hand".to_owned(), "relay/2", 1)]
+    );
+    let get = |path: &str| {
+        client().request(
+            Request::get(format!("{}/client/hand{path}", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    // Two users, one credit: one OPEN; the other request waits in the queue.
+    send(&mut ws, |b| session::put_credit(b, 1)).await;
+    let first = tokio::spawn(get("/one"));
+    let second = tokio::spawn(get("/two"));
+    let h1 = next_open(&mut ws, &mut pending).await;
+    wait_for(|| server.state.broker.parked() == 1).await;
+    assert!(!pending.iter().any(|f| matches!(f, Frame::Open(_))));
+    // A whole response: status, headers and body reach the user.
+    send(&mut ws, |b| {
+        session::put_response(b, &h1.id, &head(201, 5), b"hello", None)
+    })
+    .await;
+    // The server acknowledges it (the agent may forget it).
+    loop {
+        match next_frame(&mut ws, &mut pending).await {
+            Frame::Ack(n) => {
+                assert_eq!(n, 1);
+                break;
+            }
+            Frame::Ping(_) => {}
+            f => panic!("expected ACK, got {f:?}"),
+        }
+    }
+    // More credit: the second request comes down. Its RESPONSE lies about its length:
+    // the user's body must break, never end as if complete.
+    send(&mut ws, |b| session::put_credit(b, 2)).await;
+    let h2 = next_open(&mut ws, &mut pending).await;
+    assert_ne!(h1.target, h2.target);
+    send(&mut ws, |b| {
+        session::put_response(b, &h2.id, &head(200, 10), b"short", None)
+    })
+    .await;
+    for (r, h) in [(first, &h1), (second, &h2)] {
+        let resp = r.await.unwrap().unwrap();
+        let body = body_bytes(resp.into_body()).await;
+        if h.target == "/one" {
+            assert_eq!(body.unwrap(), "hello");
+        } else {
+            assert!(body.is_err(), "a lying RESPONSE must break the body");
+        }
+    }
+    // A user who leaves: its id comes down as CANCEL.
+    let gone = tokio::spawn(get("/leaving"));
+    let h3 = next_open(&mut ws, &mut pending).await;
+    gone.abort();
+    loop {
+        match next_frame(&mut ws, &mut pending).await {
+            Frame::Cancel(id) => {
+                assert_eq!(id, h3.id);
+                break;
+            }
+            Frame::Ping(_) | Frame::Ack(_) => {}
+            f => panic!("expected CANCEL, got {f:?}"),
+        }
+    }
+    // PING is answered with the same bytes.
+    send(&mut ws, |b| session::put_ping(b, *b"12345678", false)).await;
+    loop {
+        match next_frame(&mut ws, &mut pending).await {
+            Frame::Pong(d) => {
+                assert_eq!(&d, b"12345678");
+                break;
+            }
+            Frame::Ping(_) | Frame::Ack(_) => {}
+            f => panic!("expected PONG, got {f:?}"),
+        }
+    }
+    server.wait_idle().await;
+    // A frame in the wrong direction ends the session (a GOAWAY, then the close).
+    send(&mut ws, |b| session::put_cancel(b, "00")).await;
+    let mut saw_goaway = false;
+    while let Some(Ok(msg)) = tokio::time::timeout(Duration::from_secs(20), ws.next())
+        .await
+        .expect("the session did not end")
+    {
+        if let Message::Binary(b) = msg {
+            saw_goaway |= session::decode(b)
+                .unwrap()
+                .iter()
+                .any(|f| matches!(f, Frame::GoAway(_)));
+        }
+    }
+    assert!(saw_goaway);
+}
+
+/// A backend whose `/hold` requests wait for `release`; other paths answer at once.
+async fn holding_backend(release: tokio::sync::watch::Receiver<bool>) -> std::net::SocketAddr {
+    backend(move |req: Request<hyper::body::Incoming>| {
+        let mut rx = release.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = rx.wait_for(|v| *v).await;
+            }
+            if req.uri().path() == "/big" {
+                return Response::new(full(Bytes::from(vec![7u8; 32 << 20])));
+            }
+            Response::new(full("done"))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_with_100_requests_on_its_session_fails_each_visibly() {
+    let (_release, rx) = tokio::sync::watch::channel(false);
+    let addr = holding_backend(rx).await;
+    let mut cfg = server_config();
+    cfg.agent_grace = Duration::from_secs(1);
+    let server = Server::start(cfg).await;
+    let mut acfg = Agent::config(&server.url(), "k", &format!("http://{addr}"));
+    acfg.transport = relay_client::Transport::Websocket;
+    let agent = Agent::start(acfg);
+    server.wait_agent("k").await;
+    let users: Vec<_> = (0..100)
+        .map(|_| {
+            tokio::spawn(
+                client().request(
+                    Request::get(format!("{}/client/k/hold", server.url()))
+                        .body(empty())
+                        .unwrap(),
+                ),
+            )
+        })
+        .collect();
+    wait_for(|| server.state.broker.in_flight() == 100 && server.state.broker.parked() == 0).await;
+    agent.kill();
+    for u in users {
+        let resp = tokio::time::timeout(Duration::from_secs(30), u)
+            .await
+            .expect("a request of the dead agent hung")
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    }
+    server.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_pending_when_the_session_is_cut_arrive_through_exchanges() {
+    let (release, rx) = tokio::sync::watch::channel(false);
+    let addr = holding_backend(rx).await;
+    let server = Server::default().await;
+    // The agent reaches the server through a proxy that can cut its connections.
+    let cut = cuttable_proxy(server.addr).await;
+    let mut acfg = Agent::config(
+        &format!("http://{}", cut.addr),
+        "c",
+        &format!("http://{addr}"),
+    );
+    acfg.transport = relay_client::Transport::Websocket;
+    let _agent = Agent::start(acfg);
+    server.wait_agent("c").await;
+    let users: Vec<_> = (0..50)
+        .map(|_| {
+            tokio::spawn(
+                client().request(
+                    Request::get(format!("{}/client/c/hold", server.url()))
+                        .body(empty())
+                        .unwrap(),
+                ),
+            )
+        })
+        .collect();
+    wait_for(|| server.state.broker.in_flight() == 50 && server.state.broker.parked() == 0).await;
+    // Every connection between agent and server goes (the session among them); then the
+    // backend answers: the agent, alive, delivers through exchanges and a new session.
+    cut.cut_all();
+    release.send(true).unwrap();
+    for u in users {
+        let resp = tokio::time::timeout(Duration::from_secs(30), u)
+            .await
+            .expect("an answer was lost with the session")
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "done");
+    }
+    server.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_flow_while_a_user_stalls_a_big_download() {
+    let (_release, rx) = tokio::sync::watch::channel(false);
+    let addr = holding_backend(rx).await;
+    let (server, _agent) = relay_to(addr, "f").await;
+    // A user asks for 32 MiB and reads nothing.
+    let stalled = client()
+        .request(
+            Request::get(format!("{}/client/f/big", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), StatusCode::OK);
+    // 50 small requests on the same agent all finish meanwhile (fewer than the queue
+    // limit of a name, 100, even if all wait at once).
+    let small: Vec<_> = (0..50)
+        .map(|_| {
+            tokio::spawn(
+                client().request(
+                    Request::get(format!("{}/client/f/small", server.url()))
+                        .body(empty())
+                        .unwrap(),
+                ),
+            )
+        })
+        .collect();
+    for s in small {
+        let resp = tokio::time::timeout(Duration::from_secs(30), s)
+            .await
+            .expect("a small request waited behind the stalled download")
+            .unwrap()
+            .unwrap();
+        assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "done");
+    }
+    drop(stalled);
+    server.wait_idle().await;
+}
