@@ -123,8 +123,9 @@ pub(crate) async fn run(
     let writer = carrier::write(sink, outbox, "agent leaving");
     tokio::pin!(writer);
     let deadline = link.relay.poll_deadline();
-    let mut ping =
-        tokio::time::interval_at(tokio::time::Instant::now() + deadline / 3, deadline / 3);
+    // At most 15 s apart: the server ends a session silent for 45 s.
+    let every = (deadline / 3).min(Duration::from_secs(15));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_in = Instant::now();
     // Slots granted to the server and not yet used by an OPEN.

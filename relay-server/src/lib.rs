@@ -123,6 +123,8 @@ pub struct State {
     pub stop: CancellationToken,
     /// Switched connections (they outlive the request handler that started them).
     pub tunnels: TaskTracker,
+    /// Agent sessions and the deliveries they hand off (not counted as tunnels).
+    pub agent_sessions: TaskTracker,
     /// Membership in a cluster of replicas (`--cluster-redis`).
     pub cluster: Option<Arc<cluster::directory::Cluster>>,
     /// TLS termination, once the listener loaded the certificate.
@@ -172,6 +174,7 @@ impl State {
             ops_on_public: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
+            agent_sessions: TaskTracker::new(),
             tls: std::sync::OnceLock::new(),
         }
     }

@@ -128,6 +128,7 @@ pub async fn serve_faces(
     // Connections got the stop; each gets a second to finish its response in progress.
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     state.tunnels.close();
+    state.agent_sessions.close();
     Ok(())
 }
 
@@ -180,7 +181,7 @@ async fn housekeeping(state: Arc<State>) {
             state.metrics.rejected("user_write_timeout");
         }
         state.budget.reap();
-        let others = state.conns.open() + state.tunnels.len();
+        let others = state.conns.open() + state.tunnels.len() + state.agent_sessions.len();
         trimmer.tick(
             state.broker.take_peak() + others,
             state.broker.in_flight() + others,

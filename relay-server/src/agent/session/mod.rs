@@ -53,7 +53,7 @@ pub fn serve(
         .any(|p| p.trim() == SESSION_SUBPROTOCOL);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_state = state.clone();
-    state.tunnels.spawn(async move {
+    state.agent_sessions.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

@@ -194,7 +194,7 @@ fn deliver_response(state: &Arc<State>, grant: &Grant, r: session::Response) {
     };
     let mut fut = Box::pin(deliver(pending, r));
     if (&mut fut).now_or_never().is_none() {
-        state.tunnels.spawn(fut);
+        state.agent_sessions.spawn(fut);
     }
 }
 
