@@ -8,7 +8,7 @@
 //! yield measured 15–20 % more requests per second on a busy session, and costs an idle one
 //! nothing but a task switch).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
@@ -29,29 +29,65 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE))
 }
 
-/// Frames waiting to be written, appended by any task.
+/// Frames waiting to be written, appended by any task. Positions in the session's outgoing
+/// byte stream ("marks": bytes ever appended) tell what was written: [`Outbox::sent`] is the
+/// mark the writer has got to, so a frame whose end is past it never fully left.
 #[derive(Default)]
 pub struct Outbox {
-    buf: Mutex<BytesMut>,
+    buf: Mutex<Pending>,
     ready: Notify,
     closed: AtomicBool,
+    sent: AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: BytesMut,
+    /// Bytes ever appended (the mark of the end of `bytes`).
+    appended: u64,
 }
 
 impl Outbox {
     /// Appends frames with `put` (one of the `session::put_*` functions). False when the
     /// session is over: nothing was appended.
     pub fn push(&self, put: impl FnOnce(&mut BytesMut)) -> bool {
+        self.push_marked(|b, _| put(b))
+    }
+
+    /// Like [`Outbox::push`]; `put` also gets the mark of the buffer's first byte, so the
+    /// mark of a frame's end is that plus the buffer's length after it.
+    pub fn push_marked(&self, put: impl FnOnce(&mut BytesMut, u64)) -> bool {
         if self.is_closed() {
             return false;
         }
-        put(&mut self.buf.lock().expect("bug: poisoned"));
+        let mut p = self.buf.lock().expect("bug: poisoned");
+        let start = p.appended - p.bytes.len() as u64;
+        let before = p.bytes.len();
+        put(&mut p.bytes, start);
+        p.appended += (p.bytes.len() - before) as u64;
+        drop(p);
         self.ready.notify_one();
         true
     }
 
+    /// The mark up to which everything was written to the connection.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    /// Drops what waits to be written (the session is over: the peer will not read it) and
+    /// returns the mark where the dropped bytes began. A message the writer already took
+    /// may still go out.
+    pub fn discard(&self) -> u64 {
+        let mut p = self.buf.lock().expect("bug: poisoned");
+        let from = p.appended - p.bytes.len() as u64;
+        p.bytes.clear();
+        from
+    }
+
     /// Bytes waiting to be written.
     pub fn buffered(&self) -> usize {
-        self.buf.lock().expect("bug: poisoned").len()
+        self.buf.lock().expect("bug: poisoned").bytes.len()
     }
 
     /// Ends the session's writing: what is queued is still written, then a Close.
@@ -66,12 +102,12 @@ impl Outbox {
     }
 
     /// The next message to write (at least one whole frame; ready frames up to about
-    /// [`COALESCE_MAX`]), or `None` once closed and empty.
-    async fn next(&self) -> Option<Bytes> {
+    /// [`COALESCE_MAX`]) with the mark of its end, or `None` once closed and empty.
+    async fn next(&self) -> Option<(Bytes, u64)> {
         loop {
             // notify_one stores a permit when nobody waits, so a push between the check
             // and the wait is not missed.
-            let empty = self.buf.lock().expect("bug: poisoned").is_empty();
+            let empty = self.buf.lock().expect("bug: poisoned").bytes.is_empty();
             if !empty {
                 tokio::task::yield_now().await;
                 return Some(self.take());
@@ -83,8 +119,18 @@ impl Outbox {
         }
     }
 
-    fn take(&self) -> Bytes {
-        let mut buf = self.buf.lock().expect("bug: poisoned");
+    fn take(&self) -> (Bytes, u64) {
+        let mut p = self.buf.lock().expect("bug: poisoned");
+        let msg = Self::cut(&mut p.bytes);
+        let end = p.appended - p.bytes.len() as u64;
+        if !p.bytes.is_empty() {
+            // More is waiting: the writer comes back for it at once.
+            self.ready.notify_one();
+        }
+        (msg, end)
+    }
+
+    fn cut(buf: &mut BytesMut) -> Bytes {
         if buf.len() <= COALESCE_MAX {
             return buf.split().freeze();
         }
@@ -98,10 +144,7 @@ impl Outbox {
             }
             at = next;
         }
-        let out = buf.split_to(at).freeze();
-        // More is waiting: the writer comes back for it at once.
-        self.ready.notify_one();
-        out
+        buf.split_to(at).freeze()
     }
 }
 
@@ -111,8 +154,9 @@ pub async fn write<S>(mut sink: S, outbox: &Outbox, reason: &str) -> Result<(), 
 where
     S: Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    while let Some(msg) = outbox.next().await {
+    while let Some((msg, end)) = outbox.next().await {
         sink.send(Message::Binary(msg)).await?;
+        outbox.sent.store(end, Ordering::Release);
     }
     let close = CloseFrame {
         code: tungstenite::protocol::frame::coding::CloseCode::Normal,
@@ -170,7 +214,8 @@ mod tests {
         for n in 1..=3 {
             assert!(o.push(|b| session::put_credit(b, n)));
         }
-        let m = o.next().await.unwrap();
+        let (m, end) = o.next().await.unwrap();
+        assert_eq!(end, m.len() as u64);
         let frames = session::decode(m).unwrap();
         assert_eq!(frames.len(), 3);
         // 5 × 100 KiB GOAWAYs: messages of ≤ 256 KiB, whole frames each.
@@ -180,11 +225,30 @@ mod tests {
         }
         let mut seen = 0;
         while seen < 5 {
-            let m = o.next().await.unwrap();
+            let (m, _) = o.next().await.unwrap();
             assert!(m.len() <= COALESCE_MAX);
             seen += session::decode(m).unwrap().len();
         }
         assert_eq!(o.buffered(), 0);
+        // Marks: where each frame ends in the stream; discard tells where dropping began.
+        let mut ends = Vec::new();
+        o.push_marked(|b, start| {
+            for n in 0..2 {
+                session::put_credit(b, n);
+                ends.push(start + b.len() as u64);
+            }
+        });
+        let (m, end) = o.next().await.unwrap();
+        assert_eq!(end, ends[1]);
+        assert_eq!(ends[1] - ends[0], (m.len() / 2) as u64);
+        o.push(|b| session::put_credit(b, 9));
+        assert_eq!(
+            o.discard(),
+            end,
+            "the dropped bytes began where the message ended"
+        );
+        assert_eq!(o.buffered(), 0);
+        assert_eq!(o.sent(), 0, "nothing was written: there is no writer here");
         o.close();
         assert!(!o.push(|b| session::put_credit(b, 1)));
         assert!(o.next().await.is_none());

@@ -65,10 +65,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         .chain(cfg.more_relay_urls.iter().cloned())
         .collect();
     let mut relays = Vec::with_capacity(urls.len());
-    for url in &urls {
+    for (slot, url) in urls.iter().enumerate() {
         let mut one = cfg.clone();
         one.relay_url = url.clone();
-        relays.push((url.clone(), RelayClient::new(&one, &agent_id)?));
+        relays.push((
+            url.clone(),
+            RelayClient::new(&one, &agent_id)?.with_slot(slot),
+        ));
     }
     let backend = Backend::new(&cfg)?;
     let services = Arc::new(Services::new(
@@ -245,8 +248,12 @@ async fn sessions(
                 shared.stats.reachable();
                 tracing::info!(relay = %url, carrier = "websocket", "agent session open");
                 let end = crate::session::run(shared, link, ws, slots, draining, stop).await;
-                if matches!(end, crate::session::SessionEnd::Stopped) {
-                    return Ok(Carried::Done);
+                match end {
+                    crate::session::SessionEnd::Stopped => return Ok(Carried::Done),
+                    // A black-holed path: pooled connections to the server are most likely
+                    // dead the same way, and calls on them would wait forever.
+                    crate::session::SessionEnd::Silent(_) => link.relay.fresh_connections(),
+                    _ => {}
                 }
                 tracing::warn!(relay = %url, reason = %end, "agent session lost; opening another");
             }

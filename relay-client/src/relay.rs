@@ -1,6 +1,7 @@
 //! Calls to the relay-server: the long poll, response exchanges, upload exchanges, and the
 //! start-up probe that decides between streaming and bounded exchanges.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +29,10 @@ pub type CallBody = UnsyncBoxBody<Bytes, std::io::Error>;
 /// A client of one relay-server, authenticated as one agent process.
 #[derive(Clone)]
 pub struct RelayClient {
-    client: Client<tls::Connector, CallBody>,
+    /// Exchanges and polls; replaced (with its pool) when the path to the server turns
+    /// out black-holed, so new calls do not queue on connections that will never answer.
+    client: Arc<RwLock<Client<tls::Connector, CallBody>>>,
+    connector: tls::Connector,
     /// HTTP/1.1 only: a session is an HTTP/1.1 upgrade (RFC 9110 §7.8).
     upgrader: Client<tls::Connector, CallBody>,
     base: String,
@@ -37,6 +41,9 @@ pub struct RelayClient {
     agent_id: HeaderValue,
     name: String,
     poll_deadline: Duration,
+    /// This relay URL's index among the agent's: a new session supersedes the server's
+    /// session of the same agent and slot (one the agent gave up on as dead).
+    slot: usize,
 }
 
 /// An open session's connection.
@@ -50,6 +57,12 @@ pub enum Polled {
     Empty,
 }
 
+fn pooled(connector: &tls::Connector) -> Client<tls::Connector, CallBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(50))
+        .build(connector.clone())
+}
+
 impl RelayClient {
     /// A client for `cfg.relay_url`.
     pub fn new(cfg: &Config, agent_id: &str) -> Result<Self, AgentError> {
@@ -59,9 +72,7 @@ impl RelayClient {
             .map(|(c, k)| (c.as_path(), k.as_path()));
         let tls_cfg = tls::client_config(cfg.relay_ca_file.as_deref(), identity)?;
         let connector = tls::connector_with(tls_cfg.clone(), true)?;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(50))
-            .build(connector);
+        let client = Arc::new(RwLock::new(pooled(&connector)));
         let upgrader = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(tls::connector_with(tls_cfg, false)?);
@@ -81,12 +92,14 @@ impl RelayClient {
         };
         Ok(RelayClient {
             client,
+            connector,
             upgrader,
             base,
             auth,
             agent_id: HeaderValue::from_str(agent_id).expect("bug: agent ids are hex"),
             name: cfg.name.clone(),
             poll_deadline: cfg.poll_deadline,
+            slot: 0,
         })
     }
 
@@ -110,8 +123,15 @@ impl RelayClient {
         req
     }
 
+    /// Drops the pooled connections: new calls open fresh ones. Calls still running on the
+    /// old ones end with them.
+    pub fn fresh_connections(&self) {
+        *self.client.write().expect("bug: poisoned") = pooled(&self.connector);
+    }
+
     async fn send(&self, req: Request<CallBody>) -> Result<Response<Incoming>, RelayCallError> {
-        self.client
+        let client = self.client.read().expect("bug: poisoned").clone();
+        client
             .request(req)
             .await
             .map_err(|e| RelayCallError::Transport(error_chain(&e)))
@@ -186,7 +206,7 @@ impl RelayClient {
     /// server) does not carry sessions.
     pub async fn open_session(&self) -> Result<Session, RelayCallError> {
         let key = generate_key();
-        let q = format!("{}?server={}", SESSION_PATH, self.name);
+        let q = format!("{}?server={}&slot={}", SESSION_PATH, self.name, self.slot);
         let mut req = self.request(Method::GET, &q, empty());
         let h = req.headers_mut();
         h.insert(
@@ -244,6 +264,12 @@ impl RelayClient {
         tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| RelayCallError::Transport("opening the session timed out".into()))?
+    }
+
+    /// The same client, for the agent's relay URL number `slot`.
+    pub fn with_slot(mut self, slot: usize) -> Self {
+        self.slot = slot;
+        self
     }
 
     /// Longest silence on a live session (pings go every third of it).

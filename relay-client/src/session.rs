@@ -128,6 +128,10 @@ pub(crate) async fn run(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_in = Instant::now();
+    // Fires at the deadline counted from the last frame seen when it was armed; a frame
+    // since then re-arms it (checked only when it fires: no timer work per message).
+    let silence = tokio::time::sleep(deadline);
+    tokio::pin!(silence);
     // Slots granted to the server and not yet used by an OPEN.
     let mut granted: Option<OwnedSemaphorePermit> = None;
     let mut said_draining = false;
@@ -159,10 +163,13 @@ pub(crate) async fn run(
             }
             _ = &mut freed => {}
             _ = draining.cancelled(), if !said_draining => {}
-            _ = ping.tick() => {
-                if last_in.elapsed() > deadline {
+            _ = &mut silence => {
+                if last_in.elapsed() >= deadline {
                     break SessionEnd::Silent(deadline);
                 }
+                silence.as_mut().reset((last_in + deadline).into());
+            }
+            _ = ping.tick() => {
                 pings += 1;
                 outbox.push(|b| session::put_ping(b, pings.to_be_bytes(), false));
             }

@@ -538,20 +538,28 @@ pub fn native_protocol() -> &'static str {
     }
 }
 
-/// A TCP proxy in front of `upstream` whose open connections can all be cut at once
-/// (new ones go through as before).
+/// A TCP proxy in front of `upstream` whose open connections can all be cut or
+/// black-holed at once (new ones go through as before).
 pub struct CuttableProxy {
     /// Where to connect.
     pub addr: SocketAddr,
-    generation: Arc<std::sync::Mutex<CancellationToken>>,
+    generation: Arc<std::sync::Mutex<(CancellationToken, CancellationToken)>>,
 }
 
 impl CuttableProxy {
     /// Closes every connection open now.
     pub fn cut_all(&self) {
         let mut g = self.generation.lock().unwrap();
-        g.cancel();
-        *g = CancellationToken::new();
+        g.0.cancel();
+        *g = Default::default();
+    }
+
+    /// Black-holes every connection open now: nothing passes either way and nothing
+    /// closes (a half-open path: a NAT that forgot the flow, a dead route).
+    pub fn stall_all(&self) {
+        let mut g = self.generation.lock().unwrap();
+        g.1.cancel();
+        *g = Default::default();
     }
 }
 
@@ -559,11 +567,11 @@ impl CuttableProxy {
 pub async fn cuttable_proxy(upstream: SocketAddr) -> CuttableProxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+    let generation: Arc<std::sync::Mutex<(CancellationToken, CancellationToken)>> = Arc::default();
     let g = generation.clone();
     tokio::spawn(async move {
         while let Ok((mut down, _)) = listener.accept().await {
-            let cut = g.lock().unwrap().clone();
+            let (cut, stall) = g.lock().unwrap().clone();
             tokio::spawn(async move {
                 let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
                     return;
@@ -571,6 +579,8 @@ pub async fn cuttable_proxy(upstream: SocketAddr) -> CuttableProxy {
                 tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
                     _ = cut.cancelled() => {}
+                    // Both sockets stay open, unread, until the test ends.
+                    _ = stall.cancelled() => std::future::pending().await,
                 }
             });
         }

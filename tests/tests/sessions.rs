@@ -19,7 +19,12 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Opens a session by hand for `name`.
 async fn open(server: &Server, name: &str) -> Ws {
-    let mut req = format!("ws://{}/server/session?server={name}", server.addr)
+    open_query(server, &format!("server={name}")).await
+}
+
+/// Opens a session by hand with the query `query`.
+async fn open_query(server: &Server, query: &str) -> Ws {
+    let mut req = format!("ws://{}/server/session?{query}", server.addr)
         .into_client_request()
         .unwrap();
     let h = req.headers_mut();
@@ -347,4 +352,153 @@ async fn small_requests_flow_while_a_user_stalls_a_big_download() {
     }
     drop(stalled);
     server.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_the_server_never_wrote_go_back_to_the_queue_when_the_session_dies() {
+    let addr = backend(|_req| async { Response::new(full("fresh")) }).await;
+    let mut cfg = server_config();
+    cfg.agent_grace = Duration::from_secs(1);
+    // All 200 may arrive before the session claims any (a loaded machine).
+    cfg.max_parked_per_name = 200;
+    let server = Server::start(cfg).await;
+    // A session that takes 200 requests on credit and reads nothing, over a connection
+    // with a small receive buffer: 200 OPENs of 40 KiB each (8 MiB) cannot all be written
+    // (Linux buffers at most 4 MiB on the sending side by default, tcp_wmem).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(server.addr).await.unwrap();
+    let mut req = format!("ws://{}/server/session?server=q", server.addr)
+        .into_client_request()
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    h.insert("x-relay-agent-id", "stuck".parse().unwrap());
+    h.insert("x-relay-protocol", "2".parse().unwrap());
+    let (mut stuck, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    send(&mut stuck, |b| session::put_credit(b, 1000)).await;
+    server.wait_agent("q").await;
+    let pad = "p".repeat(40 * 1024);
+    let users: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(
+                client().request(
+                    Request::get(format!("{}/client/q/", server.url()))
+                        .header("x-pad", &pad)
+                        .body(empty())
+                        .unwrap(),
+                ),
+            )
+        })
+        .collect();
+    wait_for(|| server.state.broker.in_flight() == 200 && server.state.broker.parked() == 0).await;
+    // A working agent joins; then the stuck session's connection is reset.
+    let mut acfg = Agent::config(&server.url(), "q", &format!("http://{addr}"));
+    acfg.transport = relay_client::Transport::Websocket;
+    let _agent = Agent::start(acfg);
+    wait_for(|| {
+        let agents = server.state.broker.agents_per_name();
+        agents.iter().any(|(n, count)| n == "q" && *count == 2)
+    })
+    .await;
+    stuck.get_ref().set_zero_linger().unwrap();
+    drop(stuck);
+    // Requests whose OPEN never left the server are served by the other agent; ones that
+    // were written fail with 502 when the stuck agent's grace ends. None waits for the
+    // 60 s response timeout.
+    let (mut served, mut failed) = (0, 0);
+    for u in users {
+        let resp = tokio::time::timeout(Duration::from_secs(30), u)
+            .await
+            .expect("a request was neither put back nor failed")
+            .unwrap()
+            .unwrap();
+        match resp.status() {
+            StatusCode::OK => {
+                assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "fresh");
+                served += 1;
+            }
+            StatusCode::BAD_GATEWAY => failed += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(served >= 50, "{served} served, {failed} failed");
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn a_newer_session_of_the_same_agent_and_slot_supersedes_the_old_one() {
+    let server = Server::default().await;
+    let mut first = open_query(&server, "server=s&slot=0").await;
+    let mut other_slot = open_query(&server, "server=s&slot=1").await;
+    let mut pending = Vec::new();
+    // The agent gave up on its first session (black-holed, say) and opens another in the
+    // same slot: the server ends the old one, which would otherwise go on claiming work.
+    let _second = open_query(&server, "server=s&slot=0").await;
+    loop {
+        match next_frame(&mut first, &mut pending).await {
+            Frame::GoAway(why) => {
+                assert!(why.contains("superseded"), "{why}");
+                break;
+            }
+            Frame::Ping(_) => {}
+            f => panic!("expected GOAWAY, got {f:?}"),
+        }
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match first.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the superseded session was not closed");
+    // Another slot (another relay URL of the agent) is left alone.
+    send(&mut other_slot, |b| {
+        session::put_ping(b, *b"12345678", false)
+    })
+    .await;
+    let mut pending = Vec::new();
+    assert!(matches!(
+        next_frame(&mut other_slot, &mut pending).await,
+        Frame::Pong(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_notices_a_black_holed_session_and_serves_again_through_a_new_one() {
+    let addr = backend(|_req| async { Response::new(full("fresh")) }).await;
+    let server = Server::default().await;
+    let path = cuttable_proxy(server.addr).await;
+    let mut acfg = Agent::config(
+        &format!("http://{}", path.addr),
+        "b",
+        &format!("http://{addr}"),
+    );
+    acfg.transport = relay_client::Transport::Websocket;
+    acfg.poll_deadline = Duration::from_secs(2);
+    let _agent = Agent::start(acfg);
+    server.wait_agent("b").await;
+    let get = || async {
+        let req = Request::get(format!("{}/client/b/", server.url()))
+            .body(empty())
+            .unwrap();
+        // A request the dead session claimed waits for the response timeout: give up on
+        // it and ask again (the user leaving cancels it).
+        match tokio::time::timeout(Duration::from_millis(500), client().request(req)).await {
+            Ok(Ok(resp)) if resp.status() == StatusCode::OK => Some(()),
+            _ => None,
+        }
+    };
+    eventually(Duration::from_secs(20), "a first answer", get).await;
+    // The path goes silent for good: only a new session (a new connection) can serve.
+    path.stall_all();
+    eventually(
+        Duration::from_secs(30),
+        "an answer after the black hole",
+        get,
+    )
+    .await;
 }

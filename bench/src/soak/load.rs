@@ -1,5 +1,6 @@
 //! The user load: a mix of small GETs, downloads and uploads of 1 KB to a few MB checked
-//! byte for byte, server-sent events and WebSocket echoes, each classified by outcome.
+//! byte for byte, server-sent events, WebSocket echoes and service-port tunnels (a TCP echo
+//! through the agent), each classified by outcome.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::backend::{hex, Pattern};
-use crate::world::{HTTP_NAME, WS_NAME};
+use crate::world::{ECHO_APP, HTTP_NAME, WS_NAME};
 
 /// What happened to one user operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,7 +27,7 @@ pub enum Outcome {
 }
 
 /// The kinds of operations.
-pub const KINDS: [&str; 5] = ["small", "download", "upload", "sse", "websocket"];
+pub const KINDS: [&str; 6] = ["small", "download", "upload", "sse", "websocket", "tunnel"];
 
 /// One finished operation.
 pub struct Done {
@@ -40,18 +41,20 @@ pub struct Done {
     pub took: Duration,
 }
 
-/// Longest any operation may take before it counts as stuck.
-const PATIENCE: Duration = Duration::from_secs(90);
+/// Longest any operation may take before it counts as stuck: past the relay's longest
+/// timeout (120 s for an upgrade's 101).
+const PATIENCE: Duration = Duration::from_secs(150);
 
 /// Runs one operation chosen by `pick` (0..100) through `relay` with size seed `seed`.
 pub async fn one(relay: SocketAddr, pick: u64, seed: u64, max_size: usize) -> Done {
     let started = Instant::now();
     let kind = match pick {
-        0..=49 => 0,
-        50..=64 => 1,
-        65..=79 => 2,
-        80..=89 => 3,
-        _ => 4,
+        0..=44 => 0,
+        45..=59 => 1,
+        60..=74 => 2,
+        75..=84 => 3,
+        85..=92 => 4,
+        _ => 5,
     };
     // Sizes log-uniform from 1 KB up to `max_size`.
     let size = {
@@ -64,7 +67,8 @@ pub async fn one(relay: SocketAddr, pick: u64, seed: u64, max_size: usize) -> Do
             1 => download(relay, size, seed).await,
             2 => upload(relay, size, seed).await,
             3 => sse(relay).await,
-            _ => websocket(relay, seed).await,
+            4 => websocket(relay, seed).await,
+            _ => tunnel(relay, seed).await,
         }
     };
     let outcome = tokio::time::timeout(PATIENCE, run)
@@ -245,6 +249,62 @@ async fn websocket(relay: SocketAddr, seed: u64) -> Outcome {
     }
     let _ = ws.close(None).await;
     Outcome::Ok
+}
+
+/// A TCP connection to the HTTP agent's echo service port, carried as a WebSocket
+/// (Backend.AI's `tcpproxy`): 64 KiB–1 MiB of the pattern in binary messages, read back
+/// whole (the echo's chunks need not match the messages), then the end of stream.
+async fn tunnel(relay: SocketAddr, seed: u64) -> Outcome {
+    let Ok(tcp) = tokio::net::TcpStream::connect(relay).await else {
+        return Outcome::Visible("connection failed");
+    };
+    let url = format!(
+        "ws://{relay}/client/{HTTP_NAME}/stream/kernel/{HTTP_NAME}/tcpproxy?app={ECHO_APP}"
+    );
+    let ws = match tokio_tungstenite::client_async(url, tcp).await {
+        Ok((ws, _)) => ws,
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            return status_outcome(r.status()).unwrap_or(Outcome::Visible("no switch"))
+        }
+        Err(_) => return Outcome::Visible("handshake failed"),
+    };
+    let (mut tx, mut rx) = ws.split();
+    // Whole pattern words (8 bytes), so the stream does not depend on the chunking.
+    let total = (64 * 1024 + (seed % (960 * 1024)) as usize) & !7;
+    let expected = Pattern::new(seed).take(total);
+    let send = async move {
+        let mut p = Pattern::new(seed);
+        let mut sent = 0;
+        while sent < total {
+            let n = (total - sent).min(16 * 1024);
+            tx.send(Message::binary(p.take(n))).await?;
+            sent += n;
+        }
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(tx)
+    };
+    let receive = async {
+        let mut got = 0;
+        while got < total {
+            match rx.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    if b.len() > total - got || expected[got..got + b.len()] != b[..] {
+                        return Outcome::Silent("tunnel bytes differ");
+                    }
+                    got += b.len();
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                _ => return Outcome::Visible("tunnel closed"),
+            }
+        }
+        Outcome::Ok
+    };
+    let (sent, outcome) = tokio::join!(send, receive);
+    if let Ok(mut tx) = sent {
+        let _ = tx.close().await;
+    } else if outcome == Outcome::Ok {
+        return Outcome::Visible("tunnel closed");
+    }
+    outcome
 }
 
 #[cfg(test)]

@@ -49,37 +49,59 @@ struct Args {
     /// Only draw the chart of an earlier run's JSON (--json) into --svg, and exit.
     #[arg(long, requires = "svg")]
     chart_of: Option<std::path::PathBuf>,
+    /// Cluster mode: two replicas sharing a Redis (the HTTP agent reaches both, the
+    /// WebSocket agent one); replica kills and Redis restarts join the fault schedule.
+    #[arg(long, env = "RELAY_SOAK_CLUSTER")]
+    cluster: bool,
+    /// Open-loop load at this fraction of the capacity measured in the fault-free warm-up
+    /// (the first tenth, run closed-loop by --users): operations start at a fixed rate
+    /// whatever happens, as real users' do. Without it the users run closed-loop.
+    #[arg(long, env = "RELAY_SOAK_LOAD_FRACTION")]
+    load_fraction: Option<f64>,
 }
 
-/// The faults, in the order the schedule cycles through them.
-const SCHEDULE: [&str; 8] = [
-    "agent link cut",
-    "agent killed",
-    "agent link stalled 10s",
-    "user link reset",
-    "agent link reset",
-    "user link delayed 300ms for 5s",
-    "server killed",
-    "user link cut",
-];
+/// The faults, in the order the schedule cycles through them (cluster mode adds its own).
+fn schedule(cluster: bool) -> Vec<&'static str> {
+    let mut s = vec![
+        "agent link cut",
+        "agent killed",
+        "agent link stalled 10s",
+        "user link reset",
+        "agent link reset",
+        "user link delayed 300ms for 5s",
+        if cluster {
+            "replica killed"
+        } else {
+            "server killed"
+        },
+        "user link cut",
+    ];
+    if cluster {
+        s.push("redis restarted");
+    }
+    s
+}
 
-fn inject(world: &Mutex<World>, n: usize) -> &'static str {
-    let what = SCHEDULE[n % SCHEDULE.len()];
+fn inject(world: &Mutex<World>, what: &str, round: usize) {
     let mut w = world.lock().expect("poisoned");
-    match n % SCHEDULE.len() {
-        0 => w.agent_link.inject(Fault::Cut),
-        1 => w.restart_agent(n / SCHEDULE.len() % 2),
-        2 => w.agent_link.inject(Fault::Stall(Duration::from_secs(10))),
-        3 => w.user_link.inject(Fault::Reset),
-        4 => w.agent_link.inject(Fault::Reset),
-        5 => w.user_link.inject(Fault::Delay(
+    let links = |w: &World, f: Fault| w.agent_links.iter().for_each(|l| l.inject(f));
+    match what {
+        "agent link cut" => links(&w, Fault::Cut),
+        "agent killed" => w.restart_agent(round % 2),
+        "agent link stalled 10s" => links(&w, Fault::Stall(Duration::from_secs(10))),
+        "user link reset" => w.user_link.inject(Fault::Reset),
+        "agent link reset" => links(&w, Fault::Reset),
+        "user link delayed 300ms for 5s" => w.user_link.inject(Fault::Delay(
             Duration::from_millis(300),
             Duration::from_secs(5),
         )),
-        6 => w.restart_server(),
+        "server killed" | "replica killed" => {
+            let i = round % w.servers.len();
+            w.restart_server(i);
+        }
+        "redis restarted" => w.restart_redis(),
         _ => w.user_link.inject(Fault::Cut),
     }
-    what
 }
 
 #[tokio::main]
@@ -94,29 +116,35 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(to, chart::svg(&report, &title))?;
         return Ok(());
     }
-    let world = World::start().await;
+    raise_descriptor_limit();
+    let world = World::start(if args.cluster { 2 } else { 1 }).await;
     let relay = world.user_link.addr;
-    let server_addr = world.server_addr;
+    let server_addrs = world.server_addrs.clone();
     let silent_uploads = world.backend.silent_uploads.clone();
     let world = Arc::new(Mutex::new(world));
     wait_ready(relay).await?;
-    let (server_pid, _) = world.lock().expect("poisoned").pids();
-    let baseline_fds = world::open_fds(server_pid);
+    let baseline_fds: Vec<usize> = server_pids(&world)
+        .into_iter()
+        .map(world::open_fds)
+        .collect();
     let t0 = Instant::now();
     let report = Arc::new(Mutex::new(Report::new(t0)));
     let stop = tokio_util::sync::CancellationToken::new();
+    let warm_up = args.duration / 10;
 
-    // Users.
+    // Users: closed-loop (each starts its next operation when the last ends), all run or
+    // only for the warm-up, which measures the capacity an open loop then uses.
+    let closed = match args.load_fraction {
+        Some(_) => stop.child_token(),
+        None => stop.clone(),
+    };
     let mut users = Vec::new();
     for u in 0..args.users {
-        let (report, stop, max) = (report.clone(), stop.clone(), args.max_size);
+        let (report, stop, max) = (report.clone(), closed.clone(), args.max_size);
         users.push(tokio::spawn(async move {
             let mut x = 0x1234_5678_9abc_def0u64 ^ (u as u64).wrapping_mul(0x9E37_79B9);
             while !stop.is_cancelled() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let done = load::one(relay, x % 100, x >> 8, max).await;
+                let done = load::one(relay, next(&mut x) % 100, x >> 8, max).await;
                 report.lock().expect("poisoned").record(done);
             }
         }));
@@ -128,20 +156,32 @@ async fn main() -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             while !stop.is_cancelled() {
                 tick.tick().await;
-                let (server, agents) = world.lock().expect("poisoned").pids();
-                let s = Sample::of(server, &agents);
+                let (servers, agents) = world.lock().expect("poisoned").pids();
+                let s = Sample::of(&servers, &agents);
                 report.lock().expect("poisoned").sample(s);
             }
         })
     };
     // Faults: none in the first tenth (errors there are not attributable to one).
-    let warm_up = args.duration / 10;
     tokio::time::sleep(warm_up).await;
+    let open = args.load_fraction.map(|fraction| {
+        closed.cancel();
+        let capacity = report.lock().expect("poisoned").total() as f64 / warm_up.as_secs_f64();
+        let rate = (capacity * fraction).max(1.0);
+        report.lock().expect("poisoned").load = format!(
+            "open loop at {rate:.0} operations/s ({fraction} × {capacity:.0}/s measured closed-loop \
+             with {} users in the warm-up)",
+            args.users
+        );
+        tokio::spawn(open_loop(relay, rate, OPEN_LOOP_CAP, args.max_size, report.clone(), stop.clone()))
+    });
+    let sched = schedule(args.cluster);
     let mut n = 0;
     if !args.fault_every.is_zero() {
         while t0.elapsed() + args.fault_every < args.duration {
-            let w = world.clone();
-            let what = tokio::task::block_in_place(|| inject(&w, n));
+            let (w, what) = (world.clone(), sched[n % sched.len()]);
+            let round = n / sched.len();
+            tokio::task::block_in_place(|| inject(&w, what, round));
             report.lock().expect("poisoned").fault(what);
             n += 1;
             tokio::time::sleep(args.fault_every).await;
@@ -152,10 +192,34 @@ async fn main() -> anyhow::Result<()> {
     for u in users {
         u.await?;
     }
+    if let Some(open) = open {
+        open.await?;
+    }
     sampler.await?;
 
     // Resources must come back once the load stops.
-    let leaks = settle(server_addr, server_pid_now(&world), baseline_fds).await;
+    let mut leaks = Vec::new();
+    for ((addr, pid), fds) in server_addrs
+        .iter()
+        .zip(server_pids(&world))
+        .zip(baseline_fds)
+    {
+        leaks.extend(settle(*addr, pid, fds).await);
+    }
+    if std::env::var_os("RELAY_SOAK_DUMP").is_some() {
+        let mut w = world.lock().expect("poisoned");
+        for (i, s) in w.servers.iter_mut().enumerate() {
+            s.drain_output()
+                .iter()
+                .for_each(|l| eprintln!("server {i}: {l}"));
+        }
+        for (i, a) in w.agents.iter_mut().enumerate() {
+            a.proc
+                .drain_output()
+                .iter()
+                .for_each(|l| eprintln!("agent {i}: {l}"));
+        }
+    }
     let mut r = report.lock().expect("poisoned");
     r.silent_uploads = silent_uploads.load(std::sync::atomic::Ordering::SeqCst);
     r.leaks = leaks;
@@ -180,28 +244,109 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn args_line(a: &Args) -> String {
-    format!(
+    let mut line = format!(
         "relay-soak --duration {} --users {} --fault-every {} --max-size {}",
         humantime::format_duration(a.duration),
         a.users,
         humantime::format_duration(a.fault_every),
         a.max_size
-    )
+    );
+    if let Some(f) = a.load_fraction {
+        line += &format!(" --load-fraction {f}");
+    }
+    if a.cluster {
+        line += " --cluster";
+    }
+    line
 }
 
-fn server_pid_now(world: &Mutex<World>) -> u32 {
+fn server_pids(world: &Mutex<World>) -> Vec<u32> {
     world.lock().expect("poisoned").pids().0
 }
 
-/// Waits until both backends answer through the relay.
+/// Most operations the open loop keeps running at once: enough for everything started
+/// during a fault's worst case (requests lost with a black-holed session wait for the 60 s
+/// response timeout) without starving the rest, bounded for the machine's descriptors.
+const OPEN_LOOP_CAP: usize = 4096;
+
+/// An open loop holds thousands of connections at worst (each twice, through the user
+/// link): the soft descriptor limit goes up to the hard one (children inherit it).
+fn raise_descriptor_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `l` is a valid rlimit for getrlimit to fill and setrlimit to read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+/// The next number of a xorshift sequence.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Starts operations at `rate` per second until `stop`, at most `cap` at once (an
+/// operation that would pass the cap is shed and counted), then waits for those running.
+async fn open_loop(
+    relay: std::net::SocketAddr,
+    rate: f64,
+    cap: usize,
+    max_size: usize,
+    report: Arc<Mutex<Report>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut running = tokio::task::JoinSet::new();
+    let mut x = 0x0bad_cafe_dead_beefu64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        while running.try_join_next().is_some() {}
+        if running.len() >= cap {
+            report.lock().expect("poisoned").shed += 1;
+            continue;
+        }
+        let (pick, seed) = (next(&mut x) % 100, x >> 8);
+        let report = report.clone();
+        running.spawn(async move {
+            let done = load::one(relay, pick, seed, max_size).await;
+            report.lock().expect("poisoned").record(done);
+        });
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// Waits until both backends and the service port answer through the relay, four times in
+/// a row (through every replica: the user link spreads connections round-robin).
 async fn wait_ready(relay: std::net::SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut in_a_row = 0;
     while Instant::now() < deadline {
         let small = load::one(relay, 0, 1, 1000).await;
-        let ws = load::one(relay, 99, 1, 1000).await;
-        if small.outcome == load::Outcome::Ok && ws.outcome == load::Outcome::Ok {
-            return Ok(());
+        let ws = load::one(relay, 90, 1, 1000).await;
+        let tunnel = load::one(relay, 99, 1, 1000).await;
+        if [small, ws, tunnel]
+            .iter()
+            .all(|d| d.outcome == load::Outcome::Ok)
+        {
+            in_a_row += 1;
+            if in_a_row == 4 {
+                return Ok(());
+            }
+            continue;
         }
+        in_a_row = 0;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::bail!("the agents did not connect within 30 s")

@@ -46,6 +46,12 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// A proxy to `target` on a fresh loopback port.
     pub async fn start(target: SocketAddr) -> FaultProxy {
+        FaultProxy::start_to(vec![target]).await
+    }
+
+    /// A proxy on a fresh loopback port spreading connections over `targets` round-robin
+    /// (one that does not accept is skipped, as a balancer's health check would).
+    pub async fn start_to(targets: Vec<SocketAddr>) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::default();
@@ -53,14 +59,18 @@ impl FaultProxy {
         let c = conns.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let to = target;
+                let targets = targets.clone();
                 let id = next.fetch_add(1, Ordering::Relaxed);
                 let conns = c.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(to).await else {
-                        return; // dropping `client` closes it: the target is down
-                    };
-                    carry(id, client, server, conns).await;
+                    for i in 0..targets.len() {
+                        let to = targets[(id as usize + i) % targets.len()];
+                        if let Ok(server) = TcpStream::connect(to).await {
+                            carry(id, client, server, conns).await;
+                            return;
+                        }
+                    }
+                    // Dropping `client` closes it: every target is down.
                 });
             }
         });

@@ -19,16 +19,16 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Reads the figures of the server and the agents.
-    pub fn of(server: u32, agents: &[u32]) -> Sample {
+    /// Reads the figures of the servers (summed over replicas) and the agents.
+    pub fn of(servers: &[u32], agents: &[u32]) -> Sample {
+        let sum = |pids: &[u32], field: &str| -> f64 {
+            pids.iter().map(|p| crate::procfs::rss_kib(*p, field)).sum()
+        };
         Sample {
-            server_rss_kib: crate::procfs::rss_kib(server, "VmRSS"),
-            agents_rss_kib: agents
-                .iter()
-                .map(|p| crate::procfs::rss_kib(*p, "VmRSS"))
-                .sum(),
-            server_fds: crate::world::open_fds(server),
-            server_threads: crate::procfs::rss_kib(server, "Threads"),
+            server_rss_kib: sum(servers, "VmRSS"),
+            agents_rss_kib: sum(agents, "VmRSS"),
+            server_fds: servers.iter().map(|p| crate::world::open_fds(*p)).sum(),
+            server_threads: sum(servers, "Threads"),
         }
     }
 }
@@ -49,11 +49,17 @@ pub struct Report {
     counts: BTreeMap<(usize, String), u64>,
     seconds: BTreeMap<u64, Second>,
     faults: Vec<(f64, &'static str)>,
+    /// Per fault: when each kind next ended OK, counting only operations started after it.
+    recovered: Vec<[Option<f64>; KINDS.len()]>,
     unattributed: u64,
     /// Uploads the backend received wrong but clean (from the backend).
     pub silent_uploads: u64,
     /// Resources that did not come back after the load.
     pub leaks: Vec<String>,
+    /// How the load was driven (closed loop, or the open loop's rate).
+    pub load: String,
+    /// Operations the open loop did not start because too many were running.
+    pub shed: u64,
 }
 
 fn label(o: &Outcome) -> String {
@@ -72,9 +78,12 @@ impl Report {
             counts: BTreeMap::new(),
             seconds: BTreeMap::new(),
             faults: Vec::new(),
+            recovered: Vec::new(),
             unattributed: 0,
             silent_uploads: 0,
             leaks: Vec::new(),
+            load: "closed loop".into(),
+            shed: 0,
         }
     }
 
@@ -88,6 +97,18 @@ impl Report {
             Outcome::Ok => {
                 s.ok += 1;
                 s.latencies_ms.push(d.took.as_secs_f64() * 1000.0);
+                let started = d.started.saturating_duration_since(self.t0).as_secs_f64();
+                let ended = end.saturating_duration_since(self.t0).as_secs_f64();
+                // Recent faults only: none takes a minute to recover from.
+                for (i, (t, _)) in self.faults.iter().enumerate().rev() {
+                    if started - t > 60.0 {
+                        break;
+                    }
+                    if *t <= started {
+                        let first = &mut self.recovered[i][d.kind];
+                        *first = Some(first.map_or(ended, |f: f64| f.min(ended)));
+                    }
+                }
             }
             Outcome::Visible(_) => {
                 s.visible += 1;
@@ -119,6 +140,39 @@ impl Report {
     /// Records an injected fault.
     pub fn fault(&mut self, what: &'static str) {
         self.faults.push((self.t0.elapsed().as_secs_f64(), what));
+        self.recovered.push([None; KINDS.len()]);
+    }
+
+    /// Per fault kind: (count, median and longest recovery in seconds). A fault's recovery
+    /// is the time until every kind of operation started after it has ended OK once: how
+    /// long users wait for the relay to serve them again (an agent noticing a black-holed
+    /// link, agents reconnecting after a restart).
+    pub fn recoveries(&self) -> BTreeMap<&'static str, (usize, f64, f64)> {
+        let mut by: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+        for ((t, what), firsts) in self.faults.iter().zip(&self.recovered) {
+            let last = firsts.iter().flatten().copied().fold(f64::NAN, f64::max);
+            if !last.is_nan() {
+                by.entry(what).or_default().push(last - t);
+            }
+        }
+        by.into_iter()
+            .map(|(w, mut v)| {
+                let n = v.len();
+                (
+                    w,
+                    (
+                        n,
+                        Self::percentile(&mut v, 0.5),
+                        Self::percentile(&mut v, 1.0),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// Operations recorded so far.
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
     }
 
     /// SILENT outcomes, users' and the backend's together.
@@ -163,10 +217,12 @@ impl Report {
         let (s0, smax, s1) = rss(|s| s.0);
         let (a0, amax, a1) = rss(|s| s.1);
         out += &format!(
-            "\n{total} operations; OK latency p50 {:.1} ms, p99 {:.1} ms; {} faults injected \
+            "\n{total} operations ({}; {} shed); OK latency p50 {:.1} ms, p99 {:.1} ms; {} faults injected \
              ({}); {} visible errors not explained by a fault; SILENT: {} (users) + {} \
              (uploads the backend got wrong); server RSS {s0:.1} → max {smax:.1} → {s1:.1} MiB; \
              agents' RSS {a0:.1} → max {amax:.1} → {a1:.1} MiB; after the load: {}\n",
+            self.load,
+            self.shed,
             Self::percentile(&mut lat, 0.5),
             Self::percentile(&mut lat, 0.99),
             self.faults.len(),
@@ -180,6 +236,13 @@ impl Report {
                 format!("NOT BACK: {}", self.leaks.join(", "))
             },
         );
+        let rec = self.recoveries();
+        if !rec.is_empty() {
+            out += "\n| fault | times | recovery: median | longest |\n|---|---|---|---|\n";
+            for (w, (n, med, max)) in rec {
+                out += &format!("| {w} | {n} | {med:.1} s | {max:.1} s |\n");
+            }
+        }
         out
     }
 
@@ -209,6 +272,11 @@ impl Report {
         json!({
             "counts": counts,
             "faults": self.faults.iter().map(|(t, w)| json!({"t": t, "fault": w})).collect::<Vec<_>>(),
+            "recovery": self.recoveries().into_iter().map(|(w, (n, med, max))| json!({
+                "fault": w, "times": n, "median_s": med, "longest_s": max,
+            })).collect::<Vec<_>>(),
+            "load": self.load,
+            "shed": self.shed,
             "unattributed_visible": self.unattributed,
             "silent": self.silent(),
             "silent_uploads": self.silent_uploads,

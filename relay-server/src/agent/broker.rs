@@ -76,9 +76,35 @@ pub(super) struct AgentState {
     /// Digests of the tokens its polls presented (one, unless it rotated its token), each
     /// re-checked on reload.
     tokens: Vec<[u8; 32]>,
+    /// Its open sessions by slot (the agent's relay URL index): each with a number and
+    /// the token that ends it when a newer session takes the slot.
+    sessions: HashMap<u32, (u64, CancellationToken)>,
+    opened: u64,
 }
 
 impl Agent {
+    /// Registers a session in `slot`; one already there is superseded (its token is
+    /// cancelled): an agent opens a new session when it takes the old one for dead, and a
+    /// black-holed session the server still believes in would otherwise go on claiming
+    /// requests that can never reach the agent. Returns the session's number and token.
+    pub fn open_session(&self, slot: u32) -> (u64, CancellationToken) {
+        let mut s = self.state.lock().expect("bug: poisoned");
+        s.opened += 1;
+        let (n, token) = (s.opened, CancellationToken::new());
+        if let Some((_, old)) = s.sessions.insert(slot, (n, token.clone())) {
+            old.cancel();
+        }
+        (n, token)
+    }
+
+    /// Ends session `n` in `slot` (nothing if a newer one holds the slot).
+    pub fn close_session(&self, slot: u32, n: u64) {
+        let mut s = self.state.lock().expect("bug: poisoned");
+        if s.sessions.get(&slot).is_some_and(|(held, _)| *held == n) {
+            s.sessions.remove(&slot);
+        }
+    }
+
     /// Queues a cancel notice (the user of `id` left) and wakes one of the agent's polls.
     pub fn notify_cancel(&self, id: RequestId) {
         // A Go relay-client has no cancel notices: it learns that the user left from the
@@ -99,6 +125,8 @@ pub struct NameQueue {
     /// Woken when a request is queued.
     pub(super) work: Notify,
     agents: Mutex<HashMap<String, Arc<Agent>>>,
+    /// The broker's count of requests waiting for pickup (a request put back counts again).
+    parked: Arc<AtomicUsize>,
 }
 
 impl NameQueue {
@@ -128,6 +156,18 @@ impl NameQueue {
         let before = q.len();
         q.retain(|p| p.id != id);
         before != q.len()
+    }
+
+    /// Puts a request whose delivery to an agent failed back at the head of the queue (it
+    /// was first in line), with its head; nothing when its user left meanwhile.
+    pub(crate) fn put_back(&self, pending: Arc<Pending>, head: RequestHead) {
+        let mut q = self.queue.lock().expect("bug: poisoned");
+        if pending.put_back(head, &self.parked) {
+            tracing::debug!(id = %pending.id, "request put back in the queue");
+            q.push_front(pending);
+            drop(q);
+            self.work.notify_one();
+        }
     }
 
     /// Takes up to `max` requests for `agent`, skipping ones already cancelled.
@@ -166,6 +206,9 @@ pub struct Broker {
 pub struct PollBatch {
     /// Requests handed to the agent, with their heads.
     pub requests: Vec<RequestHead>,
+    /// The same requests (same order): what a [`crate::agent::handout::Handout`] puts back
+    /// if their delivery fails.
+    pub claimed: Vec<Arc<Pending>>,
     /// Requests whose users left.
     pub cancel: Vec<RequestId>,
 }
@@ -345,6 +388,7 @@ impl Broker {
                     queue: Mutex::new(VecDeque::new()),
                     work: Notify::new(),
                     agents: Mutex::new(HashMap::new()),
+                    parked: self.parked_total.clone(),
                 })
             })
             .clone();
@@ -367,6 +411,8 @@ impl Broker {
                         draining: false,
                         cancels: Vec::new(),
                         tokens: Vec::new(),
+                        sessions: HashMap::new(),
+                        opened: 0,
                     }),
                     wake: Notify::new(),
                     gone: CancellationToken::new(),
@@ -405,6 +451,9 @@ impl Broker {
             let keep = !agents.is_empty();
             if !keep {
                 self.metrics.forget(name);
+                for p in backend.queue.lock().expect("bug: poisoned").iter() {
+                    p.orphan();
+                }
             }
             keep
         });
@@ -429,6 +478,9 @@ impl Broker {
             let keep = !agents.is_empty();
             if !keep {
                 self.metrics.forget(name);
+                for p in backend.queue.lock().expect("bug: poisoned").iter() {
+                    p.orphan();
+                }
             }
             keep
         });

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use relay_common::message::PollAnswer;
 use relay_common::name::is_valid_name;
@@ -13,6 +14,7 @@ use relay_common::{AGENT_ID_HEADER, MAX_POLL_BATCH};
 
 use crate::agent::broker::{AgentInfo, AgentProtocol};
 use crate::agent::error::AgentCallError;
+use crate::agent::handout::PollAnswerBody;
 use crate::agent::pending::Pending;
 use crate::agent::{response, session, upload, v1alpha1};
 use crate::base::auth::Grant;
@@ -96,6 +98,8 @@ pub(crate) struct Query<'a> {
     pub(crate) offset: Option<u64>,
     pub(crate) max: Option<u64>,
     pub(crate) draining: bool,
+    /// A session's slot (the agent's relay URL index; 0 when absent).
+    pub(crate) slot: u32,
 }
 
 impl<'a> Query<'a> {
@@ -109,6 +113,7 @@ impl<'a> Query<'a> {
                 "offset" => out.offset = v.parse().ok(),
                 "max" => out.max = v.parse().ok(),
                 "draining" => out.draining = v == "1" || v == "true",
+                "slot" => out.slot = v.parse().unwrap_or(0),
                 _ => {}
             }
         }
@@ -174,11 +179,16 @@ async fn poll(
         });
     let batch = handle.next(max, state.cfg.poll_timeout, &state.stop).await;
     let gone = handle.agent().gone.is_cancelled();
+    let handout = handle.handout();
     drop(handle);
     // A reload may have revoked the token while the poll was parked: what it claimed in
-    // that instant is not handed out (the requests fail with the agent), and the agent
-    // learns it must stop.
+    // that instant is not handed out (it goes back to the queue for other agents), and the
+    // agent learns it must stop.
     if gone && !state.auth().tokens.still_grants(&grant, name) {
+        let mut handout = handout;
+        for (pending, head) in batch.claimed.into_iter().zip(batch.requests) {
+            handout.push(0, pending, head);
+        }
         state.metrics.auth_failure("agent");
         return Err(AgentCallError::Unauthenticated(
             "the agent token was revoked by a configuration reload".into(),
@@ -194,9 +204,14 @@ async fn poll(
         cancel: batch.cancel.iter().map(|id| id.to_string()).collect(),
     };
     let json = serde_json::to_vec(&answer).expect("bug: poll answers always serialise");
+    let mut handout = handout;
+    for (pending, head) in batch.claimed.into_iter().zip(answer.requests) {
+        handout.push(0, pending, head);
+    }
+    let body = PollAnswerBody::new(Bytes::from(json), handout);
     Ok(no_store(Response::builder())
         .header(header::CONTENT_TYPE, "application/json")
-        .body(full(Bytes::from(json)))
+        .body(body.boxed_unsync())
         .expect("bug: static response"))
 }
 

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod endpoints;
 pub mod error;
 pub mod forward_auth;
+pub mod handout;
 pub mod pending;
 pub mod poll;
 pub mod response;

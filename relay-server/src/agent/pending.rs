@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use relay_common::id::RequestId;
 use relay_common::message::RequestHead;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::broker::{Agent, Broker, NameQueue};
@@ -15,9 +15,11 @@ use crate::agent::upload_side::UploadSide;
 use crate::base::budget::Account;
 
 enum Claim {
-    /// Waiting in the backend's queue; holds one slot of the global parked count.
+    /// Waiting in the backend's queue; holds one slot of the global parked count. `notify`
+    /// tells the user side who claimed it (`None` once it has been told: a request put back
+    /// after its delivery to an agent failed).
     Queued {
-        notify: oneshot::Sender<Arc<Agent>>,
+        notify: Option<oneshot::Sender<Arc<Agent>>>,
         parked: Arc<AtomicUsize>,
     },
     Claimed(Arc<Agent>),
@@ -46,6 +48,9 @@ pub struct Pending {
     pub download_bytes: AtomicU64,
     /// What its waiting response bytes hold of the memory budget and their shares.
     pub account: Account,
+    /// Woken when a request that was put back is claimed again (its user side follows the
+    /// new claimer, see [`Pending::claimer_gone`]).
+    reclaimed: Notify,
 }
 
 impl Pending {
@@ -69,13 +74,17 @@ impl Pending {
             arrived: std::time::Instant::now(),
             download_bytes: AtomicU64::new(0),
             account,
+            reclaimed: Notify::new(),
         }
     }
 
     /// Enters the Queued state, taking one global parked slot.
     pub(crate) fn set_queued(&self, notify: oneshot::Sender<Arc<Agent>>, parked: Arc<AtomicUsize>) {
         parked.fetch_add(1, Ordering::AcqRel);
-        *self.claim.lock().expect("bug: poisoned") = Claim::Queued { notify, parked };
+        *self.claim.lock().expect("bug: poisoned") = Claim::Queued {
+            notify: Some(notify),
+            parked,
+        };
     }
 
     /// Queued → Claimed by `agent`. False when the request was cancelled meanwhile.
@@ -84,7 +93,13 @@ impl Pending {
         match std::mem::replace(&mut *c, Claim::Claimed(agent.clone())) {
             Claim::Queued { notify, parked } => {
                 parked.fetch_sub(1, Ordering::AcqRel);
-                let _ = notify.send(agent.clone());
+                match notify {
+                    Some(n) => {
+                        let _ = n.send(agent.clone());
+                    }
+                    // Put back earlier: the user side waits on the claimer it knew.
+                    None => self.reclaimed.notify_waiters(),
+                }
                 true
             }
             other => {
@@ -107,7 +122,66 @@ impl Pending {
         }
     }
 
-    fn claimed_by(&self) -> Option<Arc<Agent>> {
+    /// Claimed → Queued again, with its head back: its delivery to the agent failed before
+    /// any of it was written, so the request has had no effect yet. False (nothing done)
+    /// when the request is over (the user left). Called with the name's queue locked, so
+    /// that a user leaving meanwhile finds it queued and takes it out.
+    pub(crate) fn put_back(&self, head: RequestHead, parked: &Arc<AtomicUsize>) -> bool {
+        let mut c = self.claim.lock().expect("bug: poisoned");
+        if self.done.is_cancelled() || !matches!(*c, Claim::Claimed(_)) {
+            return false;
+        }
+        parked.fetch_add(1, Ordering::AcqRel);
+        *c = Claim::Queued {
+            notify: None,
+            parked: parked.clone(),
+        };
+        *self.head.lock().expect("bug: poisoned") = Some(head);
+        true
+    }
+
+    /// Resolves when the agent holding the request is declared gone. A request put back
+    /// and claimed by another agent follows the new one; while it waits in the queue again
+    /// no agent's end concerns it.
+    pub async fn claimer_gone(&self) {
+        loop {
+            let changed = self.reclaimed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let claimer = match &*self.claim.lock().expect("bug: poisoned") {
+                Claim::Claimed(agent) => Some(agent.clone()),
+                Claim::Queued { .. } => None,
+                // Orphaned (its name has no agent any more) or over.
+                Claim::Cancelled => return,
+            };
+            match claimer {
+                Some(agent) => tokio::select! {
+                    _ = agent.gone.cancelled() => return,
+                    _ = &mut changed => {}
+                },
+                None => changed.await,
+            }
+        }
+    }
+
+    /// A put-back request whose name lost its last agent: it leaves the queue and its user
+    /// side (in [`Pending::claimer_gone`]) fails it, as it would have with its agent.
+    pub(crate) fn orphan(&self) {
+        let mut c = self.claim.lock().expect("bug: poisoned");
+        if let Claim::Queued {
+            notify: None,
+            parked,
+        } = &*c
+        {
+            parked.fetch_sub(1, Ordering::AcqRel);
+            *c = Claim::Cancelled;
+            drop(c);
+            self.reclaimed.notify_waiters();
+        }
+    }
+
+    /// The agent holding the request, if one claimed it.
+    pub fn claimed_by(&self) -> Option<Arc<Agent>> {
         match &*self.claim.lock().expect("bug: poisoned") {
             Claim::Claimed(a) => Some(a.clone()),
             _ => None,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::broker::{Agent, NameQueue, PollBatch};
+use crate::agent::handout::Handout;
 
 /// One parked poll. Dropping it (answer sent or agent connection gone) records the time,
 /// which starts the agent's grace period.
@@ -46,8 +47,19 @@ impl PollHandle {
                 if max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty() {
                     self.backend.work.notify_one();
                 }
-                let requests = claimed.iter().filter_map(|p| p.take_head()).collect();
-                return PollBatch { requests, cancel };
+                let mut requests = Vec::with_capacity(claimed.len());
+                let mut kept = Vec::with_capacity(claimed.len());
+                for p in claimed {
+                    if let Some(head) = p.take_head() {
+                        requests.push(head);
+                        kept.push(p);
+                    }
+                }
+                return PollBatch {
+                    requests,
+                    claimed: kept,
+                    cancel,
+                };
             }
             tokio::select! {
                 _ = async { work.as_mut().as_pin_mut().expect("bug: guarded by max").await }, if max > 0 => {}
@@ -60,8 +72,14 @@ impl PollHandle {
         }
         PollBatch {
             requests: Vec::new(),
+            claimed: Vec::new(),
             cancel: Vec::new(),
         }
+    }
+
+    /// An empty record of requests handed out through this poll's name queue.
+    pub fn handout(&self) -> Handout {
+        Handout::new(self.backend.clone())
     }
 
     /// The agent behind this poll.

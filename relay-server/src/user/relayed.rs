@@ -63,12 +63,15 @@ pub async fn dispatch(
         _ = tokio::time::sleep_until(arrival + response_timeout) => {
             return Err(RelayError::ResponseTimeout(response_timeout));
         }
-        _ = agent.gone.cancelled() => {
+        // The claimer may change: a request whose delivery failed is put back and claimed
+        // again, possibly by another agent.
+        _ = pending.claimer_gone() => {
             return Err(RelayError::Agent("the relay-client disconnected".into()));
         }
         why = pending.upload.failed() => return Err(refused_upload(why)),
         _ = revoked(admission.as_deref()) => return Err(credential_revoked()),
     };
+    let agent = pending.claimed_by().unwrap_or(agent);
     let (head, body_rx) = match start {
         ResponseStart::Head(head, rx) => {
             state.metrics.head(arrival.elapsed());

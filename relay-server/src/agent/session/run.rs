@@ -4,7 +4,8 @@
 //! response sides, exactly as a `/server/response` exchange would.
 //!
 //! The session owns its connection, its writer and its registration with the broker: when
-//! it ends (agent gone, connection dead, revoked, server stopped) the registration drops,
+//! it ends (agent gone, connection dead, revoked, server stopped, superseded by the agent's
+//! newer session in the same slot) the registration drops,
 //! which starts the agent's grace period. Requests it handed out stay claimed by the agent:
 //! an agent that comes back (a new session, same agent id) finishes them through exchanges;
 //! one that does not is declared gone after the grace period and they fail with 502 (or an
@@ -49,6 +50,8 @@ enum End {
     WriterFailed,
     Revoked,
     Stopped,
+    /// The agent opened a newer session in the same slot.
+    Superseded,
 }
 
 /// Runs one session until it ends.
@@ -57,6 +60,7 @@ pub async fn run(
     grant: Grant,
     name: String,
     agent_id: String,
+    slot: u32,
     info: AgentInfo,
     ws: WebSocketStream<TokioIo<Upgraded>>,
 ) {
@@ -71,15 +75,24 @@ pub async fn run(
             .begin_poll(&name, &agent_id, grant.token(), draining, move || info)
     };
     let mut handle = begin(false);
-    tracing::info!(name, agent = agent_id, "agent session opened");
+    let agent = handle.agent().clone();
+    let (number, superseded) = agent.open_session(slot);
+    tracing::info!(name, agent = agent_id, slot, "agent session opened");
     let mut credit = 0usize;
     let mut agent_draining = false;
     let mut last_in = Instant::now();
+    // Fires SILENT_LIMIT after the last frame seen when it was armed; re-armed then if a
+    // frame came since (no timer work per message).
+    let silence = tokio::time::sleep(SILENT_LIMIT);
+    tokio::pin!(silence);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pings = 0u64;
     let mut responses = 0u64;
+    // OPENs not yet written: put back in the queue if the session ends before they are.
+    let mut handout = handle.handout();
     let end = 'session: loop {
+        handout.delivered(outbox.sent());
         let max = if agent_draining || state.draining() {
             0
         } else {
@@ -91,14 +104,20 @@ pub async fn run(
                     break if state.stop.is_cancelled() { End::Stopped } else { End::Revoked };
                 };
                 credit -= batch.requests.len();
-                outbox.push(|b| {
+                let mut marks = Vec::with_capacity(batch.requests.len());
+                outbox.push_marked(|b, start| {
                     for head in &batch.requests {
                         session::put_open(b, head);
+                        marks.push(start + b.len() as u64);
                     }
                     for id in &batch.cancel {
                         session::put_cancel(b, &id.to_string());
                     }
                 });
+                let opened = batch.claimed.into_iter().zip(batch.requests);
+                for (mark, (pending, head)) in marks.into_iter().zip(opened) {
+                    handout.push(mark, pending, head);
+                }
             }
             read = carrier::read(&mut stream) => {
                 let frames = match read {
@@ -138,21 +157,31 @@ pub async fn run(
                     outbox.push(|b| session::put_ack(b, responses));
                 }
             }
-            _ = ping.tick() => {
-                if last_in.elapsed() > SILENT_LIMIT {
+            _ = &mut silence => {
+                if last_in.elapsed() >= SILENT_LIMIT {
                     break End::Silent;
                 }
+                silence.as_mut().reset((last_in + SILENT_LIMIT).into());
+            }
+            _ = ping.tick() => {
                 pings += 1;
                 outbox.push(|b| session::put_ping(b, pings.to_be_bytes(), false));
             }
             _ = &mut writer => break End::WriterFailed,
+            _ = superseded.cancelled() => break End::Superseded,
         }
     };
+    agent.close_session(slot, number);
     drop(handle);
+    // Queued frames are not written any more: OPENs among them go back to the queue, for
+    // this agent's next session or another agent.
+    let cut = outbox.discard();
+    handout.put_back_after(cut);
     let reason = match &end {
         End::Stopped => "the relay-server is shutting down",
         End::Revoked => "the agent token was revoked",
         End::Silent => "nothing received for 45 s",
+        End::Superseded => "superseded by a newer session of this agent",
         _ => "session over",
     };
     match &end {
@@ -166,6 +195,9 @@ pub async fn run(
         outbox.close();
         let _ = tokio::time::timeout(FAREWELL, writer).await;
     }
+    // A message the writer had taken and did not finish: its OPENs never arrived whole.
+    handout.put_back_after(outbox.sent());
+    handout.delivered_all();
 }
 
 /// Waits for work for the agent (when it has credit) or cancel notices; `None` when the

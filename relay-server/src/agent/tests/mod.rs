@@ -4,6 +4,7 @@
 
 mod broker;
 mod exchange;
+mod handout;
 mod sides;
 
 use std::sync::Arc;
