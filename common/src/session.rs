@@ -18,7 +18,7 @@
 //! | 5 | PING | both | 8 opaque bytes; answered by PONG with the same bytes |
 //! | 6 | PONG | both | the 8 bytes of the PING |
 //! | 7 | GOAWAY | both | UTF-8 reason: the sender ends the session after this frame |
-//! | 8 | ACK | server → agent | u64be: RESPONSE frames received on this session so far |
+//! | 8 | ACK | both | u64be: frames received on this session so far of the kind the other side sends work in: RESPONSE frames (server → agent), OPEN frames (agent → server) |
 //!
 //! A RESPONSE payload is `id_len:u8 id head_len:u32be head body_len:u32be body trailers`,
 //! where `head` is a JSON [`ResponseHead`], `body` the whole body and `trailers` (may be
@@ -29,7 +29,11 @@
 //!
 //! The agent keeps each RESPONSE until an ACK covers it; when a session is lost, the
 //! responses not acknowledged go again through `/server/response` exchanges (a duplicate
-//! of one that did arrive is refused there, so nothing is delivered twice).
+//! of one that did arrive is refused there, so nothing is delivered twice). The server
+//! keeps each OPEN until the agent's ACK covers it; an agent that gives a session up says
+//! on its next one (`session=<n>&resume=<earlier>.<opens>`) how many OPENs it received on
+//! the earlier one, and the server puts the others back in the queue: they never arrived
+//! and never will, so this is no replay.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -75,7 +79,7 @@ pub enum Frame {
     Pong([u8; 8]),
     /// The sender ends the session.
     GoAway(String),
-    /// RESPONSE frames received so far.
+    /// Frames received so far (RESPONSEs by the server, OPENs by the agent).
     Ack(u64),
 }
 
@@ -150,7 +154,7 @@ pub fn put_ping(b: &mut BytesMut, data: [u8; 8], pong: bool) {
     b.put_slice(&data);
 }
 
-/// Appends an ACK frame: `n` RESPONSE frames received so far.
+/// Appends an ACK frame: `n` frames received so far (RESPONSEs, or OPENs by the agent).
 pub fn put_ack(b: &mut BytesMut, n: u64) {
     put_header(b, ACK, 8);
     b.put_u64(n);

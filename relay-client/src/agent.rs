@@ -243,11 +243,12 @@ async fn sessions(
             _ = stop.cancelled() => return Ok(Carried::Done),
         };
         match opened {
-            Ok(ws) => {
+            Ok((ws, number)) => {
                 backoff = Backoff::default();
                 shared.stats.reachable();
                 tracing::info!(relay = %url, carrier = "websocket", "agent session open");
-                let end = crate::session::run(shared, link, ws, slots, draining, stop).await;
+                let end =
+                    crate::session::run(shared, link, (ws, number), slots, draining, stop).await;
                 match end {
                     crate::session::SessionEnd::Stopped => return Ok(Carried::Done),
                     // A black-holed path: pooled connections to the server are most likely
@@ -407,7 +408,7 @@ pub(crate) fn resend(shared: &Arc<Shared>, link: &Arc<Link>, kept: Kept) {
     let ctx = link.ctx.clone();
     shared.tracker.spawn(async move {
         let id = kept.id.clone();
-        if let Err(e) = crate::exchange::post_kept(&ctx, kept).await {
+        if let Err(e) = crate::whole::post_kept(&ctx, kept).await {
             tracing::debug!(id, error = %e, "re-sending a response failed");
         }
     });

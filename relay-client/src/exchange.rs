@@ -7,16 +7,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::Bytes;
 use http::{header, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use hyper_util::rt::TokioIo;
-use relay_common::codec::{encode, encode_continue, encode_head, BodyMsg, FrameReader, Message};
+use relay_common::codec::{encode_continue, BodyMsg, FrameReader, Message};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
-use relay_common::message::{
-    decode_headers, encode_headers, BodyKind, RequestHead, ResponseHead, Trailers,
-};
+use relay_common::message::{encode_headers, BodyKind, RequestHead, ResponseHead};
 use relay_common::session::INLINE_BODY_MAX;
 use relay_common::BODY_CHANNEL_DEPTH;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -29,8 +26,9 @@ use crate::config::Transport;
 use crate::error::RelayCallError;
 use crate::relay::{error_chain, RelayClient};
 use crate::service::{self, Call, LocalAnswer, Services};
-use crate::session::{Kept, Reply};
+use crate::session::Reply;
 use crate::upstream::{boxed, Backend};
+use crate::whole::{answer_whole, check_posted, post_error, post_local};
 
 /// What serving a request needs.
 pub struct Ctx {
@@ -167,47 +165,6 @@ async fn serve_inner(
     }
     let frames = ResponseFrames::new(&rh, has_body.then_some(Source::Body(body)));
     send_response(ctx, &head.id, frames).await
-}
-
-/// Reads a small body whole and sends the response on the session (or, if the session is
-/// gone meanwhile, in one exchange).
-async fn answer_whole(
-    ctx: &Ctx,
-    out: &Reply,
-    id: &str,
-    head: ResponseHead,
-    body: hyper::body::Incoming,
-) -> Result<(), RelayCallError> {
-    let mut body = body;
-    let mut data = bytes::BytesMut::new();
-    let mut trailers = None;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                // The head and the bytes so far go to the user and the body is aborted, as
-                // when it streams: a broken body, never a short complete one.
-                let why = format!("the backend's response body failed: {e}");
-                return post_broken(ctx, id, &head, data.freeze(), why).await;
-            }
-        };
-        match frame.into_data() {
-            Ok(d) if data.len() + d.len() <= INLINE_BODY_MAX => data.extend_from_slice(&d),
-            Ok(_) => {
-                let why = "the backend sent more than its Content-Length".to_owned();
-                return post_broken(ctx, id, &head, data.freeze(), why).await;
-            }
-            Err(f) => {
-                if let Ok(t) = f.into_trailers() {
-                    trailers = Some(Trailers {
-                        headers: encode_headers(&t),
-                    });
-                }
-            }
-        }
-    }
-    let data = data.freeze();
-    post_whole(ctx, Some(out), id, &head, data, trailers).await
 }
 
 /// The backend answered 101: if the user asked for exactly this switch, relay the 101 and
@@ -354,132 +311,6 @@ async fn serve_service(
         answer.body.into(),
     )
     .await
-}
-
-/// Sends a synthesised text response (the backend could not be asked).
-async fn post_error(
-    ctx: &Ctx,
-    reply: Option<&Reply>,
-    id: &str,
-    status: StatusCode,
-    msg: &str,
-) -> Result<(), RelayCallError> {
-    let body = Bytes::from(format!("{msg}\n"));
-    post_local(
-        ctx,
-        reply,
-        id,
-        status.as_u16(),
-        "text/plain; charset=utf-8",
-        body,
-    )
-    .await
-}
-
-/// Sends a complete response the agent produced itself.
-async fn post_local(
-    ctx: &Ctx,
-    reply: Option<&Reply>,
-    id: &str,
-    status: u16,
-    content_type: &str,
-    body: Bytes,
-) -> Result<(), RelayCallError> {
-    let head = ResponseHead {
-        status,
-        headers: vec![("content-type".into(), content_type.into())],
-        body: BodyKind::Stream,
-        content_length: Some(body.len() as u64),
-    };
-    post_whole(ctx, reply, id, &head, body, None).await
-}
-
-/// Sends a response a lost session did not acknowledge, in one exchange.
-pub(crate) async fn post_kept(ctx: &Ctx, kept: Kept) -> Result<(), RelayCallError> {
-    post_whole(ctx, None, &kept.id, &kept.head, kept.body, kept.trailers).await
-}
-
-/// Sends a head, the body bytes read so far and an ABORT, in one exchange.
-async fn post_broken(
-    ctx: &Ctx,
-    id: &str,
-    head: &ResponseHead,
-    data: Bytes,
-    why: String,
-) -> Result<(), RelayCallError> {
-    let mut chunks = VecDeque::from([encode_head(head)]);
-    if !data.is_empty() {
-        let d = encode(BodyMsg::Data(data));
-        chunks.push_back(d.frame);
-        chunks.push_back(d.payload.expect("bug: DATA has a payload"));
-    }
-    let last = encode(BodyMsg::Abort(why));
-    chunks.push_back(last.frame);
-    chunks.extend(last.payload);
-    let (status, text) = ctx
-        .relay
-        .post_response(id, 0, boxed(ChunksBody::new(chunks)))
-        .await?;
-    check_posted(status, &text).map(|_| ())
-}
-
-/// Sends a whole response: on the session when there is one and it is open (a body of at
-/// most `INLINE_BODY_MAX` bytes), else in one exchange.
-async fn post_whole(
-    ctx: &Ctx,
-    reply: Option<&Reply>,
-    id: &str,
-    head: &ResponseHead,
-    body: Bytes,
-    trailers: Option<Trailers>,
-) -> Result<(), RelayCallError> {
-    let (body, trailers) = match reply.filter(|_| body.len() <= INLINE_BODY_MAX) {
-        Some(reply) => {
-            let kept = Kept {
-                id: id.to_owned(),
-                head: head.clone(),
-                body: body.clone(),
-                trailers,
-            };
-            match reply.respond(kept) {
-                Ok(()) => return Ok(()),
-                // The session ended meanwhile.
-                Err(kept) => (kept.body, kept.trailers),
-            }
-        }
-        None => (body, trailers),
-    };
-    let mut chunks = VecDeque::from([encode_head(head)]);
-    if head.body == BodyKind::Stream {
-        if !body.is_empty() {
-            let data = encode(BodyMsg::Data(body));
-            chunks.push_back(data.frame);
-            chunks.push_back(data.payload.expect("bug: DATA has a payload"));
-        }
-        let last = match trailers.map(|t| decode_headers(&t.headers)) {
-            Some(Ok(map)) => encode(BodyMsg::Trailers(map)),
-            _ => encode(BodyMsg::End),
-        };
-        chunks.push_back(last.frame);
-        chunks.extend(last.payload);
-    }
-    let (status, text) = ctx
-        .relay
-        .post_response(id, 0, boxed(ChunksBody::new(chunks)))
-        .await?;
-    check_posted(status, &text).map(|_| ())
-}
-
-/// Whether an exchange was accepted; `Ok(false)` when the user is gone.
-fn check_posted(status: StatusCode, text: &[u8]) -> Result<bool, RelayCallError> {
-    match status {
-        StatusCode::OK => Ok(true),
-        StatusCode::GONE | StatusCode::NOT_FOUND => Ok(false),
-        s => Err(RelayCallError::Status {
-            status: s.as_u16(),
-            message: String::from_utf8_lossy(text).trim().to_owned(),
-        }),
-    }
 }
 
 async fn send_response(

@@ -8,6 +8,7 @@
 //! - [`session`]: the agent's end of a session (protocol 2 over a WebSocket): OPEN frames
 //!   in, whole small responses and credit out, pings; long polls are the fallback.
 //! - [`exchange`]: serving one request: upload pump, backend call, response exchanges.
+//! - [`whole`]: whole responses: on the session (kept until acknowledged) or in one exchange.
 //! - [`upstream`]: building and sending backend requests.
 //! - [`service`]: Backend.AI-style service ports answered by the agent itself.
 //! - [`bodies`]: the framed response body, bounded exchange bodies, the upload body.
@@ -39,6 +40,7 @@ pub mod session;
 pub mod splice;
 pub mod tls;
 pub mod upstream;
+pub mod whole;
 
 pub use agent::run;
 pub use config::{Config, Secret, Transport};

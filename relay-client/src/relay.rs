@@ -44,6 +44,11 @@ pub struct RelayClient {
     /// This relay URL's index among the agent's: a new session supersedes the server's
     /// session of the same agent and slot (one the agent gave up on as dead).
     slot: usize,
+    /// Sessions opened through this URL (their numbers).
+    sessions: Arc<std::sync::atomic::AtomicU64>,
+    /// The last ended session and the OPENs it received, told to the server by the next
+    /// session so it can put back the requests that never arrived.
+    resume: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
 }
 
 /// An open session's connection.
@@ -100,6 +105,8 @@ impl RelayClient {
             name: cfg.name.clone(),
             poll_deadline: cfg.poll_deadline,
             slot: 0,
+            sessions: Arc::default(),
+            resume: Arc::default(),
         })
     }
 
@@ -204,9 +211,19 @@ impl RelayClient {
     /// Opens a session (`/server/session`, a WebSocket upgrade). A non-101 answer is a
     /// [`RelayCallError::Status`]: 426 or 404 mean something in between (or an older
     /// server) does not carry sessions.
-    pub async fn open_session(&self) -> Result<Session, RelayCallError> {
+    pub async fn open_session(&self) -> Result<(Session, u64), RelayCallError> {
         let key = generate_key();
-        let q = format!("{}?server={}&slot={}", SESSION_PATH, self.name, self.slot);
+        let number = 1 + self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let resume = *self.resume.lock().expect("bug: poisoned");
+        let mut q = format!(
+            "{}?server={}&slot={}&session={number}",
+            SESSION_PATH, self.name, self.slot
+        );
+        if let Some((earlier, opens)) = resume {
+            q += &format!("&resume={earlier}.{opens}");
+        }
         let mut req = self.request(Method::GET, &q, empty());
         let h = req.headers_mut();
         h.insert(
@@ -261,9 +278,17 @@ impl RelayClient {
             )
             .await)
         };
-        tokio::time::timeout(Duration::from_secs(10), connect)
+        let ws = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
-            .map_err(|_| RelayCallError::Transport("opening the session timed out".into()))?
+            .map_err(|_| RelayCallError::Transport("opening the session timed out".into()))??;
+        // The server has the resume now.
+        *self.resume.lock().expect("bug: poisoned") = None;
+        Ok((ws, number))
+    }
+
+    /// Session `number` ended having received `opens` OPENs: the next session says so.
+    pub fn session_ended(&self, number: u64, opens: u64) {
+        *self.resume.lock().expect("bug: poisoned") = Some((number, opens));
     }
 
     /// The same client, for the agent's relay URL number `slot`.

@@ -112,11 +112,14 @@ pub enum SessionEnd {
 pub(crate) async fn run(
     shared: &Arc<Shared>,
     link: &Arc<Link>,
-    ws: Session,
+    (ws, number): (Session, u64),
     slots: usize,
     draining: &CancellationToken,
     stop: &CancellationToken,
 ) -> SessionEnd {
+    // OPENs received: acknowledged to the server, and reported by the next session if
+    // this one is given up, so the server can put back those that never arrived.
+    let mut opens = 0u64;
     let (sink, mut stream) = ws.split();
     let reply = Arc::new(Reply::new());
     let outbox = &reply.outbox;
@@ -157,8 +160,12 @@ pub(crate) async fn run(
                     Err(e) => break SessionEnd::Read(e),
                 };
                 last_in = Instant::now();
-                if let Some(end) = handle(shared, link, &reply, &mut granted, frames) {
+                let before = opens;
+                if let Some(end) = handle(shared, link, &reply, &mut granted, &mut opens, frames) {
                     break end;
+                }
+                if opens > before {
+                    outbox.push(|b| session::put_ack(b, opens));
                 }
             }
             _ = &mut freed => {}
@@ -177,6 +184,8 @@ pub(crate) async fn run(
             _ = stop.cancelled() => break SessionEnd::Stopped,
         }
     };
+    // Nothing more is read from this session: what it delivered is final.
+    link.relay.session_ended(number, opens);
     // From now on responses go through exchanges, and so do those the server did not
     // acknowledge (they may be lost with the connection).
     let unacked = reply.close();
@@ -223,12 +232,14 @@ fn handle(
     link: &Arc<Link>,
     reply: &Arc<Reply>,
     granted: &mut Option<OwnedSemaphorePermit>,
+    opens: &mut u64,
     frames: Vec<Frame>,
 ) -> Option<SessionEnd> {
     let outbox = &reply.outbox;
     for frame in frames {
         match frame {
             Frame::Open(head) => {
+                *opens += 1;
                 // The server sends no more OPENs than credit; a missing slot means it broke
                 // that promise, and the request is served anyway.
                 let permit = granted.as_mut().and_then(|p| p.split(1));

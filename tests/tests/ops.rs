@@ -388,10 +388,13 @@ async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
         .to_owned();
     agent.wait_line("relay-client started");
     assert_eq!(get_text(format!("http://{admin}/healthz")).await.0, 200);
-    assert_eq!(
-        get_text(format!("http://{admin}/readyz")).await,
-        (StatusCode::OK, "ready\n".into())
-    );
+    // Ready once the relay-server answered (the first session or poll, just after start).
+    let ready = eventually(std::time::Duration::from_secs(20), "readiness", || async {
+        let r = get_text(format!("http://{admin}/readyz")).await;
+        (r.0 == StatusCode::OK).then_some(r)
+    })
+    .await;
+    assert_eq!(ready, (StatusCode::OK, "ready\n".into()));
     for _ in 0..2 {
         assert_eq!(get_text(format!("http://{addr}/client/adm/x")).await.0, 200);
     }

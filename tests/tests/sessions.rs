@@ -502,3 +502,43 @@ async fn an_agent_notices_a_black_holed_session_and_serves_again_through_a_new_o
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_lost_in_a_black_holed_session_are_served_through_the_next_one() {
+    let addr = backend(|_req| async { Response::new(full("fresh")) }).await;
+    let server = Server::default().await;
+    let path = cuttable_proxy(server.addr).await;
+    let mut acfg = Agent::config(
+        &format!("http://{}", path.addr),
+        "r",
+        &format!("http://{addr}"),
+    );
+    acfg.transport = relay_client::Transport::Websocket;
+    acfg.poll_deadline = Duration::from_secs(2);
+    let _agent = Agent::start(acfg);
+    server.wait_agent("r").await;
+    let get = || {
+        client().request(
+            Request::get(format!("{}/client/r/", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    // The path goes silent: the server still believes in the session and writes these
+    // requests' OPENs into it; the agent never reads them.
+    path.stall_all();
+    let users: Vec<_> = (0..5).map(|_| tokio::spawn(get())).collect();
+    // The agent gives the session up after its deadline and says on the next one how many
+    // OPENs it got: the server puts the rest back, and they are served now rather than
+    // failing at the 60 s response timeout.
+    for u in users {
+        let resp = tokio::time::timeout(Duration::from_secs(30), u)
+            .await
+            .expect("a request lost in the black hole was not put back")
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "fresh");
+    }
+}

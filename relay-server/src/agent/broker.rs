@@ -16,6 +16,7 @@ use relay_common::message::RequestHead;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::handout::Parked;
 use crate::agent::pending::{Pending, PendingGuard};
 pub use crate::agent::poll::PollHandle;
 
@@ -80,6 +81,11 @@ pub(super) struct AgentState {
     /// the token that ends it when a newer session takes the slot.
     sessions: HashMap<u32, (u64, CancellationToken)>,
     opened: u64,
+    /// Per slot: the last ended session's requests not acknowledged (its agent-chosen
+    /// number and the requests), until the agent's next session there settles them.
+    parked: HashMap<u32, (u64, Parked)>,
+    /// Per slot: a resume that came before its session was parked.
+    resumes: HashMap<u32, (u64, u64)>,
 }
 
 impl Agent {
@@ -95,6 +101,50 @@ impl Agent {
             old.cancel();
         }
         (n, token)
+    }
+
+    /// A session (the agent's number `session`) in `slot` ended: keeps its requests not
+    /// acknowledged for the agent's next session there to settle.
+    pub fn park_session(&self, slot: u32, session: u64, parked: Parked) {
+        let mut s = self.state.lock().expect("bug: poisoned");
+        if self.gone.is_cancelled() {
+            // Declared gone (checked under the lock the reaper holds when it declares):
+            // its requests fail with it, and nothing may keep it alive.
+            drop(s);
+            drop(parked);
+            return;
+        }
+        if s.resumes.get(&slot).is_some_and(|(id, _)| *id == session) {
+            let (_, n) = s.resumes.remove(&slot).expect("bug: checked");
+            drop(s);
+            parked.resume(n);
+            return;
+        }
+        let replaced = s.parked.insert(slot, (session, parked));
+        drop(s);
+        // Never settled: those stay with the agent.
+        drop(replaced);
+    }
+
+    /// The agent's new session in `slot` says it received `n` OPENs on its session
+    /// `session` before giving it up: the others go back to the queue.
+    pub fn resume_session(&self, slot: u32, session: u64, n: u64) {
+        let mut s = self.state.lock().expect("bug: poisoned");
+        if s.parked.get(&slot).is_some_and(|(id, _)| *id == session) {
+            let (_, parked) = s.parked.remove(&slot).expect("bug: checked");
+            drop(s);
+            parked.resume(n);
+        } else {
+            // The old session has not ended here yet (it is being superseded).
+            s.resumes.insert(slot, (session, n));
+        }
+    }
+
+    /// Lets go of parked requests (the agent is gone; they fail with it). Also breaks the
+    /// cycle agent → parked request → its claim → agent.
+    fn forget_parked(&self) {
+        let parked = std::mem::take(&mut self.state.lock().expect("bug: poisoned").parked);
+        drop(parked);
     }
 
     /// Ends session `n` in `slot` (nothing if a newer one holds the slot).
@@ -413,6 +463,8 @@ impl Broker {
                         tokens: Vec::new(),
                         sessions: HashMap::new(),
                         opened: 0,
+                        parked: HashMap::new(),
+                        resumes: HashMap::new(),
                     }),
                     wake: Notify::new(),
                     gone: CancellationToken::new(),
@@ -438,17 +490,23 @@ impl Broker {
         let mut revoked = 0;
         self.backends.retain(|name, backend| {
             let mut agents = backend.agents.lock().expect("bug: poisoned");
+            let mut gone = Vec::new();
             agents.retain(|id, agent| {
                 let s = agent.state.lock().expect("bug: poisoned");
                 let keep = s.tokens.iter().all(|t| still(t, name));
                 if !keep {
                     tracing::warn!(name, agent = %id, "relay-client's token revoked: disconnected");
                     agent.gone.cancel();
+                    gone.push(agent.clone());
                     revoked += 1;
                 }
                 keep
             });
             let keep = !agents.is_empty();
+            drop(agents);
+            for agent in gone {
+                agent.forget_parked();
+            }
             if !keep {
                 self.metrics.forget(name);
                 for p in backend.queue.lock().expect("bug: poisoned").iter() {
@@ -466,16 +524,22 @@ impl Broker {
         let now = Instant::now();
         self.backends.retain(|name, backend| {
             let mut agents = backend.agents.lock().expect("bug: poisoned");
+            let mut gone = Vec::new();
             agents.retain(|id, agent| {
                 let s = agent.state.lock().expect("bug: poisoned");
                 let alive = s.polls > 0 || now.duration_since(s.last_seen) < self.agent_grace;
                 if !alive {
                     tracing::info!(name, agent = %id, "relay-client gone");
                     agent.gone.cancel();
+                    gone.push(agent.clone());
                 }
                 alive
             });
             let keep = !agents.is_empty();
+            drop(agents);
+            for agent in gone {
+                agent.forget_parked();
+            }
             if !keep {
                 self.metrics.forget(name);
                 for p in backend.queue.lock().expect("bug: poisoned").iter() {

@@ -100,6 +100,11 @@ pub(crate) struct Query<'a> {
     pub(crate) draining: bool,
     /// A session's slot (the agent's relay URL index; 0 when absent).
     pub(crate) slot: u32,
+    /// The agent's number for this session (0: none, no resume).
+    pub(crate) session: u64,
+    /// `resume=<session>.<opens>`: the agent received `opens` OPENs on its earlier
+    /// session `session` in this slot, then gave it up.
+    pub(crate) resume: Option<(u64, u64)>,
 }
 
 impl<'a> Query<'a> {
@@ -114,6 +119,12 @@ impl<'a> Query<'a> {
                 "max" => out.max = v.parse().ok(),
                 "draining" => out.draining = v == "1" || v == "true",
                 "slot" => out.slot = v.parse().unwrap_or(0),
+                "session" => out.session = v.parse().unwrap_or(0),
+                "resume" => {
+                    out.resume = v
+                        .split_once('.')
+                        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                }
                 _ => {}
             }
         }

@@ -44,7 +44,11 @@ pub fn serve(
         return Err(AgentCallError::Draining);
     }
     let info = agent_info(&req, peer, AgentProtocol::Session);
-    let slot = q.slot;
+    let carrier = run::Carrier {
+        slot: q.slot,
+        number: q.session,
+        resume: q.resume,
+    };
     let offered_subprotocol = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -68,7 +72,7 @@ pub fn serve(
             Some(ws_config()),
         )
         .await;
-        run::run(session_state, grant, name, agent_id, slot, info, ws).await;
+        run::run(session_state, grant, name, agent_id, carrier, info, ws).await;
     });
     let mut resp = no_store(Response::builder())
         .status(StatusCode::SWITCHING_PROTOCOLS)

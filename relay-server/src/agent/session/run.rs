@@ -5,11 +5,13 @@
 //!
 //! The session owns its connection, its writer and its registration with the broker: when
 //! it ends (agent gone, connection dead, revoked, server stopped, superseded by the agent's
-//! newer session in the same slot) the registration drops,
-//! which starts the agent's grace period. Requests it handed out stay claimed by the agent:
-//! an agent that comes back (a new session, same agent id) finishes them through exchanges;
-//! one that does not is declared gone after the grace period and they fail with 502 (or an
-//! aborted body), never silently.
+//! newer session in the same slot) the registration drops, which starts the agent's grace
+//! period. Requests it handed out stay claimed by the agent: an agent that comes back (a
+//! new session, same agent id) finishes them through exchanges; one that does not is
+//! declared gone after the grace period and they fail with 502 (or an aborted body), never
+//! silently. The exceptions go back to the queue: OPENs never written, and OPENs the
+//! agent's next session reports it never received (`resume`, see
+//! [`crate::agent::handout::Parked`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,7 +27,8 @@ use relay_common::session::{self, Frame};
 use relay_common::MAX_POLL_BATCH;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::agent::broker::{AgentInfo, PollHandle};
+use crate::agent::broker::{Agent, AgentInfo, PollHandle};
+use crate::agent::handout::Handout;
 use crate::agent::pending::Pending;
 use crate::base::auth::Grant;
 use crate::State;
@@ -54,16 +57,28 @@ enum End {
     Superseded,
 }
 
+/// Which of the agent's sessions this is: its slot (relay URL index), the agent's number
+/// for it (0: the agent does not resume), and what it reports of its previous one.
+pub struct Carrier {
+    /// The slot.
+    pub slot: u32,
+    /// The agent's number for the session.
+    pub number: u64,
+    /// `(earlier session, OPENs it received there)`.
+    pub resume: Option<(u64, u64)>,
+}
+
 /// Runs one session until it ends.
 pub async fn run(
     state: Arc<State>,
     grant: Grant,
     name: String,
     agent_id: String,
-    slot: u32,
+    carrier: Carrier,
     info: AgentInfo,
     ws: WebSocketStream<TokioIo<Upgraded>>,
 ) {
+    let slot = carrier.slot;
     let (sink, mut stream) = ws.split();
     let outbox = Outbox::default();
     let writer = carrier::write(sink, &outbox, "session over");
@@ -77,6 +92,9 @@ pub async fn run(
     let mut handle = begin(false);
     let agent = handle.agent().clone();
     let (number, superseded) = agent.open_session(slot);
+    if let Some((earlier, opens)) = carrier.resume {
+        agent.resume_session(slot, earlier, opens);
+    }
     tracing::info!(name, agent = agent_id, slot, "agent session opened");
     let mut credit = 0usize;
     let mut agent_draining = false;
@@ -89,10 +107,17 @@ pub async fn run(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pings = 0u64;
     let mut responses = 0u64;
-    // OPENs not yet written: put back in the queue if the session ends before they are.
+    // OPENs the agent has not acknowledged: put back in the queue if the session ends
+    // before they are written, or if the agent says later that they never arrived.
     let mut handout = handle.handout();
+    let mut acked = 0u64;
     let end = 'session: loop {
-        handout.delivered(outbox.sent());
+        if carrier.number == 0 {
+            // An agent that does not resume acknowledges nothing: written is enough.
+            handout.delivered(outbox.sent());
+        } else {
+            handout.received(acked);
+        }
         let max = if agent_draining || state.draining() {
             0
         } else {
@@ -146,8 +171,10 @@ pub async fn run(
                                 handle = begin(true);
                             }
                         }
-                        Frame::Open(_) | Frame::Cancel(_) | Frame::Ack(_) => {
-                            let why = "OPEN, CANCEL and ACK go from the server to the agent".into();
+                        // From the agent: OPENs received so far.
+                        Frame::Ack(n) => acked = acked.max(n),
+                        Frame::Open(_) | Frame::Cancel(_) => {
+                            let why = "OPEN and CANCEL go from the server to the agent".into();
                             break 'session End::Read(ReadEnd::Protocol(why));
                         }
                     }
@@ -190,14 +217,36 @@ pub async fn run(
         }
         e => tracing::warn!(name, agent = agent_id, end = ?e, "agent session ended"),
     }
+    // A session the agent replaced is one it no longer reads (it opens another in a slot
+    // only after giving the old one up): its requests are settled at once, not after a
+    // farewell that may wait on a dead connection. Any other session's farewell comes
+    // first, so that what the writer still had in hand counts as written or not.
+    let superseded = matches!(end, End::Superseded);
+    if superseded {
+        settle(&mut handout, &outbox, &agent, &carrier, acked);
+    }
     if !matches!(end, End::WriterFailed) {
         outbox.push(|b| session::put_goaway(b, reason));
         outbox.close();
         let _ = tokio::time::timeout(FAREWELL, writer).await;
     }
-    // A message the writer had taken and did not finish: its OPENs never arrived whole.
+    if !superseded {
+        settle(&mut handout, &outbox, &agent, &carrier, acked);
+    }
+}
+
+/// Settles an ended session's requests: those in a message the writer had taken and did
+/// not finish never arrived whole and go back to the queue; those the agent acknowledged
+/// stay with it; the rest wait for the agent's next session to say whether they arrived
+/// (an agent that does not number its sessions acknowledges nothing: written counts).
+fn settle(handout: &mut Handout, outbox: &Outbox, agent: &Agent, carrier: &Carrier, acked: u64) {
     handout.put_back_after(outbox.sent());
-    handout.delivered_all();
+    if carrier.number == 0 {
+        handout.delivered_all();
+    } else {
+        handout.received(acked);
+        agent.park_session(carrier.slot, carrier.number, handout.park());
+    }
 }
 
 /// Waits for work for the agent (when it has credit) or cancel notices; `None` when the

@@ -8,10 +8,41 @@ use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{broker, info, request};
-use crate::agent::handout::PollAnswerBody;
+use crate::agent::broker::{Broker, NameQueue, PollBatch};
+use crate::agent::handout::{Handout, PollAnswerBody};
+use crate::agent::pending::PendingGuard;
+use crate::agent::poll::PollHandle;
 use crate::agent::upload_side::UploadSide;
 
 const HOLD: Duration = Duration::from_secs(30);
+
+/// The handout of `batch`'s requests, each marked `mark`.
+fn handout_of(poll: &PollHandle, batch: PollBatch, mark: u64) -> Handout {
+    let mut handout = poll.handout();
+    for (p, h) in batch.claimed.into_iter().zip(batch.requests) {
+        handout.push(mark, p, h);
+    }
+    handout
+}
+
+/// Queues `n` requests for name "n"; their guards.
+fn queue(
+    b: &std::sync::Arc<Broker>,
+    backend: &std::sync::Arc<NameQueue>,
+    n: usize,
+) -> Vec<PendingGuard> {
+    (0..n)
+        .map(|_| {
+            b.enqueue(backend, request("n", UploadSide::none()).0)
+                .unwrap()
+                .0
+        })
+        .collect()
+}
+
+fn ids(batch: &PollBatch) -> Vec<String> {
+    batch.requests.iter().map(|h| h.id.clone()).collect()
+}
 
 #[tokio::test(start_paused = true)]
 async fn an_answer_dropped_before_its_end_puts_its_requests_back_first_in_line() {
@@ -26,10 +57,7 @@ async fn an_answer_dropped_before_its_end_puts_its_requests_back_first_in_line()
     let batch = first.next(1, HOLD, &stop).await;
     assert!(claimed.await.is_ok(), "the user side learns of the claim");
     let (_g2, _) = b.enqueue(&backend, p2).unwrap();
-    let mut handout = first.handout();
-    for (p, h) in batch.claimed.into_iter().zip(batch.requests) {
-        handout.push(0, p, h);
-    }
+    let handout = handout_of(&first, batch, 0);
     let body = PollAnswerBody::new("answer".into(), handout);
     drop(body);
     assert_eq!(b.parked(), 2, "it waits for pickup again");
@@ -37,7 +65,7 @@ async fn an_answer_dropped_before_its_end_puts_its_requests_back_first_in_line()
     // Another agent gets it first, with its head; the user side now follows that agent.
     let second = b.begin_poll("n", "a2", None, false, info);
     let batch = second.next(8, HOLD, &stop).await;
-    let got: Vec<_> = batch.requests.iter().map(|h| h.id.clone()).collect();
+    let got = ids(&batch);
     assert_eq!(got, [id1, id2]);
     let pending = g1.pending().clone();
     assert_eq!(pending.claimed_by().unwrap().id, "a2");
@@ -59,10 +87,7 @@ async fn an_answer_read_to_its_end_is_delivered_and_a_user_who_left_is_not_put_b
     let (p, _rx) = request("n", UploadSide::none());
     let (_g, _) = b.enqueue(&backend, p).unwrap();
     let batch = poll.next(1, HOLD, &stop).await;
-    let mut handout = poll.handout();
-    for (p, h) in batch.claimed.into_iter().zip(batch.requests) {
-        handout.push(0, p, h);
-    }
+    let handout = handout_of(&poll, batch, 0);
     let body = PollAnswerBody::new("answer".into(), handout);
     let bytes = body.collect().await.unwrap().to_bytes();
     assert_eq!(&bytes[..], b"answer");
@@ -71,10 +96,7 @@ async fn an_answer_read_to_its_end_is_delivered_and_a_user_who_left_is_not_put_b
     let (p, _rx) = request("n", UploadSide::none());
     let (g, _) = b.enqueue(&backend, p).unwrap();
     let batch = poll.next(1, HOLD, &stop).await;
-    let mut handout = poll.handout();
-    for (p, h) in batch.claimed.into_iter().zip(batch.requests) {
-        handout.push(7, p, h);
-    }
+    let mut handout = handout_of(&poll, batch, 7);
     drop(g);
     handout.put_back_after(0);
     assert_eq!(b.parked(), 0, "its user left: nothing to hand out");
@@ -88,15 +110,9 @@ async fn marks_tell_delivered_opens_from_ones_never_written() {
     let poll = b.begin_poll("n", "a1", None, false, info);
     let backend = b.live_backend("n").unwrap();
     let stop = CancellationToken::new();
-    let mut guards = Vec::new();
-    for _ in 0..3 {
-        guards.push(
-            b.enqueue(&backend, request("n", UploadSide::none()).0)
-                .unwrap(),
-        );
-    }
+    let _guards = queue(&b, &backend, 3);
     let batch = poll.next(3, HOLD, &stop).await;
-    let ids: Vec<_> = batch.requests.iter().map(|h| h.id.clone()).collect();
+    let first_ids = ids(&batch);
     let mut handout = poll.handout();
     for ((p, h), mark) in batch
         .claimed
@@ -110,8 +126,8 @@ async fn marks_tell_delivered_opens_from_ones_never_written() {
     assert_eq!(handout.len(), 1);
     drop(handout);
     let batch = poll.next(3, HOLD, &stop).await;
-    let again: Vec<_> = batch.requests.iter().map(|h| h.id.clone()).collect();
-    assert_eq!(again, ids[2..], "only the one past the writer's mark");
+    let again = ids(&batch);
+    assert_eq!(again, first_ids[2..], "only the one past the writer's mark");
 }
 
 #[tokio::test(start_paused = true)]
@@ -123,10 +139,7 @@ async fn a_put_back_request_whose_name_lost_its_agents_fails_its_user() {
         .enqueue(&backend, request("n", UploadSide::none()).0)
         .unwrap();
     let batch = poll.next(1, HOLD, &CancellationToken::new()).await;
-    let mut handout = poll.handout();
-    for (p, h) in batch.claimed.into_iter().zip(batch.requests) {
-        handout.push(1, p, h);
-    }
+    let handout = handout_of(&poll, batch, 1);
     drop(handout);
     let pending = g.pending().clone();
     let watch = tokio::spawn(async move { pending.claimer_gone().await });
@@ -134,4 +147,31 @@ async fn a_put_back_request_whose_name_lost_its_agents_fails_its_user() {
     b.reap();
     watch.await.unwrap();
     assert_eq!(b.parked(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parked_session_puts_back_only_what_the_agent_says_it_never_received() {
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", None, false, info);
+    let backend = b.live_backend("n").unwrap();
+    let stop = CancellationToken::new();
+    let _guards = queue(&b, &backend, 3);
+    let batch = poll.next(3, HOLD, &stop).await;
+    let first_ids = ids(&batch);
+    let mut handout = handout_of(&poll, batch, 0);
+    // Parked at the session's end; the agent's next session says it received one OPEN,
+    // before (resume first) or after the old session was parked: the same.
+    let agent = poll.agent().clone();
+    agent.resume_session(0, 7, 1);
+    agent.park_session(0, 7, handout.park());
+    let batch = poll.next(3, HOLD, &stop).await;
+    let again = ids(&batch);
+    assert_eq!(again, first_ids[1..]);
+
+    // Without a matching resume nothing goes back (the agent may have them).
+    let mut handout = handout_of(&poll, batch, 0);
+    agent.park_session(0, 8, handout.park());
+    agent.resume_session(0, 9, 0);
+    let batch = poll.next(3, Duration::from_secs(1), &stop).await;
+    assert!(batch.requests.is_empty());
 }

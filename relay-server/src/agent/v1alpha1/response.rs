@@ -144,6 +144,12 @@ async fn deliver(
     }
     lease.stash_trailers(trailers);
     if eof {
+        // Counted before the user's response ends, so whoever saw it end sees the figure.
+        if let Some(ms) = msg.backend_duration_ms.filter(|ms| *ms > 0) {
+            state
+                .metrics
+                .backend_duration(Duration::from_millis(ms as u64));
+        }
         let trailers = lease.take_trailers();
         let last = if trailers.is_empty() {
             BodyMsg::End
@@ -156,11 +162,6 @@ async fn deliver(
         // server closes the user's connection). A request body was read whole by the poll,
         // so for other requests this changes nothing.
         pending.upload.close();
-        if let Some(ms) = msg.backend_duration_ms.filter(|ms| *ms > 0) {
-            state
-                .metrics
-                .backend_duration(Duration::from_millis(ms as u64));
-        }
     }
     Ok(())
 }
