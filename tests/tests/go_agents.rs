@@ -352,7 +352,18 @@ async fn a_user_leaving_mid_download_stops_the_go_agent_s_backend_request() {
 
 #[tokio::test]
 async fn a_go_agent_and_a_native_agent_serve_side_by_side_and_show_their_protocols() {
-    let (backend_addr, _) = recording_backend().await;
+    // The Go client reports whole milliseconds and, as Go's server does, the relay ignores
+    // a 0: the echo waits 2 ms so that each of the Go agent's answers is counted.
+    let backend_addr = backend(|req: Request<Incoming>| async move {
+        let target = req.uri().to_string();
+        let body = body_bytes(req.into_body()).await.unwrap_or_default();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Response::builder()
+            .header("x-echo-target", target)
+            .body(full(body))
+            .unwrap()
+    })
+    .await;
     let server = Server::default().await;
     let _go = go_agent(
         server.addr,
