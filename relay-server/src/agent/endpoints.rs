@@ -12,10 +12,10 @@ use relay_common::message::PollAnswer;
 use relay_common::name::is_valid_name;
 use relay_common::{AGENT_ID_HEADER, MAX_POLL_BATCH};
 
-use crate::agent::broker::{AgentInfo, AgentProtocol};
 use crate::agent::error::AgentCallError;
 use crate::agent::handout::PollAnswerBody;
 use crate::agent::pending::Pending;
+use crate::agent::registration::{AgentInfo, AgentProtocol};
 use crate::agent::{response, session, upload, v1alpha1};
 use crate::base::auth::Grant;
 use crate::base::body::{full, text_response, RelayBody};

@@ -11,6 +11,7 @@ pub mod forward_auth;
 pub mod handout;
 pub mod pending;
 pub mod poll;
+pub mod registration;
 pub mod response;
 pub mod response_side;
 pub mod session;

@@ -9,7 +9,8 @@ use relay_common::message::RequestHead;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::broker::{Agent, Broker, NameQueue};
+use crate::agent::broker::{Broker, NameQueue};
+use crate::agent::registration::Agent;
 use crate::agent::response_side::{ResponseSide, ResponseStart};
 use crate::agent::upload_side::UploadSide;
 use crate::base::budget::Account;

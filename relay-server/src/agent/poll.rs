@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::broker::{Agent, NameQueue, PollBatch};
+use crate::agent::broker::{NameQueue, PollBatch};
 use crate::agent::handout::Handout;
+use crate::agent::registration::Agent;
 
 /// One parked poll. Dropping it (answer sent or agent connection gone) records the time,
 /// which starts the agent's grace period.

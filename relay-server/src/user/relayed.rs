@@ -195,7 +195,7 @@ struct Tunnel {
     /// Frees the request when the tunnel ends.
     guard: crate::agent::pending::PendingGuard,
     /// The agent carrying it.
-    agent: Arc<crate::agent::broker::Agent>,
+    agent: Arc<crate::agent::registration::Agent>,
     /// The registration of the credential that admitted it, if one did.
     admission: Option<Arc<Admission>>,
 }

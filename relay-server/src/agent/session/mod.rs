@@ -20,9 +20,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::agent::broker::AgentProtocol;
 use crate::agent::endpoints::{agent_info, no_store, poller_identity, Query};
 use crate::agent::error::AgentCallError;
+use crate::agent::registration::AgentProtocol;
 use crate::base::auth::Grant;
 use crate::base::body::{full, RelayBody};
 use crate::State;

@@ -27,9 +27,10 @@ use relay_common::session::{self, Frame};
 use relay_common::MAX_POLL_BATCH;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::agent::broker::{Agent, AgentInfo, PollHandle};
+use crate::agent::broker::PollHandle;
 use crate::agent::handout::Handout;
 use crate::agent::pending::Pending;
+use crate::agent::registration::{Agent, AgentInfo};
 use crate::base::auth::Grant;
 use crate::State;
 

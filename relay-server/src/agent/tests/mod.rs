@@ -14,8 +14,9 @@ use relay_common::id::RequestId;
 use relay_common::message::{BodyKind, RequestHead};
 use tokio::sync::oneshot;
 
-use crate::agent::broker::{AgentInfo, Broker};
+use crate::agent::broker::Broker;
 use crate::agent::pending::Pending;
+use crate::agent::registration::AgentInfo;
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::UploadSide;
 use crate::base::metrics::Metrics;

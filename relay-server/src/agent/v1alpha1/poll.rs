@@ -21,10 +21,10 @@ use relay_common::source::SourceError;
 use relay_common::v1alpha1::{encode, HttpRequest, REQUEST_CONTENT_TYPE, URL_ORIGIN};
 
 use super::{answer, header_list, GoCallError};
-use crate::agent::broker::AgentProtocol;
 use crate::agent::endpoints::agent_info;
 use crate::agent::error::AgentCallError;
 use crate::agent::pending::Pending;
+use crate::agent::registration::AgentProtocol;
 use crate::agent::upload_side::{lease, Phase, UploadFailure};
 use crate::base::auth::Grant;
 use crate::base::body::RelayBody;
