@@ -101,7 +101,7 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
         c.args(["--listen", "127.0.0.1:0", "--agent-token"])
             .arg(format!("*={TOKEN}"))
             // The load comes from one address, and the burst scenario parks 10 000 requests
-            // for one name at once (the defaults refuse more than 100 per name with 503).
+            // for one name at once (the defaults refuse more than 1 000 per name with 503).
             .args(["--max-connections-per-ip", "1000000", "--log", "warn"])
             .args(["--max-parked-per-name", "20000", "--max-parked", "20000"]);
         c

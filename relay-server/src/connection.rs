@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::base::auth::{cert_grant, Grant};
-use crate::base::body::RelayBody;
+use crate::base::body::{text_response, RelayBody};
 use crate::base::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Pool, Tracked};
 use crate::base::tls::Tls;
 use crate::listener::Face;
@@ -217,12 +217,37 @@ fn service(
         {
             permit.exempt_from_per_ip();
         }
+        let refused = permit.on_probation().then(|| {
+            state.metrics.rejected("connections_per_ip");
+            tracing::debug!(%peer, "request past the per-address connection limit refused");
+            past_the_limit(state.cfg.max_connections_per_ip, req.version())
+        });
         async move {
+            if let Some(resp) = refused {
+                return Ok(resp.map(|b| Tracked::new(b, busy)));
+            }
             let resp = crate::dispatch::route(state, req, peer, https, face, cert.get()).await;
             // The connection counts as busy until the response body is over.
             Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, busy)))
         }
     })
+}
+
+/// The answer to a request on a connection admitted past its address's limit that did not
+/// authenticate as an agent. RFC 9110 §15.6.4 (503 with Retry-After); RFC 9112 §9.6
+/// (`Connection: close`): an HTTP/1.1 connection ends after it, so its place goes back (an
+/// HTTP/2 connection cannot carry the field, RFC 9113 §8.2.2: it ends when idle).
+fn past_the_limit(limit: usize, version: Version) -> Response<RelayBody> {
+    let mut resp = text_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("{limit} connections are open from this address, the limit"),
+    );
+    let h = resp.headers_mut();
+    if version < Version::HTTP_2 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// Runs one connection to its end; asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1

@@ -59,8 +59,10 @@ pub const FORWARD_AUTH_TIMEOUT: &str = "5s";
 /// How long a directory entry outlives the replica that wrote it.
 pub const CLUSTER_LEASE: &str = "30s";
 
-/// Requests waiting for pickup per name.
-pub const MAX_PARKED_PER_NAME: usize = 100;
+/// Requests waiting for pickup per name: a tenth of all places, so that a burst for one
+/// name (200 tunnels opened at once, a client fanning out) passes while ten flooding names
+/// still cannot take every place.
+pub const MAX_PARKED_PER_NAME: usize = 1_000;
 
 /// Requests waiting for pickup in total.
 pub const MAX_PARKED: usize = 10_000;

@@ -106,6 +106,63 @@ async fn agent_connections_do_not_count_against_their_address() {
     }
 }
 
+/// Sends one request on `s` and reads until the server closes it.
+async fn answer_then_close(mut s: TcpStream, send: &[u8]) -> String {
+    s.write_all(send).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the connection stayed open")
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn past_the_address_limit_users_get_503_and_agents_are_served() {
+    let (backend, _seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 2;
+    let server = Server::start(cfg).await;
+    // A user holds both places of 127.0.0.1.
+    let mut held = vec![
+        healthy_conn(server.addr, "127.0.0.1").await,
+        healthy_conn(server.addr, "127.0.0.1").await,
+    ];
+    // The next users are answered, not reset: 503, why, when to retry, and the close.
+    let over = connect_from(server.addr, "127.0.0.1").await;
+    let answer = answer_then_close(over, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("connections are open from this address"),
+        "{answer}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    // An agent from the same address (its pollers and every response exchange open new
+    // connections) authenticates on its first request and is served.
+    let mut polling = Agent::config(&server.url(), "a", &format!("http://{backend}"));
+    polling.transport = relay_client::Transport::Stream;
+    let _agent = Agent::start(polling);
+    wait_for(|| server.state.broker.live_backend("a").is_some()).await;
+    for i in 0..5 {
+        let s = held.pop().unwrap();
+        let head = format!("GET /client/a/{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = answer_then_close(s, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(healthy_conn(server.addr, "127.0.0.1").await);
+    }
+    // As many places again on probation, no more: then connections close unanswered.
+    let probation: Vec<_> =
+        futures_util::future::join_all((0..2).map(|_| connect_from(server.addr, "127.0.0.1")))
+            .await;
+    // Accepted in the order their handshakes completed: these two first.
+    let beyond = connect_from(server.addr, "127.0.0.1").await;
+    assert!(closed_unanswered(beyond, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    drop(probation);
+}
+
 #[tokio::test]
 async fn unauthenticated_connections_on_the_agent_listener_count_per_address_and_per_listener() {
     let (backend, _seen) = recording_backend().await;
@@ -325,6 +382,7 @@ fn stalled_agent(server: &Server, name: &str) -> tokio::task::JoinHandle<()> {
 async fn ten_thousand_requests_at_a_stalled_agent_hold_the_caps_and_leave_nothing() {
     let mut cfg = server_config();
     cfg.max_parked_total = 150;
+    cfg.max_parked_per_name = 100;
     cfg.pickup_timeout = Duration::from_secs(3);
     cfg.poll_timeout = Duration::from_secs(60);
     let server = Server::start(cfg).await;

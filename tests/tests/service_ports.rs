@@ -76,6 +76,67 @@ async fn connect_carries_tcp_with_half_close() {
     server.wait_idle().await;
 }
 
+/// Issue 13's case: 200 tunnels opened at once through one `relay-client connect`, with
+/// the default limits (the users' connections and the agent's come from the same
+/// address). Each echoes 64 KiB exactly; none hangs, none closes without its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_tunnels_at_once_through_one_connect_all_echo() {
+    let echo = tcp_echo(b"").await;
+    let (server, _agent) = agent_with(vec![("echo".into(), echo.to_string())], vec![]).await;
+    let (local, _stop) = connect(&server, "echo").await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        set.spawn(async move {
+            let mut s = TcpStream::connect(local).await.unwrap();
+            let payload: Vec<u8> = (0..65_536u32).map(|j| (j ^ i) as u8).collect();
+            let (mut rd, mut wr) = s.split();
+            // A tunnel refused at once resets the local connection: counted, not a panic.
+            let write = async {
+                let _ = wr.write_all(&payload).await;
+                let _ = wr.shutdown().await;
+            };
+            let mut got = Vec::new();
+            let _ = tokio::join!(write, rd.read_to_end(&mut got));
+            (i, got == payload, got.len())
+        });
+    }
+    let mut bad = Vec::new();
+    // A generous bound so that a hang fails with the list instead of at the harness's limit.
+    let all = tokio::time::timeout(Duration::from_secs(100), async {
+        while let Some(r) = set.join_next().await {
+            let (i, ok, n) = r.unwrap();
+            if !ok {
+                bad.push((i, n));
+            }
+        }
+    })
+    .await;
+    let metrics = client()
+        .request(
+            Request::get(format!("{}/metrics", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let metrics = body_bytes(metrics.into_body()).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let rejections: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("relay_limit_rejections"))
+        .collect();
+    assert!(
+        all.is_ok(),
+        "{} tunnels still open after 100 s; {rejections:?}",
+        set.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "tunnels with wrong bytes (id, bytes back): {bad:?}; {rejections:?}"
+    );
+    server.wait_idle().await;
+}
+
 async fn ws(server: &Server, path: &str) -> tokio_tungstenite::WebSocketStream<TcpStream> {
     let tcp = TcpStream::connect(server.addr).await.unwrap();
     let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{}{path}", server.addr), tcp)

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,18 +35,31 @@ pub enum Pool {
 /// Open connections, per listener and per source address.
 pub struct ConnLimits {
     totals: [AtomicUsize; 4],
-    per_ip: DashMap<IpAddr, usize>,
+    per_ip: DashMap<IpAddr, Places>,
     max_total: usize,
     max_per_ip: usize,
 }
+
+/// One address's connections: those counted against its limit, and those admitted past
+/// it on probation (see [`ConnLimits::admit`]).
+#[derive(Default)]
+struct Places {
+    counted: usize,
+    probation: usize,
+}
+
+/// How an admitted connection stands towards its address's limit.
+const FREE: u8 = 0;
+const COUNTED: u8 = 1;
+const PROBATION: u8 = 2;
 
 /// One admitted connection; dropping it frees its place.
 pub struct ConnPermit {
     limits: Arc<ConnLimits>,
     pool: Pool,
     ip: IpAddr,
-    /// Whether the connection still counts against its address's limit.
-    per_ip: std::sync::atomic::AtomicBool,
+    /// `FREE`, `COUNTED` or `PROBATION`.
+    standing: AtomicU8,
 }
 
 /// Why a connection was not admitted.
@@ -85,6 +98,13 @@ impl ConnLimits {
     /// Admits a connection from `ip` on the listener of `pool`, or says which limit it hit.
     /// `per_ip` false admits it without counting it against its address (replicas, and
     /// trusted proxies, behind which every user has the proxy's address).
+    ///
+    /// An address at its limit gets as many places again on probation: such a connection
+    /// may send one request, which is served only if it authenticates as an agent (see
+    /// [`ConnPermit::on_probation`]). Agents often share their users' address (one NAT, or
+    /// `relay-client connect` beside the agent) and open a connection per exchange; refused
+    /// before their first request could say who they are, the requests they carry would
+    /// wait for their timeout.
     pub fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
@@ -98,26 +118,27 @@ impl ConnLimits {
             total.fetch_sub(1, Ordering::AcqRel);
             return Err(ConnRefused::Total(self.max_total));
         }
-        if !per_ip {
-            return Ok(ConnPermit {
-                limits: self.clone(),
-                pool,
-                ip,
-                per_ip: std::sync::atomic::AtomicBool::new(false),
-            });
-        }
-        let mut n = self.per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            drop(n);
-            total.fetch_sub(1, Ordering::AcqRel);
-            return Err(ConnRefused::PerIp(self.max_per_ip));
-        }
-        *n += 1;
+        let standing = if per_ip {
+            let mut places = self.per_ip.entry(ip).or_default();
+            if places.counted < self.max_per_ip {
+                places.counted += 1;
+                COUNTED
+            } else if places.probation < self.max_per_ip {
+                places.probation += 1;
+                PROBATION
+            } else {
+                drop(places);
+                total.fetch_sub(1, Ordering::AcqRel);
+                return Err(ConnRefused::PerIp(self.max_per_ip));
+            }
+        } else {
+            FREE
+        };
         Ok(ConnPermit {
             limits: self.clone(),
             pool,
             ip,
-            per_ip: std::sync::atomic::AtomicBool::new(true),
+            standing: AtomicU8::new(standing),
         })
     }
 }
@@ -127,17 +148,30 @@ impl ConnPermit {
     /// connections (one per exchange in flight) are bounded by its tokens' owner, not by
     /// a limit meant for anonymous users sharing an address.
     pub fn exempt_from_per_ip(&self) {
-        if self.per_ip.swap(false, Ordering::AcqRel) {
-            self.limits.per_ip.remove_if_mut(&self.ip, |_, n| {
-                *n -= 1;
-                *n == 0
-            });
+        let was = self.standing.swap(FREE, Ordering::AcqRel);
+        if was == FREE {
+            return;
         }
+        self.limits.per_ip.remove_if_mut(&self.ip, |_, places| {
+            if was == COUNTED {
+                places.counted -= 1;
+            } else {
+                places.probation -= 1;
+            }
+            places.counted == 0 && places.probation == 0
+        });
     }
 
-    /// Whether the connection still counts against its address's limit.
+    /// Whether the connection still counts against its address's limit (or is on
+    /// probation past it): a request on it that authenticates as an agent exempts it.
     pub fn counts_per_ip(&self) -> bool {
-        self.per_ip.load(Ordering::Acquire)
+        self.standing.load(Ordering::Acquire) != FREE
+    }
+
+    /// Whether the connection came past its address's limit and has not authenticated as
+    /// an agent: its requests are refused (503) and it is closed.
+    pub fn on_probation(&self) -> bool {
+        self.standing.load(Ordering::Acquire) == PROBATION
     }
 }
 
@@ -326,29 +360,41 @@ mod tests {
 
     #[test]
     fn permits_count_per_address_and_free_their_place() {
-        let l = Arc::new(ConnLimits::new(3, 2));
+        let l = Arc::new(ConnLimits::new(5, 2));
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
         let m = Pool::Main;
         let p1 = l.admit(a, m, true).unwrap();
         let _p2 = l.admit(mapped, m, true).unwrap();
+        assert!(!p1.on_probation() && p1.counts_per_ip());
+        // Past the address's limit: as many again on probation, then refused.
+        let on_probation = l.admit(a, m, true).unwrap();
+        assert!(on_probation.on_probation());
+        let _probation2 = l.admit(a, m, true).unwrap();
         assert_eq!(l.admit(a, m, true).err(), Some(ConnRefused::PerIp(2)));
+        // One that authenticates as an agent leaves probation and frees its place there.
+        on_probation.exempt_from_per_ip();
+        assert!(!on_probation.on_probation() && !on_probation.counts_per_ip());
+        assert!(l.admit(a, m, true).unwrap().on_probation());
         let _p3 = l.admit(b, m, true).unwrap();
-        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(3)));
+        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(5)));
         // Another listener has its own allowance.
         let _on_agent = l.admit(b, Pool::Agent, true).unwrap();
-        assert_eq!(l.open(), 4);
+        assert_eq!(l.open(), 6);
         drop(_on_agent);
         drop(p1);
-        assert_eq!(l.open(), 2);
-        _p2.exempt_from_per_ip();
+        drop(on_probation);
+        assert_eq!(l.open(), 3);
+        // A freed counted place is taken before probation.
+        let _p4 = l.admit(a, m, true).unwrap();
+        assert!(!_p4.on_probation());
+        drop((_p2, _p4, _probation2));
         assert_eq!(l.addresses(), 1);
-        let _p5 = l.admit(a, m, true).unwrap();
-        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(3)));
-        drop(_p5);
+        drop(_p3);
+        assert_eq!(l.addresses(), 0);
         let _agent = l.admit(a, Pool::Agent, false).unwrap();
-        assert_eq!(l.addresses(), 1);
+        assert_eq!(l.addresses(), 0);
     }
 
     #[test]
