@@ -12,16 +12,16 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 /// The fixed hop-by-hop set (RFC 9110 §7.6.1, §11.7; RFC 9112 §6, §7).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers and the framing header `Content-Length`.
@@ -32,6 +32,14 @@ const HOP_BY_HOP: &[&str] = &[
 /// Call this *before* adding the relay's own headers: a user listing `X-Forwarded-For` in
 /// `Connection` must not be able to remove what the relay adds (Traefik CVE-2021-32813).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most heads have none of these: one pass over the names instead of ten hashed
+    // removals (4 % of a relayed request's instructions, docs/PERFORMANCE.md).
+    if !headers
+        .keys()
+        .any(|n| n == header::CONTENT_LENGTH || HOP_BY_HOP.contains(n))
+    {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -47,8 +55,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
             .get_all(header::TE)
             .iter()
             .any(|v| connection_has_token(v.as_bytes(), "trailers"));
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
     headers.remove(header::CONTENT_LENGTH);
     if te_trailers {

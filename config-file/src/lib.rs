@@ -11,12 +11,14 @@
 //! on the command line and in environment variables paths stay relative to the working
 //! directory, as everywhere else.
 //!
-//! [`logs`] holds the other piece both binaries share: `--log` / `--log-format` set-up.
+//! [`logs`] and [`runtime`] hold the other pieces both binaries share: `--log` /
+//! `--log-format` set-up, and the runtime sized by `--worker-threads`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod logs;
 pub mod manual;
+pub mod runtime;
 pub mod telemetry;
 
 use std::ffi::OsString;

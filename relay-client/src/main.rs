@@ -129,6 +129,11 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
+    /// Worker threads (0: one per core). One hands requests between tasks without waking
+    /// another thread: less CPU per request and lower latency beside the backend, and on
+    /// 2 cores faster for bulk transfers too; more spread very many requests over cores.
+    #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 1, global = true)]
+    worker_threads: usize,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -238,7 +243,13 @@ fn main() -> ExitCode {
         }
     };
     let say = relay_config_file::logs::Say::new(cli.log_format);
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let rt = match relay_config_file::runtime::build(cli.worker_threads, "relay-client") {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay-client: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -267,6 +267,10 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     pub log: String,
+    /// Worker threads (0: one per core). On a machine shared with the backends or agents,
+    /// fewer threads hand requests between tasks without waking another thread.
+    #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 #[derive(clap::Subcommand, Debug)]

@@ -77,7 +77,13 @@ fn main() -> ExitCode {
         }
     };
     let say = relay_config_file::logs::Say::new(cli.log_format);
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let rt = match relay_config_file::runtime::build(cli.worker_threads, "relay-server") {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay-server: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match rt.block_on(run(cli, args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -123,7 +123,13 @@ async fn past_the_address_limit_users_get_503_and_agents_are_served() {
     let mut cfg = server_config();
     cfg.max_connections_per_ip = 2;
     let server = Server::start(cfg).await;
-    // A user holds both places of 127.0.0.1.
+    // An agent at 127.0.0.1 on long polls: its pollers, and every response exchange, open
+    // connections of their own.
+    let mut polling = Agent::config(&server.url(), "a", &format!("http://{backend}"));
+    polling.transport = relay_client::Transport::Stream;
+    let _agent = Agent::start(polling);
+    wait_for(|| server.state.conns.open() >= 4 && server.state.conns.addresses() == 0).await;
+    // A user holds both places of the address.
     let mut held = vec![
         healthy_conn(server.addr, "127.0.0.1").await,
         healthy_conn(server.addr, "127.0.0.1").await,
@@ -140,12 +146,8 @@ async fn past_the_address_limit_users_get_503_and_agents_are_served() {
         answer.to_ascii_lowercase().contains("retry-after: 1"),
         "{answer}"
     );
-    // An agent from the same address (its pollers and every response exchange open new
-    // connections) authenticates on its first request and is served.
-    let mut polling = Agent::config(&server.url(), "a", &format!("http://{backend}"));
-    polling.transport = relay_client::Transport::Stream;
-    let _agent = Agent::start(polling);
-    wait_for(|| server.state.broker.live_backend("a").is_some()).await;
+    // The agent's new connections come in past the limit, authenticate and are served:
+    // each answer below needs one.
     for i in 0..5 {
         let s = held.pop().unwrap();
         let head = format!("GET /client/a/{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
@@ -161,6 +163,33 @@ async fn past_the_address_limit_users_get_503_and_agents_are_served() {
     let beyond = connect_from(server.addr, "127.0.0.1").await;
     assert!(closed_unanswered(beyond, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
     drop(probation);
+}
+
+#[tokio::test]
+async fn without_an_agent_at_the_address_its_limit_is_plain() {
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 2;
+    let server = Server::start(cfg).await;
+    let _held = [
+        healthy_conn(server.addr, "127.0.0.1").await,
+        healthy_conn(server.addr, "127.0.0.1").await,
+    ];
+    // No probation: a slowloris from an address without agents holds no more than this;
+    // the connection is closed at accept, without an answer.
+    let mut over = connect_from(server.addr, "127.0.0.1").await;
+    let _ = over
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), over.read_to_end(&mut buf))
+        .await
+        .expect("the connection stayed open");
+    assert!(
+        read.is_err() || buf.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(server.state.conns.open(), 2);
 }
 
 #[tokio::test]

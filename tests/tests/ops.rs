@@ -372,7 +372,7 @@ fn json_mode_start_up_banner_and_fatal_error_are_json_too() {
 async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
     use relay_tests::procs::{relay_client, relay_server};
     let (backend, _seen) = recording_backend().await;
-    let (server, addr) = relay_server(&[]);
+    let (mut server, addr) = relay_server(&[]);
     let mut agent = relay_client(
         &format!("http://{addr}"),
         "adm",
@@ -395,6 +395,9 @@ async fn the_agent_admin_listener_reports_health_readiness_and_metrics() {
     })
     .await;
     assert_eq!(ready, (StatusCode::OK, "ready\n".into()));
+    // Ready means the server answered the agent; its session (or poll) may still be on
+    // the way: users are served once the server has registered it.
+    server.wait_line("relay-client connected");
     for _ in 0..2 {
         assert_eq!(get_text(format!("http://{addr}/client/adm/x")).await.0, 200);
     }

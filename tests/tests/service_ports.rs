@@ -84,6 +84,16 @@ async fn two_hundred_tunnels_at_once_through_one_connect_all_echo() {
     let echo = tcp_echo(b"").await;
     let (server, _agent) = agent_with(vec![("echo".into(), echo.to_string())], vec![]).await;
     let (local, _stop) = connect(&server, "echo").await;
+    // One tunnel first: the agent's carrier (its session, or its pollers) is then connected
+    // and authenticated, which is what lets its later connections past the address's
+    // limit (a cold agent's first connection meets the plain limit).
+    let mut first = TcpStream::connect(local).await.unwrap();
+    first.write_all(b"warm").await.unwrap();
+    first.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    first.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"warm");
+    wait_for(|| server.state.conns.addresses() == 0).await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..200u32 {
         set.spawn(async move {

@@ -40,25 +40,39 @@ pub struct ConnLimits {
     max_per_ip: usize,
 }
 
-/// One address's connections: those counted against its limit, and those admitted past
-/// it on probation (see [`ConnLimits::admit`]).
+/// One address's connections: those counted against its limit, those admitted past it on
+/// probation (see [`ConnLimits::admit`]), and those of authenticated agents.
 #[derive(Default)]
 struct Places {
     counted: usize,
     probation: usize,
+    agents: usize,
 }
 
-/// How an admitted connection stands towards its address's limit.
+impl Places {
+    fn of(&mut self, standing: u8) -> Option<&mut usize> {
+        match standing {
+            COUNTED => Some(&mut self.counted),
+            PROBATION => Some(&mut self.probation),
+            AGENT => Some(&mut self.agents),
+            _ => None,
+        }
+    }
+}
+
+/// How an admitted connection stands towards its address's limit: not tracked (trusted
+/// proxies, replicas), counted, on probation past the limit, or an authenticated agent's.
 const FREE: u8 = 0;
 const COUNTED: u8 = 1;
 const PROBATION: u8 = 2;
+const AGENT: u8 = 3;
 
 /// One admitted connection; dropping it frees its place.
 pub struct ConnPermit {
     limits: Arc<ConnLimits>,
     pool: Pool,
     ip: IpAddr,
-    /// `FREE`, `COUNTED` or `PROBATION`.
+    /// `FREE`, `COUNTED`, `PROBATION` or `AGENT`.
     standing: AtomicU8,
 }
 
@@ -90,21 +104,26 @@ impl ConnLimits {
         self.totals.iter().map(|t| t.load(Ordering::Acquire)).sum()
     }
 
-    /// Addresses with open connections (the per-address table never outgrows them).
+    /// Addresses with connections counted against them (or on probation); the
+    /// per-address table holds only addresses with open connections.
     pub fn addresses(&self) -> usize {
-        self.per_ip.len()
+        self.per_ip
+            .iter()
+            .filter(|p| p.counted + p.probation > 0)
+            .count()
     }
 
     /// Admits a connection from `ip` on the listener of `pool`, or says which limit it hit.
     /// `per_ip` false admits it without counting it against its address (replicas, and
     /// trusted proxies, behind which every user has the proxy's address).
     ///
-    /// An address at its limit gets as many places again on probation: such a connection
-    /// may send one request, which is served only if it authenticates as an agent (see
-    /// [`ConnPermit::on_probation`]). Agents often share their users' address (one NAT, or
-    /// `relay-client connect` beside the agent) and open a connection per exchange; refused
-    /// before their first request could say who they are, the requests they carry would
-    /// wait for their timeout.
+    /// An address at its limit from which an agent is connected gets as many places again
+    /// on probation: such a connection may send one request, which is served only if it
+    /// authenticates as an agent (see [`ConnPermit::on_probation`]). Agents often share
+    /// their users' address (one NAT, or `relay-client connect` beside the agent) and open
+    /// a connection per exchange; refused before their first request could say who they
+    /// are, the requests they carry would wait for their timeout. Addresses without an
+    /// agent keep the plain limit (a slowloris cannot double its hold).
     pub fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
@@ -123,7 +142,7 @@ impl ConnLimits {
             if places.counted < self.max_per_ip {
                 places.counted += 1;
                 COUNTED
-            } else if places.probation < self.max_per_ip {
+            } else if places.agents > 0 && places.probation < self.max_per_ip {
                 places.probation += 1;
                 PROBATION
             } else {
@@ -148,24 +167,24 @@ impl ConnPermit {
     /// connections (one per exchange in flight) are bounded by its tokens' owner, not by
     /// a limit meant for anonymous users sharing an address.
     pub fn exempt_from_per_ip(&self) {
-        let was = self.standing.swap(FREE, Ordering::AcqRel);
-        if was == FREE {
-            return;
-        }
-        self.limits.per_ip.remove_if_mut(&self.ip, |_, places| {
-            if was == COUNTED {
-                places.counted -= 1;
-            } else {
-                places.probation -= 1;
+        let was = self.standing.load(Ordering::Acquire);
+        if (was == COUNTED || was == PROBATION)
+            && self
+                .standing
+                .compare_exchange(was, AGENT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            if let Some(mut places) = self.limits.per_ip.get_mut(&self.ip) {
+                *places.of(was).expect("bug: tracked") -= 1;
+                places.agents += 1;
             }
-            places.counted == 0 && places.probation == 0
-        });
+        }
     }
 
     /// Whether the connection still counts against its address's limit (or is on
     /// probation past it): a request on it that authenticates as an agent exempts it.
     pub fn counts_per_ip(&self) -> bool {
-        self.standing.load(Ordering::Acquire) != FREE
+        matches!(self.standing.load(Ordering::Acquire), COUNTED | PROBATION)
     }
 
     /// Whether the connection came past its address's limit and has not authenticated as
@@ -177,7 +196,13 @@ impl ConnPermit {
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        self.exempt_from_per_ip();
+        let standing = *self.standing.get_mut();
+        if standing != FREE {
+            self.limits.per_ip.remove_if_mut(&self.ip, |_, places| {
+                *places.of(standing).expect("bug: tracked") -= 1;
+                places.counted + places.probation + places.agents == 0
+            });
+        }
         self.limits.totals[self.pool as usize].fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -360,7 +385,7 @@ mod tests {
 
     #[test]
     fn permits_count_per_address_and_free_their_place() {
-        let l = Arc::new(ConnLimits::new(5, 2));
+        let l = Arc::new(ConnLimits::new(6, 2));
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
@@ -368,33 +393,37 @@ mod tests {
         let p1 = l.admit(a, m, true).unwrap();
         let _p2 = l.admit(mapped, m, true).unwrap();
         assert!(!p1.on_probation() && p1.counts_per_ip());
-        // Past the address's limit: as many again on probation, then refused.
+        // At the limit, without an agent at this address: refused.
+        assert_eq!(l.admit(a, m, true).err(), Some(ConnRefused::PerIp(2)));
+        // A connection that authenticates as an agent leaves the count...
+        p1.exempt_from_per_ip();
+        assert!(!p1.counts_per_ip());
+        let _p3 = l.admit(a, m, true).unwrap();
+        // ...and with an agent there, as many again come in on probation, no more.
         let on_probation = l.admit(a, m, true).unwrap();
-        assert!(on_probation.on_probation());
+        assert!(on_probation.on_probation() && on_probation.counts_per_ip());
         let _probation2 = l.admit(a, m, true).unwrap();
         assert_eq!(l.admit(a, m, true).err(), Some(ConnRefused::PerIp(2)));
-        // One that authenticates as an agent leaves probation and frees its place there.
+        // One on probation that authenticates frees its probation place.
         on_probation.exempt_from_per_ip();
         assert!(!on_probation.on_probation() && !on_probation.counts_per_ip());
-        assert!(l.admit(a, m, true).unwrap().on_probation());
-        let _p3 = l.admit(b, m, true).unwrap();
-        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(5)));
-        // Another listener has its own allowance.
-        let _on_agent = l.admit(b, Pool::Agent, true).unwrap();
+        let probation3 = l.admit(a, m, true).unwrap();
+        assert!(probation3.on_probation());
         assert_eq!(l.open(), 6);
-        drop(_on_agent);
-        drop(p1);
-        drop(on_probation);
-        assert_eq!(l.open(), 3);
-        // A freed counted place is taken before probation.
-        let _p4 = l.admit(a, m, true).unwrap();
-        assert!(!_p4.on_probation());
-        drop((_p2, _p4, _probation2));
+        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(6)));
+        // Another listener has its own allowance.
+        let on_agent = l.admit(b, Pool::Agent, true).unwrap();
+        assert_eq!(l.addresses(), 2);
+        drop(on_agent);
         assert_eq!(l.addresses(), 1);
-        drop(_p3);
+        // The agents gone, the address is back to its plain limit.
+        drop((p1, on_probation));
+        assert_eq!(l.admit(a, m, true).err(), Some(ConnRefused::PerIp(2)));
+        drop((_p2, _p3, _probation2, probation3));
         assert_eq!(l.addresses(), 0);
-        let _agent = l.admit(a, Pool::Agent, false).unwrap();
-        assert_eq!(l.addresses(), 0);
+        assert!(l.per_ip.is_empty(), "no entry outlives its connections");
+        let _trusted = l.admit(a, m, false).unwrap();
+        assert!(l.per_ip.is_empty());
     }
 
     #[test]
