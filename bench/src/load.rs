@@ -432,3 +432,130 @@ impl Drop for IdleAgents {
         self.set.abort_all();
     }
 }
+
+/// `n` idle agents on sessions (protocol 2: one WebSocket each on `/server/session`, names
+/// `idle-s<i>`) answering the server's pings; they stop when this is dropped.
+pub struct IdleSessions {
+    set: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl IdleSessions {
+    /// Opens them and waits until the relay reports all `n` on sessions.
+    pub async fn start(addr: SocketAddr, token: &str, n: usize) -> anyhow::Result<Self> {
+        use futures_util::{SinkExt, StreamExt};
+        use relay_common::session::{self, Frame as SessionFrame};
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let token = token.to_owned();
+            set.spawn(async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let url = format!(
+                    "ws://{addr}{}?server=idle-s{i}&slot=0&session=1",
+                    session::SESSION_PATH
+                );
+                let mut req = url.into_client_request()?;
+                let h = req.headers_mut();
+                h.insert("authorization", format!("Bearer {token}").parse()?);
+                h.insert("x-relay-agent-id", format!("idles{i}").parse()?);
+                h.insert(
+                    relay_common::PROTOCOL_HEADER,
+                    session::SESSION_PROTOCOL_VERSION.parse()?,
+                );
+                h.insert(
+                    "sec-websocket-protocol",
+                    session::SESSION_SUBPROTOCOL.parse()?,
+                );
+                let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+                while let Some(msg) = ws.next().await {
+                    let Message::Binary(b) = msg? else { continue };
+                    for f in session::decode(b)? {
+                        if let SessionFrame::Ping(data) = f {
+                            let mut out = bytes::BytesMut::new();
+                            session::put_ping(&mut out, data, true);
+                            ws.send(Message::Binary(out.freeze())).await?;
+                        }
+                    }
+                }
+                Ok(())
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let on_sessions = metrics(addr)
+                .await?
+                .lines()
+                .filter(|l| l.starts_with("relay_agents{name=\"idle-s") && l.contains("relay/2"))
+                .count();
+            if on_sessions >= n {
+                break;
+            }
+            if let Some(r) = set.try_join_next() {
+                r??;
+                anyhow::bail!("an idle session ended before all were open");
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {on_sessions} of {n} idle sessions opened"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(IdleSessions { set })
+    }
+}
+
+impl Drop for IdleSessions {
+    fn drop(&mut self) {
+        self.set.abort_all();
+    }
+}
+
+/// Waits until the relay at `addr` has fewer than `n` open client connections.
+pub async fn wait_connections_below(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open: usize = metrics(addr)
+            .await?
+            .lines()
+            .find_map(|l| l.strip_prefix("relay_open_connections "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if open < n {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{open} connections still open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Small GETs on one keep-alive connection, back to back, while one `size`-byte download
+/// runs through the same target on another connection (issue 13: one big body must not
+/// hold back the small requests of the same agent). The small GETs' latency, and the
+/// download's MB/s.
+pub async fn small_during_download(t: &Target, size: usize) -> anyhow::Result<(Rate, f64)> {
+    let started = Instant::now();
+    let big = {
+        let t = t.clone();
+        tokio::spawn(async move {
+            let mut send = connect(t.addr).await?;
+            let n = get(&mut send, &t, &format!("/bytes/{size}"), false).await?;
+            anyhow::ensure!(n == size, "got {n} of {size} bytes");
+            anyhow::Ok(started.elapsed())
+        })
+    };
+    let mut send = connect(t.addr).await?;
+    let mut lat = Vec::new();
+    // At least one, however fast the download.
+    loop {
+        let start = Instant::now();
+        get(&mut send, t, "/small", false).await?;
+        lat.push(start.elapsed().as_micros() as u32);
+        if big.is_finished() {
+            break;
+        }
+    }
+    let took = big.await??;
+    let rate = percentiles(lat, took.as_secs_f64());
+    Ok((rate, size as f64 / took.as_secs_f64() / 1e6))
+}

@@ -48,8 +48,8 @@ pub struct Cli {
     /// Where rathole and bore are installed when missing.
     #[arg(long, default_value = "target/bench-tools")]
     pub tools: PathBuf,
-    /// Only these scenarios (numbers 1-7, comma-separated), e.g. `--only 1,5`; all by default.
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=7))]
+    /// Only these scenarios (numbers 1-8, comma-separated), e.g. `--only 1,5`; all by default.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=8))]
     pub only: Vec<u8>,
     /// JSON results file.
     #[arg(long, default_value = "target/bench-results.json")]
@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     if !cli.no_cluster {
         running.push(targets::cluster(&b)?);
     }
-    if !cli.smoke && !cli.no_peers && (1..=7).any(|n| n != 5 && want(n)) {
+    if !cli.smoke && !cli.no_peers && (1..=8).any(|n| n != 5 && want(n)) {
         let rathole = targets::install(
             &cli.tools,
             "rathole",
@@ -112,6 +112,7 @@ fn plan(cli: &Cli) -> Plan {
             tunnel: 8 << 20,
             sizes: &[1_000, 1_000_000],
             burst: 200,
+            big_mib: 16,
             idle_agents: 50,
             idle_tunnels: 50,
             idle_hold: Duration::from_millis(300),
@@ -123,6 +124,7 @@ fn plan(cli: &Cli) -> Plan {
         tunnel: cli.tunnel_mib << 20,
         sizes: &[1_000, 1_000_000, 100_000_000],
         burst: 10_000,
+        big_mib: 1024,
         idle_agents: cli.idle_agents,
         idle_tunnels: cli.idle_tunnels.unwrap_or(10_000.min(fd_room)),
         idle_hold: Duration::from_secs(30),

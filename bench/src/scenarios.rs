@@ -20,6 +20,8 @@ pub struct Plan {
     pub sizes: &'static [usize],
     /// Requests sent at once in scenario 6.
     pub burst: usize,
+    /// Size of scenario 8's download, MiB.
+    pub big_mib: usize,
     /// Idle agents of scenario 5.
     pub idle_agents: usize,
     /// Idle tunnels of scenario 5.
@@ -68,6 +70,9 @@ pub async fn run_all(
     }
     if want(6) {
         burst(plan, t, out).await?;
+    }
+    if want(8) {
+        small_during_big(plan, t, out).await?;
     }
     if want(5) {
         idle(plan, t, out).await?;
@@ -151,6 +156,18 @@ async fn h2_streams(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result
     Ok(())
 }
 
+/// 8: small GETs on one connection while one large download runs through the same target.
+async fn small_during_big(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+    let mib = plan.big_mib;
+    let (rate, mbs) = load::small_during_download(&t.http, mib << 20).await?;
+    let m = format!("8 small GETs during a {mib} MiB download");
+    out.put(format!("{m}, p50 ms"), t.name, rate.p50);
+    out.put(format!("{m}, p99 ms"), t.name, rate.p99);
+    out.put(format!("{m}, req/s"), t.name, rate.rps);
+    out.put(format!("{m}, download MB/s"), t.name, mbs);
+    Ok(())
+}
+
 /// 6: a burst of requests at once; the relay's memory before, at the peak, after.
 async fn burst(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
     let Some((addr, name)) = &t.h2 else {
@@ -198,6 +215,27 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
     out.put(format!("{m} server CPU %"), t.name, cpu);
     let rate = polls as f64 / hold.as_secs_f64();
     out.put(format!("{m} re-polls/s"), t.name, rate);
+
+    // The same number of agents on sessions (protocol 2): one WebSocket each. First the
+    // long polls' connections close and the server's housekeeping (a 1 s tick) trims the
+    // freed memory, so the sessions do not reuse it unmeasured.
+    load::wait_connections_below(t.http.addr, 100).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = plan.idle_agents;
+    let before = rss_kib(pid, "VmRSS");
+    let sessions = load::IdleSessions::start(t.http.addr, targets::TOKEN, n).await?;
+    let after = rss_kib(pid, "VmRSS");
+    let cpu0 = cpu_ticks(pid);
+    tokio::time::sleep(hold).await;
+    let cpu = cpu_percent(pid, cpu0, hold);
+    drop(sessions);
+    let m = format!("5 idle {n} agents on sessions");
+    out.put(
+        format!("{m} KiB per agent"),
+        t.name,
+        (after - before) / n as f64,
+    );
+    out.put(format!("{m} server CPU %"), t.name, cpu);
 
     let n = plan.idle_tunnels;
     let before = rss_kib(pid, "VmRSS");

@@ -103,9 +103,6 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
             // The load comes from one address, and the burst scenario parks 10 000 requests
             // for one name at once (the defaults refuse more than 1 000 per name with 503).
             .args(["--max-connections-per-ip", "1000000", "--log", "warn"])
-            // Load, backends, server and agent share 2 cores here: one worker thread
-            // serves more per CPU second than one per core (docs/PERFORMANCE.md).
-            .args(["--worker-threads", "1"])
             .args(["--max-parked-per-name", "20000", "--max-parked", "20000"]);
         c
     });
@@ -186,8 +183,6 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
         "20000",
         "--max-parked",
         "20000",
-        "--worker-threads",
-        "1",
     ];
     let mut r: Vec<_> = (0..3).map(|_| replica(&redis, &secret, &flags)).collect();
     let home = r[0].url();

@@ -23,7 +23,7 @@ use crate::session::{self, Frame, SessionError, COALESCE_MAX, MAX_MESSAGE};
 /// messages bounded by [`MAX_MESSAGE`].
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(2048)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))

@@ -3,9 +3,11 @@
 //! Why a flag: every hand-off between tasks on different worker threads costs a futex or
 //! an eventfd write and often a context switch. A relayed small request crosses several
 //! tasks, so on a machine the relay shares with its backend or its agent (2 cores in the
-//! benchmarks) one worker thread serves more requests per CPU second and answers sooner
-//! than one per core; see `docs/PERFORMANCE.md`. A server on a machine of its own wants
-//! one per core, the default.
+//! benchmarks) one worker thread serves more small requests per CPU second and answers
+//! them sooner than one per core. But with one thread, a bulk transfer that keeps it busy
+//! delays the small requests beside it (small GETs waited 10 ms, median, beside a 1 GiB
+//! download; 1 ms with one thread per core). The default stays one per core; see
+//! `docs/PERFORMANCE.md`.
 
 use std::io;
 

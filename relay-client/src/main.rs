@@ -130,9 +130,9 @@ struct Cli {
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
     /// Worker threads (0: one per core). One hands requests between tasks without waking
-    /// another thread: less CPU per request and lower latency beside the backend, and on
-    /// 2 cores faster for bulk transfers too; more spread very many requests over cores.
-    #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 1, global = true)]
+    /// another thread (less CPU per small request, lower latency), but a bulk transfer then
+    /// delays the small requests beside it; one per core keeps them apart.
+    #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 0, global = true)]
     worker_threads: usize,
 }
 

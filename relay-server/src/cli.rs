@@ -267,8 +267,9 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     pub log: String,
-    /// Worker threads (0: one per core). On a machine shared with the backends or agents,
-    /// fewer threads hand requests between tasks without waking another thread.
+    /// Worker threads (0: one per core). One hands requests between tasks without waking
+    /// another thread (less CPU per small request, lower latency on a machine shared with
+    /// backends or agents), but bulk transfers then delay the small requests beside them.
     #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 }

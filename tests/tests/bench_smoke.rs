@@ -40,6 +40,7 @@ fn bench_smoke_runs_every_scenario() {
         "3 upload 1 MB",
         "4 tunnel up",
         "7 HTTP/2",
+        "8 small GETs during a 16 MiB download, req/s",
     ] {
         let row = rows
             .iter()
@@ -71,12 +72,18 @@ fn bench_only_runs_the_chosen_scenarios() {
     assert!(
         metrics
             .iter()
+            .any(|m| m.contains("agents on sessions KiB per agent")),
+        "{metrics:?}"
+    );
+    assert!(
+        metrics
+            .iter()
             .all(|m| m.starts_with("2 ") || m.starts_with("5 ")),
         "{metrics:?}"
     );
-    // A scenario number outside 1-7 is refused with a clear message.
+    // A scenario number outside 1-8 is refused with a clear message.
     let bad = Command::new(binary("relay-bench"))
-        .args(["--smoke", "--only", "8"])
+        .args(["--smoke", "--only", "9"])
         .output()
         .unwrap();
     assert!(!bad.status.success());

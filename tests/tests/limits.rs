@@ -156,9 +156,10 @@ async fn past_the_address_limit_users_get_503_and_agents_are_served() {
         held.push(healthy_conn(server.addr, "127.0.0.1").await);
     }
     // As many places again on probation, no more: then connections close unanswered.
-    let probation: Vec<_> =
-        futures_util::future::join_all((0..2).map(|_| connect_from(server.addr, "127.0.0.1")))
-            .await;
+    let probation = [
+        connect_from(server.addr, "127.0.0.1").await,
+        connect_from(server.addr, "127.0.0.1").await,
+    ];
     // Accepted in the order their handshakes completed: these two first.
     let beyond = connect_from(server.addr, "127.0.0.1").await;
     assert!(closed_unanswered(beyond, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);

@@ -80,8 +80,13 @@ async fn slowloris_does_not_stop_normal_requests() {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
+    // The agent shares the attacker's address (127.0.0.1), so as many again may wait on
+    // probation for one request that must authenticate as an agent.
     let line = attack.next_line("connected:");
-    assert!(count(&line) <= 256, "per-address limit not held: {line}");
+    assert!(
+        count(&line) <= 2 * 256,
+        "per-address limit not held: {line}"
+    );
     let served = seen
         .lock()
         .unwrap()
