@@ -3,6 +3,7 @@
 //! JSON. `--smoke` is the few-second version the test command runs (no rathole or bore).
 
 mod backend;
+mod idle;
 mod load;
 mod procfs;
 mod report;

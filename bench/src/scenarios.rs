@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::load;
 use crate::procfs::{cpu_percent, cpu_ticks, rss_kib};
 use crate::targets::{self, Running};
+use crate::{idle, load};
 
 /// Sizes and counts of one benchmark run (smaller in smoke mode).
 pub struct Plan {
@@ -200,7 +200,7 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
     };
     let (n, hold) = (plan.idle_agents, plan.idle_hold);
     let before = rss_kib(pid, "VmRSS");
-    let agents = load::IdleAgents::start(t.http.addr, targets::TOKEN, n).await?;
+    let agents = idle::IdleAgents::start(t.http.addr, targets::TOKEN, n).await?;
     let after = rss_kib(pid, "VmRSS");
     let cpu0 = cpu_ticks(pid);
     let polls = agents.polls_during(hold).await;
@@ -219,11 +219,11 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
     // The same number of agents on sessions (protocol 2): one WebSocket each. First the
     // long polls' connections close and the server's housekeeping (a 1 s tick) trims the
     // freed memory, so the sessions do not reuse it unmeasured.
-    load::wait_connections_below(t.http.addr, 100).await?;
+    idle::wait_connections_below(t.http.addr, 100).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let n = plan.idle_agents;
     let before = rss_kib(pid, "VmRSS");
-    let sessions = load::IdleSessions::start(t.http.addr, targets::TOKEN, n).await?;
+    let sessions = idle::IdleSessions::start(t.http.addr, targets::TOKEN, n).await?;
     let after = rss_kib(pid, "VmRSS");
     let cpu0 = cpu_ticks(pid);
     tokio::time::sleep(hold).await;
@@ -239,7 +239,7 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
 
     let n = plan.idle_tunnels;
     let before = rss_kib(pid, "VmRSS");
-    let tunnels = load::IdleTunnels::start(t.tcp, t.http.addr, n).await?;
+    let tunnels = idle::IdleTunnels::start(t.tcp, t.http.addr, n).await?;
     let after = rss_kib(pid, "VmRSS");
     let cpu0 = cpu_ticks(pid);
     tokio::time::sleep(hold).await;
