@@ -113,12 +113,33 @@ impl IdleAgents {
         }
         Ok(IdleAgents { answered, set })
     }
+}
 
-    /// Polls answered during the next `dur` (re-poll traffic).
-    pub async fn polls_during(&self, dur: Duration) -> usize {
+/// Idle things held open for a while; what they counted meanwhile.
+pub trait Idle {
+    /// Holds them for `dur`; the idle agents count polls answered (re-poll traffic).
+    fn hold(&self, dur: Duration) -> impl std::future::Future<Output = usize>;
+}
+
+impl Idle for IdleAgents {
+    async fn hold(&self, dur: Duration) -> usize {
         let before = self.answered.load(std::sync::atomic::Ordering::Relaxed);
         tokio::time::sleep(dur).await;
         self.answered.load(std::sync::atomic::Ordering::Relaxed) - before
+    }
+}
+
+impl Idle for IdleSessions {
+    async fn hold(&self, dur: Duration) -> usize {
+        tokio::time::sleep(dur).await;
+        0
+    }
+}
+
+impl Idle for IdleTunnels {
+    async fn hold(&self, dur: Duration) -> usize {
+        tokio::time::sleep(dur).await;
+        0
     }
 }
 

@@ -67,7 +67,11 @@ async fn get(send: &mut Sender, t: &Target, path: &str, close: bool) -> anyhow::
     let resp = send
         .send_request(req.body(Full::new(Bytes::new()))?)
         .await?;
-    anyhow::ensure!(resp.status() == StatusCode::OK, "status {}", resp.status());
+    anyhow::ensure!(
+        resp.status() == StatusCode::OK,
+        "status {} for GET {path}",
+        resp.status()
+    );
     let mut body = resp.into_body();
     let mut n = 0;
     while let Some(f) = body.frame().await {

@@ -91,9 +91,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut table = Table::default();
-    for t in &running {
+    for t in &mut running {
         eprintln!("measuring {}…", t.name);
-        rt.block_on(scenarios::run_all(&plan, t, want, &mut table))?;
+        if let Err(e) = rt.block_on(scenarios::run_all(&plan, t, want, &mut table)) {
+            // What the target's processes said (warnings and errors) is what explains a
+            // failed request; they are killed when `running` drops.
+            t.dump_output();
+            return Err(e);
+        }
     }
     let names: Vec<&'static str> = running.iter().map(|t| t.name).collect();
     report::write(&cli, &plan, &names, &table)?;

@@ -53,29 +53,35 @@ pub async fn run_all(
     want: impl Fn(u8) -> bool,
     out: &mut Table,
 ) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let what = |n: u8| format!("scenario {n} through {}", t.name);
     if want(1) {
-        keep_alive(plan, t, out).await?;
+        keep_alive(plan, t, out).await.with_context(|| what(1))?;
     }
     if want(2) {
-        new_connections(plan, t, out).await?;
+        new_connections(plan, t, out)
+            .await
+            .with_context(|| what(2))?;
     }
     if want(3) {
-        bodies(plan, t, out).await?;
+        bodies(plan, t, out).await.with_context(|| what(3))?;
     }
     if want(4) {
-        tunnel(plan, t, out).await?;
+        tunnel(plan, t, out).await.with_context(|| what(4))?;
     }
     if want(7) {
-        h2_streams(plan, t, out).await?;
+        h2_streams(plan, t, out).await.with_context(|| what(7))?;
     }
     if want(6) {
-        burst(plan, t, out).await?;
+        burst(plan, t, out).await.with_context(|| what(6))?;
     }
     if want(8) {
-        small_during_big(plan, t, out).await?;
+        small_during_big(plan, t, out)
+            .await
+            .with_context(|| what(8))?;
     }
     if want(5) {
-        idle(plan, t, out).await?;
+        idle(plan, t, out).await.with_context(|| what(5))?;
     }
     Ok(())
 }
@@ -199,58 +205,62 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
         return Ok(());
     };
     let (n, hold) = (plan.idle_agents, plan.idle_hold);
-    let before = rss_kib(pid, "VmRSS");
-    let agents = idle::IdleAgents::start(t.http.addr, targets::TOKEN, n).await?;
-    let after = rss_kib(pid, "VmRSS");
-    let cpu0 = cpu_ticks(pid);
-    let polls = agents.polls_during(hold).await;
-    let cpu = cpu_percent(pid, cpu0, hold);
-    drop(agents);
+    let agents = idle::IdleAgents::start(t.http.addr, targets::TOKEN, n);
+    let (kib, cpu, polls) = held_idle(pid, n, hold, agents).await?;
     let m = format!("5 idle {n} agents");
-    out.put(
-        format!("{m} KiB per agent"),
-        t.name,
-        (after - before) / n as f64,
-    );
+    out.put(format!("{m} KiB per agent"), t.name, kib);
     out.put(format!("{m} server CPU %"), t.name, cpu);
     let rate = polls as f64 / hold.as_secs_f64();
     out.put(format!("{m} re-polls/s"), t.name, rate);
 
     // The same number of agents on sessions (protocol 2): one WebSocket each. First the
-    // long polls' connections close and the server's housekeeping (a 1 s tick) trims the
-    // freed memory, so the sessions do not reuse it unmeasured.
+    // long polls' connections close and the server hands their memory back, so the
+    // sessions do not reuse it unmeasured.
     idle::wait_connections_below(t.http.addr, 100).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let n = plan.idle_agents;
-    let before = rss_kib(pid, "VmRSS");
-    let sessions = idle::IdleSessions::start(t.http.addr, targets::TOKEN, n).await?;
-    let after = rss_kib(pid, "VmRSS");
-    let cpu0 = cpu_ticks(pid);
-    tokio::time::sleep(hold).await;
-    let cpu = cpu_percent(pid, cpu0, hold);
-    drop(sessions);
+    rss_settled(pid).await;
+    let sessions = idle::IdleSessions::start(t.http.addr, targets::TOKEN, n);
+    let (kib, cpu, _) = held_idle(pid, n, hold, sessions).await?;
     let m = format!("5 idle {n} agents on sessions");
-    out.put(
-        format!("{m} KiB per agent"),
-        t.name,
-        (after - before) / n as f64,
-    );
+    out.put(format!("{m} KiB per agent"), t.name, kib);
     out.put(format!("{m} server CPU %"), t.name, cpu);
 
     let n = plan.idle_tunnels;
-    let before = rss_kib(pid, "VmRSS");
-    let tunnels = idle::IdleTunnels::start(t.tcp, t.http.addr, n).await?;
-    let after = rss_kib(pid, "VmRSS");
-    let cpu0 = cpu_ticks(pid);
-    tokio::time::sleep(hold).await;
-    let cpu = cpu_percent(pid, cpu0, hold);
-    drop(tunnels);
+    let tunnels = idle::IdleTunnels::start(t.tcp, t.http.addr, n);
+    let (kib, cpu, _) = held_idle(pid, n, hold, tunnels).await?;
     let m = format!("5 idle {n} tunnels");
-    out.put(
-        format!("{m} KiB per tunnel"),
-        t.name,
-        (after - before) / n as f64,
-    );
+    out.put(format!("{m} KiB per tunnel"), t.name, kib);
     out.put(format!("{m} server CPU %"), t.name, cpu);
     Ok(())
+}
+
+/// Opens `n` idle things with `start` and holds them for `hold`: the relay-server's memory
+/// growth per thing (KiB), its CPU while they were held (%), and what they counted then.
+async fn held_idle<T: idle::Idle>(
+    pid: u32,
+    n: usize,
+    hold: Duration,
+    start: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let before = rss_kib(pid, "VmRSS");
+    let held = start.await?;
+    let after = rss_kib(pid, "VmRSS");
+    let cpu0 = cpu_ticks(pid);
+    let counted = held.hold(hold).await;
+    let cpu = cpu_percent(pid, cpu0, hold);
+    drop(held);
+    Ok(((after - before) / n.max(1) as f64, cpu, counted))
+}
+
+/// Waits until the process's resident memory stops shrinking (its housekeeping hands
+/// freed memory back once a second), at most 5 s.
+async fn rss_settled(pid: u32) {
+    let mut last = rss_kib(pid, "VmRSS");
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_kib(pid, "VmRSS");
+        if now >= last {
+            return;
+        }
+        last = now;
+    }
 }

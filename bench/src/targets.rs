@@ -23,6 +23,12 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The relay processes' log filter: `warn`, or `RELAY_BENCH_LOG` (e.g. `debug` to see what
+/// happened to a request that failed; the output is printed when a scenario fails).
+fn log_level() -> String {
+    std::env::var("RELAY_BENCH_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// A target ready for load: where HTTP goes, where the TCP service is, what keeps it up.
 pub struct Running {
     /// Name in the table.
@@ -35,9 +41,31 @@ pub struct Running {
     pub h2: Option<(SocketAddr, Option<String>)>,
     /// The relay-server's process id (memory and CPU figures).
     pub server_pid: Option<u32>,
-    _procs: Vec<Proc>,
+    procs: Vec<Proc>,
     _dir: Option<TempDir>,
     _secret: Option<relay_tests::cluster::Secret>,
+}
+
+impl Running {
+    /// Prints the output of the target's processes to stderr: the last 200 lines of each,
+    /// or all of it when `RELAY_BENCH_LOG` chose the log filter.
+    pub fn dump_output(&mut self) {
+        let keep = match std::env::var_os("RELAY_BENCH_LOG") {
+            Some(_) => usize::MAX,
+            None => 200,
+        };
+        for p in &mut self.procs {
+            let lines = p.drain_output();
+            eprintln!(
+                "--- output of process {} ({} lines)",
+                p.child.id(),
+                lines.len()
+            );
+            for l in &lines[lines.len().saturating_sub(keep)..] {
+                eprintln!("| {l}");
+            }
+        }
+    }
 }
 
 /// The backend process: its HTTP and TCP addresses.
@@ -84,7 +112,7 @@ pub fn direct(b: &Backend) -> Running {
         tcp: b.tcp,
         h2: Some((b.http, None)),
         server_pid: None,
-        _procs: Vec::new(),
+        procs: Vec::new(),
         _dir: None,
         _secret: None,
     }
@@ -102,7 +130,7 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
             .arg(format!("*={TOKEN}"))
             // The load comes from one address, and the burst scenario parks 10 000 requests
             // for one name at once (the defaults refuse more than 1 000 per name with 503).
-            .args(["--max-connections-per-ip", "1000000", "--log", "warn"])
+            .args(["--max-connections-per-ip", "1000000", "--log", &log_level()])
             .args(["--max-parked-per-name", "20000", "--max-parked", "20000"]);
         c
     });
@@ -120,7 +148,7 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
         tcp,
         h2: Some((addr, Some("bench".into()))),
         server_pid: Some(server.child.id()),
-        _procs: vec![server, agent, connect],
+        procs: vec![server, agent, connect],
         _dir: None,
         _secret: None,
     })
@@ -150,7 +178,7 @@ fn agent_and_entry(
         .arg("--service")
         .arg(format!("sink={}", b.tcp))
         // Every idle tunnel of scenario 5 is an exchange in flight.
-        .args(["--max-in-flight", "20000", "--log", "warn"]);
+        .args(["--max-in-flight", "20000", "--log", &log_level()]);
         c
     });
     let mut connect = Proc::spawn({
@@ -204,7 +232,7 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
         tcp,
         h2: Some((entry, Some("bench".into()))),
         server_pid: None,
-        _procs: procs,
+        procs,
         _dir: None,
         _secret: Some(secret),
     })
@@ -279,7 +307,7 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         tcp: SocketAddr::from(([127, 0, 0, 1], tcp_port)),
         h2: Some((http.addr, None)),
         server_pid: None,
-        _procs: vec![s, c],
+        procs: vec![s, c],
         _dir: Some(dir),
         _secret: None,
     })
@@ -327,7 +355,7 @@ pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         tcp,
         h2: Some((http_addr, None)),
         server_pid: None,
-        _procs: vec![server, h, t],
+        procs: vec![server, h, t],
         _dir: None,
         _secret: None,
     })

@@ -386,7 +386,9 @@ pub(crate) fn dispatch(
         .insert(head.id.clone(), cancel.clone());
     let task_shared = shared.clone();
     let ctx = link.ctx.clone();
-    shared.tracker.spawn(async move {
+    // Boxed: the request's future is several KiB, and a task moves its future (and its
+    // stage) by copying it; a box moves as a pointer.
+    shared.tracker.spawn(Box::pin(async move {
         let id = head.id.clone();
         tracing::debug!(id, method = head.method, target = head.target, "request");
         task_shared.stats.started();
@@ -399,7 +401,7 @@ pub(crate) fn dispatch(
             .remove(&id);
         drop(permit);
         task_shared.freed.notify_waiters();
-    });
+    }));
 }
 
 /// Sends a response a lost session did not acknowledge through an exchange, in a task the

@@ -55,6 +55,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let target = Arc::new(target(&cfg)?);
+    // The open tunnels belong to this run: on shutdown they end with it (their local
+    // connections close) before it returns.
+    let tunnels = tokio_util::task::TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -65,12 +68,20 @@ pub async fn run(
                     continue;
                 }
             },
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                tunnels.close();
+                tunnels.wait().await;
+                return Ok(());
+            }
         };
         let target = target.clone();
-        tokio::spawn(async move {
-            if let Err(e) = tunnel(&target, tcp).await {
-                tracing::warn!(%peer, error = %e, "tunnel failed");
+        let shutdown = shutdown.clone();
+        tunnels.spawn(async move {
+            tokio::select! {
+                r = tunnel(&target, tcp) => if let Err(e) = r {
+                    tracing::warn!(%peer, error = %e, "tunnel failed");
+                },
+                _ = shutdown.cancelled() => {}
             }
         });
     }

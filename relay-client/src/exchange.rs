@@ -64,23 +64,37 @@ pub async fn serve(
     cancel: CancellationToken,
     reply: Option<Arc<Reply>>,
 ) -> Outcome {
-    let span = tracing::info_span!(
-        "request",
-        otel.kind = "client",
-        id = %head.id,
-        method = %head.method,
-        path = %head.target.split('?').next().unwrap_or("/"),
-    );
-    if relay_config_file::telemetry::enabled() {
+    // A span per request only when traces are exported or debug lines are wanted: the
+    // fmt layer formats a span's fields when it opens, which costs more than the rest of
+    // the agent's bookkeeping for a small request. Warnings name the request themselves.
+    let traced = relay_config_file::telemetry::enabled();
+    let span = match traced || tracing::enabled!(tracing::Level::DEBUG) {
+        true => tracing::info_span!(
+            "request",
+            otel.kind = "client",
+            id = %head.id,
+            method = %head.method,
+            path = %head.target.split('?').next().unwrap_or("/"),
+        ),
+        false => tracing::Span::none(),
+    };
+    if traced {
         // The relay-server's span for this request (its traceparent) is the parent.
         if let Ok(h) = relay_common::message::decode_headers(&head.headers) {
             relay_config_file::telemetry::continue_trace(&span, &h);
         }
     }
+    let id = head.id.clone();
     async move {
         tokio::select! {
             r = serve_inner(&ctx, head, &cancel, reply.as_deref()) => match r {
                 Ok(()) => Outcome::Served,
+                // The server refusing an exchange is a fault worth an operator's eye
+                // (its user gets an error or a timeout); a broken connection is common.
+                Err(e @ RelayCallError::Status { .. }) => {
+                    tracing::warn!(id, error = %e, "the relay-server refused the response");
+                    Outcome::Failed
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "request ended early");
                     Outcome::Failed

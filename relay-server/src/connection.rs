@@ -240,7 +240,7 @@ fn service(
 fn past_the_limit(limit: usize, version: Version) -> Response<RelayBody> {
     let mut resp = text_response(
         StatusCode::SERVICE_UNAVAILABLE,
-        &format!("{limit} connections are open from this address, the limit"),
+        &crate::base::limits::ConnRefused::PerIp(limit).to_string(),
     );
     let h = resp.headers_mut();
     if version < Version::HTTP_2 {

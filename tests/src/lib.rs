@@ -459,6 +459,16 @@ pub fn data(b: impl Into<Bytes>) -> Result<hyper::body::Frame<Bytes>, std::io::E
     Ok(hyper::body::Frame::data(b.into()))
 }
 
+/// An address that refuses connections for as long as the returned socket lives: bound but
+/// not listening, so no other test can take the port (a port that was "just free" can be
+/// handed to a parallel test's listener, which then accepts).
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// A TCP service that echoes what it receives; when the client shuts down writing it sends
 /// `farewell` and closes. Returns its address.
 pub async fn tcp_echo(farewell: &'static [u8]) -> SocketAddr {

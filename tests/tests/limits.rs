@@ -66,17 +66,23 @@ async fn connections_are_limited_per_address_and_in_total() {
     let _c2 = healthy_conn(server.addr, "127.0.0.3").await;
 }
 
+/// An agent `a` at 127.0.0.1 on long polls, once its four pollers (each on a connection of
+/// its own) have authenticated and left the address's count.
+async fn polling_agent(server: &Server, backend: SocketAddr) -> Agent {
+    let mut polling = Agent::config(&server.url(), "a", &format!("http://{backend}"));
+    polling.transport = relay_client::Transport::Stream;
+    let agent = Agent::start(polling);
+    wait_for(|| server.state.conns.open() >= 4 && server.state.conns.addresses() == 0).await;
+    agent
+}
+
 #[tokio::test]
 async fn agent_connections_do_not_count_against_their_address() {
     let (backend, _seen) = recording_backend().await;
     let mut cfg = server_config();
     cfg.max_connections_per_ip = 2;
     let server = Server::start(cfg).await;
-    // Four pollers, each on its own connection from 127.0.0.1.
-    let mut polling = Agent::config(&server.url(), "a", &format!("http://{backend}"));
-    polling.transport = relay_client::Transport::Stream;
-    let _agent = Agent::start(polling);
-    wait_for(|| server.state.conns.open() >= 4 && server.state.conns.addresses() == 0).await;
+    let _agent = polling_agent(&server, backend).await;
     // A second agent on a session: its connection is exempt too.
     let _sessions = Agent::start(Agent::config(
         &server.url(),
@@ -123,12 +129,8 @@ async fn past_the_address_limit_users_get_503_and_agents_are_served() {
     let mut cfg = server_config();
     cfg.max_connections_per_ip = 2;
     let server = Server::start(cfg).await;
-    // An agent at 127.0.0.1 on long polls: its pollers, and every response exchange, open
-    // connections of their own.
-    let mut polling = Agent::config(&server.url(), "a", &format!("http://{backend}"));
-    polling.transport = relay_client::Transport::Stream;
-    let _agent = Agent::start(polling);
-    wait_for(|| server.state.conns.open() >= 4 && server.state.conns.addresses() == 0).await;
+    // Its pollers, and every response exchange, open connections of their own.
+    let _agent = polling_agent(&server, backend).await;
     // A user holds both places of the address.
     let mut held = vec![
         healthy_conn(server.addr, "127.0.0.1").await,

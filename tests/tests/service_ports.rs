@@ -159,10 +159,7 @@ async fn ws(server: &Server, path: &str) -> tokio_tungstenite::WebSocketStream<T
 #[tokio::test]
 async fn backend_ai_semantics_for_plain_websocket_clients() {
     let echo = tcp_echo(b"bye").await;
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_held, refused) = refusing_addr();
     let (server, _agent) = agent_with(
         vec![
             ("echo".into(), echo.to_string()),

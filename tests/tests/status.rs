@@ -107,11 +107,7 @@ async fn connected_agent_that_never_picks_up_is_503_after_the_pickup_timeout() {
 
 #[tokio::test]
 async fn unreachable_backend_is_502() {
-    // A port that was just free: bind, note, close.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_held, dead) = refusing_addr();
     let (server, _agent) = relay_to(dead, "down").await;
     let resp = get(format!("{}/client/down/", server.url())).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);

@@ -79,6 +79,18 @@ impl ResponseSide {
         self.agent_finished.load(Ordering::Acquire)
     }
 
+    /// Where the response stands, for the log line of a request that timed out.
+    pub fn describe(&self) -> &'static str {
+        match self.state.try_lock() {
+            Err(_) => "an exchange or the session is delivering it",
+            Ok(s) => match s.sink {
+                Sink::AwaitingHead(_) => "no response head arrived",
+                Sink::Streaming(_) => "the body is streaming",
+                Sink::Over => "over",
+            },
+        }
+    }
+
     /// Takes the response for one exchange; `None` while another exchange holds it.
     pub fn lease(self: &Arc<Self>) -> Option<ResponseLease> {
         let state = self.state.clone().try_lock_owned().ok()?;

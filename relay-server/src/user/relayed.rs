@@ -61,6 +61,15 @@ pub async fn dispatch(
         r = head_rx.instrument(waiting) => r.map_err(|_| RelayError::Agent(
             "the relay-client failed before sending a response head".into()))?,
         _ = tokio::time::sleep_until(arrival + response_timeout) => {
+            // Which agent holds it and where its response stands: what an operator needs
+            // to tell a slow backend from a request lost on the way.
+            tracing::warn!(
+                id = %pending.id,
+                name,
+                agent = pending.claimed_by().as_deref().map_or("none", |a| a.id.as_str()),
+                response = pending.response.describe(),
+                "no response head within the response timeout (504)"
+            );
             return Err(RelayError::ResponseTimeout(response_timeout));
         }
         // The claimer may change: a request whose delivery failed is put back and claimed
