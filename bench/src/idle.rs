@@ -186,7 +186,7 @@ impl IdleSessions {
                 let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
                 while let Some(msg) = ws.next().await {
                     let Message::Binary(b) = msg? else { continue };
-                    for f in session::decode(b)? {
+                    for f in session::decode(b, session::Heads::Json)? {
                         if let SessionFrame::Ping(data) = f {
                             let mut out = bytes::BytesMut::new();
                             session::put_ping(&mut out, data, true);

@@ -186,8 +186,9 @@ impl From<SessionError> for ReadEnd {
     }
 }
 
-/// Reads the next message's frames (WebSocket pings are answered by the library).
-pub async fn read<S>(stream: &mut S) -> Result<Vec<Frame>, ReadEnd>
+/// Reads the next message's frames, their heads encoded as `heads` (WebSocket pings are
+/// answered by the library).
+pub async fn read<S>(stream: &mut S, heads: session::Heads) -> Result<Vec<Frame>, ReadEnd>
 where
     S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
@@ -195,7 +196,7 @@ where
         match stream.next().await {
             None | Some(Ok(Message::Close(_))) => return Err(ReadEnd::Closed),
             Some(Err(e)) => return Err(e.into()),
-            Some(Ok(Message::Binary(b))) => return Ok(session::decode(b)?),
+            Some(Ok(Message::Binary(b))) => return Ok(session::decode(b, heads)?),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Text(_) | Message::Frame(_))) => {
                 return Err(ReadEnd::Protocol("a text message on a session".into()))
@@ -216,7 +217,7 @@ mod tests {
         }
         let (m, end) = o.next().await.unwrap();
         assert_eq!(end, m.len() as u64);
-        let frames = session::decode(m).unwrap();
+        let frames = session::decode(m, session::Heads::Json).unwrap();
         assert_eq!(frames.len(), 3);
         // 5 × 100 KiB GOAWAYs: messages of ≤ 256 KiB, whole frames each.
         let reason = "x".repeat(100 * 1024);
@@ -227,7 +228,7 @@ mod tests {
         while seen < 5 {
             let (m, _) = o.next().await.unwrap();
             assert!(m.len() <= COALESCE_MAX);
-            seen += session::decode(m).unwrap().len();
+            seen += session::decode(m, session::Heads::Json).unwrap().len();
         }
         assert_eq!(o.buffered(), 0);
         // Marks: where each frame ends in the stream; discard tells where dropping began.

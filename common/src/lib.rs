@@ -29,6 +29,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod headers;
+pub mod heads;
 pub mod id;
 pub mod message;
 pub mod name;

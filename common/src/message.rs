@@ -89,13 +89,17 @@ pub struct HeaderError {
 /// Encodes a header map as the wire's list of pairs.
 pub fn encode_headers(map: &HeaderMap) -> Vec<(String, String)> {
     map.iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                v.as_bytes().iter().map(|&b| b as char).collect(),
-            )
-        })
+        .map(|(k, v)| (k.as_str().to_owned(), latin1(v.as_bytes())))
         .collect()
+}
+
+/// Each byte as the code point of the same number; an ASCII value (nearly all of them) is
+/// one copy, not a character at a time.
+pub fn latin1(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if s.is_ascii() => s.to_owned(),
+        _ => b.iter().map(|&b| b as char).collect(),
+    }
 }
 
 /// Decodes the wire's header pairs. Values with CR, LF or NUL, or code points above U+00FF,
@@ -108,15 +112,20 @@ pub fn decode_headers(list: &[(String, String)]) -> Result<HeaderMap, HeaderErro
             reason,
         };
         let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| err("bad name"))?;
-        let mut bytes = Vec::with_capacity(v.len());
-        for c in v.chars() {
-            let c = u32::from(c);
-            if c > 0xff {
-                return Err(err("value byte above 0xFF"));
+        let value = if v.is_ascii() {
+            // Code points below 0x80 are their own bytes.
+            HeaderValue::from_str(v).map_err(|_| err("bad value"))?
+        } else {
+            let mut bytes = Vec::with_capacity(v.len());
+            for c in v.chars() {
+                let c = u32::from(c);
+                if c > 0xff {
+                    return Err(err("value byte above 0xFF"));
+                }
+                bytes.push(c as u8);
             }
-            bytes.push(c as u8);
-        }
-        let value = HeaderValue::from_bytes(&bytes).map_err(|_| err("bad value"))?;
+            HeaderValue::from_bytes(&bytes).map_err(|_| err("bad value"))?
+        };
         map.append(name, value);
     }
     Ok(map)

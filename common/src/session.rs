@@ -11,7 +11,7 @@
 //!
 //! | kind | name | direction | payload |
 //! |---|---|---|---|
-//! | 1 | OPEN | server → agent | JSON [`RequestHead`] (the request's id is inside) |
+//! | 1 | OPEN | server → agent | the [`RequestHead`] (the request's id is inside) |
 //! | 2 | CANCEL | server → agent | the request id (ASCII): the user left |
 //! | 3 | RESPONSE | agent → server | a whole response: see [`Response`] |
 //! | 4 | CREDIT | agent → server | u32be: more free slots (requests the agent will take) |
@@ -21,8 +21,9 @@
 //! | 8 | ACK | both | u64be: frames received on this session so far of the kind the other side sends work in: RESPONSE frames (server → agent), OPEN frames (agent → server) |
 //!
 //! A RESPONSE payload is `id_len:u8 id head_len:u32be head body_len:u32be body trailers`,
-//! where `head` is a JSON [`ResponseHead`], `body` the whole body and `trailers` (may be
-//! empty) a JSON [`Trailers`]. Only whole responses of at most [`INLINE_BODY_MAX`] body
+//! where `head` is the [`ResponseHead`], `body` the whole body and `trailers` (may be
+//! empty) the [`Trailers`]. Heads and trailers are JSON on a `relay-session.v2` session and
+//! length-prefixed fields ([`crate::heads`]) on a `relay-session.v3` one ([`Heads`]). Only whole responses of at most [`INLINE_BODY_MAX`] body
 //! bytes travel on the session; streaming bodies, bigger bodies, request bodies and
 //! tunnels use the exchanges of protocol 1 with the same request id, so bulk transfer
 //! keeps its dedicated connections and never delays the small requests on the session.
@@ -37,6 +38,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::heads;
 use crate::message::{RequestHead, ResponseHead, Trailers};
 
 /// The protocol version an agent asks for on `/server/session` (`X-Relay-Protocol`).
@@ -45,8 +47,50 @@ pub const SESSION_PROTOCOL_VERSION: &str = "2";
 /// The path of the session endpoint (under the server's base path).
 pub const SESSION_PATH: &str = "/server/session";
 
-/// The WebSocket subprotocol (`Sec-WebSocket-Protocol`, RFC 6455 §1.9) of a session.
+/// The WebSocket subprotocol (`Sec-WebSocket-Protocol`, RFC 6455 §1.9) of a session whose
+/// heads are JSON.
 pub const SESSION_SUBPROTOCOL: &str = "relay-session.v2";
+
+/// The subprotocol of a session whose heads are binary ([`crate::heads`]); agents that
+/// have it offer it first, and a server that has it chooses it.
+pub const SESSION_SUBPROTOCOL_BINARY: &str = "relay-session.v3";
+
+/// How the heads in OPEN and RESPONSE frames are encoded on one session: chosen once, by
+/// the subprotocol of its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heads {
+    /// JSON ([`crate::message`]): `relay-session.v2`, or no subprotocol at all.
+    Json,
+    /// Length-prefixed fields ([`crate::heads`]): `relay-session.v3`.
+    Binary,
+}
+
+impl Heads {
+    /// The server's choice among the subprotocols a client offered (each header value a
+    /// comma-separated list): binary heads when offered, else JSON (named or not).
+    pub fn choose<'a>(offered: impl IntoIterator<Item = &'a str>) -> (Heads, Option<&'static str>) {
+        let mut json = false;
+        for p in offered
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            if p == SESSION_SUBPROTOCOL_BINARY {
+                return (Heads::Binary, Some(SESSION_SUBPROTOCOL_BINARY));
+            }
+            json |= p == SESSION_SUBPROTOCOL;
+        }
+        (Heads::Json, json.then_some(SESSION_SUBPROTOCOL))
+    }
+
+    /// What the server's answer (its `Sec-WebSocket-Protocol`, if any) chose.
+    pub fn chosen(answer: Option<&str>) -> Heads {
+        match answer.map(str::trim) {
+            Some(SESSION_SUBPROTOCOL_BINARY) => Heads::Binary,
+            _ => Heads::Json,
+        }
+    }
+}
 
 /// Largest response body that travels whole on the session.
 pub const INLINE_BODY_MAX: usize = 64 * 1024;
@@ -130,10 +174,28 @@ fn put_header(b: &mut BytesMut, kind: u8, len: usize) {
 }
 
 /// Appends an OPEN frame for `head`.
-pub fn put_open(b: &mut BytesMut, head: &RequestHead) {
-    let json = serde_json::to_vec(head).expect("bug: request heads always serialise");
-    put_header(b, OPEN, json.len());
-    b.put_slice(&json);
+pub fn put_open(b: &mut BytesMut, heads: Heads, head: &RequestHead) {
+    match heads {
+        Heads::Json => {
+            let json = serde_json::to_vec(head).expect("bug: request heads always serialise");
+            put_header(b, OPEN, json.len());
+            b.put_slice(&json);
+        }
+        Heads::Binary => {
+            // The length is filled in once the head is written.
+            let at = b.len();
+            put_header(b, OPEN, 0);
+            heads::put_request(b, head);
+            set_len(b, at);
+        }
+    }
+}
+
+/// Writes the payload length of the frame whose header starts at `at` (it runs to the end).
+fn set_len(b: &mut BytesMut, at: usize) {
+    let len = b.len() - at - FRAME_HEADER_LEN;
+    let len = u32::try_from(len).expect("bug: session frame over 4 GiB");
+    b[at + 1..at + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Appends a CANCEL frame for request `id`.
@@ -170,12 +232,32 @@ pub fn put_goaway(b: &mut BytesMut, reason: &str) {
 /// [`INLINE_BODY_MAX`] bytes, and the frame is the message the carrier sends).
 pub fn put_response(
     b: &mut BytesMut,
+    heads: Heads,
     id: &str,
     head: &ResponseHead,
     body: &[u8],
     trailers: Option<&Trailers>,
 ) {
     let id_len = u8::try_from(id.len()).expect("bug: request ids are short");
+    if heads == Heads::Binary {
+        b.reserve(FRAME_HEADER_LEN + 64 + body.len());
+        let at = b.len();
+        put_header(b, RESPONSE, 0);
+        b.put_u8(id_len);
+        b.put_slice(id.as_bytes());
+        let head_at = b.len();
+        b.put_u32(0);
+        heads::put_response(b, head);
+        let head_len = (b.len() - head_at - 4) as u32;
+        b[head_at..head_at + 4].copy_from_slice(&head_len.to_be_bytes());
+        b.put_u32(u32::try_from(body.len()).expect("bug: inline bodies are small"));
+        b.put_slice(body);
+        if let Some(t) = trailers {
+            heads::put_trailers(b, t);
+        }
+        set_len(b, at);
+        return;
+    }
     let head = serde_json::to_vec(head).expect("bug: response heads always serialise");
     let trailers = trailers.map(|t| serde_json::to_vec(t).expect("bug: trailers serialise"));
     let tlen = trailers.as_ref().map_or(0, Vec::len);
@@ -193,8 +275,8 @@ pub fn put_response(
     }
 }
 
-/// Decodes every frame of one message. Nothing is copied out of `msg` except JSON heads.
-pub fn decode(mut msg: Bytes) -> Result<Vec<Frame>, SessionError> {
+/// Decodes every frame of one message. Nothing is copied out of `msg` except heads.
+pub fn decode(mut msg: Bytes, heads: Heads) -> Result<Vec<Frame>, SessionError> {
     let mut out = Vec::new();
     while msg.has_remaining() {
         if msg.len() < FRAME_HEADER_LEN {
@@ -206,7 +288,7 @@ pub fn decode(mut msg: Bytes) -> Result<Vec<Frame>, SessionError> {
             return Err(SessionError::Truncated);
         }
         let payload = msg.split_to(len);
-        out.push(decode_one(kind, payload)?);
+        out.push(decode_one(kind, payload, heads)?);
     }
     Ok(out)
 }
@@ -229,11 +311,14 @@ fn eight(kind: &'static str, p: &[u8]) -> Result<[u8; 8], SessionError> {
         .map_err(|_| bad(kind, "payload is not 8 bytes"))
 }
 
-fn decode_one(kind: u8, p: Bytes) -> Result<Frame, SessionError> {
+fn decode_one(kind: u8, p: Bytes, heads: Heads) -> Result<Frame, SessionError> {
     Ok(match kind {
-        OPEN => Frame::Open(serde_json::from_slice(&p).map_err(|e| bad("OPEN", e))?),
+        OPEN => Frame::Open(match heads {
+            Heads::Json => serde_json::from_slice(&p).map_err(|e| bad("OPEN", e))?,
+            Heads::Binary => heads::request(p).map_err(|e| bad("OPEN", e))?,
+        }),
         CANCEL => Frame::Cancel(ascii("CANCEL", &p)?),
-        RESPONSE => Frame::Response(decode_response(p)?),
+        RESPONSE => Frame::Response(decode_response(p, heads)?),
         CREDIT => {
             let n: [u8; 4] = p[..].try_into().map_err(|_| bad("CREDIT", "not 4 bytes"))?;
             Frame::Credit(u32::from_be_bytes(n))
@@ -246,7 +331,7 @@ fn decode_one(kind: u8, p: Bytes) -> Result<Frame, SessionError> {
     })
 }
 
-fn decode_response(mut p: Bytes) -> Result<Response, SessionError> {
+fn decode_response(mut p: Bytes, heads: Heads) -> Result<Response, SessionError> {
     let short = || bad("RESPONSE", "truncated");
     let take = |n: usize, p: &mut Bytes| {
         if p.len() < n {
@@ -258,17 +343,23 @@ fn decode_response(mut p: Bytes) -> Result<Response, SessionError> {
     let id_len = take(1, &mut p)?[0] as usize;
     let id = ascii("RESPONSE", &take(id_len, &mut p)?)?;
     let head_len = u32::from_be_bytes(take(4, &mut p)?[..].try_into().expect("4 bytes")) as usize;
-    let head: ResponseHead =
-        serde_json::from_slice(&take(head_len, &mut p)?).map_err(|e| bad("RESPONSE", e))?;
+    let head: ResponseHead = match heads {
+        Heads::Json => {
+            serde_json::from_slice(&take(head_len, &mut p)?).map_err(|e| bad("RESPONSE", e))?
+        }
+        Heads::Binary => heads::response(&mut p, head_len).map_err(|e| bad("RESPONSE", e))?,
+    };
     let body_len = u32::from_be_bytes(take(4, &mut p)?[..].try_into().expect("4 bytes")) as usize;
     if body_len > INLINE_BODY_MAX {
         return Err(bad("RESPONSE", "inline body over 64 KiB"));
     }
     let body = take(body_len, &mut p)?;
-    let trailers = if p.is_empty() {
-        None
-    } else {
-        Some(serde_json::from_slice(&p).map_err(|e| bad("RESPONSE", e))?)
+    let trailers = match (p.is_empty(), heads) {
+        (true, _) => None,
+        (false, Heads::Json) => Some(serde_json::from_slice(&p).map_err(|e| bad("RESPONSE", e))?),
+        (false, Heads::Binary) => Some(Trailers {
+            headers: heads::fields(&mut p).map_err(|e| bad("RESPONSE", e))?,
+        }),
     };
     Ok(Response {
         id,
@@ -279,132 +370,4 @@ fn decode_response(mut p: Bytes) -> Result<Response, SessionError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::message::BodyKind;
-
-    fn head(id: &str) -> RequestHead {
-        RequestHead {
-            id: id.into(),
-            method: "GET".into(),
-            target: "/a?b=%2F".into(),
-            headers: vec![("x-a".into(), "caf\u{e9}".into())],
-            body: BodyKind::Empty,
-            content_length: None,
-            upgrade: None,
-        }
-    }
-
-    #[test]
-    fn frames_round_trip_in_one_message() {
-        let mut b = BytesMut::new();
-        put_open(&mut b, &head("00ff"));
-        put_cancel(&mut b, "00fe");
-        put_credit(&mut b, 7);
-        put_ping(&mut b, *b"12345678", false);
-        put_ping(&mut b, *b"abcdefgh", true);
-        let rh = ResponseHead {
-            status: 201,
-            headers: vec![("content-type".into(), "text/plain".into())],
-            body: BodyKind::Stream,
-            content_length: Some(5),
-        };
-        let t = Trailers {
-            headers: vec![("grpc-status".into(), "0".into())],
-        };
-        put_response(&mut b, "00fd", &rh, b"hello", Some(&t));
-        put_response(&mut b, "00fc", &rh, b"", None);
-        put_goaway(&mut b, "draining");
-        put_ack(&mut b, 1 << 40);
-        let frames = decode(b.freeze()).unwrap();
-        assert_eq!(frames.len(), 9);
-        assert!(
-            matches!(&frames[0], Frame::Open(h) if h.id == "00ff" && h.target == "/a?b=%2F"
-            && h.headers[0].1 == "caf\u{e9}")
-        );
-        assert!(matches!(&frames[1], Frame::Cancel(id) if id == "00fe"));
-        assert!(matches!(frames[2], Frame::Credit(7)));
-        assert!(matches!(frames[3], Frame::Ping(d) if &d == b"12345678"));
-        assert!(matches!(frames[4], Frame::Pong(d) if &d == b"abcdefgh"));
-        match &frames[5] {
-            Frame::Response(r) => {
-                assert_eq!(r.id, "00fd");
-                assert_eq!(r.head.status, 201);
-                assert_eq!(&r.body[..], b"hello");
-                assert_eq!(r.trailers.as_ref().unwrap().headers[0].0, "grpc-status");
-            }
-            f => panic!("{f:?}"),
-        }
-        assert!(
-            matches!(&frames[6], Frame::Response(r) if r.body.is_empty() && r.trailers.is_none())
-        );
-        assert!(matches!(&frames[7], Frame::GoAway(r) if r == "draining"));
-        assert!(matches!(frames[8], Frame::Ack(n) if n == 1 << 40));
-    }
-
-    #[test]
-    fn golden_bytes_pin_the_layout() {
-        let mut b = BytesMut::new();
-        put_credit(&mut b, 3);
-        put_cancel(&mut b, "ab");
-        assert_eq!(&b[..], b"\x04\0\0\0\x04\0\0\0\x03\x02\0\0\0\x02ab");
-        let rh = ResponseHead {
-            status: 200,
-            headers: vec![],
-            body: BodyKind::Stream,
-            content_length: Some(2),
-        };
-        let mut b = BytesMut::new();
-        put_response(&mut b, "i", &rh, b"ok", None);
-        let json = br#"{"status":200,"headers":[],"body":"stream","content_length":2}"#;
-        let mut want = vec![3u8];
-        want.extend_from_slice(&((1 + 1 + 4 + json.len() + 4 + 2) as u32).to_be_bytes());
-        want.extend_from_slice(b"\x01i");
-        want.extend_from_slice(&(json.len() as u32).to_be_bytes());
-        want.extend_from_slice(json);
-        want.extend_from_slice(b"\0\0\0\x02ok");
-        assert_eq!(&b[..], &want[..]);
-    }
-
-    #[test]
-    fn bad_messages_are_refused() {
-        assert_eq!(
-            decode(Bytes::from_static(b"\x04\0\0")).unwrap_err(),
-            SessionError::Truncated
-        );
-        assert_eq!(
-            decode(Bytes::from_static(b"\x04\0\0\0\x09\0")).unwrap_err(),
-            SessionError::Truncated
-        );
-        assert_eq!(
-            decode(Bytes::from_static(b"\x63\0\0\0\0")).unwrap_err(),
-            SessionError::UnknownKind(0x63)
-        );
-        assert!(matches!(
-            decode(Bytes::from_static(b"\x04\0\0\0\x02\0\0")).unwrap_err(),
-            SessionError::Bad { kind: "CREDIT", .. }
-        ));
-        assert!(matches!(
-            decode(Bytes::from_static(b"\x01\0\0\0\x01{")).unwrap_err(),
-            SessionError::Bad { kind: "OPEN", .. }
-        ));
-        // A RESPONSE whose body length runs past the frame.
-        let json = br#"{"status":200,"headers":[],"body":"empty"}"#;
-        let mut p = vec![1u8, b'i'];
-        p.extend_from_slice(&(json.len() as u32).to_be_bytes());
-        p.extend_from_slice(json);
-        p.extend_from_slice(b"\0\0\0\x09x");
-        let mut m = vec![3u8];
-        m.extend_from_slice(&(p.len() as u32).to_be_bytes());
-        m.extend_from_slice(&p);
-        assert!(matches!(
-            decode(Bytes::from(m)).unwrap_err(),
-            SessionError::Bad {
-                kind: "RESPONSE",
-                ..
-            }
-        ));
-        // An empty message is no frames, not an error.
-        assert!(decode(Bytes::new()).unwrap().is_empty());
-    }
-}
+mod tests;

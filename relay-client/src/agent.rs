@@ -243,12 +243,11 @@ async fn sessions(
             _ = stop.cancelled() => return Ok(Carried::Done),
         };
         match opened {
-            Ok((ws, number)) => {
+            Ok(open) => {
                 backoff = Backoff::default();
                 shared.stats.reachable();
-                tracing::info!(relay = %url, carrier = "websocket", "agent session open");
-                let end =
-                    crate::session::run(shared, link, (ws, number), slots, draining, stop).await;
+                tracing::info!(relay = %url, carrier = "websocket", heads = ?open.heads, "agent session open");
+                let end = crate::session::run(shared, link, open, slots, draining, stop).await;
                 match end {
                     crate::session::SessionEnd::Stopped => return Ok(Carried::Done),
                     // A black-holed path: pooled connections to the server are most likely

@@ -89,14 +89,11 @@ pub async fn serve(
         tokio::select! {
             r = serve_inner(&ctx, head, &cancel, reply.as_deref()) => match r {
                 Ok(()) => Outcome::Served,
-                // The server refusing an exchange is a fault worth an operator's eye
-                // (its user gets an error or a timeout); a broken connection is common.
-                Err(e @ RelayCallError::Status { .. }) => {
-                    tracing::warn!(id, error = %e, "the relay-server refused the response");
-                    Outcome::Failed
-                }
+                // The response (or the upload) did not get through: the user gets an error,
+                // or waits for the server's response timeout if not even the head
+                // arrived. Worth an operator's eye either way.
                 Err(e) => {
-                    tracing::debug!(error = %e, "request ended early");
+                    tracing::warn!(id, error = %e, "the request failed between agent and relay-server");
                     Outcome::Failed
                 }
             },

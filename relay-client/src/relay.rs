@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use relay_common::message::PollAnswer;
-use relay_common::session::{SESSION_PATH, SESSION_PROTOCOL_VERSION, SESSION_SUBPROTOCOL};
+use relay_common::session::{Heads, SESSION_PATH, SESSION_PROTOCOL_VERSION};
 use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -54,6 +54,21 @@ pub struct RelayClient {
 /// An open session's connection.
 pub type Session = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// The subprotocols an agent offers, best first: binary heads
+/// (`relay_common::session::SESSION_SUBPROTOCOL_BINARY`), then JSON (`SESSION_SUBPROTOCOL`).
+const OFFERED_SUBPROTOCOLS: &str = "relay-session.v3, relay-session.v2";
+
+/// A session the server accepted: its WebSocket, the agent's number for it, and how its
+/// heads are encoded (the subprotocol the server chose).
+pub struct OpenSession {
+    /// The WebSocket.
+    pub ws: Session,
+    /// The agent's number for it (resumption).
+    pub number: u64,
+    /// JSON or binary heads.
+    pub heads: Heads,
+}
+
 /// What a poll returned.
 pub enum Polled {
     /// Work or cancel notices.
@@ -62,9 +77,18 @@ pub enum Polled {
     Empty,
 }
 
+/// How long an idle connection to the relay-server stays in the pool: well under the
+/// server's default header read timeout (10 s), after which it closes an idle HTTP/1.1
+/// connection. A connection taken from the pool at the moment the server closes it loses
+/// the request written on it ("connection closed before message completed": a POST is
+/// not retried, RFC 9110 §9.2.2), and a response exchange lost that way leaves its user
+/// waiting for the response timeout. (Seen in the bench: the agent's start-up probe left
+/// a connection idle for 10 s, and the first response exchange took it.)
+pub const POOL_IDLE: Duration = Duration::from_secs(4);
+
 fn pooled(connector: &tls::Connector) -> Client<tls::Connector, CallBody> {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(50))
+        .pool_idle_timeout(POOL_IDLE)
         .build(connector.clone())
 }
 
@@ -211,7 +235,7 @@ impl RelayClient {
     /// Opens a session (`/server/session`, a WebSocket upgrade). A non-101 answer is a
     /// [`RelayCallError::Status`]: 426 or 404 mean something in between (or an older
     /// server) does not carry sessions.
-    pub async fn open_session(&self) -> Result<(Session, u64), RelayCallError> {
+    pub async fn open_session(&self) -> Result<OpenSession, RelayCallError> {
         let key = generate_key();
         let number = 1 + self
             .sessions
@@ -238,7 +262,9 @@ impl RelayClient {
         );
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(SESSION_SUBPROTOCOL),
+            // Binary heads first; a server without them chooses JSON (RFC 6455 §4.1: the
+            // client lists what it speaks, in order of preference).
+            HeaderValue::from_static(OFFERED_SUBPROTOCOLS),
         );
         h.insert(
             header::SEC_WEBSOCKET_KEY,
@@ -268,22 +294,28 @@ impl RelayClient {
                         .into(),
                 });
             }
+            let chosen = resp
+                .headers()
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let upgraded = hyper::upgrade::on(&mut resp)
                 .await
                 .map_err(|e| RelayCallError::Transport(error_chain(&e)))?;
-            Ok(WebSocketStream::from_raw_socket(
+            let ws = WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 Role::Client,
                 Some(relay_common::carrier::ws_config()),
             )
-            .await)
+            .await;
+            Ok((ws, Heads::chosen(chosen.as_deref())))
         };
-        let ws = tokio::time::timeout(Duration::from_secs(10), connect)
+        let (ws, heads) = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| RelayCallError::Transport("opening the session timed out".into()))??;
         // The server has the resume now.
         *self.resume.lock().expect("bug: poisoned") = None;
-        Ok((ws, number))
+        Ok(OpenSession { ws, number, heads })
     }
 
     /// Session `number` ended having received `opens` OPENs: the next session says so.
@@ -388,4 +420,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_common::session::{SESSION_SUBPROTOCOL, SESSION_SUBPROTOCOL_BINARY};
+
+    #[test]
+    fn the_offer_names_binary_heads_first_and_the_server_would_choose_them() {
+        assert_eq!(
+            OFFERED_SUBPROTOCOLS,
+            format!("{SESSION_SUBPROTOCOL_BINARY}, {SESSION_SUBPROTOCOL}")
+        );
+        assert_eq!(Heads::choose([OFFERED_SUBPROTOCOLS]).0, Heads::Binary);
+    }
 }

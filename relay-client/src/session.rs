@@ -17,7 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{dispatch, resend, Link, Shared};
-use crate::relay::Session;
+use crate::relay::OpenSession;
 
 /// How long the farewell (GOAWAY, Close) may take when the agent stops.
 const FAREWELL: Duration = Duration::from_secs(2);
@@ -27,6 +27,7 @@ const FAREWELL: Duration = Duration::from_secs(2);
 /// session is lost are sent again through exchanges (where a duplicate is refused).
 pub struct Reply {
     outbox: Outbox,
+    heads: session::Heads,
     unacked: Mutex<Unacked>,
 }
 
@@ -50,9 +51,10 @@ pub struct Kept {
 }
 
 impl Reply {
-    fn new() -> Self {
+    fn new(heads: session::Heads) -> Self {
         Reply {
             outbox: Outbox::default(),
+            heads,
             unacked: Mutex::new(Unacked::default()),
         }
     }
@@ -63,7 +65,8 @@ impl Reply {
         let mut u = self.unacked.lock().expect("bug: poisoned");
         // Under the lock: the order of `kept` is the order of the frames.
         let pushed = self.outbox.push(|b| {
-            session::put_response(b, &kept.id, &kept.head, &kept.body, kept.trailers.as_ref())
+            let (id, t) = (&kept.id, kept.trailers.as_ref());
+            session::put_response(b, self.heads, id, &kept.head, &kept.body, t)
         });
         if !pushed {
             return Err(Box::new(kept));
@@ -112,7 +115,7 @@ pub enum SessionEnd {
 pub(crate) async fn run(
     shared: &Arc<Shared>,
     link: &Arc<Link>,
-    (ws, number): (Session, u64),
+    open: OpenSession,
     slots: usize,
     draining: &CancellationToken,
     stop: &CancellationToken,
@@ -120,8 +123,9 @@ pub(crate) async fn run(
     // OPENs received: acknowledged to the server, and reported by the next session if
     // this one is given up, so the server can put back those that never arrived.
     let mut opens = 0u64;
+    let OpenSession { ws, number, heads } = open;
     let (sink, mut stream) = ws.split();
-    let reply = Arc::new(Reply::new());
+    let reply = Arc::new(Reply::new(heads));
     let outbox = &reply.outbox;
     let writer = carrier::write(sink, outbox, "agent leaving");
     tokio::pin!(writer);
@@ -154,7 +158,7 @@ pub(crate) async fn run(
             grant(shared, &mut granted, slots, outbox);
         }
         tokio::select! {
-            read = carrier::read(&mut stream) => {
+            read = carrier::read(&mut stream, heads) => {
                 let frames = match read {
                     Ok(f) => f,
                     Err(e) => break SessionEnd::Read(e),
@@ -286,7 +290,7 @@ mod tests {
 
     #[test]
     fn responses_are_kept_until_acknowledged_and_handed_back_when_the_session_ends() {
-        let r = Reply::new();
+        let r = Reply::new(session::Heads::Binary);
         for id in ["a", "b", "c"] {
             assert!(r.respond(kept(id)).is_ok());
         }

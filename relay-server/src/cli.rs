@@ -92,7 +92,8 @@ pub struct Cli {
     #[arg(long, env = "RELAY_MAX_URI_BYTES", default_value_t = defaults::MAX_URI_BYTES)]
     pub max_uri_bytes: usize,
     /// Time allowed for a request head, and for a new connection to show its protocol
-    /// (slowloris guard); HTTP/1.1 connections idle between requests close after it too.
+    /// (slowloris guard); HTTP/1.1 connections idle between requests close after it too
+    /// (keep it above 4 s, how long agents keep idle connections for reuse).
     #[arg(long, env = "RELAY_HEADER_READ_TIMEOUT", default_value = defaults::HEADER_READ_TIMEOUT, value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
     /// An HTTP/2 connection without a request in progress for this long is closed.

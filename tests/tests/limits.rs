@@ -269,6 +269,15 @@ async fn a_trusted_proxy_is_not_held_to_one_address_s_allowance() {
     assert!(closed_unanswered(c, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
 }
 
+#[test]
+fn agents_let_idle_connections_go_well_before_the_server_closes_them() {
+    // The server closes HTTP/1.1 connections idle for its header read timeout; an agent
+    // that took one from its pool at that moment would lose the response exchange written
+    // on it (a 504 for its user, seen in the bench smoke).
+    let server_closes = relay_server::Config::default().header_read_timeout;
+    assert!(relay_client::relay::POOL_IDLE * 2 <= server_closes);
+}
+
 #[tokio::test]
 async fn silent_slow_and_idle_connections_are_closed_after_the_header_read_timeout() {
     let mut cfg = server_config();

@@ -55,7 +55,7 @@ async fn next_frame(ws: &mut Ws, pending: &mut Vec<Frame>) -> Frame {
             .expect("session closed")
             .unwrap();
         if let Message::Binary(b) = msg {
-            *pending = session::decode(b).unwrap();
+            *pending = session::decode(b, session::Heads::Json).unwrap();
         }
     }
 }
@@ -143,7 +143,14 @@ async fn frames_by_hand_credit_whole_responses_cancels_and_pings() {
     assert!(!pending.iter().any(|f| matches!(f, Frame::Open(_))));
     // A whole response: status, headers and body reach the user.
     send(&mut ws, |b| {
-        session::put_response(b, &h1.id, &head(201, 5), b"hello", None)
+        session::put_response(
+            b,
+            session::Heads::Json,
+            &h1.id,
+            &head(201, 5),
+            b"hello",
+            None,
+        )
     })
     .await;
     // The server acknowledges it (the agent may forget it).
@@ -163,7 +170,14 @@ async fn frames_by_hand_credit_whole_responses_cancels_and_pings() {
     let h2 = next_open(&mut ws, &mut pending).await;
     assert_ne!(h1.target, h2.target);
     send(&mut ws, |b| {
-        session::put_response(b, &h2.id, &head(200, 10), b"short", None)
+        session::put_response(
+            b,
+            session::Heads::Json,
+            &h2.id,
+            &head(200, 10),
+            b"short",
+            None,
+        )
     })
     .await;
     for (r, h) in [(first, &h1), (second, &h2)] {
@@ -210,7 +224,7 @@ async fn frames_by_hand_credit_whole_responses_cancels_and_pings() {
         .expect("the session did not end")
     {
         if let Message::Binary(b) = msg {
-            saw_goaway |= session::decode(b)
+            saw_goaway |= session::decode(b, session::Heads::Json)
                 .unwrap()
                 .iter()
                 .any(|f| matches!(f, Frame::GoAway(_)));
@@ -539,4 +553,85 @@ async fn requests_lost_in_a_black_holed_session_are_served_through_the_next_one(
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "fresh");
     }
+}
+
+/// Opens a session by hand for `name`, offering the subprotocols `offer`; returns the one
+/// the server chose.
+async fn open_offering(server: &Server, name: &str, offer: &str) -> (Ws, Option<String>) {
+    let mut req = format!("ws://{}/server/session?server={name}", server.addr)
+        .into_client_request()
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    h.insert(
+        "x-relay-agent-id",
+        format!("by-hand-{name}").parse().unwrap(),
+    );
+    h.insert("x-relay-protocol", "2".parse().unwrap());
+    h.insert("sec-websocket-protocol", offer.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    let chosen = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (ws, chosen)
+}
+
+#[tokio::test]
+async fn binary_heads_when_the_agent_offers_them_json_otherwise() {
+    let server = Server::default().await;
+    let (json, chosen) = open_offering(&server, "j", "relay-session.v2").await;
+    assert_eq!(chosen.as_deref(), Some("relay-session.v2"));
+    drop(json);
+    let offer = "relay-session.v3, relay-session.v2";
+    let (mut ws, chosen) = open_offering(&server, "bin", offer).await;
+    assert_eq!(chosen.as_deref(), Some("relay-session.v3"));
+    server.wait_agent("bin").await;
+    send(&mut ws, |b| session::put_credit(b, 1)).await;
+    // A header value with a byte above 0x7F (RFC 9110 §5.5 obs-text) both ways.
+    let user = tokio::spawn(
+        client().request(
+            Request::get(format!("{}/client/bin/x?y=1", server.url()))
+                .header("x-a", http::HeaderValue::from_bytes(b"caf\xe9").unwrap())
+                .body(empty())
+                .unwrap(),
+        ),
+    );
+    let open = 'open: loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("no OPEN from the server")
+            .expect("session closed")
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            for f in session::decode(b, session::Heads::Binary).unwrap() {
+                if let Frame::Open(h) = f {
+                    break 'open h;
+                }
+            }
+        }
+    };
+    assert_eq!(
+        (open.method.as_str(), open.target.as_str()),
+        ("GET", "/x?y=1")
+    );
+    assert!(open.headers.contains(&("x-a".into(), "caf\u{e9}".into())));
+    let rh = ResponseHead {
+        status: 201,
+        headers: vec![("x-b".into(), "\u{ff}".into())],
+        body: BodyKind::Stream,
+        content_length: Some(5),
+    };
+    let heads = session::Heads::Binary;
+    send(&mut ws, |b| {
+        session::put_response(b, heads, &open.id, &rh, b"hello", None)
+    })
+    .await;
+    let resp = user.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(resp.headers()["x-b"].as_bytes(), b"\xff");
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "hello");
+    drop(ws);
+    server.wait_idle().await;
 }

@@ -56,11 +56,15 @@ impl Budget {
 
     /// The account of one request for backend `name` from `client`.
     pub fn account(&self, name: &str, client: IpAddr) -> Account {
-        let name_share = self
-            .names
-            .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_name)))
-            .clone();
+        // Looked up before inserted: the name is owned (copied) only the first time.
+        let name_share = match self.names.get(name) {
+            Some(s) => s.clone(),
+            None => self
+                .names
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_name)))
+                .clone(),
+        };
         let client_share = self
             .clients
             .entry(client.to_canonical())

@@ -15,7 +15,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use relay_common::carrier::ws_config;
-use relay_common::session::SESSION_SUBPROTOCOL;
+use relay_common::session::Heads;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -49,13 +49,13 @@ pub fn serve(
         number: q.session,
         resume: q.resume,
     };
-    let offered_subprotocol = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SESSION_SUBPROTOCOL);
+    // RFC 6455 §4.2.2: the server names one of the offered subprotocols, or none.
+    let (heads, subprotocol) = Heads::choose(
+        req.headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_state = state.clone();
     state.agent_sessions.spawn(async move {
@@ -72,7 +72,16 @@ pub fn serve(
             Some(ws_config()),
         )
         .await;
-        run::run(session_state, grant, name, agent_id, carrier, info, ws).await;
+        run::run(
+            session_state,
+            grant,
+            name,
+            agent_id,
+            carrier,
+            info,
+            (ws, heads),
+        )
+        .await;
     });
     let mut resp = no_store(Response::builder())
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -84,11 +93,9 @@ pub fn serve(
         )
         .body(full(Bytes::new()))
         .expect("bug: static response");
-    if offered_subprotocol {
-        resp.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(SESSION_SUBPROTOCOL),
-        );
+    if let Some(p) = subprotocol {
+        resp.headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
     Ok(resp)
 }

@@ -77,7 +77,7 @@ pub async fn run(
     agent_id: String,
     carrier: Carrier,
     info: AgentInfo,
-    ws: WebSocketStream<TokioIo<Upgraded>>,
+    (ws, heads): (WebSocketStream<TokioIo<Upgraded>>, session::Heads),
 ) {
     let slot = carrier.slot;
     let (sink, mut stream) = ws.split();
@@ -96,7 +96,7 @@ pub async fn run(
     if let Some((earlier, opens)) = carrier.resume {
         agent.resume_session(slot, earlier, opens);
     }
-    tracing::info!(name, agent = agent_id, slot, "agent session opened");
+    tracing::info!(name, agent = agent_id, slot, ?heads, "agent session opened");
     let mut credit = 0usize;
     let mut agent_draining = false;
     let mut last_in = Instant::now();
@@ -133,7 +133,7 @@ pub async fn run(
                 let mut marks = Vec::with_capacity(batch.requests.len());
                 outbox.push_marked(|b, start| {
                     for head in &batch.requests {
-                        session::put_open(b, head);
+                        session::put_open(b, heads, head);
                         marks.push(start + b.len() as u64);
                     }
                     for id in &batch.cancel {
@@ -145,7 +145,7 @@ pub async fn run(
                     handout.push(mark, pending, head);
                 }
             }
-            read = carrier::read(&mut stream) => {
+            read = carrier::read(&mut stream, heads) => {
                 let frames = match read {
                     Ok(f) => f,
                     Err(e) => break End::Read(e),
