@@ -3,21 +3,34 @@
 //! one message (coalescing: several frames, one write), and a reader that turns messages
 //! back into frames.
 //!
-//! Coalescing never waits for more frames: the writer takes what is ready when it runs,
-//! after yielding once so that other tasks woken by the same event can add theirs (that
-//! yield measured 15–20 % more requests per second on a busy session, and costs an idle one
-//! nothing but a task switch).
+//! Coalescing never waits for more frames: the writer takes what is ready when it runs.
+//! (It used to yield once first, so that other tasks woken by the same event could add
+//! theirs; on the multi-threaded runtime that yield cost a poll of the I/O driver and a
+//! wake-up of another worker per message, more than it saved: see `docs/PERFORMANCE.md`.)
+//!
+//! ACK frames are delayed (as TCP delays its ACKs, RFC 9293 §3.8.6.3): an acknowledgement
+//! rides in the next message that goes anyway, or goes alone after [`ACK_DELAY`]. In the
+//! common request–response rhythm each side's ACK then travels with its next OPEN or
+//! RESPONSE, which saves a write on one side and a wake-up and a read on the other.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::Notify;
+use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::session::{self, Frame, SessionError, COALESCE_MAX, MAX_MESSAGE};
+
+/// Longest an acknowledgement waits for a message to ride in.
+pub const ACK_DELAY: Duration = Duration::from_millis(20);
 
 /// WebSocket settings of a session: small read buffer (an idle session holds little), and
 /// messages bounded by [`MAX_MESSAGE`].
@@ -32,10 +45,15 @@ pub fn ws_config() -> WebSocketConfig {
 /// Frames waiting to be written, appended by any task. Positions in the session's outgoing
 /// byte stream ("marks": bytes ever appended) tell what was written: [`Outbox::sent`] is the
 /// mark the writer has got to, so a frame whose end is past it never fully left.
+///
+/// The writer ([`write`]) is a future that the session's own task polls beside its other
+/// work. Frames that task appends need no wake-up ([`Outbox::push_local`]): it polls the
+/// writer again before it waits. Waking a task from inside itself would put it at the back
+/// of the run queue and wake another worker thread for nothing, once per frame.
 #[derive(Default)]
 pub struct Outbox {
     buf: Mutex<Pending>,
-    ready: Notify,
+    writer: AtomicWaker,
     closed: AtomicBool,
     sent: AtomicU64,
 }
@@ -45,17 +63,28 @@ struct Pending {
     bytes: BytesMut,
     /// Bytes ever appended (the mark of the end of `bytes`).
     appended: u64,
+    /// An ACK not yet appended: it goes with the next message.
+    ack: Option<u64>,
 }
 
 impl Outbox {
-    /// Appends frames with `put` (one of the `session::put_*` functions). False when the
-    /// session is over: nothing was appended.
+    /// Appends frames with `put` (one of the `session::put_*` functions) from any task, and
+    /// wakes the writer. False when the session is over: nothing was appended.
     pub fn push(&self, put: impl FnOnce(&mut BytesMut)) -> bool {
+        let pushed = self.push_local(put);
+        if pushed {
+            self.writer.wake();
+        }
+        pushed
+    }
+
+    /// Like [`Outbox::push`], from the task that polls the writer (no wake-up).
+    pub fn push_local(&self, put: impl FnOnce(&mut BytesMut)) -> bool {
         self.push_marked(|b, _| put(b))
     }
 
-    /// Like [`Outbox::push`]; `put` also gets the mark of the buffer's first byte, so the
-    /// mark of a frame's end is that plus the buffer's length after it.
+    /// Like [`Outbox::push_local`]; `put` also gets the mark of the buffer's first byte, so
+    /// the mark of a frame's end is that plus the buffer's length after it.
     pub fn push_marked(&self, put: impl FnOnce(&mut BytesMut, u64)) -> bool {
         if self.is_closed() {
             return false;
@@ -65,9 +94,16 @@ impl Outbox {
         let before = p.bytes.len();
         put(&mut p.bytes, start);
         p.appended += (p.bytes.len() - before) as u64;
-        drop(p);
-        self.ready.notify_one();
         true
+    }
+
+    /// Acknowledges `n` (an ACK frame, [`session::put_ack`]) with the next message written,
+    /// or alone after [`ACK_DELAY`]; a later call replaces an ACK not yet written. From the
+    /// task that polls the writer.
+    pub fn ack(&self, n: u64) {
+        if !self.is_closed() {
+            self.buf.lock().expect("bug: poisoned").ack = Some(n);
+        }
     }
 
     /// The mark up to which everything was written to the connection.
@@ -82,6 +118,7 @@ impl Outbox {
         let mut p = self.buf.lock().expect("bug: poisoned");
         let from = p.appended - p.bytes.len() as u64;
         p.bytes.clear();
+        p.ack = None;
         from
     }
 
@@ -93,7 +130,7 @@ impl Outbox {
     /// Ends the session's writing: what is queued is still written, then a Close.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.ready.notify_one();
+        self.writer.wake();
     }
 
     /// Whether [`Outbox::close`] was called.
@@ -102,31 +139,52 @@ impl Outbox {
     }
 
     /// The next message to write (at least one whole frame; ready frames up to about
-    /// [`COALESCE_MAX`]) with the mark of its end, or `None` once closed and empty.
-    async fn next(&self) -> Option<(Bytes, u64)> {
-        loop {
-            // notify_one stores a permit when nobody waits, so a push between the check
-            // and the wait is not missed.
-            let empty = self.buf.lock().expect("bug: poisoned").bytes.is_empty();
-            if !empty {
-                tokio::task::yield_now().await;
-                return Some(self.take());
-            }
-            if self.is_closed() {
-                return None;
-            }
-            self.ready.notified().await;
+    /// [`COALESCE_MAX`]) with the mark of its end, or `None` once closed and empty. An ACK
+    /// alone waits for `timer` (armed here, [`ACK_DELAY`]) before it goes.
+    fn poll_next(
+        &self,
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Sleep>,
+        armed: &mut bool,
+    ) -> Poll<Option<(Bytes, u64)>> {
+        // Registered before the check: a push from another task after it wakes us.
+        self.writer.register(cx.waker());
+        let mut p = self.buf.lock().expect("bug: poisoned");
+        let closed = self.is_closed();
+        if !p.bytes.is_empty() || (closed && p.ack.is_some()) {
+            *armed = false;
+            return Poll::Ready(Some(Self::take(&mut p)));
         }
+        if closed {
+            return Poll::Ready(None);
+        }
+        if p.ack.is_none() {
+            *armed = false;
+            return Poll::Pending;
+        }
+        if !*armed {
+            *armed = true;
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ACK_DELAY);
+        }
+        if timer.poll(cx).is_ready() {
+            // Nothing else came to carry it: the ACK goes alone.
+            *armed = false;
+            return Poll::Ready(Some(Self::take(&mut p)));
+        }
+        Poll::Pending
     }
 
-    fn take(&self) -> (Bytes, u64) {
-        let mut p = self.buf.lock().expect("bug: poisoned");
+    fn take(p: &mut Pending) -> (Bytes, u64) {
+        if let Some(n) = p.ack.take() {
+            let before = p.bytes.len();
+            session::put_ack(&mut p.bytes, n);
+            p.appended += (p.bytes.len() - before) as u64;
+        }
+        // Anything left over (a cut batch) is taken when the writer asks again, at once.
         let msg = Self::cut(&mut p.bytes);
         let end = p.appended - p.bytes.len() as u64;
-        if !p.bytes.is_empty() {
-            // More is waiting: the writer comes back for it at once.
-            self.ready.notify_one();
-        }
         (msg, end)
     }
 
@@ -154,7 +212,12 @@ pub async fn write<S>(mut sink: S, outbox: &Outbox, reason: &str) -> Result<(), 
 where
     S: Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    while let Some((msg, end)) = outbox.next().await {
+    let timer = tokio::time::sleep(ACK_DELAY);
+    tokio::pin!(timer);
+    let mut armed = false;
+    while let Some((msg, end)) =
+        std::future::poll_fn(|cx| outbox.poll_next(cx, timer.as_mut(), &mut armed)).await
+    {
         sink.send(Message::Binary(msg)).await?;
         outbox.sent.store(end, Ordering::Release);
     }
@@ -209,13 +272,75 @@ where
 mod tests {
     use super::*;
 
+    /// The writer's next message, as `write` takes it.
+    async fn next(o: &Outbox) -> Option<(Bytes, u64)> {
+        let timer = tokio::time::sleep(ACK_DELAY);
+        tokio::pin!(timer);
+        let mut armed = false;
+        std::future::poll_fn(|cx| o.poll_next(cx, timer.as_mut(), &mut armed)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_ride_with_the_next_message_or_go_alone_after_the_delay() {
+        let o = Outbox::default();
+        o.ack(3);
+        o.ack(4);
+        o.push_local(|b| session::put_credit(b, 1));
+        let (m, _) = next(&o).await.unwrap();
+        let frames = session::decode(m, session::Heads::Json).unwrap();
+        assert!(
+            matches!(frames[..], [Frame::Credit(1), Frame::Ack(4)]),
+            "the latest ACK rides at the end of the message: {frames:?}"
+        );
+        // Alone: nothing for ACK_DELAY, then the ACK by itself.
+        o.ack(5);
+        let t0 = tokio::time::Instant::now();
+        let (m, end) = next(&o).await.unwrap();
+        assert_eq!(t0.elapsed(), ACK_DELAY);
+        assert!(matches!(
+            session::decode(m, session::Heads::Json).unwrap()[..],
+            [Frame::Ack(5)]
+        ));
+        assert_eq!(
+            end,
+            o.buf.lock().unwrap().appended,
+            "the ACK counts in the marks"
+        );
+        // A frame pushed from another task during the delay takes the ACK along at once.
+        o.ack(6);
+        let waiting = next(&o);
+        tokio::pin!(waiting);
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+        o.push(|b| session::put_credit(b, 2));
+        let (m, _) = tokio::time::timeout(Duration::from_millis(1), waiting)
+            .await
+            .expect("the push woke the writer")
+            .unwrap();
+        assert!(matches!(
+            session::decode(m, session::Heads::Json).unwrap()[..],
+            [Frame::Credit(2), Frame::Ack(6)]
+        ));
+        // A discarded outbox forgets its ACK; a closed one writes what it has, then ends.
+        o.ack(7);
+        o.discard();
+        o.ack(8);
+        o.close();
+        o.ack(9);
+        let (m, _) = next(&o).await.unwrap();
+        assert!(matches!(
+            session::decode(m, session::Heads::Json).unwrap()[..],
+            [Frame::Ack(8)]
+        ));
+        assert!(next(&o).await.is_none());
+    }
+
     #[tokio::test]
     async fn ready_frames_go_out_in_one_message_and_big_batches_split_at_frame_edges() {
         let o = Outbox::default();
         for n in 1..=3 {
             assert!(o.push(|b| session::put_credit(b, n)));
         }
-        let (m, end) = o.next().await.unwrap();
+        let (m, end) = next(&o).await.unwrap();
         assert_eq!(end, m.len() as u64);
         let frames = session::decode(m, session::Heads::Json).unwrap();
         assert_eq!(frames.len(), 3);
@@ -226,7 +351,7 @@ mod tests {
         }
         let mut seen = 0;
         while seen < 5 {
-            let (m, _) = o.next().await.unwrap();
+            let (m, _) = next(&o).await.unwrap();
             assert!(m.len() <= COALESCE_MAX);
             seen += session::decode(m, session::Heads::Json).unwrap().len();
         }
@@ -239,7 +364,7 @@ mod tests {
                 ends.push(start + b.len() as u64);
             }
         });
-        let (m, end) = o.next().await.unwrap();
+        let (m, end) = next(&o).await.unwrap();
         assert_eq!(end, ends[1]);
         assert_eq!(ends[1] - ends[0], (m.len() / 2) as u64);
         o.push(|b| session::put_credit(b, 9));
@@ -252,6 +377,6 @@ mod tests {
         assert_eq!(o.sent(), 0, "nothing was written: there is no writer here");
         o.close();
         assert!(!o.push(|b| session::put_credit(b, 1)));
-        assert!(o.next().await.is_none());
+        assert!(next(&o).await.is_none());
     }
 }

@@ -152,7 +152,7 @@ pub(crate) async fn run(
             if !said_draining {
                 said_draining = true;
                 granted = None;
-                outbox.push(|b| session::put_goaway(b, "draining"));
+                outbox.push_local(|b| session::put_goaway(b, "draining"));
             }
         } else {
             grant(shared, &mut granted, slots, outbox);
@@ -169,7 +169,7 @@ pub(crate) async fn run(
                     break end;
                 }
                 if opens > before {
-                    outbox.push(|b| session::put_ack(b, opens));
+                    outbox.ack(opens);
                 }
             }
             _ = &mut freed => {}
@@ -182,7 +182,7 @@ pub(crate) async fn run(
             }
             _ = ping.tick() => {
                 pings += 1;
-                outbox.push(|b| session::put_ping(b, pings.to_be_bytes(), false));
+                outbox.push_local(|b| session::put_ping(b, pings.to_be_bytes(), false));
             }
             _ = &mut writer => break SessionEnd::WriteFailed,
             _ = stop.cancelled() => break SessionEnd::Stopped,
@@ -222,7 +222,7 @@ fn grant(
     let Ok(more) = shared.permits.clone().try_acquire_many_owned(want as u32) else {
         return;
     };
-    if outbox.push(|b| session::put_credit(b, want as u32)) {
+    if outbox.push_local(|b| session::put_credit(b, want as u32)) {
         match granted {
             Some(p) => p.merge(more),
             None => *granted = Some(more),
@@ -255,7 +255,7 @@ fn handle(
                 }
             }
             Frame::Ping(d) => {
-                outbox.push(|b| session::put_ping(b, d, true));
+                outbox.push_local(|b| session::put_ping(b, d, true));
             }
             Frame::Pong(_) => {}
             Frame::Ack(n) => reply.ack(n),

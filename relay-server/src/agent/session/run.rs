@@ -160,7 +160,7 @@ pub async fn run(
                             deliver_response(&state, &grant, r);
                         }
                         Frame::Ping(d) => {
-                            outbox.push(|b| session::put_ping(b, d, true));
+                            outbox.push_local(|b| session::put_ping(b, d, true));
                         }
                         Frame::Pong(_) => {}
                         Frame::GoAway(why) => {
@@ -181,8 +181,9 @@ pub async fn run(
                     }
                 }
                 if responses > before {
-                    // One ACK per message read: the agent may forget what it covers.
-                    outbox.push(|b| session::put_ack(b, responses));
+                    // The agent may forget what an ACK covers; it rides with the next OPEN
+                    // (or goes alone after carrier::ACK_DELAY).
+                    outbox.ack(responses);
                 }
             }
             _ = &mut silence => {
@@ -193,7 +194,7 @@ pub async fn run(
             }
             _ = ping.tick() => {
                 pings += 1;
-                outbox.push(|b| session::put_ping(b, pings.to_be_bytes(), false));
+                outbox.push_local(|b| session::put_ping(b, pings.to_be_bytes(), false));
             }
             _ = &mut writer => break End::WriterFailed,
             _ = superseded.cancelled() => break End::Superseded,
@@ -227,7 +228,7 @@ pub async fn run(
         settle(&mut handout, &outbox, &agent, &carrier, acked);
     }
     if !matches!(end, End::WriterFailed) {
-        outbox.push(|b| session::put_goaway(b, reason));
+        outbox.push_local(|b| session::put_goaway(b, reason));
         outbox.close();
         let _ = tokio::time::timeout(FAREWELL, writer).await;
     }
