@@ -18,7 +18,7 @@
 //! a value is the header's bytes as they are (RFC 9110 §5.5 allows obs-text), where the
 //! JSON carries each byte as a code point.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 use crate::message::{latin1, BodyKind, RequestHead, ResponseHead, Trailers};
 
@@ -105,29 +105,33 @@ pub fn put_trailers(b: &mut BytesMut, t: &Trailers) {
 
 const SHORT: HeadError = HeadError("truncated head");
 
-fn take(p: &mut Bytes, n: usize) -> Result<Bytes, HeadError> {
+// The decoders read from a byte slice: a `Bytes` split per field would cost two atomic
+// reference-count updates each (and one allocation when the buffer is still unique).
+
+fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], HeadError> {
     if p.len() < n {
         return Err(SHORT);
     }
-    Ok(p.split_to(n))
+    let (head, rest) = p.split_at(n);
+    *p = rest;
+    Ok(head)
 }
 
-fn int<const N: usize>(p: &mut Bytes) -> Result<[u8; N], HeadError> {
-    Ok(take(p, N)?[..].try_into().expect("bug: N bytes taken"))
+fn int<const N: usize>(p: &mut &[u8]) -> Result<[u8; N], HeadError> {
+    Ok(take(p, N)?.try_into().expect("bug: N bytes taken"))
 }
 
-fn text(p: &mut Bytes, wide: bool) -> Result<String, HeadError> {
+fn text(p: &mut &[u8], wide: bool) -> Result<String, HeadError> {
     let n = match wide {
         false => u16::from_be_bytes(int(p)?) as usize,
         true => u32::from_be_bytes(int(p)?) as usize,
     };
-    let raw = take(p, n)?;
-    std::str::from_utf8(&raw)
+    std::str::from_utf8(take(p, n)?)
         .map(str::to_owned)
         .map_err(|_| HeadError("a head field is not UTF-8"))
 }
 
-fn body_and_length(p: &mut Bytes, f: u8, known: u8) -> Result<(BodyKind, Option<u64>), HeadError> {
+fn body_and_length(p: &mut &[u8], f: u8, known: u8) -> Result<(BodyKind, Option<u64>), HeadError> {
     if f & !known != 0 {
         return Err(HeadError("unknown head flags"));
     }
@@ -143,7 +147,8 @@ fn body_and_length(p: &mut Bytes, f: u8, known: u8) -> Result<(BodyKind, Option<
 }
 
 /// Decodes header fields; the rest of `p` must be exactly them.
-pub fn fields(p: &mut Bytes) -> Result<Vec<(String, String)>, HeadError> {
+pub fn fields(p: &[u8]) -> Result<Vec<(String, String)>, HeadError> {
+    let p = &mut &*p;
     let count = u32::from_be_bytes(int(p)?) as usize;
     // Each field takes at least 6 bytes: a count beyond that is a lie, not an allocation.
     if count > p.len() / 6 {
@@ -153,17 +158,17 @@ pub fn fields(p: &mut Bytes) -> Result<Vec<(String, String)>, HeadError> {
     for _ in 0..count {
         let name = text(p, false)?;
         let n = u32::from_be_bytes(int(p)?) as usize;
-        out.push((name, latin1(&take(p, n)?)));
+        out.push((name, latin1(take(p, n)?)));
     }
-    if p.has_remaining() {
+    if !p.is_empty() {
         return Err(HeadError("bytes after the head"));
     }
     Ok(out)
 }
 
 /// Decodes a request head (the whole of `p`).
-pub fn request(mut p: Bytes) -> Result<RequestHead, HeadError> {
-    let p = &mut p;
+pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
+    let p = &mut &*p;
     let id = text(p, false)?;
     let method = text(p, false)?;
     let target = text(p, true)?;
@@ -184,15 +189,15 @@ pub fn request(mut p: Bytes) -> Result<RequestHead, HeadError> {
     })
 }
 
-/// Decodes a response head; what follows it stays in `p`.
-pub fn response(p: &mut Bytes, len: usize) -> Result<ResponseHead, HeadError> {
-    let mut h = take(p, len)?;
-    let status = u16::from_be_bytes(int(&mut h)?);
-    let f = int::<1>(&mut h)?[0];
-    let (body, content_length) = body_and_length(&mut h, f, STREAM | LENGTH)?;
+/// Decodes a response head (the whole of `p`).
+pub fn response(p: &[u8]) -> Result<ResponseHead, HeadError> {
+    let p = &mut &*p;
+    let status = u16::from_be_bytes(int(p)?);
+    let f = int::<1>(p)?[0];
+    let (body, content_length) = body_and_length(p, f, STREAM | LENGTH)?;
     Ok(ResponseHead {
         status,
-        headers: fields(&mut h)?,
+        headers: fields(p)?,
         body,
         content_length,
     })
@@ -222,17 +227,14 @@ mod tests {
     fn heads_round_trip_with_every_optional_part() {
         let mut b = BytesMut::new();
         put_request(&mut b, &req());
-        let back = request(b.freeze()).unwrap();
+        let back = request(&b).unwrap();
         assert_eq!(format!("{back:?}"), format!("{:?}", req()));
         let mut bare = req();
         (bare.body, bare.content_length, bare.upgrade, bare.headers) =
             (BodyKind::Empty, None, None, vec![]);
         let mut b = BytesMut::new();
         put_request(&mut b, &bare);
-        assert_eq!(
-            format!("{:?}", request(b.freeze()).unwrap()),
-            format!("{bare:?}")
-        );
+        assert_eq!(format!("{:?}", request(&b).unwrap()), format!("{bare:?}"));
 
         let rh = ResponseHead {
             status: 404,
@@ -242,12 +244,14 @@ mod tests {
         };
         let mut b = BytesMut::new();
         put_response(&mut b, &rh);
-        let len = b.len();
-        b.put_slice(b"rest");
-        let mut p = b.freeze();
-        let back = response(&mut p, len).unwrap();
+        let back = response(&b).unwrap();
         assert_eq!(format!("{back:?}"), format!("{rh:?}"));
-        assert_eq!(&p[..], b"rest", "what follows the head stays");
+        b.put_slice(b"rest");
+        assert_eq!(
+            response(&b).unwrap_err(),
+            HeadError("bytes after the head"),
+            "a head is exactly its bytes"
+        );
     }
 
     #[test]
@@ -272,35 +276,26 @@ mod tests {
         put_request(&mut b, &req());
         let whole = b.freeze();
         for cut in [0, 1, 10, whole.len() - 1] {
-            assert_eq!(
-                request(whole.slice(..cut)).unwrap_err(),
-                SHORT,
-                "cut at {cut}"
-            );
+            assert_eq!(request(&whole[..cut]).unwrap_err(), SHORT, "cut at {cut}");
         }
         let mut longer = whole.to_vec();
         longer.push(0);
         assert_eq!(
-            request(Bytes::from(longer)).unwrap_err(),
+            request(&longer).unwrap_err(),
             HeadError("bytes after the head")
         );
         // id "", method "\xff": not UTF-8.
-        let bad = Bytes::from_static(b"\0\0\0\x01\xff");
+        let bad = b"\0\0\0\x01\xff";
         assert_eq!(
             request(bad).unwrap_err(),
             HeadError("a head field is not UTF-8")
         );
         // Unknown flag bits, and a field count the bytes cannot hold.
-        let flagged = Bytes::from_static(b"\0\xc8\x80\0\0\0\0");
         assert_eq!(
-            response(&mut flagged.clone(), flagged.len()).unwrap_err(),
+            response(b"\0\xc8\x80\0\0\0\0").unwrap_err(),
             HeadError("unknown head flags")
         );
-        let lying = Bytes::from_static(b"\0\xc8\0\xff\xff\xff\xff");
-        assert_eq!(
-            response(&mut lying.clone(), lying.len()).unwrap_err(),
-            SHORT
-        );
+        assert_eq!(response(b"\0\xc8\0\xff\xff\xff\xff").unwrap_err(), SHORT);
     }
 
     #[test]
@@ -309,13 +304,13 @@ mod tests {
         put_request(&mut b, &req());
         let whole = b.to_vec();
         for cut in 0..whole.len() {
-            assert!(request(Bytes::copy_from_slice(&whole[..cut])).is_err());
+            assert!(request(&whole[..cut]).is_err());
         }
         for i in 0..whole.len() {
             for v in [0u8, 0x7f, 0x80, 0xff] {
                 let mut w = whole.clone();
                 w[i] = v;
-                let _ = request(Bytes::from(w));
+                let _ = request(&w);
             }
         }
     }

@@ -315,7 +315,7 @@ fn decode_one(kind: u8, p: Bytes, heads: Heads) -> Result<Frame, SessionError> {
     Ok(match kind {
         OPEN => Frame::Open(match heads {
             Heads::Json => serde_json::from_slice(&p).map_err(|e| bad("OPEN", e))?,
-            Heads::Binary => heads::request(p).map_err(|e| bad("OPEN", e))?,
+            Heads::Binary => heads::request(&p).map_err(|e| bad("OPEN", e))?,
         }),
         CANCEL => Frame::Cancel(ascii("CANCEL", &p)?),
         RESPONSE => Frame::Response(decode_response(p, heads)?),
@@ -331,34 +331,38 @@ fn decode_one(kind: u8, p: Bytes, heads: Heads) -> Result<Frame, SessionError> {
     })
 }
 
-fn decode_response(mut p: Bytes, heads: Heads) -> Result<Response, SessionError> {
-    let short = || bad("RESPONSE", "truncated");
-    let take = |n: usize, p: &mut Bytes| {
-        if p.len() < n {
-            Err(short())
-        } else {
-            Ok(p.split_to(n))
+fn decode_response(p: Bytes, heads: Heads) -> Result<Response, SessionError> {
+    // Read from a slice; only the body is cut from `p` (shared, not copied).
+    let all = &p[..];
+    let mut rest = all;
+    fn take<'a>(n: usize, r: &mut &'a [u8]) -> Result<&'a [u8], SessionError> {
+        if r.len() < n {
+            return Err(bad("RESPONSE", "truncated"));
         }
-    };
-    let id_len = take(1, &mut p)?[0] as usize;
-    let id = ascii("RESPONSE", &take(id_len, &mut p)?)?;
-    let head_len = u32::from_be_bytes(take(4, &mut p)?[..].try_into().expect("4 bytes")) as usize;
+        let (head, tail) = r.split_at(n);
+        *r = tail;
+        Ok(head)
+    }
+    let id_len = take(1, &mut rest)?[0] as usize;
+    let id = ascii("RESPONSE", take(id_len, &mut rest)?)?;
+    let head_len = u32::from_be_bytes(take(4, &mut rest)?.try_into().expect("4 bytes")) as usize;
+    let head = take(head_len, &mut rest)?;
     let head: ResponseHead = match heads {
-        Heads::Json => {
-            serde_json::from_slice(&take(head_len, &mut p)?).map_err(|e| bad("RESPONSE", e))?
-        }
-        Heads::Binary => heads::response(&mut p, head_len).map_err(|e| bad("RESPONSE", e))?,
+        Heads::Json => serde_json::from_slice(head).map_err(|e| bad("RESPONSE", e))?,
+        Heads::Binary => heads::response(head).map_err(|e| bad("RESPONSE", e))?,
     };
-    let body_len = u32::from_be_bytes(take(4, &mut p)?[..].try_into().expect("4 bytes")) as usize;
+    let body_len = u32::from_be_bytes(take(4, &mut rest)?.try_into().expect("4 bytes")) as usize;
     if body_len > INLINE_BODY_MAX {
         return Err(bad("RESPONSE", "inline body over 64 KiB"));
     }
-    let body = take(body_len, &mut p)?;
-    let trailers = match (p.is_empty(), heads) {
+    let at = all.len() - rest.len();
+    take(body_len, &mut rest)?;
+    let body = p.slice(at..at + body_len);
+    let trailers = match (rest.is_empty(), heads) {
         (true, _) => None,
-        (false, Heads::Json) => Some(serde_json::from_slice(&p).map_err(|e| bad("RESPONSE", e))?),
+        (false, Heads::Json) => Some(serde_json::from_slice(rest).map_err(|e| bad("RESPONSE", e))?),
         (false, Heads::Binary) => Some(Trailers {
-            headers: heads::fields(&mut p).map_err(|e| bad("RESPONSE", e))?,
+            headers: heads::fields(rest).map_err(|e| bad("RESPONSE", e))?,
         }),
     };
     Ok(Response {

@@ -26,45 +26,12 @@ impl PollHandle {
     /// `max == 0` only waits for cancel notices (the agent is at capacity or draining).
     pub async fn next(&self, max: usize, hold: Duration, stop: &CancellationToken) -> PollBatch {
         let deadline = tokio::time::Instant::now() + hold;
-        let mut claimed = Vec::new();
         loop {
-            // Only polls that take work may register for work notifications: notify_one
-            // hands its wake-up to one registered waiter, and a poll that would ignore it
-            // would swallow the notification.
-            let work = (max > 0).then(|| self.backend.work.notified());
-            let wake = self.agent.wake.notified();
-            tokio::pin!(work, wake);
-            if let Some(w) = work.as_mut().as_pin_mut() {
-                w.enable();
-            }
-            wake.as_mut().enable();
-            if max > 0 {
-                self.backend.take(&self.agent, max, &mut claimed);
-            }
-            let cancel =
-                std::mem::take(&mut self.agent.state.lock().expect("bug: poisoned").cancels);
-            if !claimed.is_empty() || !cancel.is_empty() {
-                // Another poll may be waiting for what is still queued.
-                if max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty() {
-                    self.backend.work.notify_one();
-                }
-                let mut requests = Vec::with_capacity(claimed.len());
-                let mut kept = Vec::with_capacity(claimed.len());
-                for p in claimed {
-                    if let Some(head) = p.take_head() {
-                        requests.push(head);
-                        kept.push(p);
-                    }
-                }
-                return PollBatch {
-                    requests,
-                    claimed: kept,
-                    cancel,
-                };
+            if let Some(batch) = self.try_next(max) {
+                return batch;
             }
             tokio::select! {
-                _ = async { work.as_mut().as_pin_mut().expect("bug: guarded by max").await }, if max > 0 => {}
-                _ = &mut wake => {}
+                _ = self.wait(max) => {}
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = stop.cancelled() => break,
                 // Revoked: the poll ends without work.
@@ -75,6 +42,73 @@ impl PollHandle {
             requests: Vec::new(),
             claimed: Vec::new(),
             cancel: Vec::new(),
+        }
+    }
+
+    /// Takes what is there now: up to `max` requests and the cancel notices, or `None`.
+    pub fn try_next(&self, max: usize) -> Option<PollBatch> {
+        let mut claimed = Vec::new();
+        if max > 0 {
+            self.backend.take(&self.agent, max, &mut claimed);
+        }
+        let cancel = std::mem::take(&mut self.agent.state.lock().expect("bug: poisoned").cancels);
+        if claimed.is_empty() && cancel.is_empty() {
+            return None;
+        }
+        // Another poll may be waiting for what is still queued.
+        if max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty() {
+            self.backend.work.notify_one();
+        }
+        let mut requests = Vec::with_capacity(claimed.len());
+        let mut kept = Vec::with_capacity(claimed.len());
+        for p in claimed {
+            if let Some(head) = p.take_head() {
+                requests.push(head);
+                kept.push(p);
+            }
+        }
+        Some(PollBatch {
+            requests,
+            claimed: kept,
+            cancel,
+        })
+    }
+
+    /// Returns when [`PollHandle::try_next`] may find something: a request was queued (only
+    /// when `max > 0`) or a cancel notice came. Waits that end the poll (deadline, stop,
+    /// revocation) are the caller's, so a session keeps them across its turns instead of
+    /// registering them again for every request.
+    pub async fn wait(&self, max: usize) {
+        // Only polls that take work may register for work notifications: notify_one hands
+        // its wake-up to one registered waiter, and a poll that would ignore it would
+        // swallow the notification. (A registered waiter dropped after its wake-up passes
+        // it on.)
+        let work = (max > 0).then(|| self.backend.work.notified());
+        let wake = self.agent.wake.notified();
+        tokio::pin!(work, wake);
+        if let Some(w) = work.as_mut().as_pin_mut() {
+            w.enable();
+        }
+        wake.as_mut().enable();
+        // Registered before this check: what comes after it wakes us.
+        if self.agent.gone.is_cancelled() {
+            return std::future::pending().await;
+        }
+        let queued = max > 0 && !self.backend.queue.lock().expect("bug: poisoned").is_empty();
+        if queued
+            || !self
+                .agent
+                .state
+                .lock()
+                .expect("bug: poisoned")
+                .cancels
+                .is_empty()
+        {
+            return;
+        }
+        tokio::select! {
+            _ = async { work.as_mut().as_pin_mut().expect("bug: guarded by max").await }, if max > 0 => {}
+            _ = &mut wake => {}
         }
     }
 

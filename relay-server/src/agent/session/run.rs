@@ -27,7 +27,6 @@ use relay_common::session::{self, Frame};
 use relay_common::MAX_POLL_BATCH;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::agent::broker::PollHandle;
 use crate::agent::handout::Handout;
 use crate::agent::pending::Pending;
 use crate::agent::registration::{Agent, AgentInfo};
@@ -39,8 +38,6 @@ use crate::State;
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// A session from which nothing arrived for this long is taken for dead (half-open).
 const SILENT_LIMIT: Duration = Duration::from_secs(45);
-/// How long a parked claim waits before it is renewed (it ends early on any event).
-const HOLD: Duration = Duration::from_secs(60);
 /// Most credit an agent may have outstanding (its free slots).
 const MAX_CREDIT: usize = 1 << 16;
 /// How long the last frames (GOAWAY, Close) may take to go out.
@@ -112,39 +109,53 @@ pub async fn run(
     // before they are written, or if the agent says later that they never arrived.
     let mut handout = handle.handout();
     let mut acked = 0u64;
+    let mut settled = 0u64;
+    // The waits that end the session live across its turns: made once, not per request.
+    let stopped = state.stop.cancelled();
+    let revoked = agent.gone.cancelled();
+    tokio::pin!(stopped, revoked);
     let end = 'session: loop {
-        if carrier.number == 0 {
-            // An agent that does not resume acknowledges nothing: written is enough.
-            handout.delivered(outbox.sent());
+        // An agent that does not resume acknowledges nothing: written is enough.
+        let settle_at = if carrier.number == 0 {
+            outbox.sent()
         } else {
-            handout.received(acked);
+            acked
+        };
+        if settle_at != settled {
+            settled = settle_at;
+            if carrier.number == 0 {
+                handout.delivered(settled);
+            } else {
+                handout.received(settled);
+            }
         }
         let max = if agent_draining || state.draining() {
             0
         } else {
             credit.min(MAX_POLL_BATCH)
         };
-        tokio::select! {
-            batch = claim(&handle, max, &state) => {
-                let Some(batch) = batch else {
-                    break if state.stop.is_cancelled() { End::Stopped } else { End::Revoked };
-                };
-                credit -= batch.requests.len();
-                let mut marks = Vec::with_capacity(batch.requests.len());
-                outbox.push_marked(|b, start| {
-                    for head in &batch.requests {
-                        session::put_open(b, heads, head);
-                        marks.push(start + b.len() as u64);
-                    }
-                    for id in &batch.cancel {
-                        session::put_cancel(b, &id.to_string());
-                    }
-                });
-                let opened = batch.claimed.into_iter().zip(batch.requests);
-                for (mark, (pending, head)) in marks.into_iter().zip(opened) {
-                    handout.push(mark, pending, head);
+        if let Some(batch) = handle.try_next(max) {
+            credit -= batch.requests.len();
+            let mut marks = Vec::with_capacity(batch.requests.len());
+            outbox.push_marked(|b, start| {
+                for head in &batch.requests {
+                    session::put_open(b, heads, head);
+                    marks.push(start + b.len() as u64);
                 }
+                for id in &batch.cancel {
+                    session::put_cancel(b, &id.to_string());
+                }
+            });
+            let opened = batch.claimed.into_iter().zip(batch.requests);
+            for (mark, (pending, head)) in marks.into_iter().zip(opened) {
+                handout.push(mark, pending, head);
             }
+        }
+        tokio::select! {
+            // Something to claim: the next turn takes it.
+            _ = handle.wait(max) => {}
+            _ = &mut stopped => break End::Stopped,
+            _ = &mut revoked => break End::Revoked,
             read = carrier::read(&mut stream, heads) => {
                 let frames = match read {
                     Ok(f) => f,
@@ -249,20 +260,6 @@ fn settle(handout: &mut Handout, outbox: &Outbox, agent: &Agent, carrier: &Carri
         handout.received(acked);
         agent.park_session(carrier.slot, carrier.number, handout.park());
     }
-}
-
-/// Waits for work for the agent (when it has credit) or cancel notices; `None` when the
-/// session must end (server stopped, agent revoked).
-async fn claim(
-    handle: &PollHandle,
-    max: usize,
-    state: &State,
-) -> Option<crate::agent::broker::PollBatch> {
-    let batch = handle.next(max, HOLD, &state.stop).await;
-    if state.stop.is_cancelled() || handle.agent().gone.is_cancelled() {
-        return None;
-    }
-    Some(batch)
 }
 
 /// Delivers one whole response. The common case (budget available, the user waiting)
