@@ -19,6 +19,7 @@
 //! JSON carries each byte as a code point.
 
 use bytes::{BufMut, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::message::{latin1, BodyKind, RequestHead, ResponseHead, Trailers};
 
@@ -166,7 +167,40 @@ pub fn fields(p: &[u8]) -> Result<Vec<(String, String)>, HeadError> {
     Ok(out)
 }
 
-/// Decodes a request head (the whole of `p`).
+/// Decodes header fields straight into a map; `Ok(None)` when a name or value is not one
+/// `http` accepts, so that the caller keeps the list and the refusal surfaces where the
+/// headers are used, with its reason (as for JSON heads).
+fn fields_map(p: &[u8]) -> Result<Option<HeaderMap>, HeadError> {
+    let p = &mut &*p;
+    let count = u32::from_be_bytes(int(p)?) as usize;
+    if count > p.len() / 6 {
+        return Err(SHORT);
+    }
+    let mut map = HeaderMap::with_capacity(count);
+    for _ in 0..count {
+        let n = u16::from_be_bytes(int(p)?) as usize;
+        let name = take(p, n)?;
+        let n = u32::from_be_bytes(int(p)?) as usize;
+        let value = take(p, n)?;
+        // Names must be UTF-8 like every text field; the values' bytes are what the
+        // list's ISO-8859-1 code points stand for.
+        if std::str::from_utf8(name).is_err() {
+            return Err(HeadError("a head field is not UTF-8"));
+        }
+        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        else {
+            return Ok(None);
+        };
+        map.append(name, value);
+    }
+    if !p.is_empty() {
+        return Err(HeadError("bytes after the head"));
+    }
+    Ok(Some(map))
+}
+
+/// Decodes a request head (the whole of `p`). Its headers come as a map
+/// ([`RequestHead::decoded`]) when `http` accepts all of them, else as the list.
 pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
     let p = &mut &*p;
     let id = text(p, false)?;
@@ -178,14 +212,19 @@ pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
         0 => None,
         _ => Some(text(p, false)?),
     };
+    let (headers, decoded) = match fields_map(p)? {
+        Some(map) => (Vec::new(), Some(map)),
+        None => (fields(p)?, None),
+    };
     Ok(RequestHead {
         id,
         method,
         target,
-        headers: fields(p)?,
+        headers,
         body,
         content_length,
         upgrade,
+        decoded,
     })
 }
 
@@ -220,6 +259,7 @@ mod tests {
             body: BodyKind::Stream,
             content_length: Some(7),
             upgrade: Some("websocket".into()),
+            decoded: None,
         }
     }
 
@@ -228,13 +268,39 @@ mod tests {
         let mut b = BytesMut::new();
         put_request(&mut b, &req());
         let back = request(&b).unwrap();
-        assert_eq!(format!("{back:?}"), format!("{:?}", req()));
+        assert!(back.headers.is_empty(), "valid headers come as a map");
+        assert_eq!(back.header_map().unwrap(), req().header_map().unwrap());
+        let list = RequestHead {
+            headers: vec![],
+            decoded: None,
+            ..req()
+        };
+        let back_list = RequestHead {
+            decoded: None,
+            ..back
+        };
+        assert_eq!(format!("{back_list:?}"), format!("{list:?}"));
+        // A value `http` refuses (a line break) keeps the list, and is refused where used.
+        let mut broken = req();
+        broken.headers.push(("x-b".into(), "a\r\nb".into()));
+        let mut b = BytesMut::new();
+        put_request(&mut b, &broken);
+        let back = request(&b).unwrap();
+        assert!(back.decoded.is_none());
+        assert_eq!(back.headers, broken.headers);
+        assert!(back.header_map().is_err());
         let mut bare = req();
         (bare.body, bare.content_length, bare.upgrade, bare.headers) =
             (BodyKind::Empty, None, None, vec![]);
         let mut b = BytesMut::new();
         put_request(&mut b, &bare);
-        assert_eq!(format!("{:?}", request(&b).unwrap()), format!("{bare:?}"));
+        let back = request(&b).unwrap();
+        assert_eq!(back.decoded.as_ref().map(|m| m.len()), Some(0));
+        let back = RequestHead {
+            decoded: None,
+            ..back
+        };
+        assert_eq!(format!("{back:?}"), format!("{bare:?}"));
 
         let rh = ResponseHead {
             status: 404,

@@ -41,6 +41,29 @@ pub struct RequestHead {
     /// which the request's upload and response bodies carry the raw tunnel bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
+    /// The headers already as a map, when the decoder of binary heads could build one
+    /// (`headers` is then empty): the agent skips the round trip through strings. Never on
+    /// the wire; read the headers through [`RequestHead::header_map`].
+    #[serde(skip)]
+    pub decoded: Option<HeaderMap>,
+}
+
+impl RequestHead {
+    /// The headers as a map (refused as [`decode_headers`] refuses them).
+    pub fn header_map(&self) -> Result<HeaderMap, HeaderError> {
+        match &self.decoded {
+            Some(m) => Ok(m.clone()),
+            None => decode_headers(&self.headers),
+        }
+    }
+
+    /// Like [`RequestHead::header_map`], taking the decoded map instead of copying it.
+    pub fn take_header_map(&mut self) -> Result<HeaderMap, HeaderError> {
+        match self.decoded.take() {
+            Some(m) => Ok(m),
+            None => decode_headers(&self.headers),
+        }
+    }
 }
 
 /// What a poll returns: new requests for this agent, and ids the server gave up on (the user

@@ -80,7 +80,7 @@ pub async fn serve(
     };
     if traced {
         // The relay-server's span for this request (its traceparent) is the parent.
-        if let Ok(h) = relay_common::message::decode_headers(&head.headers) {
+        if let Ok(h) = head.header_map() {
             relay_config_file::telemetry::continue_trace(&span, &h);
         }
     }
@@ -109,7 +109,7 @@ pub async fn serve(
 
 async fn serve_inner(
     ctx: &Arc<Ctx>,
-    head: RequestHead,
+    mut head: RequestHead,
     cancel: &CancellationToken,
     reply: Option<&Reply>,
 ) -> Result<(), RelayCallError> {
@@ -131,7 +131,7 @@ async fn serve_inner(
     } else {
         boxed(http_body_util::Empty::new().map_err(|never| match never {}))
     };
-    let req = match ctx.backend.build(&head, body) {
+    let req = match ctx.backend.build(&mut head, body) {
         Ok(r) => r,
         Err(e) => return post_error(ctx, reply, &head.id, StatusCode::BAD_REQUEST, &e.0).await,
     };

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use relay_common::message::{decode_headers, RequestHead};
+use relay_common::message::RequestHead;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -35,6 +35,13 @@ pub const BACKEND_AI_API_VERSION: &str = "v7.20230615";
 /// Whether a request comes from a Backend.AI client: its SDK's `User-Agent` (the only header
 /// of its version probe) or the `X-BackendAI-Version` of its API calls.
 fn from_backend_ai(head: &RequestHead) -> bool {
+    if let Some(map) = &head.decoded {
+        let sdk = map
+            .get_all(http::header::USER_AGENT)
+            .iter()
+            .any(|v| v.as_bytes().starts_with(b"Backend.AI Client"));
+        return sdk || map.contains_key("x-backendai-version");
+    }
     head.headers.iter().any(|(k, v)| {
         (k.eq_ignore_ascii_case("user-agent") && v.starts_with("Backend.AI Client"))
             || k.eq_ignore_ascii_case("x-backendai-version")
@@ -257,7 +264,9 @@ impl Services {
 /// The 101 answer headers for a WebSocket upgrade request, or a problem answer when the
 /// request is not one. Returns the headers and whether half-close was negotiated.
 pub fn accept(head: &RequestHead) -> Result<(http::HeaderMap, bool), LocalAnswer> {
-    let headers = decode_headers(&head.headers).map_err(|e| problem(400, &e.to_string()))?;
+    let headers = head
+        .header_map()
+        .map_err(|e| problem(400, &e.to_string()))?;
     let is_ws = head
         .upgrade
         .as_deref()

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop};
-use relay_common::message::{decode_headers, RequestHead};
+use relay_common::message::RequestHead;
 
 use crate::config::Config;
 use crate::error::AgentError;
@@ -68,7 +68,7 @@ impl Backend {
     /// The backend request for `head` with `body`.
     pub fn build(
         &self,
-        head: &RequestHead,
+        head: &mut RequestHead,
         body: BackendBody,
     ) -> Result<Request<BackendBody>, BuildError> {
         let method = Method::from_bytes(head.method.as_bytes())
@@ -76,7 +76,9 @@ impl Backend {
         let uri: Uri = format!("{}{}{}", self.origin, self.base_path, head.target)
             .parse()
             .map_err(|e| BuildError(format!("invalid target {:?}: {e}", head.target)))?;
-        let mut headers = decode_headers(&head.headers).map_err(|e| BuildError(e.to_string()))?;
+        let mut headers = head
+            .take_header_map()
+            .map_err(|e| BuildError(e.to_string()))?;
         // Defence in depth: the server already stripped these (RFC 9110 §7.6.1).
         strip_hop_by_hop(&mut headers, true);
         if let Some(proto) = &head.upgrade {

@@ -162,6 +162,7 @@ fn request(
         body: body_kind,
         content_length: p.content_length.filter(|_| body_kind == BodyKind::Stream),
         upgrade: p.upgrade.clone(),
+        decoded: None,
     };
     let upload = match p.body {
         Some(body) => UploadSide::body(body),

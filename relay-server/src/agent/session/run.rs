@@ -113,7 +113,8 @@ pub async fn run(
     // The waits that end the session live across its turns: made once, not per request.
     let stopped = state.stop.cancelled();
     let revoked = agent.gone.cancelled();
-    tokio::pin!(stopped, revoked);
+    let replaced = superseded.cancelled();
+    tokio::pin!(stopped, revoked, replaced);
     let end = 'session: loop {
         // An agent that does not resume acknowledges nothing: written is enough.
         let settle_at = if carrier.number == 0 {
@@ -208,7 +209,7 @@ pub async fn run(
                 outbox.push_local(|b| session::put_ping(b, pings.to_be_bytes(), false));
             }
             _ = &mut writer => break End::WriterFailed,
-            _ = superseded.cancelled() => break End::Superseded,
+            _ = &mut replaced => break End::Superseded,
         }
     };
     agent.close_session(slot, number);

@@ -32,6 +32,7 @@ fn request(name: &str, upload: UploadSide) -> (Pending, oneshot::Receiver<Respon
         body: BodyKind::Stream,
         content_length: None,
         upgrade: None,
+        decoded: None,
     };
     let (tx, rx) = oneshot::channel();
     let account = crate::base::budget::Budget::new(1 << 20).account(name, [127, 0, 0, 1].into());

@@ -206,6 +206,7 @@ mod tests {
             body: BodyKind::Empty,
             content_length: None,
             upgrade: Some("websocket".into()),
+            decoded: None,
         };
         let m = message(head, b"body".to_vec()).unwrap();
         assert_eq!(m.url.as_deref(), Some("http://invalid/a%2Fb?x=1"));
