@@ -86,9 +86,9 @@ pub async fn run_all(
     Ok(())
 }
 
-/// 1: small GETs on keep-alive connections (1 and 16).
+/// 1: small GETs on keep-alive connections (1, 16 and 64).
 async fn keep_alive(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
-    for conns in [1usize, 16] {
+    for conns in [1usize, 16, 64] {
         let (mut rps, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..plan.runs {
             let r = load::small_gets(&t.http, conns, false, plan.dur).await?;

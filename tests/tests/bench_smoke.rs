@@ -35,6 +35,7 @@ fn bench_smoke_runs_every_scenario() {
     let rows = v["results"].as_array().unwrap();
     for scenario in [
         "1 keep-alive 16 conn req/s",
+        "1 keep-alive 64 conn req/s",
         "2 new connection",
         "3 download 1 MB",
         "3 upload 1 MB",
