@@ -147,56 +147,69 @@ fn body_and_length(p: &mut &[u8], f: u8, known: u8) -> Result<(BodyKind, Option<
     Ok((body, length))
 }
 
-/// Decodes header fields; the rest of `p` must be exactly them.
-pub fn fields(p: &[u8]) -> Result<Vec<(String, String)>, HeadError> {
+/// Walks header fields (the rest of `p` must be exactly them), handing each name (UTF-8,
+/// like every text field) and value bytes to `each`, with the field count (room to reserve
+/// on the first), until it returns false.
+fn each_field<'a>(
+    p: &'a [u8],
+    mut each: impl FnMut(usize, &'a str, &'a [u8]) -> bool,
+) -> Result<bool, HeadError> {
     let p = &mut &*p;
     let count = u32::from_be_bytes(int(p)?) as usize;
     // Each field takes at least 6 bytes: a count beyond that is a lie, not an allocation.
     if count > p.len() / 6 {
         return Err(SHORT);
     }
-    let mut out = Vec::with_capacity(count);
     for _ in 0..count {
-        let name = text(p, false)?;
+        let n = u16::from_be_bytes(int(p)?) as usize;
+        let name =
+            std::str::from_utf8(take(p, n)?).map_err(|_| HeadError("a head field is not UTF-8"))?;
         let n = u32::from_be_bytes(int(p)?) as usize;
-        out.push((name, latin1(take(p, n)?)));
+        if !each(count, name, take(p, n)?) {
+            return Ok(false);
+        }
     }
     if !p.is_empty() {
         return Err(HeadError("bytes after the head"));
     }
+    Ok(true)
+}
+
+/// Decodes header fields; the rest of `p` must be exactly them.
+pub fn fields(p: &[u8]) -> Result<Vec<(String, String)>, HeadError> {
+    let mut out = Vec::new();
+    each_field(p, |count, name, value| {
+        if out.is_empty() {
+            out.reserve_exact(count);
+        }
+        out.push((name.to_owned(), latin1(value)));
+        true
+    })?;
     Ok(out)
 }
 
 /// Decodes header fields straight into a map; `Ok(None)` when a name or value is not one
 /// `http` accepts, so that the caller keeps the list and the refusal surfaces where the
-/// headers are used, with its reason (as for JSON heads).
+/// headers are used, with its reason (as for JSON heads). The values' bytes are what the
+/// list's ISO-8859-1 code points stand for.
 fn fields_map(p: &[u8]) -> Result<Option<HeaderMap>, HeadError> {
-    let p = &mut &*p;
-    let count = u32::from_be_bytes(int(p)?) as usize;
-    if count > p.len() / 6 {
-        return Err(SHORT);
-    }
-    let mut map = HeaderMap::with_capacity(count);
-    for _ in 0..count {
-        let n = u16::from_be_bytes(int(p)?) as usize;
-        let name = take(p, n)?;
-        let n = u32::from_be_bytes(int(p)?) as usize;
-        let value = take(p, n)?;
-        // Names must be UTF-8 like every text field; the values' bytes are what the
-        // list's ISO-8859-1 code points stand for.
-        if std::str::from_utf8(name).is_err() {
-            return Err(HeadError("a head field is not UTF-8"));
+    let mut map = HeaderMap::new();
+    let whole = each_field(p, |count, name, value| {
+        if map.is_empty() {
+            map.reserve(count);
         }
-        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-        else {
-            return Ok(None);
-        };
-        map.append(name, value);
-    }
-    if !p.is_empty() {
-        return Err(HeadError("bytes after the head"));
-    }
-    Ok(Some(map))
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                map.append(name, value);
+                true
+            }
+            _ => false,
+        }
+    })?;
+    Ok(whole.then_some(map))
 }
 
 /// Decodes a request head (the whole of `p`). Its headers come as a map
