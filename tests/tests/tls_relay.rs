@@ -17,14 +17,20 @@ fn https_client(ca: &std::path::Path, h2: bool) -> Client<relay_client::tls::Con
 async fn tls_with_alpn_and_certificate_reload() {
     let dir = TempDir::new("tls");
     let (ca1, leaf1, key1) = throwaway_pki_pem();
-    let (cert, key, ca1_file) = (
+    // The certificate rotated to later, from another CA.
+    let (ca2, leaf2, key2) = throwaway_pki_pem();
+    let (cert, key, ca1_file, ca2_file, both_file) = (
         dir.0.join("cert.pem"),
         dir.0.join("key.pem"),
         dir.0.join("ca1.pem"),
+        dir.0.join("ca2.pem"),
+        dir.0.join("both.pem"),
     );
     std::fs::write(&cert, leaf1).unwrap();
     std::fs::write(&key, key1).unwrap();
-    std::fs::write(&ca1_file, ca1).unwrap();
+    std::fs::write(&ca1_file, &ca1).unwrap();
+    std::fs::write(&ca2_file, &ca2).unwrap();
+    std::fs::write(&both_file, format!("{ca1}{ca2}")).unwrap();
 
     let (rec, seen) = recording_backend().await;
     let mut cfg = server_config();
@@ -32,7 +38,9 @@ async fn tls_with_alpn_and_certificate_reload() {
     let server = Server::start(cfg).await;
     let base = format!("https://127.0.0.1:{}", server.addr.port());
     let mut acfg = Agent::config(&base, "t", &format!("http://{rec}"));
-    acfg.relay_ca_file = Some(ca1_file.clone());
+    // The agent trusts both CAs, as a planned rotation sets it up: it opens connections
+    // (exchanges, a new session) before and after the rotation.
+    acfg.relay_ca_file = Some(both_file.clone());
     let _agent = Agent::start(acfg);
     server.wait_agent("t").await;
 
@@ -61,11 +69,8 @@ async fn tls_with_alpn_and_certificate_reload() {
     let plain = raw_exchange(server.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(!String::from_utf8_lossy(&plain).contains("200 OK"));
 
-    // Rotate to a certificate from another CA: new connections get it, the agent (whose
-    // connections and CA are the old ones) keeps working over its open connections.
-    let (ca2, leaf2, key2) = throwaway_pki_pem();
-    let ca2_file = dir.0.join("ca2.pem");
-    std::fs::write(&ca2_file, ca2).unwrap();
+    // Rotate to the certificate from the other CA: new connections get it (a client that
+    // trusts only that CA gets through), and the agent keeps working.
     std::fs::write(dir.0.join("cert.new"), leaf2).unwrap();
     std::fs::write(dir.0.join("key.new"), key2).unwrap();
     std::fs::rename(dir.0.join("key.new"), &key).unwrap();
