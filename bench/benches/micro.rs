@@ -77,6 +77,7 @@ fn codec(c: &mut Criterion) {
                 headers: message::encode_headers(black_box(&headers)),
                 body: BodyKind::Stream,
                 content_length: Some(1234),
+                decoded: None,
             };
             frame::control(
                 Kind::Head,
@@ -89,6 +90,7 @@ fn codec(c: &mut Criterion) {
         headers: message::encode_headers(&headers),
         body: BodyKind::Stream,
         content_length: Some(1234),
+        decoded: None,
     })
     .expect("serialisable");
     c.bench_function("response head decode (JSON → HeaderMap)", |b| {

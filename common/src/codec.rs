@@ -224,6 +224,7 @@ mod tests {
             headers: vec![("x-a".into(), "b".into())],
             body: BodyKind::Stream,
             content_length: None,
+            decoded: None,
         };
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));

@@ -70,6 +70,14 @@ fn put_fields(b: &mut BytesMut, fields: &[(String, String)]) {
     }
 }
 
+fn put_map(b: &mut BytesMut, map: &HeaderMap) {
+    b.put_u32(u32::try_from(map.len()).expect("bug: over 4 G fields"));
+    for (name, value) in map {
+        s16(b, name.as_str().as_bytes());
+        s32(b, value.as_bytes());
+    }
+}
+
 /// Appends `head` in the binary layout.
 pub fn put_request(b: &mut BytesMut, head: &RequestHead) {
     s16(b, head.id.as_bytes());
@@ -86,7 +94,10 @@ pub fn put_request(b: &mut BytesMut, head: &RequestHead) {
     if let Some(u) = &head.upgrade {
         s16(b, u.as_bytes());
     }
-    put_fields(b, &head.headers);
+    match &head.decoded {
+        Some(map) => put_map(b, map),
+        None => put_fields(b, &head.headers),
+    }
 }
 
 /// Appends `head` in the binary layout.
@@ -96,7 +107,10 @@ pub fn put_response(b: &mut BytesMut, head: &ResponseHead) {
     if let Some(n) = head.content_length {
         b.put_u64(n);
     }
-    put_fields(b, &head.headers);
+    match &head.decoded {
+        Some(map) => put_map(b, map),
+        None => put_fields(b, &head.headers),
+    }
 }
 
 /// Appends trailer fields in the binary layout.
@@ -241,17 +255,23 @@ pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
     })
 }
 
-/// Decodes a response head (the whole of `p`).
+/// Decodes a response head (the whole of `p`); its headers come as a map when `http`
+/// accepts all of them, as a request head's do.
 pub fn response(p: &[u8]) -> Result<ResponseHead, HeadError> {
     let p = &mut &*p;
     let status = u16::from_be_bytes(int(p)?);
     let f = int::<1>(p)?[0];
     let (body, content_length) = body_and_length(p, f, STREAM | LENGTH)?;
+    let (headers, decoded) = match fields_map(p)? {
+        Some(map) => (Vec::new(), Some(map)),
+        None => (fields(p)?, None),
+    };
     Ok(ResponseHead {
         status,
-        headers: fields(p)?,
+        headers,
         body,
         content_length,
+        decoded,
     })
 }
 
@@ -320,10 +340,17 @@ mod tests {
             headers: vec![("content-type".into(), "text/plain".into())],
             body: BodyKind::Stream,
             content_length: Some(1 << 40),
+            decoded: None,
         };
         let mut b = BytesMut::new();
         put_response(&mut b, &rh);
-        let back = response(&b).unwrap();
+        let mut back = response(&b).unwrap();
+        assert!(back.headers.is_empty(), "valid headers come as a map");
+        assert_eq!(back.take_header_map().unwrap(), rh.header_map().unwrap());
+        let back = ResponseHead {
+            headers: rh.headers.clone(),
+            ..back
+        };
         assert_eq!(format!("{back:?}"), format!("{rh:?}"));
         b.put_slice(b"rest");
         assert_eq!(
@@ -340,6 +367,7 @@ mod tests {
             headers: vec![("a".into(), "\u{ff}".into())],
             body: BodyKind::Stream,
             content_length: Some(2),
+            decoded: None,
         };
         let mut b = BytesMut::new();
         put_response(&mut b, &head);
@@ -347,6 +375,15 @@ mod tests {
             &b[..],
             b"\x00\xc8\x03\0\0\0\0\0\0\0\x02\0\0\0\x01\0\x01a\0\0\0\x01\xff"
         );
+        // A head holding a map encodes the same bytes as one holding the list.
+        let mapped = ResponseHead {
+            headers: Vec::new(),
+            decoded: Some(head.header_map().unwrap()),
+            ..head
+        };
+        let mut m = BytesMut::new();
+        put_response(&mut m, &mapped);
+        assert_eq!(m, b);
     }
 
     #[test]

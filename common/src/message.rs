@@ -6,7 +6,8 @@
 //! ASCII. Order and repetition of headers are kept: `headers` is a list of pairs.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
+use serde::ser::{SerializeSeq, SerializeStruct};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Whether a message has a body that follows in frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,7 +20,13 @@ pub enum BodyKind {
 }
 
 /// A user request handed to an agent in a poll answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// Its headers are in one of two forms: the wire's list (`headers`), or a map (`decoded`,
+/// with `headers` empty) where a side already had one (the server from the user's request,
+/// the agent from a binary head), so that a head crossing a session never goes through
+/// strings. Read them through [`RequestHead::header_map`]; the JSON always carries the list
+/// (`Serialize` writes the map's fields as the list would hold them).
+#[derive(Debug, Clone, Deserialize)]
 pub struct RequestHead {
     /// Request id (32 hex digits); names the request in `/server/response` and
     /// `/server/requeststream`.
@@ -41,9 +48,8 @@ pub struct RequestHead {
     /// which the request's upload and response bodies carry the raw tunnel bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
-    /// The headers already as a map, when the decoder of binary heads could build one
-    /// (`headers` is then empty): the agent skips the round trip through strings. Never on
-    /// the wire; read the headers through [`RequestHead::header_map`].
+    /// The headers as a map (`headers` is then empty). Never on the wire as such; read the
+    /// headers through [`RequestHead::header_map`].
     #[serde(skip)]
     pub decoded: Option<HeaderMap>,
 }
@@ -66,6 +72,44 @@ impl RequestHead {
     }
 }
 
+impl Serialize for RequestHead {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let optional =
+            usize::from(self.content_length.is_some()) + usize::from(self.upgrade.is_some());
+        let mut st = s.serialize_struct("RequestHead", 5 + optional)?;
+        st.serialize_field("id", &self.id)?;
+        st.serialize_field("method", &self.method)?;
+        st.serialize_field("target", &self.target)?;
+        st.serialize_field("headers", &Listed(&self.headers, self.decoded.as_ref()))?;
+        st.serialize_field("body", &self.body)?;
+        if let Some(n) = &self.content_length {
+            st.serialize_field("content_length", n)?;
+        }
+        if let Some(u) = &self.upgrade {
+            st.serialize_field("upgrade", u)?;
+        }
+        st.end()
+    }
+}
+
+/// A head's headers as the wire's list of pairs, from whichever form the head holds.
+struct Listed<'a>(&'a [(String, String)], Option<&'a HeaderMap>);
+
+impl Serialize for Listed<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.1 {
+            Some(map) => {
+                let mut seq = s.serialize_seq(Some(map.len()))?;
+                for (k, v) in map {
+                    seq.serialize_element(&(k.as_str(), latin1(v.as_bytes())))?;
+                }
+                seq.end()
+            }
+            None => self.0.serialize(s),
+        }
+    }
+}
+
 /// What a poll returns: new requests for this agent, and ids the server gave up on (the user
 /// left), so the agent can cancel their backend requests at once.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,8 +122,9 @@ pub struct PollAnswer {
     pub cancel: Vec<String>,
 }
 
-/// The HEAD frame of a response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The HEAD frame of a response. Its headers are in one of two forms, as a
+/// [`RequestHead`]'s are: read them through [`ResponseHead::header_map`].
+#[derive(Debug, Clone, Deserialize)]
 pub struct ResponseHead {
     /// Status code from the backend (100..=599; 1xx other than 101 are not relayed).
     pub status: u16,
@@ -90,6 +135,42 @@ pub struct ResponseHead {
     /// Exact body length when the backend declared one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_length: Option<u64>,
+    /// The headers as a map (`headers` is then empty): the agent's from the backend's
+    /// response, the server's from a binary head. Never on the wire as such.
+    #[serde(skip)]
+    pub decoded: Option<HeaderMap>,
+}
+
+impl ResponseHead {
+    /// The headers as a map (refused as [`decode_headers`] refuses them).
+    pub fn header_map(&self) -> Result<HeaderMap, HeaderError> {
+        match &self.decoded {
+            Some(m) => Ok(m.clone()),
+            None => decode_headers(&self.headers),
+        }
+    }
+
+    /// Like [`ResponseHead::header_map`], taking the decoded map instead of copying it.
+    pub fn take_header_map(&mut self) -> Result<HeaderMap, HeaderError> {
+        match self.decoded.take() {
+            Some(m) => Ok(m),
+            None => decode_headers(&self.headers),
+        }
+    }
+}
+
+impl Serialize for ResponseHead {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let optional = usize::from(self.content_length.is_some());
+        let mut st = s.serialize_struct("ResponseHead", 3 + optional)?;
+        st.serialize_field("status", &self.status)?;
+        st.serialize_field("headers", &Listed(&self.headers, self.decoded.as_ref()))?;
+        st.serialize_field("body", &self.body)?;
+        if let Some(n) = &self.content_length {
+            st.serialize_field("content_length", n)?;
+        }
+        st.end()
+    }
 }
 
 /// Trailer fields (TRAILERS frame).
@@ -168,6 +249,54 @@ mod tests {
         let json = serde_json::to_string(&enc).unwrap();
         let back: Vec<(String, String)> = serde_json::from_str(&json).unwrap();
         assert_eq!(decode_headers(&back).unwrap(), m);
+    }
+
+    /// A head holding a map writes the same JSON as the same head holding the list, and
+    /// comes back as the list.
+    #[test]
+    fn map_form_serializes_as_the_list() {
+        let mut m = HeaderMap::new();
+        m.append("x-a", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        m.append("x-a", HeaderValue::from_static("two"));
+        let listed = RequestHead {
+            id: "1".into(),
+            method: "GET".into(),
+            target: "/".into(),
+            headers: encode_headers(&m),
+            body: BodyKind::Empty,
+            content_length: None,
+            upgrade: Some("websocket".into()),
+            decoded: None,
+        };
+        let mapped = RequestHead {
+            headers: Vec::new(),
+            decoded: Some(m.clone()),
+            ..listed.clone()
+        };
+        let json = serde_json::to_string(&mapped).unwrap();
+        assert_eq!(json, serde_json::to_string(&listed).unwrap());
+        assert!(
+            json.contains(r#""headers":[["x-a","café"],["x-a","two"]]"#),
+            "{json}"
+        );
+        let back: RequestHead = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.header_map().unwrap(), m);
+        assert_eq!(mapped.header_map().unwrap(), m);
+
+        let resp = ResponseHead {
+            status: 200,
+            headers: Vec::new(),
+            body: BodyKind::Stream,
+            content_length: Some(3),
+            decoded: Some(m.clone()),
+        };
+        let json = serde_json::to_string(&resp).unwrap();
+        assert_eq!(
+            json,
+            r#"{"status":200,"headers":[["x-a","café"],["x-a","two"]],"body":"stream","content_length":3}"#
+        );
+        let mut back: ResponseHead = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.take_header_map().unwrap(), m);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use hyper::body::Body;
 use hyper_util::rt::TokioIo;
 use relay_common::codec::{encode_continue, BodyMsg, FrameReader, Message};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
-use relay_common::message::{encode_headers, BodyKind, RequestHead, ResponseHead};
+use relay_common::message::{BodyKind, RequestHead, ResponseHead};
 use relay_common::session::INLINE_BODY_MAX;
 use relay_common::BODY_CHANNEL_DEPTH;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -160,13 +160,14 @@ async fn serve_inner(
     let has_body = !body.is_end_stream();
     let rh = ResponseHead {
         status: parts.status.as_u16(),
-        headers: encode_headers(&headers),
+        headers: Vec::new(),
         body: if has_body {
             BodyKind::Stream
         } else {
             BodyKind::Empty
         },
         content_length,
+        decoded: Some(headers),
     };
     // A response known to be small goes back whole on the session; one of unknown length
     // (it may stream: SSE, gRPC) or a big one takes an exchange of its own.
@@ -210,9 +211,10 @@ async fn switch(
     set_upgrade_headers(&mut headers, &answered);
     let rh = ResponseHead {
         status: 101,
-        headers: encode_headers(&headers),
+        headers: Vec::new(),
         body: BodyKind::Stream,
         content_length: None,
+        decoded: Some(headers),
     };
     let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
     tunnel(ctx, &head.id, &rh, Box::new(rd), Box::new(wr), cancel).await
@@ -297,9 +299,10 @@ async fn serve_service(
                 Ok(()) => {
                     let rh = ResponseHead {
                         status: 101,
-                        headers: encode_headers(&headers),
+                        headers: Vec::new(),
                         body: BodyKind::Stream,
                         content_length: None,
+                        decoded: Some(headers),
                     };
                     let (agent_end, relay_end) = tokio::io::duplex(256 * 1024);
                     tokio::spawn(service::bridge(

@@ -282,6 +282,7 @@ mod tests {
                 headers: vec![],
                 body: BodyKind::Empty,
                 content_length: None,
+                decoded: None,
             },
             body: Bytes::new(),
             trailers: None,

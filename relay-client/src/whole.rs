@@ -92,6 +92,7 @@ pub(crate) async fn post_local(
         headers: vec![("content-type".into(), content_type.into())],
         body: BodyKind::Stream,
         content_length: Some(body.len() as u64),
+        decoded: None,
     };
     post_whole(ctx, reply, id, head, body, None).await
 }

@@ -404,6 +404,7 @@ async fn agent_calls_that_land_on_another_replica_reach_the_owner() {
         headers: vec![("x-made".into(), "by hand".into())],
         body: BodyKind::Stream,
         content_length: None,
+        decoded: None,
     })
     .unwrap();
     let mut out = Vec::new();

@@ -76,6 +76,7 @@ fn head(status: u16, len: u64) -> ResponseHead {
         headers: vec![("content-type".into(), "text/plain".into())],
         body: BodyKind::Stream,
         content_length: Some(len),
+        decoded: None,
     }
 }
 
@@ -622,6 +623,7 @@ async fn binary_heads_when_the_agent_offers_them_json_otherwise() {
         headers: vec![("x-b".into(), "\u{ff}".into())],
         body: BodyKind::Stream,
         content_length: Some(5),
+        decoded: None,
     };
     let heads = session::Heads::Binary;
     send(&mut ws, |b| {

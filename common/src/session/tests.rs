@@ -35,6 +35,7 @@ fn round_trip(heads: Heads) {
         headers: vec![("content-type".into(), "text/plain".into())],
         body: BodyKind::Stream,
         content_length: Some(5),
+        decoded: None,
     };
     let t = Trailers {
         headers: vec![("grpc-status".into(), "0".into())],
@@ -78,6 +79,7 @@ fn golden_bytes_pin_the_layout() {
         headers: vec![],
         body: BodyKind::Stream,
         content_length: Some(2),
+        decoded: None,
     };
     let mut b = BytesMut::new();
     put_response(&mut b, Heads::Json, "i", &rh, b"ok", None);
@@ -169,6 +171,7 @@ fn a_malformed_binary_head_is_refused() {
             headers: vec![],
             body: BodyKind::Empty,
             content_length: None,
+            decoded: None,
         },
         b"",
         None,

@@ -7,7 +7,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
 use relay_common::id::RequestId;
-use relay_common::message::{decode_headers, encode_headers, BodyKind, RequestHead};
+use relay_common::message::{BodyKind, RequestHead};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
@@ -81,7 +81,7 @@ pub async fn dispatch(
         _ = revoked(admission.as_deref()) => return Err(credential_revoked()),
     };
     let agent = pending.claimed_by().unwrap_or(agent);
-    let (head, body_rx) = match start {
+    let (mut head, body_rx) = match start {
         ResponseStart::Head(head, rx) => {
             state.metrics.head(arrival.elapsed());
             (head, rx)
@@ -90,7 +90,8 @@ pub async fn dispatch(
             return Err(RelayError::Agent(format!("the relay-client failed: {why}")))
         }
     };
-    let mut resp_headers = decode_headers(&head.headers)
+    let mut resp_headers = head
+        .take_header_map()
         .map_err(|e| RelayError::Agent(format!("the relay-client sent an {e}")))?;
     if head.status == 101 {
         let tunnel = Tunnel {
@@ -158,11 +159,13 @@ fn request(
         id: id.to_string(),
         method: p.method.as_str().to_owned(),
         target: p.target,
-        headers: encode_headers(&p.headers),
+        // The map goes as it is: a session encodes it straight into the OPEN frame, a long
+        // poll's JSON lists it (`RequestHead`'s `Serialize`).
+        headers: Vec::new(),
         body: body_kind,
         content_length: p.content_length.filter(|_| body_kind == BodyKind::Stream),
         upgrade: p.upgrade.clone(),
-        decoded: None,
+        decoded: Some(p.headers),
     };
     let upload = match p.body {
         Some(body) => UploadSide::body(body),

@@ -124,6 +124,7 @@ fn head(body: BodyKind) -> ResponseHead {
         headers: Vec::new(),
         body,
         content_length: None,
+        decoded: None,
     }
 }
 

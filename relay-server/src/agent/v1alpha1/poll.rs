@@ -15,7 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use relay_common::codec::BodyMsg;
 use relay_common::headers::set_upgrade_headers;
-use relay_common::message::{decode_headers, RequestHead};
+use relay_common::message::RequestHead;
 use relay_common::name::is_valid_name;
 use relay_common::source::SourceError;
 use relay_common::v1alpha1::{encode, HttpRequest, REQUEST_CONTENT_TYPE, URL_ORIGIN};
@@ -166,8 +166,8 @@ async fn read_body(state: &State, pending: &Arc<Pending>) -> Result<Vec<u8>, Bod
 /// The `HttpRequest` for `head`: `url` is [`URL_ORIGIN`] + the raw target, `Host` goes in
 /// `host`, and an upgrade keeps its `Connection`/`Upgrade` pair (the Go client replays the
 /// headers as they come, and Go's transport only switches when they are there).
-fn message(head: RequestHead, body: Vec<u8>) -> Option<HttpRequest> {
-    let mut headers = decode_headers(&head.headers).ok()?;
+fn message(mut head: RequestHead, body: Vec<u8>) -> Option<HttpRequest> {
+    let mut headers = head.take_header_map().ok()?;
     let host = headers
         .remove(http::header::HOST)
         .and_then(|h| h.to_str().ok().map(str::to_owned));

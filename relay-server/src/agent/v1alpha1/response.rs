@@ -208,6 +208,7 @@ fn head(
         headers: encode_headers(&headers),
         body,
         content_length: content_length.filter(|_| status != 101),
+        decoded: None,
     })
 }
 
