@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
 use hyper::body::{Body, Incoming};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_request};
@@ -164,7 +165,7 @@ fn forward_headers(
     prefix: Option<&str>,
     trusted: bool,
 ) -> Result<HeaderMap, RelayError> {
-    let mut h = req.headers.clone();
+    let mut h = detached(&req.headers);
     if h.get_all(header::HOST).iter().count() > 1 {
         return Err(RelayError::BadRequest("more than one Host header".into()));
     }
@@ -182,8 +183,6 @@ fn forward_headers(
         }
     }
     strip_session_cookie(&mut h);
-    // Room for the headers added below at once: growing the map per insert rehashes it.
-    h.reserve(5);
     // HTTP/2 carries the host in :authority (RFC 9113 §8.3.1); give the backend a Host.
     if !h.contains_key(header::HOST) {
         if let Some(auth) = req.uri.authority() {
@@ -209,6 +208,29 @@ fn forward_headers(
         );
     }
     Ok(h)
+}
+
+/// A copy of `src` whose values own their bytes, all in one buffer, with room for the five
+/// headers [`forward_headers`] may add (growing the map per insert rehashes it). hyper's
+/// values are slices of the user connection's read buffer, and a request's head lives until
+/// the agent has acknowledged it: values that pinned that buffer would make the connection
+/// allocate a new one (8 KiB) for the next request, and a parked request would hold it.
+fn detached(src: &HeaderMap) -> HeaderMap {
+    let mut all = BytesMut::with_capacity(src.values().map(|v| v.len()).sum());
+    for v in src.values() {
+        all.extend_from_slice(v.as_bytes());
+    }
+    let mut all = all.freeze();
+    let mut h = HeaderMap::with_capacity(src.len() + 5);
+    for (name, v) in src {
+        let bytes = all.split_to(v.len());
+        // The bytes were a valid value a moment ago: this check cannot fail.
+        if let Ok(mut value) = HeaderValue::from_maybe_shared(bytes) {
+            value.set_sensitive(v.is_sensitive());
+            h.append(name, value);
+        }
+    }
+    h
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -262,7 +284,36 @@ fn ip_text(ip: std::net::IpAddr) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::ip_text;
+    use super::{detached, ip_text};
+    use bytes::Bytes;
+    use http::{HeaderMap, HeaderValue};
+
+    /// The copy holds the same fields in the same order, and nothing of the buffer the
+    /// originals were sliced from (as hyper slices them from its read buffer).
+    #[test]
+    fn detached_headers_let_go_of_the_read_buffer() {
+        let buf = Bytes::from(b"text/plain secret two".to_vec());
+        let mut src = HeaderMap::new();
+        let value = |r: std::ops::Range<usize>| HeaderValue::from_maybe_shared(buf.slice(r));
+        src.append("content-type", value(0..10).unwrap());
+        let mut secret = value(11..17).unwrap();
+        secret.set_sensitive(true);
+        src.append("authorization", secret);
+        src.append("x-a", value(18..21).unwrap());
+        src.append("x-a", HeaderValue::from_static("one"));
+        let copy = detached(&src);
+        assert_eq!(copy, src);
+        assert!(copy["authorization"].is_sensitive());
+        assert!(
+            copy.capacity() - copy.len() >= 5,
+            "room for the added headers"
+        );
+        drop(src);
+        assert!(
+            buf.try_into_mut().is_ok(),
+            "the copy still refers to the buffer"
+        );
+    }
 
     #[test]
     fn addresses_read_as_display_writes_them() {
