@@ -1,40 +1,60 @@
 #!/usr/bin/env bash
 # Instruction profile of the relay-server (or, with PROFILE=agent, of the relay-client) for
 # small relayed GETs (valgrind's callgrind: stable counts where perf has no samples, as in
-# this project's VM). Both run at their default log level. Needs valgrind and curl; run
-# after `cargo build --release --workspace`.
+# this project's VM); with TOOL=dhat, its heap allocations per request and where they are
+# made (valgrind's dhat; the summary needs python3). Both run at their default log level.
+# Needs valgrind and curl; run after `cargo build --release --workspace`.
 #   scripts/profile-small-requests.sh [REQUESTS]              # default 2000
 #   PROFILE=agent scripts/profile-small-requests.sh [REQUESTS]
+#   TOOL=dhat scripts/profile-small-requests.sh [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
-out=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-token=profile-token-0123456789abcdef
-target/release/relay-bench backend >"$out/backend.log" 2>&1 &
-until grep -q '^http ' "$out/backend.log"; do sleep 0.1; done
-backend=$(awk '/^http /{print $2}' "$out/backend.log")
 side=${PROFILE:-server}
-grind=(valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out")
+tool=${TOOL:-callgrind}
+prof=$(mktemp -d)
+case $tool in
+  callgrind) grind=(valgrind --tool=callgrind --callgrind-out-file="$prof/callgrind.out") ;;
+  dhat) grind=(valgrind --tool=dhat --dhat-out-file="$prof/dhat.json") ;;
+  *) echo "TOOL is callgrind or dhat" >&2; exit 2 ;;
+esac
 server_wrap=() agent_wrap=()
 if [ "$side" = agent ]; then agent_wrap=("${grind[@]}"); else server_wrap=("${grind[@]}"); fi
-${server_wrap[@]+"${server_wrap[@]}"} target/release/relay-server --listen 127.0.0.1:0 \
-  --agent-token "*=$token" >"$out/server.log" 2>&1 &
-server=$!
-until grep -q 'listening on http://' "$out/server.log"; do sleep 0.2; done
-url=$(grep -o 'http://[0-9.:]*' "$out/server.log" | head -1)
-${agent_wrap[@]+"${agent_wrap[@]}"} target/release/relay-client --relay-url "$url" --name p \
-  --backend-url "http://$backend" --token "$token" >"$out/agent.log" 2>&1 &
-agent=$!
-until curl -sf -o /dev/null "$url/client/p/small"; do sleep 0.2; done
+. scripts/lib/small-requests.sh
+start_small_requests "$n"
 # One keep-alive connection, n requests.
-urls=()
-for _ in $(seq "$n"); do urls+=("$url/client/p/small" -o /dev/null); done
 curl -sf "${urls[@]}"
 if [ "$side" = agent ]; then pid=$agent; else pid=$server; fi
 kill -INT "$pid"
 wait "$pid" || true
-total=$(callgrind_annotate "$out/callgrind.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
-cp "$out/callgrind.out" target/callgrind.out
+if [ "$tool" = dhat ]; then
+  cp "$prof/dhat.json" target/dhat.json
+  python3 - "$prof/dhat.json" "$n" "$side" <<'PY'
+import json, re, sys
+d = json.load(open(sys.argv[1])); n = int(sys.argv[2])
+total = sum(p["tbk"] for p in d["pps"])
+print(f"relay-{sys.argv[3]}: {total} heap allocations for {n} requests (plus start-up): "
+      f"{total / n:.1f} per request; sites with at least one per 5 requests:")
+def frames(p):
+    # The first three frames outside the standard library and valgrind: the call site.
+    shown = []
+    for i in p["fs"][1:]:
+        m = re.match(r"0x[0-9A-F]+: (.*?) \((.*)\)$", d["ftbl"][i])
+        if not m or m.group(2).startswith("library/") or "vgpreload" in m.group(2):
+            continue
+        where = re.sub(r"^/root/.cargo/registry/src/[^/]*/", "", m.group(2))
+        shown.append(f"{m.group(1)[:50]} @{where}")
+        if len(shown) == 3:
+            break
+    return " <- ".join(shown)
+for p in sorted(d["pps"], key=lambda p: -p["tbk"]):
+    if p["tbk"] < n / 5:
+        break
+    print(f"{p['tbk'] / n:5.2f} x {p['tb'] // max(p['tbk'], 1):5d} B  {frames(p)}")
+PY
+  exit 0
+fi
+total=$(callgrind_annotate "$prof/callgrind.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+cp "$prof/callgrind.out" target/callgrind.out
 echo "relay-$side: $total instructions for $n requests (plus start-up): $((total / n)) per request"
-callgrind_annotate --inclusive=no "$out/callgrind.out" 2>/dev/null | sed -n '/file:function/,$p' | head -25
+callgrind_annotate --inclusive=no "$prof/callgrind.out" 2>/dev/null | sed -n '/file:function/,$p' | head -25

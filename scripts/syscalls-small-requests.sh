@@ -9,22 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
 par=${PARALLEL:-1}
-out=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-token=profile-token-0123456789abcdef
-target/release/relay-bench backend >"$out/backend.log" 2>&1 &
-until grep -q '^http ' "$out/backend.log"; do sleep 0.1; done
-backend=$(awk '/^http /{print $2}' "$out/backend.log")
-target/release/relay-server --listen 127.0.0.1:0 --agent-token "*=$token" >"$out/server.log" 2>&1 &
-server=$!
-until grep -q 'listening on http://' "$out/server.log"; do sleep 0.2; done
-url=$(grep -o 'http://[0-9.:]*' "$out/server.log" | head -1)
-target/release/relay-client --relay-url "$url" --name p --backend-url "http://$backend" \
-  --token "$token" >"$out/agent.log" 2>&1 &
-agent=$!
-until curl -sf -o /dev/null "$url/client/p/small"; do sleep 0.2; done
-urls=()
-for _ in $(seq "$n"); do urls+=("$url/client/p/small" -o /dev/null); done
+. scripts/lib/small-requests.sh
+start_small_requests "$n"
 # Warm-up (connections, pools, the session's credit), then the counted run.
 curl -sf "${urls[@]}"
 strace -c -f -p "$server" -o "$out/server.strace" 2>/dev/null &

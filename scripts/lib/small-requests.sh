@@ -1,0 +1,26 @@
+# Sourced by the scripts/*-small-requests.sh measurements: starts the bench backend, a
+# relay-server and an agent (name `p`) on loopback, each under the command in the arrays
+# `server_wrap` and `agent_wrap` if the caller set them (valgrind, …), and waits until a
+# GET passes through. Sets `out` (a temporary folder with the logs), `url`, `server` and
+# `agent` (the PIDs), and `urls` (arguments for curl: REQUESTS GETs of the small page).
+# Kills what it started when the calling script exits. Needs curl; run after
+# `cargo build --release --workspace`.
+start_small_requests() {
+  local n=$1 token=profile-token-0123456789abcdef backend
+  out=$(mktemp -d)
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+  target/release/relay-bench backend >"$out/backend.log" 2>&1 &
+  until grep -q '^http ' "$out/backend.log"; do sleep 0.1; done
+  backend=$(awk '/^http /{print $2}' "$out/backend.log")
+  ${server_wrap[@]+"${server_wrap[@]}"} target/release/relay-server --listen 127.0.0.1:0 \
+    --agent-token "*=$token" >"$out/server.log" 2>&1 &
+  server=$!
+  until grep -q 'listening on http://' "$out/server.log"; do sleep 0.2; done
+  url=$(grep -o 'http://[0-9.:]*' "$out/server.log" | head -1)
+  ${agent_wrap[@]+"${agent_wrap[@]}"} target/release/relay-client --relay-url "$url" --name p \
+    --backend-url "http://$backend" --token "$token" >"$out/agent.log" 2>&1 &
+  agent=$!
+  until curl -sf -o /dev/null "$url/client/p/small"; do sleep 0.2; done
+  urls=()
+  for _ in $(seq "$n"); do urls+=("$url/client/p/small" -o /dev/null); done
+}
