@@ -18,7 +18,7 @@
 //! a value is the header's bytes as they are (RFC 9110 §5.5 allows obs-text), where the
 //! JSON carries each byte as a code point.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::message::{latin1, BodyKind, RequestHead, ResponseHead, Trailers};
@@ -205,17 +205,19 @@ pub fn fields(p: &[u8]) -> Result<Vec<(String, String)>, HeadError> {
 /// Decodes header fields straight into a map; `Ok(None)` when a name or value is not one
 /// `http` accepts, so that the caller keeps the list and the refusal surfaces where the
 /// headers are used, with its reason (as for JSON heads). The values' bytes are what the
-/// list's ISO-8859-1 code points stand for.
-fn fields_map(p: &[u8]) -> Result<Option<HeaderMap>, HeadError> {
+/// list's ISO-8859-1 code points stand for. With `shared` (the buffer `p` lies in) the
+/// values are slices of it instead of copies: one allocation less per field.
+fn fields_map(p: &[u8], shared: Option<&Bytes>) -> Result<Option<HeaderMap>, HeadError> {
     let mut map = HeaderMap::new();
     let whole = each_field(p, |count, name, value| {
         if map.is_empty() {
             map.reserve(count);
         }
-        match (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) {
+        let value = match shared {
+            Some(buf) => HeaderValue::from_maybe_shared(buf.slice_ref(value)),
+            None => HeaderValue::from_bytes(value),
+        };
+        match (HeaderName::from_bytes(name.as_bytes()), value) {
             (Ok(name), Ok(value)) => {
                 map.append(name, value);
                 true
@@ -229,6 +231,16 @@ fn fields_map(p: &[u8]) -> Result<Option<HeaderMap>, HeadError> {
 /// Decodes a request head (the whole of `p`). Its headers come as a map
 /// ([`RequestHead::decoded`]) when `http` accepts all of them, else as the list.
 pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
+    request_from(p, None)
+}
+
+/// [`request`] for a head that is all of `p`, its header values sliced from `p` (they
+/// keep the buffer alive while the head lives).
+pub fn request_in(p: &Bytes) -> Result<RequestHead, HeadError> {
+    request_from(p, Some(p))
+}
+
+fn request_from(p: &[u8], shared: Option<&Bytes>) -> Result<RequestHead, HeadError> {
     let p = &mut &*p;
     let id = text(p, false)?;
     let method = text(p, false)?;
@@ -239,7 +251,7 @@ pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
         0 => None,
         _ => Some(text(p, false)?),
     };
-    let (headers, decoded) = match fields_map(p)? {
+    let (headers, decoded) = match fields_map(p, shared)? {
         Some(map) => (Vec::new(), Some(map)),
         None => (fields(p)?, None),
     };
@@ -258,11 +270,20 @@ pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
 /// Decodes a response head (the whole of `p`); its headers come as a map when `http`
 /// accepts all of them, as a request head's do.
 pub fn response(p: &[u8]) -> Result<ResponseHead, HeadError> {
+    response_from(p, None)
+}
+
+/// [`response`] for a head `p` that lies in `buf`, its header values sliced from `buf`.
+pub fn response_in(buf: &Bytes, p: &[u8]) -> Result<ResponseHead, HeadError> {
+    response_from(p, Some(buf))
+}
+
+fn response_from(p: &[u8], shared: Option<&Bytes>) -> Result<ResponseHead, HeadError> {
     let p = &mut &*p;
     let status = u16::from_be_bytes(int(p)?);
     let f = int::<1>(p)?[0];
     let (body, content_length) = body_and_length(p, f, STREAM | LENGTH)?;
-    let (headers, decoded) = match fields_map(p)? {
+    let (headers, decoded) = match fields_map(p, shared)? {
         Some(map) => (Vec::new(), Some(map)),
         None => (fields(p)?, None),
     };
@@ -358,6 +379,51 @@ mod tests {
             HeadError("bytes after the head"),
             "a head is exactly its bytes"
         );
+    }
+
+    /// The sharing decoders give the same heads, with the values pointing into the buffer.
+    #[test]
+    fn shared_decoders_slice_the_values() {
+        let mut b = BytesMut::new();
+        put_request(&mut b, &req());
+        let buf = b.freeze();
+        let range = buf.as_ptr_range();
+        let shared = request_in(&buf).unwrap();
+        assert_eq!(
+            format!("{shared:?}"),
+            format!("{:?}", request(&buf).unwrap())
+        );
+        let map = shared.decoded.as_ref().unwrap();
+        assert!(!map.is_empty());
+        assert!(map
+            .values()
+            .filter(|v| !v.is_empty())
+            .all(|v| range.contains(&v.as_bytes().as_ptr())));
+
+        let mut b = BytesMut::from(&b"prefix"[..]);
+        put_response(&mut b, &req_response());
+        let buf = b.freeze();
+        let shared = response_in(&buf, &buf[6..]).unwrap();
+        assert_eq!(
+            format!("{shared:?}"),
+            format!("{:?}", response(&buf[6..]).unwrap())
+        );
+        let range = buf.as_ptr_range();
+        let map = shared.decoded.as_ref().unwrap();
+        assert!(map
+            .values()
+            .filter(|v| !v.is_empty())
+            .all(|v| range.contains(&v.as_bytes().as_ptr())));
+    }
+
+    fn req_response() -> ResponseHead {
+        ResponseHead {
+            status: 200,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: BodyKind::Empty,
+            content_length: None,
+            decoded: None,
+        }
     }
 
     #[test]
