@@ -57,18 +57,12 @@ pub struct RequestHead {
 impl RequestHead {
     /// The headers as a map (refused as [`decode_headers`] refuses them).
     pub fn header_map(&self) -> Result<HeaderMap, HeaderError> {
-        match &self.decoded {
-            Some(m) => Ok(m.clone()),
-            None => decode_headers(&self.headers),
-        }
+        either_form(self.decoded.clone(), &self.headers)
     }
 
     /// Like [`RequestHead::header_map`], taking the decoded map instead of copying it.
     pub fn take_header_map(&mut self) -> Result<HeaderMap, HeaderError> {
-        match self.decoded.take() {
-            Some(m) => Ok(m),
-            None => decode_headers(&self.headers),
-        }
+        either_form(self.decoded.take(), &self.headers)
     }
 }
 
@@ -90,6 +84,14 @@ impl Serialize for RequestHead {
         }
         st.end()
     }
+}
+
+/// A head's headers as a map, from whichever form the head holds.
+fn either_form(
+    decoded: Option<HeaderMap>,
+    list: &[(String, String)],
+) -> Result<HeaderMap, HeaderError> {
+    decoded.map_or_else(|| decode_headers(list), Ok)
 }
 
 /// A head's headers as the wire's list of pairs, from whichever form the head holds.
@@ -144,18 +146,12 @@ pub struct ResponseHead {
 impl ResponseHead {
     /// The headers as a map (refused as [`decode_headers`] refuses them).
     pub fn header_map(&self) -> Result<HeaderMap, HeaderError> {
-        match &self.decoded {
-            Some(m) => Ok(m.clone()),
-            None => decode_headers(&self.headers),
-        }
+        either_form(self.decoded.clone(), &self.headers)
     }
 
     /// Like [`ResponseHead::header_map`], taking the decoded map instead of copying it.
     pub fn take_header_map(&mut self) -> Result<HeaderMap, HeaderError> {
-        match self.decoded.take() {
-            Some(m) => Ok(m),
-            None => decode_headers(&self.headers),
-        }
+        either_form(self.decoded.take(), &self.headers)
     }
 }
 
