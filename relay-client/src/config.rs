@@ -64,6 +64,8 @@ pub struct Config {
     pub exchange_bytes: usize,
     /// Speak HTTP/2 with prior knowledge to the backend (gRPC backends).
     pub backend_http2: bool,
+    /// Idle backend connections kept for reuse at most (the rest close when they come back).
+    pub backend_idle_connections: usize,
     /// Extra CA for an https backend.
     pub backend_ca_file: Option<PathBuf>,
     /// Extra CA for an https relay-server.
@@ -101,6 +103,7 @@ impl Config {
             transport: Transport::Auto,
             exchange_bytes: 512 * 1024,
             backend_http2: false,
+            backend_idle_connections: 128,
             backend_ca_file: None,
             relay_ca_file: None,
             rewrite_host: false,

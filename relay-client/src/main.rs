@@ -96,6 +96,10 @@ struct Cli {
     /// Speak HTTP/2 with prior knowledge (h2c) to the backend, for gRPC.
     #[arg(long, env = "RELAY_BACKEND_HTTP2")]
     backend_http2: bool,
+    /// Idle connections to the backend kept for reuse at most; a burst opens more, and
+    /// those beyond this close as they come back instead of idling for 30 s.
+    #[arg(long, env = "RELAY_BACKEND_IDLE_CONNECTIONS", default_value_t = 128)]
+    backend_idle_connections: usize,
     /// CA certificate (PEM) for an https backend, in addition to the system roots.
     #[arg(long, env = "RELAY_BACKEND_CA_FILE")]
     backend_ca_file: Option<PathBuf>,
@@ -322,6 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.transport = cli.transport;
     cfg.exchange_bytes = cli.exchange_bytes;
     cfg.backend_http2 = cli.backend_http2;
+    cfg.backend_idle_connections = cli.backend_idle_connections;
     cfg.backend_ca_file = cli.backend_ca_file;
     cfg.relay_ca_file = cli.relay_ca_file;
     cfg.rewrite_host = cli.rewrite_host;

@@ -644,3 +644,65 @@ async fn users_who_stop_reading_cannot_stall_other_backends_and_are_cut_off() {
     }
     server.wait_idle().await;
 }
+
+/// A burst opens one backend connection per request in flight; afterwards the agent keeps
+/// only `backend_idle_connections` of them and closes the rest (they used to idle for 30 s,
+/// holding a descriptor each: 1 558 after the bench's burst of 10 000).
+#[tokio::test]
+async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const BURST: usize = 12;
+    const KEEP: usize = 3;
+    // A backend that answers only once all BURST requests are in, so each has its own
+    // connection, and counts its open connections.
+    let open = Arc::new(AtomicUsize::new(0));
+    let all_in = Arc::new(tokio::sync::Barrier::new(BURST));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let counted = open.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (open, all_in) = (counted.clone(), all_in.clone());
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let all_in = all_in.clone();
+                    async move {
+                        all_in.wait().await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let server = Server::default().await;
+    let mut cfg = Agent::config(&server.url(), "burst", &format!("http://{backend}"));
+    cfg.backend_idle_connections = KEEP;
+    let _agent = Agent::start(cfg);
+    server.wait_agent("burst").await;
+
+    let c = client();
+    let calls = (0..BURST).map(|i| {
+        let c = c.clone();
+        let url = format!("{}/client/burst/{i}", server.url());
+        async move {
+            let resp = c.get(url.parse().unwrap()).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            body_bytes(resp.into_body()).await.unwrap()
+        }
+    });
+    for body in futures_util::future::join_all(calls).await {
+        assert_eq!(&body[..], b"ok");
+    }
+    // Every request had its own backend connection; once answered, all but KEEP close.
+    eventually(Duration::from_secs(10), "idle backend connections close", || {
+        let n = open.load(Ordering::SeqCst);
+        async move { (n == KEEP).then_some(()) }
+    })
+    .await;
+}

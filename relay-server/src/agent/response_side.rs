@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! AwaitingHead --head with a body--> Streaming --END / TRAILERS / ABORT--> Over
-//!              --head without a body, or ABORT--> Over
+//!              --head without a body, head with the whole body, or ABORT--> Over
 //! any --lease dropped uncleanly--> Over (the user's side sees the senders go)
 //! ```
 
@@ -18,13 +18,15 @@ use relay_common::message::{BodyKind, ResponseHead};
 use relay_common::BODY_CHANNEL_DEPTH;
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard};
 
-use crate::base::body::Delivery;
+use crate::base::body::{Delivery, Whole};
 use crate::base::budget::Held;
 
 /// What the first response exchange hands to the waiting user handler.
 pub enum ResponseStart {
     /// The response head, and the body channel when a body follows.
     Head(ResponseHead, Option<mpsc::Receiver<Delivery>>),
+    /// The response head with its whole body (a session's RESPONSE): no channel.
+    Whole(ResponseHead, Whole),
     /// The agent gave up before the head (its reason).
     Abort(String),
 }
@@ -159,6 +161,22 @@ impl ResponseLease {
             self.finished();
         }
         Ok(body)
+    }
+
+    /// Delivers the head with the whole body at once; the response is over.
+    pub fn whole(&mut self, head: ResponseHead, body: Whole) -> Result<(), DeliverError> {
+        let Sink::AwaitingHead(_) = &self.state.sink else {
+            return Err(DeliverError::Protocol("HEAD sent twice"));
+        };
+        let Sink::AwaitingHead(head_tx) = std::mem::replace(&mut self.state.sink, Sink::Over)
+        else {
+            unreachable!("bug: matched above")
+        };
+        self.state.offset += body.data.len() as u64;
+        self.finished();
+        head_tx
+            .send(ResponseStart::Whole(head, body))
+            .map_err(|_| DeliverError::UserGone)
     }
 
     /// Delivers body bytes holding `held` of the budget until the user side takes them.

@@ -1,5 +1,6 @@
-//! Response bodies the server produces: fixed text, and the streamed body of a relayed
-//! response, fed by `/server/response` exchanges through a bounded channel.
+//! Response bodies the server produces: fixed text, a relayed response that arrived whole,
+//! and the streamed body of a relayed response, fed by `/server/response` exchanges (or a
+//! session) through a bounded channel.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +47,68 @@ pub struct Delivery {
 impl From<BodyMsg> for Delivery {
     fn from(msg: BodyMsg) -> Self {
         Delivery { msg, held: None }
+    }
+}
+
+/// A relayed response's body that arrived whole (a session's RESPONSE): the bytes, the
+/// budget they hold until the user side takes them, and the trailers.
+#[derive(Debug)]
+pub struct Whole {
+    /// The body.
+    pub data: Bytes,
+    /// What the bytes hold of the budget.
+    pub held: Option<crate::base::budget::Held>,
+    /// Trailer fields, sent after the body.
+    pub trailers: Option<http::HeaderMap>,
+}
+
+/// The user-facing body of a response that arrived [`Whole`]: nothing to wait for, so no
+/// channel and no watch on the agent (it already sent everything). Dropping it frees the
+/// request (`guard`).
+pub struct WholeBody<G> {
+    whole: Whole,
+    /// The length the head announced (then the size hint is exact, as for a streamed body).
+    declared: Option<u64>,
+    _guard: G,
+}
+
+impl<G> WholeBody<G> {
+    /// Body of `whole`, whose head announced `content_length`.
+    pub fn new(whole: Whole, content_length: Option<u64>, guard: G) -> Self {
+        WholeBody {
+            whole,
+            declared: content_length,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> Body for WholeBody<G> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let w = &mut self.get_mut().whole;
+        if !w.data.is_empty() {
+            // Taken: the bytes no longer wait in the relay's budget.
+            w.held = None;
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut w.data)))));
+        }
+        Poll::Ready(w.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.whole.data.is_empty() && self.whole.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.declared {
+            Some(_) => SizeHint::with_exact(self.whole.data.len() as u64),
+            None => SizeHint::default(),
+        }
     }
 }
 

@@ -193,6 +193,39 @@ impl Account {
         }
     }
 
+    /// Holds `n` bytes now if the request's shares and the pool have them free, as
+    /// [`Account::hold`] would; `None` when one of them has not (then wait with `hold`).
+    /// Never takes permits that queued waiters were promised: tokio's semaphore hands
+    /// released permits to its queue first.
+    pub fn try_hold(&self, n: usize) -> Option<Held> {
+        let mut h = self.0.lock().expect("bug: poisoned");
+        if h.forfeited {
+            return Some(Held {
+                account: None,
+                n: 0,
+            });
+        }
+        let n = n.clamp(1, h.largest);
+        let taken = h
+            .pools
+            .iter()
+            .take_while(|pool| pool.try_acquire_many(n as u32).map(|p| p.forget()).is_ok())
+            .count();
+        if taken < h.pools.len() {
+            h.pools[..taken].iter().for_each(|p| p.add_permits(n));
+            return None;
+        }
+        if h.held == 0 {
+            h.waiting_since = Instant::now();
+            h.holding.insert(self.key(), self.clone());
+        }
+        h.held += n;
+        Some(Held {
+            account: Some(self.clone()),
+            n,
+        })
+    }
+
     /// How long bytes have waited for the user without it taking any (zero when none wait).
     pub fn stalled_for(&self, now: Instant) -> Duration {
         let h = self.0.lock().expect("bug: poisoned");
@@ -307,5 +340,32 @@ mod tests {
         drop(acc);
         b.reap();
         assert_eq!(b.shares(), 0, "unused shares are forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holding_without_a_wait_takes_what_is_free_and_never_a_waiters_turn() {
+        let b = Budget::new(1024 * KIB);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let acc = b.account("a", ip);
+        // The address's eighth (128 KiB) in two holds; a third finds nothing free and
+        // takes nothing from the pools it could have had (the global one, the name's).
+        let h1 = acc.try_hold(64 * KIB).expect("free");
+        let h2 = acc.try_hold(64 * KIB).expect("free");
+        assert!(acc.try_hold(KIB).is_none(), "the address's share is spent");
+        assert_eq!(b.in_use(), 128 * KIB);
+        // A waiter queues for 64 KiB; what is given back is its turn, not a try's.
+        let waiter = acc.clone();
+        let queued = tokio::spawn(async move { waiter.hold(64 * KIB).await });
+        tokio::task::yield_now().await;
+        drop(h1);
+        assert!(acc.try_hold(KIB).is_none(), "the freed bytes are the waiter's");
+        let h3 = queued.await.unwrap();
+        assert_eq!(b.in_use(), 128 * KIB);
+        drop((h2, h3));
+        assert_eq!(b.in_use(), 0);
+        // A forfeited request holds nothing, waiting or not.
+        acc.forfeit();
+        let _none = acc.try_hold(KIB).expect("nothing to wait for");
+        assert_eq!(b.in_use(), 0);
     }
 }

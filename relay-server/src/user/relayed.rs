@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::agent::pending::Pending;
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::{UploadFailure, UploadSide};
-use crate::base::body::{empty, RelayBody, RelayedBody};
+use crate::base::body::{empty, RelayBody, RelayedBody, WholeBody};
 use crate::base::revocation::{revoked, Admission};
 use crate::user::error::RelayError;
 use crate::user::prepare::Prepared;
@@ -81,15 +81,14 @@ pub async fn dispatch(
         _ = revoked(admission.as_deref()) => return Err(credential_revoked()),
     };
     let agent = pending.claimed_by().unwrap_or(agent);
-    let (mut head, body_rx) = match start {
-        ResponseStart::Head(head, rx) => {
-            state.metrics.head(arrival.elapsed());
-            (head, rx)
-        }
+    let (mut head, body_rx, whole) = match start {
+        ResponseStart::Head(head, rx) => (head, rx, None),
+        ResponseStart::Whole(head, whole) => (head, None, Some(whole)),
         ResponseStart::Abort(why) => {
             return Err(RelayError::Agent(format!("the relay-client failed: {why}")))
         }
     };
+    state.metrics.head(arrival.elapsed());
     let mut resp_headers = head
         .take_header_map()
         .map_err(|e| RelayError::Agent(format!("the relay-client sent an {e}")))?;
@@ -120,11 +119,12 @@ pub async fn dispatch(
             resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
-    let body = match body_rx {
-        Some(rx) => {
+    let body = match (body_rx, whole) {
+        (Some(rx), _) => {
             RelayedBody::new(rx, head.content_length, agent.gone.clone(), guard).boxed_unsync()
         }
-        None => {
+        (None, Some(whole)) => WholeBody::new(whole, head.content_length, guard).boxed_unsync(),
+        (None, None) => {
             drop(guard);
             empty()
         }

@@ -22,7 +22,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use relay_common::carrier::{self, Outbox, ReadEnd};
 use relay_common::codec::BodyMsg;
-use relay_common::message::decode_headers;
+use relay_common::message::{decode_headers, BodyKind};
 use relay_common::session::{self, Frame};
 use relay_common::MAX_POLL_BATCH;
 use tokio_tungstenite::WebSocketStream;
@@ -31,6 +31,7 @@ use crate::agent::handout::Handout;
 use crate::agent::pending::Pending;
 use crate::agent::registration::{Agent, AgentInfo};
 use crate::base::auth::Grant;
+use crate::base::body::Whole;
 use crate::State;
 
 /// How often the server pings a quiet session (proxies commonly close WebSockets idle for
@@ -273,10 +274,65 @@ fn deliver_response(state: &Arc<State>, grant: &Grant, r: session::Response) {
         tracing::debug!(id = r.id, "session response for a request that is over");
         return;
     };
+    let Some(r) = deliver_now(&pending, r) else {
+        return;
+    };
     let mut fut = Box::pin(deliver(pending, r));
     if (&mut fut).now_or_never().is_none() {
         state.agent_sessions.spawn(fut);
     }
+}
+
+/// Delivers a response without waiting when it can: the common case of a complete small
+/// response whose bytes fit the budget now goes to the user handler in one hand-over (no
+/// body channel, no task). Gives `r` back, untouched, for [`deliver`] otherwise: the budget
+/// has no room now, the body contradicts its length, the trailers do not parse, or it is a
+/// switch of protocols (a tunnel's bytes stream on).
+fn deliver_now(pending: &Arc<Pending>, r: session::Response) -> Option<session::Response> {
+    let streamed = r.head.body == BodyKind::Stream;
+    if r.head.status == 101
+        || (streamed && r.head.content_length.is_some_and(|n| n != r.body.len() as u64))
+    {
+        return Some(r);
+    }
+    let trailers = match r.trailers.as_ref().map(|t| decode_headers(&t.headers)) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(_)) => return Some(r),
+    };
+    let held = match r.body.is_empty() || !streamed {
+        true => None,
+        false => match pending.account.try_hold(r.body.len()) {
+            Some(h) => Some(h),
+            None => return Some(r),
+        },
+    };
+    let Some(mut lease) = pending.response.lease() else {
+        tracing::debug!(
+            id = r.id,
+            "session response while an exchange holds the response"
+        );
+        return None;
+    };
+    if lease.offset() != 0 || !lease.awaiting_head() {
+        lease.protocol_error();
+        return None;
+    }
+    if !streamed {
+        // No body follows (a HEAD request, 204, 304): the head is all.
+        let _ = lease.head(r.head);
+        return None;
+    }
+    let len = r.body.len() as u64;
+    let whole = Whole {
+        data: r.body,
+        held,
+        trailers,
+    };
+    if lease.whole(r.head, whole).is_ok() {
+        pending.download_bytes.fetch_add(len, Ordering::Relaxed);
+    }
+    None
 }
 
 async fn deliver(pending: Arc<Pending>, r: session::Response) {
