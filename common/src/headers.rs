@@ -24,6 +24,37 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Names outside `http`'s table of standard headers that nearly every relayed head
+/// carries: the forwarding headers the relay-server adds (RFC 7239's de-facto `X-` forms)
+/// and gRPC's (grpc/PROTOCOL-HTTP2.md). [`common_name`] hands out these instead of a
+/// copy: `HeaderName::from_bytes` allocates for every name it does not know.
+const COMMON: [HeaderName; 12] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("grpc-status"),
+    HeaderName::from_static("grpc-message"),
+    HeaderName::from_static("grpc-timeout"),
+    HeaderName::from_static("grpc-encoding"),
+    HeaderName::from_static("grpc-accept-encoding"),
+];
+
+/// The name `name` (lowercase, as heads carry them) without allocating when it is one of
+/// the common non-standard names; `None` for any other (decode it with `from_bytes`).
+pub fn common_name(name: &[u8]) -> Option<HeaderName> {
+    if !(name.starts_with(b"x-") || name.starts_with(b"grpc-")) {
+        return None;
+    }
+    COMMON
+        .iter()
+        .find(|n| n.as_str().as_bytes() == name)
+        .cloned()
+}
+
 /// Removes hop-by-hop headers and the framing header `Content-Length`.
 ///
 /// `TE: trailers` survives when `keep_te_trailers` is set: gRPC needs it end to end over
@@ -124,6 +155,25 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_names_are_shared_not_copied() {
+        for n in &COMMON {
+            let a = common_name(n.as_str().as_bytes()).expect("a common name");
+            let b = common_name(n.as_str().as_bytes()).expect("a common name");
+            assert_eq!(&a, n);
+            // The same static bytes each time: no copy was made.
+            assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr());
+        }
+        for other in [
+            &b"x-custom"[..],
+            b"X-Forwarded-For",
+            b"host",
+            b"x-forwarded-fo",
+        ] {
+            assert_eq!(common_name(other), None, "{other:?}");
+        }
+    }
 
     #[test]
     fn strips_listed_and_fixed() {

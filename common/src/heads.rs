@@ -217,7 +217,11 @@ fn fields_map(p: &[u8], shared: Option<&Bytes>) -> Result<Option<HeaderMap>, Hea
             Some(buf) => HeaderValue::from_maybe_shared(buf.slice_ref(value)),
             None => HeaderValue::from_bytes(value),
         };
-        match (HeaderName::from_bytes(name.as_bytes()), value) {
+        let name = match crate::headers::common_name(name.as_bytes()) {
+            Some(n) => Ok(n),
+            None => HeaderName::from_bytes(name.as_bytes()),
+        };
+        match (name, value) {
             (Ok(name), Ok(value)) => {
                 map.append(name, value);
                 true

@@ -700,9 +700,13 @@ async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
         assert_eq!(&body[..], b"ok");
     }
     // Every request had its own backend connection; once answered, all but KEEP close.
-    eventually(Duration::from_secs(10), "idle backend connections close", || {
-        let n = open.load(Ordering::SeqCst);
-        async move { (n == KEEP).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "idle backend connections close",
+        || {
+            let n = open.load(Ordering::SeqCst);
+            async move { (n == KEEP).then_some(()) }
+        },
+    )
     .await;
 }

@@ -358,7 +358,10 @@ mod tests {
         let queued = tokio::spawn(async move { waiter.hold(64 * KIB).await });
         tokio::task::yield_now().await;
         drop(h1);
-        assert!(acc.try_hold(KIB).is_none(), "the freed bytes are the waiter's");
+        assert!(
+            acc.try_hold(KIB).is_none(),
+            "the freed bytes are the waiter's"
+        );
         let h3 = queued.await.unwrap();
         assert_eq!(b.in_use(), 128 * KIB);
         drop((h2, h3));

@@ -291,7 +291,10 @@ fn deliver_response(state: &Arc<State>, grant: &Grant, r: session::Response) {
 fn deliver_now(pending: &Arc<Pending>, r: session::Response) -> Option<session::Response> {
     let streamed = r.head.body == BodyKind::Stream;
     if r.head.status == 101
-        || (streamed && r.head.content_length.is_some_and(|n| n != r.body.len() as u64))
+        || (streamed
+            && r.head
+                .content_length
+                .is_some_and(|n| n != r.body.len() as u64))
     {
         return Some(r);
     }
