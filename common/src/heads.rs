@@ -21,7 +21,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::message::{latin1, BodyKind, RequestHead, ResponseHead, Trailers};
+use crate::message::{latin1, BodyKind, Fields, RequestHead, ResponseHead, Trailers};
 
 const STREAM: u8 = 1;
 const LENGTH: u8 = 2;
@@ -94,10 +94,7 @@ pub fn put_request(b: &mut BytesMut, head: &RequestHead) {
     if let Some(u) = &head.upgrade {
         s16(b, u.as_bytes());
     }
-    match &head.decoded {
-        Some(map) => put_map(b, map),
-        None => put_fields(b, &head.headers),
-    }
+    put_head_fields(b, &head.headers);
 }
 
 /// Appends `head` in the binary layout.
@@ -107,9 +104,13 @@ pub fn put_response(b: &mut BytesMut, head: &ResponseHead) {
     if let Some(n) = head.content_length {
         b.put_u64(n);
     }
-    match &head.decoded {
-        Some(map) => put_map(b, map),
-        None => put_fields(b, &head.headers),
+    put_head_fields(b, &head.headers);
+}
+
+fn put_head_fields(b: &mut BytesMut, f: &Fields) {
+    match f {
+        Fields::Map(map) => put_map(b, map),
+        Fields::List(list) => put_fields(b, list),
     }
 }
 
@@ -205,18 +206,16 @@ pub fn fields(p: &[u8]) -> Result<Vec<(String, String)>, HeadError> {
 /// Decodes header fields straight into a map; `Ok(None)` when a name or value is not one
 /// `http` accepts, so that the caller keeps the list and the refusal surfaces where the
 /// headers are used, with its reason (as for JSON heads). The values' bytes are what the
-/// list's ISO-8859-1 code points stand for. With `shared` (the buffer `p` lies in) the
-/// values are slices of it instead of copies: one allocation less per field.
-fn fields_map(p: &[u8], shared: Option<&Bytes>) -> Result<Option<HeaderMap>, HeadError> {
+/// list's ISO-8859-1 code points stand for, as slices of `buf` (which `p` lies in) rather
+/// than copies: one allocation less per field (they keep the buffer alive while the head
+/// lives).
+fn fields_map(p: &[u8], buf: &Bytes) -> Result<Option<HeaderMap>, HeadError> {
     let mut map = HeaderMap::new();
     let whole = each_field(p, |count, name, value| {
         if map.is_empty() {
             map.reserve(count);
         }
-        let value = match shared {
-            Some(buf) => HeaderValue::from_maybe_shared(buf.slice_ref(value)),
-            None => HeaderValue::from_bytes(value),
-        };
+        let value = HeaderValue::from_maybe_shared(buf.slice_ref(value));
         let name = match crate::headers::common_name(name.as_bytes()) {
             Some(n) => Ok(n),
             None => HeaderName::from_bytes(name.as_bytes()),
@@ -232,20 +231,11 @@ fn fields_map(p: &[u8], shared: Option<&Bytes>) -> Result<Option<HeaderMap>, Hea
     Ok(whole.then_some(map))
 }
 
-/// Decodes a request head (the whole of `p`). Its headers come as a map
-/// ([`RequestHead::decoded`]) when `http` accepts all of them, else as the list.
-pub fn request(p: &[u8]) -> Result<RequestHead, HeadError> {
-    request_from(p, None)
-}
-
-/// [`request`] for a head that is all of `p`, its header values sliced from `p` (they
-/// keep the buffer alive while the head lives).
-pub fn request_in(p: &Bytes) -> Result<RequestHead, HeadError> {
-    request_from(p, Some(p))
-}
-
-fn request_from(p: &[u8], shared: Option<&Bytes>) -> Result<RequestHead, HeadError> {
-    let p = &mut &*p;
+/// Decodes a request head (the whole of `buf`). Its headers come as a map
+/// ([`Fields::Map`], values sliced from `buf`) when `http` accepts all of them, else as
+/// the list.
+pub fn request(buf: &Bytes) -> Result<RequestHead, HeadError> {
+    let p = &mut &buf[..];
     let id = text(p, false)?;
     let method = text(p, false)?;
     let target = text(p, true)?;
@@ -255,9 +245,9 @@ fn request_from(p: &[u8], shared: Option<&Bytes>) -> Result<RequestHead, HeadErr
         0 => None,
         _ => Some(text(p, false)?),
     };
-    let (headers, decoded) = match fields_map(p, shared)? {
-        Some(map) => (Vec::new(), Some(map)),
-        None => (fields(p)?, None),
+    let headers = match fields_map(p, buf)? {
+        Some(map) => Fields::Map(map),
+        None => Fields::List(fields(p)?),
     };
     Ok(RequestHead {
         id,
@@ -267,36 +257,25 @@ fn request_from(p: &[u8], shared: Option<&Bytes>) -> Result<RequestHead, HeadErr
         body,
         content_length,
         upgrade,
-        decoded,
     })
 }
 
-/// Decodes a response head (the whole of `p`); its headers come as a map when `http`
-/// accepts all of them, as a request head's do.
-pub fn response(p: &[u8]) -> Result<ResponseHead, HeadError> {
-    response_from(p, None)
-}
-
-/// [`response`] for a head `p` that lies in `buf`, its header values sliced from `buf`.
-pub fn response_in(buf: &Bytes, p: &[u8]) -> Result<ResponseHead, HeadError> {
-    response_from(p, Some(buf))
-}
-
-fn response_from(p: &[u8], shared: Option<&Bytes>) -> Result<ResponseHead, HeadError> {
+/// Decodes a response head (the whole of `p`, which lies in `buf`); its headers come as a
+/// map when `http` accepts all of them, as a request head's do.
+pub fn response(buf: &Bytes, p: &[u8]) -> Result<ResponseHead, HeadError> {
     let p = &mut &*p;
     let status = u16::from_be_bytes(int(p)?);
     let f = int::<1>(p)?[0];
     let (body, content_length) = body_and_length(p, f, STREAM | LENGTH)?;
-    let (headers, decoded) = match fields_map(p, shared)? {
-        Some(map) => (Vec::new(), Some(map)),
-        None => (fields(p)?, None),
+    let headers = match fields_map(p, buf)? {
+        Some(map) => Fields::Map(map),
+        None => Fields::List(fields(p)?),
     };
     Ok(ResponseHead {
         status,
         headers,
         body,
         content_length,
-        decoded,
     })
 }
 
@@ -309,95 +288,104 @@ mod tests {
             id: "0123456789abcdef0123456789abcdef".into(),
             method: "POST".into(),
             target: "/a/b?c=%2F&d".into(),
-            headers: vec![
-                ("host".into(), "x".into()),
-                ("x-a".into(), "caf\u{e9}".into()),
-                ("x-a".into(), "".into()),
-            ],
+            headers: list(&[("host", "x"), ("x-a", "caf\u{e9}"), ("x-a", "")]),
             body: BodyKind::Stream,
             content_length: Some(7),
             upgrade: Some("websocket".into()),
-            decoded: None,
         }
+    }
+
+    fn list(pairs: &[(&str, &str)]) -> Fields {
+        Fields::List(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn request_bytes(head: &RequestHead) -> Bytes {
+        let mut b = BytesMut::new();
+        put_request(&mut b, head);
+        b.freeze()
+    }
+
+    /// Heads compared field by field, the headers as the wire's list.
+    fn same(a: &RequestHead, b: &RequestHead) -> bool {
+        let plain = |h: &RequestHead| RequestHead {
+            headers: h.headers.to_list().into(),
+            ..h.clone()
+        };
+        format!("{:?}", plain(a)) == format!("{:?}", plain(b))
     }
 
     #[test]
     fn heads_round_trip_with_every_optional_part() {
-        let mut b = BytesMut::new();
-        put_request(&mut b, &req());
-        let back = request(&b).unwrap();
-        assert!(back.headers.is_empty(), "valid headers come as a map");
-        assert_eq!(back.header_map().unwrap(), req().header_map().unwrap());
-        let list = RequestHead {
-            headers: vec![],
-            decoded: None,
-            ..req()
-        };
-        let back_list = RequestHead {
-            decoded: None,
-            ..back
-        };
-        assert_eq!(format!("{back_list:?}"), format!("{list:?}"));
+        let back = request(&request_bytes(&req())).unwrap();
+        assert!(
+            matches!(back.headers, Fields::Map(_)),
+            "valid headers come as a map"
+        );
+        assert_eq!(
+            back.headers.to_map().unwrap(),
+            req().headers.to_map().unwrap()
+        );
+        assert!(same(&back, &req()));
         // A value `http` refuses (a line break) keeps the list, and is refused where used.
         let mut broken = req();
-        broken.headers.push(("x-b".into(), "a\r\nb".into()));
-        let mut b = BytesMut::new();
-        put_request(&mut b, &broken);
-        let back = request(&b).unwrap();
-        assert!(back.decoded.is_none());
-        assert_eq!(back.headers, broken.headers);
-        assert!(back.header_map().is_err());
+        let mut pairs = broken.headers.to_list();
+        pairs.push(("x-b".into(), "a\r\nb".into()));
+        broken.headers = pairs.clone().into();
+        let back = request(&request_bytes(&broken)).unwrap();
+        assert!(matches!(&back.headers, Fields::List(l) if *l == pairs));
+        assert!(back.headers.to_map().is_err());
         let mut bare = req();
         (bare.body, bare.content_length, bare.upgrade, bare.headers) =
-            (BodyKind::Empty, None, None, vec![]);
-        let mut b = BytesMut::new();
-        put_request(&mut b, &bare);
-        let back = request(&b).unwrap();
-        assert_eq!(back.decoded.as_ref().map(|m| m.len()), Some(0));
-        let back = RequestHead {
-            decoded: None,
-            ..back
-        };
-        assert_eq!(format!("{back:?}"), format!("{bare:?}"));
+            (BodyKind::Empty, None, None, Fields::default());
+        let back = request(&request_bytes(&bare)).unwrap();
+        assert!(matches!(&back.headers, Fields::Map(m) if m.is_empty()));
+        assert!(same(&back, &bare));
 
         let rh = ResponseHead {
             status: 404,
-            headers: vec![("content-type".into(), "text/plain".into())],
+            headers: list(&[("content-type", "text/plain")]),
             body: BodyKind::Stream,
             content_length: Some(1 << 40),
-            decoded: None,
         };
         let mut b = BytesMut::new();
         put_response(&mut b, &rh);
-        let mut back = response(&b).unwrap();
-        assert!(back.headers.is_empty(), "valid headers come as a map");
-        assert_eq!(back.take_header_map().unwrap(), rh.header_map().unwrap());
+        let buf = b.clone().freeze();
+        let mut back = response(&buf, &buf).unwrap();
+        assert!(
+            matches!(back.headers, Fields::Map(_)),
+            "valid headers come as a map"
+        );
+        assert_eq!(
+            back.headers.take_map().unwrap(),
+            rh.headers.to_map().unwrap()
+        );
         let back = ResponseHead {
             headers: rh.headers.clone(),
             ..back
         };
         assert_eq!(format!("{back:?}"), format!("{rh:?}"));
         b.put_slice(b"rest");
+        let buf = b.freeze();
         assert_eq!(
-            response(&b).unwrap_err(),
+            response(&buf, &buf).unwrap_err(),
             HeadError("bytes after the head"),
             "a head is exactly its bytes"
         );
     }
 
-    /// The sharing decoders give the same heads, with the values pointing into the buffer.
+    /// The decoders' header values point into the message's buffer: no copies.
     #[test]
-    fn shared_decoders_slice_the_values() {
-        let mut b = BytesMut::new();
-        put_request(&mut b, &req());
-        let buf = b.freeze();
+    fn decoders_slice_the_values() {
+        let buf = request_bytes(&req());
         let range = buf.as_ptr_range();
-        let shared = request_in(&buf).unwrap();
-        assert_eq!(
-            format!("{shared:?}"),
-            format!("{:?}", request(&buf).unwrap())
-        );
-        let map = shared.decoded.as_ref().unwrap();
+        let Fields::Map(map) = request(&buf).unwrap().headers else {
+            panic!("valid headers come as a map")
+        };
         assert!(!map.is_empty());
         assert!(map
             .values()
@@ -407,13 +395,11 @@ mod tests {
         let mut b = BytesMut::from(&b"prefix"[..]);
         put_response(&mut b, &req_response());
         let buf = b.freeze();
-        let shared = response_in(&buf, &buf[6..]).unwrap();
-        assert_eq!(
-            format!("{shared:?}"),
-            format!("{:?}", response(&buf[6..]).unwrap())
-        );
+        let Fields::Map(map) = response(&buf, &buf[6..]).unwrap().headers else {
+            panic!("valid headers come as a map")
+        };
         let range = buf.as_ptr_range();
-        let map = shared.decoded.as_ref().unwrap();
+        assert!(!map.is_empty());
         assert!(map
             .values()
             .filter(|v| !v.is_empty())
@@ -423,10 +409,9 @@ mod tests {
     fn req_response() -> ResponseHead {
         ResponseHead {
             status: 200,
-            headers: vec![("content-type".into(), "text/plain".into())],
+            headers: list(&[("content-type", "text/plain")]),
             body: BodyKind::Empty,
             content_length: None,
-            decoded: None,
         }
     }
 
@@ -434,10 +419,9 @@ mod tests {
     fn golden_bytes_pin_the_layout() {
         let head = ResponseHead {
             status: 200,
-            headers: vec![("a".into(), "\u{ff}".into())],
+            headers: list(&[("a", "\u{ff}")]),
             body: BodyKind::Stream,
             content_length: Some(2),
-            decoded: None,
         };
         let mut b = BytesMut::new();
         put_response(&mut b, &head);
@@ -447,8 +431,7 @@ mod tests {
         );
         // A head holding a map encodes the same bytes as one holding the list.
         let mapped = ResponseHead {
-            headers: Vec::new(),
-            decoded: Some(head.header_map().unwrap()),
+            headers: head.headers.to_map().unwrap().into(),
             ..head
         };
         let mut m = BytesMut::new();
@@ -458,45 +441,47 @@ mod tests {
 
     #[test]
     fn bad_heads_are_refused() {
-        let mut b = BytesMut::new();
-        put_request(&mut b, &req());
-        let whole = b.freeze();
+        let whole = request_bytes(&req());
         for cut in [0, 1, 10, whole.len() - 1] {
-            assert_eq!(request(&whole[..cut]).unwrap_err(), SHORT, "cut at {cut}");
+            assert_eq!(
+                request(&whole.slice(..cut)).unwrap_err(),
+                SHORT,
+                "cut at {cut}"
+            );
         }
         let mut longer = whole.to_vec();
         longer.push(0);
         assert_eq!(
-            request(&longer).unwrap_err(),
+            request(&longer.into()).unwrap_err(),
             HeadError("bytes after the head")
         );
         // id "", method "\xff": not UTF-8.
-        let bad = b"\0\0\0\x01\xff";
+        let bad = Bytes::from_static(b"\0\0\0\x01\xff");
         assert_eq!(
-            request(bad).unwrap_err(),
+            request(&bad).unwrap_err(),
             HeadError("a head field is not UTF-8")
         );
         // Unknown flag bits, and a field count the bytes cannot hold.
+        let flags = Bytes::from_static(b"\0\xc8\x80\0\0\0\0");
         assert_eq!(
-            response(b"\0\xc8\x80\0\0\0\0").unwrap_err(),
+            response(&flags, &flags).unwrap_err(),
             HeadError("unknown head flags")
         );
-        assert_eq!(response(b"\0\xc8\0\xff\xff\xff\xff").unwrap_err(), SHORT);
+        let count = Bytes::from_static(b"\0\xc8\0\xff\xff\xff\xff");
+        assert_eq!(response(&count, &count).unwrap_err(), SHORT);
     }
 
     #[test]
     fn no_cut_or_corrupted_head_makes_the_decoder_panic() {
-        let mut b = BytesMut::new();
-        put_request(&mut b, &req());
-        let whole = b.to_vec();
+        let whole = request_bytes(&req());
         for cut in 0..whole.len() {
-            assert!(request(&whole[..cut]).is_err());
+            assert!(request(&whole.slice(..cut)).is_err());
         }
         for i in 0..whole.len() {
             for v in [0u8, 0x7f, 0x80, 0xff] {
-                let mut w = whole.clone();
+                let mut w = whole.to_vec();
                 w[i] = v;
-                let _ = request(&w);
+                let _ = request(&w.into());
             }
         }
     }

@@ -6,7 +6,7 @@
 //! ASCII. Order and repetition of headers are kept: `headers` is a list of pairs.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::ser::{SerializeSeq, SerializeStruct};
+use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Whether a message has a body that follows in frames.
@@ -19,14 +19,86 @@ pub enum BodyKind {
     Stream,
 }
 
+/// A head's header fields, in the form the side that made the head had them: the wire's
+/// list of pairs (JSON heads, Go agents, fields `http` refuses) or a map (the server from
+/// the user's request, the agent from the backend's response, either side from a binary
+/// head), so that a head crossing a session never goes through strings. The JSON always
+/// carries the list: a map's fields are written as the list would hold them.
+#[derive(Debug, Clone)]
+pub enum Fields {
+    /// The wire's pairs, in order.
+    List(Vec<(String, String)>),
+    /// A map (order of each name's values kept).
+    Map(HeaderMap),
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Fields::List(Vec::new())
+    }
+}
+
+impl From<Vec<(String, String)>> for Fields {
+    fn from(list: Vec<(String, String)>) -> Self {
+        Fields::List(list)
+    }
+}
+
+impl From<HeaderMap> for Fields {
+    fn from(map: HeaderMap) -> Self {
+        Fields::Map(map)
+    }
+}
+
+impl Fields {
+    /// The fields as a map (a list refused as [`decode_headers`] refuses it).
+    pub fn to_map(&self) -> Result<HeaderMap, HeaderError> {
+        match self {
+            Fields::List(list) => decode_headers(list),
+            Fields::Map(map) => Ok(map.clone()),
+        }
+    }
+
+    /// Like [`Fields::to_map`], taking a map out instead of copying it (empty afterwards).
+    pub fn take_map(&mut self) -> Result<HeaderMap, HeaderError> {
+        match std::mem::take(self) {
+            Fields::List(list) => decode_headers(&list),
+            Fields::Map(map) => Ok(map),
+        }
+    }
+
+    /// The fields as the wire's list.
+    pub fn to_list(&self) -> Vec<(String, String)> {
+        match self {
+            Fields::List(list) => list.clone(),
+            Fields::Map(map) => encode_headers(map),
+        }
+    }
+}
+
+impl Serialize for Fields {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Fields::List(list) => list.serialize(s),
+            Fields::Map(map) => {
+                let mut seq = s.serialize_seq(Some(map.len()))?;
+                for (k, v) in map {
+                    seq.serialize_element(&(k.as_str(), latin1(v.as_bytes())))?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::deserialize(d).map(Fields::List)
+    }
+}
+
 /// A user request handed to an agent in a poll answer.
-///
-/// Its headers are in one of two forms: the wire's list (`headers`), or a map (`decoded`,
-/// with `headers` empty) where a side already had one (the server from the user's request,
-/// the agent from a binary head), so that a head crossing a session never goes through
-/// strings. Read them through [`RequestHead::header_map`]; the JSON always carries the list
-/// (`Serialize` writes the map's fields as the list would hold them).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestHead {
     /// Request id (32 hex digits); names the request in `/server/response` and
     /// `/server/requeststream`.
@@ -37,7 +109,7 @@ pub struct RequestHead {
     /// (minus the `/client/<name>` prefix).
     pub target: String,
     /// Headers, hop-by-hop and framing removed, relay headers added.
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     /// Whether the agent must fetch a body through `/server/requeststream`.
     pub body: BodyKind,
     /// Exact body length when the user declared one; `None` means "until END".
@@ -48,68 +120,6 @@ pub struct RequestHead {
     /// which the request's upload and response bodies carry the raw tunnel bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
-    /// The headers as a map (`headers` is then empty). Never on the wire as such; read the
-    /// headers through [`RequestHead::header_map`].
-    #[serde(skip)]
-    pub decoded: Option<HeaderMap>,
-}
-
-impl RequestHead {
-    /// The headers as a map (refused as [`decode_headers`] refuses them).
-    pub fn header_map(&self) -> Result<HeaderMap, HeaderError> {
-        either_form(self.decoded.clone(), &self.headers)
-    }
-
-    /// Like [`RequestHead::header_map`], taking the decoded map instead of copying it.
-    pub fn take_header_map(&mut self) -> Result<HeaderMap, HeaderError> {
-        either_form(self.decoded.take(), &self.headers)
-    }
-}
-
-impl Serialize for RequestHead {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let optional =
-            usize::from(self.content_length.is_some()) + usize::from(self.upgrade.is_some());
-        let mut st = s.serialize_struct("RequestHead", 5 + optional)?;
-        st.serialize_field("id", &self.id)?;
-        st.serialize_field("method", &self.method)?;
-        st.serialize_field("target", &self.target)?;
-        st.serialize_field("headers", &Listed(&self.headers, self.decoded.as_ref()))?;
-        st.serialize_field("body", &self.body)?;
-        if let Some(n) = &self.content_length {
-            st.serialize_field("content_length", n)?;
-        }
-        if let Some(u) = &self.upgrade {
-            st.serialize_field("upgrade", u)?;
-        }
-        st.end()
-    }
-}
-
-/// A head's headers as a map, from whichever form the head holds.
-fn either_form(
-    decoded: Option<HeaderMap>,
-    list: &[(String, String)],
-) -> Result<HeaderMap, HeaderError> {
-    decoded.map_or_else(|| decode_headers(list), Ok)
-}
-
-/// A head's headers as the wire's list of pairs, from whichever form the head holds.
-struct Listed<'a>(&'a [(String, String)], Option<&'a HeaderMap>);
-
-impl Serialize for Listed<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.1 {
-            Some(map) => {
-                let mut seq = s.serialize_seq(Some(map.len()))?;
-                for (k, v) in map {
-                    seq.serialize_element(&(k.as_str(), latin1(v.as_bytes())))?;
-                }
-                seq.end()
-            }
-            None => self.0.serialize(s),
-        }
-    }
 }
 
 /// What a poll returns: new requests for this agent, and ids the server gave up on (the user
@@ -124,49 +134,18 @@ pub struct PollAnswer {
     pub cancel: Vec<String>,
 }
 
-/// The HEAD frame of a response. Its headers are in one of two forms, as a
-/// [`RequestHead`]'s are: read them through [`ResponseHead::header_map`].
-#[derive(Debug, Clone, Deserialize)]
+/// The HEAD frame of a response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResponseHead {
     /// Status code from the backend (100..=599; 1xx other than 101 are not relayed).
     pub status: u16,
     /// Headers, hop-by-hop and framing removed.
-    pub headers: Vec<(String, String)>,
+    pub headers: Fields,
     /// Whether DATA/TRAILERS frames follow.
     pub body: BodyKind,
     /// Exact body length when the backend declared one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_length: Option<u64>,
-    /// The headers as a map (`headers` is then empty): the agent's from the backend's
-    /// response, the server's from a binary head. Never on the wire as such.
-    #[serde(skip)]
-    pub decoded: Option<HeaderMap>,
-}
-
-impl ResponseHead {
-    /// The headers as a map (refused as [`decode_headers`] refuses them).
-    pub fn header_map(&self) -> Result<HeaderMap, HeaderError> {
-        either_form(self.decoded.clone(), &self.headers)
-    }
-
-    /// Like [`ResponseHead::header_map`], taking the decoded map instead of copying it.
-    pub fn take_header_map(&mut self) -> Result<HeaderMap, HeaderError> {
-        either_form(self.decoded.take(), &self.headers)
-    }
-}
-
-impl Serialize for ResponseHead {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let optional = usize::from(self.content_length.is_some());
-        let mut st = s.serialize_struct("ResponseHead", 3 + optional)?;
-        st.serialize_field("status", &self.status)?;
-        st.serialize_field("headers", &Listed(&self.headers, self.decoded.as_ref()))?;
-        st.serialize_field("body", &self.body)?;
-        if let Some(n) = &self.content_length {
-            st.serialize_field("content_length", n)?;
-        }
-        st.end()
-    }
 }
 
 /// Trailer fields (TRAILERS frame).
@@ -258,15 +237,13 @@ mod tests {
             id: "1".into(),
             method: "GET".into(),
             target: "/".into(),
-            headers: encode_headers(&m),
+            headers: encode_headers(&m).into(),
             body: BodyKind::Empty,
             content_length: None,
             upgrade: Some("websocket".into()),
-            decoded: None,
         };
         let mapped = RequestHead {
-            headers: Vec::new(),
-            decoded: Some(m.clone()),
+            headers: m.clone().into(),
             ..listed.clone()
         };
         let json = serde_json::to_string(&mapped).unwrap();
@@ -276,15 +253,15 @@ mod tests {
             "{json}"
         );
         let back: RequestHead = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.header_map().unwrap(), m);
-        assert_eq!(mapped.header_map().unwrap(), m);
+        assert!(matches!(back.headers, Fields::List(_)));
+        assert_eq!(back.headers.to_map().unwrap(), m);
+        assert_eq!(mapped.headers.to_map().unwrap(), m);
 
         let resp = ResponseHead {
             status: 200,
-            headers: Vec::new(),
+            headers: m.clone().into(),
             body: BodyKind::Stream,
             content_length: Some(3),
-            decoded: Some(m.clone()),
         };
         let json = serde_json::to_string(&resp).unwrap();
         assert_eq!(
@@ -292,7 +269,8 @@ mod tests {
             r#"{"status":200,"headers":[["x-a","café"],["x-a","two"]],"body":"stream","content_length":3}"#
         );
         let mut back: ResponseHead = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.take_header_map().unwrap(), m);
+        assert_eq!(back.headers.take_map().unwrap(), m);
+        assert!(back.headers.to_list().is_empty(), "taken");
     }
 
     #[test]

@@ -315,7 +315,7 @@ fn decode_one(kind: u8, p: Bytes, heads: Heads) -> Result<Frame, SessionError> {
     Ok(match kind {
         OPEN => Frame::Open(match heads {
             Heads::Json => serde_json::from_slice(&p).map_err(|e| bad("OPEN", e))?,
-            Heads::Binary => heads::request_in(&p).map_err(|e| bad("OPEN", e))?,
+            Heads::Binary => heads::request(&p).map_err(|e| bad("OPEN", e))?,
         }),
         CANCEL => Frame::Cancel(ascii("CANCEL", &p)?),
         RESPONSE => Frame::Response(decode_response(p, heads)?),
@@ -349,7 +349,7 @@ fn decode_response(p: Bytes, heads: Heads) -> Result<Response, SessionError> {
     let head = take(head_len, &mut rest)?;
     let head: ResponseHead = match heads {
         Heads::Json => serde_json::from_slice(head).map_err(|e| bad("RESPONSE", e))?,
-        Heads::Binary => heads::response_in(&p, head).map_err(|e| bad("RESPONSE", e))?,
+        Heads::Binary => heads::response(&p, head).map_err(|e| bad("RESPONSE", e))?,
     };
     let body_len = u32::from_be_bytes(take(4, &mut rest)?.try_into().expect("4 bytes")) as usize;
     if body_len > INLINE_BODY_MAX {

@@ -80,7 +80,7 @@ pub async fn serve(
     };
     if traced {
         // The relay-server's span for this request (its traceparent) is the parent.
-        if let Ok(h) = head.header_map() {
+        if let Ok(h) = head.headers.to_map() {
             relay_config_file::telemetry::continue_trace(&span, &h);
         }
     }
@@ -160,14 +160,13 @@ async fn serve_inner(
     let has_body = !body.is_end_stream();
     let rh = ResponseHead {
         status: parts.status.as_u16(),
-        headers: Vec::new(),
+        headers: headers.into(),
         body: if has_body {
             BodyKind::Stream
         } else {
             BodyKind::Empty
         },
         content_length,
-        decoded: Some(headers),
     };
     // A response known to be small goes back whole on the session; one of unknown length
     // (it may stream: SSE, gRPC) or a big one takes an exchange of its own.
@@ -211,10 +210,9 @@ async fn switch(
     set_upgrade_headers(&mut headers, &answered);
     let rh = ResponseHead {
         status: 101,
-        headers: Vec::new(),
+        headers: headers.into(),
         body: BodyKind::Stream,
         content_length: None,
-        decoded: Some(headers),
     };
     let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
     tunnel(ctx, &head.id, &rh, Box::new(rd), Box::new(wr), cancel).await
@@ -299,10 +297,9 @@ async fn serve_service(
                 Ok(()) => {
                     let rh = ResponseHead {
                         status: 101,
-                        headers: Vec::new(),
+                        headers: headers.into(),
                         body: BodyKind::Stream,
                         content_length: None,
-                        decoded: Some(headers),
                     };
                     let (agent_end, relay_end) = tokio::io::duplex(256 * 1024);
                     tokio::spawn(service::bridge(

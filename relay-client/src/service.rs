@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use relay_common::message::RequestHead;
+use relay_common::message::{Fields, RequestHead};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -35,17 +35,19 @@ pub const BACKEND_AI_API_VERSION: &str = "v7.20230615";
 /// Whether a request comes from a Backend.AI client: its SDK's `User-Agent` (the only header
 /// of its version probe) or the `X-BackendAI-Version` of its API calls.
 fn from_backend_ai(head: &RequestHead) -> bool {
-    if let Some(map) = &head.decoded {
-        let sdk = map
-            .get_all(http::header::USER_AGENT)
-            .iter()
-            .any(|v| v.as_bytes().starts_with(b"Backend.AI Client"));
-        return sdk || map.contains_key("x-backendai-version");
+    match &head.headers {
+        Fields::Map(map) => {
+            let sdk = map
+                .get_all(http::header::USER_AGENT)
+                .iter()
+                .any(|v| v.as_bytes().starts_with(b"Backend.AI Client"));
+            sdk || map.contains_key("x-backendai-version")
+        }
+        Fields::List(list) => list.iter().any(|(k, v)| {
+            (k.eq_ignore_ascii_case("user-agent") && v.starts_with("Backend.AI Client"))
+                || k.eq_ignore_ascii_case("x-backendai-version")
+        }),
     }
-    head.headers.iter().any(|(k, v)| {
-        (k.eq_ignore_ascii_case("user-agent") && v.starts_with("Backend.AI Client"))
-            || k.eq_ignore_ascii_case("x-backendai-version")
-    })
 }
 
 /// One declared service.
@@ -265,7 +267,8 @@ impl Services {
 /// request is not one. Returns the headers and whether half-close was negotiated.
 pub fn accept(head: &RequestHead) -> Result<(http::HeaderMap, bool), LocalAnswer> {
     let headers = head
-        .header_map()
+        .headers
+        .to_map()
         .map_err(|e| problem(400, &e.to_string()))?;
     let is_ws = head
         .upgrade

@@ -279,10 +279,9 @@ mod tests {
             id: id.into(),
             head: ResponseHead {
                 status: 200,
-                headers: vec![],
+                headers: Default::default(),
                 body: BodyKind::Empty,
                 content_length: None,
-                decoded: None,
             },
             body: Bytes::new(),
             trailers: None,

@@ -81,7 +81,8 @@ impl Backend {
             .parse()
             .map_err(|e| BuildError(format!("invalid target {:?}: {e}", head.target)))?;
         let mut headers = head
-            .take_header_map()
+            .headers
+            .take_map()
             .map_err(|e| BuildError(e.to_string()))?;
         // Defence in depth: the server already stripped these (RFC 9110 §7.6.1).
         strip_hop_by_hop(&mut headers, true);

@@ -89,10 +89,9 @@ pub(crate) async fn post_local(
 ) -> Result<(), RelayCallError> {
     let head = ResponseHead {
         status,
-        headers: vec![("content-type".into(), content_type.into())],
+        headers: vec![("content-type".into(), content_type.into())].into(),
         body: BodyKind::Stream,
         content_length: Some(body.len() as u64),
-        decoded: None,
     };
     post_whole(ctx, reply, id, head, body, None).await
 }

@@ -401,10 +401,9 @@ async fn agent_calls_that_land_on_another_replica_reach_the_owner() {
     // The response, posted to replica 1.
     let head_json = serde_json::to_vec(&ResponseHead {
         status: 201,
-        headers: vec![("x-made".into(), "by hand".into())],
+        headers: vec![("x-made".into(), "by hand".into())].into(),
         body: BodyKind::Stream,
         content_length: None,
-        decoded: None,
     })
     .unwrap();
     let mut out = Vec::new();

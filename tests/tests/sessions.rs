@@ -73,10 +73,9 @@ async fn next_open(ws: &mut Ws, pending: &mut Vec<Frame>) -> relay_common::messa
 fn head(status: u16, len: u64) -> ResponseHead {
     ResponseHead {
         status,
-        headers: vec![("content-type".into(), "text/plain".into())],
+        headers: vec![("content-type".into(), "text/plain".into())].into(),
         body: BodyKind::Stream,
         content_length: Some(len),
-        decoded: None,
     }
 }
 
@@ -617,13 +616,12 @@ async fn binary_heads_when_the_agent_offers_them_json_otherwise() {
         (open.method.as_str(), open.target.as_str()),
         ("GET", "/x?y=1")
     );
-    assert_eq!(open.header_map().unwrap()["x-a"].as_bytes(), b"caf\xe9");
+    assert_eq!(open.headers.to_map().unwrap()["x-a"].as_bytes(), b"caf\xe9");
     let rh = ResponseHead {
         status: 201,
-        headers: vec![("x-b".into(), "\u{ff}".into())],
+        headers: vec![("x-b".into(), "\u{ff}".into())].into(),
         body: BodyKind::Stream,
         content_length: Some(5),
-        decoded: None,
     };
     let heads = session::Heads::Binary;
     send(&mut ws, |b| {

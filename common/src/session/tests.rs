@@ -8,11 +8,10 @@ fn head(id: &str) -> RequestHead {
         id: id.into(),
         method: "GET".into(),
         target: "/a?b=%2F".into(),
-        headers: vec![("x-a".into(), "caf\u{e9}".into())],
+        headers: vec![("x-a".into(), "caf\u{e9}".into())].into(),
         body: BodyKind::Empty,
         content_length: None,
         upgrade: None,
-        decoded: None,
     }
 }
 
@@ -32,10 +31,9 @@ fn round_trip(heads: Heads) {
     put_ping(&mut b, *b"abcdefgh", true);
     let rh = ResponseHead {
         status: 201,
-        headers: vec![("content-type".into(), "text/plain".into())],
+        headers: vec![("content-type".into(), "text/plain".into())].into(),
         body: BodyKind::Stream,
         content_length: Some(5),
-        decoded: None,
     };
     let t = Trailers {
         headers: vec![("grpc-status".into(), "0".into())],
@@ -48,7 +46,7 @@ fn round_trip(heads: Heads) {
     assert_eq!(frames.len(), 9);
     assert!(
         matches!(&frames[0], Frame::Open(h) if h.id == "00ff" && h.target == "/a?b=%2F"
-        && h.header_map().unwrap()["x-a"].as_bytes() == b"caf\xe9")
+        && h.headers.to_map().unwrap()["x-a"].as_bytes() == b"caf\xe9")
     );
     assert!(matches!(&frames[1], Frame::Cancel(id) if id == "00fe"));
     assert!(matches!(frames[2], Frame::Credit(7)));
@@ -76,10 +74,9 @@ fn golden_bytes_pin_the_layout() {
     assert_eq!(&b[..], b"\x04\0\0\0\x04\0\0\0\x03\x02\0\0\0\x02ab");
     let rh = ResponseHead {
         status: 200,
-        headers: vec![],
+        headers: Default::default(),
         body: BodyKind::Stream,
         content_length: Some(2),
-        decoded: None,
     };
     let mut b = BytesMut::new();
     put_response(&mut b, Heads::Json, "i", &rh, b"ok", None);
@@ -168,10 +165,9 @@ fn a_malformed_binary_head_is_refused() {
         "i",
         &ResponseHead {
             status: 200,
-            headers: vec![],
+            headers: Default::default(),
             body: BodyKind::Empty,
             content_length: None,
-            decoded: None,
         },
         b"",
         None,

@@ -90,7 +90,8 @@ pub async fn dispatch(
     };
     state.metrics.head(arrival.elapsed());
     let mut resp_headers = head
-        .take_header_map()
+        .headers
+        .take_map()
         .map_err(|e| RelayError::Agent(format!("the relay-client sent an {e}")))?;
     if head.status == 101 {
         let tunnel = Tunnel {
@@ -160,12 +161,11 @@ fn request(
         method: p.method.as_str().to_owned(),
         target: p.target,
         // The map goes as it is: a session encodes it straight into the OPEN frame, a long
-        // poll's JSON lists it (`RequestHead`'s `Serialize`).
-        headers: Vec::new(),
+        // poll's JSON lists it (`Fields`' `Serialize`).
+        headers: p.headers.into(),
         body: body_kind,
         content_length: p.content_length.filter(|_| body_kind == BodyKind::Stream),
         upgrade: p.upgrade.clone(),
-        decoded: Some(p.headers),
     };
     let upload = match p.body {
         Some(body) => UploadSide::body(body),

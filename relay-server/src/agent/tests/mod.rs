@@ -28,11 +28,10 @@ fn request(name: &str, upload: UploadSide) -> (Pending, oneshot::Receiver<Respon
         id: id.to_string(),
         method: "POST".into(),
         target: "/".into(),
-        headers: Vec::new(),
+        headers: Default::default(),
         body: BodyKind::Stream,
         content_length: None,
         upgrade: None,
-        decoded: None,
     };
     let (tx, rx) = oneshot::channel();
     let account = crate::base::budget::Budget::new(1 << 20).account(name, [127, 0, 0, 1].into());

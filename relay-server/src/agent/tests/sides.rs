@@ -121,10 +121,9 @@ async fn waiters_see_failures_and_the_end() {
 fn head(body: BodyKind) -> ResponseHead {
     ResponseHead {
         status: 200,
-        headers: Vec::new(),
+        headers: Default::default(),
         body,
         content_length: None,
-        decoded: None,
     }
 }
 

@@ -167,7 +167,7 @@ async fn read_body(state: &State, pending: &Arc<Pending>) -> Result<Vec<u8>, Bod
 /// `host`, and an upgrade keeps its `Connection`/`Upgrade` pair (the Go client replays the
 /// headers as they come, and Go's transport only switches when they are there).
 fn message(mut head: RequestHead, body: Vec<u8>) -> Option<HttpRequest> {
-    let mut headers = head.take_header_map().ok()?;
+    let mut headers = head.headers.take_map().ok()?;
     let host = headers
         .remove(http::header::HOST)
         .and_then(|h| h.to_str().ok().map(str::to_owned));
@@ -202,11 +202,11 @@ mod tests {
             headers: vec![
                 ("host".into(), "robot.example".into()),
                 ("x-a".into(), "1".into()),
-            ],
+            ]
+            .into(),
             body: BodyKind::Empty,
             content_length: None,
             upgrade: Some("websocket".into()),
-            decoded: None,
         };
         let m = message(head, b"body".to_vec()).unwrap();
         assert_eq!(m.url.as_deref(), Some("http://invalid/a%2Fb?x=1"));

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use relay_common::codec::BodyMsg;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop};
-use relay_common::message::{encode_headers, BodyKind, ResponseHead};
+use relay_common::message::{BodyKind, ResponseHead};
 use relay_common::v1alpha1::{decode, decode_bytes, HttpResponse};
 
 use super::{header_map, no_store_text, GoCallError};
@@ -205,10 +205,9 @@ fn head(
     };
     Ok(ResponseHead {
         status,
-        headers: encode_headers(&headers),
+        headers: headers.into(),
         body,
         content_length: content_length.filter(|_| status != 101),
-        decoded: None,
     })
 }
 
@@ -233,7 +232,10 @@ mod tests {
         assert_eq!(h.status, 200);
         assert_eq!(h.content_length, Some(5));
         assert_eq!(h.body, BodyKind::Stream);
-        assert_eq!(h.headers, vec![("x-kept".to_owned(), "k".to_owned())]);
+        assert_eq!(
+            h.headers.to_list(),
+            vec![("x-kept".to_owned(), "k".to_owned())]
+        );
     }
 
     #[test]
@@ -250,6 +252,7 @@ mod tests {
         assert_eq!(h.body, BodyKind::Stream);
         assert!(h
             .headers
+            .to_list()
             .contains(&("upgrade".to_owned(), "websocket".to_owned())));
         let h = head(204, &[], true).unwrap();
         assert_eq!(h.body, BodyKind::Empty);
