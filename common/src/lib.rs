@@ -25,6 +25,7 @@
 
 pub mod carrier;
 pub mod codec;
+pub mod fasthash;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -2,12 +2,13 @@
 //! the long polls open; hand each request to its own task (its exchanges go back to the
 //! server it came from), cancel what a server says is gone, and drain on shutdown.
 
-use relay_common::MAX_POLL_BATCH;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use relay_common::fasthash::FastHash;
 use relay_common::message::RequestHead;
+use relay_common::MAX_POLL_BATCH;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,7 +40,8 @@ pub(crate) struct Shared {
     /// Signalled when a request finishes, so polls and sessions at capacity can ask for
     /// work again.
     pub(crate) freed: Notify,
-    pub(crate) in_flight: Mutex<HashMap<String, CancellationToken>>,
+    /// Keyed by ids the relay-server drew: no need for SipHash's keyed protection.
+    pub(crate) in_flight: Mutex<HashMap<String, CancellationToken, FastHash>>,
     tracker: TaskTracker,
 }
 
@@ -97,7 +99,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
         freed: Notify::new(),
-        in_flight: Mutex::new(HashMap::new()),
+        in_flight: Mutex::new(HashMap::default()),
         tracker: TaskTracker::new(),
     });
     // The pollers are spread over the URLs, at least one each.

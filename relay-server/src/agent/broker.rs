@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use relay_common::fasthash::FastHash;
 use relay_common::id::RequestId;
 use relay_common::message::RequestHead;
 use tokio::sync::{oneshot, Notify};
@@ -93,7 +94,8 @@ pub type AgentList = Vec<(Arc<Agent>, usize)>;
 /// Everything the broker tracks.
 pub struct Broker {
     backends: DashMap<String, Arc<NameQueue>>,
-    requests: DashMap<RequestId, Arc<Pending>>,
+    /// Keyed by ids the server drew: no need for SipHash's keyed protection.
+    requests: DashMap<RequestId, Arc<Pending>, FastHash>,
     parked_total: Arc<AtomicUsize>,
     /// Most requests waiting for pickup since [`Broker::take_peak`] last ran.
     peak_parked: AtomicUsize,
@@ -131,7 +133,7 @@ impl Broker {
         Broker {
             metrics,
             backends: DashMap::new(),
-            requests: DashMap::new(),
+            requests: DashMap::default(),
             parked_total: Arc::new(AtomicUsize::new(0)),
             peak_parked: AtomicUsize::new(0),
             max_parked_per_name,

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use relay_common::fasthash::FastHash;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -32,7 +33,7 @@ pub struct Budget {
     names: DashMap<String, Arc<Semaphore>>,
     clients: DashMap<IpAddr, Arc<Semaphore>>,
     /// Accounts holding bytes now (the ones [`Budget::cut_stalled`] looks at).
-    holding: Arc<DashMap<usize, Account>>,
+    holding: Arc<DashMap<usize, Account, FastHash>>,
 }
 
 /// Smallest budget and share: one 64 KiB chunk.
@@ -50,7 +51,7 @@ impl Budget {
             per_client: (total / 8).max(MIN).min(total),
             names: DashMap::new(),
             clients: DashMap::new(),
-            holding: Arc::new(DashMap::new()),
+            holding: Arc::new(DashMap::default()),
         }
     }
 
@@ -128,7 +129,7 @@ struct Holdings {
     waiting_since: Instant,
     forfeited: bool,
     stalled: CancellationToken,
-    holding: Arc<DashMap<usize, Account>>,
+    holding: Arc<DashMap<usize, Account, FastHash>>,
 }
 
 /// What one request holds of the budget and its shares.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use relay_common::fasthash::FastHash;
 use tokio_util::sync::CancellationToken;
 
 /// What admitted a user request.
@@ -29,13 +30,13 @@ struct Entry {
 #[derive(Default)]
 pub struct Revocations {
     next: AtomicU64,
-    open: Arc<DashMap<u64, Entry>>,
+    open: Arc<DashMap<u64, Entry, FastHash>>,
 }
 
 /// One registered request; the registration ends when the last clone goes.
 pub struct Admission {
     id: u64,
-    open: Arc<DashMap<u64, Entry>>,
+    open: Arc<DashMap<u64, Entry, FastHash>>,
     cut: CancellationToken,
 }
 
