@@ -183,6 +183,11 @@ impl Account {
             return nothing;
         }
         permits.into_iter().for_each(|p| p.forget());
+        self.record(&mut h, n)
+    }
+
+    /// Counts `n` bytes whose permits are taken as held by this request.
+    fn record(&self, h: &mut Holdings, n: usize) -> Held {
         if h.held == 0 {
             h.waiting_since = Instant::now();
             h.holding.insert(self.key(), self.clone());
@@ -216,15 +221,7 @@ impl Account {
             h.pools[..taken].iter().for_each(|p| p.add_permits(n));
             return None;
         }
-        if h.held == 0 {
-            h.waiting_since = Instant::now();
-            h.holding.insert(self.key(), self.clone());
-        }
-        h.held += n;
-        Some(Held {
-            account: Some(self.clone()),
-            n,
-        })
+        Some(self.record(&mut h, n))
     }
 
     /// How long bytes have waited for the user without it taking any (zero when none wait).
