@@ -6,13 +6,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use relay_common::codec::{encode, encode_head, BodyMsg, Encoded};
 use relay_common::message::ResponseHead;
 use relay_common::source::SourceError;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
+
+use crate::upstream::BackendResponse;
 
 /// The backend's response as frames: HEAD, then DATA (header and payload as separate
 /// buffers, so payload bytes are never copied), then END or TRAILERS, or ABORT when the
@@ -29,7 +31,7 @@ pub struct ResponseFrames {
 
 /// Where response body bytes come from: the backend's response body, or after a 101 the
 /// backend→user side of the switched connection.
-pub type Source = relay_common::source::Source<Incoming, Box<dyn AsyncRead + Send + Unpin>>;
+pub type Source = relay_common::source::Source<BackendResponse, Box<dyn AsyncRead + Send + Unpin>>;
 
 impl ResponseFrames {
     /// Frames for a response with `head` and body `body` (`None`: no body).

@@ -27,6 +27,7 @@ use crate::error::RelayCallError;
 use crate::relay::{error_chain, RelayClient};
 use crate::service::{self, Call, LocalAnswer, Services};
 use crate::session::Reply;
+use crate::upstream::BackendResponse;
 use crate::upstream::{boxed, Backend};
 use crate::whole::{answer_whole, check_posted, post_error, post_local};
 
@@ -184,7 +185,7 @@ async fn serve_inner(
 async fn switch(
     ctx: &Arc<Ctx>,
     head: &RequestHead,
-    resp: &mut http::Response<hyper::body::Incoming>,
+    resp: &mut http::Response<BackendResponse>,
     cancel: &CancellationToken,
 ) -> Result<(), RelayCallError> {
     let answered = resp

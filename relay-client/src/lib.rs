@@ -34,6 +34,7 @@ pub mod config;
 pub mod connect;
 pub mod error;
 pub mod exchange;
+pub mod pool;
 pub mod relay;
 pub mod service;
 pub mod session;

@@ -1,8 +1,13 @@
 //! The backend side of the agent: turning a relayed request head into a backend request.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop};
@@ -10,6 +15,7 @@ use relay_common::message::RequestHead;
 
 use crate::config::Config;
 use crate::error::AgentError;
+use crate::pool::{Pool, PoolError, PooledBody};
 use crate::tls;
 
 /// Body type of backend requests.
@@ -19,6 +25,8 @@ pub type BackendBody = UnsyncBoxBody<bytes::Bytes, std::io::Error>;
 #[derive(Clone)]
 pub struct Backend {
     client: Client<tls::Connector, BackendBody>,
+    /// Plain HTTP/1.1 backends: connections driven by the requests themselves (`pool`).
+    pool: Option<Arc<Pool>>,
     /// `scheme://authority` of the backend.
     origin: String,
     /// Path prefix from `--backend-url`, without a trailing slash.
@@ -59,8 +67,16 @@ impl Backend {
         while base_path.ends_with('/') {
             base_path.pop();
         }
+        let pool = (scheme == "http" && !cfg.backend_http2).then(|| {
+            let port = authority.port_u16().unwrap_or(80);
+            Pool::new(
+                format!("{}:{port}", authority.host().trim_matches(['[', ']'])),
+                cfg.backend_idle_connections,
+            )
+        });
         Ok(Backend {
             client: b.build(connector),
+            pool,
             origin: format!("{scheme}://{authority}"),
             base_path,
             authority: HeaderValue::from_str(authority.as_str())
@@ -101,12 +117,83 @@ impl Backend {
         Ok(req)
     }
 
-    /// Sends a request to the backend.
+    /// Sends a request to the backend: on a pooled connection of its own when the backend
+    /// is plain HTTP/1.1 and the request is no upgrade (those need hyper's upgradeable
+    /// connections), else through hyper-util's client.
     pub async fn send(
         &self,
-        req: Request<BackendBody>,
-    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
+        mut req: Request<BackendBody>,
+    ) -> Result<http::Response<BackendResponse>, BackendError> {
+        match &self.pool {
+            Some(pool) if !req.headers().contains_key(header::UPGRADE) => {
+                // RFC 9112 §3.2: a request to an origin carries the origin-form target and
+                // Host (hyper-util's client does the same for HTTP/1.1; the user's Host is
+                // kept unless --rewrite-host replaced it).
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                *req.uri_mut() =
+                    Uri::try_from(target).map_err(|e| BackendError::Target(e.to_string()))?;
+                req.headers_mut()
+                    .entry(header::HOST)
+                    .or_insert_with(|| self.authority.clone());
+                let resp = pool.send(req).await?;
+                Ok(resp.map(BackendResponse::Pooled))
+            }
+            _ => {
+                let resp = self.client.request(req).await?;
+                Ok(resp.map(BackendResponse::Shared))
+            }
+        }
+    }
+}
+
+/// Why a backend request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// On a pooled connection.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// Through hyper-util's client.
+    #[error(transparent)]
+    Shared(#[from] hyper_util::client::legacy::Error),
+    /// The target is not a valid origin-form target.
+    #[error("invalid target: {0}")]
+    Target(String),
+}
+
+/// A backend response's body, from whichever client carried the request.
+pub enum BackendResponse {
+    /// Read from a pooled connection (reading drives it).
+    Pooled(PooledBody),
+    /// From hyper-util's client.
+    Shared(Incoming),
+}
+
+impl Body for BackendResponse {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            BackendResponse::Pooled(b) => Pin::new(b).poll_frame(cx),
+            BackendResponse::Shared(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            BackendResponse::Pooled(b) => b.is_end_stream(),
+            BackendResponse::Shared(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            BackendResponse::Pooled(b) => b.size_hint(),
+            BackendResponse::Shared(b) => b.size_hint(),
+        }
     }
 }
 

@@ -24,7 +24,7 @@ pub(crate) async fn answer_whole(
     out: &Reply,
     id: &str,
     head: ResponseHead,
-    body: hyper::body::Incoming,
+    body: crate::upstream::BackendResponse,
 ) -> Result<(), RelayCallError> {
     let mut body = body;
     let mut data = bytes::BytesMut::new();
