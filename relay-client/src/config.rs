@@ -66,6 +66,8 @@ pub struct Config {
     pub backend_http2: bool,
     /// Idle backend connections kept for reuse at most (the rest close when they come back).
     pub backend_idle_connections: usize,
+    /// How long an idle backend connection is kept for reuse.
+    pub backend_idle_timeout: Duration,
     /// Extra CA for an https backend.
     pub backend_ca_file: Option<PathBuf>,
     /// Extra CA for an https relay-server.
@@ -104,6 +106,7 @@ impl Config {
             exchange_bytes: 512 * 1024,
             backend_http2: false,
             backend_idle_connections: 128,
+            backend_idle_timeout: Duration::from_secs(30),
             backend_ca_file: None,
             relay_ca_file: None,
             rewrite_host: false,

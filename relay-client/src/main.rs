@@ -100,6 +100,10 @@ struct Cli {
     /// those beyond this close as they come back instead of idling for 30 s.
     #[arg(long, env = "RELAY_BACKEND_IDLE_CONNECTIONS", default_value_t = 128)]
     backend_idle_connections: usize,
+    /// How long an idle backend connection is kept for reuse; keep it below the backend's
+    /// own keep-alive timeout, so the agent never reuses one the backend is closing.
+    #[arg(long, env = "RELAY_BACKEND_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    backend_idle_timeout: Duration,
     /// CA certificate (PEM) for an https backend, in addition to the system roots.
     #[arg(long, env = "RELAY_BACKEND_CA_FILE")]
     backend_ca_file: Option<PathBuf>,
@@ -327,6 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.exchange_bytes = cli.exchange_bytes;
     cfg.backend_http2 = cli.backend_http2;
     cfg.backend_idle_connections = cli.backend_idle_connections;
+    cfg.backend_idle_timeout = cli.backend_idle_timeout;
     cfg.backend_ca_file = cli.backend_ca_file;
     cfg.relay_ca_file = cli.relay_ca_file;
     cfg.rewrite_host = cli.rewrite_host;

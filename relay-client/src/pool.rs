@@ -26,9 +26,6 @@ use tokio::sync::Notify;
 
 use crate::upstream::BackendBody;
 
-/// An idle connection older than this is closed rather than reused (as hyper-util's pool
-/// does): backends commonly close keep-alive connections after 60–75 s.
-const IDLE_FOR: Duration = Duration::from_secs(30);
 /// How long connecting to the backend may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,6 +75,9 @@ impl Conn {
 pub struct Pool {
     addr: String,
     max_idle: usize,
+    /// An idle connection older than this is closed rather than reused (as hyper-util's
+    /// pool does; `--backend-idle-timeout`).
+    idle_for: Duration,
     idle: Mutex<Vec<(Box<Conn>, Instant)>>,
     /// A connection came back: one request waiting for its own connection takes it.
     returned: Notify,
@@ -85,11 +85,12 @@ pub struct Pool {
 
 impl Pool {
     /// A pool for the backend at `addr` (`host:port`) keeping at most `max_idle` idle
-    /// connections.
-    pub fn new(addr: String, max_idle: usize) -> Arc<Pool> {
+    /// connections, each for at most `idle_for`.
+    pub fn new(addr: String, max_idle: usize, idle_for: Duration) -> Arc<Pool> {
         Arc::new(Pool {
             addr,
             max_idle,
+            idle_for,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
         })
@@ -132,7 +133,7 @@ impl Pool {
     fn take(&self) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().expect("bug: poisoned");
         while let Some((conn, since)) = idle.pop() {
-            if conn.reusable() && since.elapsed() < IDLE_FOR {
+            if conn.reusable() && since.elapsed() < self.idle_for {
                 return Some(conn);
             }
         }
@@ -177,6 +178,23 @@ impl Pool {
         }))
     }
 
+    /// Closes, every half idle timeout, the idle connections that are past their time or
+    /// that the backend closed (one turn of each notices its end): a quiet agent holds no
+    /// half-closed sockets. Runs until dropped.
+    pub async fn sweep(&self) {
+        let mut every = tokio::time::interval(self.idle_for / 2);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let mut idle = self.idle.lock().expect("bug: poisoned");
+            let mut cx = Context::from_waker(Waker::noop());
+            idle.retain_mut(|(conn, since)| {
+                conn.drive(&mut cx);
+                conn.reusable() && since.elapsed() < self.idle_for
+            });
+        }
+    }
+
     /// Keeps a connection whose exchange is complete for the next request, if it can take
     /// one and the pool has room; otherwise it closes (dropped).
     fn put(&self, conn: Box<Conn>) {
@@ -186,7 +204,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("bug: poisoned");
         // The oldest are first: those past their time close now, not at the next take.
-        let stale = idle.partition_point(|(_, since)| now - *since >= IDLE_FOR);
+        let stale = idle.partition_point(|(_, since)| now - *since >= self.idle_for);
         idle.drain(..stale);
         if idle.len() < self.max_idle {
             idle.push((conn, now));

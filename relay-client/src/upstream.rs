@@ -58,7 +58,7 @@ impl Backend {
         // A burst opens as many backend connections as requests in flight (up to
         // --max-in-flight); keeping them all idle for 30 s afterwards held thousands of
         // descriptors (1 558 after the bench's burst of 10 000), so only so many stay.
-        b.pool_idle_timeout(std::time::Duration::from_secs(30))
+        b.pool_idle_timeout(cfg.backend_idle_timeout)
             .pool_max_idle_per_host(cfg.backend_idle_connections);
         if cfg.backend_http2 {
             b.http2_only(true);
@@ -72,6 +72,7 @@ impl Backend {
             Pool::new(
                 format!("{}:{port}", authority.host().trim_matches(['[', ']'])),
                 cfg.backend_idle_connections,
+                cfg.backend_idle_timeout,
             )
         });
         Ok(Backend {
@@ -83,6 +84,15 @@ impl Backend {
                 .map_err(|_| AgentError::Config("bad backend authority".into()))?,
             rewrite_host: cfg.rewrite_host,
         })
+    }
+
+    /// Closes idle backend connections past their time (see [`Pool::sweep`]); runs until
+    /// dropped. Nothing to do for backends on hyper-util's client (its pool does this).
+    pub async fn sweep(&self) {
+        match &self.pool {
+            Some(pool) => pool.sweep().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The backend request for `head` with `body`.

@@ -1,6 +1,7 @@
 //! The agent's connections to its backend: one connection serves requests in turn
 //! whatever their kind, a connection the backend closed while idle is replaced without
-//! failing the request that finds it, and after a burst only so many stay open.
+//! failing the request that finds it, after a burst only so many stay open, and idle ones
+//! close after the idle timeout.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -205,6 +206,50 @@ async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
         || {
             let n = open.load(Ordering::SeqCst);
             async move { (n == KEEP).then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// A quiet agent closes its idle backend connections after `--backend-idle-timeout`, with
+/// no further request to notice them: no socket is held open (or half-closed) for ever.
+#[tokio::test]
+async fn a_quiet_agent_closes_idle_backend_connections_after_the_idle_timeout() {
+    let open = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let counted = open.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let open = counted.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(full("ok")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let server = Server::default().await;
+    let mut cfg = Agent::config(&server.url(), "quiet", &format!("http://{backend}"));
+    cfg.backend_idle_timeout = Duration::from_secs(1);
+    let _agent = Agent::start(cfg);
+    server.wait_agent("quiet").await;
+    let resp = client()
+        .get(format!("{}/client/quiet/", server.url()).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "ok");
+    eventually(
+        Duration::from_secs(10),
+        "the idle backend connection closes",
+        || {
+            let n = open.load(Ordering::SeqCst);
+            async move { (n == 0).then_some(()) }
         },
     )
     .await;
