@@ -175,7 +175,7 @@ async fn serve_inner(
     if let Some(out) = reply.filter(|_| small) {
         return answer_whole(ctx, out, &head.id, rh, body).await;
     }
-    let frames = ResponseFrames::new(&rh, has_body.then_some(Source::Body(body)));
+    let frames = ResponseFrames::new(&rh, has_body.then_some(Source::Body(body.streamed())));
     send_response(ctx, &head.id, frames).await
 }
 

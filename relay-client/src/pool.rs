@@ -226,6 +226,28 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
+    /// Hands the connection to a task of its own for a body that streams (big, or of
+    /// unknown length): reading the backend then overlaps with sending to the relay, and
+    /// one long body never has its task doing both. The task gives the connection back
+    /// once the exchange is complete.
+    pub fn detach(mut self) -> Self {
+        if let Some(mut conn) = self.conn.take() {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                poll_fn(|cx| {
+                    conn.drive(cx);
+                    match !conn.reusable() || conn.send.is_ready() {
+                        true => Poll::Ready(()),
+                        false => Poll::Pending,
+                    }
+                })
+                .await;
+                pool.put(conn);
+            });
+        }
+        self
+    }
+
     /// The body is complete: one more turn lets the connection reach its idle state (and
     /// want the next request), then it goes back to the pool.
     fn finish(&mut self, cx: &mut Context<'_>) {

@@ -178,6 +178,17 @@ pub enum BackendResponse {
     Shared(Incoming),
 }
 
+impl BackendResponse {
+    /// The body for a response that streams: a pooled connection gets a task of its own
+    /// ([`PooledBody::detach`]).
+    pub fn streamed(self) -> Self {
+        match self {
+            BackendResponse::Pooled(b) => BackendResponse::Pooled(b.detach()),
+            shared => shared,
+        }
+    }
+}
+
 impl Body for BackendResponse {
     type Data = Bytes;
     type Error = hyper::Error;
