@@ -272,6 +272,11 @@ impl Metrics {
         self.rejections.get_or_create(&LimitLabel { limit }).inc();
     }
 
+    /// Rejections counted so far for `limit`.
+    pub fn rejections(&self, limit: &'static str) -> u64 {
+        self.rejections.get_or_create(&LimitLabel { limit }).get()
+    }
+
     /// Removes every series labelled with `name` (the broker forgot it).
     pub fn forget(&self, name: &str) {
         self.history.forget(name);
