@@ -76,16 +76,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         ));
     }
     let backend = Backend::new(&cfg)?;
-    // The idle backend connections are swept for as long as the agent runs.
-    let sweep_stop = CancellationToken::new();
-    let _sweep_guard = sweep_stop.clone().drop_guard();
-    let swept = backend.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = swept.sweep() => {}
-            _ = sweep_stop.cancelled() => {}
-        }
-    });
+    let _sweeping = backend.sweeping();
     let services = Arc::new(Services::new(
         cfg.kernel_id.clone().unwrap_or_else(|| cfg.name.clone()),
         &cfg.services,

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop};
 use relay_common::message::RequestHead;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::Config;
 use crate::error::AgentError;
@@ -86,13 +87,20 @@ impl Backend {
         })
     }
 
-    /// Closes idle backend connections past their time (see [`Pool::sweep`]); runs until
-    /// dropped. Nothing to do for backends on hyper-util's client (its pool does this).
-    pub async fn sweep(&self) {
-        match &self.pool {
-            Some(pool) => pool.sweep().await,
-            None => std::future::pending().await,
-        }
+    /// Sweeps idle backend connections past their time (see [`Pool::sweep`]) in a task
+    /// that ends when the returned guard drops. Backends on hyper-util's client need none
+    /// (its pool does this).
+    pub fn sweeping(&self) -> Option<DropGuard> {
+        let pool = self.pool.clone()?;
+        let stop = CancellationToken::new();
+        let guard = stop.clone().drop_guard();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = pool.sweep() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        Some(guard)
     }
 
     /// The backend request for `head` with `body`.
