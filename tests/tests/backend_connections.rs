@@ -7,50 +7,76 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::net::SocketAddr;
+
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use relay_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Connections a backend accepted in all, and those open now.
+#[derive(Default)]
+struct Counts {
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+}
+
+/// An HTTP/1.1 backend serving `handler` that counts its connections.
+async fn counting_backend<F, Fut>(handler: F) -> (SocketAddr, Arc<Counts>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let counts = Arc::new(Counts::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counted = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.accepted.fetch_add(1, Ordering::SeqCst);
+            counted.open.fetch_add(1, Ordering::SeqCst);
+            let (counted, handler) = (counted.clone(), handler.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let resp = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(resp.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                counted.open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, counts)
+}
 
 /// Requests of every kind in turn (a small answer, a HEAD, a 204, a streamed answer of
 /// unknown length, an upload) all go over one backend connection: each gives it back when
 /// its exchange is complete, whether its body was read or there was none.
 #[tokio::test]
 async fn requests_in_turn_share_one_backend_connection() {
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let counted = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let resp = match req.uri().path() {
-                            "/none" => Response::builder().status(204).body(empty()).unwrap(),
-                            "/stream" => {
-                                let (tx, body) = channel_body(2);
-                                tokio::spawn(async move {
-                                    tx.send(data("str")).await.unwrap();
-                                    tx.send(data("eamed")).await.unwrap();
-                                });
-                                Response::new(body)
-                            }
-                            "/echo" => {
-                                let b = req.into_body().collect().await.unwrap().to_bytes();
-                                Response::new(full(b))
-                            }
-                            _ => Response::new(full("small")),
-                        };
-                        Ok::<_, std::convert::Infallible>(resp)
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+    let (addr, counts) = counting_backend(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/none" => Response::builder().status(204).body(empty()).unwrap(),
+            "/stream" => {
+                let (tx, body) = channel_body(2);
+                tokio::spawn(async move {
+                    tx.send(data("str")).await.unwrap();
+                    tx.send(data("eamed")).await.unwrap();
+                });
+                Response::new(body)
+            }
+            "/echo" => {
+                let b = req.into_body().collect().await.unwrap().to_bytes();
+                Response::new(full(b))
+            }
+            _ => Response::new(full("small")),
         }
-    });
+    })
+    .await;
     let server = Server::default().await;
     let _agent = Agent::start(Agent::config(
         &server.url(),
@@ -84,7 +110,7 @@ async fn requests_in_turn_share_one_backend_connection() {
         }
     }
     assert_eq!(
-        accepted.load(Ordering::SeqCst),
+        counts.accepted.load(Ordering::SeqCst),
         1,
         "one backend connection served them all"
     );
@@ -156,30 +182,15 @@ async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
     const KEEP: usize = 3;
     // A backend that answers only once all BURST requests are in, so each has its own
     // connection, and counts its open connections.
-    let open = Arc::new(AtomicUsize::new(0));
     let all_in = Arc::new(tokio::sync::Barrier::new(BURST));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    let counted = open.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (open, all_in) = (counted.clone(), all_in.clone());
-            open.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let all_in = all_in.clone();
-                    async move {
-                        all_in.wait().await;
-                        Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
+    let (backend, counts) = counting_backend(move |_req| {
+        let all_in = all_in.clone();
+        async move {
+            all_in.wait().await;
+            Response::new(full("ok"))
         }
-    });
+    })
+    .await;
     let server = Server::default().await;
     let mut cfg = Agent::config(&server.url(), "burst", &format!("http://{backend}"));
     cfg.backend_idle_connections = KEEP;
@@ -204,7 +215,7 @@ async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
         Duration::from_secs(10),
         "idle backend connections close",
         || {
-            let n = open.load(Ordering::SeqCst);
+            let n = counts.open.load(Ordering::SeqCst);
             async move { (n == KEEP).then_some(()) }
         },
     )
@@ -215,25 +226,7 @@ async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
 /// no further request to notice them: no socket is held open (or half-closed) for ever.
 #[tokio::test]
 async fn a_quiet_agent_closes_idle_backend_connections_after_the_idle_timeout() {
-    let open = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    let counted = open.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let open = counted.clone();
-            open.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(full("ok")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
+    let (backend, counts) = counting_backend(|_req| async { Response::new(full("ok")) }).await;
     let server = Server::default().await;
     let mut cfg = Agent::config(&server.url(), "quiet", &format!("http://{backend}"));
     cfg.backend_idle_timeout = Duration::from_secs(1);
@@ -248,7 +241,7 @@ async fn a_quiet_agent_closes_idle_backend_connections_after_the_idle_timeout() 
         Duration::from_secs(10),
         "the idle backend connection closes",
         || {
-            let n = open.load(Ordering::SeqCst);
+            let n = counts.open.load(Ordering::SeqCst);
             async move { (n == 0).then_some(()) }
         },
     )
