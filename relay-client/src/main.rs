@@ -101,7 +101,8 @@ struct Cli {
     #[arg(long, env = "RELAY_BACKEND_IDLE_CONNECTIONS", default_value_t = 128)]
     backend_idle_connections: usize,
     /// How long an idle backend connection is kept for reuse; keep it below the backend's
-    /// own keep-alive timeout, so the agent never reuses one the backend is closing.
+    /// own keep-alive timeout, so the agent never reuses one the backend is closing (0s:
+    /// none is reused).
     #[arg(long, env = "RELAY_BACKEND_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     backend_idle_timeout: Duration,
     /// CA certificate (PEM) for an https backend, in addition to the system roots.

@@ -26,6 +26,8 @@ use tokio::sync::Notify;
 
 use crate::upstream::BackendBody;
 
+/// The shortest time between two sweeps.
+const MIN_SWEEP: Duration = Duration::from_millis(500);
 /// How long connecting to the backend may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -182,7 +184,8 @@ impl Pool {
     /// that the backend closed (one turn of each notices its end): a quiet agent holds no
     /// half-closed sockets. Runs until dropped.
     pub async fn sweep(&self) {
-        let mut every = tokio::time::interval(self.idle_for / 2);
+        // `--backend-idle-timeout 0s` keeps nothing for reuse; a zero period would panic.
+        let mut every = tokio::time::interval((self.idle_for / 2).max(MIN_SWEEP));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
@@ -293,5 +296,18 @@ impl Drop for PooledBody {
         if self.conn.is_some() && self.body.is_end_stream() {
             self.finish(&mut Context::from_waker(Waker::noop()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_timeout_of_zero_sweeps_without_a_panic() {
+        let pool = Pool::new("127.0.0.1:9".into(), 4, Duration::ZERO);
+        // A zero period would panic on the first poll; a sweep waits between turns.
+        let swept = tokio::time::timeout(Duration::from_millis(100), pool.sweep()).await;
+        assert!(swept.is_err(), "the sweep runs until dropped");
     }
 }
