@@ -13,6 +13,7 @@ mod targets;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use scenarios::{Plan, Table};
 
@@ -61,13 +62,56 @@ pub struct Cli {
 pub enum Sub {
     /// Internal: the backend process.
     Backend,
+    /// Small GETs of `<url>/small` on keep-alive connections, for profiling a running relay
+    /// under concurrency (scripts/profile-small-requests.sh); prints req/s and latencies.
+    Load {
+        /// Base URL, e.g. `http://127.0.0.1:8080/client/p`.
+        url: String,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Sub::Backend) = cli.command {
-        let rt = tokio::runtime::Runtime::new()?;
-        return rt.block_on(backend::run());
+    match cli.command {
+        Some(Sub::Backend) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            return rt.block_on(backend::run());
+        }
+        Some(Sub::Load {
+            ref url,
+            conns,
+            secs,
+        }) => {
+            let url: http::Uri = url.parse()?;
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(
+                &url.authority().context("the URL has no host")?.as_str(),
+            )?
+            .next()
+            .context("the URL's host has no address")?;
+            let t = load::Target {
+                addr,
+                prefix: url.path().trim_end_matches('/').to_owned(),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let r = rt.block_on(load::small_gets(
+                &t,
+                conns,
+                false,
+                Duration::from_secs_f64(secs),
+            ))?;
+            println!(
+                "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
+                r.rps, r.p50, r.p99
+            );
+            return Ok(());
+        }
+        None => {}
     }
     let plan = plan(&cli);
     let want = |n: u8| cli.only.is_empty() || cli.only.contains(&n);

@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use relay_common::fasthash::FastHash;
 use relay_common::id::RequestId;
 use relay_common::message::RequestHead;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 use crate::agent::pending::{Pending, PendingGuard};
 pub use crate::agent::poll::PollHandle;
@@ -233,12 +233,12 @@ impl Broker {
         self: &Arc<Self>,
         backend: &Arc<NameQueue>,
         pending: Pending,
-    ) -> Result<(PendingGuard, oneshot::Receiver<Arc<Agent>>), QueueFull> {
+        claimed: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<PendingGuard, QueueFull> {
         if self.parked_total.load(Ordering::Acquire) >= self.max_parked_total {
             return Err(QueueFull(backend.name.clone()));
         }
-        let (claimed_tx, claimed_rx) = oneshot::channel();
-        pending.set_queued(claimed_tx, self.parked_total.clone());
+        pending.set_queued(self.parked_total.clone(), claimed);
         let pending = Arc::new(pending);
         {
             let mut q = backend.queue.lock().expect("bug: poisoned");
@@ -255,8 +255,7 @@ impl Broker {
         self.peak_parked
             .fetch_max(self.parked_total.load(Ordering::Acquire), Ordering::Relaxed);
         backend.work.notify_one();
-        let guard = PendingGuard::new(self.clone(), backend.clone(), pending);
-        Ok((guard, claimed_rx))
+        Ok(PendingGuard::new(self.clone(), backend.clone(), pending))
     }
 
     /// Forgets a finished or abandoned request.
@@ -359,6 +358,12 @@ impl Broker {
             drop(agents);
             for agent in gone {
                 agent.forget_parked();
+                // The users of the requests it holds answer 502 now (their user sides wait
+                // on `Pending::claimer_lost`, not on every agent's end). After `gone` was
+                // cancelled: a claim racing this sweep sees it (`Pending::claim`).
+                for p in self.requests.iter() {
+                    p.claimer_gone(&agent);
+                }
             }
             if !left {
                 self.metrics.forget(name);

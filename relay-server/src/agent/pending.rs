@@ -1,8 +1,8 @@
 //! One user request in flight: its head (until an agent takes it), who claimed it, its
 //! upload and response sides, and the guard that ends it.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use relay_common::id::RequestId;
 use relay_common::message::RequestHead;
@@ -16,15 +16,30 @@ use crate::agent::upload_side::UploadSide;
 use crate::base::budget::Account;
 
 enum Claim {
-    /// Waiting in the backend's queue; holds one slot of the global parked count. `notify`
-    /// tells the user side who claimed it (`None` once it has been told: a request put back
-    /// after its delivery to an agent failed).
+    /// Waiting in the backend's queue; holds one slot of the global parked count. `again`:
+    /// put back after its delivery to an agent failed. `notify`: told of the first claim
+    /// (traced requests only, whose pickup span ends there).
     Queued {
-        notify: Option<oneshot::Sender<Arc<Agent>>>,
+        again: bool,
         parked: Arc<AtomicUsize>,
+        notify: Option<oneshot::Sender<()>>,
     },
     Claimed(Arc<Agent>),
     Cancelled,
+}
+
+/// Where a request's claim stands, for its user side's single wait (see
+/// `user::relayed::dispatch`): the user side is never woken by a claim, only by the head,
+/// a timeout, or the loss of its claimer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pickup {
+    /// No agent has taken it yet: the pickup timeout applies.
+    Waiting,
+    /// An agent took it (it may wait in the queue again after a failed delivery): the
+    /// response timeout applies.
+    Taken,
+    /// It left the queue without an agent (cancelled, or orphaned).
+    Over,
 }
 
 /// A request in flight: its head until an agent takes it, who claimed it, and its two
@@ -49,9 +64,12 @@ pub struct Pending {
     pub download_bytes: AtomicU64,
     /// What its waiting response bytes hold of the memory budget and their shares.
     pub account: Account,
-    /// Woken when a request that was put back is claimed again (its user side follows the
-    /// new claimer, see [`Pending::claimer_gone`]).
-    reclaimed: Notify,
+    /// When an agent first took it (the pickup time is measured from `arrived`).
+    picked_at: OnceLock<std::time::Instant>,
+    /// Set (and `lost_notify` woken) when the agent holding the request is declared gone,
+    /// or a put-back request is orphaned: see [`Pending::claimer_lost`].
+    lost: AtomicBool,
+    lost_notify: Notify,
 }
 
 impl Pending {
@@ -75,31 +93,38 @@ impl Pending {
             arrived: std::time::Instant::now(),
             download_bytes: AtomicU64::new(0),
             account,
-            reclaimed: Notify::new(),
+            picked_at: OnceLock::new(),
+            lost: AtomicBool::new(false),
+            lost_notify: Notify::new(),
         }
     }
 
     /// Enters the Queued state, taking one global parked slot.
-    pub(crate) fn set_queued(&self, notify: oneshot::Sender<Arc<Agent>>, parked: Arc<AtomicUsize>) {
+    pub(crate) fn set_queued(&self, parked: Arc<AtomicUsize>, notify: Option<oneshot::Sender<()>>) {
         parked.fetch_add(1, Ordering::AcqRel);
         *self.claim.lock().expect("bug: poisoned") = Claim::Queued {
-            notify: Some(notify),
+            again: false,
             parked,
+            notify,
         };
     }
 
-    /// Queued → Claimed by `agent`. False when the request was cancelled meanwhile.
+    /// Queued → Claimed by `agent`. False when the request was cancelled meanwhile. Nobody
+    /// is woken: the user side learns of the claim only through what follows it.
     pub(crate) fn claim(&self, agent: &Arc<Agent>) -> bool {
         let mut c = self.claim.lock().expect("bug: poisoned");
         match std::mem::replace(&mut *c, Claim::Claimed(agent.clone())) {
-            Claim::Queued { notify, parked } => {
+            Claim::Queued { parked, notify, .. } => {
                 parked.fetch_sub(1, Ordering::AcqRel);
-                match notify {
-                    Some(n) => {
-                        let _ = n.send(agent.clone());
-                    }
-                    // Put back earlier: the user side waits on the claimer it knew.
-                    None => self.reclaimed.notify_waiters(),
+                let _ = self.picked_at.set(std::time::Instant::now());
+                if let Some(n) = notify {
+                    let _ = n.send(());
+                }
+                drop(c);
+                // Declared gone between taking the request and this claim: the broker's
+                // sweep of the agent's requests (`Broker::claimer_gone`) may have missed it.
+                if agent.gone.is_cancelled() {
+                    self.lose_claimer();
                 }
                 true
             }
@@ -107,6 +132,36 @@ impl Pending {
                 *c = other;
                 false
             }
+        }
+    }
+
+    /// Where the claim stands (see [`Pickup`]).
+    pub fn pickup(&self) -> Pickup {
+        match &*self.claim.lock().expect("bug: poisoned") {
+            Claim::Queued { again: false, .. } => Pickup::Waiting,
+            Claim::Queued { again: true, .. } | Claim::Claimed(_) => Pickup::Taken,
+            Claim::Cancelled => Pickup::Over,
+        }
+    }
+
+    /// How long the request waited for an agent, once one took it.
+    pub fn picked_after(&self) -> Option<std::time::Duration> {
+        self.picked_at.get().map(|t| t.duration_since(self.arrived))
+    }
+
+    /// Fails the request's user side as if its agent had disconnected (idempotent).
+    fn lose_claimer(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.lost_notify.notify_waiters();
+    }
+
+    /// The agent `gone` was declared gone: the request fails if that agent holds it (one put
+    /// back in the queue meanwhile waits for another agent, and follows that one).
+    pub(crate) fn claimer_gone(&self, gone: &Arc<Agent>) {
+        let holds = matches!(&*self.claim.lock().expect("bug: poisoned"),
+            Claim::Claimed(a) if Arc::ptr_eq(a, gone));
+        if holds {
+            self.lose_claimer();
         }
     }
 
@@ -134,34 +189,25 @@ impl Pending {
         }
         parked.fetch_add(1, Ordering::AcqRel);
         *c = Claim::Queued {
-            notify: None,
+            again: true,
             parked: parked.clone(),
+            notify: None,
         };
         *self.head.lock().expect("bug: poisoned") = Some(head);
         true
     }
 
-    /// Resolves when the agent holding the request is declared gone. A request put back
-    /// and claimed by another agent follows the new one; while it waits in the queue again
-    /// no agent's end concerns it.
-    pub async fn claimer_gone(&self) {
+    /// Resolves when the agent holding the request is declared gone (or a put-back request
+    /// is orphaned). Only the broker's sweep of a gone agent wakes it: a claim does not.
+    pub async fn claimer_lost(&self) {
         loop {
-            let changed = self.reclaimed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let claimer = match &*self.claim.lock().expect("bug: poisoned") {
-                Claim::Claimed(agent) => Some(agent.clone()),
-                Claim::Queued { .. } => None,
-                // Orphaned (its name has no agent any more) or over.
-                Claim::Cancelled => return,
-            };
-            match claimer {
-                Some(agent) => tokio::select! {
-                    _ = agent.gone.cancelled() => return,
-                    _ = &mut changed => {}
-                },
-                None => changed.await,
+            let lost = self.lost_notify.notified();
+            tokio::pin!(lost);
+            lost.as_mut().enable();
+            if self.lost.load(Ordering::Acquire) {
+                return;
             }
+            lost.await;
         }
     }
 
@@ -170,14 +216,15 @@ impl Pending {
     pub(crate) fn orphan(&self) {
         let mut c = self.claim.lock().expect("bug: poisoned");
         if let Claim::Queued {
-            notify: None,
+            again: true,
             parked,
+            ..
         } = &*c
         {
             parked.fetch_sub(1, Ordering::AcqRel);
             *c = Claim::Cancelled;
             drop(c);
-            self.reclaimed.notify_waiters();
+            self.lose_claimer();
         }
     }
 

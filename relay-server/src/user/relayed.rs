@@ -9,9 +9,8 @@ use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_match
 use relay_common::id::RequestId;
 use relay_common::message::{BodyKind, RequestHead};
 use tokio::sync::oneshot;
-use tracing::Instrument;
 
-use crate::agent::pending::Pending;
+use crate::agent::pending::{Pending, Pickup};
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::{UploadFailure, UploadSide};
 use crate::base::body::{empty, RelayBody, RelayedBody, WholeBody};
@@ -34,60 +33,49 @@ pub async fn dispatch(
         None => state.cfg.response_timeout,
     };
     let admission = p.admission.clone();
-    let (pending, head_rx, upgrade, on_upgrade) = request(state, p);
-    let (guard, claimed) = state.broker.enqueue(backend, pending)?;
-    let pending = guard.pending().clone();
-
     // Spans of the two waits, only when traces are exported: the logs never use them, and
     // each span is a registry allocation per request.
     let traced = relay_config_file::telemetry::enabled();
-    let wait_span = |what: &'static str| match traced {
-        true => tracing::info_span!("wait", otel.name = what, backend = %name),
-        false => tracing::Span::none(),
-    };
-    let pickup = wait_span("pickup");
-    let agent = tokio::select! {
-        a = claimed.instrument(pickup) => a.map_err(|_| RelayError::PickupTimeout(name.clone()))?,
-        _ = tokio::time::sleep(state.cfg.pickup_timeout) => {
-            return Err(RelayError::PickupTimeout(name));
+    let (pending, head_rx, upgrade, on_upgrade) = request(state, p);
+    // Only a traced request learns of its claim as it happens (to end its pickup span):
+    // for the others a claim wakes nobody.
+    let (claim_tx, claimed) = match traced {
+        true => {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
         }
-        _ = state.stop.cancelled() => return Err(RelayError::Draining),
-        _ = revoked(admission.as_deref()) => return Err(credential_revoked()),
+        false => (None, None),
     };
-    state.metrics.pickup(arrival.elapsed());
-
-    let waiting = wait_span("response head");
-    let start = tokio::select! {
-        r = head_rx.instrument(waiting) => r.map_err(|_| RelayError::Agent(
-            "the relay-client failed before sending a response head".into()))?,
-        _ = tokio::time::sleep_until(arrival + response_timeout) => {
-            // Which agent holds it and where its response stands: what an operator needs
-            // to tell a slow backend from a request lost on the way.
-            tracing::warn!(
-                id = %pending.id,
-                name,
-                agent = pending.claimed_by().as_deref().map_or("none", |a| a.id.as_str()),
-                response = pending.response.describe(),
-                "no response head within the response timeout (504)"
-            );
-            return Err(RelayError::ResponseTimeout(response_timeout));
-        }
-        // The claimer may change: a request whose delivery failed is put back and claimed
-        // again, possibly by another agent.
-        _ = pending.claimer_gone() => {
-            return Err(RelayError::Agent("the relay-client disconnected".into()));
-        }
-        why = pending.upload.failed() => return Err(refused_upload(why)),
-        _ = revoked(admission.as_deref()) => return Err(credential_revoked()),
-    };
-    let agent = pending.claimed_by().unwrap_or(agent);
-    let (mut head, body_rx, whole) = match start {
+    let guard = state.broker.enqueue(backend, pending, claim_tx)?;
+    let pending = guard.pending().clone();
+    let start = wait_for_head(
+        state,
+        &pending,
+        head_rx,
+        claimed,
+        admission.as_deref(),
+        Deadlines {
+            pickup: tokio::time::Instant::now() + state.cfg.pickup_timeout,
+            response: arrival + response_timeout,
+            response_timeout,
+        },
+        &name,
+    );
+    let start = start.await;
+    if let Some(waited) = pending.picked_after() {
+        state.metrics.pickup(waited);
+    }
+    let (mut head, body_rx, whole) = match start? {
         ResponseStart::Head(head, rx) => (head, rx, None),
         ResponseStart::Whole(head, whole) => (head, None, Some(whole)),
         ResponseStart::Abort(why) => {
             return Err(RelayError::Agent(format!("the relay-client failed: {why}")))
         }
     };
+    // The agent that answered holds the request (one put back holds it again once taken).
+    let agent = pending
+        .claimed_by()
+        .ok_or_else(|| RelayError::Agent("the relay-client disconnected".into()))?;
     state.metrics.head(arrival.elapsed());
     let mut resp_headers = head
         .headers
@@ -134,6 +122,92 @@ pub async fn dispatch(
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
     Ok(resp)
+}
+
+/// When the waits for a request's agent end.
+struct Deadlines {
+    /// No agent took the request by then: 503.
+    pickup: tokio::time::Instant,
+    /// No response head by then (counted from the request's arrival): 504.
+    response: tokio::time::Instant,
+    response_timeout: std::time::Duration,
+}
+
+/// Waits for the response head: one wait from the queue to the head, with one timer, so
+/// the claim between them wakes nobody (`claimed` is set only for a traced request, whose
+/// pickup span ends at the claim). The pickup timeout applies until an agent takes the
+/// request, the response timeout after; draining refuses only requests no agent took.
+async fn wait_for_head(
+    state: &Arc<State>,
+    pending: &Arc<Pending>,
+    head_rx: oneshot::Receiver<ResponseStart>,
+    mut claimed: Option<oneshot::Receiver<()>>,
+    admission: Option<&Admission>,
+    at: Deadlines,
+    name: &str,
+) -> Result<ResponseStart, RelayError> {
+    let traced = claimed.is_some();
+    let wait_span = |what: &'static str| match traced {
+        true => tracing::info_span!("wait", otel.name = what, backend = %name),
+        false => tracing::Span::none(),
+    };
+    let mut span = wait_span("pickup");
+    let timer = tokio::time::sleep_until(at.pickup.min(at.response));
+    tokio::pin!(timer, head_rx);
+    let stopped = state.stop.cancelled();
+    tokio::pin!(stopped);
+    let mut stop_seen = false;
+    loop {
+        tokio::select! {
+            r = &mut head_rx => {
+                drop(span);
+                return r.map_err(|_| RelayError::Agent(
+                    "the relay-client failed before sending a response head".into()));
+            }
+            _ = async { claimed.as_mut().expect("only polled when set").await }, if claimed.is_some() => {
+                claimed = None;
+                span = wait_span("response head");
+            }
+            _ = &mut timer => {
+                let now = tokio::time::Instant::now();
+                let (deadline, waiting) = match pending.pickup() {
+                    Pickup::Waiting | Pickup::Over => (at.pickup, true),
+                    Pickup::Taken => (at.response, false),
+                };
+                if now < deadline {
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
+                if waiting {
+                    return Err(RelayError::PickupTimeout(name.to_owned()));
+                }
+                // Which agent holds it and where its response stands: what an operator
+                // needs to tell a slow backend from a request lost on the way.
+                tracing::warn!(
+                    id = %pending.id,
+                    name,
+                    agent = pending.claimed_by().as_deref().map_or("none", |a| a.id.as_str()),
+                    response = pending.response.describe(),
+                    "no response head within the response timeout (504)"
+                );
+                return Err(RelayError::ResponseTimeout(at.response_timeout));
+            }
+            _ = &mut stopped, if !stop_seen => {
+                // A request an agent took is answered during the drain.
+                if pending.pickup() != Pickup::Taken {
+                    return Err(RelayError::Draining);
+                }
+                stop_seen = true;
+            }
+            // Set when the agent holding the request is declared gone (a request put back
+            // and taken by another agent follows that one).
+            _ = pending.claimer_lost() => {
+                return Err(RelayError::Agent("the relay-client disconnected".into()));
+            }
+            why = pending.upload.failed() => return Err(refused_upload(why)),
+            _ = revoked(admission) => return Err(credential_revoked()),
+        }
+    }
 }
 
 /// The request in flight for `p`, with a fresh id (tagged with this replica in cluster

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{broker, info, request};
+use crate::agent::pending::Pickup;
 use crate::agent::upload_side::UploadSide;
 
 const HOLD: Duration = Duration::from_secs(30);
@@ -21,7 +22,8 @@ async fn a_poll_claims_queued_requests_up_to_its_max() {
     for _ in 0..3 {
         let (p, _rx) = request("n", UploadSide::none());
         ids.push(p.id.to_string());
-        let (g, claimed) = b.enqueue(&backend, p).expect("room");
+        let (tx, claimed) = tokio::sync::oneshot::channel();
+        let g = b.enqueue(&backend, p, Some(tx)).expect("room");
         guards.push(g);
         claims.push(claimed);
     }
@@ -31,11 +33,14 @@ async fn a_poll_claims_queued_requests_up_to_its_max() {
     let got: Vec<_> = batch.requests.iter().map(|h| h.id.clone()).collect();
     assert_eq!(got, ids[..2], "oldest first, no more than asked for");
     assert_eq!(b.parked(), 1);
-    let agent = claims
+    claims
         .remove(0)
         .await
-        .expect("the user side learns who claimed it");
+        .expect("a traced user side learns of the claim");
+    let agent = guards[0].pending().claimed_by().expect("claimed");
     assert_eq!(agent.id, "a1");
+    assert_eq!(guards[0].pending().pickup(), Pickup::Taken);
+    assert_eq!(guards[2].pending().pickup(), Pickup::Waiting);
     let batch = poll.next(8, HOLD, &stop).await;
     assert_eq!(batch.requests.len(), 1);
     assert_eq!(b.parked(), 0);
@@ -61,27 +66,30 @@ async fn queues_are_bounded_and_a_dropped_request_frees_its_slot() {
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(
-            b.enqueue(&ba, request("a", UploadSide::none()).0)
+            b.enqueue(&ba, request("a", UploadSide::none()).0, None)
                 .expect("room for a"),
         );
     }
     let full = b
-        .enqueue(&ba, request("a", UploadSide::none()).0)
+        .enqueue(&ba, request("a", UploadSide::none()).0, None)
         .err()
         .expect("a is full");
     assert_eq!(full.0, "a");
     held.push(
-        b.enqueue(&bb, request("b", UploadSide::none()).0)
+        b.enqueue(&bb, request("b", UploadSide::none()).0, None)
             .expect("room for b"),
     );
     assert!(
-        b.enqueue(&bb, request("b", UploadSide::none()).0).is_err(),
+        b.enqueue(&bb, request("b", UploadSide::none()).0, None)
+            .is_err(),
         "3 in all"
     );
     assert_eq!(b.parked(), 3);
     held.remove(0);
     assert_eq!(b.parked(), 2, "an abandoned request leaves the queue");
-    assert!(b.enqueue(&bb, request("b", UploadSide::none()).0).is_ok());
+    assert!(b
+        .enqueue(&bb, request("b", UploadSide::none()).0, None)
+        .is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -91,7 +99,7 @@ async fn a_claimed_request_dropped_by_its_user_is_cancelled_at_the_agent() {
     let backend = b.live_backend("n").unwrap();
     let (p, _rx) = request("n", UploadSide::none());
     let id = p.id;
-    let (guard, _claimed) = b.enqueue(&backend, p).unwrap();
+    let guard = b.enqueue(&backend, p, None).unwrap();
     let stop = CancellationToken::new();
     assert_eq!(poll.next(1, HOLD, &stop).await.requests.len(), 1);
     drop(guard);
@@ -108,7 +116,7 @@ async fn lookups_are_bound_to_the_names_a_caller_may_serve() {
     let backend = b.live_backend("n").unwrap();
     let (p, _rx) = request("n", UploadSide::none());
     let id = p.id.to_string();
-    let (_guard, _claimed) = b.enqueue(&backend, p).unwrap();
+    let _guard = b.enqueue(&backend, p, None).unwrap();
     assert!(b.lookup(&id, |name| name == "n").is_some());
     assert!(b.lookup(&id, |name| name == "other").is_none());
     assert!(b.lookup("not-an-id", |_| true).is_none());
@@ -169,11 +177,58 @@ async fn a_revoked_agent_is_gone_and_its_parked_poll_ends_without_work() {
     // claimable by the revoked one.
     let backend = b.live_backend("n").expect("a2 still serves");
     let (p, _rx) = request("n", UploadSide::none());
-    let (_guard, _claimed) = b.enqueue(&backend, p).unwrap();
+    let _guard = b.enqueue(&backend, p, None).unwrap();
     let mut out = Vec::new();
     backend.take(&agent, 4, &mut out);
     assert!(out.is_empty());
     // The last agent revoked: the name is gone, new requests are refused at once.
     assert_eq!(b.revoke(|_, _| false), 1);
     assert!(b.live_backend("n").is_none() && !b.is_connected("n"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_declared_gone_fails_the_requests_it_holds_and_no_others() {
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", None, false, info);
+    let _other = b.begin_poll("n", "a2", None, false, info);
+    let backend = b.live_backend("n").unwrap();
+    let held = b
+        .enqueue(&backend, request("n", UploadSide::none()).0, None)
+        .unwrap();
+    let batch = poll.next(1, HOLD, &CancellationToken::new()).await;
+    assert_eq!(batch.requests.len(), 1);
+    let waiting = b
+        .enqueue(&backend, request("n", UploadSide::none()).0, None)
+        .unwrap();
+    let lost = {
+        let p = held.pending().clone();
+        tokio::spawn(async move { p.claimer_lost().await })
+    };
+    let (first, second) = (held.pending().clone(), waiting.pending().clone());
+    let untouched = tokio::spawn(async move { second.claimer_lost().await });
+    tokio::task::yield_now().await;
+    drop(poll);
+    b.reap();
+    tokio::time::timeout(Duration::from_secs(1), lost)
+        .await
+        .expect("the request a1 held fails at once")
+        .unwrap();
+    assert_eq!(first.pickup(), Pickup::Taken);
+    tokio::task::yield_now().await;
+    assert!(
+        !untouched.is_finished(),
+        "a request no agent took waits for a2"
+    );
+    // A claim by an agent already declared gone fails at once too (it raced the sweep).
+    let gone = first.claimed_by().unwrap();
+    let mut out = Vec::new();
+    let late = request("n", UploadSide::none()).0;
+    late.set_queued(std::sync::Arc::new(Default::default()), None);
+    assert!(late.claim(&gone));
+    tokio::time::timeout(Duration::from_secs(1), late.claimer_lost())
+        .await
+        .expect("a claim by a gone agent is lost at once");
+    backend.take(&gone, 4, &mut out);
+    assert!(out.is_empty(), "a gone agent takes nothing");
+    untouched.abort();
 }

@@ -33,9 +33,8 @@ fn queue(
 ) -> Vec<PendingGuard> {
     (0..n)
         .map(|_| {
-            b.enqueue(backend, request("n", UploadSide::none()).0)
+            b.enqueue(backend, request("n", UploadSide::none()).0, None)
                 .unwrap()
-                .0
         })
         .collect()
 }
@@ -52,11 +51,11 @@ async fn an_answer_dropped_before_its_end_puts_its_requests_back_first_in_line()
     let (p1, _rx1) = request("n", UploadSide::none());
     let (p2, _rx2) = request("n", UploadSide::none());
     let (id1, id2) = (p1.id.to_string(), p2.id.to_string());
-    let (g1, claimed) = b.enqueue(&backend, p1).unwrap();
+    let g1 = b.enqueue(&backend, p1, None).unwrap();
     let stop = CancellationToken::new();
     let batch = first.next(1, HOLD, &stop).await;
-    assert!(claimed.await.is_ok(), "the user side learns of the claim");
-    let (_g2, _) = b.enqueue(&backend, p2).unwrap();
+    assert!(g1.pending().claimed_by().is_some(), "a1 claimed it");
+    let _g2 = b.enqueue(&backend, p2, None).unwrap();
     let handout = handout_of(&first, batch, 0);
     let body = PollAnswerBody::new("answer".into(), handout);
     drop(body);
@@ -69,12 +68,16 @@ async fn an_answer_dropped_before_its_end_puts_its_requests_back_first_in_line()
     assert_eq!(got, [id1, id2]);
     let pending = g1.pending().clone();
     assert_eq!(pending.claimed_by().unwrap().id, "a2");
-    let watch = tokio::spawn(async move { pending.claimer_gone().await });
+    let watch = tokio::spawn(async move { pending.claimer_lost().await });
     tokio::task::yield_now().await;
-    first.agent().gone.cancel();
+    let a1 = first.agent().clone();
+    drop(first);
+    b.reap();
+    assert!(a1.gone.is_cancelled());
     tokio::task::yield_now().await;
     assert!(!watch.is_finished(), "the first agent no longer holds it");
-    second.agent().gone.cancel();
+    drop(second);
+    b.reap();
     watch.await.unwrap();
 }
 
@@ -85,7 +88,7 @@ async fn an_answer_read_to_its_end_is_delivered_and_a_user_who_left_is_not_put_b
     let backend = b.live_backend("n").unwrap();
     let stop = CancellationToken::new();
     let (p, _rx) = request("n", UploadSide::none());
-    let (_g, _) = b.enqueue(&backend, p).unwrap();
+    let _g = b.enqueue(&backend, p, None).unwrap();
     let batch = poll.next(1, HOLD, &stop).await;
     let handout = handout_of(&poll, batch, 0);
     let body = PollAnswerBody::new("answer".into(), handout);
@@ -94,7 +97,7 @@ async fn an_answer_read_to_its_end_is_delivered_and_a_user_who_left_is_not_put_b
     assert_eq!(b.parked(), 0, "delivered: not queued again");
 
     let (p, _rx) = request("n", UploadSide::none());
-    let (g, _) = b.enqueue(&backend, p).unwrap();
+    let g = b.enqueue(&backend, p, None).unwrap();
     let batch = poll.next(1, HOLD, &stop).await;
     let mut handout = handout_of(&poll, batch, 7);
     drop(g);
@@ -135,14 +138,14 @@ async fn a_put_back_request_whose_name_lost_its_agents_fails_its_user() {
     let b = broker(8, 8);
     let poll = b.begin_poll("n", "a1", None, false, info);
     let backend = b.live_backend("n").unwrap();
-    let (g, _) = b
-        .enqueue(&backend, request("n", UploadSide::none()).0)
+    let g = b
+        .enqueue(&backend, request("n", UploadSide::none()).0, None)
         .unwrap();
     let batch = poll.next(1, HOLD, &CancellationToken::new()).await;
     let handout = handout_of(&poll, batch, 1);
     drop(handout);
     let pending = g.pending().clone();
-    let watch = tokio::spawn(async move { pending.claimer_gone().await });
+    let watch = tokio::spawn(async move { pending.claimer_lost().await });
     drop(poll);
     b.reap();
     watch.await.unwrap();
