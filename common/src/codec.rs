@@ -21,8 +21,9 @@ use crate::message::{decode_headers, encode_headers, ResponseHead, Trailers};
 pub enum BodyMsg {
     /// Body bytes.
     Data(Bytes),
-    /// Trailer fields; the body ends after them.
-    Trailers(HeaderMap),
+    /// Trailer fields; the body ends after them. Boxed: rare, and a `HeaderMap` inline
+    /// would triple the size of every message in the body channels.
+    Trailers(Box<HeaderMap>),
     /// Clean end of the body.
     End,
     /// The body broke (its reason); the receiver must fail its side, never end it cleanly.
@@ -174,9 +175,9 @@ fn decode_item(item: Item) -> Result<Message, ReadError> {
                 reason,
             };
             let t: Trailers = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
-            Message::Body(BodyMsg::Trailers(
+            Message::Body(BodyMsg::Trailers(Box::new(
                 decode_headers(&t.headers).map_err(|e| bad(e.to_string()))?,
-            ))
+            )))
         }
         Item::End => Message::Body(BodyMsg::End),
         Item::Abort(why) => Message::Body(BodyMsg::Abort(why)),
@@ -230,7 +231,7 @@ mod tests {
         let mut parts = vec![encode_head(&head)];
         parts.extend(encoded(BodyMsg::Data(Bytes::from_static(b"hello"))));
         parts.push(encode_continue());
-        parts.extend(encoded(BodyMsg::Trailers(trailers.clone())));
+        parts.extend(encoded(BodyMsg::Trailers(Box::new(trailers.clone()))));
         let total: usize = parts.iter().map(|b| b.len()).sum();
         for step in 1..=total {
             let mut r = FrameReader::new(wire(parts.clone(), step));
@@ -251,7 +252,7 @@ mod tests {
             assert_eq!(data, b"hello", "step {step}");
             assert!(matches!(next, Message::Continue));
             match r.next().await.unwrap() {
-                Message::Body(BodyMsg::Trailers(t)) => assert_eq!(t, trailers),
+                Message::Body(BodyMsg::Trailers(t)) => assert_eq!(*t, trailers),
                 other => panic!("{other:?}"),
             }
             assert!(matches!(r.next().await, Err(ReadError::Cut)));

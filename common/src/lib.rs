@@ -38,6 +38,7 @@ pub mod readbuf;
 pub mod session;
 pub mod signal;
 pub mod source;
+pub mod tunnel;
 pub mod v1alpha1;
 
 /// Protocol version announced by agents (`X-Relay-Protocol`) and checked by the server.

@@ -46,6 +46,9 @@ impl ReadBuf {
         rd: Pin<&mut R>,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<Option<Bytes>>> {
+        if self.next == MIN_READ {
+            return self.poll_read_quiet(rd, cx);
+        }
         if self.buf.capacity() - self.buf.len() < self.next {
             self.buf.reserve(self.next);
         }
@@ -60,12 +63,34 @@ impl ReadBuf {
             self.next = (self.next / 2).max(MIN_READ);
         }
         let data = self.buf.split().freeze();
-        // Drop the rest of a large allocation once the stream quiets down, so an idle
-        // stream does not keep the tail of its bulk-transfer buffer.
-        if self.next == MIN_READ && self.buf.capacity() > 4 * MIN_READ {
+        // Quiet again: the next reads wait on the stack, and the rest of the bulk-transfer
+        // buffer goes.
+        if self.next == MIN_READ {
             self.buf = BytesMut::new();
         }
         Poll::Ready(Ok(Some(data)))
+    }
+
+    /// A read of a quiet stream: it waits with a buffer on the stack, so a stream that idles
+    /// holds no heap at all (a read buffer reserved before the wait stays reserved for as
+    /// long as the wait lasts: 4 KiB per idle direction). What arrives is copied out (at
+    /// most [`MIN_READ`] bytes); a read that fills the buffer switches to heap reads.
+    fn poll_read_quiet<R: AsyncRead + ?Sized>(
+        &mut self,
+        rd: Pin<&mut R>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<Option<Bytes>>> {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); MIN_READ];
+        let mut into = tokio::io::ReadBuf::uninit(&mut stack);
+        std::task::ready!(rd.poll_read(cx, &mut into))?;
+        let got = into.filled();
+        if got.is_empty() {
+            return Poll::Ready(Ok(None));
+        }
+        if got.len() == MIN_READ {
+            self.next = (MIN_READ * 2).min(self.max);
+        }
+        Poll::Ready(Ok(Some(Bytes::copy_from_slice(got))))
     }
 
     /// `poll_read` as a future.
@@ -81,6 +106,21 @@ impl ReadBuf {
 mod tests {
     use super::{ReadBuf, MIN_READ};
     use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_quiet_stream_waits_without_a_heap_buffer() {
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        let mut buf = ReadBuf::new(64 * 1024);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(buf
+            .poll_read(std::pin::Pin::new(&mut rx), &mut cx)
+            .is_pending());
+        assert_eq!(buf.buf.capacity(), 0, "nothing reserved while waiting");
+        tx.write_all(b"hello").await.unwrap();
+        assert_eq!(&buf.read(&mut rx).await.unwrap().unwrap()[..], b"hello");
+        assert_eq!((buf.read_size(), buf.buf.capacity()), (MIN_READ, 0));
+    }
 
     #[tokio::test]
     async fn grows_while_reads_fill_and_shrinks_when_quiet() {

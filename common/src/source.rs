@@ -72,7 +72,7 @@ where
                     Poll::Ready(Some(Ok(f))) => match f.into_data() {
                         Ok(d) => BodyMsg::Data(d),
                         Err(f) => match f.into_trailers() {
-                            Ok(t) => BodyMsg::Trailers(t),
+                            Ok(t) => BodyMsg::Trailers(Box::new(t)),
                             Err(_) => continue,
                         },
                     },

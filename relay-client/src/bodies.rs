@@ -172,7 +172,7 @@ impl Body for UploadBody {
             Some(BodyMsg::Data(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
             Some(BodyMsg::Trailers(t)) => {
                 self.done = true;
-                Poll::Ready(Some(Ok(Frame::trailers(t))))
+                Poll::Ready(Some(Ok(Frame::trailers(*t))))
             }
             Some(BodyMsg::End) => {
                 self.done = true;

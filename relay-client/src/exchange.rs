@@ -15,6 +15,7 @@ use relay_common::codec::{encode_continue, BodyMsg, FrameReader, Message};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
 use relay_common::message::{BodyKind, RequestHead, ResponseHead};
 use relay_common::session::INLINE_BODY_MAX;
+use relay_common::tunnel::{write_frames, ReaderBody};
 use relay_common::BODY_CHANNEL_DEPTH;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -148,7 +149,7 @@ async fn serve_inner(
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return switch(ctx, &head, &mut resp, cancel).await;
+        return switch(ctx, &head, &mut resp, cancel, reply.is_some()).await;
     }
     let (parts, body) = resp.into_parts();
     let content_length = parts
@@ -187,6 +188,7 @@ async fn switch(
     head: &RequestHead,
     resp: &mut http::Response<BackendResponse>,
     cancel: &CancellationToken,
+    on_session: bool,
 ) -> Result<(), RelayCallError> {
     let answered = resp
         .headers()
@@ -216,20 +218,34 @@ async fn switch(
         content_length: None,
     };
     let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-    tunnel(ctx, &head.id, &rh, Box::new(rd), Box::new(wr), cancel).await
+    let ends = (Box::new(rd) as _, Box::new(wr) as _);
+    tunnel(ctx, &head.id, &rh, ends, cancel, on_session).await
 }
 
+/// The two directions of a switched connection on the agent's side.
+pub type Ends = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
 /// Carries a switched connection: the 101 `head` and then `rd`'s bytes go to the user as
-/// response DATA (END when `rd` ends: a half-close), and the user's bytes from upload
-/// exchanges are written to `wr` (a write shutdown when the user half-closes).
+/// response DATA (END when `rd` ends: a half-close), and the user's bytes are written to
+/// `wr` (a write shutdown when the user half-closes). On a session (upgrades pass) both
+/// directions share one tunnel exchange; otherwise, or when it is refused, they use a
+/// response exchange and upload exchanges.
 pub async fn tunnel(
     ctx: &Arc<Ctx>,
     id: &str,
     head: &ResponseHead,
-    rd: Box<dyn AsyncRead + Send + Unpin>,
-    mut wr: Box<dyn AsyncWrite + Send + Unpin>,
+    (rd, mut wr): Ends,
     cancel: &CancellationToken,
+    on_session: bool,
 ) -> Result<(), RelayCallError> {
+    if on_session {
+        if let Some(io) = ctx.relay.open_tunnel(id).await {
+            return carry(head, (rd, wr), TokioIo::new(io), cancel).await;
+        }
+    }
     let (tx, mut rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
     let relay = ctx.relay.clone();
     let up_id = id.to_owned();
@@ -279,6 +295,65 @@ pub async fn tunnel(
     Ok(())
 }
 
+/// Carries a switched connection on a tunnel exchange's connection `io`: the response's
+/// frames out (the 101 head, then `rd`'s bytes), the user's upload frames in (written to
+/// `wr`). As on exchanges, a clean end of one direction is a half-close and waits for the
+/// other; a failure ends both.
+async fn carry<IO>(
+    head: &ResponseHead,
+    (rd, mut wr): Ends,
+    io: IO,
+    cancel: &CancellationToken,
+) -> Result<(), RelayCallError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let (io_rd, mut io_wr) = tokio::io::split(io);
+    let down = async {
+        let frames = ResponseFrames::new(head, Some(Source::tunnel(rd)));
+        write_frames(frames, &mut io_wr)
+            .await
+            .map_err(|e| RelayCallError::Transport(e.to_string()))
+    };
+    let up = async {
+        let mut reader = FrameReader::new(ReaderBody::new(io_rd));
+        loop {
+            match reader.next().await {
+                Ok(Message::Body(BodyMsg::Data(b))) => {
+                    if wr.write_all(&b).await.is_err() {
+                        return false;
+                    }
+                }
+                // The user is quiet; the server says so now and then.
+                Ok(Message::Continue) => {}
+                // The user shut down writing: pass the half-close on.
+                Ok(Message::Body(BodyMsg::End | BodyMsg::Trailers(_))) => {
+                    let _ = wr.shutdown().await;
+                    return true;
+                }
+                Ok(Message::Body(BodyMsg::Abort(_)) | Message::Head(_)) | Err(_) => return false,
+            }
+        }
+    };
+    tokio::pin!(down, up);
+    tokio::select! {
+        r = &mut down => {
+            r?;
+            if !(&mut up).await {
+                cancel.cancel();
+            }
+        }
+        clean = &mut up => {
+            if clean {
+                down.await?;
+            } else {
+                cancel.cancel();
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A service-port call answered by the agent itself (see [`crate::service`]).
 async fn serve_service(
     ctx: &Arc<Ctx>,
@@ -309,7 +384,9 @@ async fn serve_service(
                         half_close,
                     ));
                     let (rd, wr) = tokio::io::split(relay_end);
-                    return tunnel(ctx, &head.id, &rh, Box::new(rd), Box::new(wr), cancel).await;
+                    let ends = (Box::new(rd) as _, Box::new(wr) as _);
+                    let on_session = reply.is_some();
+                    return tunnel(ctx, &head.id, &rh, ends, cancel, on_session).await;
                 }
             },
         },

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use relay_common::message::PollAnswer;
 use relay_common::session::{Heads, SESSION_PATH, SESSION_PROTOCOL_VERSION};
+use relay_common::tunnel::{TUNNEL_PATH, TUNNEL_UPGRADE};
 use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -49,6 +50,9 @@ pub struct RelayClient {
     /// The last ended session and the OPENs it received, told to the server by the next
     /// session so it can put back the requests that never arrived.
     resume: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
+    /// Cleared when a tunnel exchange is refused for good (a server without them, or a
+    /// proxy that drops the upgrade): tunnels then use response and upload exchanges.
+    tunnel_exchanges: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An open session's connection.
@@ -131,6 +135,7 @@ impl RelayClient {
             slot: 0,
             sessions: Arc::default(),
             resume: Arc::default(),
+            tunnel_exchanges: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -316,6 +321,46 @@ impl RelayClient {
         // The server has the resume now.
         *self.resume.lock().expect("bug: poisoned") = None;
         Ok(OpenSession { ws, number, heads })
+    }
+
+    /// Opens a tunnel exchange for request `id` (`relay_common::tunnel`): the switched
+    /// connection. `None` when tunnel exchanges are refused (remembered: later tunnels do
+    /// not ask again) or fail: the caller uses response and upload exchanges.
+    pub async fn open_tunnel(&self, id: &str) -> Option<hyper::upgrade::Upgraded> {
+        use std::sync::atomic::Ordering;
+        if !self.tunnel_exchanges.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut req = self.request(Method::GET, &format!("{TUNNEL_PATH}?id={id}"), empty());
+        let h = req.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static(TUNNEL_UPGRADE));
+        let switch = async {
+            let mut resp = self.upgrader.request(req).await.ok()?;
+            match resp.status() {
+                StatusCode::SWITCHING_PROTOCOLS => hyper::upgrade::on(&mut resp).await.ok(),
+                // A server without tunnel exchanges, or a proxy that dropped the upgrade.
+                s @ (StatusCode::NOT_FOUND
+                | StatusCode::UPGRADE_REQUIRED
+                | StatusCode::BAD_REQUEST) => {
+                    let text = read_text_limited(resp.into_body(), 4096)
+                        .await
+                        .unwrap_or_default();
+                    let text = String::from_utf8_lossy(&text);
+                    if s != StatusCode::NOT_FOUND || text.contains("no such agent endpoint") {
+                        tracing::info!(status = s.as_u16(), answer = %text.trim(),
+                            "tunnel exchanges refused: tunnels use response and upload exchanges");
+                        self.tunnel_exchanges.store(false, Ordering::Relaxed);
+                    }
+                    None
+                }
+                _ => None,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), switch)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Session `number` ended having received `opens` OPENs: the next session says so.

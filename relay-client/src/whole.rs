@@ -153,7 +153,7 @@ async fn post_whole(
     let streams = head.body == BodyKind::Stream;
     let chunks = head_and_data(&head, if streams { body } else { Bytes::new() });
     let last = streams.then(|| match trailers.map(|t| decode_headers(&t.headers)) {
-        Some(Ok(map)) => BodyMsg::Trailers(map),
+        Some(Ok(map)) => BodyMsg::Trailers(Box::new(map)),
         _ => BodyMsg::End,
     });
     post_chunks(ctx, id, chunks, last).await

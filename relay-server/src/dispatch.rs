@@ -102,6 +102,7 @@ pub async fn route(
                 | "/server/requeststream"
                 | "/server/probe"
                 | "/server/session"
+                | "/server/tunnel"
         )
     {
         let mut req = req;

@@ -91,6 +91,23 @@ async fn open_tunnel(relay: SocketAddr, extra: &[u8]) -> TcpStream {
 }
 
 #[tokio::test]
+async fn a_tunnel_of_a_session_agent_takes_one_tunnel_exchange_and_long_polls_take_exchanges() {
+    let addr = websocket_echo().await;
+    let (server, _agent) = relay_to(addr, "ws").await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/client/ws/socket", server.addr);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    // An agent on a session knows upgrades pass: both directions share one connection.
+    // One on long polls (the path may not pass upgrades) keeps the exchanges.
+    let want = u64::from(relay_tests::test_transport().tries_session());
+    assert_eq!(server.state.metrics.tunnel_exchanges(), want);
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
 async fn websocket_echo_with_a_real_client_library() {
     let addr = websocket_echo().await;
     let (server, _agent) = relay_to(addr, "ws").await;

@@ -16,7 +16,7 @@ use crate::agent::error::AgentCallError;
 use crate::agent::handout::PollAnswerBody;
 use crate::agent::pending::Pending;
 use crate::agent::registration::{AgentInfo, AgentProtocol};
-use crate::agent::{response, session, upload, v1alpha1};
+use crate::agent::{response, session, tunnel, upload, v1alpha1};
 use crate::base::auth::Grant;
 use crate::base::body::{full, text_response, RelayBody};
 use crate::State;
@@ -79,6 +79,10 @@ pub async fn serve(
         },
         "/server/requeststream" => match lookup(&state, &grant, query.id) {
             Ok(pending) => upload::serve(&state, pending, query.offset, query.max).await,
+            Err(e) => Err(e),
+        },
+        relay_common::tunnel::TUNNEL_PATH => match lookup(&state, &grant, query.id) {
+            Ok(pending) => tunnel::serve(&state, pending, req),
             Err(e) => Err(e),
         },
         // Answered before its body is read: an agent that gets this answer while its

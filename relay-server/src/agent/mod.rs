@@ -17,6 +17,7 @@ pub mod response_side;
 pub mod session;
 #[cfg(test)]
 mod tests;
+pub mod tunnel;
 pub mod upload;
 pub mod upload_side;
 pub mod v1alpha1;

@@ -6,8 +6,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use relay_common::codec::{BodyMsg, FrameReader, Message};
 
 use crate::agent::error::AgentCallError;
@@ -16,7 +17,7 @@ use crate::agent::response_side::{DeliverError, ResponseLease};
 use crate::base::body::{text_response, RelayBody};
 
 /// How an exchange that did not fail ended.
-enum Ended {
+pub(crate) enum Ended {
     /// A final frame: the response is complete.
     Complete,
     /// CONTINUE: the next exchange goes on.
@@ -24,7 +25,7 @@ enum Ended {
 }
 
 /// Why an exchange stopped early.
-enum Stopped {
+pub(crate) enum Stopped {
     UserGone,
     /// The user took none of the waiting bytes for the write timeout.
     UserStalled,
@@ -62,17 +63,42 @@ pub async fn serve(
         return Err(AgentCallError::Conflict(msg));
     }
     let mut lease = lease;
-    let result = tokio::select! {
-        r = run(&mut lease, req.into_body(), &pending) => r,
+    let mut reader = FrameReader::new(req.into_body());
+    let result = deliver(&mut lease, &mut reader, &pending).await;
+    settle(lease, result, &pending).map(|()| text_response(StatusCode::OK, "ok"))
+}
+
+/// Delivers what `reader` carries into the lease until a final frame or CONTINUE, the user
+/// leaving, or the user stalling.
+pub(crate) async fn deliver<B>(
+    lease: &mut ResponseLease,
+    reader: &mut FrameReader<B>,
+    pending: &Pending,
+) -> Result<Ended, Stopped>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    tokio::select! {
+        r = run(lease, reader, pending) => r,
         _ = pending.done.cancelled() => Err(Stopped::UserGone),
         // The housekeeping found the user taking none of its waiting bytes.
         _ = pending.account.stalled() => Err(Stopped::UserStalled),
-    };
+    }
+}
+
+/// What an exchange's end leaves behind: the lease handed on (CONTINUE, the user gone),
+/// finished, or failed; the agent's error when there is one.
+pub(crate) fn settle(
+    lease: ResponseLease,
+    result: Result<Ended, Stopped>,
+    pending: &Pending,
+) -> Result<(), AgentCallError> {
     match result {
-        Ok(Ended::Complete) => Ok(text_response(StatusCode::OK, "ok")),
+        Ok(Ended::Complete) => Ok(()),
         Ok(Ended::Continue) => {
             lease.hand_over();
-            Ok(text_response(StatusCode::OK, "ok"))
+            Ok(())
         }
         Err(Stopped::UserGone) => {
             lease.hand_over();
@@ -95,12 +121,15 @@ pub async fn serve(
 }
 
 /// Decodes the exchange's frames into the lease until a final frame or CONTINUE.
-async fn run(
+async fn run<B>(
     lease: &mut ResponseLease,
-    body: Incoming,
+    reader: &mut FrameReader<B>,
     pending: &Pending,
-) -> Result<Ended, Stopped> {
-    let mut reader = FrameReader::new(body);
+) -> Result<Ended, Stopped>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     loop {
         let msg = reader
             .next()

@@ -49,10 +49,27 @@ pub async fn serve(
     offset: Option<u64>,
     max: Option<u64>,
 ) -> Result<Response<RelayBody>, AgentCallError> {
+    let lease = lease_when_switched(&pending, offset).await?;
+    let max = max.unwrap_or(u64::MAX).max(1);
+    let exchange = UploadExchange::new(lease, max, state.cfg.exchange_idle, limits(state));
+    Ok(no_store(Response::builder())
+        .header(header::CONTENT_TYPE, "application/x-relay-frames")
+        // nginx passes this response on as it arrives instead of buffering it.
+        .header("x-accel-buffering", "no")
+        .body(exchange.boxed_unsync())
+        .expect("bug: static response"))
+}
+
+/// The upload of `pending` from `offset`, once it can be read: an upgrade's user bytes only
+/// after the 101 reached the user.
+pub(crate) async fn lease_when_switched(
+    pending: &Arc<Pending>,
+    offset: Option<u64>,
+) -> Result<UploadLease, AgentCallError> {
     let deadline = tokio::time::Instant::now() + UPGRADE_WAIT;
-    let lease = loop {
-        match lease(&pending, offset) {
-            Ok(lease) => break lease,
+    loop {
+        match lease(pending, offset) {
+            Ok(lease) => return Ok(lease),
             Err(Refusal::Refused(e)) => return Err(e),
             // An upgrade whose 101 has not reached the user yet: wait for the switch.
             Err(Refusal::Wait) => tokio::select! {
@@ -63,19 +80,15 @@ pub async fn serve(
                 }
             },
         }
-    };
-    let limits = UploadLimits {
+    }
+}
+
+/// The limits on user bodies the server is configured with.
+pub(crate) fn limits(state: &State) -> UploadLimits {
+    UploadLimits {
         max_body: state.cfg.max_request_body,
         inactivity: state.cfg.upload_inactivity_timeout,
-    };
-    let max = max.unwrap_or(u64::MAX).max(1);
-    let exchange = UploadExchange::new(lease, max, state.cfg.exchange_idle, limits);
-    Ok(no_store(Response::builder())
-        .header(header::CONTENT_TYPE, "application/x-relay-frames")
-        // nginx passes this response on as it arrives instead of buffering it.
-        .header("x-accel-buffering", "no")
-        .body(exchange.boxed_unsync())
-        .expect("bug: static response"))
+    }
 }
 
 /// One upload exchange, as the body of the `/server/requeststream` answer.

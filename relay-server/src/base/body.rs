@@ -198,7 +198,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
             }
             Some(BodyMsg::Trailers(t)) => {
                 this.done = true;
-                Poll::Ready(Some(Ok(Frame::trailers(t))))
+                Poll::Ready(Some(Ok(Frame::trailers(*t))))
             }
             Some(BodyMsg::End) => {
                 this.done = true;

@@ -69,6 +69,7 @@ pub struct Metrics {
     parked: Gauge,
     in_flight: Gauge,
     tunnels: Gauge,
+    tunnel_exchanges: Counter,
     connections: Gauge,
     buffered: Gauge,
     auth_failures: Family<SideLabel, Counter>,
@@ -97,6 +98,7 @@ impl Default for Metrics {
             parked: Gauge::default(),
             in_flight: Gauge::default(),
             tunnels: Gauge::default(),
+            tunnel_exchanges: Counter::default(),
             connections: Gauge::default(),
             buffered: Gauge::default(),
             auth_failures: Family::default(),
@@ -161,6 +163,11 @@ impl Default for Metrics {
             "open_tunnels",
             "Switched (101) connections",
             m.tunnels.clone(),
+        );
+        registry.register(
+            "tunnel_exchanges",
+            "Tunnels whose agent carried both directions on one tunnel exchange",
+            m.tunnel_exchanges.clone(),
         );
         registry.register(
             "open_connections",
@@ -270,6 +277,16 @@ impl Metrics {
     /// Counts a limit rejection.
     pub fn rejected(&self, limit: &'static str) {
         self.rejections.get_or_create(&LimitLabel { limit }).inc();
+    }
+
+    /// Counts a tunnel carried on a tunnel exchange.
+    pub fn tunnel_exchange(&self) {
+        self.tunnel_exchanges.inc();
+    }
+
+    /// Tunnels carried on tunnel exchanges so far.
+    pub fn tunnel_exchanges(&self) -> u64 {
+        self.tunnel_exchanges.get()
     }
 
     /// Rejections counted so far for `limit`.

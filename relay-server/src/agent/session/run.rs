@@ -406,7 +406,7 @@ async fn deliver_streamed(pending: Arc<Pending>, r: session::Response) {
             .fetch_add(len as u64, Ordering::Relaxed);
     }
     let last = match trailers {
-        Some(t) => BodyMsg::Trailers(t),
+        Some(t) => BodyMsg::Trailers(Box::new(t)),
         None => BodyMsg::End,
     };
     let _ = lease.end(last).await;

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderMap;
 use relay_common::codec::BodyMsg;
 use relay_common::message::{BodyKind, ResponseHead};
 
@@ -149,7 +148,7 @@ async fn a_response_streams_in_order_across_exchanges() {
     l.data(Bytes::from_static(b"c"), account.hold(1).await)
         .await
         .unwrap();
-    l.end(BodyMsg::Trailers(HeaderMap::new())).await.unwrap();
+    l.end(BodyMsg::Trailers(Box::default())).await.unwrap();
     drop(l);
     assert!(p.response.agent_finished());
     let mut got = Vec::new();

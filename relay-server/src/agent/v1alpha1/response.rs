@@ -154,7 +154,7 @@ async fn deliver(
         let last = if trailers.is_empty() {
             BodyMsg::End
         } else {
-            BodyMsg::Trailers(trailers)
+            BodyMsg::Trailers(Box::new(trailers))
         };
         lease.end(last).await?;
         // After a 101 the Go client closes its backend connection with the last message:
