@@ -24,9 +24,10 @@
 //! where `head` is the [`ResponseHead`], `body` the whole body and `trailers` (may be
 //! empty) the [`Trailers`]. Heads and trailers are JSON on a `relay-session.v2` session and
 //! length-prefixed fields ([`crate::heads`]) on a `relay-session.v3` one ([`Heads`]). Only whole responses of at most [`INLINE_BODY_MAX`] body
-//! bytes travel on the session; streaming bodies, bigger bodies, request bodies and
-//! tunnels use the exchanges of protocol 1 with the same request id, so bulk transfer
-//! keeps its dedicated connections and never delays the small requests on the session.
+//! bytes travel on the session; streaming bodies, bigger bodies and request bodies use the
+//! exchanges of protocol 1 with the same request id, and tunnels a tunnel exchange
+//! ([`crate::tunnel`]), so bulk transfer keeps its dedicated connections and never delays
+//! the small requests on the session.
 //!
 //! The agent keeps each RESPONSE until an ACK covers it; when a session is lost, the
 //! responses not acknowledged go again through `/server/response` exchanges (a duplicate

@@ -114,10 +114,8 @@ where
             }
             wr.write_all(&joined.split()).await?;
         } else {
-            if !joined.is_empty() {
-                wr.write_all(&joined.split()).await?;
-            }
-            wr.write_all(&data).await?;
+            // The frame header before a long payload goes in the same write (vectored).
+            write_both(wr, &joined.split(), &data).await?;
         }
     }
     if !joined.is_empty() {
@@ -125,6 +123,26 @@ where
     }
     wr.flush().await?;
     Ok(())
+}
+
+/// Writes `a` then `b`, in one vectored write where the writer takes both.
+async fn write_both<W: AsyncWrite + Unpin>(wr: &mut W, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() {
+        let n = wr
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    wr.write_all(b).await
 }
 
 #[cfg(test)]
