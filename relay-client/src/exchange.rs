@@ -15,9 +15,7 @@ use relay_common::codec::{encode_continue, BodyMsg, FrameReader, Message};
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
 use relay_common::message::{BodyKind, RequestHead, ResponseHead};
 use relay_common::session::INLINE_BODY_MAX;
-use relay_common::tunnel::{write_frames, ReaderBody};
 use relay_common::BODY_CHANNEL_DEPTH;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -28,6 +26,7 @@ use crate::error::RelayCallError;
 use crate::relay::{error_chain, RelayClient};
 use crate::service::{self, Call, LocalAnswer, Services};
 use crate::session::Reply;
+use crate::tunnel::tunnel;
 use crate::upstream::BackendResponse;
 use crate::upstream::{boxed, Backend};
 use crate::whole::{answer_whole, check_posted, post_error, post_local};
@@ -222,138 +221,6 @@ async fn switch(
     tunnel(ctx, &head.id, &rh, ends, cancel, on_session).await
 }
 
-/// The two directions of a switched connection on the agent's side.
-pub type Ends = (
-    Box<dyn AsyncRead + Send + Unpin>,
-    Box<dyn AsyncWrite + Send + Unpin>,
-);
-
-/// Carries a switched connection: the 101 `head` and then `rd`'s bytes go to the user as
-/// response DATA (END when `rd` ends: a half-close), and the user's bytes are written to
-/// `wr` (a write shutdown when the user half-closes). On a session (upgrades pass) both
-/// directions share one tunnel exchange; otherwise, or when it is refused, they use a
-/// response exchange and upload exchanges.
-pub async fn tunnel(
-    ctx: &Arc<Ctx>,
-    id: &str,
-    head: &ResponseHead,
-    (rd, mut wr): Ends,
-    cancel: &CancellationToken,
-    on_session: bool,
-) -> Result<(), RelayCallError> {
-    if on_session {
-        if let Some(io) = ctx.relay.open_tunnel(id).await {
-            return carry(head, (rd, wr), TokioIo::new(io), cancel).await;
-        }
-    }
-    let (tx, mut rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
-    let relay = ctx.relay.clone();
-    let up_id = id.to_owned();
-    let up = async move {
-        let pump = pump_upload(&relay, &up_id, tx);
-        let write = async {
-            while let Some(msg) = rx.recv().await {
-                match msg {
-                    BodyMsg::Data(b) => {
-                        if wr.write_all(&b).await.is_err() {
-                            return false;
-                        }
-                    }
-                    // The user shut down writing: pass the half-close on.
-                    BodyMsg::End | BodyMsg::Trailers(_) => {
-                        let _ = wr.shutdown().await;
-                        return true;
-                    }
-                    BodyMsg::Abort(_) => return false,
-                }
-            }
-            false
-        };
-        let (_, clean) = tokio::join!(pump, write);
-        clean
-    };
-    let frames = ResponseFrames::new(head, Some(Source::tunnel(rd)));
-    let down = send_response(ctx, id, frames);
-    tokio::pin!(down, up);
-    // A reset on the user side (ABORT) ends the whole tunnel at once: cancelling drops both
-    // halves, which closes the backend connection.
-    tokio::select! {
-        r = &mut down => {
-            r?;
-            if !(&mut up).await {
-                cancel.cancel();
-            }
-        }
-        clean = &mut up => {
-            if clean {
-                down.await?;
-            } else {
-                cancel.cancel();
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Carries a switched connection on a tunnel exchange's connection `io`: the response's
-/// frames out (the 101 head, then `rd`'s bytes), the user's upload frames in (written to
-/// `wr`). As on exchanges, a clean end of one direction is a half-close and waits for the
-/// other; a failure ends both.
-async fn carry<IO>(
-    head: &ResponseHead,
-    (rd, mut wr): Ends,
-    io: IO,
-    cancel: &CancellationToken,
-) -> Result<(), RelayCallError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
-    let (io_rd, mut io_wr) = tokio::io::split(io);
-    let down = async {
-        let frames = ResponseFrames::new(head, Some(Source::tunnel(rd)));
-        write_frames(frames, &mut io_wr)
-            .await
-            .map_err(|e| RelayCallError::Transport(e.to_string()))
-    };
-    let up = async {
-        let mut reader = FrameReader::new(ReaderBody::new(io_rd));
-        loop {
-            match reader.next().await {
-                Ok(Message::Body(BodyMsg::Data(b))) => {
-                    if wr.write_all(&b).await.is_err() {
-                        return false;
-                    }
-                }
-                // The user is quiet; the server says so now and then.
-                Ok(Message::Continue) => {}
-                // The user shut down writing: pass the half-close on.
-                Ok(Message::Body(BodyMsg::End | BodyMsg::Trailers(_))) => {
-                    let _ = wr.shutdown().await;
-                    return true;
-                }
-                Ok(Message::Body(BodyMsg::Abort(_)) | Message::Head(_)) | Err(_) => return false,
-            }
-        }
-    };
-    tokio::pin!(down, up);
-    tokio::select! {
-        r = &mut down => {
-            r?;
-            if !(&mut up).await {
-                cancel.cancel();
-            }
-        }
-        clean = &mut up => {
-            if clean {
-                down.await?;
-            } else {
-                cancel.cancel();
-            }
-        }
-    }
-    Ok(())
-}
-
 /// A service-port call answered by the agent itself (see [`crate::service`]).
 async fn serve_service(
     ctx: &Arc<Ctx>,
@@ -402,7 +269,7 @@ async fn serve_service(
     .await
 }
 
-async fn send_response(
+pub(crate) async fn send_response(
     ctx: &Ctx,
     id: &str,
     mut frames: ResponseFrames,
@@ -448,7 +315,7 @@ async fn send_response(
 }
 
 /// Pulls the user's upload through `/server/requeststream` exchanges into `tx`.
-async fn pump_upload(relay: &RelayClient, id: &str, tx: mpsc::Sender<BodyMsg>) {
+pub(crate) async fn pump_upload(relay: &RelayClient, id: &str, tx: mpsc::Sender<BodyMsg>) {
     let mut offset = 0u64;
     loop {
         let body = match relay.request_stream(id, offset, None).await {

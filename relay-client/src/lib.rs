@@ -40,6 +40,7 @@ pub mod service;
 pub mod session;
 pub mod splice;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 pub mod whole;
 

@@ -13,7 +13,6 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use relay_common::message::PollAnswer;
 use relay_common::session::{Heads, SESSION_PATH, SESSION_PROTOCOL_VERSION};
-use relay_common::tunnel::{TUNNEL_PATH, TUNNEL_UPGRADE};
 use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -35,7 +34,7 @@ pub struct RelayClient {
     client: Arc<RwLock<Client<tls::Connector, CallBody>>>,
     connector: tls::Connector,
     /// HTTP/1.1 only: a session is an HTTP/1.1 upgrade (RFC 9110 §7.8).
-    upgrader: Client<tls::Connector, CallBody>,
+    pub(crate) upgrader: Client<tls::Connector, CallBody>,
     base: String,
     /// `None` when the client certificate authenticates the agent.
     auth: Option<HeaderValue>,
@@ -52,7 +51,7 @@ pub struct RelayClient {
     resume: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
     /// Cleared when a tunnel exchange is refused for good (a server without them, or a
     /// proxy that drops the upgrade): tunnels then use response and upload exchanges.
-    tunnel_exchanges: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) tunnel_exchanges: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An open session's connection.
@@ -139,7 +138,12 @@ impl RelayClient {
         })
     }
 
-    fn request(&self, method: Method, path_and_query: &str, body: CallBody) -> Request<CallBody> {
+    pub(crate) fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: CallBody,
+    ) -> Request<CallBody> {
         let uri: Uri = format!("{}{}", self.base, path_and_query)
             .parse()
             .expect("bug: relay URLs are built from validated parts");
@@ -323,46 +327,6 @@ impl RelayClient {
         Ok(OpenSession { ws, number, heads })
     }
 
-    /// Opens a tunnel exchange for request `id` (`relay_common::tunnel`): the switched
-    /// connection. `None` when tunnel exchanges are refused (remembered: later tunnels do
-    /// not ask again) or fail: the caller uses response and upload exchanges.
-    pub async fn open_tunnel(&self, id: &str) -> Option<hyper::upgrade::Upgraded> {
-        use std::sync::atomic::Ordering;
-        if !self.tunnel_exchanges.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut req = self.request(Method::GET, &format!("{TUNNEL_PATH}?id={id}"), empty());
-        let h = req.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static(TUNNEL_UPGRADE));
-        let switch = async {
-            let mut resp = self.upgrader.request(req).await.ok()?;
-            match resp.status() {
-                StatusCode::SWITCHING_PROTOCOLS => hyper::upgrade::on(&mut resp).await.ok(),
-                // A server without tunnel exchanges, or a proxy that dropped the upgrade.
-                s @ (StatusCode::NOT_FOUND
-                | StatusCode::UPGRADE_REQUIRED
-                | StatusCode::BAD_REQUEST) => {
-                    let text = read_text_limited(resp.into_body(), 4096)
-                        .await
-                        .unwrap_or_default();
-                    let text = String::from_utf8_lossy(&text);
-                    if s != StatusCode::NOT_FOUND || text.contains("no such agent endpoint") {
-                        tracing::info!(status = s.as_u16(), answer = %text.trim(),
-                            "tunnel exchanges refused: tunnels use response and upload exchanges");
-                        self.tunnel_exchanges.store(false, Ordering::Relaxed);
-                    }
-                    None
-                }
-                _ => None,
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), switch)
-            .await
-            .ok()
-            .flatten()
-    }
-
     /// Session `number` ended having received `opens` OPENs: the next session says so.
     pub fn session_ended(&self, number: u64, opens: u64) {
         *self.resume.lock().expect("bug: poisoned") = Some((number, opens));
@@ -446,7 +410,10 @@ fn status_error(status: StatusCode, body: &[u8]) -> RelayCallError {
     }
 }
 
-async fn read_text_limited(body: Incoming, limit: usize) -> Result<Bytes, RelayCallError> {
+pub(crate) async fn read_text_limited(
+    body: Incoming,
+    limit: usize,
+) -> Result<Bytes, RelayCallError> {
     let limited = http_body_util::Limited::new(body, limit);
     limited
         .collect()
