@@ -94,18 +94,8 @@ pub async fn tunnel(
         let pump = pump_upload(&relay, &up_id, tx);
         let write = async {
             while let Some(msg) = rx.recv().await {
-                match msg {
-                    BodyMsg::Data(b) => {
-                        if wr.write_all(&b).await.is_err() {
-                            return false;
-                        }
-                    }
-                    // The user shut down writing: pass the half-close on.
-                    BodyMsg::End | BodyMsg::Trailers(_) => {
-                        let _ = wr.shutdown().await;
-                        return true;
-                    }
-                    BodyMsg::Abort(_) => return false,
+                if let Some(clean) = write_to_backend(&mut wr, msg).await {
+                    return clean;
                 }
             }
             false
@@ -115,25 +105,7 @@ pub async fn tunnel(
     };
     let frames = ResponseFrames::new(head, Some(Source::tunnel(rd)));
     let down = send_response(ctx, id, frames);
-    tokio::pin!(down, up);
-    // A reset on the user side (ABORT) ends the whole tunnel at once: cancelling drops both
-    // halves, which closes the backend connection.
-    tokio::select! {
-        r = &mut down => {
-            r?;
-            if !(&mut up).await {
-                cancel.cancel();
-            }
-        }
-        clean = &mut up => {
-            if clean {
-                down.await?;
-            } else {
-                cancel.cancel();
-            }
-        }
-    }
-    Ok(())
+    both_directions(down, up, cancel).await
 }
 
 /// Carries a switched connection on a tunnel exchange's connection `io`: the response's
@@ -160,22 +132,43 @@ where
         let mut reader = FrameReader::new(ReaderBody::new(io_rd));
         loop {
             match reader.next().await {
-                Ok(Message::Body(BodyMsg::Data(b))) => {
-                    if wr.write_all(&b).await.is_err() {
-                        return false;
+                Ok(Message::Body(msg)) => {
+                    if let Some(clean) = write_to_backend(&mut wr, msg).await {
+                        return clean;
                     }
                 }
                 // The user is quiet; the server says so now and then.
                 Ok(Message::Continue) => {}
-                // The user shut down writing: pass the half-close on.
-                Ok(Message::Body(BodyMsg::End | BodyMsg::Trailers(_))) => {
-                    let _ = wr.shutdown().await;
-                    return true;
-                }
-                Ok(Message::Body(BodyMsg::Abort(_)) | Message::Head(_)) | Err(_) => return false,
+                Ok(Message::Head(_)) | Err(_) => return false,
             }
         }
     };
+    both_directions(down, up, cancel).await
+}
+
+/// Writes one of the user's body messages to the backend's side of the tunnel. `None`
+/// while the tunnel goes on; `Some(true)` once the user half-closed (passed on as a write
+/// shutdown), `Some(false)` when the user reset or the backend stopped taking bytes.
+async fn write_to_backend(wr: &mut (dyn AsyncWrite + Send + Unpin), msg: BodyMsg) -> Option<bool> {
+    match msg {
+        BodyMsg::Data(b) => wr.write_all(&b).await.is_err().then_some(false),
+        BodyMsg::End | BodyMsg::Trailers(_) => {
+            let _ = wr.shutdown().await;
+            Some(true)
+        }
+        BodyMsg::Abort(_) => Some(false),
+    }
+}
+
+/// Runs a tunnel's two directions: `down` (backend to user) and `up` (user to backend,
+/// `true` on a clean half-close). A clean end of one waits for the other; a reset on the
+/// user side or a backend that stopped taking bytes ends the whole tunnel at once:
+/// cancelling drops both halves, which closes the backend connection.
+async fn both_directions(
+    down: impl std::future::Future<Output = Result<(), RelayCallError>>,
+    up: impl std::future::Future<Output = bool>,
+    cancel: &CancellationToken,
+) -> Result<(), RelayCallError> {
     tokio::pin!(down, up);
     tokio::select! {
         r = &mut down => {

@@ -107,6 +107,57 @@ async fn a_tunnel_of_a_session_agent_takes_one_tunnel_exchange_and_long_polls_ta
     ws.close(None).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_exchange_cut_mid_tunnel_closes_the_users_connection_and_the_agent_serves_on() {
+    let (addr, _early) = raw_echo_backend().await;
+    let server = Server::default().await;
+    // The agent reaches the server through a proxy that can cut its connections: the
+    // session's and the tunnel exchange's.
+    let cut = cuttable_proxy(server.addr).await;
+    let mut cfg = Agent::config(
+        &format!("http://{}", cut.addr),
+        "e",
+        &format!("http://{addr}"),
+    );
+    cfg.transport = Transport::Websocket;
+    let _agent = Agent::start(cfg);
+    server.wait_agent("e").await;
+    let mut s = open_tunnel(server.addr, b"").await;
+    for i in 0..5 {
+        let msg = format!("line {i}\n");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg.as_bytes());
+    }
+    assert_eq!(server.state.metrics.tunnel_exchanges(), 1);
+    cut.cut_all();
+    // The user's connection ends: no byte more (no "bye": the backend never saw a clean
+    // half-close), and not as a half-close either. A half-closed tunnel would go on taking
+    // the user's bytes; a closed one refuses them.
+    let ended = async {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "bytes after the cut: {rest:?}");
+        let chunk = vec![b'x'; 65536];
+        while s.write_all(&chunk).await.is_ok() {}
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), ended)
+        .await
+        .expect("the user's connection stayed open after its tunnel exchange was cut");
+    server.wait_idle().await;
+    // The agent, alive, opens a new session and tunnels again.
+    server.wait_agent("e").await;
+    let mut s = open_tunnel(server.addr, b"").await;
+    s.write_all(b"again").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.unwrap();
+    assert_eq!(all, b"againbye");
+    assert_eq!(server.state.metrics.tunnel_exchanges(), 2);
+    server.wait_idle().await;
+}
+
 #[tokio::test]
 async fn websocket_echo_with_a_real_client_library() {
     let addr = websocket_echo().await;

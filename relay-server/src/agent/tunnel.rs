@@ -13,6 +13,7 @@ use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use relay_common::codec::FrameReader;
+use relay_common::headers::has_token;
 use relay_common::tunnel::{write_frames, ReaderBody, TUNNEL_UPGRADE};
 
 use crate::agent::endpoints::no_store;
@@ -31,15 +32,9 @@ pub fn serve(
     pending: Arc<Pending>,
     mut req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, AgentCallError> {
-    let asks = |name: header::HeaderName, token: &str| {
-        req.headers().get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
     if req.method() != http::Method::GET
-        || !asks(header::UPGRADE, TUNNEL_UPGRADE)
-        || !asks(header::CONNECTION, "upgrade")
+        || !has_token(req.headers(), header::UPGRADE, TUNNEL_UPGRADE)
+        || !has_token(req.headers(), header::CONNECTION, "upgrade")
     {
         return Err(AgentCallError::UpgradeRequired(format!(
             "a tunnel exchange is GET with Upgrade: {TUNNEL_UPGRADE}"

@@ -15,6 +15,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use relay_common::carrier::ws_config;
+use relay_common::headers::has_token;
 use relay_common::session::Heads;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -104,15 +105,9 @@ pub fn serve(
 /// what is missing: a proxy that drops `Upgrade` (nginx without WebSocket settings) gets
 /// this answer, and the agent falls back to long polls.
 fn websocket_key(req: &Request<Incoming>) -> Result<String, AgentCallError> {
-    let has = |name: header::HeaderName, token: &str| {
-        req.headers().get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
     if req.method() != http::Method::GET
-        || !has(header::UPGRADE, "websocket")
-        || !has(header::CONNECTION, "upgrade")
+        || !has_token(req.headers(), header::UPGRADE, "websocket")
+        || !has_token(req.headers(), header::CONNECTION, "upgrade")
     {
         return Err(AgentCallError::UpgradeRequired(
             "an agent session is a WebSocket: send GET with Upgrade: websocket".into(),
