@@ -12,13 +12,13 @@ start_small_requests() {
   target/release/relay-bench backend >"$out/backend.log" 2>&1 &
   until grep -q '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
-  ${server_wrap[@]+"${server_wrap[@]}"} target/release/relay-server --listen 127.0.0.1:0 \
-    --agent-token "*=$token" >"$out/server.log" 2>&1 &
+  ${server_wrap[@]+"${server_wrap[@]}"} target/release/relay-server ${SERVER_ARGS:-} --listen 127.0.0.1:0 \
+    --agent-token "*=$token" --log "${LOG:-info}" >"$out/server.log" 2>&1 &
   server=$!
   until grep -q 'listening on http://' "$out/server.log"; do sleep 0.2; done
   url=$(grep -o 'http://[0-9.:]*' "$out/server.log" | head -1)
   ${agent_wrap[@]+"${agent_wrap[@]}"} target/release/relay-client --relay-url "$url" --name p \
-    --backend-url "http://$backend" --token "$token" >"$out/agent.log" 2>&1 &
+    --backend-url "http://$backend" --token "$token" --log "${LOG:-info}" ${AGENT_ARGS:-} >"$out/agent.log" 2>&1 &
   agent=$!
   until curl -sf -o /dev/null "$url/client/p/small"; do sleep 0.2; done
   urls=()

@@ -251,6 +251,35 @@ async fn backend_url_path_is_prepended_and_host_can_be_rewritten() {
 }
 
 #[tokio::test]
+async fn a_header_count_limit_other_than_hyper_s_own_is_kept() {
+    let (backend, seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.max_headers = 20;
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "a",
+        &format!("http://{backend}"),
+    ));
+    server.wait_agent("a").await;
+    let head = |fields: usize| {
+        let extra: String = (0..fields - 2).map(|i| format!("X-H{i}: v\r\n")).collect();
+        format!("GET /client/a/ HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n")
+    };
+    for (fields, want) in [(21, "HTTP/1.1 431 "), (20, "HTTP/1.1 200 ")] {
+        let text =
+            String::from_utf8_lossy(&raw_exchange(server.addr, head(fields).as_bytes()).await)
+                .into_owned();
+        assert!(
+            text.starts_with(want),
+            "{fields} fields: want {want}, got {:?}",
+            text.lines().next()
+        );
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn oversized_heads_targets_and_header_counts_are_refused() {
     let (backend, seen) = recording_backend().await;
     let (server, _agent) = relay_to(backend, "a").await;
