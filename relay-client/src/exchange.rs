@@ -108,6 +108,9 @@ pub async fn serve(
     .await
 }
 
+/// The paths a small request does not take (services, errors, a switch, a streamed
+/// response) are boxed where they are awaited: a future is as large as its largest await,
+/// and this one is built on the stack and copied into its parent whole, on every request.
 async fn serve_inner(
     ctx: &Arc<Ctx>,
     mut head: RequestHead,
@@ -115,7 +118,7 @@ async fn serve_inner(
     reply: Option<&Reply>,
 ) -> Result<(), RelayCallError> {
     if let Some(call) = ctx.services.route(&head) {
-        return serve_service(ctx, &head, call, cancel, reply).await;
+        return Box::pin(serve_service(ctx, &head, call, cancel, reply)).await;
     }
     let body = if head.body == BodyKind::Stream {
         let (tx, rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
@@ -134,7 +137,16 @@ async fn serve_inner(
     };
     let req = match ctx.backend.build(&mut head, body) {
         Ok(r) => r,
-        Err(e) => return post_error(ctx, reply, &head.id, StatusCode::BAD_REQUEST, &e.0).await,
+        Err(e) => {
+            return Box::pin(post_error(
+                ctx,
+                reply,
+                &head.id,
+                StatusCode::BAD_REQUEST,
+                &e.0,
+            ))
+            .await
+        }
     };
     let mut resp = match ctx.backend.send(req).await {
         Ok(r) => r,
@@ -144,11 +156,18 @@ async fn serve_inner(
                 error_chain(&e)
             );
             tracing::warn!(id = head.id, error = %msg, "backend request failed");
-            return post_error(ctx, reply, &head.id, StatusCode::BAD_GATEWAY, &msg).await;
+            return Box::pin(post_error(
+                ctx,
+                reply,
+                &head.id,
+                StatusCode::BAD_GATEWAY,
+                &msg,
+            ))
+            .await;
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return switch(ctx, &head, &mut resp, cancel, reply.is_some()).await;
+        return Box::pin(switch(ctx, &head, &mut resp, cancel, reply.is_some())).await;
     }
     let (parts, body) = resp.into_parts();
     let content_length = parts
@@ -176,7 +195,7 @@ async fn serve_inner(
         return answer_whole(ctx, out, &head.id, rh, body).await;
     }
     let frames = ResponseFrames::new(&rh, has_body.then_some(Source::Body(body.streamed())));
-    send_response(ctx, &head.id, frames).await
+    Box::pin(send_response(ctx, &head.id, frames)).await
 }
 
 /// The backend answered 101: if the user asked for exactly this switch, relay the 101 and
