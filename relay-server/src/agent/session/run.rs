@@ -98,6 +98,9 @@ pub async fn run(
     }
     tracing::info!(name, agent = agent_id, slot, ?heads, "agent session opened");
     let mut credit = 0usize;
+    // The most credit the agent has given at once: credit below it means requests are
+    // out on the agent (a load signal for coalescing, below).
+    let mut most_credit = 0usize;
     let mut agent_draining = false;
     let mut last_in = Instant::now();
     // Fires SILENT_LIMIT after the last frame seen when it was armed; re-armed then if a
@@ -157,7 +160,15 @@ pub async fn run(
         }
         tokio::select! {
             // Something to claim: the next turn takes it.
-            _ = handle.wait(max) => {}
+            _ = handle.wait(max) => {
+                // Under load (requests already out on the agent), let the other users'
+                // tasks that are ready run first, so that their requests leave in the same
+                // message: 3.9 -> 3.75 system calls per request at 16 connections. Alone,
+                // a request goes at once (a yield there only added latency).
+                if credit < most_credit {
+                    tokio::task::yield_now().await;
+                }
+            }
             _ = &mut stopped => break End::Stopped,
             _ = &mut revoked => break End::Revoked,
             read = carrier::read(&mut stream, heads) => {
@@ -169,7 +180,10 @@ pub async fn run(
                 let before = responses;
                 for frame in frames {
                     match frame {
-                        Frame::Credit(n) => credit = (credit + n as usize).min(MAX_CREDIT),
+                        Frame::Credit(n) => {
+                            credit = (credit + n as usize).min(MAX_CREDIT);
+                            most_credit = most_credit.max(credit);
+                        }
                         Frame::Response(r) => {
                             responses += 1;
                             deliver_response(&state, &grant, r);
