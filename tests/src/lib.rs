@@ -327,7 +327,16 @@ pub async fn body_bytes(b: Incoming) -> Result<Bytes, hyper::Error> {
 
 /// Starts a server and one agent for `name` in front of `backend`, waits until connected.
 pub async fn relay_to(backend: SocketAddr, name: &str) -> (Server, Agent) {
-    let server = Server::default().await;
+    relay_with(server_config(), backend, name).await
+}
+
+/// [`relay_to`] with the server's settings `cfg`.
+pub async fn relay_with(
+    cfg: relay_server::Config,
+    backend: SocketAddr,
+    name: &str,
+) -> (Server, Agent) {
+    let server = Server::start(cfg).await;
     let agent = Agent::start(Agent::config(
         &server.url(),
         name,

@@ -122,13 +122,7 @@ async fn an_early_refusal_with_an_unread_body_does_not_desync() {
         Secret("user-token-0123456789abcdef".into()),
     )];
     cfg.max_request_body = Some(10);
-    let server = Server::start(cfg).await;
-    let _agent = Agent::start(Agent::config(
-        &server.url(),
-        "a",
-        &format!("http://{backend}"),
-    ));
-    server.wait_agent("a").await;
+    let (server, _agent) = relay_with(cfg, backend, "a").await;
     let inner = "GET /client/a/smuggled HTTP/1.1\r\nHost: x\r\nX-Relay-Token: user-token-0123456789abcdef\r\n\r\n";
     // Refused for lack of a token; the body is a whole request.
     let raw = format!(
@@ -154,13 +148,7 @@ async fn forwarding_headers_are_trusted_only_from_trusted_proxies() {
     let (backend, seen) = recording_backend().await;
     let mut cfg = server_config();
     cfg.trusted_proxies = vec!["127.0.0.2".parse().unwrap()];
-    let server = Server::start(cfg).await;
-    let _agent = Agent::start(Agent::config(
-        &server.url(),
-        "a",
-        &format!("http://{backend}"),
-    ));
-    server.wait_agent("a").await;
+    let (server, _agent) = relay_with(cfg, backend, "a").await;
     let forged = "GET /client/a/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.7\r\nX-Real-IP: 203.0.113.7\r\nForwarded: for=203.0.113.7\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: bank.example\r\nConnection: close\r\n\r\n";
     for from in ["127.0.0.1", "127.0.0.2"] {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

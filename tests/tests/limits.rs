@@ -330,13 +330,7 @@ async fn request_body_over_the_limit_is_413() {
     let (backend, seen) = recording_backend().await;
     let mut cfg = server_config();
     cfg.max_request_body = Some(1000);
-    let server = Server::start(cfg).await;
-    let _agent = Agent::start(Agent::config(
-        &server.url(),
-        "a",
-        &format!("http://{backend}"),
-    ));
-    server.wait_agent("a").await;
+    let (server, _agent) = relay_with(cfg, backend, "a").await;
     let c = client();
     let url = format!("{}/client/a/up", server.url());
     // Declared too large: refused before anything is relayed.
@@ -380,13 +374,7 @@ async fn stalled_upload_is_408() {
     let (backend, _seen) = recording_backend().await;
     let mut cfg = server_config();
     cfg.upload_inactivity_timeout = Duration::from_millis(300);
-    let server = Server::start(cfg).await;
-    let _agent = Agent::start(Agent::config(
-        &server.url(),
-        "a",
-        &format!("http://{backend}"),
-    ));
-    server.wait_agent("a").await;
+    let (server, _agent) = relay_with(cfg, backend, "a").await;
     let (tx, body) = channel_body(4);
     tx.send(data(Bytes::from_static(b"first bytes")))
         .await

@@ -255,13 +255,7 @@ async fn a_header_count_limit_other_than_hyper_s_own_is_kept() {
     let (backend, seen) = recording_backend().await;
     let mut cfg = server_config();
     cfg.max_headers = 20;
-    let server = Server::start(cfg).await;
-    let _agent = Agent::start(Agent::config(
-        &server.url(),
-        "a",
-        &format!("http://{backend}"),
-    ));
-    server.wait_agent("a").await;
+    let (server, _agent) = relay_with(cfg, backend, "a").await;
     let head = |fields: usize| {
         let extra: String = (0..fields - 2).map(|i| format!("X-H{i}: v\r\n")).collect();
         format!("GET /client/a/ HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n")
