@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use crate::agent::{endpoints, v1alpha1};
 use crate::base::auth::Grant;
 use crate::base::body::{full, text_response, BodyError, RelayBody};
+use crate::cluster::parked;
 use crate::listener::Face;
 use crate::user::downstream;
 use crate::user::error::RelayError;
@@ -170,11 +171,11 @@ async fn deliver(state: Arc<State>, prepared: Prepared) -> Result<Response<Relay
     if let Some(cluster) = &state.cluster {
         // Another replica may hold an agent for the name. An agent reached through a
         // balancer moves between replicas as its connections do, so a local agent without
-        // a parked poll may not come back here: then a replica that holds the name is
-        // preferred too.
+        // a parked poll may not come back here: then a replica that holds the name with a
+        // poll parked is preferred; with none parked anywhere, the local agent keeps it.
         if local.as_ref().is_none_or(|b| !b.has_parked_poll()) {
-            match cluster.replicas_for(&name).await {
-                Ok(peers) if !peers.is_empty() => {
+            match parked::route(cluster, &name, local.is_some()).await {
+                Ok(Some(peers)) => {
                     return crate::cluster::peer::forward_user(&state, cluster, prepared, peers)
                         .await
                 }

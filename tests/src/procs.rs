@@ -151,7 +151,11 @@ pub fn relay_server(args: &[&str]) -> (Proc, SocketAddr) {
         &format!("*={}", crate::TOKEN),
     ])
     .args(args)
-    .env("RELAY_LOG", "info");
+    // RELAY_TEST_LOG=debug shows a failing test's server side (with RELAY_TEST_ECHO=1).
+    .env(
+        "RELAY_LOG",
+        std::env::var("RELAY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    );
     let mut p = Proc::spawn(cmd);
     let addr = p.wait_addr("relay-server listening on http://");
     (p, addr)

@@ -91,8 +91,10 @@ async fn count(url: String, body: relay_tests::TestBody) -> String {
         .request(Request::post(url).body(body).unwrap())
         .await
         .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    String::from_utf8(body_bytes(resp.into_body()).await.unwrap().to_vec()).unwrap()
+    let status = resp.status();
+    let text = String::from_utf8(body_bytes(resp.into_body()).await.unwrap().to_vec()).unwrap();
+    assert_eq!(status, StatusCode::OK, "{text}");
+    text
 }
 
 /// A GET through `base` for backend `name`.
@@ -492,6 +494,35 @@ async fn agents_on_several_replicas_share_the_load_and_real_agents_work_through_
             count(format!("http://{lb}/client/lb/count"), full(body)).await,
             (10_000 + i).to_string()
         );
+    }
+}
+
+#[tokio::test]
+async fn a_request_goes_where_the_agents_poll_is_parked_not_where_its_name_lingers() {
+    // An agent that moved (a balancer, a restart) leaves a replica that still holds its name:
+    // the agent's record there lingers for the agent grace and the directory's entry for its
+    // lease. A request sent there would wait out the pickup timeout (503); it must go to the
+    // replica where the agent's poll is parked.
+    let redis = Redis::start();
+    let secret = Secret::new();
+    let grace = ["--agent-grace", "120s"];
+    let r: Vec<Replica> = (0..3).map(|_| replica(&redis, &secret, &grace)).collect();
+    let (left, home, entry) = (&r[0], &r[1], &r[2]);
+    let old = agent(&left.url(), "moved", test_backend("left").await, false);
+    wait_directory(&redis, "moved", &left.tag).await;
+    old.kill();
+    let _new = agent(&home.url(), "moved", test_backend("home").await, false);
+    wait_directory(&redis, "moved", &home.tag).await;
+    wait_directory(&redis, "moved", &left.tag).await;
+    // The entry replica's list of holders alternates its order; every request still goes
+    // home, and so does every one reaching the replica the agent left.
+    for _ in 0..6 {
+        for via in [entry, left] {
+            assert_eq!(
+                get(&via.url(), "moved", "/who").await,
+                (StatusCode::OK, "home".into())
+            );
+        }
     }
 }
 

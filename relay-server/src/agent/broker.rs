@@ -104,6 +104,9 @@ pub struct Broker {
     agent_grace: Duration,
     /// Metrics (the broker removes a name's series when it forgets the name).
     pub metrics: Arc<crate::base::metrics::Metrics>,
+    /// Woken when an agent connects: cluster mode lists a new name at once, since other
+    /// replicas can only send its requests here once it is listed.
+    pub agent_connected: Notify,
 }
 
 /// Outcome of one long poll.
@@ -139,6 +142,7 @@ impl Broker {
             max_parked_per_name,
             max_parked_total,
             agent_grace,
+            agent_connected: Notify::new(),
         }
     }
 
@@ -302,6 +306,7 @@ impl Broker {
             .entry(agent_id.to_owned())
             .or_insert_with(|| {
                 tracing::info!(name, agent = agent_id, "relay-client connected");
+                self.agent_connected.notify_one();
                 Arc::new(Agent::new(agent_id, info()))
             })
             .clone();

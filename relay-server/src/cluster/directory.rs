@@ -357,6 +357,17 @@ impl Cluster {
         url
     }
 
+    /// Forgets the cached replicas of `name` if they were looked up more than `age` ago;
+    /// whether it did.
+    pub fn forget_name_older_than(&self, name: &str, age: Duration) -> bool {
+        let mut names = self.names.lock().expect("bug: poisoned");
+        let stale = names.get(name).is_some_and(|(_, at)| at.elapsed() > age);
+        if stale {
+            names.remove(name);
+        }
+        stale
+    }
+
     /// Forgets what is cached about `tag` (its connection failed).
     pub fn forget_peer(&self, tag: u32) {
         self.urls.lock().expect("bug: poisoned").remove(&tag);

@@ -4,6 +4,7 @@
 
 pub mod directory;
 pub mod head;
+pub mod parked;
 pub mod peer;
 pub mod pool;
 pub mod renewal;

@@ -61,7 +61,7 @@ fn bound(h: &HeaderMap) -> [&[u8]; 2] {
 }
 
 /// Authenticates a call to another replica (`X-Relay-Cluster-Auth`, see [`super::seal`]).
-fn sign<B>(cluster: &Cluster, req: &mut Request<B>) {
+pub(super) fn sign<B>(cluster: &Cluster, req: &mut Request<B>) {
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let value = cluster.seal().call(
         req.method().as_str(),
@@ -323,6 +323,9 @@ pub async fn handle(
                     e.into_response(retry)
                 }
             }
+        }
+        p if p.starts_with(super::parked::PARKED_PATH) => {
+            super::parked::answer(&state, &p[super::parked::PARKED_PATH.len()..])
         }
         "/server/response" | "/server/requeststream" => {
             let Some(grant) = req

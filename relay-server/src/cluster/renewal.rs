@@ -20,11 +20,23 @@ impl Cluster {
         let mut registered: HashSet<String> = HashSet::new();
         let mut last_full: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_pass = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                // A new agent's name is listed now, not at the next tick: until it is,
+                // other replicas send its requests elsewhere. A storm of connecting agents
+                // makes one pass per 100 ms at most (each pass reads every name).
+                _ = broker.agent_connected.notified() => {
+                    let next = last_pass + Duration::from_millis(100);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next.into()) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
                 _ = stop.cancelled() => break,
             }
+            last_pass = Instant::now();
             // Lookups of names nobody serves must not pile up (users choose names).
             self.names
                 .lock()
