@@ -157,15 +157,21 @@ async fn past_the_address_limit_users_get_503_and_agents_are_served() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         held.push(healthy_conn(server.addr, "127.0.0.1").await);
     }
-    // As many places again on probation, no more: then connections close unanswered.
+    // Twice as many places again on probation, no more: then connections close unanswered.
     let probation = [
         connect_from(server.addr, "127.0.0.1").await,
         connect_from(server.addr, "127.0.0.1").await,
+        connect_from(server.addr, "127.0.0.1").await,
+        connect_from(server.addr, "127.0.0.1").await,
     ];
-    // Accepted in the order their handshakes completed: these two first.
+    // Accepted in the order their handshakes completed: these four first.
     let beyond = connect_from(server.addr, "127.0.0.1").await;
     assert!(closed_unanswered(beyond, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
-    drop(probation);
+    // Each of the four was admitted: a request that is not an agent's gets the 503.
+    for s in probation {
+        let answer = answer_then_close(s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
 }
 
 #[tokio::test]

@@ -99,12 +99,16 @@ impl ConnLimits {
         }
     }
 
-    /// Places on probation per address: as many as the limit. Fewer (a quarter) left
-    /// tunnels hanging when 200 opened at once beside an agent (its exchange connections
-    /// arrive before they authenticate); an attacker sharing an agent's address holds at
-    /// most twice the limit, each extra connection for one header read.
+    /// Places on probation per address: twice the limit. 200 tunnels opened at once
+    /// through one `relay-client connect` beside an agent on long polls hold 200 counted
+    /// places and make the agent open about 400 connections (a response and an upload
+    /// exchange per tunnel), all of them before they authenticate: with as many as the
+    /// limit (256 + 256 places), 17 were refused in one run and their tunnels closed
+    /// without a byte; a quarter left tunnels hanging. An attacker sharing an agent's
+    /// address holds at most three times the limit, each extra connection for one header
+    /// read.
     fn probation_places(&self) -> usize {
-        self.max_per_ip
+        2 * self.max_per_ip
     }
 
     /// Open connections, all listeners together.
@@ -393,7 +397,7 @@ mod tests {
 
     #[test]
     fn permits_count_per_address_and_free_their_place() {
-        let l = Arc::new(ConnLimits::new(6, 2));
+        let l = Arc::new(ConnLimits::new(8, 2));
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
@@ -407,18 +411,19 @@ mod tests {
         p1.exempt_from_per_ip();
         assert!(!p1.counts_per_ip());
         let _p3 = l.admit(a, m, true).unwrap();
-        // ...and with an agent there, as many again come in on probation, no more.
+        // ...and with an agent there, twice as many again come in on probation, no more.
         let on_probation = l.admit(a, m, true).unwrap();
         assert!(on_probation.on_probation() && on_probation.counts_per_ip());
         let probation1 = l.admit(a, m, true).unwrap();
+        let _probation = [l.admit(a, m, true).unwrap(), l.admit(a, m, true).unwrap()];
         assert_eq!(l.admit(a, m, true).err(), Some(ConnRefused::PerIp(2)));
         // One on probation that authenticates frees its probation place.
         on_probation.exempt_from_per_ip();
         assert!(!on_probation.on_probation() && !on_probation.counts_per_ip());
         let probation2 = l.admit(a, m, true).unwrap();
         assert!(probation2.on_probation());
-        assert_eq!(l.open(), 6);
-        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(6)));
+        assert_eq!(l.open(), 8);
+        assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(8)));
         drop(probation1);
         let _b1 = l.admit(b, m, true).unwrap();
         // Another listener has its own allowance.
@@ -429,7 +434,7 @@ mod tests {
         // The agents gone, the address is back to its plain limit.
         drop((p1, on_probation));
         assert_eq!(l.admit(a, m, true).err(), Some(ConnRefused::PerIp(2)));
-        drop((_p2, _p3, probation2));
+        drop((_p2, _p3, probation2, _probation));
         assert_eq!(l.addresses(), 0);
         assert!(l.per_ip.is_empty(), "no entry outlives its connections");
         let _trusted = l.admit(a, m, false).unwrap();
