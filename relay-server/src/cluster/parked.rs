@@ -32,8 +32,9 @@ pub const PARKED_PATH: &str = "/cluster/parked/";
 /// How long a peer may take to answer; one slower is taken as having no poll parked.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// The answer to a peer's question: 200 when a non-draining agent of the name has a poll
-/// (or session) parked here, 404 otherwise.
+/// The answer to a peer's question: 204 when a non-draining agent of the name has a poll
+/// (or session) parked here, 404 otherwise. An agent at capacity counts (its poll that
+/// takes no work stays parked for cancel notices, and it polls for work as a slot frees).
 pub fn answer(state: &State, hex_name: &str) -> Response<RelayBody> {
     let Some(name) = unhex(hex_name).and_then(|b| String::from_utf8(b).ok()) else {
         return text_response(StatusCode::BAD_REQUEST, "the name is not hex of UTF-8");
@@ -42,10 +43,15 @@ pub fn answer(state: &State, hex_name: &str) -> Response<RelayBody> {
         .broker
         .live_backend(&name)
         .is_some_and(|b| b.has_parked_poll());
-    match parked {
-        true => text_response(StatusCode::OK, "a poll is parked"),
-        false => text_response(StatusCode::NOT_FOUND, "no poll is parked"),
-    }
+    // No body: the asker reads only the status, and an unread body would cost it a
+    // RST_STREAM on the pooled HTTP/2 connection.
+    let status = match parked {
+        true => StatusCode::NO_CONTENT,
+        false => StatusCode::NOT_FOUND,
+    };
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = status;
+    resp
 }
 
 /// How old a cached list of the name's replicas may be before a request that found no
@@ -112,7 +118,7 @@ async fn ask(cluster: &Cluster, url: &str, target: &str) -> bool {
         sign(cluster, &mut req);
         send.ready().await.ok()?;
         let resp = send.send_request(req).await.ok()?;
-        Some(resp.status() == StatusCode::OK)
+        Some(resp.status() == StatusCode::NO_CONTENT)
     };
     matches!(
         tokio::time::timeout(PROBE_TIMEOUT, call).await,

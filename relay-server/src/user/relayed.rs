@@ -160,6 +160,13 @@ async fn wait_for_head(
     loop {
         tokio::select! {
             r = &mut head_rx => {
+                // The claim and the head can be ready in one poll, and `select!` picks a
+                // ready branch at random: a traced request still shows its (then short)
+                // wait for the head, so its trace has the same shape every time.
+                if claimed.is_some() {
+                    drop(span);
+                    span = wait_span("response head");
+                }
                 drop(span);
                 return r.map_err(|_| RelayError::Agent(
                     "the relay-client failed before sending a response head".into()));
