@@ -167,7 +167,7 @@ fn body_and_length(p: &mut &[u8], f: u8, known: u8) -> Result<(BodyKind, Option<
 /// on the first), until it returns false.
 fn each_field<'a>(
     p: &'a [u8],
-    mut each: impl FnMut(usize, &'a str, &'a [u8]) -> bool,
+    mut each: impl FnMut(usize, &'a [u8], &'a [u8]) -> Result<bool, HeadError>,
 ) -> Result<bool, HeadError> {
     let p = &mut &*p;
     let count = u32::from_be_bytes(int(p)?) as usize;
@@ -177,10 +177,9 @@ fn each_field<'a>(
     }
     for _ in 0..count {
         let n = u16::from_be_bytes(int(p)?) as usize;
-        let name =
-            std::str::from_utf8(take(p, n)?).map_err(|_| HeadError("a head field is not UTF-8"))?;
+        let name = take(p, n)?;
         let n = u32::from_be_bytes(int(p)?) as usize;
-        if !each(count, name, take(p, n)?) {
+        if !each(count, name, take(p, n)?)? {
             return Ok(false);
         }
     }
@@ -197,8 +196,9 @@ pub fn fields(p: &[u8]) -> Result<Vec<(String, String)>, HeadError> {
         if out.is_empty() {
             out.reserve_exact(count);
         }
+        let name = std::str::from_utf8(name).map_err(|_| HeadError("a head field is not UTF-8"))?;
         out.push((name.to_owned(), latin1(value)));
-        true
+        Ok(true)
     })?;
     Ok(out)
 }
@@ -216,17 +216,19 @@ fn fields_map(p: &[u8], buf: &Bytes) -> Result<Option<HeaderMap>, HeadError> {
             map.reserve(count);
         }
         let value = HeaderValue::from_maybe_shared(buf.slice_ref(value));
-        let name = match crate::headers::common_name(name.as_bytes()) {
+        // `from_bytes` accepts only token characters (ASCII): no UTF-8 check is needed
+        // here; a name it refuses sends the caller to the list, which checks.
+        let name = match crate::headers::common_name(name) {
             Some(n) => Ok(n),
-            None => HeaderName::from_bytes(name.as_bytes()),
+            None => HeaderName::from_bytes(name),
         };
-        match (name, value) {
+        Ok(match (name, value) {
             (Ok(name), Ok(value)) => {
                 map.append(name, value);
                 true
             }
             _ => false,
-        }
+        })
     })?;
     Ok(whole.then_some(map))
 }

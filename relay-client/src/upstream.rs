@@ -111,9 +111,16 @@ impl Backend {
     ) -> Result<Request<BackendBody>, BuildError> {
         let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| BuildError(format!("invalid method {:?}", head.method)))?;
-        let uri: Uri = format!("{}{}{}", self.origin, self.base_path, head.target)
-            .parse()
-            .map_err(|e| BuildError(format!("invalid target {:?}: {e}", head.target)))?;
+        // A request for a pooled connection gets its origin-form target at once (RFC 9112
+        // §3.2.1), parsed once; hyper-util's client wants the absolute form and derives the
+        // origin form itself.
+        let pooled = self.pool.is_some() && head.upgrade.is_none() && head.target.starts_with('/');
+        let uri = match pooled {
+            true if self.base_path.is_empty() => Uri::try_from(head.target.clone()),
+            true => Uri::try_from(format!("{}{}", self.base_path, head.target)),
+            false => Uri::try_from(format!("{}{}{}", self.origin, self.base_path, head.target)),
+        }
+        .map_err(|e| BuildError(format!("invalid target {:?}: {e}", head.target)))?;
         let mut headers = head
             .headers
             .take_map()
@@ -147,9 +154,11 @@ impl Backend {
                 // RFC 9112 §3.2: a request to an origin carries the origin-form target and
                 // Host (hyper-util's client does the same for HTTP/1.1; the user's Host is
                 // kept unless --rewrite-host replaced it).
-                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                *req.uri_mut() =
-                    Uri::try_from(target).map_err(|e| BackendError::Target(e.to_string()))?;
+                if req.uri().scheme().is_some() {
+                    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                    *req.uri_mut() =
+                        Uri::try_from(target).map_err(|e| BackendError::Target(e.to_string()))?;
+                }
                 req.headers_mut()
                     .entry(header::HOST)
                     .or_insert_with(|| self.authority.clone());

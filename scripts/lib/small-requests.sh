@@ -10,12 +10,12 @@ start_small_requests() {
   out=$(mktemp -d)
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
   target/release/relay-bench backend >"$out/backend.log" 2>&1 &
-  until grep -q '^http ' "$out/backend.log"; do sleep 0.1; done
+  until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
   ${server_wrap[@]+"${server_wrap[@]}"} target/release/relay-server ${SERVER_ARGS:-} --listen 127.0.0.1:0 \
     --agent-token "*=$token" --log "${LOG:-info}" >"$out/server.log" 2>&1 &
   server=$!
-  until grep -q 'listening on http://' "$out/server.log"; do sleep 0.2; done
+  until grep -qs 'listening on http://' "$out/server.log"; do sleep 0.2; done
   url=$(grep -o 'http://[0-9.:]*' "$out/server.log" | head -1)
   ${agent_wrap[@]+"${agent_wrap[@]}"} target/release/relay-client --relay-url "$url" --name p \
     --backend-url "http://$backend" --token "$token" --log "${LOG:-info}" ${AGENT_ARGS:-} >"$out/agent.log" 2>&1 &
