@@ -15,6 +15,8 @@
 //! - [`carrier`]: the WebSocket carrier of a session: coalescing writer, frame reader.
 //! - [`readbuf`]: the adaptive read buffer of tunnels and service ports.
 //! - [`signal`]: Ctrl-C / SIGTERM into a cancellation token.
+//! - [`gate`]: futures polled again only after their own wake-up (the rare-event branches
+//!   of busy `select!` loops).
 //! - [`v1alpha1`]: the messages of the Go `http-relay` protocol, which the server also speaks
 //!   so existing Go relay-clients connect unchanged.
 //!
@@ -27,6 +29,7 @@ pub mod carrier;
 pub mod codec;
 pub mod fasthash;
 pub mod frame;
+pub mod gate;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod headers;

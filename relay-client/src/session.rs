@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use relay_common::carrier::{self, Outbox, ReadEnd};
+use relay_common::gate::gated;
 use relay_common::message::{ResponseHead, Trailers};
 use relay_common::session::{self, Frame};
 use tokio::sync::OwnedSemaphorePermit;
@@ -145,6 +146,11 @@ pub(crate) async fn run(
     let mut granted: Option<OwnedSemaphorePermit> = None;
     let mut said_draining = false;
     let mut pings = 0u64;
+    // Made once and gated: the loop turns a few times per request, and each turn would
+    // register them again (relay_common::gate).
+    let stopped = gated(stop.cancelled());
+    let drain = gated(draining.cancelled());
+    tokio::pin!(stopped, drain);
     let end = loop {
         let freed = shared.freed.notified();
         tokio::pin!(freed);
@@ -178,7 +184,7 @@ pub(crate) async fn run(
         }
         tokio::select! {
             biased;
-            _ = stop.cancelled() => break SessionEnd::Stopped,
+            _ = &mut stopped => break SessionEnd::Stopped,
             read = carrier::read(&mut stream, heads) => {
                 let frames = match read {
                     Ok(f) => f,
@@ -194,7 +200,7 @@ pub(crate) async fn run(
                 }
             }
             _ = &mut freed => {}
-            _ = draining.cancelled(), if !said_draining => {}
+            _ = &mut drain, if !said_draining => {}
             _ = &mut silence => {
                 if last_in.elapsed() >= deadline {
                     break SessionEnd::Silent(deadline);

@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use relay_common::gate::gated;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -270,10 +271,14 @@ where
     TokioExecutor: auto::HttpServerConnExec<S::Future, Tracked<RelayBody>>,
 {
     tokio::pin!(conn);
+    // Gated: the connection's task wakes for every read and every response, and these two
+    // waits would be polled again each time (relay_common::gate).
+    let stopped = gated(stop.cancelled());
+    let idled = gated(activity.idle_for(idle));
     tokio::select! {
         r = conn.as_mut() => return r,
-        _ = stop.cancelled() => {}
-        _ = activity.idle_for(idle) => {}
+        _ = stopped => {}
+        _ = idled => {}
     }
     conn.as_mut().graceful_shutdown();
     // A connection that does not finish within a second after the stop is dropped.

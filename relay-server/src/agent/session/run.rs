@@ -22,6 +22,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use relay_common::carrier::{self, Outbox, ReadEnd};
 use relay_common::codec::BodyMsg;
+use relay_common::gate::gated;
 use relay_common::message::{decode_headers, BodyKind};
 use relay_common::session::{self, Frame};
 use relay_common::MAX_POLL_BATCH;
@@ -117,9 +118,11 @@ pub async fn run(
     let mut acked = 0u64;
     let mut settled = 0u64;
     // The waits that end the session live across its turns: made once, not per request.
-    let stopped = state.stop.cancelled();
-    let revoked = agent.gone.cancelled();
-    let replaced = superseded.cancelled();
+    // Gated: the loop turns a few times per request, and each turn would poll them again
+    // (relay_common::gate).
+    let stopped = gated(state.stop.cancelled());
+    let revoked = gated(agent.gone.cancelled());
+    let replaced = gated(superseded.cancelled());
     tokio::pin!(stopped, revoked, replaced);
     let end = 'session: loop {
         // An agent that does not resume acknowledges nothing: written is enough.
