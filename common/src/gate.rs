@@ -62,6 +62,19 @@ pub fn gated<F: Future>(inner: F) -> Gated<F> {
     }
 }
 
+impl<F: Future> Gated<F> {
+    /// Replaces the inner future in place (no allocation); the next poll reaches it.
+    pub fn reset(&mut self, inner: F) {
+        self.inner.set(inner);
+        self.armed = false;
+    }
+
+    /// The inner future, for calls it offers before its first poll (`Notified::enable`).
+    pub fn inner_mut(&mut self) -> Pin<&mut F> {
+        self.inner.as_mut()
+    }
+}
+
 impl<F: Future> Future for Gated<F> {
     type Output = F::Output;
 

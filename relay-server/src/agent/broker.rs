@@ -26,7 +26,7 @@ pub struct NameQueue {
     pub name: String,
     pub(super) queue: Mutex<VecDeque<Arc<Pending>>>,
     /// Woken when a request is queued.
-    pub(super) work: Notify,
+    pub(super) work: Arc<Notify>,
     agents: Mutex<HashMap<String, Arc<Agent>>>,
     /// The broker's count of requests waiting for pickup (a request put back counts again).
     parked: Arc<AtomicUsize>,
@@ -293,7 +293,7 @@ impl Broker {
                 Arc::new(NameQueue {
                     name: name.to_owned(),
                     queue: Mutex::new(VecDeque::new()),
-                    work: Notify::new(),
+                    work: Arc::default(),
                     agents: Mutex::new(HashMap::new()),
                     parked: self.parked_total.clone(),
                 })

@@ -1,9 +1,14 @@
 //! One parked long poll: what it waits for (work for its name, cancel notices for its
 //! agent, its deadline, the stop, its agent's revocation) and the bookkeeping its end does.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use relay_common::gate::{gated, Gated};
+use tokio::sync::futures::OwnedNotified;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::broker::{NameQueue, PollBatch};
@@ -112,6 +117,45 @@ impl PollHandle {
         }
     }
 
+    /// Keeps a session's registrations for work and cancel notices standing for its next
+    /// turn: made (and enabled) where missing or spent, the one for work only while the
+    /// session takes work (`max > 0`, as in [`PollHandle::wait`]). Called before
+    /// [`PollHandle::try_next`], so what is queued after that check wakes the session.
+    pub fn stand(&self, s: &mut Standing, max: usize) {
+        match (&mut s.work, max > 0) {
+            (None, true) => {
+                let mut g = gated(self.backend.work.clone().notified_owned());
+                g.inner_mut().enable();
+                s.work = Some(g);
+            }
+            (Some(g), true) if s.work_spent => {
+                g.reset(self.backend.work.clone().notified_owned());
+                g.inner_mut().enable();
+            }
+            // Dropped, a registration that got a wake-up passes it on to another poll.
+            (Some(_), false) => s.work = None,
+            _ => {}
+        }
+        s.work_spent = false;
+        if s.wake_spent {
+            s.wake.reset(self.agent.wake.clone().notified_owned());
+            s.wake.inner_mut().enable();
+            s.wake_spent = false;
+        }
+    }
+
+    /// Fresh standing registrations for a session of this poll's agent.
+    pub fn standing(&self) -> Standing {
+        let mut wake = gated(self.agent.wake.clone().notified_owned());
+        wake.inner_mut().enable();
+        Standing {
+            work: None,
+            work_spent: false,
+            wake,
+            wake_spent: false,
+        }
+    }
+
     /// An empty record of requests handed out through this poll's name queue.
     pub fn handout(&self) -> Handout {
         Handout::new(self.backend.clone())
@@ -120,6 +164,40 @@ impl PollHandle {
     /// The agent behind this poll.
     pub fn agent(&self) -> &Arc<Agent> {
         &self.agent
+    }
+}
+
+/// A session's registrations for work and cancel notices, kept across its turns (made
+/// once per wake-up, not once per turn, and gated: polling them while nothing happened costs
+/// no lock).
+pub struct Standing {
+    work: Option<Gated<OwnedNotified>>,
+    work_spent: bool,
+    wake: Gated<OwnedNotified>,
+    wake_spent: bool,
+}
+
+impl Standing {
+    /// Resolves when something may be there for [`PollHandle::try_next`].
+    pub async fn fired(&mut self) {
+        std::future::poll_fn(|cx| {
+            let mut fired = false;
+            if let Some(w) = &mut self.work {
+                if Pin::new(w).poll(cx).is_ready() {
+                    self.work_spent = true;
+                    fired = true;
+                }
+            }
+            if Pin::new(&mut self.wake).poll(cx).is_ready() {
+                self.wake_spent = true;
+                fired = true;
+            }
+            match fired {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 

@@ -3,7 +3,7 @@
 //! leaves for the next one to settle.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use relay_common::id::RequestId;
@@ -56,7 +56,7 @@ pub struct Agent {
     pub since: u64,
     pub(super) state: Mutex<AgentState>,
     /// Woken when a cancel notice is queued for this agent.
-    pub(super) wake: Notify,
+    pub(super) wake: Arc<Notify>,
     /// Cancelled when the agent is declared gone; requests it claimed fail at once.
     pub gone: CancellationToken,
 }
@@ -100,7 +100,7 @@ impl Agent {
                 parked: HashMap::new(),
                 resumes: HashMap::new(),
             }),
-            wake: Notify::new(),
+            wake: Arc::default(),
             gone: CancellationToken::new(),
         }
     }

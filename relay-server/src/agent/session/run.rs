@@ -124,6 +124,9 @@ pub async fn run(
     let revoked = gated(agent.gone.cancelled());
     let replaced = gated(superseded.cancelled());
     tokio::pin!(stopped, revoked, replaced);
+    // Registrations for work and cancel notices, kept across turns (made again after a
+    // wake-up, and with a new poll handle).
+    let mut standing = handle.standing();
     let end = 'session: loop {
         // An agent that does not resume acknowledges nothing: written is enough.
         let settle_at = if carrier.number == 0 {
@@ -144,6 +147,7 @@ pub async fn run(
         } else {
             credit.min(MAX_POLL_BATCH)
         };
+        handle.stand(&mut standing, max);
         if let Some(batch) = handle.try_next(max) {
             credit -= batch.requests.len();
             let mut marks = Vec::with_capacity(batch.requests.len());
@@ -163,7 +167,7 @@ pub async fn run(
         }
         tokio::select! {
             // Something to claim: the next turn takes it.
-            _ = handle.wait(max) => {
+            _ = standing.fired() => {
                 // Under load (at least two requests already out on the agent), let the
                 // other users' tasks that are ready run first, so that their requests
                 // leave in the same message: 3.9 -> 3.5-3.75 system calls per request at
@@ -203,6 +207,7 @@ pub async fn run(
                             if !agent_draining {
                                 agent_draining = true;
                                 handle = begin(true);
+                                standing = handle.standing();
                             }
                         }
                         // From the agent: OPENs received so far.
