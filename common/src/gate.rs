@@ -131,7 +131,11 @@ mod tests {
         for _ in 0..5 {
             assert!(g.as_mut().poll(&mut cx).is_pending());
         }
-        assert_eq!(polls.load(Ordering::Relaxed), 1, "only the first poll went in");
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            1,
+            "only the first poll went in"
+        );
         token.cancel();
         assert!(g.as_mut().poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::Relaxed), 2);

@@ -29,9 +29,9 @@ pub mod carrier;
 pub mod codec;
 pub mod fasthash;
 pub mod frame;
-pub mod gate;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gate;
 pub mod headers;
 pub mod heads;
 pub mod id;

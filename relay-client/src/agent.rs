@@ -39,7 +39,7 @@ pub(crate) struct Shared {
     pub(crate) permits: Arc<Semaphore>,
     /// Signalled when a request finishes, so polls and sessions at capacity can ask for
     /// work again.
-    pub(crate) freed: Notify,
+    pub(crate) freed: Arc<Notify>,
     /// Keyed by ids the relay-server drew: no need for SipHash's keyed protection.
     pub(crate) in_flight: Mutex<HashMap<String, CancellationToken, FastHash>>,
     tracker: TaskTracker,
@@ -99,7 +99,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     let shared = Arc::new(Shared {
         stats: stats.clone(),
         permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
-        freed: Notify::new(),
+        freed: Arc::default(),
         in_flight: Mutex::new(HashMap::default()),
         tracker: TaskTracker::new(),
     });

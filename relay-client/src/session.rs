@@ -151,11 +151,17 @@ pub(crate) async fn run(
     let stopped = gated(stop.cancelled());
     let drain = gated(draining.cancelled());
     tokio::pin!(stopped, drain);
+    // Kept across turns too, made again only after it fired.
+    let mut freed = gated(shared.freed.clone().notified_owned());
+    freed.inner_mut().enable();
+    let mut freed_spent = false;
     let end = loop {
-        let freed = shared.freed.notified();
-        tokio::pin!(freed);
         // Registered before the check: a slot freed from here on wakes this loop.
-        freed.as_mut().enable();
+        if freed_spent {
+            freed.reset(shared.freed.clone().notified_owned());
+            freed.inner_mut().enable();
+            freed_spent = false;
+        }
         if draining.is_cancelled() {
             if !said_draining {
                 said_draining = true;
@@ -199,7 +205,7 @@ pub(crate) async fn run(
                     outbox.ack(opens);
                 }
             }
-            _ = &mut freed => {}
+            _ = &mut freed => freed_spent = true,
             _ = &mut drain, if !said_draining => {}
             _ = &mut silence => {
                 if last_in.elapsed() >= deadline {

@@ -6,8 +6,8 @@
 //! PR #365).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::agent::pending::{Pending, PendingGuard};
 pub use crate::agent::poll::PollHandle;
 use crate::agent::registration::{Agent, AgentInfo, AgentProtocol, AgentState};
+use crate::base::metrics::{NameLabel, NameSeries};
 
 /// Per-name state, kept only while agents are connected for the name.
 pub struct NameQueue {
@@ -30,9 +31,22 @@ pub struct NameQueue {
     agents: Mutex<HashMap<String, Arc<Agent>>>,
     /// The broker's count of requests waiting for pickup (a request put back counts again).
     parked: Arc<AtomicUsize>,
+    /// The name's request and byte counters (made on the first answered request).
+    series: OnceLock<Box<NameSeries>>,
+    /// Set when the broker drops the name (its last agent left): requests still under way
+    /// count under `name=""` from then on, as any name without agents does.
+    forgotten: AtomicBool,
 }
 
 impl NameQueue {
+    /// The name as a metrics label with its cached series, while agents serve it.
+    pub fn label(&self) -> NameLabel<'_> {
+        if self.forgotten.load(Ordering::Acquire) {
+            return None;
+        }
+        Some((self.name.as_str(), self.series.get_or_init(Box::default)))
+    }
+
     fn has_live_agent(&self) -> bool {
         self.agents
             .lock()
@@ -175,6 +189,11 @@ impl Broker {
         self.backends.contains_key(name)
     }
 
+    /// The queue of `name` while agents (draining or not) are connected for it.
+    pub fn connected(&self, name: &str) -> Option<Arc<NameQueue>> {
+        self.backends.get(name).map(|b| b.clone())
+    }
+
     /// Every connected agent per name (name, agent, parked polls).
     pub fn agents(&self) -> Vec<(String, AgentList)> {
         self.backends
@@ -296,6 +315,8 @@ impl Broker {
                     work: Arc::default(),
                     agents: Mutex::new(HashMap::new()),
                     parked: self.parked_total.clone(),
+                    series: OnceLock::new(),
+                    forgotten: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -371,6 +392,7 @@ impl Broker {
                 }
             }
             if !left {
+                backend.forgotten.store(true, Ordering::Release);
                 self.metrics.forget(name);
                 for p in backend.queue.lock().expect("bug: poisoned").iter() {
                     p.orphan();

@@ -280,7 +280,7 @@ impl Drop for PendingGuard {
         // Release the user's upload body now rather than when the last Arc goes.
         p.upload.close();
         self.broker.metrics.finished(
-            self.broker.is_connected(&p.name).then_some(p.name.as_str()),
+            self.backend.label(),
             p.arrived.elapsed(),
             p.upload.bytes(),
             p.download_bytes.load(Ordering::Relaxed),

@@ -5,6 +5,7 @@
 //! broker forgets the name, methods outside the standard set count as `other`, and statuses
 //! count by class.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -207,30 +208,58 @@ impl Default for Metrics {
 }
 
 fn method_label(m: &http::Method) -> &'static str {
+    METHODS.get(method_index(m)).copied().unwrap_or("other")
+}
+
+/// The method's place in [`METHODS`] (`METHODS.len()`: `other`).
+fn method_index(m: &http::Method) -> usize {
     METHODS
         .iter()
-        .find(|x| **x == m.as_str())
-        .copied()
-        .unwrap_or("other")
+        .position(|x| *x == m.as_str())
+        .unwrap_or(METHODS.len())
 }
 
 fn status_label(status: u16) -> &'static str {
-    STATUS_CLASSES
-        .get(usize::from(status / 100).wrapping_sub(1))
-        .copied()
-        .unwrap_or("5xx")
+    STATUS_CLASSES[status_index(status)]
 }
+
+/// The status class's place in [`STATUS_CLASSES`] (anything outside 1xx-5xx counts as 5xx).
+fn status_index(status: u16) -> usize {
+    match usize::from(status / 100) {
+        c @ 1..=5 => c - 1,
+        _ => STATUS_CLASSES.len() - 1,
+    }
+}
+
+/// A connected name's request and byte counters, kept with its queue in the broker: a
+/// request finds its counter by index instead of building a label set (a `String`) and
+/// looking it up in the family's hashed, read-locked map, twice per request before. Each
+/// counter is made on first use, so the exposition shows the same series as before.
+#[derive(Default)]
+pub struct NameSeries {
+    requests: [[OnceLock<Counter>; STATUS_CLASSES.len()]; METHODS.len() + 1],
+    /// Up, down.
+    bytes: [OnceLock<Counter>; 2],
+}
+
+/// A name as a label, with its cached series (`None`: a name without agents, counted
+/// under `name=""`).
+pub type NameLabel<'a> = Option<(&'a str, &'a NameSeries)>;
 
 impl Metrics {
     /// Counts one answered request. `name` is `None` for names without agents.
-    pub fn request(&self, name: Option<&str>, method: &http::Method, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                name: name.unwrap_or_default().to_owned(),
-                method: method_label(method),
-                status: status_label(status),
-            })
-            .inc();
+    pub fn request(&self, name: NameLabel<'_>, method: &http::Method, status: u16) {
+        let labels = |name: &str| RequestLabels {
+            name: name.to_owned(),
+            method: method_label(method),
+            status: status_label(status),
+        };
+        match name {
+            Some((name, series)) => series.requests[method_index(method)][status_index(status)]
+                .get_or_init(|| self.requests.get_or_create(&labels(name)).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels("")).inc(),
+        };
     }
 
     /// Records how long a request waited for pickup.
@@ -244,18 +273,22 @@ impl Metrics {
     }
 
     /// Records a finished request: its duration and body bytes each way.
-    pub fn finished(&self, name: Option<&str>, took: Duration, up: u64, down: u64) {
+    pub fn finished(&self, name: NameLabel<'_>, took: Duration, up: u64, down: u64) {
         self.duration.observe(took.as_secs_f64());
-        let name = name.unwrap_or_default();
-        for (direction, n) in [("up", up), ("down", down)] {
-            if n > 0 {
-                self.bytes
-                    .get_or_create(&BytesLabels {
-                        name: name.to_owned(),
-                        direction,
-                    })
-                    .inc_by(n);
+        for (i, (direction, n)) in [("up", up), ("down", down)].into_iter().enumerate() {
+            if n == 0 {
+                continue;
             }
+            let labels = |name: &str| BytesLabels {
+                name: name.to_owned(),
+                direction,
+            };
+            match name {
+                Some((name, series)) => series.bytes[i]
+                    .get_or_init(|| self.bytes.get_or_create(&labels(name)).clone())
+                    .inc_by(n),
+                None => self.bytes.get_or_create(&labels("")).inc_by(n),
+            };
         }
     }
 

@@ -83,21 +83,22 @@ where
         )
     });
     // Only names with agents become label values (bounded cardinality).
-    let label = name.filter(|n| state.broker.is_connected(n));
+    let backend = name.as_deref().and_then(|n| state.broker.connected(n));
+    let label = backend.as_deref().and_then(|b| b.label());
+    let label_name = label.map(|(n, _)| n);
     match result {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            state.metrics.request(label.as_deref(), &method, status);
-            state.metrics.history.record(label.as_deref(), status, None);
+            state.metrics.request(label, &method, status);
+            state.metrics.history.record(label_name, status, None);
             resp
         }
         Err(e) => {
             tracing::debug!(error = %e, "user request failed");
             let m = &state.metrics;
             let status = e.status().as_u16();
-            m.request(label.as_deref(), &method, status);
-            m.history
-                .record(label.as_deref(), status, Some(&e.to_string()));
+            m.request(label, &method, status);
+            m.history.record(label_name, status, Some(&e.to_string()));
             match &e {
                 RelayError::Access(AccessError::AuthService(_)) => {}
                 RelayError::Access(_) => m.auth_failure("user"),
