@@ -9,7 +9,8 @@
 //!                         --finish-----> Over(Finished)
 //!                         --fail(why)--> Over(Failed) (the user gets 413, 408 or 400 at once)
 //!                         --drop-------> Over(Broken) (a cut exchange: the request cannot go on)
-//! any --close--> Over(Finished)                     (the request is over; the source is freed)
+//! any --close--> Over(Finished)                     (the request is over; the source is freed;
+//!                                                    NoBody stays NoBody)
 //! ```
 //!
 //! Waiters (the user handler, the tunnel, an exchange waiting for the switch) watch the
@@ -189,7 +190,9 @@ impl UploadSide {
     /// reference to the request goes.
     pub fn close(&self) {
         let mut slot = self.slot.lock().expect("bug: poisoned");
-        if !matches!(*slot, Slot::Over(_)) {
+        // A request without a body has nothing to free and nobody watching for the end:
+        // it stays NoBody (the phase change would wake the watch channel's eight lists).
+        if !matches!(*slot, Slot::Over(_) | Slot::NoBody) {
             self.set(&mut slot, Slot::Over(UploadEnd::Finished));
         }
     }
@@ -214,6 +217,10 @@ impl UploadSide {
 
     /// Waits until the relay refused the body (forever if it never does).
     pub async fn failed(&self) -> UploadFailure {
+        if self.phase() == Phase::NoBody {
+            // Never changes: no need to subscribe to the phase.
+            return std::future::pending().await;
+        }
         match self
             .wait_for(|p| matches!(p, Phase::Over(UploadEnd::Failed(_))))
             .await
