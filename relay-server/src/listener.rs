@@ -204,6 +204,8 @@ async fn drain(state: Arc<State>, shutdown: CancellationToken) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     state.stop.cancel();
+    // After the cancel: a request queued from now on sees the token when it is queued.
+    state.broker.stop_all();
 }
 
 /// The number of header fields hyper's HTTP/1.1 server accepts when not told otherwise

@@ -244,6 +244,14 @@ impl Broker {
             .collect()
     }
 
+    /// Tells every request in flight that the relay stopped (after `state.stop` was
+    /// cancelled: a request queued later checks the token itself).
+    pub fn stop_all(&self) {
+        for p in self.requests.iter() {
+            p.stop();
+        }
+    }
+
     /// The backend for `name` if a non-draining agent is connected.
     pub fn live_backend(&self, name: &str) -> Option<Arc<NameQueue>> {
         let b = self.backends.get(name)?.clone();

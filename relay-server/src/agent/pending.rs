@@ -69,7 +69,18 @@ pub struct Pending {
     /// Set (and `lost_notify` woken) when the agent holding the request is declared gone,
     /// or a put-back request is orphaned: see [`Pending::claimer_lost`].
     lost: AtomicBool,
+    /// Set (and `lost_notify` woken) when the relay stops: see [`Pending::interrupted`].
+    stopped: AtomicBool,
     lost_notify: Notify,
+}
+
+/// Why the user side of a request stops waiting for its response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// The agent holding it was declared gone (or a put-back request was orphaned).
+    ClaimerLost,
+    /// The relay stopped (its drain ended).
+    Stopped,
 }
 
 impl Pending {
@@ -95,6 +106,7 @@ impl Pending {
             account,
             picked_at: OnceLock::new(),
             lost: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             lost_notify: Notify::new(),
         }
     }
@@ -200,15 +212,33 @@ impl Pending {
     /// Resolves when the agent holding the request is declared gone (or a put-back request
     /// is orphaned). Only the broker's sweep of a gone agent wakes it: a claim does not.
     pub async fn claimer_lost(&self) {
+        self.interrupted(true).await;
+    }
+
+    /// Resolves when the agent holding the request is declared gone, or (unless
+    /// `stop_seen`) when the relay stopped. The stop reaches each request through the
+    /// broker ([`Pending::stop`]) rather than through every request registering with the
+    /// relay's stop token, whose waiter list all requests of all threads would share.
+    pub async fn interrupted(&self, stop_seen: bool) -> Interrupt {
         loop {
             let lost = self.lost_notify.notified();
             tokio::pin!(lost);
             lost.as_mut().enable();
             if self.lost.load(Ordering::Acquire) {
-                return;
+                return Interrupt::ClaimerLost;
+            }
+            if !stop_seen && self.stopped.load(Ordering::Acquire) {
+                return Interrupt::Stopped;
             }
             lost.await;
         }
+    }
+
+    /// The relay stopped: the user side decides what that means for its request (one no
+    /// agent took is refused, one taken is still answered).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.lost_notify.notify_waiters();
     }
 
     /// A put-back request whose name lost its last agent: it leaves the queue and its user

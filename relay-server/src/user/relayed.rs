@@ -10,7 +10,7 @@ use relay_common::id::RequestId;
 use relay_common::message::{BodyKind, RequestHead};
 use tokio::sync::oneshot;
 
-use crate::agent::pending::{Pending, Pickup};
+use crate::agent::pending::{Interrupt, Pending, Pickup};
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::{UploadFailure, UploadSide};
 use crate::base::body::{empty, RelayBody, RelayedBody, WholeBody};
@@ -48,8 +48,12 @@ pub async fn dispatch(
     };
     let guard = state.broker.enqueue(backend, pending, claim_tx)?;
     let pending = guard.pending().clone();
+    // Queued after the broker told every request of the stop (listener::drain): the
+    // broker's table held it first, so either its sweep saw it or this check sees the stop.
+    if state.stop.is_cancelled() {
+        pending.stop();
+    }
     let start = wait_for_head(
-        state,
         &pending,
         head_rx,
         claimed,
@@ -138,7 +142,6 @@ struct Deadlines {
 /// pickup span ends at the claim). The pickup timeout applies until an agent takes the
 /// request, the response timeout after; draining refuses only requests no agent took.
 async fn wait_for_head(
-    state: &Arc<State>,
     pending: &Arc<Pending>,
     head_rx: oneshot::Receiver<ResponseStart>,
     mut claimed: Option<oneshot::Receiver<()>>,
@@ -154,8 +157,6 @@ async fn wait_for_head(
     let mut span = wait_span("pickup");
     let timer = tokio::time::sleep_until(at.pickup.min(at.response));
     tokio::pin!(timer, head_rx);
-    let stopped = state.stop.cancelled();
-    tokio::pin!(stopped);
     let mut stop_seen = false;
     loop {
         tokio::select! {
@@ -199,18 +200,18 @@ async fn wait_for_head(
                 );
                 return Err(RelayError::ResponseTimeout(at.response_timeout));
             }
-            _ = &mut stopped, if !stop_seen => {
+            // The agent holding the request was declared gone (a request put back and taken
+            // by another agent follows that one), or the relay stopped.
+            why = pending.interrupted(stop_seen) => match why {
+                Interrupt::ClaimerLost => {
+                    return Err(RelayError::Agent("the relay-client disconnected".into()));
+                }
                 // A request an agent took is answered during the drain.
-                if pending.pickup() != Pickup::Taken {
+                Interrupt::Stopped if pending.pickup() != Pickup::Taken => {
                     return Err(RelayError::Draining);
                 }
-                stop_seen = true;
-            }
-            // Set when the agent holding the request is declared gone (a request put back
-            // and taken by another agent follows that one).
-            _ = pending.claimer_lost() => {
-                return Err(RelayError::Agent("the relay-client disconnected".into()));
-            }
+                Interrupt::Stopped => stop_seen = true,
+            },
             why = pending.upload.failed() => return Err(refused_upload(why)),
             _ = revoked(admission) => return Err(credential_revoked()),
         }

@@ -232,3 +232,61 @@ async fn an_agent_declared_gone_fails_the_requests_it_holds_and_no_others() {
     assert!(out.is_empty(), "a gone agent takes nothing");
     untouched.abort();
 }
+
+/// The stop reaches every request in flight through the broker: each user side is
+/// interrupted once (a side that has seen the stop waits on), and a lost claimer still
+/// interrupts a side that has.
+#[tokio::test]
+async fn the_stop_interrupts_every_request_in_flight_once() {
+    use crate::agent::pending::Interrupt;
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", None, false, info);
+    let backend = b.live_backend("n").unwrap();
+    let taken = b
+        .enqueue(&backend, request("n", UploadSide::none()).0, None)
+        .unwrap();
+    assert_eq!(
+        poll.next(1, HOLD, &CancellationToken::new())
+            .await
+            .requests
+            .len(),
+        1
+    );
+    let queued = b
+        .enqueue(&backend, request("n", UploadSide::none()).0, None)
+        .unwrap();
+    let waits: Vec<_> = [&taken, &queued]
+        .into_iter()
+        .map(|g| {
+            let p = g.pending().clone();
+            tokio::spawn(async move { p.interrupted(false).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    assert!(
+        waits.iter().all(|w| !w.is_finished()),
+        "nothing stopped yet"
+    );
+    b.stop_all();
+    for w in waits {
+        let why = tokio::time::timeout(Duration::from_secs(1), w)
+            .await
+            .expect("the stop reached the request")
+            .unwrap();
+        assert_eq!(why, Interrupt::Stopped);
+    }
+    assert_eq!(queued.pending().pickup(), Pickup::Waiting);
+    assert_eq!(taken.pending().pickup(), Pickup::Taken);
+    // Seen once, the stop interrupts no more; the agent's loss still does.
+    let p = taken.pending().clone();
+    let after = tokio::spawn(async move { p.interrupted(true).await });
+    tokio::task::yield_now().await;
+    assert!(!after.is_finished(), "a seen stop does not interrupt again");
+    drop(poll);
+    b.reap();
+    let why = tokio::time::timeout(Duration::from_secs(1), after)
+        .await
+        .expect("the lost agent interrupts")
+        .unwrap();
+    assert_eq!(why, Interrupt::ClaimerLost);
+}
