@@ -5,7 +5,7 @@
 //! so its size is bounded like the metrics' label sets.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -33,9 +33,13 @@ struct Series {
     errors: u64,
 }
 
+/// One name's series, kept by its caller (a handle of a forgotten name records into a
+/// series nobody shows).
+pub struct NameHistory(Arc<Mutex<Series>>);
+
 /// Requests and errors over time, per backend name, and the latest errors.
 pub struct History {
-    names: DashMap<String, Mutex<Series>>,
+    names: DashMap<String, Arc<Mutex<Series>>>,
     errors: Mutex<VecDeque<Value>>,
     started: u64,
 }
@@ -53,13 +57,24 @@ impl Default for History {
 impl History {
     /// Records an answered request for a connected `name` (`None`: a name without agents,
     /// which only counts when it failed).
-    pub fn record(&self, name: Option<&str>, status: u16, error: Option<&str>) {
+    /// `series` is the name's series when the caller keeps it ([`History::handle`]); without
+    /// it the series is looked up by name.
+    pub fn record(
+        &self,
+        name: Option<&str>,
+        series: Option<&NameHistory>,
+        status: u16,
+        error: Option<&str>,
+    ) {
         let t = now();
         if let Some(name) = name {
-            // The common case finds the series without allocating the key.
-            let entry = match self.names.get(name) {
-                Some(e) => e,
-                None => self.names.entry(name.to_owned()).or_default().downgrade(),
+            let found;
+            let entry = match series {
+                Some(h) => &h.0,
+                None => {
+                    found = self.handle(name);
+                    &found.0
+                }
             };
             let mut s = entry.lock().expect("bug: poisoned");
             let bucket = t - t % BUCKET_SECS;
@@ -97,6 +112,17 @@ impl History {
     /// When the history began (the server's start), in seconds since the epoch.
     pub fn started(&self) -> u64 {
         self.started
+    }
+
+    /// The series of `name`, made if it has none: a caller that keeps it records without a
+    /// lookup by name.
+    pub fn handle(&self, name: &str) -> NameHistory {
+        // The common case finds the series without allocating the key.
+        let series = match self.names.get(name) {
+            Some(e) => e.clone(),
+            None => self.names.entry(name.to_owned()).or_default().clone(),
+        };
+        NameHistory(series)
     }
 
     /// Drops the history of a name nobody serves any more.

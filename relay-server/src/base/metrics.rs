@@ -240,6 +240,8 @@ pub struct NameSeries {
     requests: [[OnceLock<Counter>; STATUS_CLASSES.len()]; METHODS.len() + 1],
     /// Up, down.
     bytes: [OnceLock<Counter>; 2],
+    /// The status page's series.
+    history: OnceLock<crate::base::history::NameHistory>,
 }
 
 /// A name as a label, with its cached series (`None`: a name without agents, counted
@@ -265,6 +267,18 @@ impl Metrics {
     /// Records how long a request waited for pickup.
     pub fn pickup(&self, wait: Duration) {
         self.pickup_wait.observe(wait.as_secs_f64());
+    }
+
+    /// Records an answered request in the status page's history (`error`: the message of
+    /// a failure).
+    pub fn record(&self, name: NameLabel<'_>, status: u16, error: Option<&str>) {
+        match name {
+            Some((name, series)) => {
+                let h = series.history.get_or_init(|| self.history.handle(name));
+                self.history.record(Some(name), Some(h), status, error);
+            }
+            None => self.history.record(None, None, status, error),
+        }
     }
 
     /// Records the time to the response head.

@@ -85,12 +85,11 @@ where
     // Only names with agents become label values (bounded cardinality).
     let backend = name.as_deref().and_then(|n| state.broker.connected(n));
     let label = backend.as_deref().and_then(|b| b.label());
-    let label_name = label.map(|(n, _)| n);
     match result {
         Ok(resp) => {
             let status = resp.status().as_u16();
             state.metrics.request(label, &method, status);
-            state.metrics.history.record(label_name, status, None);
+            state.metrics.record(label, status, None);
             resp
         }
         Err(e) => {
@@ -98,7 +97,7 @@ where
             let m = &state.metrics;
             let status = e.status().as_u16();
             m.request(label, &method, status);
-            m.history.record(label_name, status, Some(&e.to_string()));
+            m.record(label, status, Some(&e.to_string()));
             match &e {
                 RelayError::Access(AccessError::AuthService(_)) => {}
                 RelayError::Access(_) => m.auth_failure("user"),
