@@ -428,14 +428,24 @@ async fn two_agents_share_a_name_and_survive_one_dying() {
     };
     let a0 = mk(addrs[0]);
     let a1 = mk(addrs[1]);
-    wait_for(|| server.state.broker.live_backend("shared").is_some()).await;
+    // Both agents registered: on a loaded machine the second can connect after the first
+    // has served all the batches below (it failed that way twice, [800, 0] in 0.36 s).
+    wait_for(|| {
+        server
+            .state
+            .broker
+            .agents_per_name()
+            .iter()
+            .any(|(n, agents)| n == "shared" && *agents == 2)
+    })
+    .await;
     let c = client();
     let url = |p: &str| format!("{}/client/shared/{p}", server.url());
     // Until both backends answered at least once (both agents take work). In batches of
     // eight at once: one request at a time may all go to one agent on long polls, since
     // the agent that just answered re-polls while the next request arrives and takes it
-    // before the parked poll woken for it runs (seen once on a loaded machine). That is
-    // the broker serving whoever asks first, not a lost agent.
+    // before the parked poll woken for it runs. That is the broker serving whoever asks
+    // first, not a lost agent.
     for _ in 0..100 {
         let batch = (0..8).map(|_| {
             let c = c.clone();
