@@ -125,6 +125,16 @@ impl ConnLimits {
             .count()
     }
 
+    /// Connections from `ip` admitted past its limit that have not (yet) authenticated as
+    /// an agent's. An agent's HTTP client may open a connection it then leaves unused in
+    /// its pool (a request it was opened for took another that came free), which stays on
+    /// probation, unauthenticated, until it idles out.
+    pub fn on_probation_at(&self, ip: IpAddr) -> usize {
+        self.per_ip
+            .get(&ip.to_canonical())
+            .map_or(0, |p| p.probation)
+    }
+
     /// Admits a connection from `ip` on the listener of `pool`, or says which limit it hit.
     /// `per_ip` false admits it without counting it against its address (replicas, and
     /// trusted proxies, behind which every user has the proxy's address).
