@@ -72,7 +72,7 @@ pub fn common_name(name: &[u8]) -> Option<HeaderName> {
 /// standard name's `as_str` is a table lookup and the match one comparison after a
 /// dispatch on the length, where `HOP_BY_HOP.contains` compared every entry (1 400
 /// instructions for a 7-field head).
-fn is_framing(name: &HeaderName) -> bool {
+pub fn is_framing(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

@@ -111,7 +111,53 @@ fn put_head_fields(b: &mut BytesMut, f: &Fields) {
     match f {
         Fields::Map(map) => put_map(b, map),
         Fields::List(list) => put_fields(b, list),
+        Fields::Encoded(block) => b.put_slice(block),
     }
+}
+
+/// Header fields written straight into the binary layout (`fields` above), one at a time:
+/// what [`Fields::Encoded`] holds. The count is written last, into the four bytes kept for
+/// it at the start.
+pub struct FieldBlock {
+    buf: BytesMut,
+    count: u32,
+}
+
+impl FieldBlock {
+    /// An empty block with room for `bytes` of names and values in `fields` fields.
+    pub fn with_capacity(fields: usize, bytes: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(4 + 6 * fields + bytes);
+        buf.put_u32(0);
+        FieldBlock { buf, count: 0 }
+    }
+
+    /// Appends one field. The caller passes a name and value `http` accepted (a
+    /// [`HeaderName`] and a [`HeaderValue`], or text known to be valid as one).
+    pub fn push(&mut self, name: &str, value: &[u8]) {
+        s16(&mut self.buf, name.as_bytes());
+        s32(&mut self.buf, value);
+        self.count += 1;
+    }
+
+    /// The finished block.
+    pub fn finish(mut self) -> Fields {
+        self.buf[..4].copy_from_slice(&self.count.to_be_bytes());
+        Fields::Encoded(self.buf.freeze())
+    }
+}
+
+/// The fields of a [`FieldBlock`] as a map. A block holds only fields `http` accepted, so
+/// this refuses only a block that was not made by [`FieldBlock`].
+pub(crate) fn block_map(block: &Bytes) -> Result<HeaderMap, crate::message::HeaderError> {
+    match fields_map(block, block) {
+        Ok(Some(map)) => Ok(map),
+        _ => crate::message::decode_headers(&block_list(block)),
+    }
+}
+
+/// The fields of a [`FieldBlock`] as the wire's list.
+pub(crate) fn block_list(block: &Bytes) -> Vec<(String, String)> {
+    fields(block).expect("bug: only a FieldBlock makes an encoded block, and it decodes")
 }
 
 /// Appends trailer fields in the binary layout.
@@ -319,6 +365,32 @@ mod tests {
             ..h.clone()
         };
         format!("{:?}", plain(a)) == format!("{:?}", plain(b))
+    }
+
+    /// A block written field by field is what the same fields as a list encode to, and it
+    /// reads back as the same list, map and JSON.
+    #[test]
+    fn a_field_block_is_the_list_encoded() {
+        let pairs = [("host", "x"), ("x-a", "caf\u{e9}"), ("x-a", ""), ("b", "1")];
+        let mut block = FieldBlock::with_capacity(1, 1);
+        for (k, v) in pairs {
+            let bytes: Vec<u8> = v.chars().map(|c| c as u8).collect();
+            block.push(k, &bytes);
+        }
+        let encoded = block.finish();
+        let mut listed = req();
+        listed.headers = list(&pairs);
+        let mut direct = req();
+        direct.headers = encoded.clone();
+        assert_eq!(request_bytes(&direct), request_bytes(&listed));
+        assert_eq!(encoded.to_list(), listed.headers.to_list());
+        assert_eq!(encoded.to_map().unwrap(), listed.headers.to_map().unwrap());
+        assert_eq!(
+            serde_json::to_string(&encoded).unwrap(),
+            serde_json::to_string(&listed.headers).unwrap()
+        );
+        let empty = FieldBlock::with_capacity(0, 0).finish();
+        assert!(empty.to_list().is_empty() && empty.to_map().unwrap().is_empty());
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub enum Fields {
     List(Vec<(String, String)>),
     /// A map (order of each name's values kept).
     Map(HeaderMap),
+    /// Fields already in the binary heads' layout ([`crate::heads::FieldBlock`]): what the
+    /// server makes from a user's plain request head, so that a head written to a session
+    /// is copied once instead of built as a map and encoded from it. Made only from names
+    /// and values `http` accepted.
+    Encoded(bytes::Bytes),
 }
 
 impl Default for Fields {
@@ -56,6 +61,7 @@ impl Fields {
         match self {
             Fields::List(list) => decode_headers(list),
             Fields::Map(map) => Ok(map.clone()),
+            Fields::Encoded(block) => crate::heads::block_map(block),
         }
     }
 
@@ -64,6 +70,7 @@ impl Fields {
         match std::mem::take(self) {
             Fields::List(list) => decode_headers(&list),
             Fields::Map(map) => Ok(map),
+            Fields::Encoded(block) => crate::heads::block_map(&block),
         }
     }
 
@@ -72,6 +79,7 @@ impl Fields {
         match self {
             Fields::List(list) => list.clone(),
             Fields::Map(map) => encode_headers(map),
+            Fields::Encoded(block) => crate::heads::block_list(block),
         }
     }
 }
@@ -87,6 +95,7 @@ impl Serialize for Fields {
                 }
                 seq.end()
             }
+            Fields::Encoded(block) => crate::heads::block_list(block).serialize(s),
         }
     }
 }

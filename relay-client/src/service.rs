@@ -43,11 +43,17 @@ fn from_backend_ai(head: &RequestHead) -> bool {
                 .any(|v| v.as_bytes().starts_with(b"Backend.AI Client"));
             sdk || map.contains_key("x-backendai-version")
         }
-        Fields::List(list) => list.iter().any(|(k, v)| {
-            (k.eq_ignore_ascii_case("user-agent") && v.starts_with("Backend.AI Client"))
-                || k.eq_ignore_ascii_case("x-backendai-version")
-        }),
+        Fields::List(list) => listed_backend_ai(list),
+        // Only the server makes these; an agent decodes heads as maps or lists.
+        Fields::Encoded(_) => listed_backend_ai(&head.headers.to_list()),
     }
+}
+
+fn listed_backend_ai(list: &[(String, String)]) -> bool {
+    list.iter().any(|(k, v)| {
+        (k.eq_ignore_ascii_case("user-agent") && v.starts_with("Backend.AI Client"))
+            || k.eq_ignore_ascii_case("x-backendai-version")
+    })
 }
 
 /// One declared service.

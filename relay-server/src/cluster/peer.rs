@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use relay_common::headers::strip_hop_by_hop;
-use relay_common::message::{decode_headers, encode_headers};
+use relay_common::message::decode_headers;
 
 use crate::base::auth::Grant;
 use crate::base::body::text_response;
@@ -84,7 +84,7 @@ pub async fn forward_user(
     let head = PeerHead {
         name: p.name.clone(),
         target: p.target,
-        headers: encode_headers(&p.headers),
+        headers: p.headers.to_list(),
         content_length: p.content_length,
         upgrade: p.upgrade.clone(),
         client: Some(p.client),
@@ -373,7 +373,7 @@ async fn forwarded_request(
         name: head.name,
         method,
         target: head.target,
-        headers,
+        headers: headers.into(),
         content_length: head.content_length,
         upgrade: head.upgrade,
         on_upgrade,

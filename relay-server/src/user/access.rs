@@ -240,6 +240,15 @@ fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'
         })
 }
 
+/// Whether a `Cookie` field may carry the relay's own cookie (its name appears anywhere in
+/// it): one scan, for heads that skip [`strip_session_cookie`] when it cannot.
+pub fn may_hold_session_cookie(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .windows(SESSION_COOKIE.len())
+        .any(|w| w == SESSION_COOKIE.as_bytes())
+}
+
 /// Removes the relay's own cookie from the `Cookie` fields and joins what is left into one
 /// field (RFC 9113 §8.2.3 allows either form towards HTTP/1.1).
 pub fn strip_session_cookie(headers: &mut HeaderMap) {

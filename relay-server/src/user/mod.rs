@@ -6,6 +6,7 @@ pub mod access;
 pub mod downstream;
 pub mod error;
 pub mod forward_auth;
+pub mod forwarded;
 pub mod link;
 pub mod prepare;
 pub mod relayed;

@@ -244,7 +244,7 @@ fn request(
         target: p.target,
         // The map goes as it is: a session encodes it straight into the OPEN frame, a long
         // poll's JSON lists it (`Fields`' `Serialize`).
-        headers: p.headers.into(),
+        headers: p.headers,
         body: body_kind,
         content_length: p.content_length.filter(|_| body_kind == BodyKind::Stream),
         upgrade: p.upgrade.clone(),
