@@ -205,6 +205,21 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
         return Ok(());
     };
     let (n, hold) = (plan.idle_agents, plan.idle_hold);
+    // What earlier scenarios freed goes back first, outside the measurement.
+    rss_settled(pid).await;
+    // Sessions first: a phase measured after another may reuse memory the earlier phase
+    // freed and the allocator kept (fragments `malloc_trim` cannot return) without the
+    // resident size growing, and the session figure is the one nearest its target.
+    let sessions = idle::IdleSessions::start(t.http.addr, targets::TOKEN, n);
+    let (kib, cpu, _) = held_idle(pid, n, hold, sessions).await?;
+    let m = format!("5 idle {n} agents on sessions");
+    out.put(format!("{m} KiB per agent"), t.name, kib);
+    out.put(format!("{m} server CPU %"), t.name, cpu);
+
+    // The same number of agents on long polls; first the sessions close and the server
+    // hands their memory back.
+    idle::wait_connections_below(t.http.addr, 100).await?;
+    rss_settled(pid).await;
     let agents = idle::IdleAgents::start(t.http.addr, targets::TOKEN, n);
     let (kib, cpu, polls) = held_idle(pid, n, hold, agents).await?;
     let m = format!("5 idle {n} agents");
@@ -213,17 +228,11 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
     let rate = polls as f64 / hold.as_secs_f64();
     out.put(format!("{m} re-polls/s"), t.name, rate);
 
-    // The same number of agents on sessions (protocol 2): one WebSocket each. First the
-    // long polls' connections close and the server hands their memory back, so the
-    // sessions do not reuse it unmeasured.
+    // Again: the long polls' memory goes back before the tunnels are measured (a trim
+    // during the measurement made it negative). What the allocator keeps may still be
+    // reused unmeasured: this figure is a lower bound.
     idle::wait_connections_below(t.http.addr, 100).await?;
     rss_settled(pid).await;
-    let sessions = idle::IdleSessions::start(t.http.addr, targets::TOKEN, n);
-    let (kib, cpu, _) = held_idle(pid, n, hold, sessions).await?;
-    let m = format!("5 idle {n} agents on sessions");
-    out.put(format!("{m} KiB per agent"), t.name, kib);
-    out.put(format!("{m} server CPU %"), t.name, cpu);
-
     let n = plan.idle_tunnels;
     let tunnels = idle::IdleTunnels::start(t.tcp, t.http.addr, n);
     let (kib, cpu, _) = held_idle(pid, n, hold, tunnels).await?;
@@ -251,14 +260,19 @@ async fn held_idle<T: idle::Idle>(
     Ok(((after - before) / n.max(1) as f64, cpu, counted))
 }
 
-/// Waits until the process's resident memory stops shrinking (its housekeeping hands
-/// freed memory back once a second), at most 5 s.
+/// Waits until the process's resident memory stops shrinking, at most 10 s. Its
+/// housekeeping hands freed memory back on a tick once a second, so one sample that did
+/// not shrink says nothing (the trim may not have run yet): memory counts as settled after
+/// 2 s without a fall. Before, a trim of the previous phase's memory could land in the
+/// next measurement and make it small or negative.
 async fn rss_settled(pid: u32) {
     let mut last = rss_kib(pid, "VmRSS");
-    for _ in 0..10 {
+    let mut steady = 0;
+    for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = rss_kib(pid, "VmRSS");
-        if now >= last {
+        steady = if now < last { 0 } else { steady + 1 };
+        if steady == 4 {
             return;
         }
         last = now;
