@@ -34,9 +34,14 @@ pub const ACK_DELAY: Duration = Duration::from_millis(20);
 
 /// WebSocket settings of a session: small read buffer (an idle session holds little), and
 /// messages bounded by [`MAX_MESSAGE`].
+///
+/// The read buffer is where reading starts, not a limit: tungstenite reserves room for a
+/// whole frame once its header is read, so a longer message costs one more read, and a
+/// burst of small ones fills what is there. 1 KiB holds a session's usual message (a few
+/// heads or small responses; 2 KiB was an eighth of an idle agent's whole cost).
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(2048)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
@@ -207,8 +212,13 @@ impl Outbox {
 }
 
 /// Writes the outbox's messages to `sink` until the outbox is closed and empty, then sends
-/// a Close (RFC 6455 §5.5.1) with `reason`.
-pub async fn write<S>(mut sink: S, outbox: &Outbox, reason: &str) -> Result<(), tungstenite::Error>
+/// a Close (RFC 6455 §5.5.1) with `reason`. The error is boxed: the library's is 136 bytes,
+/// and a session's future keeps room for the writer's result while it is idle.
+pub async fn write<S>(
+    mut sink: S,
+    outbox: &Outbox,
+    reason: &str,
+) -> Result<(), Box<tungstenite::Error>>
 where
     S: Sink<Message, Error = tungstenite::Error> + Unpin,
 {
@@ -218,15 +228,17 @@ where
     while let Some((msg, end)) =
         std::future::poll_fn(|cx| outbox.poll_next(cx, timer.as_mut(), &mut armed)).await
     {
-        sink.send(Message::Binary(msg)).await?;
+        sink.send(Message::Binary(msg)).await.map_err(Box::new)?;
         outbox.sent.store(end, Ordering::Release);
     }
     let close = CloseFrame {
         code: tungstenite::protocol::frame::coding::CloseCode::Normal,
         reason: reason.to_owned().into(),
     };
-    sink.send(Message::Close(Some(close))).await?;
-    sink.close().await
+    sink.send(Message::Close(Some(close)))
+        .await
+        .map_err(Box::new)?;
+    sink.close().await.map_err(Box::new)
 }
 
 /// Why a session's reading ended.
@@ -235,12 +247,19 @@ pub enum ReadEnd {
     /// A Close frame or the end of the stream.
     #[error("the peer closed the session")]
     Closed,
-    /// The connection failed.
+    /// The connection failed. Boxed: the library's error is 136 bytes, and every
+    /// session's future keeps room for a `ReadEnd` while it is idle.
     #[error("session connection failed: {0}")]
-    Transport(#[from] tungstenite::Error),
+    Transport(Box<tungstenite::Error>),
     /// The peer sent something that is not a session message.
     #[error("session protocol error: {0}")]
     Protocol(String),
+}
+
+impl From<tungstenite::Error> for ReadEnd {
+    fn from(e: tungstenite::Error) -> Self {
+        ReadEnd::Transport(Box::new(e))
+    }
 }
 
 impl From<SessionError> for ReadEnd {

@@ -70,8 +70,9 @@ pub(super) struct AgentState {
     /// re-checked on reload.
     pub(super) tokens: Vec<[u8; 32]>,
     /// Its open sessions by slot (the agent's relay URL index): each with a number and
-    /// the token that ends it when a newer session takes the slot.
-    sessions: HashMap<u32, (u64, CancellationToken)>,
+    /// the token that ends it when a newer session takes the slot. A list: an agent has a
+    /// session per relay URL, usually one (a map's table cost 116 bytes per idle agent).
+    sessions: Vec<(u32, u64, CancellationToken)>,
     opened: u64,
     /// Per slot: the last ended session's requests not acknowledged (its agent-chosen
     /// number and the requests), until the agent's next session there settles them.
@@ -95,7 +96,7 @@ impl Agent {
                 draining: false,
                 cancels: Vec::new(),
                 tokens: Vec::new(),
-                sessions: HashMap::new(),
+                sessions: Vec::new(),
                 opened: 0,
                 parked: HashMap::new(),
                 resumes: HashMap::new(),
@@ -111,6 +112,9 @@ impl Agent {
         s.polls += 1;
         s.draining |= draining;
         if let Some(t) = token.filter(|t| !s.tokens.contains(t)) {
+            // One, unless the agent rotates its token: no room kept for more (a first push
+            // reserves four, 96 bytes per idle agent for nothing).
+            s.tokens.reserve_exact(1);
             s.tokens.push(*t);
         }
     }
@@ -123,8 +127,12 @@ impl Agent {
         let mut s = self.state.lock().expect("bug: poisoned");
         s.opened += 1;
         let (n, token) = (s.opened, CancellationToken::new());
-        if let Some((_, old)) = s.sessions.insert(slot, (n, token.clone())) {
-            old.cancel();
+        match s.sessions.iter_mut().find(|(held, ..)| *held == slot) {
+            Some(held) => std::mem::replace(held, (slot, n, token.clone())).2.cancel(),
+            None => {
+                s.sessions.reserve_exact(1);
+                s.sessions.push((slot, n, token.clone()));
+            }
         }
         (n, token)
     }
@@ -176,9 +184,8 @@ impl Agent {
     /// Ends session `n` in `slot` (nothing if a newer one holds the slot).
     pub fn close_session(&self, slot: u32, n: u64) {
         let mut s = self.state.lock().expect("bug: poisoned");
-        if s.sessions.get(&slot).is_some_and(|(held, _)| *held == n) {
-            s.sessions.remove(&slot);
-        }
+        s.sessions
+            .retain(|(held, number, _)| (*held, *number) != (slot, n));
     }
 
     /// Queues a cancel notice (the user of `id` left) and wakes one of the agent's polls.

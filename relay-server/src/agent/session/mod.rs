@@ -6,6 +6,7 @@
 //! This module is the handshake (RFC 6455 §4.2: the upgrade is checked and answered here,
 //! the session itself runs in [`run`] once hyper has switched the connection).
 
+pub mod liveness;
 pub mod run;
 
 use std::sync::Arc;
@@ -13,13 +14,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use relay_common::carrier::ws_config;
 use relay_common::headers::has_token;
 use relay_common::session::Heads;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::agent::endpoints::{agent_info, no_store, poller_identity, Query};
 use crate::agent::error::AgentCallError;
@@ -58,32 +55,14 @@ pub fn serve(
             .filter_map(|v| v.to_str().ok()),
     );
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let session_state = state.clone();
-    state.agent_sessions.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "agent session: the connection did not switch");
-                return;
-            }
-        };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config()),
-        )
-        .await;
-        run::run(
-            session_state,
-            grant,
-            name,
-            agent_id,
-            carrier,
-            info,
-            (ws, heads),
-        )
-        .await;
-    });
+    state.agent_sessions.spawn(run::run(
+        state.clone(),
+        grant,
+        (name, agent_id),
+        carrier,
+        info,
+        (on_upgrade, heads),
+    ));
     let mut resp = no_store(Response::builder())
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
