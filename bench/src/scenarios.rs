@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::procfs::{cpu_percent, cpu_ticks, rss_kib};
 use crate::targets::{self, Running};
 use crate::{idle, load};
+use anyhow::Context as _;
 
 /// Sizes and counts of one benchmark run (smaller in smoke mode).
 pub struct Plan {
@@ -46,10 +47,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Runs the scenarios `want` selects against `t`.
+/// Starts another target like the one measured, in fresh processes.
+pub type Fresh<'a> = Option<&'a (dyn Fn() -> anyhow::Result<Running> + Sync)>;
+
+/// Runs the scenarios `want` selects against `t` (`fresh` starts another like it, where a
+/// scenario wants a process that held nothing before).
 pub async fn run_all(
     plan: &Plan,
     t: &Running,
+    fresh: Fresh<'_>,
     want: impl Fn(u8) -> bool,
     out: &mut Table,
 ) -> anyhow::Result<()> {
@@ -81,7 +87,7 @@ pub async fn run_all(
             .with_context(|| what(8))?;
     }
     if want(5) {
-        idle(plan, t, out).await.with_context(|| what(5))?;
+        idle(plan, t, fresh, out).await.with_context(|| what(5))?;
     }
     Ok(())
 }
@@ -200,7 +206,7 @@ async fn burst(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> 
 }
 
 /// 5: idle agents and idle tunnels held by the relay (the relay's memory and CPU only).
-async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
+async fn idle(plan: &Plan, t: &Running, fresh: Fresh<'_>, out: &mut Table) -> anyhow::Result<()> {
     let Some(pid) = t.server_pid else {
         return Ok(());
     };
@@ -228,12 +234,25 @@ async fn idle(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
     let rate = polls as f64 / hold.as_secs_f64();
     out.put(format!("{m} re-polls/s"), t.name, rate);
 
-    // Again: the long polls' memory goes back before the tunnels are measured (a trim
-    // during the measurement made it negative). What the allocator keeps may still be
-    // reused unmeasured: this figure is a lower bound.
-    idle::wait_connections_below(t.http.addr, 100).await?;
-    rss_settled(pid).await;
+    // Tunnels in a fresh relay when one can be started: in this one, memory the agents
+    // freed and the allocator kept would be reused unmeasured. Otherwise here, after the
+    // long polls' memory went back (a trim during the measurement made it negative), and
+    // the figure is a lower bound.
     let n = plan.idle_tunnels;
+    // Started on a thread of its own: starting waits on a runtime of its own.
+    let started = fresh
+        .map(|start| std::thread::scope(|s| s.spawn(start).join()))
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("starting a fresh relay panicked"))?
+        .transpose()?;
+    let (t, pid) = match &started {
+        Some(f) => (f, f.server_pid.context("a fresh relay without a server")?),
+        None => {
+            idle::wait_connections_below(t.http.addr, 100).await?;
+            (t, pid)
+        }
+    };
+    rss_settled(pid).await;
     let tunnels = idle::IdleTunnels::start(t.tcp, t.http.addr, n);
     let (kib, cpu, _) = held_idle(pid, n, hold, tunnels).await?;
     let m = format!("5 idle {n} tunnels");

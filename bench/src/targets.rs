@@ -77,6 +77,25 @@ pub struct Backend {
     _proc: Proc,
 }
 
+/// Where a [`Backend`] listens (what the targets need of it, free to share between threads).
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    /// HTTP (h1 and h2c).
+    pub http: SocketAddr,
+    /// TCP sink/source.
+    pub tcp: SocketAddr,
+}
+
+impl Backend {
+    /// Where it listens.
+    pub fn addrs(&self) -> Addrs {
+        Addrs {
+            http: self.http,
+            tcp: self.tcp,
+        }
+    }
+}
+
 fn addr_after(p: &mut Proc, prefix: &str) -> anyhow::Result<SocketAddr> {
     let line = p.wait_line(prefix);
     line.rsplit([' ', '/'])
@@ -123,7 +142,7 @@ pub const TOKEN: &str = "bench-token-0123456789abcdef";
 
 /// relay-server and relay-client (the release binaries next to this one), with the TCP
 /// service as a service port reached through `relay-client connect`.
-pub fn relay(b: &Backend) -> anyhow::Result<Running> {
+pub fn relay(b: Addrs) -> anyhow::Result<Running> {
     let mut server = Proc::spawn({
         let mut c = Command::new(binary("relay-server"));
         c.args(["--listen", "127.0.0.1:0", "--agent-token"])
@@ -158,7 +177,7 @@ pub fn relay(b: &Backend) -> anyhow::Result<Running> {
 /// `sink`) and a `relay-client connect` entry for that service through `entry_relay`; the
 /// entry's TCP address.
 fn agent_and_entry(
-    b: &Backend,
+    b: Addrs,
     agent_relay: &str,
     token: &str,
     entry_relay: &str,
@@ -216,8 +235,12 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
     let home = r[0].url();
     let entry = r[1].public;
     // The replicas take the test harness's agent token.
-    let (agent, connect, tcp) =
-        agent_and_entry(b, &home, relay_tests::TOKEN, &format!("http://{entry}"))?;
+    let (agent, connect, tcp) = agent_and_entry(
+        b.addrs(),
+        &home,
+        relay_tests::TOKEN,
+        &format!("http://{entry}"),
+    )?;
     let http = Target {
         addr: entry,
         prefix: "/client/bench".into(),
