@@ -36,12 +36,13 @@ pub const ACK_DELAY: Duration = Duration::from_millis(20);
 /// messages bounded by [`MAX_MESSAGE`].
 ///
 /// The read buffer is where reading starts, not a limit: tungstenite reserves room for a
-/// whole frame once its header is read, so a longer message costs one more read, and a
-/// burst of small ones fills what is there. 1 KiB holds a session's usual message (a few
-/// heads or small responses; 2 KiB was an eighth of an idle agent's whole cost).
+/// whole frame once its header is read. 2 KiB, an eighth of an idle agent's cost on the
+/// relay-server: with 1 KiB (on either side) the test of 200 tunnels opened at once through
+/// one `relay-client connect` hung 3 times in 11 runs (0 in 12 with 2 KiB), its agent's
+/// tunnel connections meeting the per-address limit more often (`docs/PERFORMANCE.md`).
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(2048)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
