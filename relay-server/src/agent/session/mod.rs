@@ -6,6 +6,7 @@
 //! This module is the handshake (RFC 6455 §4.2: the upgrade is checked and answered here,
 //! the session itself runs in [`run`] once hyper has switched the connection).
 
+pub mod delivery;
 pub mod liveness;
 pub mod run;
 
