@@ -36,13 +36,14 @@ pub const ACK_DELAY: Duration = Duration::from_millis(20);
 /// messages bounded by [`MAX_MESSAGE`].
 ///
 /// The read buffer is where reading starts, not a limit: tungstenite reserves room for a
-/// whole frame once its header is read. 2 KiB, an eighth of an idle agent's cost on the
-/// relay-server: with 1 KiB (on either side) the test of 200 tunnels opened at once through
-/// one `relay-client connect` hung 3 times in 11 runs (0 in 12 with 2 KiB), its agent's
-/// tunnel connections meeting the per-address limit more often (`docs/PERFORMANCE.md`).
+/// whole frame once its header is read. 1 KiB, an eighth of an idle agent's cost on the
+/// relay-server. (It was 2 KiB while a smaller one made the test of 200 tunnels opened at
+/// once hang now and then: the agent's tunnel connections were refused at the per-address
+/// limit, because a switched connection, the session's too, gave up its place. It keeps
+/// it now, `relay_server::base::switch`.)
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(2048)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))

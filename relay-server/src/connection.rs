@@ -203,7 +203,8 @@ fn service(
                  + 'static,
 > + Clone {
     let (activity, permit, cert) = (activity.clone(), permit.clone(), cert.clone());
-    service_fn(move |req: Request<Incoming>| {
+    service_fn(move |mut req: Request<Incoming>| {
+        crate::base::switch::offer_place(&mut req, &permit);
         let state = state.clone();
         let busy = activity.begin();
         let cert = cert.clone();

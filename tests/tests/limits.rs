@@ -192,6 +192,63 @@ async fn past_the_address_limit_users_get_503_and_agents_are_served() {
     }
 }
 
+/// A WebSocket through the relay from 127.0.0.1, echoing once.
+async fn open_websocket(
+    server: &Server,
+    i: usize,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let tcp = connect_from(server.addr, "127.0.0.1").await;
+    let url = format!("ws://{}/client/ws/{i}", server.addr);
+    let open = async {
+        let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+        ws
+    };
+    tokio::time::timeout(Duration::from_secs(30), open)
+        .await
+        .expect("the WebSocket did not open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switched_connections_keep_their_places_until_they_close() {
+    let echo = websocket_echo().await;
+    let mut cfg = server_config();
+    cfg.max_connections_per_ip = 2;
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(
+        &server.url(),
+        "ws",
+        &format!("http://{echo}"),
+    ));
+    // The agent's carriers connected and authenticated. A session is a switched
+    // connection: it stays one of the open connections, as an agent's (not counted
+    // against the address, and what lets the agent's tunnel exchanges in on probation
+    // while the users hold the address's places).
+    let carriers = if native_protocol() == "relay/2" { 1 } else { 4 };
+    wait_for(|| server.state.conns.open() == carriers && server.state.conns.addresses() == 0).await;
+    let mut sockets = vec![
+        open_websocket(&server, 0).await,
+        open_websocket(&server, 1).await,
+    ];
+    // The two open WebSockets hold the address's two places: the next user is turned
+    // away.
+    let local: IpAddr = [127, 0, 0, 1].into();
+    assert_eq!(server.state.conns.counted_at(local), 2);
+    let over = connect_from(server.addr, "127.0.0.1").await;
+    let answer = answer_then_close(over, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // A place comes back when its WebSocket closes.
+    let mut closed = sockets.pop().unwrap();
+    closed.close(None).await.unwrap();
+    drop(closed);
+    wait_for(|| server.state.conns.counted_at(local) == 1).await;
+    let _user = healthy_conn(server.addr, "127.0.0.1").await;
+    assert_eq!(sockets.len(), 1);
+}
+
 #[tokio::test]
 async fn without_an_agent_at_the_address_its_limit_is_plain() {
     let mut cfg = server_config();

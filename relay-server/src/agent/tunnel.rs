@@ -52,13 +52,14 @@ pub fn serve(
             "the response has begun: a tunnel exchange carries it from its head".into(),
         ));
     }
-    let on_upgrade = hyper::upgrade::on(&mut req);
+    let switch = crate::base::switch::Switch::of(&mut req);
     state.metrics.tunnel_exchange();
     let task_state = state.clone();
     state.tunnels.spawn(async move {
         // Not switched (the agent went away): the lease drops uncleanly and the user's
         // request fails with 502, as after a cut response exchange.
-        let upgraded = match on_upgrade.await {
+        // The connection keeps its place (an agent's) while the exchange is open.
+        let (upgraded, _place) = match switch.switched().await {
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!(id = %pending.id, error = %e, "tunnel exchange did not switch");

@@ -125,6 +125,11 @@ impl ConnLimits {
             .count()
     }
 
+    /// Connections from `ip` that count against its limit (an agent's do not).
+    pub fn counted_at(&self, ip: IpAddr) -> usize {
+        self.per_ip.get(&ip.to_canonical()).map_or(0, |p| p.counted)
+    }
+
     /// Connections from `ip` admitted past its limit that have not (yet) authenticated as
     /// an agent's. An agent's HTTP client may open a connection it then leaves unused in
     /// its pool (a request it was opened for took another that came free), which stays on

@@ -1,5 +1,5 @@
 //! The base layer every feature stands on: credentials, response bodies, the byte budget,
-//! connection limits, metrics and the request history, TLS termination, memory trimming,
+//! connection limits and switched connections' places, metrics and the request history, TLS termination, memory trimming,
 //! the client of external services.
 //! Nothing here knows about users, agents or replicas.
 
@@ -11,5 +11,6 @@ pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod revocation;
+pub mod switch;
 pub mod tls;
 pub mod trim;

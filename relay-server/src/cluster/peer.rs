@@ -187,7 +187,7 @@ async fn upgrade(
     state: &Arc<State>,
     io: Box<dyn PeerIo>,
     req: Request<RelayBody>,
-    (user, admission): (hyper::upgrade::OnUpgrade, Option<Arc<Admission>>),
+    (user, admission): (crate::base::switch::Switch, Option<Arc<Admission>>),
     deadline: tokio::time::Instant,
 ) -> Result<Response<RelayBody>, RelayError> {
     let fail = |e: hyper::Error| RelayError::Replica(format!("the relay replica failed: {e}"));
@@ -206,7 +206,8 @@ async fn upgrade(
     let peer = hyper::upgrade::on(&mut resp);
     let stop = state.stop.clone();
     state.tunnels.spawn(async move {
-        let (Ok(user), Ok(peer)) = tokio::join!(user, peer) else {
+        // The user's connection keeps its place under the limits while it is spliced.
+        let (Ok((user, _place)), Ok(peer)) = tokio::join!(user.switched(), peer) else {
             return;
         };
         let (mut user, mut peer) = (TokioIo::new(user), TokioIo::new(peer));
@@ -357,7 +358,10 @@ async fn forwarded_request(
     tracing::Span::current().record("backend", head.name.as_str());
     let headers: HeaderMap = decode_headers(&head.headers)
         .map_err(|e| RelayError::BadRequest(format!("the forwarded head has an {e}")))?;
-    let on_upgrade = head.upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let on_upgrade = head
+        .upgrade
+        .as_ref()
+        .map(|_| crate::base::switch::Switch::of(&mut req));
     let method: Method = req.method().clone();
     let body = req.into_body();
     let body = if hyper::body::Body::is_end_stream(&body) {

@@ -33,7 +33,7 @@ pub struct Prepared {
     /// The protocol of a genuine upgrade request.
     pub upgrade: Option<String>,
     /// The user connection's switch, for upgrade requests.
-    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    pub on_upgrade: Option<crate::base::switch::Switch>,
     /// The request body, when it has one.
     pub body: Option<UserBody>,
     /// When the request arrived (timeouts count from here).
@@ -62,7 +62,9 @@ pub fn prepare(
     let upgrade = (req.version() == http::Version::HTTP_11 && req.body().is_end_stream())
         .then(|| upgrade_request(req.headers()))
         .flatten();
-    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let on_upgrade = upgrade
+        .as_ref()
+        .map(|_| crate::base::switch::Switch::of(&mut req));
     let (parts, body) = req.into_parts();
     let trusted = state.auth().trusts(peer.ip());
     let via = Via {

@@ -227,7 +227,7 @@ fn request(
     Pending,
     oneshot::Receiver<ResponseStart>,
     Option<String>,
-    Option<hyper::upgrade::OnUpgrade>,
+    Option<crate::base::switch::Switch>,
 ) {
     let body_kind = match p.body {
         Some(_) => BodyKind::Stream,
@@ -284,7 +284,7 @@ struct Tunnel {
     /// The protocol the user asked for.
     requested: Option<String>,
     /// The user connection's switch.
-    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    on_upgrade: Option<crate::base::switch::Switch>,
     /// Backend→user bytes.
     body_rx: Option<tokio::sync::mpsc::Receiver<crate::base::body::Delivery>>,
     /// Frees the request when the tunnel ends.

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -33,7 +32,7 @@ pub struct Limits {
 /// Runs one tunnel until both directions ended or it must close. Dropping `guard` at the
 /// end frees the request and tells the agent.
 pub async fn bridge(
-    on_upgrade: OnUpgrade,
+    on_upgrade: crate::base::switch::Switch,
     body_rx: Option<mpsc::Receiver<Delivery>>,
     guard: PendingGuard,
     agent_gone: CancellationToken,
@@ -41,7 +40,8 @@ pub async fn bridge(
     limits: Limits,
     stop: CancellationToken,
 ) {
-    let upgraded = match on_upgrade.await {
+    // The user's connection keeps its place under the limits while the tunnel is open.
+    let (upgraded, _place) = match on_upgrade.switched().await {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(error = %e, "the user connection did not switch");

@@ -55,14 +55,14 @@ pub fn serve(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
-    let on_upgrade = hyper::upgrade::on(&mut req);
+    let switch = crate::base::switch::Switch::of(&mut req);
     state.agent_sessions.spawn(run::run(
         state.clone(),
         grant,
         (name, agent_id),
         carrier,
         info,
-        (on_upgrade, heads),
+        (switch, heads),
     ));
     let mut resp = no_store(Response::builder())
         .status(StatusCode::SWITCHING_PROTOCOLS)

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use relay_common::carrier::{self, ws_config, Outbox, ReadEnd};
 use relay_common::gate::gated;
@@ -61,7 +60,7 @@ pub struct Carrier {
     pub resume: Option<(u64, u64)>,
 }
 
-/// Runs one session from its switch (`on_upgrade`, when hyper has switched the connection)
+/// Runs one session from its `switch` (done when hyper has switched the connection)
 /// until it ends.
 ///
 /// A function returning an `async move` block rather than an `async fn`: an `async fn`
@@ -73,11 +72,13 @@ pub fn run(
     (name, agent_id): (String, String),
     carrier: Carrier,
     info: AgentInfo,
-    (on_upgrade, heads): (OnUpgrade, session::Heads),
+    (switch, heads): (crate::base::switch::Switch, session::Heads),
 ) -> impl std::future::Future<Output = ()> + Send {
     let slot = carrier.slot;
     async move {
-        let upgraded = match on_upgrade.await {
+        // The connection keeps its place (an agent's, which lets the agent's other
+        // connections past its address's limit) while the session is open.
+        let (upgraded, _place) = match switch.switched().await {
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!(error = %e, "agent session: the connection did not switch");

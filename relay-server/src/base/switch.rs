@@ -1,0 +1,55 @@
+//! A connection's switch of protocols (RFC 9110 §7.8, a 101) together with its place
+//! under the connection limits.
+//!
+//! hyper lets go of a connection once it has switched: its task ends and with it the
+//! connection's hold on its place ([`ConnPermit`]). A switched connection (a user's tunnel
+//! or WebSocket, an agent's session or tunnel exchange) stays open for hours, so whatever
+//! carries it keeps the place until it closes. Without that, an address's open tunnels
+//! counted nothing against its limit, and an agent whose only connection is a session
+//! counted as no agent at all, so its other connections were refused at the limit
+//! instead of coming in on probation (`ConnLimits::admit`).
+
+use std::sync::Arc;
+
+use http::{header, Request};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+
+use crate::base::limits::ConnPermit;
+
+/// The place under the connection limits of a switched connection: held as long as the
+/// connection is carried, dropped when it closes.
+pub struct Place {
+    _held: Option<Arc<ConnPermit>>,
+}
+
+/// Marks `req`, a request that may switch its connection (it asks for an upgrade), as
+/// holding `permit`: [`Switch::of`] takes it with the switch. Only such requests carry it:
+/// the extension map is an allocation every other request is spared.
+pub fn offer_place<B>(req: &mut Request<B>, permit: &Arc<ConnPermit>) {
+    if req.headers().contains_key(header::UPGRADE) {
+        req.extensions_mut().insert(permit.clone());
+    }
+}
+
+/// The switch of one request's connection, with the connection's place.
+pub struct Switch {
+    on: OnUpgrade,
+    place: Option<Arc<ConnPermit>>,
+}
+
+impl Switch {
+    /// The switch of `req`'s connection (done once the 101 is written), and its place.
+    pub fn of<B>(req: &mut Request<B>) -> Switch {
+        Switch {
+            on: hyper::upgrade::on(&mut *req),
+            place: req.extensions_mut().remove::<Arc<ConnPermit>>(),
+        }
+    }
+
+    /// Waits for the switch: the connection, and the place its carrier keeps while it is
+    /// open. An error when the connection closed or failed before switching.
+    pub async fn switched(self) -> Result<(Upgraded, Place), hyper::Error> {
+        let io = self.on.await?;
+        Ok((io, Place { _held: self.place }))
+    }
+}
