@@ -94,6 +94,9 @@ pub async fn serve(
                 // arrived. Worth an operator's eye either way.
                 Err(e) => {
                     tracing::warn!(id, error = %e, "the request failed between agent and relay-server");
+                    if let Some(out) = &reply {
+                        crate::whole::fail_on_session(out, &id, &e);
+                    }
                     Outcome::Failed
                 }
             },

@@ -78,6 +78,31 @@ pub(crate) async fn post_error(
     .await
 }
 
+/// Answers 502 on the session a request came on when its response could not get to the
+/// relay-server another way (an exchange refused or cut: the per-address limit, a proxy,
+/// the server going away). The user learns why at once instead of waiting for the
+/// server's response timeout (or a tunnel's 120 s upgrade timeout). The relay-server drops
+/// it if the request is over or its head already went through an exchange (the request
+/// then fails as a cut exchange fails it). Nothing to do if the session is gone too: the
+/// server fails the requests of a lost session itself.
+pub(crate) fn fail_on_session(out: &Reply, id: &str, why: &RelayCallError) {
+    let body = Bytes::from(format!(
+        "relay-client could not send the response to the relay-server: {why}\n"
+    ));
+    let head = ResponseHead {
+        status: StatusCode::BAD_GATEWAY.as_u16(),
+        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())].into(),
+        body: BodyKind::Stream,
+        content_length: Some(body.len() as u64),
+    };
+    let _ = out.respond(Kept {
+        id: id.to_owned(),
+        head,
+        body,
+        trailers: None,
+    });
+}
+
 /// Sends a complete response the agent produced itself.
 pub(crate) async fn post_local(
     ctx: &Ctx,

@@ -2,7 +2,7 @@
 //! responses, cancel notices, pings, a lying RESPONSE, a frame in the wrong direction), and
 //! faults on a session (the agent killed with 100 requests in flight, the session's
 //! connection cut while answers are pending, a user stalling one download while small
-//! requests flow).
+//! requests flow, response exchanges refused while the session stands).
 
 use std::time::Duration;
 
@@ -325,6 +325,85 @@ async fn answers_pending_when_the_session_is_cut_arrive_through_exchanges() {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(body_bytes(resp.into_body()).await.unwrap(), "done");
     }
+    server.wait_idle().await;
+}
+
+/// A proxy to `upstream` that carries only session connections (`/server/session`, and the
+/// probe before) and closes any other once it has read its request line, unanswered, as a relay-server does
+/// past its connection limits.
+async fn sessions_only(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut start = [0u8; 64];
+                let mut n = 0;
+                while n < start.len() && !start[..n].contains(&b'\n') {
+                    match down.read(&mut start[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                }
+                // The probe before the session, too (its body never ends: hyper closes
+                // its connection after it, so no exchange can reuse it).
+                let line = &start[..n];
+                if !line.starts_with(b"GET /server/session")
+                    && !line.starts_with(b"POST /server/probe")
+                {
+                    return;
+                }
+                let mut up = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                up.write_all(&start[..n]).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_cannot_reach_the_server_is_a_502_on_the_session_at_once() {
+    let (_release, rx) = tokio::sync::watch::channel(false);
+    let addr = holding_backend(rx).await;
+    let mut cfg = server_config();
+    // Far beyond the test's bound: the answer must not be the timeout's.
+    cfg.response_timeout = Duration::from_secs(600);
+    let server = Server::start(cfg).await;
+    // The agent's session gets through; its exchanges are refused.
+    let front = sessions_only(server.addr).await;
+    let mut acfg = Agent::config(&format!("http://{front}"), "r", &format!("http://{addr}"));
+    acfg.transport = relay_client::Transport::Websocket;
+    let _agent = Agent::start(acfg);
+    server.wait_agent("r").await;
+    // A small answer goes back on the session.
+    let small = client()
+        .request(
+            Request::get(format!("{}/client/r/small", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(small.status(), StatusCode::OK);
+    // A big one needs a response exchange, which cannot get through: the user is told.
+    let big = client().request(
+        Request::get(format!("{}/client/r/big", server.url()))
+            .body(empty())
+            .unwrap(),
+    );
+    let resp = tokio::time::timeout(Duration::from_secs(60), big)
+        .await
+        .expect("the user waited for the response timeout")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let text = body_bytes(resp.into_body()).await.unwrap();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("could not send the response to the relay-server"),
+        "{text}"
+    );
     server.wait_idle().await;
 }
 
