@@ -271,6 +271,9 @@ async fn held_idle<T: idle::Idle>(
 ) -> anyhow::Result<(f64, f64, usize)> {
     let before = rss_kib(pid, "VmRSS");
     let held = start.await?;
+    // Idle means settled: the relay hands the memory of the opening burst's setup back
+    // on a quiet tick (`base/trim.rs`), and the figure is what the things cost to hold.
+    rss_settled(pid).await;
     let after = rss_kib(pid, "VmRSS");
     let cpu0 = cpu_ticks(pid);
     let counted = held.hold(hold).await;

@@ -182,10 +182,13 @@ async fn housekeeping(state: Arc<State>) {
         }
         state.budget.reap();
         let others = state.conns.open() + state.tunnels.len() + state.agent_sessions.len();
-        trimmer.tick(
-            state.broker.take_peak() + others,
-            state.broker.in_flight() + others,
-        );
+        let (parked, in_flight) = (state.broker.take_peak(), state.broker.in_flight());
+        trimmer.tick(crate::base::trim::Sample {
+            peak: parked.max(in_flight) + others,
+            load: in_flight + others,
+            quiet: parked == 0,
+            free: crate::base::trim::allocator_free(),
+        });
         n = n.wrapping_add(1);
         if n.is_multiple_of(30) {
             state.sessions.reap();

@@ -165,13 +165,10 @@ impl Broker {
         self.requests.len()
     }
 
-    /// The most requests waiting for pickup since the last call (a burst between two
-    /// samples is seen, since every request waits first), or the requests in flight now if
-    /// more.
+    /// The most requests waiting for pickup since the last call: a burst between two
+    /// samples is seen, since every request waits first, and 0 says no request arrived.
     pub fn take_peak(&self) -> usize {
-        self.peak_parked
-            .swap(0, Ordering::Relaxed)
-            .max(self.requests.len())
+        self.peak_parked.swap(0, Ordering::Relaxed)
     }
 
     /// Number of requests waiting for pickup.
@@ -282,9 +279,11 @@ impl Broker {
             self.requests.insert(pending.id, pending.clone());
             q.push_back(pending.clone());
         }
-        // An atomic read, not `requests.len()`, which locks every shard of the map.
-        self.peak_parked
-            .fetch_max(self.parked_total.load(Ordering::Acquire), Ordering::Relaxed);
+        // An atomic read, not `requests.len()`, which locks every shard of the map. At
+        // least 1: a session may have taken the request already, and the peak also says
+        // that requests arrived.
+        let parked = self.parked_total.load(Ordering::Acquire).max(1);
+        self.peak_parked.fetch_max(parked, Ordering::Relaxed);
         backend.work.notify_one();
         Ok(PendingGuard::new(self.clone(), backend.clone(), pending))
     }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use relay_common::codec::BodyMsg;
 use relay_common::message::{BodyKind, ResponseHead};
 use relay_common::BODY_CHANNEL_DEPTH;
-use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard};
+use tokio::sync::{oneshot, Mutex, OwnedMutexGuard};
 
 use crate::base::body::{Delivery, Whole};
 use crate::base::budget::Held;
@@ -24,7 +24,7 @@ use crate::base::budget::Held;
 /// What the first response exchange hands to the waiting user handler.
 pub enum ResponseStart {
     /// The response head, and the body channel when a body follows.
-    Head(ResponseHead, Option<mpsc::Receiver<Delivery>>),
+    Head(ResponseHead, Option<crate::base::queue::Receiver<Delivery>>),
     /// The response head with its whole body (a session's RESPONSE): no channel.
     Whole(ResponseHead, Whole),
     /// The agent gave up before the head (its reason).
@@ -33,7 +33,7 @@ pub enum ResponseStart {
 
 enum Sink {
     AwaitingHead(oneshot::Sender<ResponseStart>),
-    Streaming(mpsc::Sender<Delivery>),
+    Streaming(crate::base::queue::Sender<Delivery>),
     Over,
 }
 
@@ -145,7 +145,7 @@ impl ResponseLease {
             return Err(DeliverError::Protocol("HEAD sent twice"));
         };
         let (next, rx) = if head.body == BodyKind::Stream {
-            let (tx, rx) = mpsc::channel(BODY_CHANNEL_DEPTH);
+            let (tx, rx) = crate::base::queue::queue(BODY_CHANNEL_DEPTH);
             (Sink::Streaming(tx), Some(rx))
         } else {
             (Sink::Over, None)

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, SizeHint};
+#[cfg(test)]
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -116,7 +117,7 @@ impl<G: Unpin> Body for WholeBody<G> {
 /// which cancels the request everywhere. When the agent that serves it is declared gone
 /// (`gone`), the body aborts instead of waiting for an exchange that will never come.
 pub struct RelayedBody<G> {
-    rx: mpsc::Receiver<Delivery>,
+    rx: crate::base::queue::Receiver<Delivery>,
     remaining: Option<u64>,
     done: bool,
     /// An abort received and held back for one turn (see `poll_frame`).
@@ -128,7 +129,7 @@ pub struct RelayedBody<G> {
 impl<G> RelayedBody<G> {
     /// Body over `rx`; `content_length` is announced through `size_hint`.
     pub fn new(
-        rx: mpsc::Receiver<Delivery>,
+        rx: crate::base::queue::Receiver<Delivery>,
         content_length: Option<u64>,
         gone: CancellationToken,
         guard: G,

@@ -10,6 +10,7 @@ pub mod history;
 pub mod limits;
 pub mod metrics;
 pub mod outbound;
+pub mod queue;
 pub mod revocation;
 pub mod switch;
 pub mod tls;

@@ -286,7 +286,7 @@ struct Tunnel {
     /// The user connection's switch.
     on_upgrade: Option<crate::base::switch::Switch>,
     /// Backend→user bytes.
-    body_rx: Option<tokio::sync::mpsc::Receiver<crate::base::body::Delivery>>,
+    body_rx: Option<crate::base::queue::Receiver<crate::base::body::Delivery>>,
     /// Frees the request when the tunnel ends.
     guard: crate::agent::pending::PendingGuard,
     /// The agent carrying it.

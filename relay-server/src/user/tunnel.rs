@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::pending::PendingGuard;
@@ -33,7 +32,7 @@ pub struct Limits {
 /// end frees the request and tells the agent.
 pub async fn bridge(
     on_upgrade: crate::base::switch::Switch,
-    body_rx: Option<mpsc::Receiver<Delivery>>,
+    body_rx: Option<crate::base::queue::Receiver<Delivery>>,
     guard: PendingGuard,
     agent_gone: CancellationToken,
     admission: Option<Arc<Admission>>,
@@ -117,7 +116,7 @@ impl Writer {
     /// tunnel must close.
     async fn run<W: AsyncWrite + Unpin>(
         &self,
-        body_rx: Option<mpsc::Receiver<Delivery>>,
+        body_rx: Option<crate::base::queue::Receiver<Delivery>>,
         mut wr: W,
     ) -> Result<(), &'static str> {
         let Some(mut rx) = body_rx else {
