@@ -2,12 +2,13 @@
 //! under the connection limits.
 //!
 //! hyper lets go of a connection once it has switched: its task ends and with it the
-//! connection's hold on its place ([`ConnPermit`]). A switched connection (a user's tunnel
-//! or WebSocket, an agent's session or tunnel exchange) stays open for hours, so whatever
-//! carries it keeps the place until it closes. Without that, an address's open tunnels
-//! counted nothing against its limit, and an agent whose only connection is a session
-//! counted as no agent at all, so its other connections were refused at the limit
-//! instead of coming in on probation (`ConnLimits::admit`).
+//! connection's hold on its place ([`ConnPermit`]). An agent's switched connection (its
+//! session, a tunnel exchange) stays open for hours, so whatever carries it keeps the place
+//! until it closes: without that, an agent whose only connection is a session counted as no
+//! agent at all, and its other connections were refused at the limit instead of coming in
+//! on probation (`ConnLimits::admit`). Only agent paths are offered their place
+//! (`connection.rs`); a user's tunnel gives its place up at the 101, so for users
+//! [`Switch::of`] finds none.
 
 use std::sync::Arc;
 
