@@ -80,13 +80,19 @@ pub enum WriteError<E: std::fmt::Display> {
 
 /// Writes every frame of `body` (an exchange body of frames) to `wr` as it comes, until the
 /// body ends. A short frame ready right behind another goes out in the same write.
-pub async fn write_frames<B, W>(body: B, wr: &mut W) -> Result<(), WriteError<B::Error>>
+///
+/// The body comes pinned by the caller: an `async fn` keeps an argument twice (as passed
+/// and as moved into its body, rust-lang/rust#62958), and an idle tunnel holds this future
+/// for its whole life.
+pub async fn write_frames<B, W>(
+    mut body: Pin<&mut B>,
+    wr: &mut W,
+) -> Result<(), WriteError<B::Error>>
 where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
     W: AsyncWrite + Unpin,
 {
-    let mut body = std::pin::pin!(body);
     let mut joined = BytesMut::new();
     loop {
         let next = match body.frame().now_or_never() {
@@ -171,7 +177,8 @@ mod tests {
                 .map(|b| Ok::<_, std::io::Error>(Frame::data(b))),
         ));
         let (mut a, b) = tokio::io::duplex(1024);
-        let writer = tokio::spawn(async move { write_frames(body, &mut a).await.is_ok() });
+        let writer =
+            tokio::spawn(async move { write_frames(std::pin::pin!(body), &mut a).await.is_ok() });
         let mut reader = FrameReader::new(ReaderBody::new(b));
         // DATA payloads may arrive in pieces; their bytes and the order of the rest count.
         let mut got = BytesMut::new();

@@ -124,7 +124,7 @@ where
     let (io_rd, mut io_wr) = tokio::io::split(io);
     let down = async {
         let frames = ResponseFrames::new(head, Some(Source::tunnel(rd)));
-        write_frames(frames, &mut io_wr)
+        write_frames(std::pin::pin!(frames), &mut io_wr)
             .await
             .map_err(|e| RelayCallError::Transport(e.to_string()))
     };

@@ -121,8 +121,13 @@ pub struct State {
     draining: AtomicBool,
     /// Cancelled when the drain is over: parked polls and queued requests end at once.
     pub stop: CancellationToken,
-    /// Switched connections (they outlive the request handler that started them).
+    /// Users' switched connections, one task per open tunnel or WebSocket (they outlive
+    /// the request handler that started them): what `relay_open_tunnels` counts.
     pub tunnels: TaskTracker,
+    /// The switched connections that carry them: an agent's tunnel exchanges, the hop of
+    /// a tunnel forwarded to another replica (not counted as tunnels: one user tunnel
+    /// takes one of these as well on some paths and none on others).
+    pub carriers: TaskTracker,
     /// Agent sessions and the deliveries they hand off (not counted as tunnels).
     pub agent_sessions: TaskTracker,
     /// Membership in a cluster of replicas (`--cluster-redis`).
@@ -174,6 +179,7 @@ impl State {
             ops_on_public: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
+            carriers: TaskTracker::new(),
             agent_sessions: TaskTracker::new(),
             tls: std::sync::OnceLock::new(),
         }

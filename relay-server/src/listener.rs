@@ -128,6 +128,7 @@ pub async fn serve_faces(
     // Connections got the stop; each gets a second to finish its response in progress.
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     state.tunnels.close();
+    state.carriers.close();
     state.agent_sessions.close();
     Ok(())
 }
@@ -181,7 +182,10 @@ async fn housekeeping(state: Arc<State>) {
             state.metrics.rejected("user_write_timeout");
         }
         state.budget.reap();
-        let others = state.conns.open() + state.tunnels.len() + state.agent_sessions.len();
+        let others = state.conns.open()
+            + state.tunnels.len()
+            + state.carriers.len()
+            + state.agent_sessions.len();
         let (parked, in_flight) = (state.broker.take_peak(), state.broker.in_flight());
         trimmer.tick(crate::base::trim::Sample {
             peak: parked.max(in_flight) + others,

@@ -378,6 +378,11 @@ async fn a_thousand_tunnels_open_at_once() {
         assert_eq!(tunnels.len(), (wave + 1) * 50);
     }
     assert_eq!(server.state.broker.in_flight(), 1000);
+    assert_eq!(
+        server.state.tunnels.len(),
+        1000,
+        "relay_open_tunnels counts users' tunnels, not the exchanges that carry them"
+    );
     // Every tunnel carries its own bytes while all are open.
     let mut set = tokio::task::JoinSet::new();
     for (i, mut s) in tunnels.into_iter().enumerate() {

@@ -145,12 +145,15 @@ where
                 let len = bytes.len() as u64;
                 // Waits while the budget or the name's or client's share is spent (the
                 // caller gives up when the user leaves).
-                let held = pending.account.hold(bytes.len()).await;
-                lease.data(bytes, held).await?;
+                // Both waits are boxed (one small allocation per chunk of up to 64 KiB):
+                // kept inline they sized this future, which an idle tunnel holds for its
+                // whole life, at three times its read's wait.
+                let held = Box::pin(pending.account.hold(bytes.len())).await;
+                Box::pin(lease.data(bytes, held)).await?;
                 pending.download_bytes.fetch_add(len, Ordering::Relaxed);
             }
             Message::Body(last) => {
-                lease.end(last).await?;
+                Box::pin(lease.end(last)).await?;
                 return Ok(Ended::Complete);
             }
             // Also valid before HEAD: the agent has nothing to say yet.

@@ -26,7 +26,7 @@ use crate::base::body::{full, RelayBody};
 use crate::State;
 
 /// Answers a tunnel exchange for `pending`: 101, then the tunnel runs on the switched
-/// connection in a task of its own (owned by the server's tunnel tracker).
+/// connection in a task of its own (owned by the server's carrier tracker).
 pub fn serve(
     state: &Arc<State>,
     pending: Arc<Pending>,
@@ -55,7 +55,7 @@ pub fn serve(
     let switch = crate::base::switch::Switch::of(&mut req);
     state.metrics.tunnel_exchange();
     let task_state = state.clone();
-    state.tunnels.spawn(async move {
+    state.carriers.spawn(async move {
         // Not switched (the agent went away): the lease drops uncleanly and the user's
         // request fails with 502, as after a cut response exchange.
         // The connection keeps its place (an agent's) while the exchange is open.
@@ -100,12 +100,12 @@ where
                 // Complete, broken or never switched: nothing more goes this way.
                 return true;
             };
-            let exchange = UploadExchange::new(
+            let exchange = std::pin::pin!(UploadExchange::new(
                 lease,
                 u64::MAX,
                 state.cfg.exchange_idle,
                 upload::limits(state),
-            );
+            ));
             if write_frames(exchange, &mut wr).await.is_err() {
                 return false;
             }

@@ -162,7 +162,7 @@ impl Default for Metrics {
         );
         registry.register(
             "open_tunnels",
-            "Switched (101) connections",
+            "Open tunnels and WebSockets: users' switched (101) connections",
             m.tunnels.clone(),
         );
         registry.register(

@@ -8,11 +8,18 @@
 //! to what is waiting (at most the bound) and nothing is allocated before the first
 //! chunk. The lock is held for a push or a pop; chunks are up to an exchange frame's
 //! size, so it is taken a few times per 64 KiB at most.
+//!
+//! Like tokio's channels, a push or pop that makes progress spends the task's cooperative
+//! budget (`tokio::task::coop`): a task that finds chunks always ready (a fast download
+//! through the user's connection) yields to the scheduler every so often instead of
+//! keeping its worker thread while small requests wait (issue 13's scenario 8).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
+
+use tokio::task::coop;
 
 /// A bounded queue of at most `bound` items; `bound` must be at least 1.
 pub fn queue<T>(bound: usize) -> (Sender<T>, Receiver<T>) {
@@ -79,6 +86,7 @@ impl<T> Sender<T> {
     }
 
     fn poll_send(&self, cx: &mut Context<'_>, item: &mut Option<T>) -> Poll<Result<(), T>> {
+        let coop = ready!(coop::poll_proceed(cx));
         let mut s = self.shared.lock();
         let it = item.take().expect("bug: polled after it finished");
         if s.receiver_gone {
@@ -92,6 +100,7 @@ impl<T> Sender<T> {
         s.items.push_back(it);
         let receiver = s.receiver.take();
         drop(s);
+        coop.made_progress();
         wake(receiver);
         Poll::Ready(Ok(()))
     }
@@ -115,10 +124,12 @@ pub struct Receiver<T> {
 impl<T> Receiver<T> {
     /// The next item; `None` once the sender is gone and everything it sent was taken.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let coop = ready!(coop::poll_proceed(cx));
         let mut s = self.shared.lock();
         if let Some(item) = s.items.pop_front() {
             let sender = s.sender.take();
             drop(s);
+            coop.made_progress();
             wake(sender);
             return Poll::Ready(Some(item));
         }
@@ -171,6 +182,24 @@ mod tests {
         assert!(rx.recv().now_or_never().is_none(), "nothing more yet");
         drop(tx);
         assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_always_finds_items_still_yields_to_the_scheduler() {
+        let (tx, mut rx) = queue(1000);
+        for i in 0..1000 {
+            tx.send(i).await.unwrap();
+        }
+        // Items are waiting, yet a receive is pending once the task's budget is spent…
+        let mut got = 0;
+        while let Some(item) = rx.recv().now_or_never() {
+            assert_eq!(item, Some(got));
+            got += 1;
+        }
+        assert!(got < 1000, "the budget ran out before the queue did");
+        // …and goes on in order after the task yielded.
+        tokio::task::yield_now().await;
+        assert_eq!(rx.recv().await, Some(got));
     }
 
     #[tokio::test]

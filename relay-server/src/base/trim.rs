@@ -54,9 +54,11 @@ impl Trimmer {
             }
             (None, _) => false,
         };
+        tracing::trace!(?s, low = ?self.free_low, fell, freed, "trim check");
         if !(fell || (freed && s.quiet)) {
             return false;
         }
+        tracing::debug!(load = s.load, free = ?s.free, fell, "handing freed memory back");
         self.peak = s.load;
         // The chunks stay free in the allocator's count after a trim (only their pages
         // go back): the low point starts again from here.

@@ -192,7 +192,7 @@ async fn upgrade(
 ) -> Result<Response<RelayBody>, RelayError> {
     let fail = |e: hyper::Error| RelayError::Replica(format!("the relay replica failed: {e}"));
     let (mut send, conn) = http1::handshake(TokioIo::new(io)).await.map_err(fail)?;
-    state.tunnels.spawn(async move {
+    state.carriers.spawn(async move {
         let _ = conn.with_upgrades().await;
     });
     state.metrics.forwarded("user_out");
