@@ -66,11 +66,16 @@ impl Budget {
                 .or_insert_with(|| Arc::new(Semaphore::new(self.per_name)))
                 .clone(),
         };
-        let client_share = self
-            .clients
-            .entry(client.to_canonical())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_client)))
-            .clone();
+        let client = client.to_canonical();
+        // Looked up before inserted too: `entry` takes the shard's write lock.
+        let client_share = match self.clients.get(&client) {
+            Some(s) => s.clone(),
+            None => self
+                .clients
+                .entry(client)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_client)))
+                .clone(),
+        };
         Account(Arc::new(Mutex::new(Holdings {
             // Shares first: a request waiting for its share holds nothing of the pool.
             pools: [name_share, client_share, self.global.clone()],
@@ -78,7 +83,7 @@ impl Budget {
             held: 0,
             waiting_since: Instant::now(),
             forfeited: false,
-            stalled: CancellationToken::new(),
+            stalled: None,
             holding: self.holding.clone(),
         })))
     }
@@ -128,7 +133,9 @@ struct Holdings {
     /// Since when bytes have waited without the user taking any (valid while `held > 0`).
     waiting_since: Instant,
     forfeited: bool,
-    stalled: CancellationToken,
+    /// Made when something first waits for the forfeit ([`Account::stalled`]): most
+    /// requests (small responses) never hold a byte and never wait for it.
+    stalled: Option<CancellationToken>,
     holding: Arc<DashMap<usize, Account, FastHash>>,
 }
 
@@ -243,14 +250,24 @@ impl Account {
             let n = std::mem::take(&mut h.held);
             h.pools.iter().for_each(|p| p.add_permits(n));
             h.holding.remove(&self.key());
-            h.stalled.cancel();
+            if let Some(t) = &h.stalled {
+                t.cancel();
+            }
         }
     }
 
     /// Fires when the account was forfeited.
     pub fn stalled(&self) -> WaitForCancellationFutureOwned {
-        let token = self.0.lock().expect("bug: poisoned").stalled.clone();
-        token.cancelled_owned()
+        let mut h = self.0.lock().expect("bug: poisoned");
+        let forfeited = h.forfeited;
+        let token = h.stalled.get_or_insert_with(|| {
+            let t = CancellationToken::new();
+            if forfeited {
+                t.cancel();
+            }
+            t
+        });
+        token.clone().cancelled_owned()
     }
 }
 
@@ -325,6 +342,10 @@ mod tests {
         assert_eq!(b.cut_stalled(Duration::from_secs(5)), 1);
         assert_eq!(b.in_use(), 0);
         stalled.await;
+        // A wait that begins after the forfeit ends at once.
+        tokio::time::timeout(Duration::from_millis(1), acc.stalled())
+            .await
+            .expect("already forfeited");
         let h1 = Held {
             account: None,
             n: 0,

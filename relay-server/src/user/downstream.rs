@@ -207,10 +207,13 @@ where
     })
 }
 
+/// A name, not a `&str`: looking a `&str` up parses it into a name first, per request.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// The trace id of a W3C `traceparent` header (Trace Context §3.2), for log correlation.
 /// The header itself passes to the backend untouched.
 fn trace_id(h: &HeaderMap) -> Option<&str> {
-    let v = h.get("traceparent")?.to_str().ok()?;
+    let v = h.get(TRACEPARENT)?.to_str().ok()?;
     let mut parts = v.split('-');
     let (_version, id) = (parts.next()?, parts.next()?);
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
