@@ -90,7 +90,14 @@ pub fn client_config(
         .map_err(|e| bad(key, &e))
 }
 
-/// System trust anchors, read through hyper-rustls' native-roots support.
+/// System trust anchors, read through hyper-rustls' native-roots support once per process:
+/// the relay's client and the backend's each build a configuration at start, and reading
+/// and parsing the system's PEM bundle is most of an agent's start-up work (about 19
+/// million instructions each time, callgrind).
 fn rustls_native_certs() -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    rustls_native_certs::load_native_certs().certs
+    static NATIVE: std::sync::OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> =
+        std::sync::OnceLock::new();
+    NATIVE
+        .get_or_init(|| rustls_native_certs::load_native_certs().certs)
+        .clone()
 }

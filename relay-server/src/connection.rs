@@ -204,13 +204,7 @@ fn service(
 > + Clone {
     let (activity, permit, cert) = (activity.clone(), permit.clone(), cert.clone());
     service_fn(move |mut req: Request<Incoming>| {
-        // An agent's switched connections (its session, its tunnel exchanges) keep their
-        // places; a user's tunnel gives its place up at the 101, as before (counting them
-        // made the users of one address meet its limit while the agent's exchange
-        // connections were still being authenticated: the 200-tunnel test on long polls).
-        if req.uri().path().starts_with("/server/") {
-            crate::base::switch::offer_place(&mut req, &permit);
-        }
+        crate::base::switch::offer_place(&mut req, &permit);
         let state = state.clone();
         let busy = activity.begin();
         let cert = cert.clone();

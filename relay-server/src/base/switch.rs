@@ -7,7 +7,7 @@
 //! until it closes: without that, an agent whose only connection is a session counted as no
 //! agent at all, and its other connections were refused at the limit instead of coming in
 //! on probation (`ConnLimits::admit`). Only agent paths are offered their place
-//! (`connection.rs`); a user's tunnel gives its place up at the 101, so for users
+//! ([`offer_place`]); a user's tunnel gives its place up at the 101, so for users
 //! [`Switch::of`] finds none.
 
 use std::sync::Arc;
@@ -23,11 +23,17 @@ pub struct Place {
     _held: Option<Arc<ConnPermit>>,
 }
 
-/// Marks `req`, a request that may switch its connection (it asks for an upgrade), as
-/// holding `permit`: [`Switch::of`] takes it with the switch. Only such requests carry it:
-/// the extension map is an allocation every other request is spared.
+/// Marks `req` as holding `permit` when it is an agent's request that may switch its
+/// connection (an agent path, `/server/…`, asking for an upgrade): [`Switch::of`] takes it
+/// with the switch. Only such requests carry it: the extension map is an allocation every
+/// other request is spared.
+///
+/// Users' tunnels are not offered theirs (they give it up at the 101, as before switched
+/// connections kept places): counting them made the users of one address meet its limit
+/// while the agent's exchange connections were still being authenticated (the 200-tunnel
+/// test on long polls).
 pub fn offer_place<B>(req: &mut Request<B>, permit: &Arc<ConnPermit>) {
-    if req.headers().contains_key(header::UPGRADE) {
+    if req.uri().path().starts_with("/server/") && req.headers().contains_key(header::UPGRADE) {
         req.extensions_mut().insert(permit.clone());
     }
 }
