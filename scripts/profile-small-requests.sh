@@ -7,6 +7,11 @@
 #   scripts/profile-small-requests.sh [REQUESTS]              # default 2000
 #   PROFILE=agent scripts/profile-small-requests.sh [REQUESTS]
 #   TOOL=dhat scripts/profile-small-requests.sh [REQUESTS]
+# With LOAD set, `relay-bench load` drives the relay for SECS seconds (default 10) instead
+# of curl's one connection, and the requests it counts are the divisor: concurrency as in
+# the benchmarks, and HTTP/2, which curl 7.88 cannot reuse a connection for:
+#   LOAD="--h2 32" scripts/profile-small-requests.sh      # 32 streams on one h2c connection
+#   LOAD="--conns 16" scripts/profile-small-requests.sh   # 16 keep-alive HTTP/1.1 connections
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
@@ -22,8 +27,16 @@ server_wrap=() agent_wrap=()
 if [ "$side" = agent ]; then agent_wrap=("${grind[@]}"); else server_wrap=("${grind[@]}"); fi
 . scripts/lib/small-requests.sh
 start_small_requests "$n"
-# One keep-alive connection, n requests.
-curl -sf "${urls[@]}"
+if [ -n "${LOAD:-}" ]; then
+  secs=${SECS:-10}
+  # shellcheck disable=SC2086 # LOAD holds the load's flags
+  result=$(target/release/relay-bench load "$url/client/p" $LOAD --secs "$secs")
+  echo "$result"
+  n=$(python3 -c "import re,sys; print(round(float(re.search(r'([0-9.]+) req/s', sys.argv[1]).group(1)) * $secs))" "$result")
+else
+  # One keep-alive connection, n requests.
+  curl -sf "${urls[@]}"
+fi
 if [ "$side" = agent ]; then pid=$agent; else pid=$server; fi
 kill -INT "$pid"
 wait "$pid" || true

@@ -73,6 +73,12 @@ pub enum Sub {
         /// Seconds of load.
         #[arg(long, default_value_t = 5.0)]
         secs: f64,
+        /// HTTP/2 instead (prior knowledge): this many concurrent streams on one
+        /// connection, the name in `X-Server-Name` (the URL's last path segment, as in
+        /// `/client/<name>`). For profiling the HTTP/2 path, which curl 7.88 cannot drive
+        /// (it fails every request after the first on a reused h2c connection).
+        #[arg(long)]
+        h2: Option<usize>,
     },
 }
 
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             ref url,
             conns,
             secs,
+            h2,
         }) => {
             let url: http::Uri = url.parse()?;
             let addr = std::net::ToSocketAddrs::to_socket_addrs(
@@ -99,12 +106,14 @@ fn main() -> anyhow::Result<()> {
                 prefix: url.path().trim_end_matches('/').to_owned(),
             };
             let rt = tokio::runtime::Runtime::new()?;
-            let r = rt.block_on(load::small_gets(
-                &t,
-                conns,
-                false,
-                Duration::from_secs_f64(secs),
-            ))?;
+            let dur = Duration::from_secs_f64(secs);
+            let r = match h2 {
+                Some(streams) => {
+                    let name = t.prefix.rsplit('/').next().filter(|n| !n.is_empty());
+                    rt.block_on(load::h2(addr, name, streams, dur))?
+                }
+                None => rt.block_on(load::small_gets(&t, conns, false, dur))?,
+            };
             println!(
                 "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
                 r.rps, r.p50, r.p99
