@@ -11,11 +11,13 @@
 //! on the command line and in environment variables paths stay relative to the working
 //! directory, as everywhere else.
 //!
-//! [`logs`] and [`runtime`] hold the other pieces both binaries share: `--log` /
-//! `--log-format` set-up, and the runtime sized by `--worker-threads`.
-#![forbid(unsafe_code)]
+//! [`logs`], [`runtime`] and [`allocator`] hold the other pieces both binaries share:
+//! `--log` / `--log-format` set-up, the runtime sized by `--worker-threads`, and the
+//! memory allocator.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod logs;
 pub mod manual;
 pub mod runtime;

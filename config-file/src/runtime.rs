@@ -14,7 +14,9 @@ use std::io;
 /// Builds the runtime: `threads` worker threads, or one per core when 0.
 pub fn build(threads: usize, name: &str) -> io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all().thread_name(name);
+    b.enable_all()
+        .thread_name(name)
+        .on_thread_park(crate::allocator::on_park);
     if threads > 0 {
         b.worker_threads(threads);
     }

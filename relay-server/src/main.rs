@@ -334,3 +334,8 @@ fn reloaded(state: &State, args: &[OsString], generated: Option<&str>) -> anyhow
     }
     Ok(())
 }
+
+/// mimalloc: fewer instructions per request and less memory per idle tunnel than glibc's
+/// allocator (`relay_config_file::allocator`).
+#[global_allocator]
+static GLOBAL: relay_config_file::allocator::Allocator = relay_config_file::allocator::Allocator;

@@ -1,10 +1,16 @@
 //! Handing freed memory back to the operating system after a load peak.
 //!
-//! glibc's allocator keeps the pages of freed chunks in its arenas: after a burst of 10 000
-//! parked requests the process stays at its peak size although nothing is live any more
-//! (measured by the benchmark suite, `docs/PERFORMANCE.md`). `malloc_trim` returns those
-//! pages; it walks every arena, so it runs only when the load has fallen well below a peak,
-//! never per request.
+//! An allocator keeps the pages of freed memory: after a burst of 10 000 parked requests
+//! the process would stay at its peak size although nothing is live any more (measured by
+//! the benchmark suite, `docs/PERFORMANCE.md`). [`relay_config_file::allocator::release`]
+//! returns them; it walks every heap, so it runs only when the load has fallen well below
+//! a peak, never per request.
+//!
+//! The binaries' allocator is mimalloc, whose workers also hand back their free pages when
+//! they park (at most once a second, `relay_config_file::allocator::on_park`): that covers
+//! memory freed while the load stays up. The free-memory signal below ([`allocator_free`])
+//! is glibc's, for where glibc's allocator serves the relay (the in-process tests, a build
+//! without mimalloc); in the binaries it counts what C libraries allocate and stays flat.
 
 /// The load (requests, connections) a peak must reach before a fall is worth a trim.
 const MIN_PEAK: usize = 256;
@@ -68,7 +74,7 @@ impl Trimmer {
     }
 }
 
-/// Bytes in free chunks of the allocator's arenas (glibc's `mallinfo2`), where known.
+/// Bytes in free chunks of glibc's arenas (`mallinfo2`), where known.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub fn allocator_free() -> Option<usize> {
@@ -83,17 +89,9 @@ pub fn allocator_free() -> Option<usize> {
     None
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
 fn release() {
-    // SAFETY: malloc_trim takes no pointers; it only locks and walks the allocator's arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    relay_config_file::allocator::release();
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release() {}
 
 #[cfg(test)]
 mod tests {
