@@ -108,7 +108,9 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.take() {
                 Some(c) => (c, true),
-                None => self.fresh().await?,
+                // Boxed: a fresh connection is rare once the pool is warm, and this future
+                // is part of every request's.
+                None => Box::pin(self.fresh()).await?,
             };
             let mut answer = pin!(conn.send.try_send_request(req));
             let result = poll_fn(|cx| {

@@ -166,7 +166,9 @@ impl Backend {
                 Ok(resp.map(BackendResponse::Pooled))
             }
             _ => {
-                let resp = self.client.request(req).await?;
+                // Boxed: upgrades and unpooled backends only, and hyper-util's future
+                // would otherwise size every request's.
+                let resp = Box::pin(self.client.request(req)).await?;
                 Ok(resp.map(BackendResponse::Shared))
             }
         }

@@ -36,14 +36,14 @@ pub(crate) async fn answer_whole(
                 // The head and the bytes so far go to the user and the body is aborted, as
                 // when it streams: a broken body, never a short complete one.
                 let why = format!("the backend's response body failed: {e}");
-                return post_broken(ctx, id, &head, data.freeze(), why).await;
+                return Box::pin(post_broken(ctx, id, &head, data.freeze(), why)).await;
             }
         };
         match frame.into_data() {
             Ok(d) if data.len() + d.len() <= INLINE_BODY_MAX => data.extend_from_slice(&d),
             Ok(_) => {
                 let why = "the backend sent more than its Content-Length".to_owned();
-                return post_broken(ctx, id, &head, data.freeze(), why).await;
+                return Box::pin(post_broken(ctx, id, &head, data.freeze(), why)).await;
             }
             Err(f) => {
                 if let Ok(t) = f.into_trailers() {
@@ -181,7 +181,9 @@ async fn post_whole(
         Some(Ok(map)) => BodyMsg::Trailers(Box::new(map)),
         _ => BodyMsg::End,
     });
-    post_chunks(ctx, id, chunks, last).await
+    // Boxed: the usual way is the session (above), and a future is as large as its
+    // largest await; this one is built and copied on every small request.
+    Box::pin(post_chunks(ctx, id, chunks, last)).await
 }
 
 /// Sends `chunks` and then `last` (the body's ending frame) in one exchange.
