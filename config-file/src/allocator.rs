@@ -93,7 +93,11 @@ mod tests {
     #[test]
     fn a_parking_worker_collects_once_a_second_and_fully_after_a_release() {
         let t0 = Instant::now();
-        assert_eq!(due(None, 0, t0), Some(false), "a thread's first park collects");
+        assert_eq!(
+            due(None, 0, t0),
+            Some(false),
+            "a thread's first park collects"
+        );
         let last = Some((t0, 0));
         assert_eq!(due(last, 0, t0 + Duration::from_millis(999)), None);
         assert_eq!(due(last, 0, t0 + COLLECT_EVERY), Some(false));
@@ -110,9 +114,15 @@ mod tests {
         let kept: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 64 << 10]).collect();
         drop((0..64).map(|_| vec![0u8; 64 << 10]).collect::<Vec<_>>());
         release();
-        let seen = LAST.with(Cell::get).expect("release records its collection").1;
+        let seen = LAST
+            .with(Cell::get)
+            .expect("release records its collection")
+            .1;
         assert_eq!(seen, RELEASES.load(Ordering::Relaxed));
         on_park();
-        assert!(kept.iter().enumerate().all(|(i, v)| v.iter().all(|&b| b == i as u8)));
+        assert!(kept
+            .iter()
+            .enumerate()
+            .all(|(i, v)| v.iter().all(|&b| b == i as u8)));
     }
 }
