@@ -2,7 +2,7 @@
 //!
 //! Why mimalloc: with glibc's allocator, `malloc` and `free` were a fifth of the
 //! relay-server's instructions per small request at 16 connections, and an idle tunnel
-//! held 9.9–10.7 KiB where mimalloc holds 7.6 (`docs/PERFORMANCE.md`). Each binary
+//! held 9.9–10.7 KiB where mimalloc holds 7.0 (`docs/PERFORMANCE.md`). Each binary
 //! declares it in its `main.rs`:
 //!
 //! ```ignore

@@ -383,6 +383,31 @@ async fn a_thousand_tunnels_open_at_once() {
         1000,
         "relay_open_tunnels counts users' tunnels, not the exchanges that carry them"
     );
+    // The carriers have their gauge: one tunnel exchange per tunnel on a session; long
+    // polls carry tunnels on plain exchanges, which are requests, not switched carriers.
+    let req = hyper::Request::get(format!("{}/metrics", server.url()))
+        .body(empty())
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let text = String::from_utf8(body_bytes(resp.into_body()).await.unwrap().to_vec()).unwrap();
+    let gauge = |series: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+    };
+    assert_eq!(gauge("relay_open_tunnels"), 1000);
+    let carried = if native_protocol() == "relay/2" {
+        1000
+    } else {
+        0
+    };
+    assert_eq!(gauge("relay_tunnel_carriers"), carried);
     // Every tunnel carries its own bytes while all are open.
     let mut set = tokio::task::JoinSet::new();
     for (i, mut s) in tunnels.into_iter().enumerate() {

@@ -352,7 +352,8 @@ async fn wait_ready(relay: std::net::SocketAddr) -> anyhow::Result<()> {
     anyhow::bail!("the agents did not connect within 30 s")
 }
 
-/// Waits (up to 60 s) for the server to hold no request, tunnel or extra descriptor;
+/// Waits (up to 60 s) for the server to hold no request, tunnel, tunnel carrier or extra
+/// descriptor;
 /// returns what did not come back.
 async fn settle(server: std::net::SocketAddr, pid: u32, baseline_fds: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -360,6 +361,7 @@ async fn settle(server: std::net::SocketAddr, pid: u32, baseline_fds: usize) -> 
         let metrics = report::metrics(server).await.unwrap_or_default();
         let in_flight = report::value(&metrics, "relay_requests_in_flight");
         let tunnels = report::value(&metrics, "relay_open_tunnels");
+        let carriers = report::value(&metrics, "relay_tunnel_carriers");
         let buffered = report::value(&metrics, "relay_buffered_bytes");
         let fds = world::open_fds(pid);
         // Agents' parked polls hold a few connections; users hold none.
@@ -369,6 +371,9 @@ async fn settle(server: std::net::SocketAddr, pid: u32, baseline_fds: usize) -> 
         }
         if tunnels != 0 {
             leaks.push(format!("{tunnels} tunnels open"));
+        }
+        if carriers != 0 {
+            leaks.push(format!("{carriers} tunnel carriers open"));
         }
         if buffered != 0 {
             leaks.push(format!("{buffered} bytes buffered"));

@@ -70,6 +70,7 @@ pub struct Metrics {
     parked: Gauge,
     in_flight: Gauge,
     tunnels: Gauge,
+    carriers: Gauge,
     tunnel_exchanges: Counter,
     connections: Gauge,
     buffered: Gauge,
@@ -99,6 +100,7 @@ impl Default for Metrics {
             parked: Gauge::default(),
             in_flight: Gauge::default(),
             tunnels: Gauge::default(),
+            carriers: Gauge::default(),
             tunnel_exchanges: Counter::default(),
             connections: Gauge::default(),
             buffered: Gauge::default(),
@@ -164,6 +166,12 @@ impl Default for Metrics {
             "open_tunnels",
             "Open tunnels and WebSockets: users' switched (101) connections",
             m.tunnels.clone(),
+        );
+        registry.register(
+            "tunnel_carriers",
+            "Switched connections carrying users' tunnels: agents' tunnel exchanges and hops \
+             to other replicas",
+            m.carriers.clone(),
         );
         registry.register(
             "tunnel_exchanges",
@@ -372,6 +380,7 @@ impl Metrics {
         self.parked.set(now.parked as i64);
         self.in_flight.set(now.in_flight as i64);
         self.tunnels.set(now.tunnels as i64);
+        self.carriers.set(now.carriers as i64);
         self.connections.set(now.connections as i64);
         self.buffered.set(now.buffered as i64);
         if let Some(up) = now.redis_up {
@@ -402,6 +411,8 @@ pub struct Sample {
     pub in_flight: usize,
     /// Open tunnels.
     pub tunnels: usize,
+    /// Switched connections carrying tunnels.
+    pub carriers: usize,
     /// Open connections.
     pub connections: usize,
     /// Relayed bytes held in memory.

@@ -31,6 +31,7 @@ fn sample(state: &State) -> Sample {
         parked: state.broker.parked(),
         in_flight: state.broker.in_flight(),
         tunnels: state.tunnels.len(),
+        carriers: state.carriers.len(),
         connections: state.conns.open(),
         buffered: state.budget.in_use(),
         redis_up: state.cluster.as_ref().map(|c| c.redis_up()),
