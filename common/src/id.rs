@@ -39,25 +39,36 @@ impl RequestId {
 
     /// Parses the 32-hex-digit form; anything else is `None`.
     pub fn parse(s: &str) -> Option<Self> {
-        let s = s.as_bytes();
-        if s.len() != 32 {
-            return None;
-        }
+        let s: &[u8; 32] = s.as_bytes().try_into().ok()?;
+        // One table lookup per digit and one check at the end: the agent's responses name
+        // their request this way, once per relayed request.
         let mut b = [0u8; 16];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            b[i] = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
+        let mut bad = 0u8;
+        for (out, pair) in b.iter_mut().zip(s.chunks_exact(2)) {
+            let (hi, lo) = (HEX_VAL[usize::from(pair[0])], HEX_VAL[usize::from(pair[1])]);
+            bad |= hi | lo;
+            *out = (hi << 4) | (lo & 0xf);
         }
-        Some(RequestId(b))
+        (bad & INVALID == 0).then_some(RequestId(b))
     }
 }
 
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
+/// A digit's value, or [`INVALID`] for anything but `0-9a-f`.
+const INVALID: u8 = 0x10;
+const HEX_VAL: [u8; 256] = {
+    let mut t = [INVALID; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -93,7 +104,7 @@ pub fn hex(b: &[u8]) -> String {
 
 /// Hex (either case) back to bytes; `None` for anything else.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| hex_val(c.to_ascii_lowercase());
+    let val = |c: u8| Some(HEX_VAL[usize::from(c.to_ascii_lowercase())]).filter(|v| *v < 16);
     s.as_bytes()
         .chunks(2)
         .map(|pair| match pair {
@@ -117,6 +128,15 @@ mod tests {
         assert_eq!(RequestId::parse(&s.to_uppercase()), None);
         assert_eq!(RequestId::parse(&s[..31]), None);
         assert_eq!(RequestId::parse("zz000000000000000000000000000000"), None);
+        // Each position rejects each kind of non-digit (the check is one OR at the end).
+        for at in [0, 1, 17, 31] {
+            for c in ['g', 'G', 'A', '/', ':', '`', '\u{e9}'] {
+                let mut bad: Vec<char> = s.chars().collect();
+                bad[at] = c;
+                let bad: String = bad.into_iter().collect();
+                assert_eq!(RequestId::parse(&bad), None, "{bad}");
+            }
+        }
         let known = RequestId([
             0x00, 0x01, 0x0a, 0x10, 0x7f, 0x80, 0xab, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x42,
         ]);

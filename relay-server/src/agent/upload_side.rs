@@ -14,7 +14,9 @@
 //! ```
 //!
 //! Waiters (the user handler, the tunnel, an exchange waiting for the switch) watch the
-//! phase instead of holding signals of their own.
+//! phase instead of holding signals of their own: a `Notify` woken on each change of phase,
+//! not a `watch` channel, whose sender locks and wakes its eight waiter lists when it is
+//! dropped, with or without waiters (424 instructions of every small request, 1 %).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +27,7 @@ use tokio::time::Instant;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::ReadHalf;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::agent::error::AgentCallError;
 use crate::agent::pending::Pending;
@@ -100,7 +102,8 @@ pub enum Refusal {
 /// The upload side of one request.
 pub struct UploadSide {
     slot: Mutex<Slot>,
-    phase: watch::Sender<Phase>,
+    /// Woken (all waiters) when the phase changes.
+    changed: Notify,
     /// Bytes delivered to the agent, all exchanges together (tunnel idle tracking, metrics).
     bytes: AtomicU64,
     /// When the last body byte arrived (the request's arrival before the first): the
@@ -130,7 +133,7 @@ impl UploadSide {
 
     fn with(slot: Slot) -> Self {
         UploadSide {
-            phase: watch::Sender::new(slot.phase()),
+            changed: Notify::new(),
             slot: Mutex::new(slot),
             bytes: AtomicU64::new(0),
             last_byte: Mutex::new(Instant::now()),
@@ -138,10 +141,11 @@ impl UploadSide {
     }
 
     fn set(&self, slot: &mut Slot, next: Slot) {
-        let phase = next.phase();
+        let changed = next.phase() != slot.phase();
         *slot = next;
-        self.phase
-            .send_if_modified(|p| std::mem::replace(p, phase) != phase);
+        if changed {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Moves `Leased` on to `next`; any other state stays (the request was closed meanwhile).
@@ -154,7 +158,7 @@ impl UploadSide {
 
     /// The phase now.
     pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
+        self.slot.lock().expect("bug: poisoned").phase()
     }
 
     /// Bytes delivered so far.
@@ -191,20 +195,25 @@ impl UploadSide {
     pub fn close(&self) {
         let mut slot = self.slot.lock().expect("bug: poisoned");
         // A request without a body has nothing to free and nobody watching for the end:
-        // it stays NoBody (the phase change would wake the watch channel's eight lists).
+        // it stays NoBody.
         if !matches!(*slot, Slot::Over(_) | Slot::NoBody) {
             self.set(&mut slot, Slot::Over(UploadEnd::Finished));
         }
     }
 
     /// Waits until the phase satisfies `f` and returns it.
-    pub async fn wait_for(&self, f: impl FnMut(&Phase) -> bool) -> Phase {
-        let mut rx = self.phase.subscribe();
-        let p = *rx
-            .wait_for(f)
-            .await
-            .expect("bug: the sender lives in the side being watched");
-        p
+    pub async fn wait_for(&self, mut f: impl FnMut(&Phase) -> bool) -> Phase {
+        loop {
+            // Registered before the phase is read: a change in between still wakes it.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let p = self.phase();
+            if f(&p) {
+                return p;
+            }
+            changed.await;
+        }
     }
 
     /// Waits until the upload is over.
