@@ -27,6 +27,7 @@
 
 pub mod carrier;
 pub mod codec;
+pub mod fair;
 pub mod fasthash;
 pub mod frame;
 #[doc(hidden)]

@@ -63,6 +63,9 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<BodyMsg, SourceError<B::Error>>> {
+        // Charged to the task's budget by size (crate::fair): a pump whose both ends are
+        // always ready yields its worker every MiB or so.
+        let turn = std::task::ready!(crate::fair::poll_turn(cx));
         loop {
             let msg = match self {
                 Source::Body(b) => match Pin::new(b).poll_frame(cx) {
@@ -87,6 +90,11 @@ where
             if matches!(&msg, BodyMsg::Data(d) if d.is_empty()) {
                 continue;
             }
+            let n = match &msg {
+                BodyMsg::Data(d) => d.len(),
+                _ => 0,
+            };
+            turn.moved(cx, n);
             return Poll::Ready(Ok(msg));
         }
     }

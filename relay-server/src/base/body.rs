@@ -178,6 +178,9 @@ impl<G: Unpin> Body for RelayedBody<G> {
             cx.waker().wake_by_ref();
             Poll::Pending
         };
+        // Charged to the task's budget by size (relay_common::fair): the user's
+        // connection task yields its worker every MiB or so of a large download.
+        let turn = std::task::ready!(relay_common::fair::poll_turn(cx));
         let msg = match this.rx.poll_recv(cx) {
             Poll::Ready(m) => m.map(|d| d.msg),
             Poll::Pending => {
@@ -189,6 +192,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
         };
         match msg {
             Some(BodyMsg::Data(b)) => {
+                turn.moved(cx, b.len());
                 if let Some(rem) = this.remaining.as_mut() {
                     match rem.checked_sub(b.len() as u64) {
                         Some(r) => *rem = r,
