@@ -224,11 +224,14 @@ fn service(
             tracing::debug!(%peer, "request past the per-address connection limit refused");
             past_the_limit(state.cfg.max_connections_per_ip, req.version())
         });
+        // Routed at once: the future hyper keeps for the request holds only the answer or
+        // the handler's box (see `dispatch::route`).
+        let routed = match refused {
+            Some(resp) => crate::dispatch::Routed::Now(Some(resp)),
+            None => crate::dispatch::route(state, req, peer, https, face, &cert),
+        };
         async move {
-            if let Some(resp) = refused {
-                return Ok(resp.map(|b| Tracked::new(b, busy)));
-            }
-            let resp = crate::dispatch::route(state, req, peer, https, face, cert.get()).await;
+            let resp = routed.await;
             // The connection counts as busy until the response body is over.
             Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, busy)))
         }

@@ -2,9 +2,12 @@
 //! listener or the user side, by listener (face), path and host. This is the one place that
 //! knows every layer; the layers themselves only know the ones below them.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -23,18 +26,22 @@ use crate::user::relayed;
 use crate::user::router;
 use crate::State;
 
-/// Routes one request to its handler. Each handler is boxed: hyper keeps the future of a
-/// connection's request in progress for as long as it lasts, and unboxed it would be as large
-/// as the largest path (a user request, 4.3 KiB) even for the parked polls that idle agents
-/// hold for minutes (2.8 KiB).
-pub async fn route(
+/// Routes one request to its handler. The routing itself runs at once; what it returns is
+/// either the answer (health, readiness, operator pages, refusals) or the handler's boxed
+/// future. Each handler is boxed: hyper keeps the future of a connection's request in
+/// progress for as long as it lasts, and unboxed it would be as large as the largest path (a
+/// user request, 5 KiB) even for the parked polls that idle agents hold for minutes. And
+/// `route` is not itself an `async fn`: as one, its future (864 bytes, the request kept in
+/// three slots) sat inside every connection's request future, which hyper copies into place
+/// for each request (HTTP/1.1) or into a task of its own for each stream (HTTP/2).
+pub fn route(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
     https: bool,
     face: Face,
-    cert: Option<&Grant>,
-) -> Response<RelayBody> {
+    cert: &Arc<OnceLock<Grant>>,
+) -> Routed {
     // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
     // including paths like /healthz and /server/.
     let host_routed = !matches!(face, Face::Agent | Face::Admin | Face::Cluster)
@@ -42,7 +49,7 @@ pub async fn route(
             request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
         });
     if host_routed {
-        return Box::pin(user_request(state, req, peer, https)).await;
+        return Routed::later(user_request(state, req, peer, https));
     }
     let path = req.uri().path();
     // Below --base-path the endpoints see the path without it; outside it only the probes
@@ -59,41 +66,44 @@ pub async fn route(
         p => p,
     };
     match path {
-        "/healthz" => return Response::new(full(Bytes::from_static(b"ok\n"))),
+        "/healthz" => return Routed::now(Response::new(full(Bytes::from_static(b"ok\n")))),
         "/readyz" if state.draining() => {
-            return text_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
+            return Routed::now(text_response(StatusCode::SERVICE_UNAVAILABLE, "draining"))
         }
         // Still ready: the replica serves its own agents; only forwarding is down.
         "/readyz" if state.cluster.as_ref().is_some_and(|c| !c.redis_up()) => {
-            return text_response(
+            return Routed::now(text_response(
                 StatusCode::OK,
                 "degraded: the cluster directory (Redis) is unreachable; serving local agents only",
-            )
+            ))
         }
-        "/readyz" => return text_response(StatusCode::OK, "ready"),
+        "/readyz" => return Routed::now(text_response(StatusCode::OK, "ready")),
         "/metrics" | "/status" | "/status.json" if ops_allowed(&state, face, peer) => {
-            return crate::ops::page::answer(&state, path);
+            return Routed::now(crate::ops::page::answer(&state, path));
         }
         _ => {}
     }
     if face == Face::Cluster {
-        return Box::pin(crate::cluster::peer::handle(state, req, peer)).await;
+        return Routed::later(crate::cluster::peer::handle(state, req, peer));
     }
     if face == Face::Admin {
-        return text_response(
+        return Routed::now(text_response(
             StatusCode::NOT_FOUND,
             "this listener serves /healthz, /readyz, /metrics, /status and /status.json",
-        );
+        ));
     }
     let agent_path = mounted && path.starts_with("/server/");
     if agent_path && face == Face::Public {
-        return text_response(StatusCode::NOT_FOUND, "agent endpoints are not served here");
+        return Routed::now(text_response(
+            StatusCode::NOT_FOUND,
+            "agent endpoints are not served here",
+        ));
     }
     if !agent_path && face == Face::Agent {
-        return text_response(
+        return Routed::now(text_response(
             StatusCode::NOT_FOUND,
             "this listener serves relay-clients only; users use the public address",
-        );
+        ));
     }
     if agent_path
         && matches!(
@@ -110,12 +120,45 @@ pub async fn route(
         if strip > 0 {
             unmount(&mut req, strip);
         }
-        return Box::pin(agent_call(state, req, peer, cert)).await;
+        let cert = cert.clone();
+        return Routed::later(async move { agent_call(state, req, peer, cert.get()).await });
     }
     if agent_path {
-        return text_response(StatusCode::NOT_FOUND, "no such agent endpoint");
+        return Routed::now(text_response(
+            StatusCode::NOT_FOUND,
+            "no such agent endpoint",
+        ));
     }
-    Box::pin(user_request(state, req, peer, https)).await
+    Routed::later(user_request(state, req, peer, https))
+}
+
+/// What [`route`] found: the answer, or the handler's future (boxed, see there).
+pub enum Routed {
+    /// Answered already (taken when polled).
+    Now(Option<Response<RelayBody>>),
+    /// The handler, running.
+    Later(Pin<Box<dyn Future<Output = Response<RelayBody>> + Send>>),
+}
+
+impl Routed {
+    fn now(resp: Response<RelayBody>) -> Self {
+        Routed::Now(Some(resp))
+    }
+
+    fn later(fut: impl Future<Output = Response<RelayBody>> + Send + 'static) -> Self {
+        Routed::Later(Box::pin(fut))
+    }
+}
+
+impl Future for Routed {
+    type Output = Response<RelayBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<RelayBody>> {
+        match self.get_mut() {
+            Routed::Now(resp) => Poll::Ready(resp.take().expect("bug: polled after it ended")),
+            Routed::Later(fut) => fut.as_mut().poll(cx),
+        }
+    }
 }
 
 /// Takes the first `strip` bytes (the base path) off the request's path, so agent
