@@ -6,7 +6,7 @@
 # Needs valgrind and curl; run after `cargo build --release --workspace`.
 #   scripts/profile-small-requests.sh [REQUESTS]              # default 2000
 #   PROFILE=agent scripts/profile-small-requests.sh [REQUESTS]
-#   TOOL=dhat scripts/profile-small-requests.sh [REQUESTS]
+#   TOOL=dhat scripts/profile-small-requests.sh [REQUESTS]   # builds target/system-allocator once
 # With LOAD set, `relay-bench load` drives the relay for SECS seconds (default 10) instead
 # of curl's one connection, and the requests it counts are the divisor: concurrency as in
 # the benchmarks, and HTTP/2, which curl 7.88 cannot reuse a connection for:
@@ -20,7 +20,13 @@ tool=${TOOL:-callgrind}
 prof=$(mktemp -d)
 case $tool in
   callgrind) grind=(valgrind --tool=callgrind --callgrind-out-file="$prof/callgrind.out") ;;
-  dhat) grind=(valgrind --tool=dhat --dhat-out-file="$prof/dhat.json") ;;
+  dhat)
+    grind=(valgrind --tool=dhat --dhat-out-file="$prof/dhat.json")
+    # DHAT counts what goes through malloc, which mimalloc (the binaries' allocator) never
+    # calls: the relay binaries are built once more with the system allocator, apart.
+    cargo build --release -q -p relay-server -p relay-client \
+      --features relay-config-file/system-allocator --target-dir target/system-allocator
+    export BIN=target/system-allocator/release ;;
   *) echo "TOOL is callgrind or dhat" >&2; exit 2 ;;
 esac
 server_wrap=() agent_wrap=()

@@ -21,7 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The allocator both binaries use.
+#[cfg(not(feature = "system-allocator"))]
 pub use mimalloc::MiMalloc as Allocator;
+/// The allocator both binaries use: the system's, built with `system-allocator` for heap
+/// profilers that intercept `malloc` (mimalloc never calls it, so DHAT saw no allocation).
+#[cfg(feature = "system-allocator")]
+pub use std::alloc::System as Allocator;
 
 /// How often an idle worker collects its heap at most: parking happens thousands of times
 /// a second under load, a collection walks the thread's pages.

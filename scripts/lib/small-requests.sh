@@ -4,7 +4,8 @@
 # GET passes through. Sets `out` (a temporary folder with the logs), `url`, `server` and
 # `agent` (the PIDs), and `urls` (arguments for curl: REQUESTS GETs of the small page).
 # Kills what it started when the calling script exits. Needs curl; run after
-# `cargo build --release --workspace`.
+# `cargo build --release --workspace`. The relay binaries come from `$BIN` (default
+# target/release).
 start_small_requests() {
   local n=$1 token=profile-token-0123456789abcdef backend
   out=$(mktemp -d)
@@ -12,12 +13,12 @@ start_small_requests() {
   target/release/relay-bench backend >"$out/backend.log" 2>&1 &
   until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
-  ${server_wrap[@]+"${server_wrap[@]}"} target/release/relay-server ${SERVER_ARGS:-} --listen 127.0.0.1:0 \
+  ${server_wrap[@]+"${server_wrap[@]}"} "${BIN:-target/release}"/relay-server ${SERVER_ARGS:-} --listen 127.0.0.1:0 \
     --agent-token "*=$token" --log "${LOG:-info}" >"$out/server.log" 2>&1 &
   server=$!
   until grep -qs 'listening on http://' "$out/server.log"; do sleep 0.2; done
   url=$(grep -o 'http://[0-9.:]*' "$out/server.log" | head -1)
-  ${agent_wrap[@]+"${agent_wrap[@]}"} target/release/relay-client --relay-url "$url" --name p \
+  ${agent_wrap[@]+"${agent_wrap[@]}"} "${BIN:-target/release}"/relay-client --relay-url "$url" --name p \
     --backend-url "http://$backend" --token "$token" --log "${LOG:-info}" ${AGENT_ARGS:-} >"$out/agent.log" 2>&1 &
   agent=$!
   until curl -sf -o /dev/null "$url/client/p/small"; do sleep 0.2; done
