@@ -64,7 +64,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<BodyMsg, SourceError<B::Error>>> {
         // Charged to the task's budget by size (crate::fair): a pump whose both ends are
-        // always ready yields its worker every MiB or so.
+        // always ready yields its worker every 256 KiB.
         let turn = std::task::ready!(crate::fair::poll_turn(cx));
         loop {
             let msg = match self {

@@ -179,7 +179,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
             Poll::Pending
         };
         // Charged to the task's budget by size (relay_common::fair): the user's
-        // connection task yields its worker every MiB or so of a large download.
+        // connection task yields its worker every 256 KiB of a large download.
         let turn = std::task::ready!(relay_common::fair::poll_turn(cx));
         let msg = match this.rx.poll_recv(cx) {
             Poll::Ready(m) => m.map(|d| d.msg),
