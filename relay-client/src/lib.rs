@@ -9,7 +9,8 @@
 //!   in, whole small responses and credit out, pings; long polls are the fallback.
 //! - [`exchange`]: serving one request: upload pump, backend call, response exchanges.
 //! - [`whole`]: whole responses: on the session (kept until acknowledged) or in one exchange.
-//! - [`upstream`]: building and sending backend requests.
+//! - [`upstream`]: building and sending backend requests, and the agent's own HTTP/1.1
+//!   connections to a plain-HTTP backend.
 //! - [`service`]: Backend.AI-style service ports answered by the agent itself.
 //! - [`bodies`]: the framed response body, bounded exchange bodies, the upload body.
 //! - [`connect`]: `relay-client connect`, local TCP connections as service-port WebSockets.
@@ -34,7 +35,6 @@ pub mod config;
 pub mod connect;
 pub mod error;
 pub mod exchange;
-pub mod pool;
 pub mod relay;
 pub mod service;
 pub mod session;

@@ -16,8 +16,15 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::Config;
 use crate::error::AgentError;
-use crate::pool::{Pool, PoolError, PooledBody};
 use crate::tls;
+
+mod conn;
+mod h1;
+mod pool;
+
+pub use conn::PooledBody;
+pub use h1::H1Error;
+use pool::{Pool, PoolError};
 
 /// Body type of backend requests.
 pub type BackendBody = UnsyncBoxBody<bytes::Bytes, std::io::Error>;
@@ -208,17 +215,28 @@ impl BackendResponse {
     }
 }
 
+/// Why a backend response's body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// On a pooled connection.
+    #[error(transparent)]
+    Pooled(#[from] H1Error),
+    /// Through hyper-util's client.
+    #[error(transparent)]
+    Shared(#[from] hyper::Error),
+}
+
 impl Body for BackendResponse {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            BackendResponse::Pooled(b) => Pin::new(b).poll_frame(cx),
-            BackendResponse::Shared(b) => Pin::new(b).poll_frame(cx),
+            BackendResponse::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            BackendResponse::Shared(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
         }
     }
 

@@ -1,0 +1,234 @@
+//! The agent's HTTP/1.1 connections to a plain-HTTP backend, each driven by the request
+//! that uses it instead of by a task of its own.
+//!
+//! Why: hyper-util's pooled client gives every backend connection a task, so a request
+//! crosses tasks (and usually worker threads) on its way out and again on its way back:
+//! its head goes to the connection's task through a channel, the response head and body
+//! come back through others. On small requests those hand-offs cost more than the work
+//! (`docs/PERFORMANCE.md`). Here the request's own task polls the connection while it
+//! waits for the response head and while whoever reads the body reads it; a connection
+//! whose exchange is complete waits in the pool, unpolled, for the next request. HTTPS,
+//! HTTP/2 and upgrades keep the pooled client (`upstream`).
+
+use std::future::poll_fn;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::{Request, Response};
+use hyper::body::Body;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use super::conn::{idempotent, Conn, Inline, PooledBody, FIRST_READ};
+use super::h1::{self, Framing, H1Error};
+use super::BackendBody;
+
+/// The shortest time between two sweeps.
+const MIN_SWEEP: Duration = Duration::from_millis(500);
+/// How long connecting to the backend may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a request through the pool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The backend could not be reached.
+    #[error("connecting to {addr} failed")]
+    Connect {
+        /// The backend's `host:port`.
+        addr: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exchange with the backend failed.
+    #[error("the backend connection failed")]
+    Http(#[from] H1Error),
+}
+
+/// Idle connections to one backend, most recently used last.
+pub struct Pool {
+    addr: String,
+    max_idle: usize,
+    /// An idle connection older than this is closed rather than reused (as hyper-util's
+    /// pool does; `--backend-idle-timeout`).
+    idle_for: Duration,
+    idle: Mutex<Vec<(Box<Conn>, Instant)>>,
+    /// A connection came back: one request waiting for its own connection takes it.
+    returned: Notify,
+}
+
+impl Pool {
+    /// A pool for the backend at `addr` (`host:port`) keeping at most `max_idle` idle
+    /// connections, each for at most `idle_for`.
+    pub fn new(addr: String, max_idle: usize, idle_for: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            addr,
+            max_idle,
+            idle_for,
+            idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
+        })
+    }
+
+    /// Sends `req` (origin-form target, `Host` set) on an idle connection or a new one.
+    /// A request that a reused connection failed before anything of it was written, or
+    /// before any answer when it is idempotent and has no body (RFC 9110 §9.2.2: the
+    /// backend closed the idle connection as the request went out), goes again on another.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<BackendBody>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        let (parts, body) = req.into_parts();
+        let framing = match (body.is_end_stream(), body.size_hint().exact()) {
+            (true, _) => Framing::None,
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::Chunked,
+        };
+        let method = parts.method.clone();
+        let mut head = BytesMut::new();
+        h1::put_request_head(&mut head, &Request::from_parts(parts, ()), framing);
+        let head = head.freeze();
+        let mut body = (framing != Framing::None).then_some(body);
+        loop {
+            let (mut conn, reused) = match self.take() {
+                Some(c) => (c, true),
+                // Boxed: a fresh connection is rare once the pool is warm, and this future
+                // is part of every request's.
+                None => Box::pin(self.fresh()).await?,
+            };
+            conn.start(head.clone(), body.take(), framing);
+            let answer = poll_fn(|cx| {
+                if !conn.sent() {
+                    if let Poll::Ready(Err(e)) = conn.poll_request(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                loop {
+                    if let Some(h) = h1::parse_head(&mut conn.rd, &method)? {
+                        return Poll::Ready(Ok(h));
+                    }
+                    if conn.eof {
+                        return Poll::Ready(Err(H1Error::Closed));
+                    }
+                    ready!(conn.poll_read(cx))?;
+                }
+            })
+            .await;
+            match answer {
+                Ok(h) => {
+                    conn.keep_alive = h.keep_alive;
+                    let (parts, ()) = h.response.into_parts();
+                    return Ok(Response::from_parts(
+                        parts,
+                        PooledBody::Inline(Inline {
+                            decoder: h.body,
+                            conn: Some(conn),
+                            pool: self.clone(),
+                        }),
+                    ));
+                }
+                Err(e) => {
+                    let stale =
+                        reused && !conn.heard && matches!(&e, H1Error::Closed | H1Error::Io(_));
+                    if stale && !conn.wrote {
+                        // The body is polled only once the head is out: it is untouched.
+                        body = conn.body.take();
+                        continue;
+                    }
+                    if stale && framing == Framing::None && idempotent(&method) {
+                        continue;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    fn take(&self) -> Option<Box<Conn>> {
+        let mut idle = self.idle.lock().expect("bug: poisoned");
+        while let Some((mut conn, since)) = idle.pop() {
+            if since.elapsed() < self.idle_for && conn.still_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// A new connection, or one another request gives back first (whichever comes first,
+    /// as in hyper-util's pool): in a burst, requests go on connections that finished
+    /// instead of waiting for connects the backend's accept queue may be slow to take.
+    async fn fresh(&self) -> Result<(Box<Conn>, bool), PoolError> {
+        let mut connect = pin!(self.connect());
+        loop {
+            tokio::select! {
+                biased;
+                c = &mut connect => return c.map(|c| (c, false)),
+                // A connection that came back since `take` left a permit: no wake-up lost.
+                _ = self.returned.notified() => {
+                    if let Some(c) = self.take() {
+                        return Ok((c, true));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Box<Conn>, PoolError> {
+        let failed = |source| PoolError::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await
+        {
+            Ok(r) => r.map_err(failed)?,
+            Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
+        };
+        // Small requests and answers go out at once (RFC 9293 §3.7.4: Nagle delays them).
+        tcp.set_nodelay(true).map_err(failed)?;
+        Ok(Box::new(Conn::new(tcp)))
+    }
+
+    /// Closes, every half idle timeout, the idle connections that are past their time or
+    /// that the backend closed: a quiet agent holds no half-closed sockets. Runs until
+    /// dropped.
+    pub async fn sweep(&self) {
+        // `--backend-idle-timeout 0s` keeps nothing for reuse; a zero period would panic.
+        let mut every = tokio::time::interval((self.idle_for / 2).max(MIN_SWEEP));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let mut idle = self.idle.lock().expect("bug: poisoned");
+            idle.retain_mut(|(conn, since)| since.elapsed() < self.idle_for && conn.still_open());
+        }
+    }
+
+    /// Keeps a connection whose exchange is complete for the next request, if it can take
+    /// one and the pool has room; otherwise it closes (dropped).
+    pub(super) fn put(&self, mut conn: Box<Conn>) {
+        // Bytes after the response (none are asked for) or a request still going out make
+        // the connection's next exchange ambiguous: it closes.
+        if !conn.keep_alive || conn.eof || !conn.sent() || !conn.rd.is_empty() {
+            return;
+        }
+        if conn.rd.capacity() > FIRST_READ {
+            // A download's big buffer is not kept for the next small answer.
+            conn.rd = BytesMut::new();
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("bug: poisoned");
+        // The oldest are first: those past their time close now, not at the next take.
+        let stale = idle.partition_point(|(_, since)| now - *since >= self.idle_for);
+        idle.drain(..stale);
+        if idle.len() < self.max_idle {
+            idle.push((conn, now));
+            drop(idle);
+            self.returned.notify_one();
+        }
+    }
+}
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

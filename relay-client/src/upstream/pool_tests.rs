@@ -1,0 +1,270 @@
+//! The pool against scripted backends on loopback: what goes on the wire, reuse, and what
+//! happens when the backend closes, answers early or sends a broken body.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+use crate::upstream::boxed;
+
+async fn backend() -> (TcpListener, Arc<Pool>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pool = Pool::new(
+        l.local_addr().unwrap().to_string(),
+        4,
+        Duration::from_secs(30),
+    );
+    (l, pool)
+}
+
+/// Reads from `s` until `buf` ends with `end`.
+async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, end: &[u8]) {
+    while !buf.ends_with(end) {
+        let mut b = [0u8; 4096];
+        let n = s.read(&mut b).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before {:?}: {:?}",
+            String::from_utf8_lossy(end),
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&b[..n]);
+    }
+}
+
+fn get(path: &str) -> Request<BackendBody> {
+    let empty = http_body_util::Empty::new().map_err(|never| match never {});
+    Request::get(path)
+        .header("host", "b")
+        .body(boxed(empty))
+        .unwrap()
+}
+
+async fn text(resp: Response<PooledBody>) -> String {
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("a whole body")
+        .to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn an_idle_timeout_of_zero_sweeps_without_a_panic() {
+    let pool = Pool::new("127.0.0.1:9".into(), 4, Duration::ZERO);
+    // A zero period would panic on the first poll; a sweep waits between turns.
+    let swept = tokio::time::timeout(Duration::from_millis(100), pool.sweep()).await;
+    assert!(swept.is_err(), "the sweep runs until dropped");
+}
+
+#[tokio::test]
+async fn requests_reuse_a_connection_and_go_again_when_the_backend_closed_it() {
+    let (l, pool) = backend().await;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        assert_eq!(got, b"GET /a HTTP/1.1\r\nhost: b\r\n\r\n");
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+            .await
+            .unwrap();
+        got.clear();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        // The backend's idle timeout: it closes the kept connection.
+        drop(s);
+        let (mut s, _) = l.accept().await.unwrap();
+        got.clear();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        assert_eq!(got, b"GET /c HTTP/1.1\r\nhost: b\r\n\r\n");
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nc")
+            .await
+            .unwrap();
+    });
+    assert_eq!(text(pool.send(get("/a")).await.unwrap()).await, "a");
+    assert_eq!(text(pool.send(get("/b")).await.unwrap()).await, "b");
+    // The close may or may not have been seen yet: either way /c succeeds.
+    assert_eq!(text(pool.send(get("/c")).await.unwrap()).await, "c");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_upload_of_unknown_length_goes_chunked_with_its_trailers() {
+    let (l, pool) = backend().await;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"0\r\nx-sum: 6\r\n\r\n").await;
+        let want = "POST /up HTTP/1.1\r\nhost: b\r\ntransfer-encoding: chunked\r\n\r\n\
+                    3\r\nabc\r\n3\r\ndef\r\n0\r\nx-sum: 6\r\n\r\n";
+        assert_eq!(String::from_utf8_lossy(&got), want);
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\ngrpc-status: 0\r\n\r\n")
+            .await
+            .unwrap();
+    });
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-sum", "6".parse().unwrap());
+    let frames = [
+        Frame::data(Bytes::from("abc")),
+        Frame::data(Bytes::from("def")),
+        Frame::trailers(trailers),
+    ];
+    let body = StreamBody::new(futures_util::stream::iter(
+        frames.map(Ok::<_, std::io::Error>),
+    ));
+    let req = Request::post("/up")
+        .header("host", "b")
+        .body(boxed(body))
+        .unwrap();
+    let resp = pool.send(req).await.unwrap();
+    let whole = resp.into_body().collect().await.unwrap();
+    assert_eq!(whole.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(&whole.to_bytes()[..], b"ok");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_early_answer_is_read_while_the_upload_waits_and_the_connection_closes() {
+    let (l, pool) = backend().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        assert!(got.ends_with(b"content-length: 100\r\n\r\n"), "{got:?}");
+        // Answered before any of the body (RFC 9110 §15.5.14).
+        s.write_all(b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nbig")
+            .await
+            .unwrap();
+        // The pool opens a new connection for the next request.
+        let (mut s2, _) = l.accept().await.unwrap();
+        got.clear();
+        read_until(&mut s2, &mut got, b"\r\n\r\n").await;
+        s2.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+    });
+    let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+    let body = http_body_util::combinators::UnsyncBoxBody::new(WithLength(body, 100));
+    let req = Request::put("/up").header("host", "b").body(body).unwrap();
+    let resp = pool.send(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(text(resp).await, "big");
+    drop(tx);
+    let resp = pool.send(get("/next")).await.unwrap();
+    assert_eq!(resp.status(), 204);
+    assert!(resp.body().is_end_stream());
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_longer_than_its_length_is_refused_and_never_written_past_it() {
+    let (l, pool) = backend().await;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(text.ends_with("content-length: 2\r\n\r\n"), "{text}");
+    });
+    let body = WithLength(
+        Full::new(Bytes::from("abc")).map_err(|never| match never {}),
+        2,
+    );
+    let req = Request::post("/x")
+        .header("host", "b")
+        .body(boxed(body))
+        .unwrap();
+    let Err(err) = pool.send(req).await else {
+        panic!("a body longer than its length was sent")
+    };
+    assert!(
+        err.to_string().contains("backend connection failed"),
+        "{err}"
+    );
+    assert!(
+        format!("{:?}", err).contains("longer than its length"),
+        "{err:?}"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cut_body_is_an_error_and_an_abandoned_body_closes_its_connection() {
+    let (l, pool) = backend().await;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        drop(s);
+        let (mut s, _) = l.accept().await.unwrap();
+        got.clear();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        // The reader drops the body after 3 bytes: the connection closes, not reused.
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let (mut s, _) = l.accept().await.unwrap();
+        got.clear();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+    });
+    let err = pool
+        .send(get("/cut"))
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, H1Error::Closed), "{err}");
+    let mut body = pool.send(get("/left")).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"abc");
+    drop(body);
+    assert_eq!(text(pool.send(get("/after")).await.unwrap()).await, "ok");
+    server.await.unwrap();
+}
+
+/// A body that announces an exact length, whatever it then yields.
+struct WithLength<B>(B, u64);
+
+impl<B: Body<Data = Bytes> + Unpin> Body for WithLength<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.1)
+    }
+}
+
+fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Unpin {
+    Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
