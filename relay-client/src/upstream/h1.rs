@@ -8,6 +8,7 @@
 //! per small request, more than the framing itself (`docs/PERFORMANCE.md`).
 
 use std::fmt::Write as _;
+use std::mem::MaybeUninit;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
@@ -132,9 +133,12 @@ pub struct Head {
 /// request's: a response to HEAD has no body whatever its fields say (RFC 9112 §6.3).
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(buf) {
+        // Uninitialised: zeroing 100 fields (and a span table as big) cost more than the
+        // parse itself.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(H1Error::HeadTooLarge)
@@ -155,16 +159,18 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H
         };
         // Where each field lies in the head, so the values can be slices of it (no copy).
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_FIELDS];
-        let count = parsed.headers.len();
-        for (span, f) in spans.iter_mut().zip(parsed.headers.iter()) {
-            let n = f.name.as_ptr() as usize - base;
-            let v = f.value.as_ptr() as usize - base;
-            *span = (n, n + f.name.len(), v, v + f.value.len());
-        }
+        let spans: Vec<_> = parsed
+            .headers
+            .iter()
+            .map(|f| {
+                let n = f.name.as_ptr() as usize - base;
+                let v = f.value.as_ptr() as usize - base;
+                (n, n + f.name.len(), v, v + f.value.len())
+            })
+            .collect();
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(n0, n1, v0, v1) in &spans[..count] {
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for &(n0, n1, v0, v1) in &spans {
             let name = HeaderName::from_bytes(&head[n0..n1])
                 .map_err(|_| H1Error::Head("bad field name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
