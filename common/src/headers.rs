@@ -70,6 +70,45 @@ pub fn common_name(name: &[u8]) -> Option<HeaderName> {
     Some(COMMON[i].clone())
 }
 
+/// Whether `b` may appear in a field name (a `tchar`, RFC 9110 §5.6.2): one table lookup.
+pub fn is_tchar(b: u8) -> bool {
+    TCHAR[b as usize]
+}
+
+/// Whether `b` may appear in a field value as `http` takes it (RFC 9110 §5.5: visible
+/// characters, obs-text, space and tab; no other control character).
+pub fn is_value_byte(b: u8) -> bool {
+    (b >= 0x20 && b != 0x7f) || b == b'\t'
+}
+
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 /// Whether `name` is framing or hop-by-hop ([`HOP_BY_HOP`] or `Content-Length`). A
 /// standard name's `as_str` is a table lookup and the match one comparison after a
 /// dispatch on the length, where `HOP_BY_HOP.contains` compared every entry (1 400

@@ -286,9 +286,28 @@ fn fields_map(p: &[u8], buf: &Bytes) -> Result<Option<HeaderMap>, HeadError> {
     Ok(whole.then_some(map))
 }
 
-/// Decodes a request head (the whole of `buf`). Its headers come as a map
-/// ([`Fields::Map`], values sliced from `buf`) when `http` accepts all of them, else as
-/// the list.
+/// Whether every field of a block (the rest of `p`) has a name and a value `http` accepts:
+/// token characters (RFC 9110 §5.1), and values without control characters other than tab
+/// (§5.5). A block that passes is what [`FieldBlock`] makes, without building anything.
+fn block_valid(p: &[u8]) -> Result<bool, HeadError> {
+    each_field(p, |_, name, value| {
+        use crate::headers::{is_tchar, is_value_byte};
+        // Folded rather than short-circuited: the loops stay branch-free (most heads pass).
+        let name_ok = !name.is_empty() && name.iter().fold(true, |ok, &b| ok & is_tchar(b));
+        Ok(name_ok && value.iter().fold(true, |ok, &b| ok & is_value_byte(b)))
+    })
+}
+
+/// Calls `each` with every field of an encoded block ([`Fields::Encoded`]) in order, until
+/// it returns false; false then.
+pub fn each_encoded(block: &[u8], mut each: impl FnMut(&[u8], &[u8]) -> bool) -> bool {
+    each_field(block, |_, name, value| Ok(each(name, value))).unwrap_or(false)
+}
+
+/// Decodes a request head (the whole of `buf`). Its headers stay in the binary layout
+/// ([`Fields::Encoded`], a slice of `buf`) when `http` accepts all of them: an agent that
+/// writes them to an HTTP/1.1 backend never builds a map (one is built from the block if a
+/// caller asks); else they come as the list.
 pub fn request(buf: &Bytes) -> Result<RequestHead, HeadError> {
     let p = &mut &buf[..];
     let id = text(p, false)?;
@@ -300,9 +319,9 @@ pub fn request(buf: &Bytes) -> Result<RequestHead, HeadError> {
         0 => None,
         _ => Some(text(p, false)?),
     };
-    let headers = match fields_map(p, buf)? {
-        Some(map) => Fields::Map(map),
-        None => Fields::List(fields(p)?),
+    let headers = match block_valid(p)? {
+        true => Fields::Encoded(buf.slice_ref(p)),
+        false => Fields::List(fields(p)?),
     };
     Ok(RequestHead {
         id,
@@ -404,8 +423,8 @@ mod tests {
     fn heads_round_trip_with_every_optional_part() {
         let back = request(&request_bytes(&req())).unwrap();
         assert!(
-            matches!(back.headers, Fields::Map(_)),
-            "valid headers come as a map"
+            matches!(back.headers, Fields::Encoded(_)),
+            "valid request headers stay encoded"
         );
         assert_eq!(
             back.headers.to_map().unwrap(),
@@ -424,7 +443,8 @@ mod tests {
         (bare.body, bare.content_length, bare.upgrade, bare.headers) =
             (BodyKind::Empty, None, None, Fields::default());
         let back = request(&request_bytes(&bare)).unwrap();
-        assert!(matches!(&back.headers, Fields::Map(m) if m.is_empty()));
+        assert!(matches!(&back.headers, Fields::Encoded(_)));
+        assert!(back.headers.to_map().unwrap().is_empty());
         assert!(same(&back, &bare));
 
         let rh = ResponseHead {
@@ -464,9 +484,14 @@ mod tests {
     fn decoders_slice_the_values() {
         let buf = request_bytes(&req());
         let range = buf.as_ptr_range();
-        let Fields::Map(map) = request(&buf).unwrap().headers else {
-            panic!("valid headers come as a map")
+        let Fields::Encoded(block) = request(&buf).unwrap().headers else {
+            panic!("valid request headers stay encoded")
         };
+        assert!(
+            range.contains(&block.as_ptr()),
+            "the block is a slice of the message"
+        );
+        let map = block_map(&block).unwrap();
         assert!(!map.is_empty());
         assert!(map
             .values()

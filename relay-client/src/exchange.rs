@@ -141,7 +141,7 @@ async fn serve_inner(
     } else {
         boxed(http_body_util::Empty::new().map_err(|never| match never {}))
     };
-    let req = match ctx.backend.build(&mut head, body) {
+    let req = match ctx.backend.prepare(&mut head, body) {
         Ok(r) => r,
         Err(e) => {
             return Box::pin(post_error(

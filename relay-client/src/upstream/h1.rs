@@ -54,6 +54,17 @@ pub enum Framing {
     Chunked,
 }
 
+impl Framing {
+    /// The framing for `body`: none when it is empty, its length when it knows it exactly.
+    pub fn of<B: hyper::body::Body>(body: &B) -> Framing {
+        match (body.is_end_stream(), body.size_hint().exact()) {
+            (true, _) => Framing::None,
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::Chunked,
+        }
+    }
+}
+
 /// Writes the head of `req` (origin-form target, RFC 9112 §3.2.1) with the framing field
 /// for `framing`. Framing fields the request carries are dropped: only the body knows its
 /// length, and two disagreeing ones would be a request-smuggling vector (RFC 9112 §6.3).
@@ -74,6 +85,105 @@ pub fn put_request_head<B>(buf: &mut BytesMut, req: &Request<B>, framing: Framin
         buf.put_slice(value.as_bytes());
         buf.put_slice(b"\r\n");
     }
+    put_framing(buf, framing);
+}
+
+/// Writes a request head straight from a relayed head whose fields are still in the
+/// binary layout (`Fields::Encoded`, checked when it was decoded): no map is built. The
+/// target is `base` then `target`; `host` replaces the user's `Host` (`--rewrite-host`),
+/// `authority` is sent when there is none. Hop-by-hop and framing fields are dropped (RFC
+/// 9110 §7.6.1; the relay-server already did). Returns false, with `buf` as it was, when
+/// the head needs the general path instead: a method or target byte that must not go on
+/// the wire as is, or a `Connection` or `TE` field (which name fields to keep or drop).
+pub fn put_relayed_head(
+    buf: &mut BytesMut,
+    head: (&str, &str, &str),
+    block: &[u8],
+    host: (Option<&HeaderValue>, &HeaderValue),
+    framing: Framing,
+) -> bool {
+    let (method, base, target) = head;
+    let (rewrite, authority) = host;
+    let visible = |t: &str| {
+        t.bytes()
+            .fold(true, |ok, b| ok & (0x21..=0x7e).contains(&b))
+    };
+    if method.is_empty()
+        || !method.bytes().all(relay_common::headers::is_tchar)
+        || !target.starts_with('/')
+        || !visible(base)
+        || !visible(target)
+    {
+        return false;
+    }
+    let start = buf.len();
+    buf.reserve(64 + base.len() + target.len() + block.len());
+    buf.put_slice(method.as_bytes());
+    buf.put_u8(b' ');
+    buf.put_slice(base.as_bytes());
+    buf.put_slice(target.as_bytes());
+    buf.put_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
+    let whole = relay_common::heads::each_encoded(block, |name, value| {
+        match Dropped::of(name) {
+            Dropped::Never => {}
+            Dropped::Always => return true,
+            Dropped::Refer => return false,
+            Dropped::Host if rewrite.is_some() => return true,
+            Dropped::Host => has_host = true,
+        }
+        buf.put_slice(name);
+        buf.put_slice(b": ");
+        buf.put_slice(value);
+        buf.put_slice(b"\r\n");
+        true
+    });
+    if !whole {
+        buf.truncate(start);
+        return false;
+    }
+    if !has_host {
+        buf.put_slice(b"host: ");
+        buf.put_slice(rewrite.unwrap_or(authority).as_bytes());
+        buf.put_slice(b"\r\n");
+    }
+    put_framing(buf, framing);
+    true
+}
+
+/// What [`put_relayed_head`] does with a field.
+enum Dropped {
+    Never,
+    Always,
+    /// Handled by the general path (`strip_hop_by_hop`).
+    Refer,
+    Host,
+}
+
+impl Dropped {
+    fn of(name: &[u8]) -> Dropped {
+        // Hop-by-hop names (RFC 9110 §7.6.1) and the framing ones (RFC 9112 §6), compared
+        // without case (the block's names are tokens, not necessarily lower case), after a
+        // dispatch on the length: most fields are compared with none.
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            2 if is(b"te") => Dropped::Refer,
+            4 if is(b"host") => Dropped::Host,
+            7 if is(b"upgrade") || is(b"trailer") => Dropped::Always,
+            10 if is(b"connection") => Dropped::Refer,
+            10 if is(b"keep-alive") => Dropped::Always,
+            14 if is(b"content-length") => Dropped::Always,
+            16 if is(b"proxy-connection") => Dropped::Always,
+            17 if is(b"transfer-encoding") => Dropped::Always,
+            18 if is(b"proxy-authenticate") => Dropped::Always,
+            19 if is(b"proxy-authorization") => Dropped::Always,
+            _ => Dropped::Never,
+        }
+    }
+}
+
+/// The framing field for `framing` and the end of the head.
+fn put_framing(buf: &mut BytesMut, framing: Framing) {
     match framing {
         Framing::None => {}
         Framing::Length(n) => {

@@ -253,3 +253,88 @@ fn truncated_and_malformed_bodies_are_errors() {
     let e = decode_all(Decoder::Chunked(Chunk::Size), &long, 1000).unwrap_err();
     assert!(matches!(e, H1Error::Chunk(_)), "{e}");
 }
+
+fn block(fields: &[(&str, &str)]) -> Bytes {
+    let mut b = relay_common::heads::FieldBlock::with_capacity(fields.len(), 64);
+    for (n, v) in fields {
+        b.push(n, v.as_bytes());
+    }
+    match b.finish() {
+        relay_common::message::Fields::Encoded(block) => block,
+        _ => unreachable!("a FieldBlock is encoded"),
+    }
+}
+
+#[test]
+fn relayed_heads_are_written_from_the_block_without_hop_by_hop_fields() {
+    let authority = HeaderValue::from_static("backend:8080");
+    let fields = block(&[
+        ("host", "relay.example"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("Keep-Alive", "timeout=5"),
+        ("content-length", "3"),
+        ("upgrade", "h2c"),
+        ("accept", "*/*"),
+    ]);
+    let mut b = BytesMut::new();
+    let head = ("GET", "/base", "/p?q=1");
+    assert!(put_relayed_head(
+        &mut b,
+        head,
+        &fields,
+        (None, &authority),
+        Framing::None
+    ));
+    assert_eq!(
+        std::str::from_utf8(&b).unwrap(),
+        "GET /base/p?q=1 HTTP/1.1\r\nhost: relay.example\r\nx-forwarded-for: 10.0.0.1\r\n\
+         accept: */*\r\n\r\n"
+    );
+    // --rewrite-host replaces the user's Host; a head without one gets the backend's.
+    for (rewrite, fields) in [
+        (Some(&authority), &fields),
+        (None, &block(&[("accept", "*/*")])),
+    ] {
+        let mut b = BytesMut::new();
+        let post = ("POST", "", "/up");
+        assert!(put_relayed_head(
+            &mut b,
+            post,
+            fields,
+            (rewrite, &authority),
+            Framing::Length(3)
+        ));
+        let text = std::str::from_utf8(&b).unwrap();
+        assert!(text.starts_with("POST /up HTTP/1.1\r\n"), "{text}");
+        assert!(
+            text.ends_with("host: backend:8080\r\ncontent-length: 3\r\n\r\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("host:").count(), 1, "{text}");
+    }
+}
+
+#[test]
+fn relayed_heads_that_need_the_general_path_leave_the_buffer_as_it_was() {
+    let authority = HeaderValue::from_static("b");
+    let plain = block(&[("accept", "*/*")]);
+    let cases: [((&str, &str, &str), Bytes); 6] = [
+        (
+            ("GET", "", "/a"),
+            block(&[("accept", "*/*"), ("connection", "x-secret")]),
+        ),
+        (("GET", "", "/a"), block(&[("te", "trailers")])),
+        (("GET", "", "/a b"), plain.clone()),
+        (("GET", "", "/a\r\nx: y"), plain.clone()),
+        (("GET", "", "*"), plain.clone()),
+        (("G T", "", "/a"), plain.clone()),
+    ];
+    for (head, fields) in cases {
+        let mut b = BytesMut::from(&b"kept"[..]);
+        assert!(
+            !put_relayed_head(&mut b, head, &fields, (None, &authority), Framing::None),
+            "{head:?}"
+        );
+        assert_eq!(&b[..], b"kept", "{head:?}");
+    }
+}

@@ -4,14 +4,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop};
-use relay_common::message::RequestHead;
+use relay_common::message::{Fields, RequestHead};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::Config;
@@ -23,8 +23,9 @@ mod h1;
 mod pool;
 
 pub use conn::PooledBody;
+use h1::Framing;
 pub use h1::H1Error;
-use pool::{Pool, PoolError};
+use pool::{Pool, PoolError, Written};
 
 /// Body type of backend requests.
 pub type BackendBody = UnsyncBoxBody<bytes::Bytes, std::io::Error>;
@@ -110,6 +111,44 @@ impl Backend {
         Some(guard)
     }
 
+    /// The backend request for `head` with `body`. A plain request to a plain-HTTP/1.1
+    /// backend whose fields are still encoded has its head written at once, without a map
+    /// (most requests, `h1::put_relayed_head`); the others are built as requests.
+    pub fn prepare(
+        &self,
+        head: &mut RequestHead,
+        body: BackendBody,
+    ) -> Result<Outgoing, BuildError> {
+        if let (Some(_), Fields::Encoded(block), None) = (&self.pool, &head.headers, &head.upgrade)
+        {
+            // Traces on: the map path hands the span on in `traceparent`.
+            if !relay_config_file::telemetry::enabled() {
+                let framing = Framing::of(&body);
+                let mut buf = BytesMut::new();
+                let host = (
+                    self.rewrite_host.then_some(&self.authority),
+                    &self.authority,
+                );
+                let line = (
+                    head.method.as_str(),
+                    self.base_path.as_str(),
+                    head.target.as_str(),
+                );
+                if h1::put_relayed_head(&mut buf, line, block, host, framing) {
+                    let method = Method::from_bytes(head.method.as_bytes())
+                        .map_err(|_| BuildError(format!("invalid method {:?}", head.method)))?;
+                    return Ok(Outgoing::Written(Written {
+                        head: buf.freeze(),
+                        method,
+                        body,
+                        framing,
+                    }));
+                }
+            }
+        }
+        self.build(head, body).map(Outgoing::Request)
+    }
+
     /// The backend request for `head` with `body`.
     pub fn build(
         &self,
@@ -154,8 +193,16 @@ impl Backend {
     /// connections), else through hyper-util's client.
     pub async fn send(
         &self,
-        mut req: Request<BackendBody>,
+        out: Outgoing,
     ) -> Result<http::Response<BackendResponse>, BackendError> {
+        let mut req = match (out, &self.pool) {
+            (Outgoing::Request(req), _) => req,
+            (Outgoing::Written(w), Some(pool)) => {
+                let resp = pool.send_written(w).await?;
+                return Ok(resp.map(BackendResponse::Pooled));
+            }
+            (Outgoing::Written(_), None) => unreachable!("bug: a written head without a pool"),
+        };
         match &self.pool {
             Some(pool) if !req.headers().contains_key(header::UPGRADE) => {
                 // RFC 9112 §3.2: a request to an origin carries the origin-form target and
@@ -180,6 +227,14 @@ impl Backend {
             }
         }
     }
+}
+
+/// A backend request ready to go.
+pub enum Outgoing {
+    /// Its head already written for a pooled HTTP/1.1 connection.
+    Written(Written),
+    /// A request for the pool or hyper-util's client.
+    Request(Request<BackendBody>),
 }
 
 /// Why a backend request failed.

@@ -16,9 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use http::{Request, Response};
-use hyper::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -46,6 +45,18 @@ pub enum PoolError {
     /// The exchange with the backend failed.
     #[error("the backend connection failed")]
     Http(#[from] H1Error),
+}
+
+/// A request whose head is already written for an HTTP/1.1 connection.
+pub struct Written {
+    /// The head, framing field included.
+    pub head: Bytes,
+    /// Its method (a response to HEAD has no body; idempotent ones may go again).
+    pub method: Method,
+    /// The body to send after it.
+    pub body: BackendBody,
+    /// How the body is framed (the head names it).
+    pub framing: Framing,
 }
 
 /// Idle connections to one backend, most recently used last.
@@ -82,15 +93,30 @@ impl Pool {
         req: Request<BackendBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
         let (parts, body) = req.into_parts();
-        let framing = match (body.is_end_stream(), body.size_hint().exact()) {
-            (true, _) => Framing::None,
-            (false, Some(n)) => Framing::Length(n),
-            (false, None) => Framing::Chunked,
-        };
+        let framing = Framing::of(&body);
         let method = parts.method.clone();
         let mut head = BytesMut::new();
         h1::put_request_head(&mut head, &Request::from_parts(parts, ()), framing);
-        let head = head.freeze();
+        self.send_written(Written {
+            head: head.freeze(),
+            method,
+            body,
+            framing,
+        })
+        .await
+    }
+
+    /// Sends a request whose head is written (see [`Pool::send`]).
+    pub async fn send_written(
+        self: &Arc<Self>,
+        req: Written,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        let Written {
+            head,
+            method,
+            body,
+            framing,
+        } = req;
         let mut body = (framing != Framing::None).then_some(body);
         loop {
             let (mut conn, reused) = match self.take() {
