@@ -220,8 +220,15 @@ pub enum PooledBody {
     /// user left), it closes the connection (HTTP/1.1 cannot abandon one response and go
     /// on with the next).
     Inline(Inline),
-    /// Read ahead by a task of its own ([`PooledBody::detach`]).
-    Detached(mpsc::Receiver<Result<Frame<Bytes>, H1Error>>),
+    /// Read ahead by a task of its own ([`PooledBody::detach`]): frames, then `None` at the
+    /// body's end. A channel that closes without that `None` (the task was dropped: a
+    /// runtime shutting down, a panic) is an error, never a clean end.
+    Detached {
+        /// The frames.
+        rx: mpsc::Receiver<Option<Result<Frame<Bytes>, H1Error>>>,
+        /// The end (or an error) came.
+        done: bool,
+    },
 }
 
 /// A body read where it is polled.
@@ -295,14 +302,13 @@ impl PooledBody {
                     f = poll_fn(|cx| inline.poll_frame(cx)) => f,
                     _ = tx.closed() => return,
                 };
-                let Some(frame) = frame else { return };
-                let failed = frame.is_err();
-                if tx.send(frame).await.is_err() || failed {
+                let last = frame.as_ref().is_none_or(Result::is_err);
+                if tx.send(frame).await.is_err() || last {
                     return;
                 }
             }
         });
-        PooledBody::Detached(rx)
+        PooledBody::Detached { rx, done: false }
     }
 }
 
@@ -316,14 +322,22 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         match self.get_mut() {
             PooledBody::Inline(b) => b.poll_frame(cx),
-            PooledBody::Detached(rx) => rx.poll_recv(cx),
+            PooledBody::Detached { done: true, .. } => Poll::Ready(None),
+            PooledBody::Detached { rx, done } => {
+                let frame = match ready!(rx.poll_recv(cx)) {
+                    Some(frame) => frame,
+                    None => Some(Err(H1Error::ReaderGone)),
+                };
+                *done = frame.as_ref().is_none_or(Result::is_err);
+                Poll::Ready(frame)
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             PooledBody::Inline(b) => b.conn.is_none() || b.decoder.is_done(),
-            PooledBody::Detached(_) => false,
+            PooledBody::Detached { done, .. } => *done,
         }
     }
 

@@ -35,6 +35,9 @@ pub enum H1Error {
     /// The backend closed the connection mid-message.
     #[error("the backend closed the connection before the response was complete")]
     Closed,
+    /// The task reading a streamed body ended without finishing it.
+    #[error("the agent stopped reading the backend's body")]
+    ReaderGone,
     /// The request body gave more or fewer bytes than its announced length, or failed.
     #[error("the request body failed: {0}")]
     RequestBody(String),

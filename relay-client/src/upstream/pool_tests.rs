@@ -268,3 +268,36 @@ fn tokio_stream_from<T>(
 ) -> impl futures_util::Stream<Item = T> + Unpin {
     Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
+
+#[tokio::test]
+async fn a_streamed_body_whose_reader_task_is_dropped_fails_instead_of_ending() {
+    let (l, pool) = backend().await;
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            .await
+            .unwrap();
+        // Then nothing: the body stalls with the connection open.
+        let _ = s.read_to_end(&mut got).await;
+    });
+    // The reader task lives in a runtime of its own, shut down under it (as an agent's is
+    // when it is killed).
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let detached = other
+        .spawn(async move { pool.send(get("/s")).await.unwrap().into_body().detach() })
+        .await
+        .unwrap();
+    let mut body = detached;
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first");
+    other.shutdown_background();
+    let rest = body.frame().await.expect("an error, not the end");
+    assert!(matches!(rest, Err(H1Error::ReaderGone)), "{rest:?}");
+    assert!(body.frame().await.is_none(), "nothing after the error");
+}
