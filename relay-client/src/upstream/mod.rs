@@ -21,6 +21,7 @@ use crate::tls;
 mod conn;
 mod h1;
 mod pool;
+mod response;
 
 pub use conn::PooledBody;
 use h1::Framing;
