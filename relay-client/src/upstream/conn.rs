@@ -36,6 +36,8 @@ pub(super) struct Conn {
     pub(super) want: usize,
     /// Bytes to write, in order (the head, chunk lines, body data).
     pub(super) out: VecDeque<Bytes>,
+    /// Where chunk-size lines are written before they are queued.
+    lines: BytesMut,
     /// The request body still to send, and its framing.
     pub(super) body: Option<BackendBody>,
     pub(super) framing: Framing,
@@ -58,6 +60,7 @@ impl Conn {
             rd: BytesMut::new(),
             want: FIRST_READ,
             out: VecDeque::new(),
+            lines: BytesMut::new(),
             body: None,
             framing: Framing::None,
             owed: 0,
@@ -137,7 +140,7 @@ impl Conn {
                     Ok(d) if d.is_empty() => {}
                     Ok(d) => match self.framing {
                         Framing::Chunked => {
-                            self.out.push_back(h1::chunk_line(d.len()));
+                            self.out.push_back(h1::chunk_line(&mut self.lines, d.len()));
                             self.out.push_back(d);
                             self.out.push_back(Bytes::from_static(b"\r\n"));
                         }

@@ -80,10 +80,7 @@ pub fn put_request_head<B>(buf: &mut BytesMut, req: &Request<B>, framing: Framin
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
-        buf.put_slice(name.as_str().as_bytes());
-        buf.put_slice(b": ");
-        buf.put_slice(value.as_bytes());
-        buf.put_slice(b"\r\n");
+        put_field(buf, name.as_str().as_bytes(), value.as_bytes());
     }
     put_framing(buf, framing);
 }
@@ -132,10 +129,7 @@ pub fn put_relayed_head(
             Dropped::Host if rewrite.is_some() => return true,
             Dropped::Host => has_host = true,
         }
-        buf.put_slice(name);
-        buf.put_slice(b": ");
-        buf.put_slice(value);
-        buf.put_slice(b"\r\n");
+        put_field(buf, name, value);
         true
     });
     if !whole {
@@ -194,11 +188,22 @@ fn put_framing(buf: &mut BytesMut, framing: Framing) {
     buf.put_slice(b"\r\n");
 }
 
-/// The line that opens a chunk of `len` bytes (RFC 9112 §7.1).
-pub fn chunk_line(len: usize) -> Bytes {
-    let mut b = BytesMut::with_capacity(18);
-    let _ = write!(Writer(&mut b), "{len:x}\r\n");
-    b.freeze()
+/// One field line (RFC 9112 §5).
+fn put_field(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    buf.put_slice(name);
+    buf.put_slice(b": ");
+    buf.put_slice(value);
+    buf.put_slice(b"\r\n");
+}
+
+/// The line that opens a chunk of `len` bytes (RFC 9112 §7.1), split off `lines`: one
+/// allocation serves many chunks' lines instead of one each.
+pub fn chunk_line(lines: &mut BytesMut, len: usize) -> Bytes {
+    if lines.capacity() - lines.len() < 18 {
+        *lines = BytesMut::with_capacity(1024);
+    }
+    let _ = write!(Writer(lines), "{len:x}\r\n");
+    lines.split().freeze()
 }
 
 /// The last chunk and the trailer section (RFC 9112 §7.1.2).
@@ -209,10 +214,7 @@ pub fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
     let mut b = BytesMut::with_capacity(64);
     b.put_slice(b"0\r\n");
     for (name, value) in t {
-        b.put_slice(name.as_str().as_bytes());
-        b.put_slice(b": ");
-        b.put_slice(value.as_bytes());
-        b.put_slice(b"\r\n");
+        put_field(&mut b, name.as_str().as_bytes(), value.as_bytes());
     }
     b.put_slice(b"\r\n");
     b.freeze()

@@ -54,7 +54,9 @@ fn request_heads_carry_one_framing_field_chosen_by_the_body() {
 
 #[test]
 fn chunk_framing_is_hex_lines_and_a_trailer_section() {
-    assert_eq!(&chunk_line(255)[..], b"ff\r\n");
+    let mut lines = BytesMut::new();
+    assert_eq!(&chunk_line(&mut lines, 255)[..], b"ff\r\n");
+    assert_eq!(&chunk_line(&mut lines, 16)[..], b"10\r\n");
     assert_eq!(&last_chunk(None)[..], b"0\r\n\r\n");
     let mut t = HeaderMap::new();
     t.insert("grpc-status", HeaderValue::from_static("0"));
