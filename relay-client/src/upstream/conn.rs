@@ -174,21 +174,20 @@ impl Conn {
     pub(super) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), H1Error>> {
         self.rd.reserve(self.want);
         let room = self.rd.capacity() - self.rd.len();
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.rd) {
-                Ok(0) => self.eof = true,
-                Ok(n) => {
-                    self.heard = true;
-                    if n == room {
-                        self.want = (self.want * 2).min(MAX_READ);
-                    }
+        // Through `AsyncRead`, not `try_read_buf`: a read that leaves room in the buffer
+        // drained the socket, and only this path then clears the poller's readiness. Kept,
+        // it made the next `still_open` probe the socket with a read that found nothing:
+        // one wasted system call per request.
+        match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rd))? {
+            0 => self.eof = true,
+            n => {
+                self.heard = true;
+                if n == room {
+                    self.want = (self.want * 2).min(MAX_READ);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e.into())),
             }
-            return Poll::Ready(Ok(()));
         }
+        Poll::Ready(Ok(()))
     }
 
     /// Whether an idle connection is still open: a backend that closed it (its own idle
