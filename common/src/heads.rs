@@ -146,6 +146,18 @@ impl FieldBlock {
         self.count += 1;
     }
 
+    /// Appends one field as an HTTP/1.1 head spells it: the name a token in any case,
+    /// written in lower case as `http` would make it (RFC 9110 §5.1: names are
+    /// case-insensitive). The caller checked the name's bytes (`headers::is_tchar`) and the
+    /// value's (`headers::is_value_byte`).
+    pub fn push_token(&mut self, name: &[u8], value: &[u8]) {
+        let at = self.buf.len() + 2;
+        s16(&mut self.buf, name);
+        self.buf[at..at + name.len()].make_ascii_lowercase();
+        s32(&mut self.buf, value);
+        self.count += 1;
+    }
+
     /// The finished block.
     pub fn finish(mut self) -> Fields {
         self.buf[..4].copy_from_slice(&self.count.to_be_bytes());

@@ -28,7 +28,7 @@ use crate::service::{self, Call, LocalAnswer, Services};
 use crate::session::Reply;
 use crate::tunnel::tunnel;
 use crate::upstream::BackendResponse;
-use crate::upstream::{boxed, Backend};
+use crate::upstream::{boxed, Answer, Backend};
 use crate::whole::{answer_whole, check_posted, post_error, post_local};
 
 /// What serving a request needs.
@@ -154,7 +154,7 @@ async fn serve_inner(
             .await
         }
     };
-    let mut resp = match ctx.backend.send(req).await {
+    let resp = match ctx.backend.send(req).await {
         Ok(r) => r,
         Err(e) => {
             let msg = format!(
@@ -172,21 +172,32 @@ async fn serve_inner(
             .await;
         }
     };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return Box::pin(switch(ctx, &head, &mut resp, cancel, reply.is_some())).await;
-    }
-    let (parts, body) = resp.into_parts();
-    let content_length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers, false);
+    let (status, headers, content_length, body) = match resp {
+        Answer::Encoded {
+            status,
+            block,
+            content_length,
+            body,
+        } => (status, block, content_length, body),
+        Answer::Response(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            return Box::pin(switch(ctx, &head, &mut resp, cancel, reply.is_some())).await;
+        }
+        Answer::Response(resp) => {
+            let (parts, body) = resp.into_parts();
+            let content_length = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let mut headers = parts.headers;
+            strip_hop_by_hop(&mut headers, false);
+            (parts.status, headers.into(), content_length, body)
+        }
+    };
     let has_body = !body.is_end_stream();
     let rh = ResponseHead {
-        status: parts.status.as_u16(),
-        headers: headers.into(),
+        status: status.as_u16(),
+        headers,
         body: if has_body {
             BodyKind::Stream
         } else {

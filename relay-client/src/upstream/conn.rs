@@ -178,7 +178,11 @@ impl Conn {
         // drained the socket, and only this path then clears the poller's readiness. Kept,
         // it made the next `still_open` probe the socket with a read that found nothing:
         // one wasted system call per request.
-        match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rd))? {
+        match ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rd
+        ))? {
             0 => self.eof = true,
             n => {
                 self.heard = true;

@@ -231,7 +231,7 @@ impl std::fmt::Write for Writer<'_> {
 
 pub use super::response::{parse_head, Decoder, Step};
 #[cfg(test)]
-use super::response::{Chunk, Head, MAX_CHUNK_LINE};
+use super::response::{Chunk, Head, HeadFields, MAX_CHUNK_LINE};
 #[cfg(test)]
 use http::Method;
 

@@ -72,8 +72,18 @@ fn response_heads_parse_with_their_delimitation_and_persistence() {
     )
     .unwrap()
     .unwrap();
-    assert_eq!(h.response.status(), 200);
-    assert_eq!(h.response.headers()["x-a"], "1");
+    assert_eq!(h.status, 200);
+    let HeadFields::Encoded {
+        mut block,
+        content_length,
+    } = h.fields
+    else {
+        panic!("a plain head is encoded at once");
+    };
+    assert_eq!(content_length, Some(5));
+    let map = block.take_map().unwrap();
+    assert_eq!(map["x-a"], "1");
+    assert!(!map.contains_key("content-length"), "framing goes apart");
     assert_eq!(h.body, Decoder::Length(5));
     assert!(h.keep_alive);
     let cases: [(&[u8], &Method, Decoder, bool); 9] = [
@@ -139,11 +149,107 @@ fn response_heads_parse_with_their_delimitation_and_persistence() {
     }
 }
 
+/// The fields of a head, in order, as the session would carry them.
+fn carried(h: Head) -> (Vec<(String, String)>, Option<u64>) {
+    match h.fields {
+        HeadFields::Encoded {
+            block,
+            content_length,
+        } => (block.to_list(), content_length),
+        HeadFields::Map(_) => panic!("expected an encoded head"),
+    }
+}
+
+#[test]
+fn encoded_response_heads_drop_hop_by_hop_fields_and_keep_the_rest_in_order() {
+    let wire = b"HTTP/1.1 200 OK\r\nX-B: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+        Content-Length: 3\r\nSet-Cookie: a=1\r\nTrailer: x\r\nProxy-Authenticate: Basic\r\n\
+        Upgrade: h2c\r\nSet-Cookie: b=2\r\nX-Obs: caf\xe9\r\n\r\n";
+    let (fields, length) = carried(head(wire, &Method::GET).unwrap().unwrap());
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("x-b", "2"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("x-obs", "caf\u{e9}"),
+        ],
+        "names in lower case, order kept, hop-by-hop and framing fields gone"
+    );
+    assert_eq!(length, Some(3));
+    // A HEAD response keeps the length it announces (RFC 9110 §8.6), a bad one is dropped.
+    let (_, length) = carried(
+        head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap(),
+    );
+    assert_eq!(length, Some(7));
+    let (_, length) = carried(
+        head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap(),
+    );
+    assert_eq!(length, None);
+}
+
+#[test]
+fn response_heads_that_need_a_map_get_one() {
+    // `Connection` naming a field makes that field hop-by-hop: the map path removes it.
+    let h = head(
+        b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
+        &Method::GET,
+    )
+    .unwrap()
+    .unwrap();
+    assert!(matches!(&h.fields, HeadFields::Map(m) if m.contains_key("x-secret")));
+    // A 101 keeps every field (the upgrade answer needs them).
+    let h = head(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        &Method::GET,
+    )
+    .unwrap()
+    .unwrap();
+    assert!(matches!(&h.fields, HeadFields::Map(m) if m.contains_key("upgrade")));
+    // Conflicting or bad lengths are refused whichever path the fields take.
+    for wire in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+    ] {
+        assert!(
+            matches!(head(wire, &Method::GET), Err(H1Error::Head(_))),
+            "{}",
+            String::from_utf8_lossy(wire)
+        );
+    }
+    // Equal repeated lengths are one length.
+    let (_, length) = carried(
+        head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap(),
+    );
+    assert_eq!(length, Some(3));
+}
+
 #[test]
 fn interim_heads_are_skipped_and_partial_heads_wait() {
     let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\nrest"[..]);
     let h = parse_head(&mut buf, &Method::POST).unwrap().unwrap();
-    assert_eq!(h.response.status(), 201);
+    assert_eq!(h.status, 201);
     assert_eq!(&buf[..], b"rest", "the head and only the head was consumed");
     let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
     assert!(parse_head(&mut partial, &Method::GET).unwrap().is_none());

@@ -192,16 +192,10 @@ impl Backend {
     /// Sends a request to the backend: on a pooled connection of its own when the backend
     /// is plain HTTP/1.1 and the request is no upgrade (those need hyper's upgradeable
     /// connections), else through hyper-util's client.
-    pub async fn send(
-        &self,
-        out: Outgoing,
-    ) -> Result<http::Response<BackendResponse>, BackendError> {
+    pub async fn send(&self, out: Outgoing) -> Result<Answer, BackendError> {
         let mut req = match (out, &self.pool) {
             (Outgoing::Request(req), _) => req,
-            (Outgoing::Written(w), Some(pool)) => {
-                let resp = pool.send_written(w).await?;
-                return Ok(resp.map(BackendResponse::Pooled));
-            }
+            (Outgoing::Written(w), Some(pool)) => return Ok(pool.send_written(w).await?.into()),
             (Outgoing::Written(_), None) => unreachable!("bug: a written head without a pool"),
         };
         match &self.pool {
@@ -217,14 +211,55 @@ impl Backend {
                 req.headers_mut()
                     .entry(header::HOST)
                     .or_insert_with(|| self.authority.clone());
-                let resp = pool.send(req).await?;
-                Ok(resp.map(BackendResponse::Pooled))
+                Ok(pool.send(req).await?.into())
             }
             _ => {
                 // Boxed: upgrades and unpooled backends only, and hyper-util's future
                 // would otherwise size every request's.
                 let resp = Box::pin(self.client.request(req)).await?;
-                Ok(resp.map(BackendResponse::Shared))
+                Ok(Answer::Response(resp.map(BackendResponse::Shared)))
+            }
+        }
+    }
+}
+
+/// A backend's answer.
+pub enum Answer {
+    /// A response with every field in a map (hyper-util's client, which also carries an
+    /// upgrade in it, or a pooled head that needed the map: `HeadFields::Map`).
+    Response(http::Response<BackendResponse>),
+    /// A pooled connection's head, its fields already in the session's layout with the
+    /// hop-by-hop ones dropped (`HeadFields::Encoded`).
+    Encoded {
+        /// The final status.
+        status: http::StatusCode,
+        /// The fields (`Fields::Encoded`).
+        block: Fields,
+        /// The announced length, taken out of the fields.
+        content_length: Option<u64>,
+        /// The body.
+        body: BackendResponse,
+    },
+}
+
+impl From<pool::Answered> for Answer {
+    fn from(a: pool::Answered) -> Self {
+        let body = BackendResponse::Pooled(a.body);
+        match a.fields {
+            response::HeadFields::Encoded {
+                block,
+                content_length,
+            } => Answer::Encoded {
+                status: a.status,
+                block,
+                content_length,
+                body,
+            },
+            response::HeadFields::Map(map) => {
+                let mut resp = http::Response::new(body);
+                *resp.status_mut() = a.status;
+                *resp.headers_mut() = map;
+                Answer::Response(resp)
             }
         }
     }

@@ -17,12 +17,13 @@ use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response};
+use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::conn::{idempotent, Conn, Inline, PooledBody, FIRST_READ};
 use super::h1::{self, Framing, H1Error};
+use super::response::HeadFields;
 use super::BackendBody;
 
 /// The shortest time between two sweeps.
@@ -59,6 +60,17 @@ pub struct Written {
     pub framing: Framing,
 }
 
+/// A backend's answer on a pooled connection: its head, and its body, which reading drives
+/// the connection with.
+pub struct Answered {
+    /// The final status.
+    pub status: StatusCode,
+    /// The head's fields.
+    pub fields: HeadFields,
+    /// The body.
+    pub body: PooledBody,
+}
+
 /// Idle connections to one backend, most recently used last.
 pub struct Pool {
     addr: String,
@@ -88,10 +100,7 @@ impl Pool {
     /// A request that a reused connection failed before anything of it was written, or
     /// before any answer when it is idempotent and has no body (RFC 9110 §9.2.2: the
     /// backend closed the idle connection as the request went out), goes again on another.
-    pub async fn send(
-        self: &Arc<Self>,
-        req: Request<BackendBody>,
-    ) -> Result<Response<PooledBody>, PoolError> {
+    pub async fn send(self: &Arc<Self>, req: Request<BackendBody>) -> Result<Answered, PoolError> {
         let (parts, body) = req.into_parts();
         let framing = Framing::of(&body);
         let method = parts.method.clone();
@@ -107,10 +116,7 @@ impl Pool {
     }
 
     /// Sends a request whose head is written (see [`Pool::send`]).
-    pub async fn send_written(
-        self: &Arc<Self>,
-        req: Written,
-    ) -> Result<Response<PooledBody>, PoolError> {
+    pub async fn send_written(self: &Arc<Self>, req: Written) -> Result<Answered, PoolError> {
         let Written {
             head,
             method,
@@ -146,15 +152,15 @@ impl Pool {
             match answer {
                 Ok(h) => {
                     conn.keep_alive = h.keep_alive;
-                    let (parts, ()) = h.response.into_parts();
-                    return Ok(Response::from_parts(
-                        parts,
-                        PooledBody::Inline(Inline {
+                    return Ok(Answered {
+                        status: h.status,
+                        fields: h.fields,
+                        body: PooledBody::Inline(Inline {
                             decoder: h.body,
                             conn: Some(conn),
                             pool: self.clone(),
                         }),
-                    ));
+                    });
                 }
                 Err(e) => {
                     let stale =

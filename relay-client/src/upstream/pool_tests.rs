@@ -47,13 +47,8 @@ fn get(path: &str) -> Request<BackendBody> {
         .unwrap()
 }
 
-async fn text(resp: Response<PooledBody>) -> String {
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .expect("a whole body")
-        .to_bytes();
+async fn text(resp: super::Answered) -> String {
+    let body = resp.body.collect().await.expect("a whole body").to_bytes();
     String::from_utf8(body.to_vec()).unwrap()
 }
 
@@ -127,7 +122,7 @@ async fn an_upload_of_unknown_length_goes_chunked_with_its_trailers() {
         .body(boxed(body))
         .unwrap();
     let resp = pool.send(req).await.unwrap();
-    let whole = resp.into_body().collect().await.unwrap();
+    let whole = resp.body.collect().await.unwrap();
     assert_eq!(whole.trailers().unwrap()["grpc-status"], "0");
     assert_eq!(&whole.to_bytes()[..], b"ok");
     server.await.unwrap();
@@ -158,12 +153,12 @@ async fn an_early_answer_is_read_while_the_upload_waits_and_the_connection_close
     let body = http_body_util::combinators::UnsyncBoxBody::new(WithLength(body, 100));
     let req = Request::put("/up").header("host", "b").body(body).unwrap();
     let resp = pool.send(req).await.unwrap();
-    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.status, 413);
     assert_eq!(text(resp).await, "big");
     drop(tx);
     let resp = pool.send(get("/next")).await.unwrap();
-    assert_eq!(resp.status(), 204);
-    assert!(resp.body().is_end_stream());
+    assert_eq!(resp.status, 204);
+    assert!(resp.body.is_end_stream());
     server.await.unwrap();
 }
 
@@ -231,12 +226,12 @@ async fn a_cut_body_is_an_error_and_an_abandoned_body_closes_its_connection() {
         .send(get("/cut"))
         .await
         .unwrap()
-        .into_body()
+        .body
         .collect()
         .await
         .unwrap_err();
     assert!(matches!(err, H1Error::Closed), "{err}");
-    let mut body = pool.send(get("/left")).await.unwrap().into_body();
+    let mut body = pool.send(get("/left")).await.unwrap().body;
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"abc");
     drop(body);
@@ -290,7 +285,7 @@ async fn a_streamed_body_whose_reader_task_is_dropped_fails_instead_of_ending() 
         .build()
         .unwrap();
     let detached = other
-        .spawn(async move { pool.send(get("/s")).await.unwrap().into_body().detach() })
+        .spawn(async move { pool.send(get("/s")).await.unwrap().body.detach() })
         .await
         .unwrap();
     let mut body = detached;

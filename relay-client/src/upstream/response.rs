@@ -4,7 +4,10 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use relay_common::headers::{is_tchar, is_value_byte};
+use relay_common::heads::FieldBlock;
+use relay_common::message::Fields;
 
 use super::h1::{H1Error, MAX_FIELDS, MAX_HEAD};
 
@@ -14,12 +17,32 @@ pub(super) const MAX_CHUNK_LINE: usize = 4096;
 /// A parsed response head.
 #[derive(Debug)]
 pub struct Head {
-    /// Status, version and fields.
-    pub response: http::Response<()>,
+    /// The final status (never 1xx but 101).
+    pub status: StatusCode,
+    /// Its fields.
+    pub fields: HeadFields,
     /// How its body is delimited.
     pub body: Decoder,
     /// Whether the connection can carry another exchange after this one.
     pub keep_alive: bool,
+}
+
+/// A response head's fields.
+#[derive(Debug)]
+pub enum HeadFields {
+    /// Already in the session's binary layout (a [`FieldBlock`]'s `Fields::Encoded`), the
+    /// hop-by-hop and framing fields dropped (RFC 9110 §7.6.1) and `Content-Length` apart:
+    /// what the agent sends on, so no map is built (most responses).
+    Encoded {
+        /// The block.
+        block: Fields,
+        /// The first `Content-Length` value, if it is a number.
+        content_length: Option<u64>,
+    },
+    /// Every field, as a map: for a 101 (the switch reads its fields) and for a
+    /// `Connection` field that names other fields (they are hop-by-hop too, and go where
+    /// the map's fields are stripped).
+    Map(HeaderMap),
 }
 
 /// Parses the final response head at the start of `buf` (interim 1xx heads are consumed
@@ -51,15 +74,41 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
+        let raw = parsed.headers.iter().map(|f| (f.name.as_bytes(), f.value));
+        let d = Delimiters::of(raw.clone());
+        let (body, framed) = delimit(&d, status, method, version)?;
+        let keep_alive = framed && persistent(&d, version);
+        // httparse's default configuration takes only token names and values of visible
+        // characters, obs-text, space and tab (its `TOKEN_MAP` and `HEADER_VALUE_MAP`):
+        // what `http` accepts, so the block needs no check of its own.
+        debug_assert!(raw
+            .clone()
+            .all(|(n, v)| n.iter().all(|b| is_tchar(*b)) && v.iter().all(|b| is_value_byte(*b))));
+        if !d.refers && status != StatusCode::SWITCHING_PROTOCOLS {
+            let bytes = raw.clone().map(|(n, v)| n.len() + v.len()).sum();
+            let mut block = FieldBlock::with_capacity(parsed.headers.len(), bytes);
+            for (n, v) in raw.filter(|(n, _)| !hop_by_hop(n)) {
+                block.push_token(n, v);
+            }
+            let fields = HeadFields::Encoded {
+                block: block.finish(),
+                content_length: d.first_length,
+            };
+            buf.advance(len);
+            return Ok(Some(Head {
+                status,
+                fields,
+                body,
+                keep_alive,
+            }));
+        }
         // Where each field lies in the head, so the values can be slices of it (no copy).
         let base = buf.as_ptr() as usize;
-        let spans: Vec<_> = parsed
-            .headers
-            .iter()
-            .map(|f| {
-                let n = f.name.as_ptr() as usize - base;
-                let v = f.value.as_ptr() as usize - base;
-                (n, n + f.name.len(), v, v + f.value.len())
+        let spans: Vec<_> = raw
+            .map(|(n, v)| {
+                let n0 = n.as_ptr() as usize - base;
+                let v0 = v.as_ptr() as usize - base;
+                (n0, n0 + n.len(), v0, v0 + v.len())
             })
             .collect();
         let head = buf.split_to(len).freeze();
@@ -71,23 +120,108 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H
                 .map_err(|_| H1Error::Head("bad field value"))?;
             headers.append(name, value);
         }
-        let (body, framed) = delimit(&headers, status, method, version)?;
-        let keep_alive = framed && persistent(&headers, version);
-        let mut response = http::Response::new(());
-        *response.status_mut() = status;
-        *response.version_mut() = version;
-        *response.headers_mut() = headers;
         return Ok(Some(Head {
-            response,
+            status,
+            fields: HeadFields::Map(headers),
             body,
             keep_alive,
         }));
     }
 }
 
+/// Whether a field is hop-by-hop or framing (RFC 9110 §7.6.1, RFC 9112 §6): what
+/// `headers::is_framing` says of a name, on a head's bytes in any case, after a dispatch on
+/// the length (most fields are compared with none).
+fn hop_by_hop(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"upgrade") || is(b"trailer"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        14 => is(b"content-length"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// What a head's framing fields say, read in one pass over its fields.
+struct Delimiters {
+    /// A `Transfer-Encoding` field is present.
+    te: bool,
+    /// The last coding of the last `Transfer-Encoding` field is `chunked`.
+    chunked: bool,
+    /// A `Content-Length` field is present.
+    has_length: bool,
+    /// Every `Content-Length` value, when they agree; `Err` when one is not a number or two
+    /// differ.
+    length: Result<Option<u64>, &'static str>,
+    /// The first `Content-Length` value, if it is a number: the length the response
+    /// announces (a HEAD or 304 response carries it on, RFC 9110 §8.6).
+    first_length: Option<u64>,
+    /// `Connection` tokens (RFC 9112 §9.3).
+    close: bool,
+    keep_alive: bool,
+    /// `Connection` names a field, which is then hop-by-hop too.
+    refers: bool,
+}
+
+impl Delimiters {
+    fn of<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
+        let mut d = Delimiters {
+            te: false,
+            chunked: false,
+            has_length: false,
+            length: Ok(None),
+            first_length: None,
+            close: false,
+            keep_alive: false,
+            refers: false,
+        };
+        for (name, value) in fields {
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                d.te = true;
+                let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+                d.chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                if !d.has_length {
+                    d.first_length = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok());
+                }
+                d.has_length = true;
+                for part in value.split(|b| *b == b',') {
+                    let n = parse_length(part.trim_ascii());
+                    d.length = match (d.length, n) {
+                        (Err(e), _) => Err(e),
+                        (_, None) => Err("bad Content-Length"),
+                        (Ok(Some(l)), Some(n)) if l != n => {
+                            Err("conflicting Content-Length values")
+                        }
+                        (Ok(_), Some(n)) => Ok(Some(n)),
+                    };
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        d.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        d.keep_alive = true;
+                    } else if !token.is_empty() {
+                        d.refers = true;
+                    }
+                }
+            }
+        }
+        d
+    }
+}
+
 /// The body's delimitation (RFC 9112 §6.3), and whether it leaves the connection usable.
 fn delimit(
-    headers: &HeaderMap,
+    d: &Delimiters,
     status: StatusCode,
     method: &Method,
     version: Version,
@@ -99,34 +233,20 @@ fn delimit(
     {
         return Ok((Decoder::Length(0), true));
     }
-    let te = headers.get_all(header::TRANSFER_ENCODING);
-    if te.iter().next().is_some() && version == Version::HTTP_10 {
+    if d.te && version == Version::HTTP_10 {
         // RFC 9112 §6.1: faulty framing in HTTP/1.0; read to the close and close.
         return Ok((Decoder::Close, false));
     }
-    if te.iter().next().is_some() {
+    if d.te {
         // Chunked only when it is the final coding; otherwise the body runs to the close.
-        let last = te.iter().next_back().map(|v| v.as_bytes()).unwrap_or(b"");
-        let last = last.rsplit(|b| *b == b',').next().unwrap_or(b"");
-        let chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
         // A Content-Length beside it is a smuggling sign: this exchange is the last.
-        let alone = !headers.contains_key(header::CONTENT_LENGTH);
-        return Ok(match chunked {
+        let alone = !d.has_length;
+        return Ok(match d.chunked {
             true => (Decoder::Chunked(Chunk::Size), alone),
             false => (Decoder::Close, false),
         });
     }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let n = parse_length(part.trim_ascii()).ok_or(H1Error::Head("bad Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Head("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
+    Ok(match d.length.map_err(H1Error::Head)? {
         Some(n) => (Decoder::Length(n), true),
         None => (Decoder::Close, false),
     })
@@ -140,17 +260,10 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
 }
 
 /// Whether the backend keeps the connection open after this response (RFC 9112 §9.3).
-fn persistent(headers: &HeaderMap, version: Version) -> bool {
-    let has = |token: &str| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        })
-    };
+fn persistent(d: &Delimiters, version: Version) -> bool {
     match version {
-        Version::HTTP_10 => has("keep-alive"),
-        _ => !has("close"),
+        Version::HTTP_10 => d.keep_alive,
+        _ => !d.close,
     }
 }
 
