@@ -1,7 +1,7 @@
 //! The WebSocket carrier of an agent session ([`crate::session`]), the same on both sides:
 //! an [`Outbox`] that frames are appended to and a writer that sends whatever is there as
 //! one message (coalescing: several frames, one write), and a reader that turns messages
-//! back into frames.
+//! back into frames. The WebSocket framing is [`crate::websocket`]'s.
 //!
 //! Coalescing never waits for more frames: the writer takes what is ready when it runs.
 //! (It used to yield once first, so that other tasks woken by the same event could add
@@ -22,31 +22,31 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::session::{self, Frame, SessionError, COALESCE_MAX, MAX_MESSAGE};
+use crate::websocket::{self, Incoming, Role, WsError};
 
 /// Longest an acknowledgement waits for a message to ride in.
 pub const ACK_DELAY: Duration = Duration::from_millis(20);
 
-/// WebSocket settings of a session: small read buffer (an idle session holds little), and
-/// messages bounded by [`MAX_MESSAGE`].
-///
-/// The read buffer is where reading starts, not a limit: tungstenite reserves room for a
-/// whole frame once its header is read. 1 KiB, an eighth of an idle agent's cost on the
-/// relay-server. (It was 2 KiB while a smaller one made the test of 200 tunnels opened at
-/// once hang now and then: the agent's tunnel connections were refused at the per-address
-/// limit, because a switched connection, the session's too, gave up its place. It keeps
-/// it now, `relay_server::base::switch`.)
-pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+/// The two halves of a session's connection after the WebSocket handshake, as `role`:
+/// messages up to [`MAX_MESSAGE`] bytes. Reading starts with a 1 KiB buffer, which grows
+/// to a frame's size and goes back once the frame is read, so an idle session holds little
+/// (an idle agent's cost on the relay-server is in `docs/PERFORMANCE.md`).
+pub fn halves<T: AsyncRead + AsyncWrite>(
+    io: T,
+    role: Role,
+) -> (
+    websocket::Reader<tokio::io::ReadHalf<T>>,
+    websocket::Writer<tokio::io::WriteHalf<T>>,
+) {
+    let (rd, wr) = tokio::io::split(io);
+    (
+        websocket::Reader::new(rd, role, MAX_MESSAGE),
+        websocket::Writer::new(wr, role),
+    )
 }
 
 /// Frames waiting to be written, appended by any task. Positions in the session's outgoing
@@ -72,6 +72,17 @@ struct Pending {
     appended: u64,
     /// An ACK not yet appended: it goes with the next message.
     ack: Option<u64>,
+    /// A WebSocket ping's payload to answer (RFC 6455 §5.5.2: a later ping's answer may
+    /// replace an earlier one not yet sent).
+    pong: Option<Bytes>,
+}
+
+/// What the writer sends next.
+enum Next {
+    /// A message of frames and the mark of its end.
+    Frames(Bytes, u64),
+    /// The answer to a ping.
+    Pong(Bytes),
 }
 
 impl Outbox {
@@ -110,6 +121,14 @@ impl Outbox {
     pub fn ack(&self, n: u64) {
         if !self.is_closed() {
             self.buf.lock().expect("bug: poisoned").ack = Some(n);
+        }
+    }
+
+    /// Answers a WebSocket ping with the next thing written.
+    pub fn pong(&self, payload: Bytes) {
+        if !self.is_closed() {
+            self.buf.lock().expect("bug: poisoned").pong = Some(payload);
+            self.writer.wake();
         }
     }
 
@@ -153,10 +172,13 @@ impl Outbox {
         cx: &mut Context<'_>,
         mut timer: Pin<&mut Sleep>,
         armed: &mut bool,
-    ) -> Poll<Option<(Bytes, u64)>> {
+    ) -> Poll<Option<Next>> {
         // Registered before the check: a push from another task after it wakes us.
         self.writer.register(cx.waker());
         let mut p = self.buf.lock().expect("bug: poisoned");
+        if let Some(pong) = p.pong.take() {
+            return Poll::Ready(Some(Next::Pong(pong)));
+        }
         let closed = self.is_closed();
         if !p.bytes.is_empty() || (closed && p.ack.is_some()) {
             *armed = false;
@@ -183,7 +205,7 @@ impl Outbox {
         Poll::Pending
     }
 
-    fn take(p: &mut Pending) -> (Bytes, u64) {
+    fn take(p: &mut Pending) -> Next {
         if let Some(n) = p.ack.take() {
             let before = p.bytes.len();
             session::put_ack(&mut p.bytes, n);
@@ -192,7 +214,7 @@ impl Outbox {
         // Anything left over (a cut batch) is taken when the writer asks again, at once.
         let msg = Self::cut(&mut p.bytes);
         let end = p.appended - p.bytes.len() as u64;
-        (msg, end)
+        Next::Frames(msg, end)
     }
 
     fn cut(buf: &mut BytesMut) -> Bytes {
@@ -214,33 +236,27 @@ impl Outbox {
 }
 
 /// Writes the outbox's messages to `sink` until the outbox is closed and empty, then sends
-/// a Close (RFC 6455 §5.5.1) with `reason`. The error is boxed: the library's is 136 bytes,
-/// and a session's future keeps room for the writer's result while it is idle.
-pub async fn write<S>(
-    mut sink: S,
+/// a Close (RFC 6455 §5.5.1) with `reason`.
+pub async fn write<W: AsyncWrite + Unpin>(
+    mut sink: websocket::Writer<W>,
     outbox: &Outbox,
     reason: &str,
-) -> Result<(), Box<tungstenite::Error>>
-where
-    S: Sink<Message, Error = tungstenite::Error> + Unpin,
-{
+) -> std::io::Result<()> {
     let timer = tokio::time::sleep(ACK_DELAY);
     tokio::pin!(timer);
     let mut armed = false;
-    while let Some((msg, end)) =
+    while let Some(next) =
         std::future::poll_fn(|cx| outbox.poll_next(cx, timer.as_mut(), &mut armed)).await
     {
-        sink.send(Message::Binary(msg)).await.map_err(Box::new)?;
-        outbox.sent.store(end, Ordering::Release);
+        match next {
+            Next::Frames(msg, end) => {
+                sink.binary(&msg).await?;
+                outbox.sent.store(end, Ordering::Release);
+            }
+            Next::Pong(data) => sink.pong(&data).await?,
+        }
     }
-    let close = CloseFrame {
-        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
-        reason: reason.to_owned().into(),
-    };
-    sink.send(Message::Close(Some(close)))
-        .await
-        .map_err(Box::new)?;
-    sink.close().await.map_err(Box::new)
+    sink.close(reason).await
 }
 
 /// Why a session's reading ended.
@@ -249,19 +265,12 @@ pub enum ReadEnd {
     /// A Close frame or the end of the stream.
     #[error("the peer closed the session")]
     Closed,
-    /// The connection failed. Boxed: the library's error is 136 bytes, and every
-    /// session's future keeps room for a `ReadEnd` while it is idle.
+    /// The connection failed or broke the WebSocket framing.
     #[error("session connection failed: {0}")]
-    Transport(Box<tungstenite::Error>),
+    Transport(#[from] WsError),
     /// The peer sent something that is not a session message.
     #[error("session protocol error: {0}")]
     Protocol(String),
-}
-
-impl From<tungstenite::Error> for ReadEnd {
-    fn from(e: tungstenite::Error) -> Self {
-        ReadEnd::Transport(Box::new(e))
-    }
 }
 
 impl From<SessionError> for ReadEnd {
@@ -270,21 +279,19 @@ impl From<SessionError> for ReadEnd {
     }
 }
 
-/// Reads the next message's frames, their heads encoded as `heads` (WebSocket pings are
-/// answered by the library).
-pub async fn read<S>(stream: &mut S, heads: session::Heads) -> Result<Vec<Frame>, ReadEnd>
-where
-    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
-{
+/// Reads the next message's frames, their heads encoded as `heads`. A WebSocket ping is
+/// answered through `outbox` (RFC 6455 §5.5.2). Cancel-safe: a message half read stays in
+/// the reader.
+pub async fn read<R: AsyncRead + Unpin>(
+    stream: &mut websocket::Reader<R>,
+    heads: session::Heads,
+    outbox: &Outbox,
+) -> Result<Vec<Frame>, ReadEnd> {
     loop {
-        match stream.next().await {
-            None | Some(Ok(Message::Close(_))) => return Err(ReadEnd::Closed),
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(Message::Binary(b))) => return Ok(session::decode(b, heads)?),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Text(_) | Message::Frame(_))) => {
-                return Err(ReadEnd::Protocol("a text message on a session".into()))
-            }
+        match stream.next().await? {
+            Incoming::Closed => return Err(ReadEnd::Closed),
+            Incoming::Binary(b) => return Ok(session::decode(b, heads)?),
+            Incoming::Ping(data) => outbox.pong(data),
         }
     }
 }
@@ -298,7 +305,10 @@ mod tests {
         let timer = tokio::time::sleep(ACK_DELAY);
         tokio::pin!(timer);
         let mut armed = false;
-        std::future::poll_fn(|cx| o.poll_next(cx, timer.as_mut(), &mut armed)).await
+        match std::future::poll_fn(|cx| o.poll_next(cx, timer.as_mut(), &mut armed)).await? {
+            Next::Frames(m, end) => Some((m, end)),
+            Next::Pong(_) => panic!("no ping was answered here"),
+        }
     }
 
     #[tokio::test(start_paused = true)]

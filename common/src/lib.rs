@@ -44,6 +44,7 @@ pub mod signal;
 pub mod source;
 pub mod tunnel;
 pub mod v1alpha1;
+pub mod websocket;
 
 /// Protocol version announced by agents (`X-Relay-Protocol`) and checked by the server.
 pub const PROTOCOL_VERSION: &str = "1";

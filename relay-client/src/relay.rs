@@ -13,11 +13,10 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use relay_common::message::PollAnswer;
 use relay_common::session::{Heads, SESSION_PATH, SESSION_PROTOCOL_VERSION};
+use relay_common::websocket::Role;
 use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{Config, Transport};
 use crate::error::{AgentError, RelayCallError};
@@ -55,7 +54,10 @@ pub struct RelayClient {
 }
 
 /// An open session's connection.
-pub type Session = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type Session = (
+    relay_common::websocket::Reader<tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>>,
+    relay_common::websocket::Writer<tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>>,
+);
 
 /// The subprotocols an agent offers, best first: binary heads
 /// (`relay_common::session::SESSION_SUBPROTOCOL_BINARY`), then JSON (`SESSION_SUBPROTOCOL`).
@@ -311,12 +313,7 @@ impl RelayClient {
             let upgraded = hyper::upgrade::on(&mut resp)
                 .await
                 .map_err(|e| RelayCallError::Transport(error_chain(&e)))?;
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Client,
-                Some(relay_common::carrier::ws_config()),
-            )
-            .await;
+            let ws = relay_common::carrier::halves(TokioIo::new(upgraded), Role::Client);
             Ok((ws, Heads::chosen(chosen.as_deref())))
         };
         let (ws, heads) = tokio::time::timeout(Duration::from_secs(10), connect)

@@ -11,7 +11,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use relay_common::carrier::{self, Outbox, ReadEnd};
 use relay_common::gate::gated;
 use relay_common::message::{ResponseHead, Trailers};
@@ -127,7 +126,7 @@ pub(crate) async fn run(
     // this one is given up, so the server can put back those that never arrived.
     let mut opens = 0u64;
     let OpenSession { ws, number, heads } = open;
-    let (sink, mut stream) = ws.split();
+    let (mut stream, sink) = ws;
     let reply = Arc::new(Reply::new(heads));
     let outbox = &reply.outbox;
     let writer = carrier::write(sink, outbox, "agent leaving");
@@ -191,7 +190,7 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             _ = &mut stopped => break SessionEnd::Stopped,
-            read = carrier::read(&mut stream, heads) => {
+            read = carrier::read(&mut stream, heads, outbox) => {
                 let frames = match read {
                     Ok(f) => f,
                     Err(e) => break SessionEnd::Read(e),

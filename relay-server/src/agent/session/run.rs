@@ -16,14 +16,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
-use relay_common::carrier::{self, ws_config, Outbox, ReadEnd};
+use relay_common::carrier::{self, Outbox, ReadEnd};
 use relay_common::gate::gated;
 use relay_common::session::{self, Frame};
+use relay_common::websocket::Role;
 use relay_common::MAX_POLL_BATCH;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::agent::handout::Handout;
 use crate::agent::registration::{Agent, AgentInfo};
@@ -85,15 +83,7 @@ pub fn run(
                 return;
             }
         };
-        // Boxed: the handshake's future would otherwise add its size to the session's for
-        // the session's whole life (an `async` block is as large as its largest state).
-        let ws = Box::pin(WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config()),
-        ))
-        .await;
-        let (sink, mut stream) = ws.split();
+        let (mut stream, sink) = carrier::halves(TokioIo::new(upgraded), Role::Server);
         let outbox = Outbox::default();
         let writer = carrier::write(sink, &outbox, "session over");
         tokio::pin!(writer);
@@ -191,7 +181,7 @@ pub fn run(
                     }
                 }
                 end = &mut ending => break end,
-                read = carrier::read(&mut stream, heads) => {
+                read = carrier::read(&mut stream, heads, &outbox) => {
                     let frames = match read {
                         Ok(f) => f,
                         Err(e) => break End::Read(e),
