@@ -311,6 +311,46 @@ mod tests {
         }
     }
 
+    /// A WebSocket ping from the peer (a proxy's, say) is answered with its bytes, ahead of
+    /// the frames waiting; the frames and the Close follow. The peer is tungstenite.
+    #[tokio::test]
+    async fn a_websocket_ping_is_answered_through_the_outbox() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::protocol::Role as TRole;
+        use tokio_tungstenite::tungstenite::Message;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (mut rd, wr) = halves(ours, Role::Server);
+        let mut peer =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, TRole::Client, None).await;
+        let mut credit = BytesMut::new();
+        session::put_credit(&mut credit, 7);
+        peer.send(Message::Ping(Bytes::from_static(b"are you there")))
+            .await
+            .unwrap();
+        peer.send(Message::Binary(credit.freeze())).await.unwrap();
+        let o = Outbox::default();
+        let frames = read(&mut rd, session::Heads::Json, &o).await.unwrap();
+        assert!(matches!(frames[..], [Frame::Credit(7)]), "{frames:?}");
+        o.push(|b| session::put_credit(b, 1));
+        o.close();
+        write(wr, &o, "over").await.unwrap();
+        assert_eq!(
+            peer.next().await.unwrap().unwrap(),
+            Message::Pong(Bytes::from_static(b"are you there"))
+        );
+        let Message::Binary(m) = peer.next().await.unwrap().unwrap() else {
+            panic!("the frames");
+        };
+        assert!(matches!(
+            session::decode(m, session::Heads::Json).unwrap()[..],
+            [Frame::Credit(1)]
+        ));
+        match peer.next().await.unwrap().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(f.reason.as_str(), "over"),
+            other => panic!("expected the close, got {other:?}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn acks_ride_with_the_next_message_or_go_alone_after_the_delay() {
         let o = Outbox::default();
