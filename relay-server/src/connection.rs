@@ -129,11 +129,18 @@ impl Conns<'_> {
         let stop = self.state.stop.clone();
         let cfg = &self.state.cfg;
         let (detect, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
+        // The slowloris guard of HTTP/1.1: a head must arrive within the header read
+        // timeout (or the idle timeout, if shorter) of the connection's start or of the end
+        // of the last response. The supervisor's one timer enforces it (see `Activity`).
+        let idle = Idle {
+            http1: detect.min(idle),
+            http2: idle,
+        };
         self.tracker.spawn(async move {
             let _permit = permit;
             let result = match acceptor {
                 None => {
-                    let io = TokioIo::new(FirstBytes::new(stream, detect));
+                    let io = TokioIo::new(FirstBytes::new(stream, detect, &activity));
                     let conn = builder.serve_connection_with_upgrades(io, svc);
                     supervise(conn, &activity, idle, &stop).await
                 }
@@ -145,7 +152,7 @@ impl Conns<'_> {
                         else {
                             return Ok(());
                         };
-                        let io = TokioIo::new(FirstBytes::new(tls_stream, detect));
+                        let io = TokioIo::new(FirstBytes::new(tls_stream, detect, &activity));
                         let conn = builder.serve_connection_with_upgrades(io, svc);
                         supervise(conn, &activity, idle, &stop).await
                     })
@@ -255,13 +262,20 @@ fn past_the_limit(limit: usize, version: Version) -> Response<RelayBody> {
     resp
 }
 
+/// How long a connection may go without a request in progress, by protocol.
+#[derive(Clone, Copy)]
+struct Idle {
+    http1: Duration,
+    http2: Duration,
+}
+
 /// Runs one connection to its end; asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
-/// close after the response in progress) when the server stops or the connection has had
-/// no request in progress for `idle`.
+/// close after the response in progress, or at once when it is between requests) when the
+/// server stops or the connection has had no request in progress for its `idle` bound.
 async fn supervise<I, S>(
     conn: auto::UpgradeableConnection<'_, I, S, TokioExecutor>,
     activity: &Activity,
-    idle: Duration,
+    idle: Idle,
     stop: &CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -278,7 +292,7 @@ where
     // Gated: the connection's task wakes for every read and every response, and these two
     // waits would be polled again each time (relay_common::gate).
     let stopped = gated(stop.cancelled());
-    let idled = gated(activity.idle_for(idle));
+    let idled = gated(activity.idle_for(idle.http1, idle.http2));
     tokio::select! {
         r = conn.as_mut() => return r,
         _ = stopped => {}

@@ -224,8 +224,9 @@ fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
+        // The header read timeout is the connection supervisor's (`connection::supervise`):
+        // hyper's armed and cleared a timer for every request head.
+        .header_read_timeout(None)
         // hyper answers 431 to heads over these limits (RFC 6585 §5).
         .max_buf_size(cfg.max_head_bytes)
         .keep_alive(true);

@@ -407,6 +407,33 @@ async fn idle_http2_connection_gets_goaway() {
 }
 
 #[tokio::test]
+async fn an_idle_http2_connection_is_bound_by_the_idle_timeout_not_the_header_read_timeout() {
+    // The supervisor's one timer bounds both: HTTP/1.1 by the header read timeout, a
+    // connection that sent the HTTP/2 preface by the idle timeout.
+    let mut cfg = server_config();
+    cfg.header_read_timeout = Duration::from_millis(200);
+    cfg.idle_timeout = Duration::from_secs(60);
+    let server = Server::start(cfg).await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |mut h2: h2::client::SendRequest<bytes::Bytes>| async move {
+        let req = Request::get(format!("http://{}/healthz", server.addr))
+            .body(())
+            .unwrap();
+        h2 = h2.ready().await.unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), StatusCode::OK);
+        h2
+    };
+    let h2 = get(h2).await;
+    // Idle for several header read timeouts: an HTTP/1.1 connection would be closed.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!conn.is_finished(), "the HTTP/2 connection was closed");
+    let _h2 = get(h2).await;
+}
+
+#[tokio::test]
 async fn request_body_over_the_limit_is_413() {
     let (backend, seen) = recording_backend().await;
     let mut cfg = server_config();
