@@ -107,8 +107,10 @@ pub async fn dispatch(
             ))
         })?;
     // RFC 9110 §8.6: a HEAD or 304 response may carry the length the body would have had.
+    // A body's own length needs no field: the body's exact size (below) makes hyper write
+    // `Content-Length` (HTTP/1.1 and HTTP/2 alike), without a map insert per response.
     if let Some(n) = head.content_length {
-        if head.body == BodyKind::Stream || is_head || status == StatusCode::NOT_MODIFIED {
+        if is_head || status == StatusCode::NOT_MODIFIED {
             resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
