@@ -109,7 +109,7 @@ pub struct State {
     /// User requests in progress admitted by a credential a reload may revoke.
     pub revocations: base::revocation::Revocations,
     /// Relayed bytes held in memory, all requests together.
-    pub budget: base::budget::Budget,
+    pub budget: Arc<base::budget::Budget>,
     /// Open connections, in total and per address.
     pub conns: Arc<base::limits::ConnLimits>,
     /// Agents, queues, requests.
@@ -160,7 +160,7 @@ impl State {
         State {
             cluster,
             metrics: metrics.clone(),
-            budget: base::budget::Budget::new(cfg.max_buffered_bytes),
+            budget: Arc::new(base::budget::Budget::new(cfg.max_buffered_bytes)),
             conns: Arc::new(base::limits::ConnLimits::new(
                 cfg.max_connections,
                 cfg.max_connections_per_ip,

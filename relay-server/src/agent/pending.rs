@@ -13,7 +13,7 @@ use crate::agent::broker::{Broker, NameQueue};
 use crate::agent::registration::Agent;
 use crate::agent::response_side::{ResponseSide, ResponseStart};
 use crate::agent::upload_side::UploadSide;
-use crate::base::budget::Account;
+use crate::base::budget::{Account, LazyAccount};
 
 enum Claim {
     /// Waiting in the backend's queue; holds one slot of the global parked count. `again`:
@@ -62,8 +62,9 @@ pub struct Pending {
     pub arrived: std::time::Instant,
     /// Response body bytes delivered towards the user.
     pub download_bytes: AtomicU64,
-    /// What its waiting response bytes hold of the memory budget and their shares.
-    pub account: Account,
+    /// What its waiting response bytes hold of the memory budget and their shares
+    /// ([`Pending::account`]).
+    account: LazyAccount,
     /// When an agent first took it (the pickup time is measured from `arrived`).
     picked_at: OnceLock<std::time::Instant>,
     /// Set (and `lost_notify` woken) when the agent holding the request is declared gone,
@@ -91,7 +92,7 @@ impl Pending {
         head: RequestHead,
         upload: UploadSide,
         head_tx: oneshot::Sender<ResponseStart>,
-        account: Account,
+        account: impl Into<LazyAccount>,
     ) -> Self {
         Pending {
             id,
@@ -103,12 +104,17 @@ impl Pending {
             done: CancellationToken::new(),
             arrived: std::time::Instant::now(),
             download_bytes: AtomicU64::new(0),
-            account,
+            account: account.into(),
             picked_at: OnceLock::new(),
             lost: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             lost_notify: Notify::new(),
         }
+    }
+
+    /// What its waiting response bytes hold of the memory budget and their shares.
+    pub fn account(&self) -> &Account {
+        self.account.get(&self.name)
     }
 
     /// Enters the Queued state, taking one global parked slot.

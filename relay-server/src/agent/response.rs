@@ -83,7 +83,7 @@ where
         r = run(lease, reader, pending) => r,
         _ = pending.done.cancelled() => Err(Stopped::UserGone),
         // The housekeeping found the user taking none of its waiting bytes.
-        _ = pending.account.stalled() => Err(Stopped::UserStalled),
+        _ = pending.account().stalled() => Err(Stopped::UserStalled),
     }
 }
 
@@ -148,7 +148,7 @@ where
                 // Both waits are boxed (one small allocation per chunk of up to 64 KiB):
                 // kept inline they sized this future, which an idle tunnel holds for its
                 // whole life, at three times its read's wait.
-                let held = Box::pin(pending.account.hold(bytes.len())).await;
+                let held = Box::pin(pending.account().hold(bytes.len())).await;
                 Box::pin(lease.data(bytes, held)).await?;
                 pending.download_bytes.fetch_add(len, Ordering::Relaxed);
             }

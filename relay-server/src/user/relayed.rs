@@ -14,6 +14,7 @@ use crate::agent::pending::{Interrupt, Pending, Pickup};
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::{UploadFailure, UploadSide};
 use crate::base::body::{empty, RelayBody, RelayedBody, WholeBody};
+use crate::base::budget::LazyAccount;
 use crate::base::revocation::{revoked, Admission};
 use crate::user::error::RelayError;
 use crate::user::prepare::Prepared;
@@ -257,7 +258,7 @@ fn request(
         None => UploadSide::none(),
     };
     let (head_tx, head_rx) = oneshot::channel();
-    let account = state.budget.account(&p.name, p.client);
+    let account = LazyAccount::new(state.budget.clone(), p.client);
     let pending = Pending::new(id, p.name, head, upload, head_tx, account);
     (pending, head_rx, p.upgrade, p.on_upgrade)
 }

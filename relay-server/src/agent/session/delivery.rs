@@ -68,12 +68,12 @@ pub(super) fn deliver_response(state: &Arc<State>, grant: &Grant, r: session::Re
     if needs == 0 {
         return hand_over(&pending, r, trailers, None);
     }
-    if let Some(held) = pending.account.try_hold(needs) {
+    if let Some(held) = pending.account().try_hold(needs) {
         return hand_over(&pending, r, trailers, Some(held));
     }
     state.agent_sessions.spawn(async move {
         let held = tokio::select! {
-            h = pending.account.hold(needs) => h,
+            h = pending.account().hold(needs) => h,
             _ = pending.done.cancelled() => return,
         };
         hand_over(&pending, r, trailers, Some(held));
@@ -157,7 +157,7 @@ async fn deliver_streamed(pending: Arc<Pending>, r: session::Response) {
     if !r.body.is_empty() {
         let len = r.body.len();
         let held = tokio::select! {
-            h = pending.account.hold(len) => h,
+            h = pending.account().hold(len) => h,
             _ = pending.done.cancelled() => return,
         };
         if lease.data(r.body, held).await.is_err() {

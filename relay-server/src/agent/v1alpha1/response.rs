@@ -83,7 +83,7 @@ pub async fn serve_message(
         _ = pending.done.cancelled() => Err(DeliverError::UserGone),
         // The housekeeping found the user taking none of its waiting bytes: its response
         // fails (the lease drops uncleanly) and the Go client is told to stop.
-        _ = pending.account.stalled() => {
+        _ = pending.account().stalled() => {
             pending.done.cancel();
             drop(lease);
             return Err(GoCallError::RequestGone(id));
@@ -136,7 +136,7 @@ async fn deliver(
     if !body.is_empty() {
         let n = body.len();
         // Waits while the budget or the name's or client's share is spent.
-        let held = pending.account.hold(n).await;
+        let held = pending.account().hold(n).await;
         lease.data(body, held).await?;
         pending
             .download_bytes
