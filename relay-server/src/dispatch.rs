@@ -197,44 +197,51 @@ fn ops_allowed(state: &State, face: Face, peer: SocketAddr) -> bool {
 }
 
 /// A user request: the user side routes and admits it, then [`deliver`] finds its agent.
-async fn user_request(
+fn user_request(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
     https: bool,
-) -> Response<RelayBody> {
-    downstream::handle(state, req, peer, https, deliver).await
+) -> impl Future<Output = Response<RelayBody>> {
+    downstream::handle(state, req, peer, https, deliver)
 }
 
 /// Hands a prepared request to a local agent, or in cluster mode to the replica that holds
 /// one for its name.
-async fn deliver(state: Arc<State>, prepared: Prepared) -> Result<Response<RelayBody>, RelayError> {
-    let name = prepared.name.clone();
-    let local = state.broker.live_backend(&name);
-    if let Some(cluster) = &state.cluster {
-        // Another replica may hold an agent for the name. An agent reached through a
-        // balancer moves between replicas as its connections do, so a local agent without
-        // a parked poll may not come back here: then a replica that holds the name with a
-        // poll parked is preferred; with none parked anywhere, the local agent keeps it.
-        // Both boxed: inline, the replica hop's futures made every user request's future
-        // 750 bytes larger, copied whole at each move (`memcpy` was 10 % of a small
-        // request's instructions).
-        if local.as_ref().is_none_or(|b| !b.has_parked_poll()) {
-            match Box::pin(parked::route(cluster, &name, local.is_some())).await {
-                Ok(Some(peers)) => {
-                    return Box::pin(crate::cluster::peer::forward_user(
-                        &state, cluster, prepared, peers,
-                    ))
-                    .await
+/// Not an `async fn`, for the reason `relayed::dispatch` gives.
+#[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
+fn deliver(
+    state: Arc<State>,
+    prepared: Prepared,
+) -> impl Future<Output = Result<Response<RelayBody>, RelayError>> + Send {
+    async move {
+        let name = prepared.name.clone();
+        let local = state.broker.live_backend(&name);
+        if let Some(cluster) = &state.cluster {
+            // Another replica may hold an agent for the name. An agent reached through a
+            // balancer moves between replicas as its connections do, so a local agent without
+            // a parked poll may not come back here: then a replica that holds the name with a
+            // poll parked is preferred; with none parked anywhere, the local agent keeps it.
+            // Both boxed: inline, the replica hop's futures made every user request's future
+            // 750 bytes larger, copied whole at each move (`memcpy` was 10 % of a small
+            // request's instructions).
+            if local.as_ref().is_none_or(|b| !b.has_parked_poll()) {
+                match Box::pin(parked::route(cluster, &name, local.is_some())).await {
+                    Ok(Some(peers)) => {
+                        return Box::pin(crate::cluster::peer::forward_user(
+                            &state, cluster, prepared, peers,
+                        ))
+                        .await
+                    }
+                    Err(_) if local.is_none() => return Err(RelayError::ClusterUnavailable(name)),
+                    _ => {}
                 }
-                Err(_) if local.is_none() => return Err(RelayError::ClusterUnavailable(name)),
-                _ => {}
             }
         }
-    }
-    match local {
-        Some(backend) => relayed::dispatch(&state, &backend, prepared).await,
-        None => Err(RelayError::NoAgent(name)),
+        match local {
+            Some(backend) => relayed::dispatch(&state, &backend, prepared).await,
+            None => Err(RelayError::NoAgent(name)),
+        }
     }
 }
 

@@ -22,113 +22,119 @@ use crate::State;
 
 /// Queues a prepared request for `backend`'s agents and turns their answer into the
 /// response: queue → claimed by a poll → response head → the user's response.
-pub async fn dispatch(
-    state: &Arc<State>,
-    backend: &Arc<crate::agent::broker::NameQueue>,
+///
+/// Not an `async fn`: one keeps each argument twice in its future (the argument, and the
+/// local it is moved into), and `Prepared` is 416 bytes, copied with every move.
+#[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
+pub fn dispatch<'a>(
+    state: &'a Arc<State>,
+    backend: &'a Arc<crate::agent::broker::NameQueue>,
     p: Prepared,
-) -> Result<Response<RelayBody>, RelayError> {
-    let is_head = p.method == Method::HEAD;
-    let (name, arrival) = (p.name.clone(), p.arrival);
-    let response_timeout = match p.upgrade {
-        Some(_) => state.cfg.upgrade_response_timeout,
-        None => state.cfg.response_timeout,
-    };
-    let admission = p.admission.clone();
-    // Spans of the two waits, only when traces are exported: the logs never use them, and
-    // each span is a registry allocation per request.
-    let traced = relay_config_file::telemetry::enabled();
-    let (pending, head_rx, upgrade, on_upgrade) = request(state, p);
-    // Only a traced request learns of its claim as it happens (to end its pickup span):
-    // for the others a claim wakes nobody.
-    let (claim_tx, claimed) = match traced {
-        true => {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        }
-        false => (None, None),
-    };
-    let guard = state.broker.enqueue(backend, pending, claim_tx)?;
-    let pending = guard.pending().clone();
-    // Queued after the broker told every request of the stop (listener::drain): the
-    // broker's table held it first, so either its sweep saw it or this check sees the stop.
-    if state.stop.is_cancelled() {
-        pending.stop();
-    }
-    let start = wait_for_head(
-        &pending,
-        head_rx,
-        claimed,
-        admission.as_deref(),
-        Deadlines {
-            pickup: tokio::time::Instant::now() + state.cfg.pickup_timeout,
-            response: arrival + response_timeout,
-            response_timeout,
-        },
-        &name,
-    );
-    let start = start.await;
-    if let Some(waited) = pending.picked_after() {
-        state.metrics.pickup(waited);
-    }
-    let (mut head, body_rx, whole) = match start? {
-        ResponseStart::Head(head, rx) => (head, rx, None),
-        ResponseStart::Whole(head, whole) => (head, None, Some(whole)),
-        ResponseStart::Abort(why) => {
-            return Err(RelayError::Agent(format!("the relay-client failed: {why}")))
-        }
-    };
-    // The agent that answered holds the request (one put back holds it again once taken).
-    let agent = pending
-        .claimed_by()
-        .ok_or_else(|| RelayError::Agent("the relay-client disconnected".into()))?;
-    state.metrics.head(arrival.elapsed());
-    let mut resp_headers = head
-        .headers
-        .take_map()
-        .map_err(|e| RelayError::Agent(format!("the relay-client sent an {e}")))?;
-    if head.status == 101 {
-        let tunnel = Tunnel {
-            requested: upgrade,
-            on_upgrade,
-            body_rx,
-            guard,
-            agent,
-            admission,
+) -> impl std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + Send + 'a {
+    async move {
+        let is_head = p.method == Method::HEAD;
+        let (name, arrival) = (p.name.clone(), p.arrival);
+        let response_timeout = match p.upgrade {
+            Some(_) => state.cfg.upgrade_response_timeout,
+            None => state.cfg.response_timeout,
         };
-        return switch(state, resp_headers, tunnel);
+        let admission = p.admission.clone();
+        // Spans of the two waits, only when traces are exported: the logs never use them, and
+        // each span is a registry allocation per request.
+        let traced = relay_config_file::telemetry::enabled();
+        let (pending, head_rx, upgrade, on_upgrade) = request(state, p);
+        // Only a traced request learns of its claim as it happens (to end its pickup span):
+        // for the others a claim wakes nobody.
+        let (claim_tx, claimed) = match traced {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let guard = state.broker.enqueue(backend, pending, claim_tx)?;
+        let pending = guard.pending().clone();
+        // Queued after the broker told every request of the stop (listener::drain): the
+        // broker's table held it first, so either its sweep saw it or this check sees the stop.
+        if state.stop.is_cancelled() {
+            pending.stop();
+        }
+        let start = wait_for_head(
+            &pending,
+            head_rx,
+            claimed,
+            admission.as_deref(),
+            Deadlines {
+                pickup: tokio::time::Instant::now() + state.cfg.pickup_timeout,
+                response: arrival + response_timeout,
+                response_timeout,
+            },
+            &name,
+        );
+        let start = start.await;
+        if let Some(waited) = pending.picked_after() {
+            state.metrics.pickup(waited);
+        }
+        let (mut head, body_rx, whole) = match start? {
+            ResponseStart::Head(head, rx) => (head, rx, None),
+            ResponseStart::Whole(head, whole) => (head, None, Some(whole)),
+            ResponseStart::Abort(why) => {
+                return Err(RelayError::Agent(format!("the relay-client failed: {why}")))
+            }
+        };
+        // The agent that answered holds the request (one put back holds it again once taken).
+        let agent = pending
+            .claimed_by()
+            .ok_or_else(|| RelayError::Agent("the relay-client disconnected".into()))?;
+        state.metrics.head(arrival.elapsed());
+        let mut resp_headers = head
+            .headers
+            .take_map()
+            .map_err(|e| RelayError::Agent(format!("the relay-client sent an {e}")))?;
+        if head.status == 101 {
+            let tunnel = Tunnel {
+                requested: upgrade,
+                on_upgrade,
+                body_rx,
+                guard,
+                agent,
+                admission,
+            };
+            return switch(state, resp_headers, tunnel);
+        }
+        strip_hop_by_hop(&mut resp_headers, false);
+        let status = StatusCode::from_u16(head.status)
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .ok_or_else(|| {
+                RelayError::Backend(format!(
+                    "the backend answered status {} to a request that did not ask to upgrade",
+                    head.status
+                ))
+            })?;
+        // RFC 9110 §8.6: a HEAD or 304 response may carry the length the body would have had.
+        // A body's own length needs no field: the body's exact size (below) makes hyper write
+        // `Content-Length` (HTTP/1.1 and HTTP/2 alike), without a map insert per response.
+        if let Some(n) = head.content_length {
+            if is_head || status == StatusCode::NOT_MODIFIED {
+                resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        let body = match (body_rx, whole) {
+            (Some(rx), _) => {
+                RelayedBody::new(rx, head.content_length, agent.gone.clone(), guard).boxed_unsync()
+            }
+            (None, Some(whole)) => WholeBody::new(whole, head.content_length, guard).boxed_unsync(),
+            (None, None) => {
+                drop(guard);
+                empty()
+            }
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.headers_mut() = resp_headers;
+        Ok(resp)
     }
-    strip_hop_by_hop(&mut resp_headers, false);
-    let status = StatusCode::from_u16(head.status)
-        .ok()
-        .filter(|s| s.as_u16() >= 200)
-        .ok_or_else(|| {
-            RelayError::Backend(format!(
-                "the backend answered status {} to a request that did not ask to upgrade",
-                head.status
-            ))
-        })?;
-    // RFC 9110 §8.6: a HEAD or 304 response may carry the length the body would have had.
-    // A body's own length needs no field: the body's exact size (below) makes hyper write
-    // `Content-Length` (HTTP/1.1 and HTTP/2 alike), without a map insert per response.
-    if let Some(n) = head.content_length {
-        if is_head || status == StatusCode::NOT_MODIFIED {
-            resp_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-    }
-    let body = match (body_rx, whole) {
-        (Some(rx), _) => {
-            RelayedBody::new(rx, head.content_length, agent.gone.clone(), guard).boxed_unsync()
-        }
-        (None, Some(whole)) => WholeBody::new(whole, head.content_length, guard).boxed_unsync(),
-        (None, None) => {
-            drop(guard);
-            empty()
-        }
-    };
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    *resp.headers_mut() = resp_headers;
-    Ok(resp)
 }
 
 /// When the waits for a request's agent end.
