@@ -83,9 +83,14 @@ impl Conn {
         (self.wrote, self.heard) = (false, false);
     }
 
-    /// Whether the request is completely written.
+    /// Whether the request is completely written: its queued bytes are out, and its body
+    /// ended or, under `Content-Length`, sent its last byte (RFC 9112 §6.2: the length
+    /// delimits the message). An upload's own end comes through the relay and may arrive
+    /// after the backend has answered; waiting for it cost the connection (the pool closes
+    /// one whose request is still going out), so the next request opened another.
     pub(super) fn sent(&self) -> bool {
-        self.body.is_none() && self.out.is_empty()
+        self.out.is_empty()
+            && (self.body.is_none() || matches!(self.framing, Framing::Length(_)) && self.owed == 0)
     }
 
     /// Writes what the request has ready: queued bytes, then body frames as they come.
