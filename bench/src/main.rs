@@ -79,6 +79,11 @@ pub enum Sub {
         /// (it fails every request after the first on a reused h2c connection).
         #[arg(long)]
         h2: Option<usize>,
+        /// A burst instead: this many requests at once over HTTP/2 connections of 100
+        /// streams each (scenario 6), the name as for `--h2`; prints the seconds until the
+        /// last answer. For measuring the relay's CPU per request in a burst.
+        #[arg(long, conflicts_with = "h2")]
+        burst: Option<usize>,
     },
 }
 
@@ -94,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             conns,
             secs,
             h2,
+            burst,
         }) => {
             let url: http::Uri = url.parse()?;
             let addr = std::net::ToSocketAddrs::to_socket_addrs(
@@ -107,6 +113,12 @@ fn main() -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Runtime::new()?;
             let dur = Duration::from_secs_f64(secs);
+            if let Some(n) = burst {
+                let name = t.prefix.rsplit('/').next().filter(|n| !n.is_empty());
+                let (s, ok) = rt.block_on(load::burst(addr, name, n))?;
+                println!("{s:.3} s, {ok} of {n} answered 200");
+                return Ok(());
+            }
             let r = match h2 {
                 Some(streams) => {
                     let name = t.prefix.rsplit('/').next().filter(|n| !n.is_empty());

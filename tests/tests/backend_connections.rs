@@ -222,6 +222,58 @@ async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
     .await;
 }
 
+/// While a burst lasts, a connection beyond `backend_idle_connections` that comes back
+/// waits for the burst's next request instead of closing: waves of requests, each as many
+/// as the first opened connections, go over those same connections (closing them as they
+/// came back opened `BURST - KEEP` new ones per wave; the bench's burst of 10 000 opened
+/// about 1 400 for at most 1 024 in flight).
+#[tokio::test]
+async fn a_burst_reuses_its_connections_beyond_the_idle_ones_while_it_lasts() {
+    const BURST: usize = 12;
+    const KEEP: usize = 3;
+    const WAVES: usize = 3;
+    let all_in = Arc::new(tokio::sync::Barrier::new(BURST));
+    let (backend, counts) = counting_backend(move |_req| {
+        let all_in = all_in.clone();
+        async move {
+            all_in.wait().await;
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let server = Server::default().await;
+    let mut cfg = Agent::config(&server.url(), "waves", &format!("http://{backend}"));
+    cfg.backend_idle_connections = KEEP;
+    let _agent = Agent::start(cfg);
+    server.wait_agent("waves").await;
+
+    // Each of BURST users sends its next request as soon as its last is answered.
+    let c = client();
+    let users = (0..BURST).map(|i| {
+        let c = c.clone();
+        let url = format!("{}/client/waves/{i}", server.url());
+        async move {
+            for _ in 0..WAVES {
+                let resp = c.get(url.parse().unwrap()).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(&body_bytes(resp.into_body()).await.unwrap()[..], b"ok");
+            }
+        }
+    });
+    futures_util::future::join_all(users).await;
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), BURST);
+    // Once the burst is over, the surplus closes.
+    eventually(
+        Duration::from_secs(10),
+        "the surplus backend connections close",
+        || {
+            let n = counts.open.load(Ordering::SeqCst);
+            async move { (n == KEEP).then_some(()) }
+        },
+    )
+    .await;
+}
+
 /// A quiet agent closes its idle backend connections after `--backend-idle-timeout`, with
 /// no further request to notice them: no socket is held open (or half-closed) for ever.
 #[tokio::test]
