@@ -12,6 +12,8 @@
 # the benchmarks, and HTTP/2, which curl 7.88 cannot reuse a connection for:
 #   LOAD="--h2 32" scripts/profile-small-requests.sh      # 32 streams on one h2c connection
 #   LOAD="--conns 16" scripts/profile-small-requests.sh   # 16 keep-alive HTTP/1.1 connections
+#   SERVER_ARGS="--max-parked-per-name 20000 --max-parked 20000" \
+#     LOAD="--burst 10000" scripts/profile-small-requests.sh  # scenario 6's burst, once
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
@@ -38,7 +40,8 @@ if [ -n "${LOAD:-}" ]; then
   # shellcheck disable=SC2086 # LOAD holds the load's flags
   result=$(target/release/relay-bench load "$url/client/p" $LOAD --secs "$secs")
   echo "$result"
-  n=$(python3 -c "import re,sys; print(round(float(re.search(r'([0-9.]+) req/s', sys.argv[1]).group(1)) * $secs))" "$result")
+  # A burst (`--burst N`) prints how many were answered; a timed load its rate.
+  n=$(python3 -c "import re,sys; m = re.search(r'([0-9]+) of [0-9]+ answered', sys.argv[1]); print(int(m.group(1)) if m else round(float(re.search(r'([0-9.]+) req/s', sys.argv[1]).group(1)) * $secs))" "$result")
 else
   # One keep-alive connection, n requests.
   curl -sf "${urls[@]}"

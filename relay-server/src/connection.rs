@@ -19,7 +19,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::base::auth::{cert_grant, Grant};
 use crate::base::body::{text_response, RelayBody};
-use crate::base::limits::{Activity, ConnLimits, ConnRefused, FirstBytes, Pool, Tracked};
+use crate::base::limits::{
+    Activity, ConnLimits, ConnRefused, FirstBytes, IdleBounds, Pool, Tracked,
+};
 use crate::base::tls::Tls;
 use crate::listener::Face;
 use crate::State;
@@ -132,7 +134,7 @@ impl Conns<'_> {
         // The slowloris guard of HTTP/1.1: a head must arrive within the header read
         // timeout (or the idle timeout, if shorter) of the connection's start or of the end
         // of the last response. The supervisor's one timer enforces it (see `Activity`).
-        let idle = Idle {
+        let idle = IdleBounds {
             http1: detect.min(idle),
             http2: idle,
         };
@@ -262,20 +264,13 @@ fn past_the_limit(limit: usize, version: Version) -> Response<RelayBody> {
     resp
 }
 
-/// How long a connection may go without a request in progress, by protocol.
-#[derive(Clone, Copy)]
-struct Idle {
-    http1: Duration,
-    http2: Duration,
-}
-
 /// Runs one connection to its end; asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
 /// close after the response in progress, or at once when it is between requests) when the
 /// server stops or the connection has had no request in progress for its `idle` bound.
 async fn supervise<I, S>(
     conn: auto::UpgradeableConnection<'_, I, S, TokioExecutor>,
     activity: &Activity,
-    idle: Idle,
+    idle: IdleBounds,
     stop: &CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -292,7 +287,7 @@ where
     // Gated: the connection's task wakes for every read and every response, and these two
     // waits would be polled again each time (relay_common::gate).
     let stopped = gated(stop.cancelled());
-    let idled = gated(activity.idle_for(idle.http1, idle.http2));
+    let idled = gated(activity.idle_for(idle));
     tokio::select! {
         r = conn.as_mut() => return r,
         _ = stopped => {}

@@ -248,7 +248,11 @@ impl Pool {
                 self.close_surplus(&mut idle, Instant::now());
                 idle.len() > self.max_idle
             };
-            let wait = if surplus { SURPLUS_IDLE.min(period) } else { period };
+            let wait = if surplus {
+                SURPLUS_IDLE.min(period)
+            } else {
+                period
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 // Left as a permit if it comes while the sweep works: no surplus missed.

@@ -13,11 +13,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
 
 /// Which listener a connection came in on. Each listener has its own allowance of
 /// connections, so a flood on one (anonymous users on the public listener, or unauthenticated
@@ -341,9 +342,32 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
 /// small request's instructions on the relay-server).
 #[derive(Default)]
 pub struct Activity {
-    state: Mutex<(usize, Option<Instant>)>,
+    state: Mutex<Requests>,
     /// The connection sent the HTTP/2 preface.
     http2: AtomicBool,
+    /// The last request in progress ended while the idle timer waited for it.
+    ended: Notify,
+}
+
+/// What [`Activity`] counts, under its lock.
+#[derive(Default)]
+struct Requests {
+    /// Requests in progress.
+    busy: usize,
+    /// When the last one ended (or the connection's first idle look).
+    since: Option<Instant>,
+    /// The idle timer waits for the end of the requests in progress, not on a clock.
+    parked: bool,
+}
+
+/// How long a connection may go without a request in progress, by protocol.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleBounds {
+    /// An HTTP/1.1 connection: from its start or the end of its last response to a
+    /// complete head (what hyper's header read timeout counted).
+    pub http1: Duration,
+    /// A connection that sent the HTTP/2 preface.
+    pub http2: Duration,
 }
 
 /// One request in progress; dropped when its response body is over.
@@ -352,33 +376,43 @@ pub struct Busy(Arc<Activity>);
 impl Activity {
     /// Marks a request as started.
     pub fn begin(self: &Arc<Self>) -> Busy {
-        self.state.lock().expect("bug: poisoned").0 += 1;
+        self.state.lock().expect("bug: poisoned").busy += 1;
         Busy(self.clone())
     }
 
-    /// Resolves once the connection has had no request in progress for `http1` (an
-    /// HTTP/1.1 connection: from its start or the end of its last response to a complete
-    /// head, as hyper's header read timeout counted) or, once it sent the HTTP/2 preface,
-    /// for `http2`.
-    pub async fn idle_for(&self, http1: Duration, http2: Duration) {
+    /// Resolves once the connection has had no request in progress for its bound.
+    ///
+    /// While requests are in progress it waits for the last to end, not on a timer: a
+    /// parked long poll (protocol 1) holds its connection busy for a minute at a time, and
+    /// a timer looking every header read timeout woke 10 000 idle long-poll agents' tasks
+    /// 1 000 times a second. The wake costs the request that ends a busy period one
+    /// `notify_one`, and only when the timer is waiting for it.
+    pub async fn idle_for(&self, bounds: IdleBounds) {
         loop {
             let limit = match self.http2.load(Ordering::Acquire) {
-                true => http2,
-                false => http1,
+                true => bounds.http2,
+                false => bounds.http1,
             };
             let wait = {
                 let mut s = self.state.lock().expect("bug: poisoned");
-                match *s {
+                match (s.busy, s.since) {
                     (0, Some(since)) if since.elapsed() >= limit => return,
-                    (0, Some(since)) => limit - since.elapsed(),
+                    (0, Some(since)) => Some(limit - since.elapsed()),
                     (0, None) => {
-                        s.1 = Some(Instant::now());
-                        limit
+                        s.since = Some(Instant::now());
+                        Some(limit)
                     }
-                    _ => limit,
+                    _ => {
+                        s.parked = true;
+                        None
+                    }
                 }
             };
-            tokio::time::sleep(wait).await;
+            match wait {
+                Some(wait) => tokio::time::sleep(wait).await,
+                // An end between the unlock and this wait leaves a permit: none is lost.
+                None => self.ended.notified().await,
+            }
         }
     }
 }
@@ -419,9 +453,15 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut s = self.0.state.lock().expect("bug: poisoned");
-        s.0 -= 1;
-        s.1 = (s.0 == 0).then(Instant::now);
+        let wake = {
+            let mut s = self.0.state.lock().expect("bug: poisoned");
+            s.busy -= 1;
+            s.since = (s.busy == 0).then(Instant::now);
+            s.busy == 0 && std::mem::take(&mut s.parked)
+        };
+        if wake {
+            self.0.ended.notify_one();
+        }
     }
 }
 
@@ -496,5 +536,49 @@ mod tests {
             assert!(f.deadline.is_none());
             assert!(!activity.http2.load(Ordering::Acquire));
         });
+    }
+
+    /// The idle timer counts from the connection's start or the end of its last request,
+    /// by the bound of the connection's protocol; while a request is in progress it waits
+    /// for its end without a timer (paused time moves only to a timer that is armed).
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timer_waits_for_the_last_request_then_counts_its_bound() {
+        let bounds = IdleBounds {
+            http1: Duration::from_secs(10),
+            http2: Duration::from_secs(75),
+        };
+        let activity = Arc::new(Activity::default());
+        let start = Instant::now();
+        activity.idle_for(bounds).await;
+        assert_eq!(start.elapsed(), bounds.http1);
+
+        let activity = Arc::new(Activity::default());
+        let busy = activity.begin();
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(bounds).await }
+        });
+        // Far past the bound, the request still in progress: the timer has not ended, and it
+        // armed no clock of its own (the test's sleep is the only one to advance to).
+        let slept = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3_600)).await;
+        assert!(!idle.is_finished());
+        assert!(activity.state.lock().unwrap().parked);
+        drop(busy);
+        let ended = Instant::now();
+        assert_eq!(ended - slept, Duration::from_secs(3_600));
+        idle.await.unwrap();
+        assert_eq!(
+            ended.elapsed(),
+            bounds.http1,
+            "counted from the request's end"
+        );
+
+        // A connection that sent the HTTP/2 preface is bound by the idle timeout.
+        let activity = Arc::new(Activity::default());
+        activity.http2.store(true, Ordering::Release);
+        let start = Instant::now();
+        activity.idle_for(bounds).await;
+        assert_eq!(start.elapsed(), bounds.http2);
     }
 }
