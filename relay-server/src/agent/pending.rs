@@ -92,7 +92,7 @@ impl Pending {
         head: RequestHead,
         upload: UploadSide,
         head_tx: oneshot::Sender<ResponseStart>,
-        account: impl Into<LazyAccount>,
+        account: LazyAccount,
     ) -> Self {
         Pending {
             id,
@@ -104,7 +104,7 @@ impl Pending {
             done: CancellationToken::new(),
             arrived: std::time::Instant::now(),
             download_bytes: AtomicU64::new(0),
-            account: account.into(),
+            account,
             picked_at: OnceLock::new(),
             lost: AtomicBool::new(false),
             stopped: AtomicBool::new(false),

@@ -34,7 +34,8 @@ fn request(name: &str, upload: UploadSide) -> (Pending, oneshot::Receiver<Respon
         upgrade: None,
     };
     let (tx, rx) = oneshot::channel();
-    let account = crate::base::budget::Budget::new(1 << 20).account(name, [127, 0, 0, 1].into());
+    let budget = Arc::new(crate::base::budget::Budget::new(1 << 20));
+    let account = crate::base::budget::LazyAccount::new(budget, [127, 0, 0, 1].into());
     (Pending::new(id, name.into(), head, upload, tx, account), rx)
 }
 
