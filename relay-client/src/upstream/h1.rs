@@ -145,6 +145,13 @@ pub fn put_relayed_head(
     true
 }
 
+/// Whether a field is hop-by-hop or framing (RFC 9110 §7.6.1, RFC 9112 §6): what
+/// `headers::is_framing` says of a name, on a head's bytes in any case. A backend's
+/// response head drops these as a relayed request head does.
+pub(super) fn hop_by_hop(name: &[u8]) -> bool {
+    matches!(Dropped::of(name), Dropped::Always | Dropped::Refer)
+}
+
 /// What [`put_relayed_head`] does with a field.
 enum Dropped {
     Never,

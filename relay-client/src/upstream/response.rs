@@ -9,7 +9,7 @@ use relay_common::headers::{is_tchar, is_value_byte};
 use relay_common::heads::FieldBlock;
 use relay_common::message::Fields;
 
-use super::h1::{H1Error, MAX_FIELDS, MAX_HEAD};
+use super::h1::{hop_by_hop, H1Error, MAX_FIELDS, MAX_HEAD};
 
 /// Longest chunk-size line, extensions included.
 pub(super) const MAX_CHUNK_LINE: usize = 4096;
@@ -126,24 +126,6 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H
             body,
             keep_alive,
         }));
-    }
-}
-
-/// Whether a field is hop-by-hop or framing (RFC 9110 §7.6.1, RFC 9112 §6): what
-/// `headers::is_framing` says of a name, on a head's bytes in any case, after a dispatch on
-/// the length (most fields are compared with none).
-fn hop_by_hop(name: &[u8]) -> bool {
-    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
-    match name.len() {
-        2 => is(b"te"),
-        7 => is(b"upgrade") || is(b"trailer"),
-        10 => is(b"connection") || is(b"keep-alive"),
-        14 => is(b"content-length"),
-        16 => is(b"proxy-connection"),
-        17 => is(b"transfer-encoding"),
-        18 => is(b"proxy-authenticate"),
-        19 => is(b"proxy-authorization"),
-        _ => false,
     }
 }
 
