@@ -85,7 +85,7 @@ pub struct Config {
     /// Requests waiting for pickup across all names (then 503).
     pub max_parked_total: usize,
     /// Time allowed for a request head to arrive (slowloris guard: from a connection's start or
-    /// the end of its last response; see `base::limits::Activity`).
+    /// the end of its last response; see `base::activity::Activity`).
     pub header_read_timeout: Duration,
     /// Largest HTTP/1.1 request head (hyper's read buffer); larger heads get 431.
     pub max_head_bytes: usize,

@@ -17,11 +17,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::base::activity::{Activity, IdleBounds, Tracked};
 use crate::base::auth::{cert_grant, Grant};
 use crate::base::body::{text_response, RelayBody};
-use crate::base::limits::{
-    Activity, ConnLimits, ConnRefused, FirstBytes, IdleBounds, Pool, Tracked,
-};
+use crate::base::limits::{ConnLimits, ConnRefused, FirstBytes, Pool};
 use crate::base::tls::Tls;
 use crate::listener::Face;
 use crate::State;

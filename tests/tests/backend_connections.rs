@@ -178,48 +178,7 @@ async fn a_connection_the_backend_closed_while_idle_is_replaced_unnoticed() {
 /// holding a descriptor each: 1 558 after the bench's burst of 10 000).
 #[tokio::test]
 async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
-    const BURST: usize = 12;
-    const KEEP: usize = 3;
-    // A backend that answers only once all BURST requests are in, so each has its own
-    // connection, and counts its open connections.
-    let all_in = Arc::new(tokio::sync::Barrier::new(BURST));
-    let (backend, counts) = counting_backend(move |_req| {
-        let all_in = all_in.clone();
-        async move {
-            all_in.wait().await;
-            Response::new(full("ok"))
-        }
-    })
-    .await;
-    let server = Server::default().await;
-    let mut cfg = Agent::config(&server.url(), "burst", &format!("http://{backend}"));
-    cfg.backend_idle_connections = KEEP;
-    let _agent = Agent::start(cfg);
-    server.wait_agent("burst").await;
-
-    let c = client();
-    let calls = (0..BURST).map(|i| {
-        let c = c.clone();
-        let url = format!("{}/client/burst/{i}", server.url());
-        async move {
-            let resp = c.get(url.parse().unwrap()).await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            body_bytes(resp.into_body()).await.unwrap()
-        }
-    });
-    for body in futures_util::future::join_all(calls).await {
-        assert_eq!(&body[..], b"ok");
-    }
-    // Every request had its own backend connection; once answered, all but KEEP close.
-    eventually(
-        Duration::from_secs(10),
-        "idle backend connections close",
-        || {
-            let n = counts.open.load(Ordering::SeqCst);
-            async move { (n == KEEP).then_some(()) }
-        },
-    )
-    .await;
+    burst_in_waves("burst", 1).await;
 }
 
 /// While a burst lasts, a connection beyond `backend_idle_connections` that comes back
@@ -229,9 +188,16 @@ async fn after_a_burst_the_agent_keeps_only_its_idle_backend_connections() {
 /// about 1 400 for at most 1 024 in flight).
 #[tokio::test]
 async fn a_burst_reuses_its_connections_beyond_the_idle_ones_while_it_lasts() {
+    burst_in_waves("waves", 3).await;
+}
+
+/// BURST users at once, each sending its next request as soon as its last is answered,
+/// `waves` times, through an agent that keeps KEEP idle backend connections, to a backend
+/// that answers only once all BURST requests are in (so each has its own connection):
+/// BURST connections in all, and once the burst is over all but KEEP close.
+async fn burst_in_waves(name: &str, waves: usize) {
     const BURST: usize = 12;
     const KEEP: usize = 3;
-    const WAVES: usize = 3;
     let all_in = Arc::new(tokio::sync::Barrier::new(BURST));
     let (backend, counts) = counting_backend(move |_req| {
         let all_in = all_in.clone();
@@ -242,18 +208,17 @@ async fn a_burst_reuses_its_connections_beyond_the_idle_ones_while_it_lasts() {
     })
     .await;
     let server = Server::default().await;
-    let mut cfg = Agent::config(&server.url(), "waves", &format!("http://{backend}"));
+    let mut cfg = Agent::config(&server.url(), name, &format!("http://{backend}"));
     cfg.backend_idle_connections = KEEP;
     let _agent = Agent::start(cfg);
-    server.wait_agent("waves").await;
+    server.wait_agent(name).await;
 
-    // Each of BURST users sends its next request as soon as its last is answered.
     let c = client();
     let users = (0..BURST).map(|i| {
         let c = c.clone();
-        let url = format!("{}/client/waves/{i}", server.url());
+        let url = format!("{}/client/{name}/{i}", server.url());
         async move {
-            for _ in 0..WAVES {
+            for _ in 0..waves {
                 let resp = c.get(url.parse().unwrap()).await.unwrap();
                 assert_eq!(resp.status(), StatusCode::OK);
                 assert_eq!(&body_bytes(resp.into_body()).await.unwrap()[..], b"ok");
@@ -262,10 +227,9 @@ async fn a_burst_reuses_its_connections_beyond_the_idle_ones_while_it_lasts() {
     });
     futures_util::future::join_all(users).await;
     assert_eq!(counts.accepted.load(Ordering::SeqCst), BURST);
-    // Once the burst is over, the surplus closes.
     eventually(
         Duration::from_secs(10),
-        "the surplus backend connections close",
+        "the backend connections beyond the idle ones close",
         || {
             let n = counts.open.load(Ordering::SeqCst);
             async move { (n == KEEP).then_some(()) }

@@ -1,8 +1,9 @@
 //! The base layer every feature stands on: credentials, response bodies, the byte budget,
-//! connection limits and switched connections' places, metrics and the request history, TLS termination, memory trimming,
+//! connections' activity and limits and switched connections' places, metrics and the request history, TLS termination, memory trimming,
 //! the client of external services.
 //! Nothing here knows about users, agents or replicas.
 
+pub mod activity;
 pub mod auth;
 pub mod body;
 pub mod budget;
