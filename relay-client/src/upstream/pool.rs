@@ -240,14 +240,18 @@ impl Pool {
         // `--backend-idle-timeout 0s` keeps nothing for reuse; a zero period would panic.
         let period = (self.idle_for / 2).max(MIN_SWEEP);
         loop {
-            let surplus = {
+            let (surplus, closed) = {
                 let mut idle = self.idle.lock().expect("bug: poisoned");
-                idle.retain_mut(|(conn, since)| {
-                    since.elapsed() < self.idle_for && conn.still_open()
-                });
-                self.close_surplus(&mut idle, Instant::now());
-                idle.len() > self.max_idle
+                let mut closed: Vec<_> = idle
+                    .extract_if(.., |(conn, since)| {
+                        since.elapsed() >= self.idle_for || !conn.still_open()
+                    })
+                    .collect();
+                closed.extend(self.close_surplus(&mut idle, Instant::now()));
+                (idle.len() > self.max_idle, closed)
             };
+            // Closed outside the lock: the end of a burst may close hundreds.
+            drop(closed);
             let wait = if surplus {
                 SURPLUS_IDLE.min(period)
             } else {
@@ -263,15 +267,22 @@ impl Pool {
         }
     }
 
-    /// Closes the oldest idle connections beyond `max_idle` that have waited at least
-    /// [`SURPLUS_IDLE`] (`idle` is oldest first).
-    fn close_surplus(&self, idle: &mut Vec<(Box<Conn>, Instant)>, now: Instant) {
+    /// Takes out, to be closed, the oldest idle connections beyond `max_idle` that have
+    /// waited at least [`SURPLUS_IDLE`] (`idle` is oldest first).
+    fn close_surplus(
+        &self,
+        idle: &mut Vec<(Box<Conn>, Instant)>,
+        now: Instant,
+    ) -> Vec<(Box<Conn>, Instant)> {
         let beyond = idle.len().saturating_sub(self.max_idle);
+        if beyond == 0 {
+            return Vec::new();
+        }
         let waited = idle[..beyond]
             .iter()
             .take_while(|(_, since)| now - *since >= SURPLUS_IDLE)
             .count();
-        idle.drain(..waited);
+        idle.drain(..waited).collect()
     }
 
     /// Keeps a connection whose exchange is complete for the next request, if it can take
@@ -295,14 +306,18 @@ impl Pool {
             .iter()
             .take_while(|(_, since)| now - *since >= self.idle_for)
             .count();
-        idle.drain(..stale);
+        let mut closed = match stale {
+            0 => Vec::new(),
+            n => idle.drain(..n).collect(),
+        };
         if self.max_idle == 0 {
             return;
         }
-        self.close_surplus(&mut idle, now);
+        closed.extend(self.close_surplus(&mut idle, now));
         idle.push((conn, now));
         let first_surplus = idle.len() == self.max_idle + 1;
         drop(idle);
+        drop(closed);
         self.returned.notify_one();
         if first_surplus {
             self.surplus.notify_one();
