@@ -67,7 +67,7 @@ impl Activity {
     /// Resolves once the connection has had no request in progress for its bound.
     ///
     /// While requests are in progress it waits for the last to end, not on a timer: a
-    /// parked long poll (protocol 1) holds its connection busy for a minute at a time, and
+    /// parked long poll (protocol 1) holds its connection busy for half a minute at a time, and
     /// a timer looking every header read timeout woke 10 000 idle long-poll agents' tasks
     /// 1 000 times a second. The wake costs the request that ends a busy period one
     /// `notify_one`, and only when the timer is waiting for it.
@@ -80,8 +80,12 @@ impl Activity {
             let wait = {
                 let mut s = self.state.lock().expect("bug: poisoned");
                 match (s.busy, s.since) {
-                    (0, Some(since)) if since.elapsed() >= limit => return,
-                    (0, Some(since)) => Some(limit - since.elapsed()),
+                    // One clock read: with two, the second could pass the limit the first
+                    // did not, and the subtraction would overflow.
+                    (0, Some(since)) => match limit.checked_sub(since.elapsed()) {
+                        None | Some(Duration::ZERO) => return,
+                        left => left,
+                    },
                     (0, None) => {
                         s.since = Some(Instant::now());
                         Some(limit)
