@@ -10,6 +10,7 @@
 #   CONNS=1 SECS=3 scripts/cpu-small-requests.sh
 #   TARGET=rathole scripts/cpu-small-requests.sh
 #   AGENT_ARGS="--worker-threads 1" scripts/cpu-small-requests.sh
+#   LOAD="--h2 32" scripts/cpu-small-requests.sh        # HTTP/2, 32 streams on one connection
 set -euo pipefail
 cd "$(dirname "$0")/.."
 conns=${CONNS:-16}
@@ -40,15 +41,18 @@ else
   names=(relay-server relay-agent)
 fi
 # utime, stime (clock ticks) and the context switches of every thread, per process.
+# Then the machine's idle and busy ticks (/proc/stat).
 snap() {
   for p in "$server" "$agent"; do
     awk '{printf "%s %s ", $14, $15}' "/proc/$p/stat"
     cat /proc/"$p"/task/*/status | awk '/ctxt_switches/{n += $2} END{printf "%d ", n}'
   done
+  awk '/^cpu /{printf "%d %d", $5 + $6, $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
 }
-target/release/relay-bench load "$url" --conns "$conns" --secs 1 >/dev/null # warm-up
+load=(${LOAD:---conns $conns})
+target/release/relay-bench load "$url" "${load[@]}" --secs 1 >/dev/null # warm-up
 before=$(snap)
-result=$(target/release/relay-bench load "$url" --conns "$conns" --secs "$secs")
+result=$(target/release/relay-bench load "$url" "${load[@]}" --secs "$secs")
 after=$(snap)
 echo "$result"
 python3 - "$before" "$after" "$result" "$secs" "$(getconf CLK_TCK)" "${names[@]}" <<'PY'
@@ -60,4 +64,6 @@ for i, name in enumerate(sys.argv[6:8]):
     user, system, switches = ((b[3 * i + k] - a[3 * i + k]) for k in range(3))
     print(f"{name}: user {user * tick_us / n:.1f} µs, system {system * tick_us / n:.1f} µs, "
           f"{switches / n:.2f} context switches per request")
+idle, busy = b[6] - a[6], b[7] - a[7]
+print(f"machine: {100 * idle / (idle + busy):.0f} % idle")
 PY

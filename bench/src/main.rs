@@ -113,17 +113,15 @@ fn main() -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Runtime::new()?;
             let dur = Duration::from_secs_f64(secs);
+            // HTTP/2 loads name the agent in `X-Server-Name`: the URL path's last segment.
+            let name = t.prefix.rsplit('/').next().filter(|n| !n.is_empty());
             if let Some(n) = burst {
-                let name = t.prefix.rsplit('/').next().filter(|n| !n.is_empty());
                 let (s, ok) = rt.block_on(load::burst(addr, name, n))?;
                 println!("{s:.3} s, {ok} of {n} answered 200");
                 return Ok(());
             }
             let r = match h2 {
-                Some(streams) => {
-                    let name = t.prefix.rsplit('/').next().filter(|n| !n.is_empty());
-                    rt.block_on(load::h2(addr, name, streams, dur))?
-                }
+                Some(streams) => rt.block_on(load::h2(addr, name, streams, dur))?,
                 None => rt.block_on(load::small_gets(&t, conns, false, dur))?,
             };
             println!(

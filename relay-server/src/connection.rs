@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use relay_common::gate::gated;
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +21,7 @@ use crate::base::activity::{Activity, IdleBounds, Tracked};
 use crate::base::auth::{cert_grant, Grant};
 use crate::base::body::{text_response, RelayBody};
 use crate::base::limits::{ConnLimits, ConnRefused, FirstBytes, Pool};
+use crate::base::streams::{ConnExec, Streams};
 use crate::base::tls::Tls;
 use crate::listener::Face;
 use crate::State;
@@ -33,7 +34,7 @@ pub struct Conns<'a> {
     /// The server.
     pub state: &'a Arc<State>,
     /// HTTP settings of this listener.
-    pub builder: &'a auto::Builder<TokioExecutor>,
+    pub builder: &'a auto::Builder<ConnExec>,
     /// Connection limits.
     pub limits: &'a Arc<ConnLimits>,
     /// Owner of every connection task.
@@ -137,7 +138,8 @@ impl Conns<'_> {
             http1: detect.min(idle),
             http2: idle,
         };
-        self.tracker.spawn(async move {
+        // Scoped: the connection's HTTP/2 streams run on this task (`base::streams`).
+        self.tracker.spawn(Streams::scope(async move {
             let _permit = permit;
             let result = match acceptor {
                 None => {
@@ -163,7 +165,7 @@ impl Conns<'_> {
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        });
+        }));
     }
 }
 
@@ -267,7 +269,7 @@ fn past_the_limit(limit: usize, version: Version) -> Response<RelayBody> {
 /// close after the response in progress, or at once when it is between requests) when the
 /// server stops or the connection has had no request in progress for its `idle` bound.
 async fn supervise<I, S>(
-    conn: auto::UpgradeableConnection<'_, I, S, TokioExecutor>,
+    conn: auto::UpgradeableConnection<'_, I, S, ConnExec>,
     activity: &Activity,
     idle: IdleBounds,
     stop: &CancellationToken,
@@ -280,21 +282,23 @@ where
     >,
     S::Future: 'static,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    TokioExecutor: auto::HttpServerConnExec<S::Future, Tracked<RelayBody>>,
+    ConnExec: auto::HttpServerConnExec<S::Future, Tracked<RelayBody>>,
 {
-    tokio::pin!(conn);
+    let mut conn = std::pin::pin!(conn);
+    let mut streams = Streams::default();
     // Gated: the connection's task wakes for every read and every response, and these two
     // waits would be polled again each time (relay_common::gate).
     let stopped = gated(stop.cancelled());
     let idled = gated(activity.idle_for(idle));
     tokio::select! {
-        r = conn.as_mut() => return r,
+        r = streams.drive(&mut conn) => return r,
         _ = stopped => {}
         _ = idled => {}
     }
     conn.as_mut().graceful_shutdown();
-    // A connection that does not finish within a second after the stop is dropped.
-    match tokio::time::timeout(Duration::from_secs(1), conn).await {
+    // A connection that does not finish within a second after the stop is dropped, and its
+    // streams with it.
+    match tokio::time::timeout(Duration::from_secs(1), streams.drive(&mut conn)).await {
         Ok(r) => r,
         Err(_) => Ok(()),
     }

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::base::streams::ConnExec;
 use crate::base::tls::Tls;
 use crate::connection::Conns;
 use crate::{Config, State};
@@ -220,8 +221,8 @@ async fn drain(state: Arc<State>, shutdown: CancellationToken) {
 const HYPER_MAX_HEADERS: usize = 100;
 
 /// The HTTP/1.1 and HTTP/2 settings of the user and agent listeners.
-fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http_builder(cfg: &Config) -> auto::Builder<ConnExec> {
+    let mut builder = auto::Builder::new(ConnExec);
     builder
         .http1()
         // The header read timeout is the connection supervisor's (`connection::supervise`):
@@ -251,10 +252,7 @@ fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
 }
 
 /// The cluster listener's settings: trusted peers on long-lived connections.
-fn cluster_builder(
-    builder: &auto::Builder<TokioExecutor>,
-    cfg: &Config,
-) -> auto::Builder<TokioExecutor> {
+fn cluster_builder(builder: &auto::Builder<ConnExec>, cfg: &Config) -> auto::Builder<ConnExec> {
     // A forwarded head carries the user's headers and the prepared head: room for both.
     let mut cluster = builder.clone();
     cluster

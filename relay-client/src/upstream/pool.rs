@@ -239,15 +239,26 @@ impl Pool {
     pub async fn sweep(&self) {
         // `--backend-idle-timeout 0s` keeps nothing for reuse; a zero period would panic.
         let period = (self.idle_for / 2).max(MIN_SWEEP);
+        let mut scanned = Instant::now();
         loop {
+            // Every connection's liveness is checked (a readiness poll each, under the
+            // lock every request's `take` and `put` need) once per period only, not on
+            // the looks a burst's surplus brings every second: those close only the
+            // surplus, found from the front. `take` checks what it hands out anyway.
+            let now = Instant::now();
+            let scan = now - scanned >= period;
             let (surplus, closed) = {
                 let mut idle = self.idle.lock().expect("bug: poisoned");
-                let mut closed: Vec<_> = idle
-                    .extract_if(.., |(conn, since)| {
-                        since.elapsed() >= self.idle_for || !conn.still_open()
+                let mut closed: Vec<_> = if scan {
+                    scanned = now;
+                    idle.extract_if(.., |(conn, since)| {
+                        now - *since >= self.idle_for || !conn.still_open()
                     })
-                    .collect();
-                closed.extend(self.close_surplus(&mut idle, Instant::now()));
+                    .collect()
+                } else {
+                    Vec::new()
+                };
+                closed.extend(self.close_surplus(&mut idle, now));
                 (idle.len() > self.max_idle, closed)
             };
             // Closed outside the lock: the end of a burst may close hundreds.

@@ -1,5 +1,5 @@
 //! The base layer every feature stands on: credentials, response bodies, the byte budget,
-//! connections' activity and limits and switched connections' places, metrics and the request history, TLS termination, memory trimming,
+//! connections' activity, limits and HTTP/2 streams and switched connections' places, metrics and the request history, TLS termination, memory trimming,
 //! the client of external services.
 //! Nothing here knows about users, agents or replicas.
 
@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod queue;
 pub mod revocation;
+pub mod streams;
 pub mod switch;
 pub mod tls;
 pub mod trim;

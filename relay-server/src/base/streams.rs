@@ -1,0 +1,225 @@
+//! The HTTP/2 streams of one connection, run on the connection's own task.
+//!
+//! hyper hands every HTTP/2 stream it accepts (the request's service future, then the
+//! response body's pipe) to its executor. With tokio's, each stream was a task of its own:
+//! an allocation, a trip through the scheduler, and often a worker woken on the other core,
+//! which then took h2's connection lock against the connection's task for every step of
+//! the stream (receive the head, send the response, send its body). [`ConnExec`] queues the
+//! stream on the connection that accepted it instead, and [`Streams`] polls it from that
+//! connection's task, as nginx and Envoy keep each connection's streams on one worker.
+//!
+//! What the connection's task does is I/O and hand-overs (the relayed work runs in the
+//! agent's session and the user's request futures), so one core per connection is not a
+//! limit for the streams of one client; many clients still spread over every worker.
+//!
+//! The streams belong to the connection: when it ends they are dropped with it (their
+//! requests are cancelled by their own guards, as when a user leaves), instead of
+//! outliving it as detached tasks.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+/// One stream's future, as hyper gives it to the executor.
+type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+tokio::task_local! {
+    /// The streams accepted during the current poll of a connection's task, waiting to be
+    /// taken into its [`Streams`].
+    static ACCEPTED: RefCell<Vec<Stream>>;
+}
+
+/// hyper's executor for the relay's connections: a stream accepted inside
+/// [`Streams::scope`] runs on its connection's task; anywhere else (no connection task
+/// around it) it is spawned, as tokio's executor does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnExec;
+
+impl<F> hyper::rt::Executor<F> for ConnExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let mut fut = Some(fut);
+        let queued = ACCEPTED.try_with(|q| {
+            if let Some(f) = fut.take() {
+                q.borrow_mut().push(Box::pin(f));
+            }
+        });
+        if queued.is_err() {
+            if let Some(f) = fut {
+                tokio::spawn(f);
+            }
+        }
+    }
+}
+
+/// The streams of one connection, polled by its task.
+#[derive(Default)]
+pub struct Streams {
+    running: FuturesUnordered<Stream>,
+}
+
+impl Streams {
+    /// Runs `conn_task` with a place for the streams its connection accepts.
+    pub fn scope<F: Future>(conn_task: F) -> impl Future<Output = F::Output> {
+        ACCEPTED.scope(RefCell::default(), conn_task)
+    }
+
+    /// Drives the connection `conn` and its streams until the connection ends; then the
+    /// streams still running are dropped with this set.
+    pub async fn drive<C: Future + Unpin>(&mut self, conn: &mut C) -> C::Output {
+        std::future::poll_fn(|cx| self.poll_with(Pin::new(&mut *conn), cx)).await
+    }
+
+    /// One turn: the streams first (a response they send is then written by the
+    /// connection's poll in the same turn), then the connection, and again the streams it
+    /// just accepted, so that their requests are on their way before the task sleeps.
+    fn poll_with<C: Future>(
+        &mut self,
+        mut conn: Pin<&mut C>,
+        cx: &mut Context<'_>,
+    ) -> Poll<C::Output> {
+        loop {
+            self.poll_streams(cx);
+            if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            if !self.take_accepted() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Takes the streams accepted since the last look; whether there were any.
+    fn take_accepted(&mut self) -> bool {
+        ACCEPTED
+            .try_with(|q| {
+                let mut q = q.borrow_mut();
+                let any = !q.is_empty();
+                self.running.extend(q.drain(..));
+                any
+            })
+            .unwrap_or(false)
+    }
+
+    /// Polls the streams that were woken or just accepted, until none is ready.
+    fn poll_streams(&mut self, cx: &mut Context<'_>) {
+        loop {
+            self.take_accepted();
+            match self.running.poll_next_unpin(cx) {
+                // A stream ended; look again (FuturesUnordered yields after a round of
+                // streams that woke themselves, so this ends).
+                Poll::Ready(Some(())) => continue,
+                Poll::Ready(None) | Poll::Pending => {
+                    // A stream just polled may have queued another (an HTTP/2 upgrade's
+                    // tunnel); poll it too before sleeping.
+                    if !self.take_accepted() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use hyper::rt::Executor;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// One poll of `fut`, whatever it returns.
+    async fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *fut).poll(cx))).await
+    }
+
+    /// A stream accepted while the connection's task polls the connection runs on that
+    /// task, and in the same turn: its request is on its way before the task sleeps.
+    #[tokio::test]
+    async fn a_stream_runs_on_its_connections_task_in_the_turn_that_accepted_it() {
+        // In a task, as a connection is (the test's own future is not one).
+        let conn_task = tokio::spawn(Streams::scope(async {
+            let conn_task = tokio::task::id();
+            let (ran_on, mut seen) = oneshot::channel();
+            let mut ran_on = Some(ran_on);
+            let mut conn = std::future::poll_fn(move |_| {
+                if let Some(tx) = ran_on.take() {
+                    ConnExec.execute(async move {
+                        let _ = tx.send(tokio::task::id());
+                        std::future::pending::<()>().await
+                    });
+                }
+                Poll::<()>::Pending
+            });
+            let mut streams = Streams::default();
+            let turn = poll_once(&mut Box::pin(streams.drive(&mut conn))).await;
+            assert!(turn.is_pending());
+            assert_eq!(
+                seen.try_recv(),
+                Ok(conn_task),
+                "polled in the same turn, same task"
+            );
+            assert_eq!(streams.running.len(), 1);
+        }));
+        conn_task.await.expect("the checks passed");
+    }
+
+    /// Without a connection's task around it, a stream is spawned as a task of its own.
+    #[tokio::test]
+    async fn outside_a_connection_a_stream_is_a_task_of_its_own() {
+        let (tx, rx) = oneshot::channel();
+        ConnExec.execute(async move {
+            let _ = tx.send(tokio::task::try_id());
+        });
+        let ran_on = rx.await.expect("the stream ran");
+        assert!(ran_on.is_some(), "on a task");
+        assert_ne!(ran_on, tokio::task::try_id());
+    }
+
+    /// When the connection ends, the streams still running end with it (their guards drop)
+    /// instead of outliving it; until then, a woken stream runs to its end.
+    #[tokio::test]
+    async fn a_connections_streams_end_with_it() {
+        Streams::scope(async {
+            let (go, wait) = oneshot::channel::<()>();
+            let finished = Arc::new(AtomicBool::new(false));
+            let (guard, dropped) = oneshot::channel::<()>();
+            let (end_conn, conn_ends) = oneshot::channel::<()>();
+            let f = finished.clone();
+            ConnExec.execute(async move {
+                let _ = wait.await;
+                f.store(true, Ordering::SeqCst);
+            });
+            ConnExec.execute(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await
+            });
+            let mut conn = conn_ends;
+            let mut streams = Streams::default();
+            let mut drive = Box::pin(streams.drive(&mut conn));
+            assert!(poll_once(&mut drive).await.is_pending());
+            go.send(()).expect("the first stream waits");
+            assert!(poll_once(&mut drive).await.is_pending());
+            assert!(finished.load(Ordering::SeqCst), "a woken stream ran");
+            end_conn.send(()).expect("the connection runs");
+            assert!(poll_once(&mut drive).await.is_ready());
+            drop(drive);
+            drop(streams);
+            let mut dropped = dropped;
+            assert_eq!(
+                dropped.try_recv(),
+                Err(oneshot::error::TryRecvError::Closed),
+                "the pending stream was dropped"
+            );
+        })
+        .await;
+    }
+}
