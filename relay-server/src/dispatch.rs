@@ -49,7 +49,7 @@ pub fn route(
             request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
         });
     if host_routed {
-        return Routed::later(user_request(state, req, peer, https));
+        return Routed::later(|| user_request(state, req, peer, https));
     }
     let path = req.uri().path();
     // Below --base-path the endpoints see the path without it; outside it only the probes
@@ -84,7 +84,7 @@ pub fn route(
         _ => {}
     }
     if face == Face::Cluster {
-        return Routed::later(crate::cluster::peer::handle(state, req, peer));
+        return Routed::later(|| crate::cluster::peer::handle(state, req, peer));
     }
     if face == Face::Admin {
         return Routed::now(text_response(
@@ -121,7 +121,7 @@ pub fn route(
             unmount(&mut req, strip);
         }
         let cert = cert.clone();
-        return Routed::later(async move { agent_call(state, req, peer, cert.get()).await });
+        return Routed::later(|| async move { agent_call(state, req, peer, cert.get()).await });
     }
     if agent_path {
         return Routed::now(text_response(
@@ -129,7 +129,7 @@ pub fn route(
             "no such agent endpoint",
         ));
     }
-    Routed::later(user_request(state, req, peer, https))
+    Routed::later(|| user_request(state, req, peer, https))
 }
 
 /// What [`route`] found: the answer, or the handler's future (boxed, see there).
@@ -145,8 +145,11 @@ impl Routed {
         Routed::Now(Some(resp))
     }
 
-    fn later(fut: impl Future<Output = Response<RelayBody>> + Send + 'static) -> Self {
-        Routed::Later(Box::pin(fut))
+    fn later<F: Future<Output = Response<RelayBody>> + Send + 'static>(
+        make: impl FnOnce() -> F,
+    ) -> Self {
+        let fut: Box<F> = Box::write(Box::<F>::new_uninit(), make());
+        Routed::Later(Box::into_pin(fut))
     }
 }
 
