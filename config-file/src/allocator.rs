@@ -33,6 +33,28 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Allocator;
 
+/// A block of `layout` from `plain` when every block has its alignment, else `aligned`.
+///
+/// # Safety
+/// As [`std::alloc::GlobalAlloc::alloc`]: `layout` has a non-zero size.
+#[cfg(not(feature = "system-allocator"))]
+#[allow(unsafe_code)]
+#[inline]
+unsafe fn by_alignment(
+    layout: std::alloc::Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut std::ffi::c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut std::ffi::c_void,
+) -> *mut u8 {
+    // SAFETY: mimalloc's allocation functions take sizes only.
+    unsafe {
+        if layout.align() <= WORD {
+            plain(layout.size()).cast()
+        } else {
+            aligned(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 /// The alignment every mimalloc block has.
 #[cfg(not(feature = "system-allocator"))]
 const WORD: usize = std::mem::size_of::<usize>();
@@ -45,22 +67,20 @@ const WORD: usize = std::mem::size_of::<usize>();
 unsafe impl std::alloc::GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys::{mi_malloc, mi_malloc_aligned};
-        if layout.align() <= WORD {
-            mi_malloc(layout.size()).cast()
-        } else {
-            mi_malloc_aligned(layout.size(), layout.align()).cast()
-        }
+        by_alignment(
+            layout,
+            libmimalloc_sys::mi_malloc,
+            libmimalloc_sys::mi_malloc_aligned,
+        )
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys::{mi_zalloc, mi_zalloc_aligned};
-        if layout.align() <= WORD {
-            mi_zalloc(layout.size()).cast()
-        } else {
-            mi_zalloc_aligned(layout.size(), layout.align()).cast()
-        }
+        by_alignment(
+            layout,
+            libmimalloc_sys::mi_zalloc,
+            libmimalloc_sys::mi_zalloc_aligned,
+        )
     }
 
     #[inline]
