@@ -63,7 +63,9 @@ where
 /// The streams of one connection, polled by its task.
 #[derive(Default)]
 pub struct Streams {
-    running: FuturesUnordered<Stream>,
+    /// Made at the first stream: an HTTP/1.1 connection (every parked long poll, every
+    /// tunnel) never needs one, and an empty set is two allocations.
+    running: Option<FuturesUnordered<Stream>>,
 }
 
 impl Streams {
@@ -102,9 +104,13 @@ impl Streams {
         ACCEPTED
             .try_with(|q| {
                 let mut q = q.borrow_mut();
-                let any = !q.is_empty();
-                self.running.extend(q.drain(..));
-                any
+                if q.is_empty() {
+                    return false;
+                }
+                self.running
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .extend(q.drain(..));
+                true
             })
             .unwrap_or(false)
     }
@@ -113,7 +119,10 @@ impl Streams {
     fn poll_streams(&mut self, cx: &mut Context<'_>) {
         loop {
             self.take_accepted();
-            match self.running.poll_next_unpin(cx) {
+            let Some(running) = self.running.as_mut() else {
+                return;
+            };
+            match running.poll_next_unpin(cx) {
                 // A stream ended; look again (FuturesUnordered yields after a round of
                 // streams that woke themselves, so this ends).
                 Poll::Ready(Some(())) => continue,
@@ -170,7 +179,7 @@ mod tests {
                 Ok(conn_task),
                 "polled in the same turn, same task"
             );
-            assert_eq!(streams.running.len(), 1);
+            assert_eq!(streams.running.as_ref().map(FuturesUnordered::len), Some(1));
         }));
         conn_task.await.expect("the checks passed");
     }
