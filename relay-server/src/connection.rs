@@ -33,8 +33,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Conns<'a> {
     /// The server.
     pub state: &'a Arc<State>,
-    /// HTTP settings of this listener.
-    pub builder: &'a auto::Builder<ConnExec>,
+    /// HTTP settings of this listener, for a connection whose HTTP/2 streams go to the
+    /// given executor.
+    pub builder: &'a (dyn Fn(ConnExec) -> auto::Builder<ConnExec> + Sync),
     /// Connection limits.
     pub limits: &'a Arc<ConnLimits>,
     /// Owner of every connection task.
@@ -122,7 +123,8 @@ impl Conns<'_> {
             &permit,
             &cert,
         );
-        let builder = self.builder.clone();
+        let mut streams = Streams::default();
+        let builder = (self.builder)(streams.exec());
         // The cluster listener's `tls` is its own (`--cluster-tls-cert`).
         let acceptor = self
             .tls
@@ -138,14 +140,13 @@ impl Conns<'_> {
             http1: detect.min(idle),
             http2: idle,
         };
-        // Scoped: the connection's HTTP/2 streams run on this task (`base::streams`).
-        self.tracker.spawn(Streams::scope(async move {
+        self.tracker.spawn(async move {
             let _permit = permit;
             let result = match acceptor {
                 None => {
                     let io = TokioIo::new(FirstBytes::new(stream, detect, &activity));
                     let conn = builder.serve_connection_with_upgrades(io, svc);
-                    supervise(conn, &activity, idle, &stop).await
+                    supervise(conn, &mut streams, &activity, idle, &stop).await
                 }
                 // Boxed: a TLS connection's state is much larger than a plain one's, and
                 // unboxed every plain connection's task would be as large.
@@ -157,7 +158,7 @@ impl Conns<'_> {
                         };
                         let io = TokioIo::new(FirstBytes::new(tls_stream, detect, &activity));
                         let conn = builder.serve_connection_with_upgrades(io, svc);
-                        supervise(conn, &activity, idle, &stop).await
+                        supervise(conn, &mut streams, &activity, idle, &stop).await
                     })
                     .await
                 }
@@ -165,7 +166,7 @@ impl Conns<'_> {
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        }));
+        });
     }
 }
 
@@ -270,6 +271,7 @@ fn past_the_limit(limit: usize, version: Version) -> Response<RelayBody> {
 /// server stops or the connection has had no request in progress for its `idle` bound.
 async fn supervise<I, S>(
     conn: auto::UpgradeableConnection<'_, I, S, ConnExec>,
+    streams: &mut Streams,
     activity: &Activity,
     idle: IdleBounds,
     stop: &CancellationToken,
@@ -285,7 +287,6 @@ where
     ConnExec: auto::HttpServerConnExec<S::Future, Tracked<RelayBody>>,
 {
     let mut conn = std::pin::pin!(conn);
-    let mut streams = Streams::default();
     // Gated: the connection's task wakes for every read and every response, and these two
     // waits would be polled again each time (relay_common::gate).
     let stopped = gated(stop.cancelled());

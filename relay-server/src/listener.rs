@@ -100,17 +100,19 @@ pub async fn serve_faces(
         tracker.spawn(c.clone().run(state.broker.clone(), state.stop.clone()));
     }
 
-    let builder = http_builder(&state.cfg);
-    let cluster_builder = cluster_builder(&builder, &state.cfg);
+    // Built per connection: its executor is the connection's own (`base::streams`).
+    let cfg = &state.cfg;
+    let user_http = |exec| http_builder(cfg, exec);
+    let cluster_http = |exec| cluster_builder(http_builder(cfg, exec), cfg);
     let conns = Conns {
         state: &state,
-        builder: &builder,
+        builder: &user_http,
         limits: &state.conns,
         tracker: &tracker,
         tls: tls.as_ref(),
     };
     let cluster_conns = Conns {
-        builder: &cluster_builder,
+        builder: &cluster_http,
         tls: cluster_tls.as_ref(),
         ..conns
     };
@@ -221,8 +223,8 @@ async fn drain(state: Arc<State>, shutdown: CancellationToken) {
 const HYPER_MAX_HEADERS: usize = 100;
 
 /// The HTTP/1.1 and HTTP/2 settings of the user and agent listeners.
-fn http_builder(cfg: &Config) -> auto::Builder<ConnExec> {
-    let mut builder = auto::Builder::new(ConnExec);
+fn http_builder(cfg: &Config, exec: ConnExec) -> auto::Builder<ConnExec> {
+    let mut builder = auto::Builder::new(exec);
     builder
         .http1()
         // The header read timeout is the connection supervisor's (`connection::supervise`):
@@ -252,9 +254,8 @@ fn http_builder(cfg: &Config) -> auto::Builder<ConnExec> {
 }
 
 /// The cluster listener's settings: trusted peers on long-lived connections.
-fn cluster_builder(builder: &auto::Builder<ConnExec>, cfg: &Config) -> auto::Builder<ConnExec> {
+fn cluster_builder(mut cluster: auto::Builder<ConnExec>, cfg: &Config) -> auto::Builder<ConnExec> {
     // A forwarded head carries the user's headers and the prepared head: room for both.
-    let mut cluster = builder.clone();
     cluster
         .http1()
         .max_buf_size(cfg.max_head_bytes * 4)

@@ -4,9 +4,10 @@
 //! response body's pipe) to its executor. With tokio's, each stream was a task of its own:
 //! an allocation, a trip through the scheduler, and often a worker woken on the other core,
 //! which then took h2's connection lock against the connection's task for every step of
-//! the stream (receive the head, send the response, send its body). [`ConnExec`] queues the
-//! stream on the connection that accepted it instead, and [`Streams`] polls it from that
-//! connection's task, as nginx and Envoy keep each connection's streams on one worker.
+//! the stream (receive the head, send the response, send its body). Each connection now has
+//! an executor of its own ([`Streams::exec`], given to the hyper connection's builder),
+//! which queues the stream there, and [`Streams`] polls it from that connection's task, as
+//! nginx and Envoy keep each connection's streams on one worker.
 //!
 //! What the connection's task does is I/O and hand-overs (the relayed work runs in the
 //! agent's session and the user's request futures), so one core per connection is not a
@@ -16,9 +17,10 @@
 //! requests are cancelled by their own guards, as when a user leaves), instead of
 //! outliving it as detached tasks.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -26,35 +28,40 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 /// One stream's future, as hyper gives it to the executor.
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-tokio::task_local! {
-    /// The streams accepted during the current poll of a connection's task, waiting to be
-    /// taken into its [`Streams`].
-    static ACCEPTED: RefCell<Vec<Stream>>;
+/// The streams a connection accepted, waiting to be taken into its [`Streams`].
+#[derive(Default)]
+struct Accepted {
+    /// Whether `queue` may hold any: a connection's task looks at every poll, and an
+    /// HTTP/1.1 connection never queues one.
+    any: AtomicBool,
+    queue: Mutex<Vec<Stream>>,
 }
 
-/// hyper's executor for the relay's connections: a stream accepted inside
-/// [`Streams::scope`] runs on its connection's task; anywhere else (no connection task
-/// around it) it is spawned, as tokio's executor does.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ConnExec;
+/// hyper's executor for the relay's connections: one made by [`Streams::exec`] queues a
+/// stream on that connection's task; the default one spawns it as a task of its own, as
+/// tokio's executor does.
+#[derive(Clone, Default)]
+pub struct ConnExec(Option<Arc<Accepted>>);
 
 impl<F> hyper::rt::Executor<F> for ConnExec
 where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        // Boxed first, and written into its box as it is made: the stream (344 bytes for a
-        // user's request) is copied once, not at each move into the queue.
+        // Written into its box as it is made: the stream (344 bytes for a user's request)
+        // is copied once, not at each move into the queue.
         let stream: Box<F> = Box::write(Box::new_uninit(), fut);
-        let mut stream = Some(Box::into_pin(stream) as Stream);
-        let queued = ACCEPTED.try_with(|q| {
-            if let Some(s) = stream.take() {
-                q.borrow_mut().push(s);
+        match &self.0 {
+            Some(accepted) => {
+                accepted
+                    .queue
+                    .lock()
+                    .expect("bug: poisoned")
+                    .push(Box::into_pin(stream));
+                accepted.any.store(true, Ordering::Release);
             }
-        });
-        if queued.is_err() {
-            if let Some(s) = stream {
-                tokio::spawn(s);
+            None => {
+                tokio::spawn(Box::into_pin(stream));
             }
         }
     }
@@ -63,15 +70,16 @@ where
 /// The streams of one connection, polled by its task.
 #[derive(Default)]
 pub struct Streams {
+    accepted: Arc<Accepted>,
     /// Made at the first stream: an HTTP/1.1 connection (every parked long poll, every
     /// tunnel) never needs one, and an empty set is two allocations.
     running: Option<FuturesUnordered<Stream>>,
 }
 
 impl Streams {
-    /// Runs `conn_task` with a place for the streams its connection accepts.
-    pub fn scope<F: Future>(conn_task: F) -> impl Future<Output = F::Output> {
-        ACCEPTED.scope(RefCell::default(), conn_task)
+    /// The executor for this connection's hyper connection: its streams come here.
+    pub fn exec(&self) -> ConnExec {
+        ConnExec(Some(self.accepted.clone()))
     }
 
     /// Drives the connection `conn` and its streams until the connection ends; then the
@@ -101,18 +109,17 @@ impl Streams {
 
     /// Takes the streams accepted since the last look; whether there were any.
     fn take_accepted(&mut self) -> bool {
-        ACCEPTED
-            .try_with(|q| {
-                let mut q = q.borrow_mut();
-                if q.is_empty() {
-                    return false;
-                }
-                self.running
-                    .get_or_insert_with(FuturesUnordered::new)
-                    .extend(q.drain(..));
-                true
-            })
-            .unwrap_or(false)
+        if !self.accepted.any.swap(false, Ordering::Acquire) {
+            return false;
+        }
+        let mut q = self.accepted.queue.lock().expect("bug: poisoned");
+        if q.is_empty() {
+            return false;
+        }
+        self.running
+            .get_or_insert_with(FuturesUnordered::new)
+            .extend(q.drain(..));
+        true
     }
 
     /// Polls the streams that were woken or just accepted, until none is ready.
@@ -140,9 +147,6 @@ impl Streams {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
     use hyper::rt::Executor;
     use tokio::sync::oneshot;
 
@@ -158,20 +162,21 @@ mod tests {
     #[tokio::test]
     async fn a_stream_runs_on_its_connections_task_in_the_turn_that_accepted_it() {
         // In a task, as a connection is (the test's own future is not one).
-        let conn_task = tokio::spawn(Streams::scope(async {
+        let conn_task = tokio::spawn(async {
             let conn_task = tokio::task::id();
+            let mut streams = Streams::default();
+            let exec = streams.exec();
             let (ran_on, mut seen) = oneshot::channel();
             let mut ran_on = Some(ran_on);
             let mut conn = std::future::poll_fn(move |_| {
                 if let Some(tx) = ran_on.take() {
-                    ConnExec.execute(async move {
+                    exec.execute(async move {
                         let _ = tx.send(tokio::task::id());
                         std::future::pending::<()>().await
                     });
                 }
                 Poll::<()>::Pending
             });
-            let mut streams = Streams::default();
             let turn = poll_once(&mut Box::pin(streams.drive(&mut conn))).await;
             assert!(turn.is_pending());
             assert_eq!(
@@ -180,15 +185,15 @@ mod tests {
                 "polled in the same turn, same task"
             );
             assert_eq!(streams.running.as_ref().map(FuturesUnordered::len), Some(1));
-        }));
+        });
         conn_task.await.expect("the checks passed");
     }
 
-    /// Without a connection's task around it, a stream is spawned as a task of its own.
+    /// The default executor (no connection's) spawns a stream as a task of its own.
     #[tokio::test]
     async fn outside_a_connection_a_stream_is_a_task_of_its_own() {
         let (tx, rx) = oneshot::channel();
-        ConnExec.execute(async move {
+        ConnExec::default().execute(async move {
             let _ = tx.send(tokio::task::try_id());
         });
         let ran_on = rx.await.expect("the stream ran");
@@ -200,22 +205,23 @@ mod tests {
     /// instead of outliving it; until then, a woken stream runs to its end.
     #[tokio::test]
     async fn a_connections_streams_end_with_it() {
-        Streams::scope(async {
+        {
+            let mut streams = Streams::default();
+            let exec = streams.exec();
             let (go, wait) = oneshot::channel::<()>();
             let finished = Arc::new(AtomicBool::new(false));
             let (guard, dropped) = oneshot::channel::<()>();
             let (end_conn, conn_ends) = oneshot::channel::<()>();
             let f = finished.clone();
-            ConnExec.execute(async move {
+            exec.execute(async move {
                 let _ = wait.await;
                 f.store(true, Ordering::SeqCst);
             });
-            ConnExec.execute(async move {
+            exec.execute(async move {
                 let _guard = guard;
                 std::future::pending::<()>().await
             });
             let mut conn = conn_ends;
-            let mut streams = Streams::default();
             let mut drive = Box::pin(streams.drive(&mut conn));
             assert!(poll_once(&mut drive).await.is_pending());
             go.send(()).expect("the first stream waits");
@@ -231,7 +237,6 @@ mod tests {
                 Err(oneshot::error::TryRecvError::Closed),
                 "the pending stream was dropped"
             );
-        })
-        .await;
+        }
     }
 }
