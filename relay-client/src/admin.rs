@@ -46,15 +46,19 @@ impl Default for Stats {
             reachable: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         };
-        registry.register(
-            "requests",
-            "Requests handled, by outcome: served (answered to the end), failed, cancelled",
-            s.requests.clone(),
-        );
+        // The gauge first: a scrape reads the metrics in this order, and `finished` counts
+        // the outcome before the gauge drops, so a scrape that reads nothing in flight then
+        // reads every outcome (the other order could read an outcome's count just before
+        // it rose, then the gauge just after it fell).
         registry.register(
             "requests_in_flight",
             "Requests being served",
             s.in_flight.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests handled, by outcome: served (answered to the end), failed, cancelled",
+            s.requests.clone(),
         );
         registry.register(
             "poll_failures",
