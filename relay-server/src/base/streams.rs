@@ -37,11 +37,10 @@ struct Accepted {
     queue: Mutex<Vec<Stream>>,
 }
 
-/// hyper's executor for the relay's connections: one made by [`Streams::exec`] queues a
-/// stream on that connection's task; the default one spawns it as a task of its own, as
-/// tokio's executor does.
-#[derive(Clone, Default)]
-pub struct ConnExec(Option<Arc<Accepted>>);
+/// hyper's executor for one of the relay's connections (made by [`Streams::exec`]): it
+/// queues a stream on that connection's task.
+#[derive(Clone)]
+pub struct ConnExec(Arc<Accepted>);
 
 impl<F> hyper::rt::Executor<F> for ConnExec
 where
@@ -51,19 +50,12 @@ where
         // Written into its box as it is made: the stream (344 bytes for a user's request)
         // is copied once, not at each move into the queue.
         let stream: Box<F> = Box::write(Box::new_uninit(), fut);
-        match &self.0 {
-            Some(accepted) => {
-                accepted
-                    .queue
-                    .lock()
-                    .expect("bug: poisoned")
-                    .push(Box::into_pin(stream));
-                accepted.any.store(true, Ordering::Release);
-            }
-            None => {
-                tokio::spawn(Box::into_pin(stream));
-            }
-        }
+        self.0
+            .queue
+            .lock()
+            .expect("bug: poisoned")
+            .push(Box::into_pin(stream));
+        self.0.any.store(true, Ordering::Release);
     }
 }
 
@@ -79,7 +71,7 @@ pub struct Streams {
 impl Streams {
     /// The executor for this connection's hyper connection: its streams come here.
     pub fn exec(&self) -> ConnExec {
-        ConnExec(Some(self.accepted.clone()))
+        ConnExec(self.accepted.clone())
     }
 
     /// Drives the connection `conn` and its streams until the connection ends; then the
@@ -187,18 +179,6 @@ mod tests {
             assert_eq!(streams.running.as_ref().map(FuturesUnordered::len), Some(1));
         });
         conn_task.await.expect("the checks passed");
-    }
-
-    /// The default executor (no connection's) spawns a stream as a task of its own.
-    #[tokio::test]
-    async fn outside_a_connection_a_stream_is_a_task_of_its_own() {
-        let (tx, rx) = oneshot::channel();
-        ConnExec::default().execute(async move {
-            let _ = tx.send(tokio::task::try_id());
-        });
-        let ran_on = rx.await.expect("the stream ran");
-        assert!(ran_on.is_some(), "on a task");
-        assert_ne!(ran_on, tokio::task::try_id());
     }
 
     /// When the connection ends, the streams still running end with it (their guards drop)
