@@ -9,7 +9,7 @@
 #   scripts/cpu-small-requests.sh                     # relay, 16 connections, 5 s
 #   CONNS=1 SECS=3 scripts/cpu-small-requests.sh
 #   TARGET=rathole scripts/cpu-small-requests.sh
-#   AGENT_ARGS="--worker-threads 1" scripts/cpu-small-requests.sh
+#   AGENT_ARGS="--worker-threads 0" scripts/cpu-small-requests.sh   # the agent on one thread per core
 #   LOAD="--h2 32" scripts/cpu-small-requests.sh        # HTTP/2, 32 streams on one connection
 set -euo pipefail
 cd "$(dirname "$0")/.."
