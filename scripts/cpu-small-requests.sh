@@ -15,27 +15,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 conns=${CONNS:-16}
 secs=${SECS:-5}
+. scripts/lib/small-requests.sh
 if [ "${TARGET:-relay}" = rathole ]; then
-  out=$(mktemp -d)
-  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-  target/release/relay-bench backend >"$out/backend.log" 2>&1 &
-  until grep -q '^http ' "$out/backend.log" 2>/dev/null; do sleep 0.1; done
-  backend=$(awk '/^http /{print $2}' "$out/backend.log")
-  port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-  control=$(port) http=$(port)
-  printf '[server]\nbind_addr = "127.0.0.1:%s"\ndefault_token = "t"\n[server.services.http]\nbind_addr = "127.0.0.1:%s"\n' \
-    "$control" "$http" >"$out/server.toml"
-  printf '[client]\nremote_addr = "127.0.0.1:%s"\ndefault_token = "t"\n[client.services.http]\nlocal_addr = "%s"\n' \
-    "$control" "$backend" >"$out/client.toml"
-  RUST_LOG=warn target/bench-tools/bin/rathole --server "$out/server.toml" >"$out/server.log" 2>&1 &
-  server=$!
-  RUST_LOG=warn target/bench-tools/bin/rathole --client "$out/client.toml" >"$out/client.log" 2>&1 &
-  agent=$!
-  url=http://127.0.0.1:$http
-  until curl -sf -o /dev/null "$url/small"; do sleep 0.2; done
+  start_rathole
   names=(rathole-server rathole-client)
 else
-  . scripts/lib/small-requests.sh
   start_small_requests 1
   url=$url/client/p
   names=(relay-server relay-agent)

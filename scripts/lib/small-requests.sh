@@ -1,5 +1,5 @@
-# Sourced by the scripts/*-small-requests.sh measurements: starts the bench backend, a
-# relay-server and an agent (name `p`) on loopback, each under the command in the arrays
+# Sourced by the scripts/*-small-requests.sh measurements. `start_small_requests` starts
+# the bench backend, a relay-server and an agent (name `p`) on loopback, each under the command in the arrays
 # `server_wrap` and `agent_wrap` if the caller set them (valgrind, …), and waits until a
 # GET passes through. Sets `out` (a temporary folder with the logs), `url`, `server` and
 # `agent` (the PIDs), and `urls` (arguments for curl: REQUESTS GETs of the small page).
@@ -24,4 +24,28 @@ start_small_requests() {
   until curl -sf -o /dev/null "$url/client/p/small"; do sleep 0.2; done
   urls=()
   for _ in $(seq "$n"); do urls+=("$url/client/p/small" -o /dev/null); done
+}
+
+# Like `start_small_requests`, for rathole's server and client in front of the same backend
+# (rathole in target/bench-tools, installed by a full `relay-bench` run): sets `out`, `url`
+# (the small page's base), `server` and `agent` (rathole's server and client PIDs).
+start_rathole() {
+  local backend control http
+  out=$(mktemp -d)
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+  target/release/relay-bench backend >"$out/backend.log" 2>&1 &
+  until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
+  backend=$(awk '/^http /{print $2}' "$out/backend.log")
+  port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  control=$(port) http=$(port)
+  printf '[server]\nbind_addr = "127.0.0.1:%s"\ndefault_token = "t"\n[server.services.http]\nbind_addr = "127.0.0.1:%s"\n' \
+    "$control" "$http" >"$out/server.toml"
+  printf '[client]\nremote_addr = "127.0.0.1:%s"\ndefault_token = "t"\n[client.services.http]\nlocal_addr = "%s"\n' \
+    "$control" "$backend" >"$out/client.toml"
+  RUST_LOG=warn target/bench-tools/bin/rathole --server "$out/server.toml" >"$out/server.log" 2>&1 &
+  server=$!
+  RUST_LOG=warn target/bench-tools/bin/rathole --client "$out/client.toml" >"$out/client.log" 2>&1 &
+  agent=$!
+  url=http://127.0.0.1:$http
+  until curl -sf -o /dev/null "$url/small"; do sleep 0.2; done
 }
