@@ -16,14 +16,7 @@ cd "$(dirname "$0")/.."
 conns=${CONNS:-16}
 secs=${SECS:-5}
 . scripts/lib/small-requests.sh
-if [ "${TARGET:-relay}" = rathole ]; then
-  start_rathole
-  names=(rathole-server rathole-client)
-else
-  start_small_requests 1
-  url=$url/client/p
-  names=(relay-server relay-agent)
-fi
+start_target
 # utime, stime (clock ticks) and the context switches of every thread, per process.
 # Then the machine's idle and busy ticks (/proc/stat).
 snap() {

@@ -17,14 +17,7 @@ n=${1:-2000}
 par=${PARALLEL:-1}
 . scripts/lib/small-requests.sh
 if [ -n "${LOAD:-}" ]; then
-  if [ "${TARGET:-relay}" = rathole ]; then
-    start_rathole
-    names=(rathole-server rathole-client)
-  else
-    start_small_requests 1
-    url=$url/client/p
-    names=(relay-server relay-agent)
-  fi
+  start_target
   secs=${SECS:-4}
   calls=(epoll_wait futex recvfrom read writev sendto write)
   events=raw_syscalls:sys_enter,$(printf 'syscalls:sys_enter_%s,' "${calls[@]}")context-switches,task-clock

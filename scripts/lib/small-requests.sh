@@ -49,3 +49,16 @@ start_rathole() {
   url=http://127.0.0.1:$http
   until curl -sf -o /dev/null "$url/small"; do sleep 0.2; done
 }
+
+# The relay (start_small_requests, `url` set to the agent's base) or with TARGET=rathole
+# rathole (start_rathole); `names` are the two processes' names.
+start_target() {
+  if [ "${TARGET:-relay}" = rathole ]; then
+    start_rathole
+    names=(rathole-server rathole-client)
+  else
+    start_small_requests 1
+    url=$url/client/p
+    names=(relay-server relay-agent)
+  fi
+}
