@@ -141,8 +141,8 @@ struct Cli {
     /// Worker threads (0: one per core). The default, one, suits an agent that shares its
     /// machine with its backend: it hands requests between tasks without waking another
     /// thread (a quarter less CPU per small request), and small requests beside a bulk
-    /// transfer still answer within a few milliseconds. More spread bulk transfers over
-    /// cores for an agent that serves several at once.
+    /// transfer still answer within a few milliseconds. More threads (or 0) spread bulk
+    /// transfers over the cores, for an agent that serves several at once.
     #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 1, global = true)]
     worker_threads: usize,
 }
