@@ -1,8 +1,9 @@
 # Sourced by the scripts/*-small-requests.sh measurements. `start_small_requests` starts
 # the bench backend, a relay-server and an agent (name `p`) on loopback, each under the
 # command in the arrays `server_wrap` and `agent_wrap` if the caller set them (valgrind,
-# …), and waits until a GET passes through. Sets `out` (a temporary folder with the logs), `url`, `server` and
-# `agent` (the PIDs), and `urls` (arguments for curl: REQUESTS GETs of the small page).
+# …), and waits until a GET passes through. Sets `out` (a temporary folder with the logs),
+# `url`, `server` and `agent` (the PIDs), and `urls` (arguments for curl: REQUESTS GETs of
+# the small page).
 # Kills what it started when the calling script exits. Needs curl; run after
 # `cargo build --release --workspace`. The relay binaries come from `$BIN` (default
 # target/release).
