@@ -47,7 +47,7 @@ unsafe fn by_alignment(
 ) -> *mut u8 {
     // SAFETY: mimalloc's allocation functions take sizes only.
     unsafe {
-        if layout.align() <= WORD {
+        if every_block_fits(layout) {
             plain(layout.size()).cast()
         } else {
             aligned(layout.size(), layout.align()).cast()
@@ -58,6 +58,13 @@ unsafe fn by_alignment(
 /// The alignment every mimalloc block has.
 #[cfg(not(feature = "system-allocator"))]
 const WORD: usize = std::mem::size_of::<usize>();
+
+/// Whether every mimalloc block has `layout`'s alignment: the plain functions serve it.
+#[cfg(not(feature = "system-allocator"))]
+#[inline]
+fn every_block_fits(layout: std::alloc::Layout) -> bool {
+    layout.align() <= WORD
+}
 
 // SAFETY: every method hands its pointer and sizes to mimalloc's matching function; plain
 // `mi_malloc` and `mi_realloc` only for alignments every block has (`WORD`), the aligned
@@ -91,7 +98,7 @@ unsafe impl std::alloc::GlobalAlloc for Allocator {
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         use libmimalloc_sys::{mi_realloc, mi_realloc_aligned};
-        if layout.align() <= WORD {
+        if every_block_fits(layout) {
             mi_realloc(ptr.cast(), new_size).cast()
         } else {
             mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()

@@ -105,6 +105,8 @@ impl Streams {
             return false;
         }
         let mut q = self.accepted.queue.lock().expect("bug: poisoned");
+        // The flag can outlive what it announced: `execute` sets it after its push, so an
+        // earlier take may have drained that stream already.
         if q.is_empty() {
             return false;
         }
@@ -185,38 +187,36 @@ mod tests {
     /// instead of outliving it; until then, a woken stream runs to its end.
     #[tokio::test]
     async fn a_connections_streams_end_with_it() {
-        {
-            let mut streams = Streams::default();
-            let exec = streams.exec();
-            let (go, wait) = oneshot::channel::<()>();
-            let finished = Arc::new(AtomicBool::new(false));
-            let (guard, dropped) = oneshot::channel::<()>();
-            let (end_conn, conn_ends) = oneshot::channel::<()>();
-            let f = finished.clone();
-            exec.execute(async move {
-                let _ = wait.await;
-                f.store(true, Ordering::SeqCst);
-            });
-            exec.execute(async move {
-                let _guard = guard;
-                std::future::pending::<()>().await
-            });
-            let mut conn = conn_ends;
-            let mut drive = Box::pin(streams.drive(&mut conn));
-            assert!(poll_once(&mut drive).await.is_pending());
-            go.send(()).expect("the first stream waits");
-            assert!(poll_once(&mut drive).await.is_pending());
-            assert!(finished.load(Ordering::SeqCst), "a woken stream ran");
-            end_conn.send(()).expect("the connection runs");
-            assert!(poll_once(&mut drive).await.is_ready());
-            drop(drive);
-            drop(streams);
-            let mut dropped = dropped;
-            assert_eq!(
-                dropped.try_recv(),
-                Err(oneshot::error::TryRecvError::Closed),
-                "the pending stream was dropped"
-            );
-        }
+        let mut streams = Streams::default();
+        let exec = streams.exec();
+        let (go, wait) = oneshot::channel::<()>();
+        let finished = Arc::new(AtomicBool::new(false));
+        let (guard, dropped) = oneshot::channel::<()>();
+        let (end_conn, conn_ends) = oneshot::channel::<()>();
+        let f = finished.clone();
+        exec.execute(async move {
+            let _ = wait.await;
+            f.store(true, Ordering::SeqCst);
+        });
+        exec.execute(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        });
+        let mut conn = conn_ends;
+        let mut drive = Box::pin(streams.drive(&mut conn));
+        assert!(poll_once(&mut drive).await.is_pending());
+        go.send(()).expect("the first stream waits");
+        assert!(poll_once(&mut drive).await.is_pending());
+        assert!(finished.load(Ordering::SeqCst), "a woken stream ran");
+        end_conn.send(()).expect("the connection runs");
+        assert!(poll_once(&mut drive).await.is_ready());
+        drop(drive);
+        drop(streams);
+        let mut dropped = dropped;
+        assert_eq!(
+            dropped.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "the pending stream was dropped"
+        );
     }
 }
