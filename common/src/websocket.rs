@@ -10,6 +10,7 @@
 //! uninitialised capacity.
 
 use std::future::poll_fn;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -283,10 +284,32 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
-        self.out.reserve(14 + payload.len());
+        let vectored = self.role == Role::Server && self.io.is_write_vectored();
+        self.out
+            .reserve(14 + if vectored { 0 } else { payload.len() });
+        self.put_head(opcode, payload.len());
+        if self.role == Role::Client {
+            // A fresh unpredictable key per frame (§5.3), then the payload masked in place.
+            let key: [u8; 4] = rand::random();
+            self.out.extend_from_slice(&key);
+            let at = self.out.len();
+            self.out.extend_from_slice(payload);
+            unmask(&mut self.out[at..], key);
+        } else if vectored {
+            // A server's payload goes out as it is (§5.1: never masked): the head and the
+            // payload in one vectored write, without copying the payload behind the head.
+            return self.write_head_and(payload).await;
+        } else {
+            self.out.extend_from_slice(payload);
+        }
+        self.write_head_and(&[]).await
+    }
+
+    /// The frame head for a payload of `len` bytes (§5.2), into `out`.
+    fn put_head(&mut self, opcode: u8, len: usize) {
         self.out.put_u8(FIN | opcode);
         let mask_bit = if self.role == Role::Client { MASKED } else { 0 };
-        match payload.len() {
+        match len {
             n if n < 126 => self.out.put_u8(mask_bit | n as u8),
             n if n <= 0xFFFF => {
                 self.out.put_u8(mask_bit | 126);
@@ -297,23 +320,26 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 self.out.put_u64(n as u64);
             }
         }
-        if self.role == Role::Client {
-            // A fresh unpredictable key per frame (§5.3), then the payload masked in place.
-            let key: [u8; 4] = rand::random();
-            self.out.extend_from_slice(&key);
-            let at = self.out.len();
-            self.out.extend_from_slice(payload);
-            unmask(&mut self.out[at..], key);
-        } else {
-            self.out.extend_from_slice(payload);
-        }
+    }
+
+    /// Writes what `out` holds, then `rest`, whole; then flushes and empties `out`.
+    async fn write_head_and(&mut self, mut rest: &[u8]) -> std::io::Result<()> {
         let mut at = 0;
-        while at < self.out.len() {
-            let n = self.io.write(&self.out[at..]).await?;
+        while at < self.out.len() || !rest.is_empty() {
+            let n = if at == self.out.len() {
+                self.io.write(rest).await?
+            } else if rest.is_empty() {
+                self.io.write(&self.out[at..]).await?
+            } else {
+                let bufs = [IoSlice::new(&self.out[at..]), IoSlice::new(rest)];
+                self.io.write_vectored(&bufs).await?
+            };
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
-            at += n;
+            let head = n.min(self.out.len() - at);
+            at += head;
+            rest = &rest[n - head..];
         }
         self.io.flush().await?;
         self.out.clear();

@@ -214,3 +214,78 @@ async fn tungstenite_reads_what_we_write_and_we_read_what_it_writes() {
         }
     }
 }
+
+/// A socket that takes at most `cap` bytes per write, over several slices as a socket's
+/// `writev` does, and keeps them.
+struct Vectored {
+    cap: usize,
+    got: Vec<u8>,
+    writes: usize,
+}
+
+impl AsyncWrite for Vectored {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(b)])
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        me.writes += 1;
+        let mut n = 0;
+        for b in bufs {
+            let take = b.len().min(me.cap - n);
+            me.got.extend_from_slice(&b[..take]);
+            n += take;
+        }
+        Poll::Ready(Ok(n))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// On a socket that takes several buffers in one write, the server's frames go out as the
+/// head and the payload as it is: one write for a whole frame, nothing copied behind the
+/// head, and any split of a short write resumed at the right byte.
+#[tokio::test]
+async fn a_servers_frame_goes_out_in_one_vectored_write_without_a_copy() {
+    for n in [0, 1, 125, 126, 10_000, 65_536] {
+        let msg: Vec<u8> = (0..n).map(|i| (i * 13 % 251) as u8).collect();
+        let io = Vectored {
+            cap: usize::MAX,
+            got: Vec::new(),
+            writes: 0,
+        };
+        let mut w = Writer::new(io, Role::Server);
+        w.binary(&msg).await.unwrap();
+        assert_eq!(w.io.got, raw(FIN | BINARY, &msg, None), "{n} bytes");
+        assert_eq!(w.io.writes, 1, "{n} bytes in one write");
+        assert!(w.out.capacity() <= 64, "the payload was copied ({n} bytes)");
+        // Short writes: 3 bytes at a time splits the head and the payload everywhere.
+        let io = Vectored {
+            cap: 3,
+            got: Vec::new(),
+            writes: 0,
+        };
+        let mut w = Writer::new(io, Role::Server);
+        w.binary(&msg).await.unwrap();
+        assert_eq!(
+            w.io.got,
+            raw(FIN | BINARY, &msg, None),
+            "{n} bytes, 3 at a time"
+        );
+    }
+}
