@@ -3,8 +3,10 @@
 # the kernel's scheduler events (perf sched, every CPU, WINDOW seconds in the middle of the
 # load) say how long each process ran per request, how long the CPUs stood idle and in
 # gaps of what length, whether both were idle at once, and how long a woken thread waited
-# for its CPU. TARGET=rathole measures rathole's server and client the same way. Needs
-# perf and curl; run after `cargo build --release --workspace`.
+# for its CPU; and one over the CPU per request of the two middle processes together (on
+# a 2-core machine the rate follows it, docs/PERFORMANCE.md). TARGET=rathole measures
+# rathole's server and client the same way. Needs perf and curl; run after
+# `cargo build --release --workspace`.
 #   scripts/sched-small-requests.sh                      # 16 keep-alive connections
 #   LOAD="--h2 32" scripts/sched-small-requests.sh
 #   TARGET=rathole scripts/sched-small-requests.sh
@@ -59,6 +61,9 @@ for name in (sname, aname, "load and backend", "other"):
         d = delay[name]
         print(f"  {name:17s} {run[name] / n * 1e3:6.1f} µs of CPU per request, "
               f"waited {d[0] / d[1] * 1e3:5.1f} µs on average for its CPU after a wake-up")
+pair = sum(run.get(k, 0) for k in (sname, aname)) / n * 1e3
+print(f"  the two together {pair:.1f} µs: 1 / that = {1e6 / pair:.0f} req/s "
+      "(the rate when they keep one CPU busy between them)")
 gaps = {"< 50 µs": 0.0, "50-100 µs": 0.0, "100-200 µs": 0.0, ">= 200 µs": 0.0}
 for cpu in sorted(idle):
     total = sum(b - a for a, b in idle[cpu])

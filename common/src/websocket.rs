@@ -285,8 +285,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 
     async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
         let vectored = self.role == Role::Server && self.io.is_write_vectored();
-        self.out
-            .reserve(14 + if vectored { 0 } else { payload.len() });
+        let copied = if vectored { 0 } else { payload.len() };
+        self.out.reserve(14 + copied);
         self.put_head(opcode, payload.len());
         if self.role == Role::Client {
             // A fresh unpredictable key per frame (§5.3), then the payload masked in place.
