@@ -45,8 +45,10 @@ for line in open(path):
     if task == "<idle>":
         idle.setdefault(cpu, []).append((t - ms / 1e3, t))
         continue
-    m = re.search(r"\[\d+/(\d+)\]", task)
-    name = who.get(m.group(1) if m else "", "load and backend")
+    # `name[tid/pid]`, or `name[pid]` for a process's main thread.
+    m = re.search(r"\[(\d+)(?:/(\d+))?\]", task)
+    pid = (m.group(2) or m.group(1)) if m else ""
+    name = who.get(pid, "load and backend")
     if "perf" in task or "sleep" in task or task.startswith(("k", "rcu", "migration")):
         name = "other"
     run[name] = run.get(name, 0) + ms
