@@ -147,9 +147,11 @@ pub fn relay(b: Addrs) -> anyhow::Result<Running> {
         let mut c = Command::new(binary("relay-server"));
         c.args(["--listen", "127.0.0.1:0", "--agent-token"])
             .arg(format!("*={TOKEN}"))
-            // The load comes from one address, and the burst scenario parks 10 000 requests
-            // for one name at once (the defaults refuse more than 1 000 per name with 503).
+            // The load (and the idle scenario's thousands of tunnels) comes from one address,
+            // and the burst scenario parks 10 000 requests for one name at once (the
+            // defaults refuse more than 1 000 per name with 503).
             .args(["--max-connections-per-ip", "1000000", "--log", &log_level()])
+            .args(["--max-tunnels-per-ip", "1000000"])
             .args(["--max-parked-per-name", "20000", "--max-parked", "20000"]);
         c
     });
@@ -225,6 +227,8 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
     let secret = Secret::new();
     let flags = [
         "--max-connections-per-ip",
+        "1000000",
+        "--max-tunnels-per-ip",
         "1000000",
         "--max-parked-per-name",
         "20000",

@@ -131,6 +131,12 @@ pub struct Cli {
     /// authenticates as an agent (trusted proxies are exempt).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", default_value_t = defaults::MAX_CONNECTIONS_PER_IP)]
     pub max_connections_per_ip: usize,
+    /// Users' tunnels (WebSockets, service ports, any switched connection) open or being
+    /// opened from one client address (behind a --trusted-proxy, the client it names);
+    /// more get 503. A switched connection leaves the connection limits, so this bounds
+    /// what one address can hold open for hours.
+    #[arg(long, env = "RELAY_MAX_TUNNELS_PER_IP", default_value_t = defaults::MAX_TUNNELS_PER_IP)]
+    pub max_tunnels_per_ip: usize,
     /// Certificate chain (PEM) to serve HTTPS with (ALPN h2 and http/1.1); reloaded when the
     /// file changes.
     #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]

@@ -107,6 +107,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Open connections from one IP address.
     pub max_connections_per_ip: usize,
+    /// Users' tunnels open (or being opened) from one client address; more get 503.
+    pub max_tunnels_per_ip: usize,
     /// An HTTP/2 connection without an open stream for this long is closed (GOAWAY).
     /// HTTP/1.1 connections idle between requests are bound by `header_read_timeout`.
     pub idle_timeout: Duration,
@@ -247,6 +249,7 @@ impl Config {
             user_write_timeout,
             max_connections,
             max_connections_per_ip,
+            max_tunnels_per_ip,
             idle_timeout,
             tls,
             agent_client_ca,
@@ -296,6 +299,7 @@ impl Default for Config {
             user_write_timeout: defaults::duration(defaults::USER_WRITE_TIMEOUT),
             max_connections: defaults::MAX_CONNECTIONS,
             max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
+            max_tunnels_per_ip: defaults::MAX_TUNNELS_PER_IP,
             idle_timeout: defaults::duration(defaults::IDLE_TIMEOUT),
             tls: None,
             agent_client_ca: None,

@@ -84,3 +84,8 @@ pub const MAX_CONNECTIONS: usize = 50_000;
 
 /// Open connections from one IP address.
 pub const MAX_CONNECTIONS_PER_IP: usize = 256;
+
+/// Users' tunnels open from one client address: a few users' notebooks, terminals and
+/// `relay-client connect` sessions (200 tunnels at once through one is a test), not one
+/// address holding the relay's sockets for hours.
+pub const MAX_TUNNELS_PER_IP: usize = 1024;

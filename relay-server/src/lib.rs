@@ -112,6 +112,8 @@ pub struct State {
     pub budget: Arc<base::budget::Budget>,
     /// Open connections, in total and per address.
     pub conns: Arc<base::limits::ConnLimits>,
+    /// Users' tunnels open per client address.
+    pub tunnel_places: Arc<base::tunnel_places::TunnelPlaces>,
     /// Agents, queues, requests.
     pub broker: Arc<agent::broker::Broker>,
     /// Whether `/metrics` and `/status` are served on the public listener (no admin
@@ -165,6 +167,7 @@ impl State {
                 cfg.max_connections,
                 cfg.max_connections_per_ip,
             )),
+            tunnel_places: base::tunnel_places::TunnelPlaces::new(cfg.max_tunnels_per_ip),
             auth: std::sync::RwLock::new(Arc::new(Auth::new(&cfg))),
             sessions,
             revocations: Default::default(),

@@ -237,6 +237,7 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         max_buffered_bytes: cli.max_buffered_bytes,
         trusted_proxies: cli.trusted_proxies.clone(),
         max_connections_per_ip: cli.max_connections_per_ip,
+        max_tunnels_per_ip: cli.max_tunnels_per_ip,
         access,
         user_tokens,
         link_secret,

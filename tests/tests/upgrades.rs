@@ -541,3 +541,79 @@ async fn a_revoked_user_token_ends_its_tunnels_and_leaves_the_others() {
     server.wait_idle().await;
     assert!(server.state.revocations.is_empty());
 }
+
+/// Sends an upgrade request to protocol `proto` from the local address `from`, with
+/// `extra` header lines, and returns the connection with the head of its answer.
+async fn upgrade_from(
+    relay: SocketAddr,
+    from: &str,
+    proto: &str,
+    extra: &str,
+) -> (TcpStream, String) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    let mut s = sock.connect(relay).await.unwrap();
+    let head = UPGRADE_HEAD
+        .replace("Upgrade: echo", &format!("Upgrade: {proto}"))
+        .replace("Host: x\r\n", &format!("Host: x\r\n{extra}"));
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (head, _) = read_head(&mut s).await;
+    (s, head)
+}
+
+#[tokio::test]
+async fn tunnels_are_limited_per_client_address_and_a_place_frees_with_its_tunnel() {
+    let (addr, _early) = raw_echo_backend().await;
+    let mut cfg = server_config();
+    cfg.max_tunnels_per_ip = 2;
+    cfg.trusted_proxies = vec!["127.0.0.3/32".parse().unwrap()];
+    let server = Server::start(cfg).await;
+    let _agent = Agent::start(Agent::config(&server.url(), "e", &format!("http://{addr}")));
+    server.wait_agent("e").await;
+    let places = &server.state.tunnel_places;
+    let first = open_tunnel(server.addr, b"").await;
+    let _second = open_tunnel(server.addr, b"").await;
+    // The third from the same address is refused before the backend hears of it.
+    let (_s, head) = upgrade_from(server.addr, "127.0.0.1", "echo", "").await;
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    assert_eq!(server.state.metrics.rejections("tunnels_per_ip"), 1);
+    // Another address has an allowance of its own, and behind a trusted proxy each client
+    // it names has its own: the proxy's own address holds none of theirs.
+    let (_other, head) = upgrade_from(server.addr, "127.0.0.2", "echo", "").await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let (_proxied, head) = upgrade_from(
+        server.addr,
+        "127.0.0.3",
+        "echo",
+        "X-Forwarded-For: 10.9.9.9\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let (_s, head) = upgrade_from(
+        server.addr,
+        "127.0.0.3",
+        "echo",
+        "X-Forwarded-For: 127.0.0.1\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    let client: std::net::IpAddr = "10.9.9.9".parse().unwrap();
+    assert_eq!(places.open_at(client), 1);
+    // A closed tunnel gives its place back.
+    drop(first);
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    wait_for(|| places.open_at(local) == 1).await;
+    // Upgrades the backend refuses hold a place only while they wait for its answer.
+    for _ in 0..3 {
+        let (_s, head) = upgrade_from(server.addr, "127.0.0.1", "other", "").await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+    }
+    wait_for(|| places.open_at(local) == 1).await;
+    let _again = open_tunnel(server.addr, b"").await;
+    assert_eq!(server.state.metrics.rejections("tunnels_per_ip"), 2);
+    drop((_second, _again, _other, _proxied));
+    server.wait_idle().await;
+    wait_for(|| places.addresses() == 0).await;
+}

@@ -149,6 +149,7 @@ fn start_server(addr: SocketAddr, cluster: Option<&Cluster>) -> Proc {
         // Every user of the run comes from 127.0.0.1 (through the user link), where real
         // users would come from many addresses.
         .args(["--max-connections-per-ip", "100000"])
+        .args(["--max-tunnels-per-ip", "100000"])
         .env("RELAY_LOG", log_level());
     if let Some(c) = cluster {
         cmd.args(["--cluster-redis", &c.redis.url()])

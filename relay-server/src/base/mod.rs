@@ -1,7 +1,7 @@
 //! The base layer every feature stands on: credentials, response bodies, the byte budget,
-//! connections' activity, limits and HTTP/2 streams, switched connections' places, metrics
-//! and the request history, TLS termination, memory trimming, the client of external
-//! services.
+//! connections' activity, limits and HTTP/2 streams, switched connections' places and users'
+//! tunnels per address, metrics and the request history, TLS termination, memory
+//! trimming, the client of external services.
 //! Nothing here knows about users, agents or replicas.
 
 pub mod activity;
@@ -18,3 +18,4 @@ pub mod streams;
 pub mod switch;
 pub mod tls;
 pub mod trim;
+pub mod tunnel_places;

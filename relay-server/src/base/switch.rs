@@ -8,7 +8,8 @@
 //! agent at all, and its other connections were refused at the limit instead of coming in
 //! on probation (`ConnLimits::admit`). Only agent paths are offered their place
 //! ([`offer_place`]); a user's tunnel gives its place up at the 101, so for users
-//! [`Switch::of`] finds none.
+//! [`Switch::of`] finds none. A user's tunnel holds a place of its own instead, under the
+//! tunnels of its address ([`Switch::hold`], `base/tunnel_places.rs`).
 
 use std::sync::Arc;
 
@@ -16,11 +17,14 @@ use http::{header, Request};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 
 use crate::base::limits::ConnPermit;
+use crate::base::tunnel_places::TunnelPlace;
 
-/// The place under the connection limits of a switched connection: held as long as the
-/// connection is carried, dropped when it closes.
+/// The places of a switched connection, under the connection limits (an agent's) or under
+/// its address's tunnels (a user's): held as long as the connection is carried, dropped
+/// when it closes.
 pub struct Place {
     _held: Option<Arc<ConnPermit>>,
+    _tunnel: Option<TunnelPlace>,
 }
 
 /// Marks `req` as holding `permit` when it is an agent's request that may switch its
@@ -42,6 +46,7 @@ pub fn offer_place<B>(req: &mut Request<B>, permit: &Arc<ConnPermit>) {
 pub struct Switch {
     on: OnUpgrade,
     place: Option<Arc<ConnPermit>>,
+    tunnel: Option<TunnelPlace>,
 }
 
 impl Switch {
@@ -50,13 +55,26 @@ impl Switch {
         Switch {
             on: hyper::upgrade::on(&mut *req),
             place: req.extensions_mut().remove::<Arc<ConnPermit>>(),
+            tunnel: None,
         }
+    }
+
+    /// Holds `tunnel` until the switched connection closes, or until the switch is dropped
+    /// (the backend did not switch, the user left first).
+    pub fn hold(&mut self, tunnel: TunnelPlace) {
+        self.tunnel = Some(tunnel);
     }
 
     /// Waits for the switch: the connection, and the place its carrier keeps while it is
     /// open. An error when the connection closed or failed before switching.
     pub async fn switched(self) -> Result<(Upgraded, Place), hyper::Error> {
         let io = self.on.await?;
-        Ok((io, Place { _held: self.place }))
+        Ok((
+            io,
+            Place {
+                _held: self.place,
+                _tunnel: self.tunnel,
+            },
+        ))
     }
 }

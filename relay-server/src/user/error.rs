@@ -38,6 +38,9 @@ pub enum RelayError {
     /// Too many requests waiting (internal limit).
     #[error(transparent)]
     Overloaded(#[from] crate::agent::broker::QueueFull),
+    /// The user's address holds as many tunnels as it may (user side).
+    #[error(transparent)]
+    TooManyTunnels(#[from] crate::base::tunnel_places::TooManyTunnels),
     /// The server is shutting down.
     #[error("the relay is shutting down")]
     Draining,
@@ -78,6 +81,7 @@ impl RelayError {
             RelayError::NoAgent(_)
             | RelayError::PickupTimeout(_)
             | RelayError::Overloaded(_)
+            | RelayError::TooManyTunnels(_)
             | RelayError::ClusterUnavailable(_)
             | RelayError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::Agent(_) | RelayError::Backend(_) | RelayError::Replica(_) => {

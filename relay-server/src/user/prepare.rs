@@ -62,7 +62,7 @@ pub fn prepare(
     let upgrade = (req.version() == http::Version::HTTP_11 && req.body().is_end_stream())
         .then(|| upgrade_request(req.headers()))
         .flatten();
-    let on_upgrade = upgrade
+    let mut on_upgrade = upgrade
         .as_ref()
         .map(|_| crate::base::switch::Switch::of(&mut req));
     let (parts, body) = req.into_parts();
@@ -74,6 +74,15 @@ pub fn prepare(
         trusted,
     };
     let (headers, client) = backend_headers(&parts, &via, upgrade.as_deref())?;
+    // A tunnel's place under its address's allowance, taken before the backend is asked:
+    // past it the backend never hears of the request. Held until the tunnel closes, or
+    // freed with the switch when the backend does not switch.
+    if let Some(switch) = &mut on_upgrade {
+        let place = state.tunnel_places.take(client).inspect_err(|_| {
+            state.metrics.rejected("tunnels_per_ip");
+        })?;
+        switch.hold(place);
+    }
     let content_length = body.size_hint().exact();
     // RFC 9110 §15.5.14: refuse a declared oversize body before anything is relayed.
     if let (Some(n), Some(max)) = (content_length, state.cfg.max_request_body) {
