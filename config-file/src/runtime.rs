@@ -23,3 +23,12 @@ pub fn build(threads: usize, name: &str) -> io::Result<tokio::runtime::Runtime> 
     }
     b.build()
 }
+
+/// A single-threaded runtime for one thread of its own (the relay-server's shards: see
+/// `relay-server/src/shards.rs`), with the same allocator hook as [`build`]'s workers.
+pub fn single() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(crate::allocator::on_park)
+        .build()
+}

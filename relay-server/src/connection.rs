@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -24,6 +25,7 @@ use crate::base::limits::{ConnLimits, ConnRefused, FirstBytes, Pool};
 use crate::base::streams::{ConnExec, Streams};
 use crate::base::tls::Tls;
 use crate::listener::Face;
+use crate::shards::{self, Handoff, Peeked, Shards};
 use crate::State;
 
 /// Longest TLS handshake before the connection is dropped.
@@ -42,6 +44,8 @@ pub struct Conns<'a> {
     pub tracker: &'a TaskTracker,
     /// TLS termination, when configured.
     pub tls: Option<&'a Arc<Tls>>,
+    /// The shards plain connections may be placed on (`--shards`), on the main runtime.
+    pub shards: Option<&'a Arc<Shards>>,
 }
 
 impl Conns<'_> {
@@ -68,7 +72,7 @@ impl Conns<'_> {
                 },
             };
             if let Some(permit) = self.admit(peer, face) {
-                self.spawn(stream, peer, face, permit);
+                self.spawn(stream, peer, face, permit, None);
             }
         }
     }
@@ -100,14 +104,27 @@ impl Conns<'_> {
         }
     }
 
+    /// Serves a connection the main runtime placed on this shard, with the bytes it read.
+    pub fn serve_handed(&self, h: Handoff) {
+        match TcpStream::from_std(h.stream) {
+            Ok(stream) => self.spawn(stream, h.peer, h.face, h.permit, Some(h.head)),
+            Err(e) => {
+                tracing::debug!(peer = %h.peer, error = %e, "a handed-over connection failed")
+            }
+        }
+    }
+
     /// Serves one accepted connection on the tracker: TLS when configured, protocol
-    /// detection, the request service, the supervisor.
+    /// detection, the request service, the supervisor. `head` is what was read of it
+    /// already (a connection handed to a shard); without it, a plain connection may be
+    /// placed on a shard by its first head (`shards.rs`).
     fn spawn(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
         face: Face,
         permit: Arc<crate::base::limits::ConnPermit>,
+        head: Option<Bytes>,
     ) {
         let _ = stream.set_nodelay(true);
         let https = self.tls.is_some() && !matches!(face, Face::Admin | Face::Cluster);
@@ -140,11 +157,55 @@ impl Conns<'_> {
             http1: detect.min(idle),
             http2: idle,
         };
+        let placing = match (head.is_none(), self.shards) {
+            (true, Some(s))
+                if acceptor.is_none() && face != Face::Admin && face != Face::Cluster =>
+            {
+                Some((s.clone(), self.state.clone()))
+            }
+            _ => None,
+        };
         self.tracker.spawn(async move {
+            let mut stream = stream;
+            let mut permit = permit;
+            let mut head = head.unwrap_or_default();
+            if let Some((shards, state)) = placing {
+                let max = state.cfg.max_head_bytes;
+                let peeked = tokio::select! {
+                    p = shards::peek(&mut stream, max, idle.http1) => p,
+                    // Between requests, as hyper would be: the stop closes it.
+                    _ = stop.cancelled() => Peeked::Closed,
+                };
+                let Peeked::Bytes(read) = peeked else {
+                    return;
+                };
+                head = read.freeze();
+                if let Some(i) = shards.shard_for(&state, face, &head) {
+                    let Ok(std) = stream.into_std() else { return };
+                    let h = Handoff {
+                        stream: std,
+                        head,
+                        peer,
+                        face,
+                        permit,
+                    };
+                    match shards.hand_off(i, h) {
+                        Ok(()) => return,
+                        // The shard has stopped (the server is stopping): served here.
+                        Err(h) => {
+                            let Ok(s) = TcpStream::from_std(h.stream) else {
+                                return;
+                            };
+                            (stream, head, permit) = (s, h.head, h.permit);
+                        }
+                    }
+                }
+            }
             let _permit = permit;
             let result = match acceptor {
                 None => {
-                    let io = TokioIo::new(FirstBytes::new(stream, detect, &activity));
+                    let first = FirstBytes::new(stream, detect, &activity).after(head);
+                    let io = TokioIo::new(first);
                     let conn = builder.serve_connection_with_upgrades(io, svc);
                     supervise(conn, &mut streams, &activity, idle, &stop).await
                 }

@@ -44,6 +44,7 @@ pub mod defaults;
 pub mod dispatch;
 pub mod listener;
 pub mod ops;
+pub mod shards;
 pub mod user;
 
 pub use config::{Config, ConfigError, Secret, TokenScope};
@@ -114,6 +115,8 @@ pub struct State {
     pub conns: Arc<base::limits::ConnLimits>,
     /// Users' tunnels open per client address.
     pub tunnel_places: Arc<base::tunnel_places::TunnelPlaces>,
+    /// Where each name's sessions run, when the server runs shards (`shards.rs`).
+    pub placement: Option<Arc<base::placement::Placement>>,
     /// Agents, queues, requests.
     pub broker: Arc<agent::broker::Broker>,
     /// Whether `/metrics` and `/status` are served on the public listener (no admin
@@ -168,6 +171,7 @@ impl State {
                 cfg.max_connections_per_ip,
             )),
             tunnel_places: base::tunnel_places::TunnelPlaces::new(cfg.max_tunnels_per_ip),
+            placement: (cfg.shards > 0).then(|| base::placement::Placement::new(cfg.shards)),
             auth: std::sync::RwLock::new(Arc::new(Auth::new(&cfg))),
             sessions,
             revocations: Default::default(),

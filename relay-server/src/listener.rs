@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::base::streams::ConnExec;
 use crate::base::tls::Tls;
 use crate::connection::Conns;
+use crate::shards::Shards;
 use crate::{Config, State};
 
 /// How often agents without polls are checked.
@@ -92,6 +93,13 @@ pub async fn serve_faces(
         .ops_on_public
         .store(ops_public, std::sync::atomic::Ordering::Release);
     let tracker = TaskTracker::new();
+    // Shard threads stay while their connections run, at most until this returns.
+    let gone = CancellationToken::new();
+    let _gone = gone.clone().drop_guard();
+    let shards = match &state.placement {
+        Some(p) => Some(Shards::start(&state, p, &tracker, &gone)?),
+        None => None,
+    };
     let tls = start_tls(&state, &tracker)?;
     let cluster_tls = start_cluster_tls(&state, &tracker)?;
     tracker.spawn(housekeeping(state.clone()));
@@ -110,10 +118,12 @@ pub async fn serve_faces(
         limits: &state.conns,
         tracker: &tracker,
         tls: tls.as_ref(),
+        shards: shards.as_ref(),
     };
     let cluster_conns = Conns {
         builder: &cluster_http,
         tls: cluster_tls.as_ref(),
+        shards: None,
         ..conns
     };
     let public_face = if agent.is_some() {
@@ -223,7 +233,7 @@ async fn drain(state: Arc<State>, shutdown: CancellationToken) {
 const HYPER_MAX_HEADERS: usize = 100;
 
 /// The HTTP/1.1 and HTTP/2 settings of the user and agent listeners.
-fn http_builder(cfg: &Config, exec: ConnExec) -> auto::Builder<ConnExec> {
+pub(crate) fn http_builder(cfg: &Config, exec: ConnExec) -> auto::Builder<ConnExec> {
     let mut builder = auto::Builder::new(exec);
     builder
         .http1()

@@ -238,6 +238,7 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         trusted_proxies: cli.trusted_proxies.clone(),
         max_connections_per_ip: cli.max_connections_per_ip,
         max_tunnels_per_ip: cli.max_tunnels_per_ip,
+        shards: cli.shards,
         access,
         user_tokens,
         link_secret,

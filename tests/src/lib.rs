@@ -65,14 +65,20 @@ pub struct Server {
     pub join: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// Server settings used by tests: the default limits with a token for any name.
+/// Server settings used by tests: the default limits with a token for any name, and
+/// `RELAY_TEST_SHARDS` shards (`--shards`; none when unset).
 pub fn server_config() -> relay_server::Config {
+    let defaults = relay_server::Config::default();
     relay_server::Config {
         agent_tokens: vec![(
             relay_server::TokenScope::Any,
             relay_server::Secret(TOKEN.into()),
         )],
-        ..relay_server::Config::default()
+        shards: match std::env::var("RELAY_TEST_SHARDS") {
+            Ok(n) => n.parse().expect("RELAY_TEST_SHARDS is a number"),
+            Err(_) => defaults.shards,
+        },
+        ..defaults
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -247,6 +248,8 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// that connects and sends nothing (or half a preface) would hold its connection forever.
 pub struct FirstBytes<S> {
     inner: S,
+    /// Bytes read from `inner` before (a connection placed on a shard), read first.
+    before: Bytes,
     deadline: Option<Pin<Box<Sleep>>>,
     matched: usize,
     /// Told when the whole preface arrived (the connection speaks HTTP/2).
@@ -259,10 +262,17 @@ impl<S> FirstBytes<S> {
     pub fn new(inner: S, timeout: Duration, activity: &Arc<Activity>) -> Self {
         FirstBytes {
             inner,
+            before: Bytes::new(),
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             matched: 0,
             activity: activity.clone(),
         }
+    }
+
+    /// The same, with `before` (bytes already read from `inner`) read first.
+    pub fn after(mut self, before: Bytes) -> Self {
+        self.before = before;
+        self
     }
 
     /// Whether detection is over: a byte left the preface, or the whole preface arrived.
@@ -288,6 +298,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.before.is_empty() {
+            let n = this.before.len().min(buf.remaining());
+            let bytes = this.before.split_to(n);
+            buf.put_slice(&bytes);
+            if this.deadline.is_some() {
+                this.observe(&bytes);
+            }
+            return Poll::Ready(Ok(()));
+        }
         if this.deadline.is_none() {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }

@@ -12,6 +12,7 @@ pub mod history;
 pub mod limits;
 pub mod metrics;
 pub mod outbound;
+pub mod placement;
 pub mod queue;
 pub mod revocation;
 pub mod streams;

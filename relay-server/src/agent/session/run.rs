@@ -83,6 +83,11 @@ pub fn run(
                 return;
             }
         };
+        // Its shard is its name's home while it lasts (`shards.rs`).
+        let _home = state
+            .placement
+            .as_ref()
+            .and_then(|p| p.session_started(&name));
         let (mut stream, sink) = carrier::halves(TokioIo::new(upgraded), Role::Server);
         let outbox = Outbox::default();
         let writer = carrier::write(sink, &outbox, "session over");

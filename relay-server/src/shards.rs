@@ -1,0 +1,242 @@
+//! Shards (`--shards`): threads with a single-threaded runtime each, serving the agent
+//! sessions placed on them and the user connections of those sessions' names.
+//!
+//! Why: a relayed request crosses three tasks on the relay-server (the user's connection,
+//! the session's writer, the session's reader). On tokio's multi-thread runtime a worker
+//! that makes two tasks ready wakes another, and with two workers the pair then sleeps
+//! and wakes for every small request: 3.5–4.5 µs of its 16 on the benchmark machine
+//! (docs/PERFORMANCE.md, thirteenth round). With a request's tasks on one thread, none wakes
+//! another. A thread per core alone does not give that (tried, 2026-12-04): the user's half
+//! and the session's half then run on different threads. So connections are placed:
+//! - a session (`/server/session?server=<name>`) on the shard that holds its name, else on
+//!   the one with the fewest sessions;
+//! - a plain HTTP/1.1 user connection on the shard of the name its first request goes to,
+//!   when that name has a session on a shard;
+//! - an agent's exchange connection (a body or tunnel that does not travel in the
+//!   session: `/server/response`, `/server/requeststream`, `/server/tunnel`) on the shard
+//!   of its request's name, beside the user's connection it feeds: across threads, every
+//!   chunk of a 100 MB upload woke the other thread (a quarter of its rate).
+//!
+//! The accept path reads the first request's head itself (within the header read timeout,
+//! as hyper would have to), picks the shard, and hands the socket over with the bytes it
+//! read; the shard serves it exactly as the main runtime would have. Everything else stays
+//! on the main runtime as before: TLS, HTTP/2 with prior knowledge (its first head is
+//! HPACK-coded), requests for names without a session, the operator and cluster
+//! listeners. A keep-alive connection that moves on to another name keeps its shard.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::base::limits::ConnPermit;
+use crate::base::placement::Placement;
+use crate::listener::Face;
+use crate::State;
+
+/// A connection on its way to a shard: the socket, the bytes already read from it, and
+/// what the accept path knows of it.
+pub struct Handoff {
+    /// The socket, taken off the accepting runtime.
+    pub stream: std::net::TcpStream,
+    /// What was read of it (the first request's head, maybe more).
+    pub head: Bytes,
+    /// The peer.
+    pub peer: SocketAddr,
+    /// The listener it came in on.
+    pub face: Face,
+    /// Its place under the connection limits.
+    pub permit: Arc<ConnPermit>,
+}
+
+/// The shards' mailboxes.
+pub struct Shards {
+    inboxes: Vec<mpsc::UnboundedSender<Handoff>>,
+    placement: Arc<Placement>,
+}
+
+/// The first bytes of a plain connection, read before any HTTP server sees it.
+pub enum Peeked {
+    /// The bytes; the head is complete unless the connection is HTTP/2 or the head was
+    /// longer than the limit (hyper answers it).
+    Bytes(BytesMut),
+    /// The peer closed, failed or sent no complete head in time: the connection ends.
+    Closed,
+}
+
+impl Shards {
+    /// Starts `placement.shards()` shard threads serving what is handed to them with
+    /// `state`'s settings until the stop, then until `tracker`'s connections ended or
+    /// `gone` is cancelled (the listener returned).
+    pub fn start(
+        state: &Arc<State>,
+        placement: &Arc<Placement>,
+        tracker: &TaskTracker,
+        gone: &CancellationToken,
+    ) -> std::io::Result<Arc<Shards>> {
+        let mut inboxes = Vec::new();
+        for i in 0..placement.shards() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            inboxes.push(tx);
+            let (state, tracker, gone) = (state.clone(), tracker.clone(), gone.clone());
+            let rt = relay_config_file::runtime::single()?;
+            std::thread::Builder::new()
+                .name(format!("relay-shard-{i}"))
+                .spawn(move || {
+                    crate::base::placement::enter(i);
+                    rt.block_on(serve(rx, state, tracker, gone));
+                })?;
+        }
+        Ok(Arc::new(Shards {
+            inboxes,
+            placement: placement.clone(),
+        }))
+    }
+
+    /// The shard a connection whose first head is `head` belongs on, if not the main
+    /// runtime (or `None` when it is already there).
+    pub fn shard_for(&self, state: &State, face: Face, head: &[u8]) -> Option<usize> {
+        let shard = match first_request(state, face, head)? {
+            Target::Session(name) => self.placement.for_session(name),
+            Target::User(name) => self.placement.home(name)?,
+            Target::Exchange(id) => {
+                // Placement only: the call is authenticated where it is served.
+                let pending = state.broker.lookup(id, |_| true)?;
+                self.placement.home(&pending.name)?
+            }
+        };
+        (crate::base::placement::current() != Some(shard)).then_some(shard)
+    }
+
+    /// Hands `h` to shard `i`; it comes back when that shard has stopped.
+    pub fn hand_off(&self, i: usize, h: Handoff) -> Result<(), Handoff> {
+        self.inboxes[i].send(h).map_err(|e| e.0)?;
+        self.placement.handed_off();
+        Ok(())
+    }
+}
+
+/// Serves the connections handed to this shard.
+async fn serve(
+    mut inbox: mpsc::UnboundedReceiver<Handoff>,
+    state: Arc<State>,
+    tracker: TaskTracker,
+    gone: CancellationToken,
+) {
+    let user_http = |exec| crate::listener::http_builder(&state.cfg, exec);
+    let conns = crate::connection::Conns {
+        state: &state,
+        builder: &user_http,
+        limits: &state.conns,
+        tracker: &tracker,
+        tls: None,
+        shards: None,
+    };
+    loop {
+        tokio::select! {
+            h = inbox.recv() => match h {
+                Some(h) => conns.serve_handed(h),
+                None => break,
+            },
+            _ = state.stop.cancelled() => break,
+        }
+    }
+    // Its connections run on this thread: it stays until they end or the listener has
+    // returned (which waits for them, up to its own limit).
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = gone.cancelled() => {}
+    }
+}
+
+/// Reads the first request's head of a plain connection (up to `max` bytes, until
+/// `deadline`): the bytes, for [`Shards::shard_for`] and for the HTTP server after it.
+pub async fn peek(stream: &mut TcpStream, max: usize, within: Duration) -> Peeked {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Peeked::Closed,
+        }
+        let done = buf.starts_with(b"PRI ")
+            || buf.windows(4).any(|w| w == b"\r\n\r\n")
+            || buf.len() >= max;
+        if done {
+            return Peeked::Bytes(buf);
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(buf.len().min(max - buf.len()));
+        }
+    }
+}
+
+/// Where a connection's first request goes.
+enum Target<'a> {
+    /// An agent's session for this name.
+    Session(&'a str),
+    /// A user's request to this name.
+    User(&'a str),
+    /// An agent's exchange for the request with this id (a body or a tunnel that does not
+    /// travel in the session): served beside the user's connection it feeds.
+    Exchange(&'a str),
+}
+
+/// The target of the first request in `head`, when it has one worth placing: `None` for
+/// anything hyper must judge (a malformed or partial head, HTTP/2) and for other paths.
+fn first_request<'a>(state: &State, face: Face, head: &'a [u8]) -> Option<Target<'a>> {
+    let mut fields = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut fields);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let raw = req.path?;
+    let field = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let (path, query) = match raw.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (raw, None),
+    };
+    let mount = state.cfg.base_path.as_deref().unwrap_or("");
+    let users = matches!(face, Face::Shared | Face::Public);
+    if users {
+        if let Some(domain) = state.cfg.public_domain.as_deref() {
+            let host = field("host").and_then(|h| std::str::from_utf8(h).ok());
+            if let Some(label) = host.and_then(|h| crate::user::router::host_backend(h, domain)) {
+                return Some(Target::User(label));
+            }
+        }
+    }
+    let agents = matches!(face, Face::Shared | Face::Agent);
+    let param = |key: &str| {
+        query?
+            .split('&')
+            .find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
+    };
+    match path.strip_prefix(mount) {
+        Some(relay_common::session::SESSION_PATH) if agents => {
+            let name = param("server").filter(|n| relay_common::name::is_valid_name(n))?;
+            return Some(Target::Session(name));
+        }
+        Some("/server/response" | "/server/requeststream" | "/server/tunnel") if agents => {
+            return Some(Target::Exchange(param("id")?));
+        }
+        _ => {}
+    }
+    if !users {
+        return None;
+    }
+    let server_name = field("x-server-name");
+    let route = crate::user::router::route_in(mount, path, query, server_name, None).ok()?;
+    Some(Target::User(route.name))
+}

@@ -1,0 +1,167 @@
+//! Shards (`--shards`): sessions placed on a shard, plain HTTP/1.1 users handed to their
+//! name's shard with the bytes already read (pipelined requests, bodies in the same
+//! packet), and what stays on the main runtime (HTTP/2, names without a session).
+
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use relay_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A server with two shards and a recording backend's agent for `a`, on a session (the
+/// long-poll suite's agents have no session, so nothing is placed for them).
+async fn sharded() -> (Server, Agent) {
+    let (backend, _seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.shards = 2;
+    let server = Server::start(cfg).await;
+    let mut agent = Agent::config(&server.url(), "a", &format!("http://{backend}"));
+    agent.transport = relay_client::Transport::Websocket;
+    let agent = Agent::start(agent);
+    server.wait_agent("a").await;
+    (server, agent)
+}
+
+fn placement(server: &Server) -> &relay_server::base::placement::Placement {
+    server.state.placement.as_deref().expect("shards are on")
+}
+
+#[tokio::test]
+async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_was_read() {
+    let (server, _agent) = sharded().await;
+    let p = placement(&server);
+    let home = p.home("a").expect("the session recorded its shard");
+    assert_eq!(p.load(home), 1);
+    let before = p.handoffs();
+    // Two requests in one write, the first with a body: everything read before the hand-over
+    // reaches the shard in order.
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(
+        b"POST /client/a/one HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /client/a/two HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(body, b"hello");
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(p.handoffs(), before + 1);
+    // The connection stays usable on its shard, for any name.
+    s.write_all(b"GET /client/nobody/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    // X-Server-Name routes the same way.
+    let mut g = TcpStream::connect(server.addr).await.unwrap();
+    g.write_all(b"GET /pkg.Svc/Call HTTP/1.1\r\nHost: x\r\nX-Server-Name: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut g).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(p.handoffs(), before + 2);
+    // A name without a session, and HTTP/2, stay where they were accepted.
+    let mut n = TcpStream::connect(server.addr).await.unwrap();
+    n.write_all(b"GET /client/nobody/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut n).await;
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    let h2 = h2_client();
+    let resp = h2
+        .request(
+            Request::get(format!("{}/client/a/h2", server.url()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(p.handoffs(), before + 2);
+    server.wait_idle().await;
+}
+
+#[tokio::test]
+async fn heads_the_shards_do_not_place_are_judged_as_before() {
+    let (backend, _seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.shards = 2;
+    cfg.header_read_timeout = Duration::from_millis(300);
+    cfg.max_head_bytes = 16 * 1024;
+    let (server, _agent) = relay_with(cfg, backend, "a").await;
+    // A head that never ends: closed after the header read timeout, unanswered.
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /client/a/ HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut out))
+        .await
+        .expect("the half head kept its connection")
+        .unwrap();
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    // A head over the limit: hyper's 431, as without shards.
+    let big = format!(
+        "GET /client/a/ HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    let text = exchange_closed(server.addr, big.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    // Garbage: hyper's 400.
+    let text = exchange_closed(server.addr, b"NONSENSE\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    // A peer that closes at once costs nothing.
+    drop(TcpStream::connect(server.addr).await.unwrap());
+    wait_for(|| server.state.conns.open() <= 1).await;
+}
+
+#[tokio::test]
+async fn sessions_of_different_names_spread_over_the_shards_and_leave_no_record() {
+    let (backend, _seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.shards = 2;
+    let server = Server::start(cfg).await;
+    let start = |name: &str| {
+        let mut c = Agent::config(&server.url(), name, &format!("http://{backend}"));
+        c.transport = relay_client::Transport::Websocket;
+        Agent::start(c)
+    };
+    let a = start("a");
+    server.wait_agent("a").await;
+    let b = start("b");
+    server.wait_agent("b").await;
+    let p = placement(&server);
+    let (ha, hb) = (p.home("a").unwrap(), p.home("b").unwrap());
+    assert_ne!(
+        ha, hb,
+        "the second name goes to the shard without a session"
+    );
+    assert_eq!((p.load(0), p.load(1)), (1, 1));
+    // Both serve their users through their shards.
+    let c = client();
+    for name in ["a", "b"] {
+        let resp = c
+            .request(
+                Request::get(format!("{}/client/{name}/x", server.url()))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    wait_for(|| p.names() == 0).await;
+    assert_eq!((p.load(0), p.load(1)), (0, 0));
+    // The server stops with connections on its shards.
+    let _open = TcpStream::connect(server.addr).await.unwrap();
+    server.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server.join)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
+}
