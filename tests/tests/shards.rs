@@ -33,7 +33,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
     let p = placement(&server);
     let home = p.home("a").expect("the session recorded its shard");
     assert_eq!(p.load(home), 1);
-    let before = p.handoffs();
+    let at_start = p.handoffs();
     // Two requests in one write, the first with a body: everything read before the hand-over
     // reaches the shard in order.
     let mut s = TcpStream::connect(server.addr).await.unwrap();
@@ -47,7 +47,9 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
     assert_eq!(body, b"hello");
     let (head, _) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert_eq!(p.handoffs(), before + 1);
+    // The user's connection, and an exchange the agent may have used for the body.
+    let before = p.handoffs();
+    assert!(before > at_start);
     // The connection stays usable on its shard, for any name.
     s.write_all(b"GET /client/nobody/ HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -61,7 +63,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
         .unwrap();
     let (head, _) = read_response(&mut g).await;
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert_eq!(p.handoffs(), before + 2);
+    assert_eq!(p.handoffs(), before + 1);
     // A name without a session, and HTTP/2, stay where they were accepted.
     let mut n = TcpStream::connect(server.addr).await.unwrap();
     n.write_all(b"GET /client/nobody/ HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -79,7 +81,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(p.handoffs(), before + 2);
+    assert_eq!(p.handoffs(), before + 1);
     server.wait_idle().await;
 }
 
