@@ -10,8 +10,9 @@
 //! and the session's half then run on different threads. So connections are placed:
 //! - a session (`/server/session?server=<name>`) on the shard that holds its name, else on
 //!   the one with the fewest sessions;
-//! - a plain HTTP/1.1 user connection on the shard of the name its first request goes to,
-//!   when that name has a session on a shard;
+//! - a plain user connection on the shard of the name its first request goes to, when that
+//!   name has a session on a shard: HTTP/1.1 by its head, HTTP/2 with prior knowledge by
+//!   its first HEADERS frame (`base/first_headers.rs` decodes its HPACK);
 //! - an agent's exchange connection (a body or tunnel that does not travel in the
 //!   session: `/server/response`, `/server/requeststream`, `/server/tunnel`) on the shard
 //!   of its request's name, beside the user's connection it feeds: across threads, every
@@ -20,9 +21,9 @@
 //! The accept path reads the first request's head itself (within the header read timeout,
 //! as hyper would have to), picks the shard, and hands the socket over with the bytes it
 //! read; the shard serves it exactly as the main runtime would have. Everything else stays
-//! on the main runtime as before: TLS, HTTP/2 with prior knowledge (its first head is
-//! HPACK-coded), requests for names without a session, the operator and cluster
-//! listeners. A keep-alive connection that moves on to another name keeps its shard.
+//! on the main runtime as before: TLS, requests for names without a session, heads this
+//! cannot read, the operator and cluster listeners. A keep-alive connection that moves on
+//! to another name keeps its shard.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::base::first_headers::{self, Scan, PREFACE};
 use crate::base::limits::ConnPermit;
 use crate::base::placement::Placement;
 use crate::listener::Face;
@@ -102,6 +104,22 @@ impl Shards {
     /// The shard a connection whose first head is `head` belongs on, if not the main
     /// runtime (or `None` when it is already there).
     pub fn shard_for(&self, state: &State, face: Face, head: &[u8]) -> Option<usize> {
+        if head.starts_with(PREFACE) {
+            // HTTP/2 with prior knowledge: its first request, HPACK-decoded.
+            let Scan::Done(Some(h)) = first_headers::scan(head) else {
+                return None;
+            };
+            let users = matches!(face, Face::Shared | Face::Public);
+            let path = h.path.as_deref().filter(|_| users)?;
+            let name = user_name(
+                state,
+                path,
+                h.authority.as_deref(),
+                h.server_name.as_deref(),
+            )?;
+            let shard = self.placement.home(name)?;
+            return (crate::base::placement::current() != Some(shard)).then_some(shard);
+        }
         let shard = match first_request(state, face, head)? {
             Target::Session(name) => self.placement.for_session(name),
             Target::User(name) => self.placement.home(name)?,
@@ -155,20 +173,35 @@ async fn serve(
     }
 }
 
-/// Reads the first request's head of a plain connection (up to `max` bytes, until
-/// `deadline`): the bytes, for [`Shards::shard_for`] and for the HTTP server after it.
+/// How long an HTTP/2 client's first HEADERS frame is waited for after its preface. A
+/// client sends it at once (RFC 9113 §3.4 lets it send frames without waiting for the
+/// server's SETTINGS); one that waits anyway is served where it was accepted.
+const FIRST_HEADERS_WAIT: Duration = Duration::from_millis(50);
+
+/// Reads the first request's head of a plain connection (up to `max` bytes, within
+/// `within`): the bytes, for [`Shards::shard_for`] and for the HTTP server after it. An
+/// HTTP/2 connection's first HEADERS frame is read too, for a short while.
 pub async fn peek(stream: &mut TcpStream, max: usize, within: Duration) -> Peeked {
     let deadline = tokio::time::Instant::now() + within;
+    let mut http2_until = None;
     let mut buf = BytesMut::with_capacity(1024);
     loop {
-        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+        let until = http2_until.map_or(deadline, |t: tokio::time::Instant| t.min(deadline));
+        match tokio::time::timeout_at(until, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
+            Err(_) if http2_until.is_some() => return Peeked::Bytes(buf),
             _ => return Peeked::Closed,
         }
-        let done = buf.starts_with(b"PRI ")
-            || buf.windows(4).any(|w| w == b"\r\n\r\n")
-            || buf.len() >= max;
-        if done {
+        let http2 = PREFACE.starts_with(&buf[..buf.len().min(PREFACE.len())]);
+        let done = if http2 {
+            if buf.len() >= PREFACE.len() && http2_until.is_none() {
+                http2_until = Some(tokio::time::Instant::now() + FIRST_HEADERS_WAIT);
+            }
+            first_headers::scan(&buf) != Scan::Incomplete
+        } else {
+            buf.windows(4).any(|w| w == b"\r\n\r\n")
+        };
+        if done || buf.len() >= max {
             return Peeked::Bytes(buf);
         }
         if buf.capacity() == buf.len() {
@@ -209,14 +242,6 @@ fn first_request<'a>(state: &State, face: Face, head: &'a [u8]) -> Option<Target
     };
     let mount = state.cfg.base_path.as_deref().unwrap_or("");
     let users = matches!(face, Face::Shared | Face::Public);
-    if users {
-        if let Some(domain) = state.cfg.public_domain.as_deref() {
-            let host = field("host").and_then(|h| std::str::from_utf8(h).ok());
-            if let Some(label) = host.and_then(|h| crate::user::router::host_backend(h, domain)) {
-                return Some(Target::User(label));
-            }
-        }
-    }
     let agents = matches!(face, Face::Shared | Face::Agent);
     let param = |key: &str| {
         query?
@@ -236,7 +261,28 @@ fn first_request<'a>(state: &State, face: Face, head: &'a [u8]) -> Option<Target
     if !users {
         return None;
     }
-    let server_name = field("x-server-name");
+    let host = field("host").and_then(|h| std::str::from_utf8(h).ok());
+    user_name(state, raw, host, field("x-server-name")).map(Target::User)
+}
+
+/// The backend a user's request goes to, from its target (path and query), its host and
+/// its `X-Server-Name`, as the router will find it.
+fn user_name<'a>(
+    state: &State,
+    target: &'a str,
+    host: Option<&'a str>,
+    server_name: Option<&'a [u8]>,
+) -> Option<&'a str> {
+    if let Some(domain) = state.cfg.public_domain.as_deref() {
+        if let Some(label) = host.and_then(|h| crate::user::router::host_backend(h, domain)) {
+            return Some(label);
+        }
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let mount = state.cfg.base_path.as_deref().unwrap_or("");
     let route = crate::user::router::route_in(mount, path, query, server_name, None).ok()?;
-    Some(Target::User(route.name))
+    Some(route.name)
 }

@@ -1,6 +1,7 @@
 //! Shards (`--shards`): sessions placed on a shard, plain HTTP/1.1 users handed to their
 //! name's shard with the bytes already read (pipelined requests, bodies in the same
-//! packet), and what stays on the main runtime (HTTP/2, names without a session).
+//! packet), HTTP/2 by its first HEADERS frame, and what stays on the main runtime (names
+//! without a session, heads the shards do not read).
 
 use std::time::Duration;
 
@@ -64,24 +65,52 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
     let (head, _) = read_response(&mut g).await;
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     assert_eq!(p.handoffs(), before + 1);
-    // A name without a session, and HTTP/2, stay where they were accepted.
+    // A name without a session stays where it was accepted.
     let mut n = TcpStream::connect(server.addr).await.unwrap();
     n.write_all(b"GET /client/nobody/ HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
     let (head, _) = read_response(&mut n).await;
     assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert_eq!(p.handoffs(), before + 1);
+    // HTTP/2 with prior knowledge goes by its first HEADERS frame (HPACK-coded, by a real
+    // client), with the name in the path or in X-Server-Name.
     let h2 = h2_client();
-    let resp = h2
+    for (path, header) in [("/client/a/h2", None), ("/pkg.Svc/Call", Some("a"))] {
+        let mut req = Request::get(format!("{}{path}", server.url()));
+        if let Some(name) = header {
+            req = req.header("x-server-name", name);
+        }
+        let resp = h2.request(req.body(empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(p.handoffs(), before + 2, "one HTTP/2 connection, placed");
+    let other = h2_client();
+    let resp = other
         .request(
-            Request::get(format!("{}/client/a/h2", server.url()))
+            Request::get(format!("{}/pkg.Svc/Call", server.url()))
+                .header("x-server-name", "a")
                 .body(empty())
                 .unwrap(),
         )
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(p.handoffs(), before + 1);
+    assert_eq!(p.handoffs(), before + 3);
+    // An HTTP/2 client that waits for the server's SETTINGS before its first request is
+    // served where it was accepted after a short wait, not held for the header read
+    // timeout (10 s).
+    let mut w = TcpStream::connect(server.addr).await.unwrap();
+    w.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), w.read_exact(&mut frame))
+        .await
+        .expect("the server sent no SETTINGS")
+        .unwrap();
+    assert_eq!(frame[3], 0x4, "the server's SETTINGS frame");
+    assert_eq!(p.handoffs(), before + 3);
     server.wait_idle().await;
 }
 

@@ -8,6 +8,7 @@ pub mod activity;
 pub mod auth;
 pub mod body;
 pub mod budget;
+pub mod first_headers;
 pub mod history;
 pub mod limits;
 pub mod metrics;
