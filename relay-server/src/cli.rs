@@ -279,11 +279,12 @@ pub struct Cli {
     /// backends or agents), but bulk transfers then delay the small requests beside them.
     #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
-    /// Shard threads, each with a runtime of its own (0: none). An agent's session is
-    /// placed on one, and the plain HTTP/1.1 users of its name with it, so a relayed
-    /// request never wakes a second thread; TLS, HTTP/2 and everything else stay on the
+    /// Shard threads, each with a runtime of its own (default: one per core; 0: none). An
+    /// agent's session is placed on one, and the plain (not TLS) users of its name and
+    /// the agent's other connections with it, so a relayed request never wakes a second
+    /// thread; one name's traffic then uses one core. TLS and everything else stay on the
     /// worker threads. See docs/PERFORMANCE.md.
-    #[arg(long, env = "RELAY_SHARDS", default_value_t = 0)]
+    #[arg(long, env = "RELAY_SHARDS", default_value_t = relay_server::defaults::shards())]
     pub shards: usize,
 }
 

@@ -109,7 +109,8 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Users' tunnels open (or being opened) from one client address; more get 503.
     pub max_tunnels_per_ip: usize,
-    /// Shard threads (`shards.rs`): 0 serves everything on the runtime the server runs on.
+    /// Shard threads (`shards.rs`; one per core by default): 0 serves everything on the
+    /// runtime the server runs on.
     pub shards: usize,
     /// An HTTP/2 connection without an open stream for this long is closed (GOAWAY).
     /// HTTP/1.1 connections idle between requests are bound by `header_read_timeout`.
@@ -303,7 +304,7 @@ impl Default for Config {
             max_connections: defaults::MAX_CONNECTIONS,
             max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
             max_tunnels_per_ip: defaults::MAX_TUNNELS_PER_IP,
-            shards: 0,
+            shards: defaults::shards(),
             idle_timeout: defaults::duration(defaults::IDLE_TIMEOUT),
             tls: None,
             agent_client_ca: None,

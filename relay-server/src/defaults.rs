@@ -85,6 +85,11 @@ pub const MAX_CONNECTIONS: usize = 50_000;
 /// Open connections from one IP address.
 pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 
+/// Shard threads (`--shards`): one per core, as the worker threads.
+pub fn shards() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// Users' tunnels open from one client address: a few users' notebooks, terminals and
 /// `relay-client connect` sessions (200 tunnels at once through one is a test), not one
 /// address holding the relay's sockets for hours.
