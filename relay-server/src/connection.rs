@@ -190,7 +190,10 @@ impl Conns<'_> {
                         permit,
                     };
                     match shards.hand_off(i, h) {
-                        Ok(()) => return,
+                        Ok(()) => {
+                            state.metrics.shard_handoff();
+                            return;
+                        }
                         // The shard has stopped (the server is stopping): served here.
                         Err(h) => {
                             let Ok(s) = TcpStream::from_std(h.stream) else {

@@ -134,9 +134,7 @@ impl Shards {
 
     /// Hands `h` to shard `i`; it comes back when that shard has stopped.
     pub fn hand_off(&self, i: usize, h: Handoff) -> Result<(), Handoff> {
-        self.inboxes[i].send(h).map_err(|e| e.0)?;
-        self.placement.handed_off();
-        Ok(())
+        self.inboxes[i].send(h).map_err(|e| e.0)
     }
 }
 
@@ -164,6 +162,11 @@ async fn serve(
             },
             _ = state.stop.cancelled() => break,
         }
+    }
+    // Connections handed over from now on are served where they were accepted.
+    inbox.close();
+    while let Ok(h) = inbox.try_recv() {
+        conns.serve_handed(h);
     }
     // Its connections run on this thread: it stays until they end or the listener has
     // returned (which waits for them, up to its own limit).

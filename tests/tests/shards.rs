@@ -34,7 +34,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
     let p = placement(&server);
     let home = p.home("a").expect("the session recorded its shard");
     assert_eq!(p.load(home), 1);
-    let at_start = p.handoffs();
+    let at_start = server.state.metrics.shard_handoffs();
     // Two requests in one write, the first with a body: everything read before the hand-over
     // reaches the shard in order.
     let mut s = TcpStream::connect(server.addr).await.unwrap();
@@ -49,7 +49,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
     let (head, _) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     // The user's connection, and an exchange the agent may have used for the body.
-    let before = p.handoffs();
+    let before = server.state.metrics.shard_handoffs();
     assert!(before > at_start);
     // The connection stays usable on its shard, for any name.
     s.write_all(b"GET /client/nobody/ HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -64,7 +64,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
         .unwrap();
     let (head, _) = read_response(&mut g).await;
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert_eq!(p.handoffs(), before + 1);
+    assert_eq!(server.state.metrics.shard_handoffs(), before + 1);
     // A name without a session stays where it was accepted.
     let mut n = TcpStream::connect(server.addr).await.unwrap();
     n.write_all(b"GET /client/nobody/ HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -72,7 +72,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
         .unwrap();
     let (head, _) = read_response(&mut n).await;
     assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
-    assert_eq!(p.handoffs(), before + 1);
+    assert_eq!(server.state.metrics.shard_handoffs(), before + 1);
     // HTTP/2 with prior knowledge goes by its first HEADERS frame (HPACK-coded, by a real
     // client), with the name in the path or in X-Server-Name.
     let h2 = h2_client();
@@ -84,7 +84,11 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
         let resp = h2.request(req.body(empty()).unwrap()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    assert_eq!(p.handoffs(), before + 2, "one HTTP/2 connection, placed");
+    assert_eq!(
+        server.state.metrics.shard_handoffs(),
+        before + 2,
+        "one HTTP/2 connection, placed"
+    );
     let other = h2_client();
     let resp = other
         .request(
@@ -96,7 +100,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(p.handoffs(), before + 3);
+    assert_eq!(server.state.metrics.shard_handoffs(), before + 3);
     // An HTTP/2 client that waits for the server's SETTINGS before its first request is
     // served where it was accepted after a short wait, not held for the header read
     // timeout (10 s).
@@ -110,7 +114,7 @@ async fn a_user_connection_follows_its_name_s_session_onto_its_shard_with_what_w
         .expect("the server sent no SETTINGS")
         .unwrap();
     assert_eq!(frame[3], 0x4, "the server's SETTINGS frame");
-    assert_eq!(p.handoffs(), before + 3);
+    assert_eq!(server.state.metrics.shard_handoffs(), before + 3);
     server.wait_idle().await;
 }
 

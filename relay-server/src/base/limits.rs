@@ -20,6 +20,7 @@ use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::base::activity::Activity;
+use crate::base::first_headers::PREFACE;
 use tokio::time::Sleep;
 
 /// Which listener a connection came in on. Each listener has its own allowance of
@@ -238,9 +239,6 @@ impl Drop for ConnPermit {
         self.limits.totals[self.pool as usize].fetch_sub(1, Ordering::AcqRel);
     }
 }
-
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A stream that fails its reads with `TimedOut` if, by the deadline, the peer has not sent
 /// enough bytes to tell HTTP/1.1 from HTTP/2. hyper-util's protocol detection has no timer

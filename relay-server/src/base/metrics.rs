@@ -72,6 +72,7 @@ pub struct Metrics {
     tunnels: Gauge,
     carriers: Gauge,
     tunnel_exchanges: Counter,
+    shard_handoffs: Counter,
     connections: Gauge,
     buffered: Gauge,
     auth_failures: Family<SideLabel, Counter>,
@@ -102,6 +103,7 @@ impl Default for Metrics {
             tunnels: Gauge::default(),
             carriers: Gauge::default(),
             tunnel_exchanges: Counter::default(),
+            shard_handoffs: Counter::default(),
             connections: Gauge::default(),
             buffered: Gauge::default(),
             auth_failures: Family::default(),
@@ -177,6 +179,11 @@ impl Default for Metrics {
             "tunnel_exchanges",
             "Tunnels whose agent carried both directions on one tunnel exchange",
             m.tunnel_exchanges.clone(),
+        );
+        registry.register(
+            "shard_handoffs",
+            "Connections the accept path handed to the shard of their name (--shards)",
+            m.shard_handoffs.clone(),
         );
         registry.register(
             "open_connections",
@@ -337,6 +344,16 @@ impl Metrics {
     /// Counts a tunnel carried on a tunnel exchange.
     pub fn tunnel_exchange(&self) {
         self.tunnel_exchanges.inc();
+    }
+
+    /// Counts a connection handed to a shard.
+    pub fn shard_handoff(&self) {
+        self.shard_handoffs.inc();
+    }
+
+    /// Connections handed to shards so far.
+    pub fn shard_handoffs(&self) -> u64 {
+        self.shard_handoffs.get()
     }
 
     /// Tunnels carried on tunnel exchanges so far.

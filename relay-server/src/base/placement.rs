@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 thread_local! {
@@ -34,8 +34,6 @@ pub struct Placement {
     names: Mutex<HashMap<String, Vec<usize>>>,
     /// Sessions per shard, all names.
     load: Vec<AtomicUsize>,
-    /// Connections handed to a shard so far.
-    handoffs: AtomicU64,
 }
 
 /// A session's record on its shard, removed when dropped (the session ended).
@@ -51,7 +49,6 @@ impl Placement {
         Arc::new(Placement {
             names: Mutex::default(),
             load: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
-            handoffs: AtomicU64::new(0),
         })
     }
 
@@ -108,16 +105,6 @@ impl Placement {
     /// Sessions on shard `i`.
     pub fn load(&self, i: usize) -> usize {
         self.load[i].load(Ordering::Relaxed)
-    }
-
-    /// Counts a connection handed to a shard.
-    pub fn handed_off(&self) {
-        self.handoffs.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Connections handed to a shard so far.
-    pub fn handoffs(&self) -> u64 {
-        self.handoffs.load(Ordering::Relaxed)
     }
 }
 
