@@ -300,6 +300,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
             let n = this.before.len().min(buf.remaining());
             let bytes = this.before.split_to(n);
             buf.put_slice(&bytes);
+            if this.before.is_empty() {
+                // An empty view still holds the buffer it came from, for as long as the
+                // connection lives (an agent's session: hours).
+                this.before = Bytes::new();
+            }
             if this.deadline.is_some() {
                 this.observe(&bytes);
             }
