@@ -289,3 +289,77 @@ fn user_name<'a>(
     let route = crate::user::router::route_in(mount, path, query, server_name, None).ok()?;
     Some(route.name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What [`first_request`] finds in `head` on a listener of kind `face`.
+    fn target(state: &State, face: Face, head: &str) -> String {
+        match first_request(state, face, head.as_bytes()) {
+            Some(Target::User(n)) => format!("user {n}"),
+            Some(Target::Session(n)) => format!("session {n}"),
+            Some(Target::Exchange(id)) => format!("exchange {id}"),
+            None => "none".into(),
+        }
+    }
+
+    #[test]
+    fn first_heads_name_their_targets_as_the_router_and_the_agent_endpoints_would() {
+        let state = State::new(crate::Config {
+            base_path: Some("/apis/relay".into()),
+            public_domain: Some("relay.example.com".into()),
+            ..crate::Config::default()
+        });
+        let t = |face, head: &str| target(&state, face, head);
+        let (shared, public, agent) = (Face::Shared, Face::Public, Face::Agent);
+        assert_eq!(
+            t(
+                shared,
+                "GET /apis/relay/client/a/x?q HTTP/1.1\r\nHost: h\r\n\r\n"
+            ),
+            "user a"
+        );
+        // Outside the mount, /client/ routes nowhere; X-Server-Name and hosts do.
+        assert_eq!(
+            t(shared, "GET /client/a/x HTTP/1.1\r\nHost: h\r\n\r\n"),
+            "none"
+        );
+        assert_eq!(
+            t(shared, "GET /svc/M HTTP/1.1\r\nx-server-name: c\r\n\r\n"),
+            "user c"
+        );
+        assert_eq!(
+            t(
+                public,
+                "GET /x HTTP/1.1\r\nHost: b.relay.example.com:443\r\n\r\n"
+            ),
+            "user b"
+        );
+        // Agents' calls, on the listeners that serve them.
+        let session = "GET /apis/relay/server/session?slot=1&server=d HTTP/1.1\r\n\r\n";
+        assert_eq!(t(agent, session), "session d");
+        assert_eq!(t(shared, session), "session d");
+        assert_eq!(t(public, session), "none");
+        let pull = "GET /apis/relay/server/requeststream?id=ab12&offset=0 HTTP/1.1\r\n\r\n";
+        assert_eq!(t(agent, pull), "exchange ab12");
+        assert_eq!(
+            t(
+                agent,
+                "GET /apis/relay/server/session?server=a/b HTTP/1.1\r\n\r\n"
+            ),
+            "none"
+        );
+        assert_eq!(
+            t(agent, "GET /apis/relay/client/a/ HTTP/1.1\r\n\r\n"),
+            "none"
+        );
+        // What hyper must judge: a partial head, a path the router refuses, HTTP/2.
+        assert_eq!(t(shared, "GET /apis/relay/client/a/ HTTP/1.1\r\n"), "none");
+        assert_eq!(
+            t(shared, "GET /apis/relay/client/a/../b HTTP/1.1\r\n\r\n"),
+            "none"
+        );
+        assert_eq!(t(shared, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "none");
+    }
+}
