@@ -104,23 +104,25 @@ impl Shards {
     /// The shard a connection whose first head is `head` belongs on, if not the main
     /// runtime (or `None` when it is already there).
     pub fn shard_for(&self, state: &State, face: Face, head: &[u8]) -> Option<usize> {
-        if head.starts_with(PREFACE) {
+        let shard = if head.starts_with(PREFACE) {
             // HTTP/2 with prior knowledge: its first request, HPACK-decoded.
             let Scan::Done(Some(h)) = first_headers::scan(head) else {
                 return None;
             };
             let users = matches!(face, Face::Shared | Face::Public);
             let path = h.path.as_deref().filter(|_| users)?;
-            let name = user_name(
-                state,
-                path,
-                h.authority.as_deref(),
-                h.server_name.as_deref(),
-            )?;
-            let shard = self.placement.home(name)?;
-            return (crate::base::placement::current() != Some(shard)).then_some(shard);
-        }
-        let shard = match first_request(state, face, head)? {
+            let host = h.authority.as_deref();
+            self.placement
+                .home(user_name(state, path, host, h.server_name.as_deref())?)?
+        } else {
+            self.shard_of(state, first_request(state, face, head)?)?
+        };
+        (crate::base::placement::current() != Some(shard)).then_some(shard)
+    }
+
+    /// The shard of an HTTP/1.1 connection's first request.
+    fn shard_of(&self, state: &State, target: Target<'_>) -> Option<usize> {
+        Some(match target {
             Target::Session(name) => self.placement.for_session(name),
             Target::User(name) => self.placement.home(name)?,
             Target::Exchange(id) => {
@@ -128,8 +130,7 @@ impl Shards {
                 let pending = state.broker.lookup(id, |_| true)?;
                 self.placement.home(&pending.name)?
             }
-        };
-        (crate::base::placement::current() != Some(shard)).then_some(shard)
+        })
     }
 
     /// Hands `h` to shard `i`; it comes back when that shard has stopped.
@@ -188,6 +189,9 @@ pub async fn peek(stream: &mut TcpStream, max: usize, within: Duration) -> Peeke
     let deadline = tokio::time::Instant::now() + within;
     let mut http2_until = None;
     let mut buf = BytesMut::with_capacity(1024);
+    // Where the search for the head's end resumes: a head sent a byte at a time is not
+    // searched again from its start for every byte.
+    let mut searched = 0;
     loop {
         let until = http2_until.map_or(deadline, |t: tokio::time::Instant| t.min(deadline));
         match tokio::time::timeout_at(until, stream.read_buf(&mut buf)).await {
@@ -202,7 +206,9 @@ pub async fn peek(stream: &mut TcpStream, max: usize, within: Duration) -> Peeke
             }
             first_headers::scan(&buf) != Scan::Incomplete
         } else {
-            buf.windows(4).any(|w| w == b"\r\n\r\n")
+            let found = buf[searched..].windows(4).any(|w| w == b"\r\n\r\n");
+            searched = buf.len().saturating_sub(3);
+            found
         };
         if done || buf.len() >= max {
             return Peeked::Bytes(buf);
@@ -246,18 +252,14 @@ fn first_request<'a>(state: &State, face: Face, head: &'a [u8]) -> Option<Target
     let mount = state.cfg.base_path.as_deref().unwrap_or("");
     let users = matches!(face, Face::Shared | Face::Public);
     let agents = matches!(face, Face::Shared | Face::Agent);
-    let param = |key: &str| {
-        query?
-            .split('&')
-            .find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
-    };
+    let q = crate::agent::endpoints::Query::parse(query.unwrap_or(""));
     match path.strip_prefix(mount) {
         Some(relay_common::session::SESSION_PATH) if agents => {
-            let name = param("server").filter(|n| relay_common::name::is_valid_name(n))?;
+            let name = q.server.filter(|n| relay_common::name::is_valid_name(n))?;
             return Some(Target::Session(name));
         }
         Some("/server/response" | "/server/requeststream" | "/server/tunnel") if agents => {
-            return Some(Target::Exchange(param("id")?));
+            return Some(Target::Exchange(q.id?));
         }
         _ => {}
     }
