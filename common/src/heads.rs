@@ -189,6 +189,7 @@ const SHORT: HeadError = HeadError("truncated head");
 // The decoders read from a byte slice: a `Bytes` split per field would cost two atomic
 // reference-count updates each (and one allocation when the buffer is still unique).
 
+#[inline(always)] // ≈ 20 calls per small request's head, each a few instructions
 fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], HeadError> {
     if p.len() < n {
         return Err(SHORT);
@@ -198,6 +199,7 @@ fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], HeadError> {
     Ok(head)
 }
 
+#[inline(always)]
 fn int<const N: usize>(p: &mut &[u8]) -> Result<[u8; N], HeadError> {
     Ok(take(p, N)?.try_into().expect("bug: N bytes taken"))
 }
@@ -303,11 +305,36 @@ fn fields_map(p: &[u8], buf: &Bytes) -> Result<Option<HeaderMap>, HeadError> {
 /// (§5.5). A block that passes is what [`FieldBlock`] makes, without building anything.
 fn block_valid(p: &[u8]) -> Result<bool, HeadError> {
     each_field(p, |_, name, value| {
-        use crate::headers::{is_tchar, is_value_byte};
-        // Folded rather than short-circuited: the loops stay branch-free (most heads pass).
+        use crate::headers::is_tchar;
+        // Folded rather than short-circuited: the loop stays branch-free (most heads pass).
         let name_ok = !name.is_empty() && name.iter().fold(true, |ok, &b| ok & is_tchar(b));
-        Ok(name_ok && value.iter().fold(true, |ok, &b| ok & is_value_byte(b)))
+        Ok(name_ok && value_valid(value))
     })
+}
+
+/// Whether every byte of a field value is one `http` accepts ([`is_value_byte`]), eight
+/// bytes at a time: a word with no byte below 0x20 and none equal to 0x7f passes in a few
+/// instructions; one that has either (a tab, or a byte to refuse) is checked byte by byte.
+/// A byte-at-a-time check was ≈ 4 instructions per byte of a head's values.
+///
+/// [`is_value_byte`]: crate::headers::is_value_byte
+fn value_valid(value: &[u8]) -> bool {
+    use crate::headers::is_value_byte;
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    let mut words = value.chunks_exact(8);
+    for w in &mut words {
+        let x = u64::from_le_bytes(w.try_into().expect("bug: 8 bytes"));
+        // Nonzero exactly when some byte is below 0x20, or (the same test on x ^ 0x7f…)
+        // equal to 0x7f (Hacker's Delight 6-1; a borrow may mark a wrong byte, never none).
+        let below = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        let del = x ^ (ONES * 0x7f);
+        let del = del.wrapping_sub(ONES) & !del & HIGH;
+        if below | del != 0 && !w.iter().all(|&b| is_value_byte(b)) {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| is_value_byte(b))
 }
 
 /// Calls `each` with every field of an encoded block ([`Fields::Encoded`]) in order, until
@@ -368,6 +395,29 @@ pub fn response(buf: &Bytes, p: &[u8]) -> Result<ResponseHead, HeadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The word-at-a-time check agrees with the byte check on every byte value, at every
+    /// place in a word and in the tail.
+    #[test]
+    fn value_check_agrees_with_the_byte_check() {
+        use crate::headers::is_value_byte;
+        for len in [1, 7, 8, 9, 16, 23] {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut v = vec![b'a'; len];
+                    v[at] = b;
+                    assert_eq!(
+                        value_valid(&v),
+                        is_value_byte(b),
+                        "byte {b:#x} at {at} of {len}"
+                    );
+                }
+            }
+        }
+        assert!(value_valid(b""));
+        assert!(value_valid(b"text/html; charset=utf-8\tcaf\xe9 \x80\xff~"));
+        assert!(!value_valid(b"a perfectly fine value\r\nx: smuggled"));
+    }
 
     fn req() -> RequestHead {
         RequestHead {

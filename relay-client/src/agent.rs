@@ -390,20 +390,22 @@ pub(crate) fn dispatch(
     let ctx = link.ctx.clone();
     // Boxed: the request's future is several KiB, and a task moves its future (and its
     // stage) by copying it; a box moves as a pointer.
-    shared.tracker.spawn(Box::pin(async move {
-        let id = head.id.clone();
-        tracing::debug!(id, method = head.method, target = head.target, "request");
-        task_shared.stats.started();
-        let outcome = serve(ctx, head, cancel, reply).await;
-        task_shared.stats.finished(outcome);
-        task_shared
-            .in_flight
-            .lock()
-            .expect("bug: poisoned")
-            .remove(&id);
-        drop(permit);
-        task_shared.freed.notify_waiters();
-    }));
+    shared
+        .tracker
+        .spawn(crate::exchange::boxed_in_place(|| async move {
+            let id = head.id.clone();
+            tracing::debug!(id, method = head.method, target = head.target, "request");
+            task_shared.stats.started();
+            let outcome = serve(ctx, head, cancel, reply).await;
+            task_shared.stats.finished(outcome);
+            task_shared
+                .in_flight
+                .lock()
+                .expect("bug: poisoned")
+                .remove(&id);
+            drop(permit);
+            task_shared.freed.notify_waiters();
+        }));
 }
 
 /// Sends a response a lost session did not acknowledge through an exchange, in a task the

@@ -260,14 +260,14 @@ impl Broker {
     pub fn enqueue(
         self: &Arc<Self>,
         backend: &Arc<NameQueue>,
-        pending: Pending,
+        pending: impl Into<Arc<Pending>>,
         claimed: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<PendingGuard, QueueFull> {
         if self.parked_total.load(Ordering::Acquire) >= self.max_parked_total {
             return Err(QueueFull(backend.name.clone()));
         }
+        let pending = pending.into();
         pending.set_queued(self.parked_total.clone(), claimed);
-        let pending = Arc::new(pending);
         {
             let mut q = backend.queue.lock().expect("bug: poisoned");
             if q.len() >= self.max_parked_per_name {

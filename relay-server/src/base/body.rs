@@ -59,8 +59,9 @@ pub struct Whole {
     pub data: Bytes,
     /// What the bytes hold of the budget.
     pub held: Option<crate::base::budget::Held>,
-    /// Trailer fields, sent after the body.
-    pub trailers: Option<http::HeaderMap>,
+    /// Trailer fields, sent after the body (boxed: rare, and a map inline made every
+    /// response start 96 bytes larger, copied at each move through the head's channel).
+    pub trailers: Option<Box<http::HeaderMap>>,
 }
 
 /// The user-facing body of a response that arrived [`Whole`]: nothing to wait for, so no
@@ -98,7 +99,7 @@ impl<G: Unpin> Body for WholeBody<G> {
             w.held = None;
             return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut w.data)))));
         }
-        Poll::Ready(w.trailers.take().map(|t| Ok(Frame::trailers(t))))
+        Poll::Ready(w.trailers.take().map(|t| Ok(Frame::trailers(*t))))
     }
 
     fn is_end_stream(&self) -> bool {

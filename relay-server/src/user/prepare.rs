@@ -122,8 +122,10 @@ pub fn prefetch(body: Incoming) -> Result<UserBody, RelayError> {
 /// (501), since the backend would get undecoded bytes without knowing. (Both
 /// Transfer-Encoding and Content-Length: hyper frames by Transfer-Encoding, drops
 /// Content-Length and closes the connection after the answer, RFC 9112 §6.3.)
-pub fn check_framing<B>(req: &Request<B>) -> Result<(), RelayError> {
-    if req.version() >= http::Version::HTTP_2 {
+pub fn check_framing<B: hyper::body::Body>(req: &Request<B>) -> Result<(), RelayError> {
+    // A bodiless request has no Transfer-Encoding: hyper gives a request with one a chunked
+    // body or refuses it (RFC 9112 §6.1), so the lookup is spared for most requests.
+    if req.version() >= http::Version::HTTP_2 || req.body().is_end_stream() {
         return Ok(());
     }
     let h = req.headers();

@@ -233,7 +233,7 @@ fn request(
     state: &State,
     p: Prepared,
 ) -> (
-    Pending,
+    Arc<Pending>,
     oneshot::Receiver<ResponseStart>,
     Option<String>,
     Option<crate::base::switch::Switch>,
@@ -265,7 +265,8 @@ fn request(
     };
     let (head_tx, head_rx) = oneshot::channel();
     let account = LazyAccount::new(state.budget.clone(), p.client);
-    let pending = Pending::new(id, p.name, head, upload, head_tx, account);
+    // Built in its `Arc` here: a `Pending` is 672 bytes, copied at each move by value.
+    let pending = Arc::new(Pending::new(id, p.name, head, upload, head_tx, account));
     (pending, head_rx, p.upgrade, p.on_upgrade)
 }
 

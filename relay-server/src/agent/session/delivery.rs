@@ -52,7 +52,7 @@ pub(super) fn deliver_response(state: &Arc<State>, grant: &Grant, r: session::Re
     }
     let trailers = match r.trailers.as_ref().map(|t| decode_headers(&t.headers)) {
         None => None,
-        Some(Ok(t)) => Some(t),
+        Some(Ok(t)) => Some(Box::new(t)),
         Some(Err(e)) => {
             tracing::debug!(id = r.id, error = %e, "bad trailers in a session response");
             if let Some(lease) = ready_lease(&pending, &r.id) {
@@ -100,7 +100,7 @@ fn ready_lease(pending: &Pending, id: &str) -> Option<ResponseLease> {
 fn hand_over(
     pending: &Pending,
     r: session::Response,
-    trailers: Option<http::HeaderMap>,
+    trailers: Option<Box<http::HeaderMap>>,
     held: Option<Held>,
 ) {
     let Some(mut lease) = ready_lease(pending, &r.id) else {
