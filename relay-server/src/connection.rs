@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use relay_common::gate::gated;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,10 +23,11 @@ use crate::base::activity::{Activity, IdleBounds, Tracked};
 use crate::base::auth::{cert_grant, Grant};
 use crate::base::body::{text_response, RelayBody};
 use crate::base::limits::{ConnLimits, ConnRefused, FirstBytes, Pool};
+use crate::base::movable::Movable;
 use crate::base::streams::{ConnExec, Streams};
 use crate::base::tls::Tls;
 use crate::listener::Face;
-use crate::shards::{self, Handoff, Peeked, Shards};
+use crate::shards::{self, HandedTls, Handoff, Peeked, Shards};
 use crate::State;
 
 /// Longest TLS handshake before the connection is dropped.
@@ -72,7 +74,7 @@ impl Conns<'_> {
                 },
             };
             if let Some(permit) = self.admit(peer, face) {
-                self.spawn(stream, peer, face, permit, None);
+                self.spawn(Conn::Plain(stream), peer, face, permit, None);
             }
         }
     }
@@ -104,33 +106,48 @@ impl Conns<'_> {
         }
     }
 
-    /// Serves a connection the main runtime placed on this shard, with the bytes it read.
+    /// Serves a connection the main runtime placed on this shard, with the bytes it read
+    /// (and a TLS connection's session).
     pub fn serve_handed(&self, h: Handoff) {
-        match TcpStream::from_std(h.stream) {
-            Ok(stream) => self.spawn(stream, h.peer, h.face, h.permit, Some(h.head)),
-            Err(e) => {
-                tracing::debug!(peer = %h.peer, error = %e, "a handed-over connection failed")
-            }
+        let (peer, face, permit, head) = (h.peer, h.face, h.permit, h.head);
+        let conn = match h.tls {
+            None => TcpStream::from_std(h.stream).map(Conn::Plain),
+            Some(mut tls) => tls
+                .stream
+                .get_mut()
+                .0
+                .put_std(h.stream)
+                .map(|()| Conn::Tls(tls.stream, tls.cert)),
+        };
+        match conn {
+            Ok(conn) => self.spawn(conn, peer, face, permit, Some(head)),
+            Err(e) => tracing::debug!(%peer, error = %e, "a handed-over connection failed"),
         }
     }
 
-    /// Serves one accepted connection on the tracker: TLS when configured, protocol
-    /// detection, the request service, the supervisor. `head` is what was read of it
-    /// already (a connection handed to a shard); without it, a plain connection may be
-    /// placed on a shard by its first head (`shards.rs`).
+    /// Serves one connection on the tracker: the TLS handshake when configured (and not
+    /// done yet), protocol detection, the request service, the supervisor. `head` is what
+    /// was read of it already (a connection handed to a shard); without it, a connection
+    /// may be placed on a shard by its first head (`shards.rs`).
     fn spawn(
         &self,
-        stream: TcpStream,
+        conn: Conn,
         peer: SocketAddr,
         face: Face,
         permit: Arc<crate::base::limits::ConnPermit>,
         head: Option<Bytes>,
     ) {
-        let _ = stream.set_nodelay(true);
-        let https = self.tls.is_some() && !matches!(face, Face::Admin | Face::Cluster);
+        let (https, cert) = match &conn {
+            Conn::Plain(s) => {
+                let _ = s.set_nodelay(true);
+                let https = self.tls.is_some() && !matches!(face, Face::Admin | Face::Cluster);
+                (https, None)
+            }
+            Conn::Tls(_, grant) => (true, grant.clone()),
+        };
         let activity = Arc::new(Activity::default());
         // What the client certificate (TLS) grants, set once the handshake is done.
-        let cert: Arc<OnceLock<Grant>> = Arc::default();
+        let cert: Arc<OnceLock<Grant>> = Arc::new(cert.map(OnceLock::from).unwrap_or_default());
         let svc = service(
             self.state.clone(),
             peer,
@@ -145,7 +162,7 @@ impl Conns<'_> {
         // The cluster listener's `tls` is its own (`--cluster-tls-cert`).
         let acceptor = self
             .tls
-            .filter(|_| face != Face::Admin)
+            .filter(|_| face != Face::Admin && matches!(conn, Conn::Plain(_)))
             .map(|t| t.acceptor());
         let stop = self.state.stop.clone();
         let cfg = &self.state.cfg;
@@ -158,21 +175,27 @@ impl Conns<'_> {
             http2: idle,
         };
         let placing = match (head.is_none(), self.shards) {
-            (true, Some(s))
-                if acceptor.is_none() && face != Face::Admin && face != Face::Cluster =>
-            {
+            (true, Some(s)) if face != Face::Admin && face != Face::Cluster => {
                 Some((s.clone(), self.state.clone()))
             }
             _ => None,
         };
         self.tracker.spawn(async move {
-            let mut stream = stream;
+            let mut conn = match (acceptor, conn) {
+                (Some(acceptor), Conn::Plain(stream)) => {
+                    // Boxed: a handshake's state is a few KiB.
+                    let tls = Box::pin(handshake(acceptor, stream, peer, &cert)).await;
+                    let Some(tls) = tls else { return };
+                    Conn::Tls(tls, None)
+                }
+                (_, conn) => conn,
+            };
             let mut permit = permit;
             let mut head = head.unwrap_or_default();
             if let Some((shards, state)) = placing {
                 let max = state.cfg.max_head_bytes;
                 let peeked = tokio::select! {
-                    p = shards::peek(&mut stream, max, idle.http1) => p,
+                    p = conn.peek(max, idle.http1) => p,
                     // Between requests, as hyper would be: the stop closes it.
                     _ = stop.cancelled() => Peeked::Closed,
                 };
@@ -181,13 +204,8 @@ impl Conns<'_> {
                 };
                 head = read.freeze();
                 if let Some(i) = shards.shard_for(&state, face, &head) {
-                    let Ok(std) = stream.into_std() else { return };
-                    let h = Handoff {
-                        stream: std,
-                        head,
-                        peer,
-                        face,
-                        permit,
+                    let Some(h) = conn.hand_off(head, peer, face, permit, cert.get()) else {
+                        return;
                     };
                     match shards.hand_off(i, h) {
                         Ok(()) => {
@@ -196,17 +214,17 @@ impl Conns<'_> {
                         }
                         // The shard has stopped (the server is stopping): served here.
                         Err(h) => {
-                            let Ok(s) = TcpStream::from_std(h.stream) else {
+                            let Some(back) = Conn::back(h.stream, h.tls) else {
                                 return;
                             };
-                            (stream, head, permit) = (s, h.head, h.permit);
+                            (conn, head, permit) = (back, h.head, h.permit);
                         }
                     }
                 }
             }
             let _permit = permit;
-            let result = match acceptor {
-                None => {
+            let result = match conn {
+                Conn::Plain(stream) => {
                     let first = FirstBytes::new(stream, detect, &activity).after(head);
                     let io = TokioIo::new(first);
                     let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -214,13 +232,10 @@ impl Conns<'_> {
                 }
                 // Boxed: a TLS connection's state is much larger than a plain one's, and
                 // unboxed every plain connection's task would be as large.
-                Some(acceptor) => {
+                Conn::Tls(tls, _) => {
                     Box::pin(async move {
-                        let Some(tls_stream) = handshake(acceptor, stream, peer, &cert).await
-                        else {
-                            return Ok(());
-                        };
-                        let io = TokioIo::new(FirstBytes::new(tls_stream, detect, &activity));
+                        let first = FirstBytes::new(tls, detect, &activity).after(head);
+                        let io = TokioIo::new(first);
                         let conn = builder.serve_connection_with_upgrades(io, svc);
                         supervise(conn, &mut streams, &activity, idle, &stop).await
                     })
@@ -234,19 +249,76 @@ impl Conns<'_> {
     }
 }
 
+/// An accepted connection: a socket, or a TLS session around one (after its handshake,
+/// with what its client certificate grants when it was handed over).
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<Movable>>, Option<Grant>),
+}
+
+impl Conn {
+    /// Its first request's head (`shards::peek`), read through TLS for a TLS connection.
+    async fn peek(&mut self, max: usize, within: Duration) -> Peeked {
+        match self {
+            Conn::Plain(s) => shards::peek(s, max, within).await,
+            Conn::Tls(t, _) => shards::peek(t, max, within).await,
+        }
+    }
+
+    /// The connection taken off this runtime for a shard, with what was read of it; `None`
+    /// when its socket cannot leave (it is then closed).
+    fn hand_off(
+        self,
+        head: Bytes,
+        peer: SocketAddr,
+        face: Face,
+        permit: Arc<crate::base::limits::ConnPermit>,
+        cert: Option<&Grant>,
+    ) -> Option<Handoff> {
+        let (stream, tls) = match self {
+            Conn::Plain(s) => (s.into_std().ok()?, None),
+            Conn::Tls(mut t, _) => {
+                let socket = t.get_mut().0.take_std()?;
+                let cert = cert.cloned();
+                (socket, Some(Box::new(HandedTls { stream: t, cert })))
+            }
+        };
+        Some(Handoff {
+            stream,
+            tls,
+            head,
+            peer,
+            face,
+            permit,
+        })
+    }
+
+    /// A connection a stopped shard gave back, registered here again.
+    fn back(stream: std::net::TcpStream, tls: Option<Box<HandedTls>>) -> Option<Conn> {
+        match tls {
+            None => TcpStream::from_std(stream).ok().map(Conn::Plain),
+            Some(mut t) => {
+                t.stream.get_mut().0.put_std(stream).ok()?;
+                Some(Conn::Tls(t.stream, t.cert))
+            }
+        }
+    }
+}
+
 /// The TLS handshake, bounded in time; records what the client certificate grants.
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
     cert: &OnceLock<Grant>,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+) -> Option<Box<TlsStream<Movable>>> {
+    let accept = acceptor.accept(Movable::new(stream));
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(s)) => {
             if let Some(g) = cert_grant(s.get_ref().1.peer_certificates()) {
                 let _ = cert.set(g);
             }
-            Some(s)
+            Some(Box::new(s))
         }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");

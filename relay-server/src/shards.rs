@@ -30,14 +30,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::base::auth::Grant;
 use crate::base::first_headers::{self, Scan, PREFACE};
 use crate::base::limits::ConnPermit;
+use crate::base::movable::Movable;
 use crate::base::placement::Placement;
 use crate::listener::Face;
 use crate::State;
@@ -47,6 +49,9 @@ use crate::State;
 pub struct Handoff {
     /// The socket, taken off the accepting runtime.
     pub stream: std::net::TcpStream,
+    /// A TLS connection's session (the handshake was done on the accept path; its socket is
+    /// `stream`).
+    pub tls: Option<Box<HandedTls>>,
     /// What was read of it (the first request's head, maybe more).
     pub head: Bytes,
     /// The peer.
@@ -57,13 +62,22 @@ pub struct Handoff {
     pub permit: Arc<ConnPermit>,
 }
 
+/// A TLS connection on its way to a shard: its session, around an empty socket, and what
+/// its client certificate grants.
+pub struct HandedTls {
+    /// The session (boxed: a TLS session is a few KiB).
+    pub stream: Box<TlsStream<Movable>>,
+    /// What the client certificate grants, if it grants anything.
+    pub cert: Option<Grant>,
+}
+
 /// The shards' mailboxes.
 pub struct Shards {
     inboxes: Vec<mpsc::UnboundedSender<Handoff>>,
     placement: Arc<Placement>,
 }
 
-/// The first bytes of a plain connection, read before any HTTP server sees it.
+/// The first bytes of a connection, read before any HTTP server sees it.
 pub enum Peeked {
     /// The bytes; the head is complete unless the connection is HTTP/2 or the head was
     /// longer than the limit (hyper answers it).
@@ -182,10 +196,11 @@ async fn serve(
 /// server's SETTINGS); one that waits anyway is served where it was accepted.
 const FIRST_HEADERS_WAIT: Duration = Duration::from_millis(50);
 
-/// Reads the first request's head of a plain connection (up to `max` bytes, within
-/// `within`): the bytes, for [`Shards::shard_for`] and for the HTTP server after it. An
-/// HTTP/2 connection's first HEADERS frame is read too, for a short while.
-pub async fn peek(stream: &mut TcpStream, max: usize, within: Duration) -> Peeked {
+/// Reads the first request's head of a connection (plain, or TLS after the handshake; up
+/// to `max` bytes, within `within`): the bytes, for [`Shards::shard_for`] and for the HTTP
+/// server after it. An HTTP/2 connection's first HEADERS frame is read too, for a short
+/// while.
+pub async fn peek<S: AsyncRead + Unpin>(stream: &mut S, max: usize, within: Duration) -> Peeked {
     let deadline = tokio::time::Instant::now() + within;
     let mut http2_until = None;
     let mut buf = BytesMut::with_capacity(1024);

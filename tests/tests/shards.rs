@@ -1,7 +1,8 @@
 //! Shards (`--shards`): sessions placed on a shard, plain HTTP/1.1 users handed to their
 //! name's shard with the bytes already read (pipelined requests, bodies in the same
-//! packet), HTTP/2 by its first HEADERS frame, and what stays on the main runtime (names
-//! without a session, heads the shards do not read).
+//! packet), HTTP/2 by its first HEADERS frame, TLS connections after their handshake (with
+//! what a client certificate grants), and what stays on the main runtime (names without a
+//! session, heads the shards do not read).
 
 use std::time::Duration;
 
@@ -201,4 +202,77 @@ async fn sessions_of_different_names_spread_over_the_shards_and_leave_no_record(
         .expect("the server did not stop")
         .unwrap()
         .unwrap();
+}
+
+/// A relay that terminates TLS places its connections too, after the handshake: the
+/// session of an agent that authenticates by client certificate (the grant travels with
+/// the connection: on the shard it is authenticated by it), and users over HTTP/1.1 and
+/// HTTP/2 (ALPN), whose heads are read through TLS.
+#[tokio::test]
+async fn tls_connections_are_placed_after_their_handshake_with_their_certificate_s_grant() {
+    use relay_tests::pki::{client_ca, client_cert, throwaway_pki_pem};
+    let dir = relay_tests::procs::TempDir::new("shards-tls");
+    let write = |name: &str, text: &str| {
+        let p = dir.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (server_ca, leaf, key) = throwaway_pki_pem();
+    let server_ca = write("server-ca.pem", &server_ca);
+    let agents_ca = client_ca("relay agents");
+    let (robot_cert, robot_key) = client_cert(&agents_ca, &["robot"], &[]);
+    let (backend, seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.shards = 2;
+    cfg.agent_tokens.clear();
+    cfg.tls = Some((write("cert.pem", &leaf), write("key.pem", &key)));
+    cfg.agent_client_ca = Some(write("agents-ca.pem", &agents_ca.0.pem()));
+    let server = Server::start(cfg).await;
+    let base = format!("https://127.0.0.1:{}", server.addr.port());
+    let mut acfg = Agent::config(&base, "robot", &format!("http://{backend}"));
+    acfg.transport = relay_client::Transport::Websocket;
+    acfg.relay_ca_file = Some(server_ca.clone());
+    acfg.token = None;
+    acfg.client_cert = Some((
+        write("robot.crt", &robot_cert),
+        write("robot.key", &robot_key),
+    ));
+    let _agent = Agent::start(acfg);
+    server.wait_agent("robot").await;
+    let p = placement(&server);
+    assert!(p.home("robot").is_some(), "the session runs on a shard");
+    let after_session = server.state.metrics.shard_handoffs();
+    for alpn_h2 in [false, true] {
+        let users: hyper_util::client::legacy::Client<_, TestBody> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(relay_client::tls::connector(Some(&server_ca), alpn_h2).unwrap());
+        for i in 0..2 {
+            let resp = users
+                .request(
+                    Request::post(format!("{base}/client/robot/tls-{alpn_h2}-{i}"))
+                        .body(full("over tls"))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let version = resp.version();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let body = body_bytes(resp.into_body()).await.unwrap();
+            assert_eq!(
+                &body[..],
+                b"over tls",
+                "the body read with the head arrived"
+            );
+            let expected = if alpn_h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            };
+            assert_eq!(version, expected);
+        }
+    }
+    // One hand-over per user connection (each client keeps its one connection alive).
+    assert_eq!(server.state.metrics.shard_handoffs(), after_session + 2);
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    server.wait_idle().await;
 }

@@ -12,6 +12,7 @@ pub mod first_headers;
 pub mod history;
 pub mod limits;
 pub mod metrics;
+pub mod movable;
 pub mod outbound;
 pub mod placement;
 pub mod queue;
