@@ -16,12 +16,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Where a target answers HTTP: its address, a path prefix, and headers to add.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Target {
     /// TCP address.
     pub addr: SocketAddr,
     /// Prefix of every path (`/client/bench` through the relay).
     pub prefix: String,
+    /// TLS towards the target (`relay-bench load https://…`; the small GETs only).
+    pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Requests per second and latency percentiles.
@@ -49,6 +51,20 @@ fn percentiles(mut lat: Vec<u32>, secs: f64) -> Rate {
 }
 
 pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// A keep-alive connection to `t`, over TLS when it has TLS.
+async fn open(t: &Target) -> anyhow::Result<Sender> {
+    let Some(tls) = &t.tls else {
+        return connect(t.addr).await;
+    };
+    let tcp = TcpStream::connect(t.addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(t.addr.ip().into());
+    let stream = tls.connect(name, tcp).await?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
 
 pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
     let tcp = TcpStream::connect(addr).await?;
@@ -98,7 +114,7 @@ pub async fn small_gets(
             let mut kept = if new_conn {
                 None
             } else {
-                Some(connect(t.addr).await?)
+                Some(open(&t).await?)
             };
             let mut lat = Vec::new();
             while Instant::now() < deadline {
@@ -106,7 +122,7 @@ pub async fn small_gets(
                 let mut fresh = None;
                 let send = match kept.as_mut() {
                     Some(s) => s,
-                    None => fresh.insert(connect(t.addr).await?),
+                    None => fresh.insert(open(&t).await?),
                 };
                 get(send, &t, "/small", new_conn).await?;
                 lat.push(start.elapsed().as_micros() as u32);

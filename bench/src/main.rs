@@ -84,6 +84,10 @@ pub enum Sub {
         /// last answer. For measuring the relay's CPU per request in a burst.
         #[arg(long, conflicts_with = "h2")]
         burst: Option<usize>,
+        /// The CA that signed the relay's certificate, for an `https://` URL (keep-alive
+        /// HTTP/1.1 loads only): for measuring a relay that terminates TLS itself.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
     },
 }
 
@@ -100,8 +104,20 @@ fn main() -> anyhow::Result<()> {
             secs,
             h2,
             burst,
+            ref ca,
         }) => {
             let url: http::Uri = url.parse()?;
+            let tls = match url.scheme_str() {
+                Some("https") => {
+                    let cfg = relay_client::tls::client_config(ca.as_deref(), None)?;
+                    Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)))
+                }
+                _ => None,
+            };
+            anyhow::ensure!(
+                tls.is_none() || (h2.is_none() && burst.is_none()),
+                "https:// is measured with keep-alive HTTP/1.1 connections only"
+            );
             let addr = std::net::ToSocketAddrs::to_socket_addrs(
                 &url.authority().context("the URL has no host")?.as_str(),
             )?
@@ -110,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             let t = load::Target {
                 addr,
                 prefix: url.path().trim_end_matches('/').to_owned(),
+                tls,
             };
             let rt = tokio::runtime::Runtime::new()?;
             let dur = Duration::from_secs_f64(secs);

@@ -127,6 +127,7 @@ pub fn direct(b: &Backend) -> Running {
         http: Target {
             addr: b.http,
             prefix: String::new(),
+            tls: None,
         },
         tcp: b.tcp,
         h2: Some((b.http, None)),
@@ -161,6 +162,7 @@ pub fn relay(b: Addrs) -> anyhow::Result<Running> {
     let http = Target {
         addr,
         prefix: "/client/bench".into(),
+        tls: None,
     };
     wait_http(&http)?;
     Ok(Running {
@@ -248,6 +250,7 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
     let http = Target {
         addr: entry,
         prefix: "/client/bench".into(),
+        tls: None,
     };
     wait_http(&http)?;
     let mut procs = vec![agent, connect];
@@ -326,6 +329,7 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
     let http = Target {
         addr: SocketAddr::from(([127, 0, 0, 1], http_port)),
         prefix: String::new(),
+        tls: None,
     };
     wait_http(&http)?;
     Ok(Running {
@@ -374,6 +378,7 @@ pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
     let http = Target {
         addr: http_addr,
         prefix: String::new(),
+        tls: None,
     };
     wait_http(&http)?;
     Ok(Running {
@@ -400,7 +405,7 @@ fn wait_http(t: &Target) -> anyhow::Result<()> {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{t:?} never answered");
+                bail!("{}{} never answered", t.addr, t.prefix);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

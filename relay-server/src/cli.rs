@@ -280,10 +280,10 @@ pub struct Cli {
     #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
     /// Shard threads, each with a runtime of its own (default: one per core; 0: none). An
-    /// agent's session is placed on one, and the plain (not TLS) users of its name and
-    /// the agent's other connections with it, so a relayed request never wakes a second
-    /// thread; one name's traffic then uses one core. TLS and everything else stay on the
-    /// worker threads. See docs/PERFORMANCE.md.
+    /// agent's session is placed on one, and the users of its name and the agent's other
+    /// connections with it (TLS ones after their handshake), so a relayed request never
+    /// wakes a second thread; one name's traffic then uses one core. Everything else stays
+    /// on the worker threads. See docs/PERFORMANCE.md.
     #[arg(long, env = "RELAY_SHARDS", default_value_t = relay_server::defaults::shards())]
     pub shards: usize,
 }

@@ -46,7 +46,7 @@ pub struct Conns<'a> {
     pub tracker: &'a TaskTracker,
     /// TLS termination, when configured.
     pub tls: Option<&'a Arc<Tls>>,
-    /// The shards plain connections may be placed on (`--shards`), on the main runtime.
+    /// The shards connections may be placed on (`--shards`), on the main runtime.
     pub shards: Option<&'a Arc<Shards>>,
 }
 

@@ -10,20 +10,22 @@
 //! and the session's half then run on different threads. So connections are placed:
 //! - a session (`/server/session?server=<name>`) on the shard that holds its name, else on
 //!   the one with the fewest sessions;
-//! - a plain user connection on the shard of the name its first request goes to, when that
-//!   name has a session on a shard: HTTP/1.1 by its head, HTTP/2 with prior knowledge by
-//!   its first HEADERS frame (`base/first_headers.rs` decodes its HPACK);
+//! - a user connection on the shard of the name its first request goes to, when that name
+//!   has a session on a shard: HTTP/1.1 by its head, HTTP/2 (prior knowledge, or ALPN over
+//!   TLS) by its first HEADERS frame (`base/first_headers.rs` decodes its HPACK);
 //! - an agent's exchange connection (a body or tunnel that does not travel in the
 //!   session: `/server/response`, `/server/requeststream`, `/server/tunnel`) on the shard
 //!   of its request's name, beside the user's connection it feeds: across threads, every
 //!   chunk of a 100 MB upload woke the other thread (a quarter of its rate).
 //!
 //! The accept path reads the first request's head itself (within the header read timeout,
-//! as hyper would have to), picks the shard, and hands the socket over with the bytes it
-//! read; the shard serves it exactly as the main runtime would have. Everything else stays
-//! on the main runtime as before: TLS, requests for names without a session, heads this
-//! cannot read, the operator and cluster listeners. A keep-alive connection that moves on
-//! to another name keeps its shard.
+//! as hyper would have to; through TLS after the handshake, which stays on the accept
+//! path), picks the shard, and hands the socket over with the bytes it read, and a TLS
+//! connection's session with what its client certificate grants (`base/movable.rs`); the
+//! shard serves it exactly as the main runtime would have. Everything else stays on the
+//! main runtime as before: requests for names without a session, heads this cannot read,
+//! the operator and cluster listeners. A keep-alive connection that moves on to another
+//! name keeps its shard.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
