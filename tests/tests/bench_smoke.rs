@@ -94,3 +94,73 @@ fn bench_only_runs_the_chosen_scenarios() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// `relay-bench load` drives a relay that terminates TLS itself (`https://` with `--ca`),
+/// and refuses what it cannot measure over TLS with a clear message.
+#[tokio::test]
+async fn the_load_generator_measures_a_relay_that_terminates_tls() {
+    use relay_tests::*;
+    let dir = TempDir::new("bench-tls");
+    let write = |name: &str, text: &str| {
+        let p = dir.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (ca, leaf, key) = relay_tests::pki::throwaway_pki_pem();
+    let ca = write("ca.pem", &ca);
+    let (backend, seen) = recording_backend().await;
+    let mut cfg = server_config();
+    cfg.tls = Some((write("cert.pem", &leaf), write("key.pem", &key)));
+    let server = Server::start(cfg).await;
+    let base = format!("https://127.0.0.1:{}", server.addr.port());
+    let mut acfg = Agent::config(&base, "a", &format!("http://{backend}"));
+    acfg.relay_ca_file = Some(ca.clone());
+    let _agent = Agent::start(acfg);
+    server.wait_agent("a").await;
+    let load = |args: Vec<String>| {
+        tokio::process::Command::new(binary("relay-bench"))
+            .arg("load")
+            .args(args)
+            .output()
+    };
+    let url = format!("{base}/client/a");
+    let ca_arg = ca.display().to_string();
+    let out = load(vec![
+        url.clone(),
+        "--ca".into(),
+        ca_arg.clone(),
+        "--conns".into(),
+        "2".into(),
+        "--secs".into(),
+        "0.3".into(),
+    ])
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rate: f64 = text.split(" req/s").next().unwrap().trim().parse().unwrap();
+    assert!(rate > 0.0, "{text}");
+    assert!(
+        seen.lock().unwrap().len() >= 2,
+        "the requests reached the backend"
+    );
+    // Without the CA the relay's certificate is not trusted: an error, not a rate.
+    let out = load(vec![url.clone(), "--secs".into(), "0.3".into()])
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    // HTTP/2 and bursts are not measured over TLS.
+    let out = load(vec![url, "--ca".into(), ca_arg, "--h2".into(), "4".into()])
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("keep-alive HTTP/1.1 connections only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
