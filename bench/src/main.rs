@@ -85,7 +85,8 @@ pub enum Sub {
         #[arg(long, conflicts_with = "h2")]
         burst: Option<usize>,
         /// The CA that signed the relay's certificate, for an `https://` URL (keep-alive
-        /// HTTP/1.1 loads only): for measuring a relay that terminates TLS itself.
+        /// HTTP/1.1 loads only; the certificate must name the URL's IP address): for
+        /// measuring a relay that terminates TLS itself.
         #[arg(long)]
         ca: Option<std::path::PathBuf>,
     },
