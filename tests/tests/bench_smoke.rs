@@ -101,16 +101,11 @@ fn bench_only_runs_the_chosen_scenarios() {
 async fn the_load_generator_measures_a_relay_that_terminates_tls() {
     use relay_tests::*;
     let dir = TempDir::new("bench-tls");
-    let write = |name: &str, text: &str| {
-        let p = dir.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
     let (ca, leaf, key) = relay_tests::pki::throwaway_pki_pem();
-    let ca = write("ca.pem", &ca);
+    let ca = dir.write("ca.pem", &ca);
     let (backend, seen) = recording_backend().await;
     let mut cfg = server_config();
-    cfg.tls = Some((write("cert.pem", &leaf), write("key.pem", &key)));
+    cfg.tls = Some((dir.write("cert.pem", &leaf), dir.write("key.pem", &key)));
     let server = Server::start(cfg).await;
     let base = format!("https://127.0.0.1:{}", server.addr.port());
     let mut acfg = Agent::config(&base, "a", &format!("http://{backend}"));

@@ -70,24 +70,19 @@ async fn flag_beats_env_beats_file_beats_default() {
 #[test]
 fn bad_files_are_refused_with_line_and_key_and_check_config_says_why() {
     let dir = TempDir::new("cfg-errors");
-    let write = |name: &str, text: &str| {
-        let p = dir.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let bad_value = write(
+    let bad_value = dir.write(
         "v.toml",
         "# limits\nlisten = \"127.0.0.1:0\"\npickup_timeout = \"soon\"\n",
     );
-    let unknown = write(
+    let unknown = dir.write(
         "k.toml",
         "listen = \"127.0.0.1:0\"\nmax_parked_per_nam = 3\n",
     );
-    let bad_mode = write(
+    let bad_mode = dir.write(
         "m.toml",
         "listen = \"127.0.0.1:0\"\naccess_for = { nb = \"signed-link\" }\n",
     );
-    let good = write(
+    let good = dir.write(
         "g.toml",
         "listen = \"127.0.0.1:0\"\naccess = \"token\"\nuser_token = { \"*\" = \"user-token-0123456789abc\" }\nagent_token = [\"robot=agent-token-0123456789\"]\n",
     );

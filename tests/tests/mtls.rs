@@ -10,20 +10,15 @@ use relay_tests::*;
 #[tokio::test]
 async fn agents_authenticate_by_client_certificate() {
     let dir = TempDir::new("mtls");
-    let write = |name: &str, text: &str| {
-        let p = dir.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
     let (server_ca, leaf, key) = throwaway_pki_pem();
-    let server_ca = write("server-ca.pem", &server_ca);
-    let (cert, key) = (write("cert.pem", &leaf), write("key.pem", &key));
+    let server_ca = dir.write("server-ca.pem", &server_ca);
+    let (cert, key) = (dir.write("cert.pem", &leaf), dir.write("key.pem", &key));
     let agents_ca = client_ca("relay agents");
-    let agents_ca_file = write("agents-ca.pem", &agents_ca.0.pem());
+    let agents_ca_file = dir.write("agents-ca.pem", &agents_ca.0.pem());
     let identity = |tag: &str, (c, k): (String, String)| {
         (
-            write(&format!("{tag}.crt"), &c),
-            write(&format!("{tag}.key"), &k),
+            dir.write(&format!("{tag}.crt"), &c),
+            dir.write(&format!("{tag}.key"), &k),
         )
     };
     let robot = identity("robot", client_cert(&agents_ca, &["robot"], &[]));

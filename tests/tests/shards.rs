@@ -212,21 +212,16 @@ async fn sessions_of_different_names_spread_over_the_shards_and_leave_no_record(
 async fn tls_connections_are_placed_after_their_handshake_with_their_certificate_s_grant() {
     use relay_tests::pki::{client_ca, client_cert, throwaway_pki_pem};
     let dir = relay_tests::procs::TempDir::new("shards-tls");
-    let write = |name: &str, text: &str| {
-        let p = dir.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
     let (server_ca, leaf, key) = throwaway_pki_pem();
-    let server_ca = write("server-ca.pem", &server_ca);
+    let server_ca = dir.write("server-ca.pem", &server_ca);
     let agents_ca = client_ca("relay agents");
     let (robot_cert, robot_key) = client_cert(&agents_ca, &["robot"], &[]);
     let (backend, seen) = recording_backend().await;
     let mut cfg = server_config();
     cfg.shards = 2;
     cfg.agent_tokens.clear();
-    cfg.tls = Some((write("cert.pem", &leaf), write("key.pem", &key)));
-    cfg.agent_client_ca = Some(write("agents-ca.pem", &agents_ca.0.pem()));
+    cfg.tls = Some((dir.write("cert.pem", &leaf), dir.write("key.pem", &key)));
+    cfg.agent_client_ca = Some(dir.write("agents-ca.pem", &agents_ca.0.pem()));
     let server = Server::start(cfg).await;
     let base = format!("https://127.0.0.1:{}", server.addr.port());
     let mut acfg = Agent::config(&base, "robot", &format!("http://{backend}"));
@@ -234,8 +229,8 @@ async fn tls_connections_are_placed_after_their_handshake_with_their_certificate
     acfg.relay_ca_file = Some(server_ca.clone());
     acfg.token = None;
     acfg.client_cert = Some((
-        write("robot.crt", &robot_cert),
-        write("robot.key", &robot_key),
+        dir.write("robot.crt", &robot_cert),
+        dir.write("robot.key", &robot_key),
     ));
     let _agent = Agent::start(acfg);
     server.wait_agent("robot").await;
