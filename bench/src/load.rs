@@ -60,16 +60,21 @@ async fn open(t: &Target) -> anyhow::Result<Sender> {
     let tcp = TcpStream::connect(t.addr).await?;
     tcp.set_nodelay(true)?;
     let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(t.addr.ip().into());
-    let stream = tls.connect(name, tcp).await?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    Ok(send)
+    http1(tls.connect(name, tcp).await?).await
 }
 
 pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    http1(tcp).await
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by a task of its own.
+async fn http1<I>(io: I) -> anyhow::Result<Sender>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
     Ok(send)
 }

@@ -109,19 +109,11 @@ impl Conns<'_> {
     /// Serves a connection the main runtime placed on this shard, with the bytes it read
     /// (and a TLS connection's session).
     pub fn serve_handed(&self, h: Handoff) {
-        let (peer, face, permit, head) = (h.peer, h.face, h.permit, h.head);
-        let conn = match h.tls {
-            None => TcpStream::from_std(h.stream).map(Conn::Plain),
-            Some(mut tls) => tls
-                .stream
-                .get_mut()
-                .0
-                .put_std(h.stream)
-                .map(|()| Conn::Tls(tls.stream, tls.cert)),
-        };
-        match conn {
-            Ok(conn) => self.spawn(conn, peer, face, permit, Some(head)),
-            Err(e) => tracing::debug!(%peer, error = %e, "a handed-over connection failed"),
+        match Conn::back(h.stream, h.tls) {
+            Ok(conn) => self.spawn(conn, h.peer, h.face, h.permit, Some(h.head)),
+            Err(e) => {
+                tracing::debug!(peer = %h.peer, error = %e, "a handed-over connection failed")
+            }
         }
     }
 
@@ -214,7 +206,7 @@ impl Conns<'_> {
                         }
                         // The shard has stopped (the server is stopping): served here.
                         Err(h) => {
-                            let Some(back) = Conn::back(h.stream, h.tls) else {
+                            let Ok(back) = Conn::back(h.stream, h.tls) else {
                                 return;
                             };
                             (conn, head, permit) = (back, h.head, h.permit);
@@ -293,13 +285,14 @@ impl Conn {
         })
     }
 
-    /// A connection a stopped shard gave back, registered here again.
-    fn back(stream: std::net::TcpStream, tls: Option<Box<HandedTls>>) -> Option<Conn> {
+    /// A handed-over connection registered on this runtime: on the shard it was handed
+    /// to, or back where it was accepted when that shard had stopped.
+    fn back(stream: std::net::TcpStream, tls: Option<Box<HandedTls>>) -> std::io::Result<Conn> {
         match tls {
-            None => TcpStream::from_std(stream).ok().map(Conn::Plain),
+            None => TcpStream::from_std(stream).map(Conn::Plain),
             Some(mut t) => {
-                t.stream.get_mut().0.put_std(stream).ok()?;
-                Some(Conn::Tls(t.stream, t.cert))
+                t.stream.get_mut().0.put_std(stream)?;
+                Ok(Conn::Tls(t.stream, t.cert))
             }
         }
     }
