@@ -103,6 +103,7 @@ pub async fn serve_faces(
     let tls = start_tls(&state, &tracker)?;
     let cluster_tls = start_cluster_tls(&state, &tracker)?;
     tracker.spawn(housekeeping(state.clone()));
+    tracker.spawn(deadlines(state.clone()));
     tracker.spawn(drain(state.clone(), shutdown));
     if let Some(c) = &state.cluster {
         tracker.spawn(c.clone().run(state.broker.clone(), state.stop.clone()));
@@ -209,6 +210,24 @@ async fn housekeeping(state: Arc<State>) {
         n = n.wrapping_add(1);
         if n.is_multiple_of(30) {
             state.sessions.reap();
+        }
+    }
+}
+
+/// Fails the requests past their pickup or response deadline, for all of them at once
+/// (`Broker::sweep_overdue`; a timer per request cost more than the sweep).
+async fn deadlines(state: Arc<State>) {
+    let cfg = &state.cfg;
+    let shortest = cfg
+        .pickup_timeout
+        .min(cfg.response_timeout)
+        .min(cfg.upgrade_response_timeout);
+    let mut tick = tokio::time::interval(crate::agent::broker::sweep_period(shortest));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.broker.sweep_overdue(),
+            _ = state.stop.cancelled() => break,
         }
     }
 }

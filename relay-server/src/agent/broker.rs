@@ -102,6 +102,13 @@ impl NameQueue {
     }
 }
 
+/// How often the broker looks for requests past a deadline ([`Broker::sweep_overdue`]),
+/// for the shortest of the wait timeouts: a twentieth of it, between 10 ms and 1 s. A
+/// request's 503 or 504 then comes at most 5 % (or a second) after its deadline.
+pub fn sweep_period(shortest_timeout: Duration) -> Duration {
+    (shortest_timeout / 20).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
 /// Agents of one name with their parked polls.
 pub type AgentList = Vec<(Arc<Agent>, usize)>;
 
@@ -246,6 +253,15 @@ impl Broker {
     pub fn stop_all(&self) {
         for p in self.requests.iter() {
             p.stop();
+        }
+    }
+
+    /// Wakes the user side of every request past one of its deadlines (see
+    /// [`Pending::check_overdue`]); the relay runs it every [`sweep_period`].
+    pub fn sweep_overdue(&self) {
+        let now = std::time::Instant::now();
+        for p in self.requests.iter() {
+            p.check_overdue(now);
         }
     }
 

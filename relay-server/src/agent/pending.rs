@@ -72,7 +72,24 @@ pub struct Pending {
     lost: AtomicBool,
     /// Set (and `lost_notify` woken) when the relay stops: see [`Pending::interrupted`].
     stopped: AtomicBool,
+    /// When the waits for an agent end.
+    deadlines: Deadlines,
+    /// Set (and `lost_notify` woken) by the broker's sweep ([`Pending::check_overdue`]) when
+    /// one of `deadlines` passed; taken by [`Pending::interrupted`].
+    overdue: AtomicBool,
     lost_notify: Notify,
+}
+
+/// When the waits for a request's agent end. Checked by the broker's periodic sweep
+/// (`Broker::sweep_overdue`), not by a timer per request: a tokio timer armed and dropped
+/// for every request cost the relay-server about 600 instructions per small request (2 %),
+/// and its timer wheel's upkeep at every park.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// No agent took the request by then: 503.
+    pub pickup: std::time::Instant,
+    /// No response head by then: 504.
+    pub response: std::time::Instant,
 }
 
 /// Why the user side of a request stops waiting for its response head.
@@ -82,6 +99,9 @@ pub enum Interrupt {
     ClaimerLost,
     /// The relay stopped (its drain ended).
     Stopped,
+    /// One of its [`Deadlines`] passed (the user side tells which, and whether it still
+    /// applies: a request taken after its pickup deadline waits for the response deadline).
+    Overdue,
 }
 
 impl Pending {
@@ -93,6 +113,7 @@ impl Pending {
         upload: UploadSide,
         head_tx: oneshot::Sender<ResponseStart>,
         account: LazyAccount,
+        deadlines: Deadlines,
     ) -> Self {
         Pending {
             id,
@@ -108,7 +129,33 @@ impl Pending {
             picked_at: OnceLock::new(),
             lost: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            deadlines,
+            overdue: AtomicBool::new(false),
             lost_notify: Notify::new(),
+        }
+    }
+
+    /// When the waits for its agent end.
+    pub fn deadlines(&self) -> Deadlines {
+        self.deadlines
+    }
+
+    /// The broker's sweep: marks the request overdue (and wakes its user side) if, at `now`,
+    /// no agent has taken it by its pickup deadline, or it is past its response deadline.
+    /// The user side takes the mark and tells whether it still applies (its response head
+    /// may have arrived); a mark not taken stays, so a request that outlives its deadlines
+    /// (a long download, a tunnel) is woken once, and each sweep passes it with one load.
+    pub(crate) fn check_overdue(&self, now: std::time::Instant) {
+        let d = &self.deadlines;
+        if now < d.pickup.min(d.response) || self.overdue.load(Ordering::Relaxed) {
+            return;
+        }
+        let due = match self.pickup() {
+            Pickup::Waiting | Pickup::Over => now >= d.pickup,
+            Pickup::Taken => now >= d.response,
+        };
+        if due && !self.overdue.swap(true, Ordering::AcqRel) {
+            self.lost_notify.notify_waiters();
         }
     }
 
@@ -218,14 +265,15 @@ impl Pending {
     /// Resolves when the agent holding the request is declared gone (or a put-back request
     /// is orphaned). Only the broker's sweep of a gone agent wakes it: a claim does not.
     pub async fn claimer_lost(&self) {
-        self.interrupted(true).await;
+        self.interrupted(true, false).await;
     }
 
     /// Resolves when the agent holding the request is declared gone, or (unless
-    /// `stop_seen`) when the relay stopped. The stop reaches each request through the
+    /// `stop_seen`) when the relay stopped, or (with `overdue`) when the broker's sweep
+    /// found a deadline passed (taking that mark). The stop reaches each request through the
     /// broker ([`Pending::stop`]) rather than through every request registering with the
     /// relay's stop token, whose waiter list all requests of all threads would share.
-    pub async fn interrupted(&self, stop_seen: bool) -> Interrupt {
+    pub async fn interrupted(&self, stop_seen: bool, overdue: bool) -> Interrupt {
         loop {
             let lost = self.lost_notify.notified();
             tokio::pin!(lost);
@@ -235,6 +283,9 @@ impl Pending {
             }
             if !stop_seen && self.stopped.load(Ordering::Acquire) {
                 return Interrupt::Stopped;
+            }
+            if overdue && self.overdue.swap(false, Ordering::AcqRel) {
+                return Interrupt::Overdue;
             }
             lost.await;
         }

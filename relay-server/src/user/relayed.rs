@@ -10,7 +10,7 @@ use relay_common::id::RequestId;
 use relay_common::message::{BodyKind, RequestHead};
 use tokio::sync::oneshot;
 
-use crate::agent::pending::{Interrupt, Pending, Pickup};
+use crate::agent::pending::{Deadlines, Interrupt, Pending, Pickup};
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::{UploadFailure, UploadSide};
 use crate::base::body::{empty, RelayBody, RelayedBody, WholeBody};
@@ -42,7 +42,11 @@ pub fn dispatch<'a>(
         // Spans of the two waits, only when traces are exported: the logs never use them, and
         // each span is a registry allocation per request.
         let traced = relay_config_file::telemetry::enabled();
-        let (pending, head_rx, upgrade, on_upgrade) = request(state, p);
+        let deadlines = Deadlines {
+            pickup: std::time::Instant::now() + state.cfg.pickup_timeout,
+            response: arrival.into_std() + response_timeout,
+        };
+        let (pending, head_rx, upgrade, on_upgrade) = request(state, p, deadlines);
         // Only a traced request learns of its claim as it happens (to end its pickup span):
         // for the others a claim wakes nobody.
         let (claim_tx, claimed) = match traced {
@@ -64,11 +68,7 @@ pub fn dispatch<'a>(
             head_rx,
             claimed,
             admission.as_deref(),
-            Deadlines {
-                pickup: tokio::time::Instant::now() + state.cfg.pickup_timeout,
-                response: arrival + response_timeout,
-                response_timeout,
-            },
+            response_timeout,
             &name,
         );
         let start = start.await;
@@ -137,25 +137,17 @@ pub fn dispatch<'a>(
     }
 }
 
-/// When the waits for a request's agent end.
-struct Deadlines {
-    /// No agent took the request by then: 503.
-    pickup: tokio::time::Instant,
-    /// No response head by then (counted from the request's arrival): 504.
-    response: tokio::time::Instant,
-    response_timeout: std::time::Duration,
-}
-
-/// Waits for the response head: one wait from the queue to the head, with one timer, so
-/// the claim between them wakes nobody (`claimed` is set only for a traced request, whose
-/// pickup span ends at the claim). The pickup timeout applies until an agent takes the
-/// request, the response timeout after; draining refuses only requests no agent took.
+/// Waits for the response head: one wait from the queue to the head, so the claim between
+/// them wakes nobody (`claimed` is set only for a traced request, whose pickup span ends at
+/// the claim). The pickup timeout applies until an agent takes the request, the response
+/// timeout after (both in the request's [`Deadlines`], which the broker's sweep watches:
+/// no timer per request); draining refuses only requests no agent took.
 async fn wait_for_head(
     pending: &Arc<Pending>,
     head_rx: oneshot::Receiver<ResponseStart>,
     mut claimed: Option<oneshot::Receiver<()>>,
     admission: Option<&Admission>,
-    at: Deadlines,
+    response_timeout: std::time::Duration,
     name: &str,
 ) -> Result<ResponseStart, RelayError> {
     let traced = claimed.is_some();
@@ -164,8 +156,7 @@ async fn wait_for_head(
         false => tracing::Span::none(),
     };
     let mut span = wait_span("pickup");
-    let timer = tokio::time::sleep_until(at.pickup.min(at.response));
-    tokio::pin!(timer, head_rx);
+    tokio::pin!(head_rx);
     let mut stop_seen = false;
     loop {
         tokio::select! {
@@ -185,33 +176,9 @@ async fn wait_for_head(
                 claimed = None;
                 span = wait_span("response head");
             }
-            _ = &mut timer => {
-                let now = tokio::time::Instant::now();
-                let (deadline, waiting) = match pending.pickup() {
-                    Pickup::Waiting | Pickup::Over => (at.pickup, true),
-                    Pickup::Taken => (at.response, false),
-                };
-                if now < deadline {
-                    timer.as_mut().reset(deadline);
-                    continue;
-                }
-                if waiting {
-                    return Err(RelayError::PickupTimeout(name.to_owned()));
-                }
-                // Which agent holds it and where its response stands: what an operator
-                // needs to tell a slow backend from a request lost on the way.
-                tracing::warn!(
-                    id = %pending.id,
-                    name,
-                    agent = pending.claimed_by().as_deref().map_or("none", |a| a.id.as_str()),
-                    response = pending.response.describe(),
-                    "no response head within the response timeout (504)"
-                );
-                return Err(RelayError::ResponseTimeout(at.response_timeout));
-            }
             // The agent holding the request was declared gone (a request put back and taken
-            // by another agent follows that one), or the relay stopped.
-            why = pending.interrupted(stop_seen) => match why {
+            // by another agent follows that one), the relay stopped, or a deadline passed.
+            why = pending.interrupted(stop_seen, true) => match why {
                 Interrupt::ClaimerLost => {
                     return Err(RelayError::Agent("the relay-client disconnected".into()));
                 }
@@ -220,6 +187,30 @@ async fn wait_for_head(
                     return Err(RelayError::Draining);
                 }
                 Interrupt::Stopped => stop_seen = true,
+                Interrupt::Overdue => {
+                    let now = std::time::Instant::now();
+                    let at = pending.deadlines();
+                    match pending.pickup() {
+                        Pickup::Waiting | Pickup::Over if now >= at.pickup => {
+                            return Err(RelayError::PickupTimeout(name.to_owned()));
+                        }
+                        Pickup::Taken if now >= at.response => {
+                            // Which agent holds it and where its response stands: what an
+                            // operator needs to tell a slow backend from a request lost on
+                            // the way.
+                            tracing::warn!(
+                                id = %pending.id,
+                                name,
+                                agent = pending.claimed_by().as_deref().map_or("none", |a| a.id.as_str()),
+                                response = pending.response.describe(),
+                                "no response head within the response timeout (504)"
+                            );
+                            return Err(RelayError::ResponseTimeout(response_timeout));
+                        }
+                        // Taken since the sweep looked: the response deadline applies now.
+                        _ => {}
+                    }
+                }
             },
             why = pending.upload.failed() => return Err(refused_upload(why)),
             _ = revoked(admission) => return Err(credential_revoked()),
@@ -232,6 +223,7 @@ async fn wait_for_head(
 fn request(
     state: &State,
     p: Prepared,
+    deadlines: Deadlines,
 ) -> (
     Arc<Pending>,
     oneshot::Receiver<ResponseStart>,
@@ -266,7 +258,9 @@ fn request(
     let (head_tx, head_rx) = oneshot::channel();
     let account = LazyAccount::new(state.budget.clone(), p.client);
     // Built in its `Arc` here: a `Pending` is 672 bytes, copied at each move by value.
-    let pending = Arc::new(Pending::new(id, p.name, head, upload, head_tx, account));
+    let pending = Arc::new(Pending::new(
+        id, p.name, head, upload, head_tx, account, deadlines,
+    ));
     (pending, head_rx, p.upgrade, p.on_upgrade)
 }
 

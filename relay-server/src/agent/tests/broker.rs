@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{broker, info, request};
+use super::{broker, info, request, request_by};
 use crate::agent::pending::Pickup;
 use crate::agent::upload_side::UploadSide;
 
@@ -259,7 +259,7 @@ async fn the_stop_interrupts_every_request_in_flight_once() {
         .into_iter()
         .map(|g| {
             let p = g.pending().clone();
-            tokio::spawn(async move { p.interrupted(false).await })
+            tokio::spawn(async move { p.interrupted(false, false).await })
         })
         .collect();
     tokio::task::yield_now().await;
@@ -279,7 +279,7 @@ async fn the_stop_interrupts_every_request_in_flight_once() {
     assert_eq!(taken.pending().pickup(), Pickup::Taken);
     // Seen once, the stop interrupts no more; the agent's loss still does.
     let p = taken.pending().clone();
-    let after = tokio::spawn(async move { p.interrupted(true).await });
+    let after = tokio::spawn(async move { p.interrupted(true, false).await });
     tokio::task::yield_now().await;
     assert!(!after.is_finished(), "a seen stop does not interrupt again");
     drop(poll);
@@ -289,4 +289,90 @@ async fn the_stop_interrupts_every_request_in_flight_once() {
         .expect("the lost agent interrupts")
         .unwrap();
     assert_eq!(why, Interrupt::ClaimerLost);
+}
+
+/// The deadlines of the waits for an agent, as the broker's sweep sees them: a request no
+/// agent took is interrupted once its pickup deadline passed, one taken only once its
+/// response deadline passed; the user side takes each mark, and a mark nobody took wakes
+/// nobody again.
+#[tokio::test]
+async fn the_sweep_interrupts_a_request_past_the_deadline_of_its_state() {
+    use crate::agent::pending::{Deadlines, Interrupt};
+    let b = broker(8, 8);
+    let poll = b.begin_poll("n", "a1", None, false, info);
+    let backend = b.live_backend("n").unwrap();
+    let t0 = std::time::Instant::now();
+    let deadlines = Deadlines {
+        pickup: t0 + Duration::from_secs(10),
+        response: t0 + Duration::from_secs(60),
+    };
+    let taken = b
+        .enqueue(
+            &backend,
+            request_by("n", UploadSide::none(), deadlines).0,
+            None,
+        )
+        .unwrap();
+    poll.next(1, HOLD, &CancellationToken::new()).await;
+    let queued = b
+        .enqueue(
+            &backend,
+            request_by("n", UploadSide::none(), deadlines).0,
+            None,
+        )
+        .unwrap();
+    let (taken, queued) = (taken.pending().clone(), queued.pending().clone());
+    assert_eq!(taken.pickup(), Pickup::Taken);
+    assert_eq!(queued.pickup(), Pickup::Waiting);
+    let wait = |p: &std::sync::Arc<crate::agent::pending::Pending>| {
+        let p = p.clone();
+        tokio::spawn(async move { p.interrupted(false, true).await })
+    };
+    let (w_taken, w_queued) = (wait(&taken), wait(&queued));
+    tokio::task::yield_now().await;
+
+    // Before any deadline, and between them for the taken request: nobody is woken.
+    for p in [&taken, &queued] {
+        p.check_overdue(t0 + Duration::from_secs(9));
+    }
+    taken.check_overdue(t0 + Duration::from_secs(30));
+    tokio::task::yield_now().await;
+    assert!(!w_taken.is_finished() && !w_queued.is_finished());
+
+    // Past the pickup deadline: the request no agent took.
+    queued.check_overdue(t0 + Duration::from_secs(10));
+    let why = tokio::time::timeout(Duration::from_secs(1), w_queued)
+        .await
+        .expect("the waiting request is interrupted")
+        .unwrap();
+    assert_eq!(why, Interrupt::Overdue);
+    assert!(!w_taken.is_finished());
+
+    // Past the response deadline: the taken one, once. A mark nobody took (a request whose
+    // head came, say) stays, and later sweeps wake nobody.
+    taken.check_overdue(t0 + Duration::from_secs(60));
+    let why = tokio::time::timeout(Duration::from_secs(1), w_taken)
+        .await
+        .expect("the taken request is interrupted")
+        .unwrap();
+    assert_eq!(why, Interrupt::Overdue);
+    queued.check_overdue(t0 + Duration::from_secs(61));
+    let again = wait(&queued);
+    tokio::task::yield_now().await;
+    queued.check_overdue(t0 + Duration::from_secs(62));
+    let why = tokio::time::timeout(Duration::from_secs(1), again)
+        .await
+        .expect("the mark left by the sweep is taken")
+        .unwrap();
+    assert_eq!(why, Interrupt::Overdue);
+    // Taken, the mark is gone: a wait that does not watch deadlines never sees one.
+    let p = queued.clone();
+    let blind = tokio::spawn(async move { p.interrupted(false, false).await });
+    queued.check_overdue(t0 + Duration::from_secs(63));
+    tokio::task::yield_now().await;
+    assert!(
+        !blind.is_finished(),
+        "claimer_lost and the like ignore deadlines"
+    );
+    blind.abort();
 }

@@ -15,7 +15,7 @@ use relay_common::message::{BodyKind, RequestHead};
 use tokio::sync::oneshot;
 
 use crate::agent::broker::Broker;
-use crate::agent::pending::Pending;
+use crate::agent::pending::{Deadlines, Pending};
 use crate::agent::registration::AgentInfo;
 use crate::agent::response_side::ResponseStart;
 use crate::agent::upload_side::UploadSide;
@@ -23,6 +23,20 @@ use crate::base::metrics::Metrics;
 
 /// A request for `name` with `upload`, and where its response head goes.
 fn request(name: &str, upload: UploadSide) -> (Pending, oneshot::Receiver<ResponseStart>) {
+    let far = std::time::Instant::now() + Duration::from_secs(3_600);
+    let deadlines = Deadlines {
+        pickup: far,
+        response: far,
+    };
+    request_by(name, upload, deadlines)
+}
+
+/// Like [`request`], with its `deadlines`.
+fn request_by(
+    name: &str,
+    upload: UploadSide,
+    deadlines: Deadlines,
+) -> (Pending, oneshot::Receiver<ResponseStart>) {
     let id = RequestId::random();
     let head = RequestHead {
         id: id.to_string(),
@@ -36,7 +50,10 @@ fn request(name: &str, upload: UploadSide) -> (Pending, oneshot::Receiver<Respon
     let (tx, rx) = oneshot::channel();
     let budget = Arc::new(crate::base::budget::Budget::new(1 << 20));
     let account = crate::base::budget::LazyAccount::new(budget, [127, 0, 0, 1].into());
-    (Pending::new(id, name.into(), head, upload, tx, account), rx)
+    (
+        Pending::new(id, name.into(), head, upload, tx, account, deadlines),
+        rx,
+    )
 }
 
 /// A broker with room for `per_name` requests per name and `total` in all, whose agents are
