@@ -141,9 +141,26 @@ impl FieldBlock {
     /// Appends one field. The caller passes a name and value `http` accepted (a
     /// [`HeaderName`] and a [`HeaderValue`], or text known to be valid as one).
     pub fn push(&mut self, name: &str, value: &[u8]) {
-        s16(&mut self.buf, name.as_bytes());
-        s32(&mut self.buf, value);
+        self.put(name.as_bytes(), value);
+    }
+
+    /// Writes a field's length-prefixed name and value with one growth of the buffer and
+    /// plain slice copies: `s16` and `s32` checked the capacity and called `memcpy` four
+    /// times a field (≈ 140 instructions; five fields in every relayed request).
+    fn put(&mut self, name: &[u8], value: &[u8]) -> usize {
+        let n = u16::try_from(name.len()).expect("bug: a head field over 64 KiB");
+        let v = u32::try_from(value.len()).expect("bug: a head field over 4 GiB");
+        let at = self.buf.len();
+        self.buf.resize(at + 6 + name.len() + value.len(), 0);
+        let (len, rest) = self.buf[at..].split_at_mut(2);
+        len.copy_from_slice(&n.to_be_bytes());
+        let (out, rest) = rest.split_at_mut(name.len());
+        out.copy_from_slice(name);
+        let (len, out) = rest.split_at_mut(4);
+        len.copy_from_slice(&v.to_be_bytes());
+        out.copy_from_slice(value);
         self.count += 1;
+        at + 2
     }
 
     /// Appends one field as an HTTP/1.1 head spells it: the name a token in any case,
@@ -151,11 +168,8 @@ impl FieldBlock {
     /// case-insensitive). The caller checked the name's bytes (`headers::is_tchar`) and the
     /// value's (`headers::is_value_byte`).
     pub fn push_token(&mut self, name: &[u8], value: &[u8]) {
-        let at = self.buf.len() + 2;
-        s16(&mut self.buf, name);
+        let at = self.put(name, value);
         self.buf[at..at + name.len()].make_ascii_lowercase();
-        s32(&mut self.buf, value);
-        self.count += 1;
     }
 
     /// The finished block.

@@ -160,6 +160,9 @@ async fn wait_for_head(
     let mut stop_seen = false;
     loop {
         tokio::select! {
+            // In this order, not at random: the head is what comes (the draw was a tenth of
+            // this wait's cost), and every other branch ends the wait or marks a state.
+            biased;
             r = &mut head_rx => {
                 // The claim and the head can be ready in one poll, and `select!` picks a
                 // ready branch at random: a traced request still shows its (then short)
@@ -238,7 +241,9 @@ fn request(
         Some(c) => RequestId::tagged(c.tag()),
         None => RequestId::random(),
     };
-    tracing::Span::current().record("id", tracing::field::display(id));
+    if crate::user::downstream::spanned() {
+        tracing::Span::current().record("id", tracing::field::display(id));
+    }
     let head = RequestHead {
         id: id.to_string(),
         method: p.method.as_str().to_owned(),
