@@ -245,7 +245,7 @@ fn request(
         tracing::Span::current().record("id", tracing::field::display(id));
     }
     let head = RequestHead {
-        id: id.to_string(),
+        id: id.to_hex_string(),
         method: p.method.as_str().to_owned(),
         target: p.target,
         // The map goes as it is: a session encodes it straight into the OPEN frame, a long

@@ -165,7 +165,7 @@ pub fn run(
                         marks.push(start + b.len() as u64);
                     }
                     for id in &batch.cancel {
-                        session::put_cancel(b, &id.to_string());
+                        session::put_cancel(b, &id.to_hex_string());
                     }
                 });
                 let opened = batch.claimed.into_iter().zip(batch.requests);
