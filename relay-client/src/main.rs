@@ -138,8 +138,9 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
-    /// Worker threads (0: one per core). The default, one, suits an agent that shares its
-    /// machine with its backend: it hands requests between tasks without waking another
+    /// Worker threads (0: one per core). The default, one, runs everything on the main thread
+    /// and suits an agent that shares its machine with its backend: it hands requests
+    /// between tasks without waking another
     /// thread (a quarter less CPU per small request), and small requests beside a bulk
     /// transfer still answer within a few milliseconds. More threads (or 0) spread bulk
     /// transfers over the cores, for an agent that serves several at once.

@@ -55,7 +55,8 @@ pub struct Cli {
     /// File with one NAME=TOKEN per line (# comments allowed).
     #[arg(long, env = "RELAY_AGENT_TOKEN_FILE")]
     pub agent_token_file: Option<std::path::PathBuf>,
-    /// How long a request waits for a connected agent to pick it up (then 503).
+    /// How long a request waits for a connected agent to pick it up (then 503). The wait
+    /// timeouts are checked every twentieth of the shortest of them (10 ms to 1 s).
     #[arg(long, env = "RELAY_PICKUP_TIMEOUT", default_value = defaults::PICKUP_TIMEOUT, value_parser = humantime::parse_duration)]
     pub pickup_timeout: Duration,
     /// How long a request waits for its response head (then 504).
