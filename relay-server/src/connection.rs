@@ -359,7 +359,8 @@ fn service(
         {
             permit.exempt_from_per_ip();
         }
-        let refused = permit.on_probation().then(|| {
+        // Past the limit when it came; served if its address has a place free by now.
+        let refused = (permit.on_probation() && !permit.take_freed_place()).then(|| {
             state.metrics.rejected("connections_per_ip");
             tracing::debug!(%peer, "request past the per-address connection limit refused");
             past_the_limit(state.cfg.max_connections_per_ip, req.version())

@@ -225,6 +225,36 @@ impl ConnPermit {
     pub fn on_probation(&self) -> bool {
         self.standing.load(Ordering::Acquire) == PROBATION
     }
+
+    /// A connection on probation whose address has a counted place free again (its agent's
+    /// connections that were counted when they came have authenticated and left the count
+    /// since, or others closed) takes that place and is served as any other; false when
+    /// there is none. Without this, a user who came while an agent's fresh connections
+    /// (one per tunnel) still held counted places was refused though the address was back
+    /// under its limit when the request arrived: 200 tunnels at once through one
+    /// `relay-client connect` lost some that way (once in several dozen runs).
+    pub fn take_freed_place(&self) -> bool {
+        if self.standing.load(Ordering::Acquire) != PROBATION {
+            return false;
+        }
+        let Some(mut places) = self.limits.per_ip.get_mut(&self.ip) else {
+            return false;
+        };
+        if places.counted >= self.limits.max_per_ip {
+            return false;
+        }
+        // Under the address's entry lock: no other connection moves between the counts.
+        if self
+            .standing
+            .compare_exchange(PROBATION, COUNTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        places.probation -= 1;
+        places.counted += 1;
+        true
+    }
 }
 
 impl Drop for ConnPermit {
@@ -392,6 +422,8 @@ mod tests {
         assert!(probation2.on_probation());
         assert_eq!(l.open(), 8);
         assert_eq!(l.admit(b, m, true).err(), Some(ConnRefused::Total(8)));
+        // With no counted place free, a connection on probation stays there.
+        assert!(!probation2.take_freed_place() && probation2.on_probation());
         drop(probation1);
         let _b1 = l.admit(b, m, true).unwrap();
         // Another listener has its own allowance.
@@ -407,6 +439,38 @@ mod tests {
         assert!(l.per_ip.is_empty(), "no entry outlives its connections");
         let _trusted = l.admit(a, m, false).unwrap();
         assert!(l.per_ip.is_empty());
+    }
+
+    /// A connection that came on probation takes a counted place that freed since (the
+    /// agent's counted connections authenticated meanwhile), and then counts as any other:
+    /// the address never holds more counted connections than its limit.
+    #[test]
+    fn a_connection_on_probation_takes_a_place_freed_since() {
+        let l = Arc::new(ConnLimits::new(16, 2));
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let m = Pool::Main;
+        let agent = l.admit(a, m, true).unwrap();
+        agent.exempt_from_per_ip();
+        let (fresh, user) = (l.admit(a, m, true).unwrap(), l.admit(a, m, true).unwrap());
+        let late = l.admit(a, m, true).unwrap();
+        assert!(late.on_probation(), "past the limit, beside an agent");
+        assert!(
+            !user.take_freed_place(),
+            "only a connection on probation moves"
+        );
+        // The agent's fresh connection authenticates: a counted place is free.
+        fresh.exempt_from_per_ip();
+        assert!(late.take_freed_place());
+        assert!(!late.on_probation() && late.counts_per_ip());
+        assert_eq!(
+            l.per_ip.get(&a).map(|p| (p.counted, p.probation)),
+            Some((2, 0))
+        );
+        // The limit holds: the next one comes on probation and finds no place.
+        let next = l.admit(a, m, true).unwrap();
+        assert!(next.on_probation() && !next.take_freed_place());
+        drop((late, next, user, fresh, agent));
+        assert!(l.per_ip.is_empty(), "no entry outlives its connections");
     }
 
     #[test]
