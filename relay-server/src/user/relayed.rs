@@ -160,13 +160,13 @@ async fn wait_for_head(
     let mut stop_seen = false;
     loop {
         tokio::select! {
-            // In this order, not at random: the head is what comes (the draw was a tenth of
-            // this wait's cost), and every other branch ends the wait or marks a state.
+            // In this order, not from a random start (a draw at every poll): the head is
+            // what usually comes, and every other branch ends the wait or marks a state.
             biased;
             r = &mut head_rx => {
-                // The claim and the head can be ready in one poll, and `select!` picks a
-                // ready branch at random: a traced request still shows its (then short)
-                // wait for the head, so its trace has the same shape every time.
+                // The claim and the head can be ready in one poll, and the head's branch
+                // goes first: a traced request still shows its (then short) wait for the
+                // head, so its trace has the same shape every time.
                 if claimed.is_some() {
                     drop(span);
                     span = wait_span("response head");

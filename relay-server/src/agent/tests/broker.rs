@@ -306,33 +306,31 @@ async fn the_sweep_interrupts_a_request_past_the_deadline_of_its_state() {
         pickup: t0 + Duration::from_secs(10),
         response: t0 + Duration::from_secs(60),
     };
-    let taken = b
-        .enqueue(
-            &backend,
-            request_by("n", UploadSide::none(), deadlines).0,
-            None,
-        )
-        .unwrap();
+    let enqueue = || {
+        let r = request_by("n", UploadSide::none(), deadlines).0;
+        b.enqueue(&backend, r, None).unwrap()
+    };
+    let taken_guard = enqueue();
     poll.next(1, HOLD, &CancellationToken::new()).await;
-    let queued = b
-        .enqueue(
-            &backend,
-            request_by("n", UploadSide::none(), deadlines).0,
-            None,
-        )
-        .unwrap();
-    let (taken, queued) = (taken.pending().clone(), queued.pending().clone());
+    let queued_guard = enqueue();
+    let (taken, queued) = (taken_guard.pending(), queued_guard.pending());
     assert_eq!(taken.pickup(), Pickup::Taken);
     assert_eq!(queued.pickup(), Pickup::Waiting);
     let wait = |p: &std::sync::Arc<crate::agent::pending::Pending>| {
         let p = p.clone();
         tokio::spawn(async move { p.interrupted(false, true).await })
     };
-    let (w_taken, w_queued) = (wait(&taken), wait(&queued));
+    let woken = |w: tokio::task::JoinHandle<Interrupt>| async move {
+        tokio::time::timeout(Duration::from_secs(1), w)
+            .await
+            .expect("the sweep's mark wakes the wait")
+            .unwrap()
+    };
+    let (w_taken, w_queued) = (wait(taken), wait(queued));
     tokio::task::yield_now().await;
 
     // Before any deadline, and between them for the taken request: nobody is woken.
-    for p in [&taken, &queued] {
+    for p in [taken, queued] {
         p.check_overdue(t0 + Duration::from_secs(9));
     }
     taken.check_overdue(t0 + Duration::from_secs(30));
@@ -341,30 +339,22 @@ async fn the_sweep_interrupts_a_request_past_the_deadline_of_its_state() {
 
     // Past the pickup deadline: the request no agent took.
     queued.check_overdue(t0 + Duration::from_secs(10));
-    let why = tokio::time::timeout(Duration::from_secs(1), w_queued)
-        .await
-        .expect("the waiting request is interrupted")
-        .unwrap();
-    assert_eq!(why, Interrupt::Overdue);
+    assert_eq!(woken(w_queued).await, Interrupt::Overdue);
     assert!(!w_taken.is_finished());
 
     // Past the response deadline: the taken one, once. A mark nobody took (a request whose
     // head came, say) stays, and later sweeps wake nobody.
     taken.check_overdue(t0 + Duration::from_secs(60));
-    let why = tokio::time::timeout(Duration::from_secs(1), w_taken)
-        .await
-        .expect("the taken request is interrupted")
-        .unwrap();
-    assert_eq!(why, Interrupt::Overdue);
+    assert_eq!(woken(w_taken).await, Interrupt::Overdue);
     queued.check_overdue(t0 + Duration::from_secs(61));
-    let again = wait(&queued);
+    let again = wait(queued);
     tokio::task::yield_now().await;
     queued.check_overdue(t0 + Duration::from_secs(62));
-    let why = tokio::time::timeout(Duration::from_secs(1), again)
-        .await
-        .expect("the mark left by the sweep is taken")
-        .unwrap();
-    assert_eq!(why, Interrupt::Overdue);
+    assert_eq!(
+        woken(again).await,
+        Interrupt::Overdue,
+        "the mark left stays"
+    );
     // Taken, the mark is gone: a wait that does not watch deadlines never sees one.
     let p = queued.clone();
     let blind = tokio::spawn(async move { p.interrupted(false, false).await });
