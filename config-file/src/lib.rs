@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod allocator;
+pub mod listen;
 pub mod logs;
 pub mod manual;
 pub mod runtime;

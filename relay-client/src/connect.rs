@@ -214,7 +214,8 @@ async fn open(
 
 /// Binds the local listener (port 0 picks one).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(addr)
-        .await
+    // A queue of 1 024 connections not yet accepted, not tokio's 128: many tunnels opened
+    // at once would otherwise wait a second for their SYN's retransmission.
+    relay_config_file::listen::bind(addr)
         .map_err(|e| AgentError::Config(format!("binding {addr}: {e}")))
 }

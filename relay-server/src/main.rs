@@ -194,9 +194,8 @@ async fn run(cli: Cli, args: Vec<OsString>) -> anyhow::Result<()> {
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+    // A queue of 1 024 connections not yet accepted, not tokio's 128 (relay_config_file::listen).
+    relay_config_file::listen::bind(addr).with_context(|| format!("binding {addr}"))
 }
 
 async fn bind_optional(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {

@@ -86,7 +86,8 @@ impl Server {
     /// Starts a server with `cfg`.
     pub async fn start(cfg: relay_server::Config) -> Server {
         init_logs();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // The binaries' listen queue (relay_config_file::listen), not tokio's 128.
+        let listener = relay_config_file::listen::bind(local()).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State::new(cfg));
         let shutdown = CancellationToken::new();
@@ -143,18 +144,10 @@ impl Faces {
     /// Starts a server with `cfg` and the listeners asked for.
     pub async fn start(cfg: relay_server::Config, agent: bool, admin: bool) -> Faces {
         init_logs();
-        let bind = || TcpListener::bind("127.0.0.1:0");
-        let public = bind().await.unwrap();
-        let agent = if agent {
-            Some(bind().await.unwrap())
-        } else {
-            None
-        };
-        let admin = if admin {
-            Some(bind().await.unwrap())
-        } else {
-            None
-        };
+        let bind = || relay_config_file::listen::bind(local());
+        let public = bind().unwrap();
+        let agent = if agent { Some(bind().unwrap()) } else { None };
+        let admin = if admin { Some(bind().unwrap()) } else { None };
         let addr = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr().unwrap());
         let faces = Faces {
             state: Arc::new(State::new(cfg)),
@@ -611,4 +604,9 @@ pub async fn cuttable_proxy(upstream: SocketAddr) -> CuttableProxy {
         }
     });
     CuttableProxy { addr, generation }
+}
+
+/// 127.0.0.1, port 0: a listener's address in these tests.
+fn local() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
 }

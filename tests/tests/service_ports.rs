@@ -29,7 +29,10 @@ async fn agent_with(
 
 /// Runs `relay-client connect` in-process; returns its local address.
 async fn connect(server: &Server, app: &str) -> (SocketAddr, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The binary's own listener (a queue of 1 024, not tokio's 128).
+    let listener = relay_client::connect::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let cfg = relay_client::connect::ConnectConfig {
         relay_url: server.url().parse().unwrap(),
