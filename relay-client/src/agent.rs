@@ -87,8 +87,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     let admin_stop = CancellationToken::new();
     let _admin_guard = admin_stop.clone().drop_guard();
     if let Some(addr) = cfg.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = relay_config_file::listen::bind(addr)
             .map_err(|e| AgentError::Config(format!("binding --admin-listen {addr}: {e}")))?;
         let local = listener
             .local_addr()

@@ -26,6 +26,7 @@ use crate::base::limits::{ConnLimits, ConnRefused, FirstBytes, Pool};
 use crate::base::movable::Movable;
 use crate::base::streams::{ConnExec, Streams};
 use crate::base::tls::Tls;
+use crate::front;
 use crate::listener::Face;
 use crate::shards::{self, HandedTls, Handoff, Peeked, Shards};
 use crate::State;
@@ -157,6 +158,7 @@ impl Conns<'_> {
             .filter(|_| face != Face::Admin && matches!(conn, Conn::Plain(_)))
             .map(|t| t.acceptor());
         let stop = self.state.stop.clone();
+        let server = self.state.clone();
         let cfg = &self.state.cfg;
         let (detect, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
         // The slowloris guard of HTTP/1.1: a head must arrive within the header read
@@ -214,30 +216,83 @@ impl Conns<'_> {
                     }
                 }
             }
+            // Users' plain GETs are served by the relay's own front until a request is
+            // hyper's (`crate::front`); a connection admitted on probation goes to hyper,
+            // which answers its refusal.
+            let front = (matches!(face, Face::Public | Face::Shared) && !permit.on_probation())
+                .then_some(front::Front {
+                    state: &server,
+                    peer,
+                    https,
+                    face,
+                    activity: &activity,
+                });
             let _permit = permit;
+            let http = Http {
+                builder: &builder,
+                streams: &mut streams,
+                activity: &activity,
+                idle,
+                stop: &stop,
+            };
             let result = match conn {
                 Conn::Plain(stream) => {
                     let first = FirstBytes::new(stream, detect, &activity).after(head);
-                    let io = TokioIo::new(first);
-                    let conn = builder.serve_connection_with_upgrades(io, svc);
-                    supervise(conn, &mut streams, &activity, idle, &stop).await
+                    http.serve(first, front, svc).await
                 }
                 // Boxed: a TLS connection's state is much larger than a plain one's, and
                 // unboxed every plain connection's task would be as large.
                 Conn::Tls(tls, _) => {
-                    Box::pin(async move {
-                        let first = FirstBytes::new(tls, detect, &activity).after(head);
-                        let io = TokioIo::new(first);
-                        let conn = builder.serve_connection_with_upgrades(io, svc);
-                        supervise(conn, &mut streams, &activity, idle, &stop).await
-                    })
-                    .await
+                    let first = FirstBytes::new(tls, detect, &activity).after(head);
+                    Box::pin(http.serve(first, front, svc)).await
                 }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// What serving one connection's requests takes.
+struct Http<'a> {
+    builder: &'a auto::Builder<ConnExec>,
+    streams: &'a mut Streams,
+    activity: &'a Arc<Activity>,
+    idle: IdleBounds,
+    stop: &'a CancellationToken,
+}
+
+impl Http<'_> {
+    /// Serves the connection: with the front first when there is one, then with hyper
+    /// (from the first request the front leaves to it).
+    async fn serve<S, Svc>(
+        self,
+        mut first: FirstBytes<S>,
+        front: Option<front::Front<'_>>,
+        svc: Svc,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        Svc: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Tracked<RelayBody>>,
+                Error = Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        Svc::Future: Send + 'static,
+    {
+        if let Some(front) = front {
+            let served = front.serve(&mut first, self.stop);
+            match front::supervise(served, self.activity, self.idle, self.stop).await? {
+                front::Ended::Closed => return Ok(()),
+                front::Ended::Hyper(rest) => first.put_back(rest),
+            }
+        }
+        let io = TokioIo::new(first);
+        let conn = self.builder.serve_connection_with_upgrades(io, svc);
+        supervise(conn, self.streams, self.activity, self.idle, self.stop).await
     }
 }
 

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
 use crate::agent::{endpoints, v1alpha1};
@@ -42,14 +42,65 @@ pub fn route(
     face: Face,
     cert: &Arc<OnceLock<Grant>>,
 ) -> Routed {
+    match target(&state, &req, peer, face) {
+        Target::Now(resp) => Routed::now(resp),
+        Target::User => Routed::later(|| user_request(state, req, peer, https)),
+        Target::Cluster => Routed::later(|| crate::cluster::peer::handle(state, req, peer)),
+        Target::Agent { strip } => {
+            let mut req = req;
+            if strip > 0 {
+                unmount(&mut req, strip);
+            }
+            let cert = cert.clone();
+            Routed::later(|| async move { agent_call(state, req, peer, cert.get()).await })
+        }
+    }
+}
+
+/// Routes a request the relay's own HTTP/1.1 front read (`crate::front`); `None` for one
+/// that only hyper serves (agent endpoints, replica calls).
+pub fn route_front(
+    state: &Arc<State>,
+    req: Request<Empty<Bytes>>,
+    peer: SocketAddr,
+    https: bool,
+    face: Face,
+) -> Option<Routed> {
+    match target(state, &req, peer, face) {
+        Target::Now(resp) => Some(Routed::now(resp)),
+        Target::User => {
+            let state = state.clone();
+            Some(Routed::later(|| user_request(state, req, peer, https)))
+        }
+        Target::Agent { .. } | Target::Cluster => None,
+    }
+}
+
+/// Where a request goes, decided from its head alone.
+pub enum Target {
+    /// Answered at once (probes, operator pages, refusals).
+    Now(Response<RelayBody>),
+    /// The user side ([`user_request`]).
+    User,
+    /// An agent endpoint.
+    Agent {
+        /// The length of the base path it is below.
+        strip: usize,
+    },
+    /// The cluster listener's replica calls.
+    Cluster,
+}
+
+/// The routing decision of [`route`], by listener (face), path and host.
+pub fn target<B>(state: &State, req: &Request<B>, peer: SocketAddr, face: Face) -> Target {
     // A backend's own origin (`<name>.<public domain>`) belongs to the backend entirely,
     // including paths like /healthz and /server/.
     let host_routed = !matches!(face, Face::Agent | Face::Admin | Face::Cluster)
         && state.cfg.public_domain.as_deref().is_some_and(|d| {
-            request_host(&req).is_some_and(|h| router::host_backend(h, d).is_some())
+            request_host(req).is_some_and(|h| router::host_backend(h, d).is_some())
         });
     if host_routed {
-        return Routed::later(|| user_request(state, req, peer, https));
+        return Target::User;
     }
     let path = req.uri().path();
     // Below --base-path the endpoints see the path without it; outside it only the probes
@@ -66,41 +117,41 @@ pub fn route(
         p => p,
     };
     match path {
-        "/healthz" => return Routed::now(Response::new(full(Bytes::from_static(b"ok\n")))),
+        "/healthz" => return Target::Now(Response::new(full(Bytes::from_static(b"ok\n")))),
         "/readyz" if state.draining() => {
-            return Routed::now(text_response(StatusCode::SERVICE_UNAVAILABLE, "draining"))
+            return Target::Now(text_response(StatusCode::SERVICE_UNAVAILABLE, "draining"))
         }
         // Still ready: the replica serves its own agents; only forwarding is down.
         "/readyz" if state.cluster.as_ref().is_some_and(|c| !c.redis_up()) => {
-            return Routed::now(text_response(
+            return Target::Now(text_response(
                 StatusCode::OK,
                 "degraded: the cluster directory (Redis) is unreachable; serving local agents only",
             ))
         }
-        "/readyz" => return Routed::now(text_response(StatusCode::OK, "ready")),
-        "/metrics" | "/status" | "/status.json" if ops_allowed(&state, face, peer) => {
-            return Routed::now(crate::ops::page::answer(&state, path));
+        "/readyz" => return Target::Now(text_response(StatusCode::OK, "ready")),
+        "/metrics" | "/status" | "/status.json" if ops_allowed(state, face, peer) => {
+            return Target::Now(crate::ops::page::answer(state, path));
         }
         _ => {}
     }
     if face == Face::Cluster {
-        return Routed::later(|| crate::cluster::peer::handle(state, req, peer));
+        return Target::Cluster;
     }
     if face == Face::Admin {
-        return Routed::now(text_response(
+        return Target::Now(text_response(
             StatusCode::NOT_FOUND,
             "this listener serves /healthz, /readyz, /metrics, /status and /status.json",
         ));
     }
     let agent_path = mounted && path.starts_with("/server/");
     if agent_path && face == Face::Public {
-        return Routed::now(text_response(
+        return Target::Now(text_response(
             StatusCode::NOT_FOUND,
             "agent endpoints are not served here",
         ));
     }
     if !agent_path && face == Face::Agent {
-        return Routed::now(text_response(
+        return Target::Now(text_response(
             StatusCode::NOT_FOUND,
             "this listener serves relay-clients only; users use the public address",
         ));
@@ -116,20 +167,15 @@ pub fn route(
                 | "/server/tunnel"
         )
     {
-        let mut req = req;
-        if strip > 0 {
-            unmount(&mut req, strip);
-        }
-        let cert = cert.clone();
-        return Routed::later(|| async move { agent_call(state, req, peer, cert.get()).await });
+        return Target::Agent { strip };
     }
     if agent_path {
-        return Routed::now(text_response(
+        return Target::Now(text_response(
             StatusCode::NOT_FOUND,
             "no such agent endpoint",
         ));
     }
-    Routed::later(|| user_request(state, req, peer, https))
+    Target::User
 }
 
 /// What [`route`] found: the answer, or the handler's future (boxed, see there).
@@ -200,9 +246,9 @@ fn ops_allowed(state: &State, face: Face, peer: SocketAddr) -> bool {
 }
 
 /// A user request: the user side routes and admits it, then [`deliver`] finds its agent.
-fn user_request(
+pub fn user_request<B: crate::user::prepare::RequestBody>(
     state: Arc<State>,
-    req: Request<Incoming>,
+    req: Request<B>,
     peer: SocketAddr,
     https: bool,
 ) -> impl Future<Output = Response<RelayBody>> {

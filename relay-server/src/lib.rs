@@ -42,6 +42,7 @@ pub mod config;
 pub mod connection;
 pub mod defaults;
 pub mod dispatch;
+pub mod front;
 pub mod listener;
 pub mod ops;
 pub mod shards;

@@ -58,6 +58,11 @@ impl Activity {
         self.http2.load(Ordering::Acquire)
     }
 
+    /// Whether a request is in progress.
+    pub fn busy(&self) -> bool {
+        self.state.lock().expect("bug: poisoned").busy > 0
+    }
+
     /// Marks a request as started.
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.state.lock().expect("bug: poisoned").busy += 1;

@@ -303,10 +303,27 @@ impl<S> FirstBytes<S> {
         self
     }
 
+    /// Puts `bytes`, read from it before, back in front of what is still to be read.
+    pub fn put_back(&mut self, bytes: Bytes) {
+        if self.before.is_empty() {
+            self.before = bytes;
+        } else if !bytes.is_empty() {
+            let mut joined = bytes::BytesMut::with_capacity(bytes.len() + self.before.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.before);
+            self.before = joined.freeze();
+        }
+    }
+
     /// Whether detection is over: a byte left the preface, or the whole preface arrived.
     fn observe(&mut self, bytes: &[u8]) {
+        // A read may hold the preface and what follows it (the relay's HTTP/1.1 front reads
+        // 4 KiB at a time; hyper's detection read exactly the preface's 24 bytes).
         for &b in bytes {
-            if self.matched == PREFACE.len() || b != PREFACE[self.matched] {
+            if self.matched == PREFACE.len() {
+                break;
+            }
+            if b != PREFACE[self.matched] {
                 self.deadline = None;
                 return;
             }
@@ -486,6 +503,12 @@ mod tests {
             assert!(f.deadline.is_some());
             assert!(!activity.http2());
             f.observe(b"TP/2.0\r\n\r\nSM\r\n\r\n");
+            assert!(f.deadline.is_none());
+            assert!(activity.http2());
+            // The preface and the frames after it in one read.
+            let activity = Arc::new(Activity::default());
+            let mut f = FirstBytes::new((), Duration::from_secs(1), &activity);
+            f.observe(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
             assert!(f.deadline.is_none());
             assert!(activity.http2());
             let activity = Arc::new(Activity::default());

@@ -387,6 +387,7 @@ async fn forwarded_request(
         client: head.client.unwrap_or(peer.ip()),
         // The replica the user reached checked the credential and watches it.
         admission: None,
+        spanned: crate::user::downstream::spanned(),
     };
     dispatch(state, &backend, prepared).await
 }

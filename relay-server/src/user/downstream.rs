@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use relay_common::headers::has_token;
 use tracing::Instrument;
 
@@ -14,7 +13,7 @@ use crate::base::revocation::Credential;
 use crate::user::access::{check_link, check_token, AccessError, AccessMode, Verdict};
 use crate::user::error::RelayError;
 use crate::user::forward_auth::Original;
-use crate::user::prepare::{check_framing, prepare, request_host, Prepared};
+use crate::user::prepare::{check_framing, prepare, request_host, Prepared, RequestBody};
 use crate::user::router::{host_backend, route_in, RouteError};
 use crate::State;
 use http_body_util::BodyExt;
@@ -26,14 +25,15 @@ use http_body_util::BodyExt;
 /// Not an `async fn`, nor is `relay`: one keeps each argument twice in its future (the
 /// argument and the local it is moved into), and the request is 240 bytes.
 #[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
-pub fn handle<F, Fut>(
+pub fn handle<B, F, Fut>(
     state: Arc<State>,
-    req: Request<Incoming>,
+    req: Request<B>,
     peer: SocketAddr,
     https: bool,
     onward: F,
 ) -> impl std::future::Future<Output = Response<RelayBody>>
 where
+    B: RequestBody,
     F: FnOnce(Arc<State>, Prepared) -> Fut,
     Fut: std::future::Future<Output = Result<Response<RelayBody>, RelayError>>,
 {
@@ -72,11 +72,11 @@ where
         // named future would keep a second 4.8 KB slot in this one.)
         let result = match spanned {
             true => {
-                relay(state.clone(), req, peer, https, &mut name, onward)
+                relay(state.clone(), req, peer, https, spanned, &mut name, onward)
                     .instrument(span.clone())
                     .await
             }
-            false => relay(state.clone(), req, peer, https, &mut name, onward).await,
+            false => relay(state.clone(), req, peer, https, spanned, &mut name, onward).await,
         };
         let status = match &result {
             Ok(r) => r.status().as_u16(),
@@ -134,15 +134,17 @@ where
 }
 
 #[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
-fn relay<'a, F, Fut>(
+fn relay<'a, B, F, Fut>(
     state: Arc<State>,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     peer: SocketAddr,
     https: bool,
+    spanned: bool,
     routed: &'a mut Option<String>,
     onward: F,
 ) -> impl std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + 'a
 where
+    B: RequestBody,
     F: FnOnce(Arc<State>, Prepared) -> Fut + 'a,
     Fut: std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + 'a,
 {
@@ -192,7 +194,7 @@ where
         let name = route.name.to_owned();
         *routed = Some(name.clone());
         // Looked up only when there is one: the lookup costs a thread-local registry walk.
-        if spanned() {
+        if spanned {
             tracing::Span::current().record("backend", name.as_str());
         }
         // Access first: before it, nothing tells whether the name has an agent.
@@ -203,7 +205,7 @@ where
         // A request admitted by a credential stays registered while it runs, so a reload that
         // revokes the credential ends it (its body aborts, its tunnel closes).
         let admission = credential.map(|c| state.revocations.admit(c, &name));
-        let mut prepared = prepare(&state, req, route, peer, https, arrival)?;
+        let mut prepared = prepare(&state, req, route, peer, https, arrival, spanned)?;
         prepared.admission = admission.clone();
         let resp = onward(state, prepared).await?;
         Ok(match admission {
@@ -230,10 +232,10 @@ fn trace_id(h: &HeaderMap) -> Option<&str> {
 
 /// Applies the access mode of the route's name to the request; says which of the relay's
 /// credentials admitted it, if one did.
-async fn admit(
+async fn admit<B>(
     state: &State,
     route: &crate::user::router::Route<'_>,
-    req: &mut Request<Incoming>,
+    req: &mut Request<B>,
     peer: SocketAddr,
     https: bool,
 ) -> Result<(Verdict, Option<Credential>), RelayError> {

@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, Method, Request};
+use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
 use relay_common::headers::upgrade_request;
 use relay_common::message::Fields;
@@ -44,17 +46,43 @@ pub struct Prepared {
     /// The registration of a request admitted by a revocable credential: a tunnel keeps
     /// it and closes when it is cut.
     pub admission: Option<Arc<Admission>>,
+    /// Whether the request has a span to record into (see `downstream::spanned`),
+    /// decided once when it arrived.
+    pub spanned: bool,
+}
+
+/// A user request's body as the connection that read its head hands it over: hyper's, or
+/// none (the relay's own HTTP/1.1 front, `crate::front`, takes only bodiless requests).
+pub trait RequestBody: Body<Data = Bytes> + Send + Unpin + 'static {
+    /// The body with its first frame read; `None` when there is none.
+    fn into_user_body(self) -> Result<Option<UserBody>, RelayError>;
+}
+
+impl RequestBody for Incoming {
+    fn into_user_body(self) -> Result<Option<UserBody>, RelayError> {
+        match self.is_end_stream() {
+            true => Ok(None),
+            false => prefetch(self).map(Some),
+        }
+    }
+}
+
+impl RequestBody for Empty<Bytes> {
+    fn into_user_body(self) -> Result<Option<UserBody>, RelayError> {
+        Ok(None)
+    }
 }
 
 /// Everything between admission and the broker: upgrade detection, the backend's headers,
 /// body limits.
-pub fn prepare(
+pub fn prepare<B: RequestBody>(
     state: &State,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     route: crate::user::router::Route<'_>,
     peer: SocketAddr,
     https: bool,
     arrival: tokio::time::Instant,
+    spanned: bool,
 ) -> Result<Prepared, RelayError> {
     // A genuine upgrade (HTTP/1.1, `Connection: upgrade`, no body) is relayed as such; the
     // switch happens only if the backend answers 101. Anything else loses its Upgrade
@@ -90,11 +118,7 @@ pub fn prepare(
             return Err(RelayError::PayloadTooLarge(max));
         }
     }
-    let body = if body.is_end_stream() {
-        None
-    } else {
-        Some(prefetch(body)?)
-    };
+    let body = body.into_user_body()?;
     Ok(Prepared {
         name: route.name.to_owned(),
         method: parts.method,
@@ -107,6 +131,7 @@ pub fn prepare(
         arrival,
         client,
         admission: None,
+        spanned,
     })
 }
 

@@ -241,7 +241,7 @@ fn request(
         Some(c) => RequestId::tagged(c.tag()),
         None => RequestId::random(),
     };
-    if crate::user::downstream::spanned() {
+    if p.spanned {
         tracing::Span::current().record("id", tracing::field::display(id));
     }
     let head = RequestHead {
