@@ -11,12 +11,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
-use relay_common::gate::gated;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::base::activity::{Activity, IdleBounds, Tracked};
@@ -228,7 +225,7 @@ impl Conns<'_> {
                     activity: &activity,
                 });
             let _permit = permit;
-            let http = Http {
+            let http = crate::served::Http {
                 builder: &builder,
                 streams: &mut streams,
                 activity: &activity,
@@ -251,48 +248,6 @@ impl Conns<'_> {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
-    }
-}
-
-/// What serving one connection's requests takes.
-struct Http<'a> {
-    builder: &'a auto::Builder<ConnExec>,
-    streams: &'a mut Streams,
-    activity: &'a Arc<Activity>,
-    idle: IdleBounds,
-    stop: &'a CancellationToken,
-}
-
-impl Http<'_> {
-    /// Serves the connection: with the front first when there is one, then with hyper
-    /// (from the first request the front leaves to it).
-    async fn serve<S, Svc>(
-        self,
-        mut first: FirstBytes<S>,
-        front: Option<front::Front<'_>>,
-        svc: Svc,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        Svc: hyper::service::Service<
-                Request<Incoming>,
-                Response = Response<Tracked<RelayBody>>,
-                Error = Infallible,
-            > + Clone
-            + Send
-            + 'static,
-        Svc::Future: Send + 'static,
-    {
-        if let Some(front) = front {
-            let served = front.serve(&mut first, self.stop);
-            match front::supervise(served, self.activity, self.idle, self.stop).await? {
-                front::Ended::Closed => return Ok(()),
-                front::Ended::Hyper(rest) => first.put_back(rest),
-            }
-        }
-        let io = TokioIo::new(first);
-        let conn = self.builder.serve_connection_with_upgrades(io, svc);
-        supervise(conn, self.streams, self.activity, self.idle, self.stop).await
     }
 }
 
@@ -449,46 +404,4 @@ fn past_the_limit(limit: usize, version: Version) -> Response<RelayBody> {
     }
     h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
-}
-
-/// Runs one connection to its end; asks it to finish gracefully (HTTP/2 GOAWAY, HTTP/1.1
-/// close after the response in progress, or at once when it is between requests) when the
-/// server stops or the connection has had no request in progress for its `idle` bound.
-async fn supervise<I, S>(
-    conn: auto::UpgradeableConnection<'_, I, S, ConnExec>,
-    streams: &mut Streams,
-    activity: &Activity,
-    idle: IdleBounds,
-    stop: &CancellationToken,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    S: hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<Tracked<RelayBody>>,
-        Error = Infallible,
-    >,
-    S::Future: 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    ConnExec: auto::HttpServerConnExec<S::Future, Tracked<RelayBody>>,
-{
-    let mut conn = std::pin::pin!(conn);
-    // Gated: the connection's task wakes for every read and every response, and these two
-    // waits would be polled again each time (relay_common::gate).
-    let stopped = gated(stop.cancelled());
-    let idled = gated(activity.idle_for(idle));
-    tokio::select! {
-        // In order, not at random: the task polls this for every read and every response,
-        // and the two waits are gated (a draw per poll was ≈ 100 instructions a request).
-        biased;
-        r = streams.drive(&mut conn) => return r,
-        _ = stopped => {}
-        _ = idled => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    // A connection that does not finish within a second after the stop is dropped, and its
-    // streams with it.
-    match tokio::time::timeout(Duration::from_secs(1), streams.drive(&mut conn)).await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
-    }
 }

@@ -45,6 +45,7 @@ pub mod dispatch;
 pub mod front;
 pub mod listener;
 pub mod ops;
+mod served;
 pub mod shards;
 pub mod user;
 
