@@ -33,6 +33,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
+pub mod h1;
 pub mod headers;
 pub mod heads;
 pub mod id;

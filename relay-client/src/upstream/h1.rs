@@ -9,8 +9,9 @@
 
 use std::fmt::Write as _;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Request};
+use bytes::{BufMut, BytesMut};
+use http::{header, HeaderValue, Request};
+pub use relay_common::h1::{chunk_line, last_chunk, put_field};
 
 /// Most fields in a response head or a trailer section (hyper's default).
 pub(super) const MAX_FIELDS: usize = 100;
@@ -193,45 +194,6 @@ fn put_framing(buf: &mut BytesMut, framing: Framing) {
         Framing::Chunked => buf.put_slice(b"transfer-encoding: chunked\r\n"),
     }
     buf.put_slice(b"\r\n");
-}
-
-/// One field line (RFC 9112 §5).
-fn put_field(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
-    // One growth of the buffer, then plain slice copies: four `put_slice` calls checked
-    // the capacity and called `memcpy` four times a field, the separators included.
-    let at = buf.len();
-    buf.resize(at + name.len() + value.len() + 4, 0);
-    let (n, rest) = buf[at..].split_at_mut(name.len());
-    n.copy_from_slice(name);
-    let (sep, rest) = rest.split_at_mut(2);
-    sep.copy_from_slice(b": ");
-    let (v, end) = rest.split_at_mut(value.len());
-    v.copy_from_slice(value);
-    end.copy_from_slice(b"\r\n");
-}
-
-/// The line that opens a chunk of `len` bytes (RFC 9112 §7.1), split off `lines`: one
-/// allocation serves many chunks' lines instead of one each.
-pub fn chunk_line(lines: &mut BytesMut, len: usize) -> Bytes {
-    if lines.capacity() - lines.len() < 18 {
-        *lines = BytesMut::with_capacity(1024);
-    }
-    let _ = write!(Writer(lines), "{len:x}\r\n");
-    lines.split().freeze()
-}
-
-/// The last chunk and the trailer section (RFC 9112 §7.1.2).
-pub fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
-    let Some(t) = trailers else {
-        return Bytes::from_static(b"0\r\n\r\n");
-    };
-    let mut b = BytesMut::with_capacity(64);
-    b.put_slice(b"0\r\n");
-    for (name, value) in t {
-        put_field(&mut b, name.as_str().as_bytes(), value.as_bytes());
-    }
-    b.put_slice(b"\r\n");
-    b.freeze()
 }
 
 struct Writer<'a>(&'a mut BytesMut);

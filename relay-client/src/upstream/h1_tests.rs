@@ -1,4 +1,6 @@
 use super::*;
+use bytes::Bytes;
+use http::HeaderMap;
 
 fn head(bytes: &[u8], method: &Method) -> Result<Option<Head>, H1Error> {
     parse_head(&mut BytesMut::from(bytes), method)

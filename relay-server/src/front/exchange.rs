@@ -10,8 +10,9 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Body;
+use relay_common::h1;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::response::{self, Framing};
@@ -135,7 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
                         return Err(aborted("the response body ended short of its length"));
                     }
                     if self.framing == Framing::Chunked {
-                        self.push(Bytes::from_static(b"0\r\n\r\n"));
+                        self.push(h1::last_chunk(None));
                     }
                     self.finish();
                     return Ok(false);
@@ -154,17 +155,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
             match self.framing {
                 Framing::Chunked => {
                     // RFC 9112 §7.1: the chunk's size in hex, then its bytes.
-                    let scratch = &mut *self.conn.scratch;
-                    scratch.reserve(18);
-                    let digits = (usize::BITS - data.len().leading_zeros())
-                        .div_ceil(4)
-                        .max(1);
-                    for i in (0..digits).rev() {
-                        scratch.put_u8(b"0123456789abcdef"[(data.len() >> (i * 4)) & 0xf]);
-                    }
-                    scratch.put_slice(b"\r\n");
-                    let size = scratch.split().freeze();
-                    self.push(size);
+                    let line = h1::chunk_line(self.conn.scratch, data.len());
+                    self.push(line);
                     self.push(data);
                     self.push(Bytes::from_static(b"\r\n"));
                 }

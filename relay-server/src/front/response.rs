@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, BytesMut};
 use http::{header, Response, StatusCode};
 use hyper::body::SizeHint;
+use relay_common::h1::put_field;
 
 /// How the body is delimited on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,10 +69,7 @@ pub fn encode<B>(
             header::DATE => dated = true,
             _ => {}
         }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let framing = match (bodiless, length, hint.exact()) {
         (true, _, _) => Framing::None,
