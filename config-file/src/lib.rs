@@ -22,6 +22,7 @@ pub mod listen;
 pub mod logs;
 pub mod manual;
 pub mod runtime;
+pub mod spin;
 pub mod telemetry;
 
 use std::ffi::OsString;

@@ -11,6 +11,7 @@
 //! relay-server, whose host is its own, to one per core; see `docs/PERFORMANCE.md`.
 
 use std::io;
+use std::time::Duration;
 
 /// Builds the runtime: `threads` worker threads, or one per core when 0.
 ///
@@ -21,9 +22,12 @@ use std::io;
 /// scheduler keeps per-worker queues and idle counts with atomics that one thread does not
 /// need. The agent, one thread by default, spends 9 % fewer instructions per small request
 /// this way (19 540 -> 17 707 at 16 connections, `docs/PERFORMANCE.md`).
-pub fn build(threads: usize, name: &str) -> io::Result<tokio::runtime::Runtime> {
+///
+/// `spin` is the current-thread runtime's spinning window (`crate::spin`; zero for none);
+/// multi-threaded runtimes do not spin.
+pub fn build(threads: usize, name: &str, spin: Duration) -> io::Result<tokio::runtime::Runtime> {
     if threads == 1 {
-        return single();
+        return single(spin);
     }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all()
@@ -36,10 +40,20 @@ pub fn build(threads: usize, name: &str) -> io::Result<tokio::runtime::Runtime> 
 }
 
 /// A single-threaded runtime for one thread of its own (the relay-server's shards: see
-/// `relay-server/src/shards.rs`), with the same allocator hook as [`build`]'s workers.
-pub fn single() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+/// `relay-server/src/shards.rs`), with the same allocator hook as [`build`]'s workers,
+/// spinning for `spin` after its work before it parks (`crate::spin`; zero: never).
+pub fn single(spin: Duration) -> io::Result<tokio::runtime::Runtime> {
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_park(crate::allocator::on_park)
-        .build()
+        .on_thread_park(|| {
+            crate::spin::on_park();
+            crate::allocator::on_park();
+        })
+        .on_thread_unpark(crate::spin::on_unpark)
+        .build()?;
+    if !spin.is_zero() {
+        // Owned by the runtime: it ends when the runtime is dropped.
+        rt.spawn(crate::spin::spinner(spin));
+    }
+    Ok(rt)
 }

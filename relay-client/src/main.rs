@@ -146,6 +146,12 @@ struct Cli {
     /// transfers over the cores, for an agent that serves several at once.
     #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 1, global = true)]
     worker_threads: usize,
+    /// How long the single-threaded runtime (the default, one worker thread) keeps polling
+    /// without blocking after its last work before it parks ("0s": never). On a virtual
+    /// machine whose idle cores halt, this saves a slow wake-up per hop of a request under
+    /// load, for a little CPU. See docs/PERFORMANCE.md.
+    #[arg(long, env = "RELAY_SPIN", default_value = "100us", value_parser = humantime::parse_duration, global = true)]
+    spin: std::time::Duration,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -255,7 +261,7 @@ fn main() -> ExitCode {
         }
     };
     let say = relay_config_file::logs::Say::new(cli.log_format);
-    let rt = match relay_config_file::runtime::build(cli.worker_threads, "relay-client") {
+    let rt = match relay_config_file::runtime::build(cli.worker_threads, "relay-client", cli.spin) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("relay-client: starting the runtime: {e}");

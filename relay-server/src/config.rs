@@ -112,6 +112,9 @@ pub struct Config {
     /// Shard threads (`shards.rs`; one per core by default): 0 serves everything on the
     /// runtime the server runs on.
     pub shards: usize,
+    /// How long a shard's runtime spins after its work before it parks (`--spin`; zero:
+    /// never): relay_config_file::spin.
+    pub spin: Duration,
     /// An HTTP/2 connection without an open stream for this long is closed (GOAWAY).
     /// HTTP/1.1 connections idle between requests are bound by `header_read_timeout`.
     pub idle_timeout: Duration,
@@ -254,6 +257,7 @@ impl Config {
             max_connections_per_ip,
             max_tunnels_per_ip,
             shards,
+            spin,
             idle_timeout,
             tls,
             agent_client_ca,
@@ -305,6 +309,7 @@ impl Default for Config {
             max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
             max_tunnels_per_ip: defaults::MAX_TUNNELS_PER_IP,
             shards: defaults::shards(),
+            spin: defaults::duration(defaults::SPIN),
             idle_timeout: defaults::duration(defaults::IDLE_TIMEOUT),
             tls: None,
             agent_client_ca: None,

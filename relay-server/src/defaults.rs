@@ -85,6 +85,11 @@ pub const MAX_CONNECTIONS: usize = 50_000;
 /// Open connections from one IP address.
 pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 
+/// How long a single-threaded runtime spins after its work before it parks (`--spin`):
+/// long enough to cover the gap between a request's hops under load, short enough that a
+/// lone request costs little CPU (docs/PERFORMANCE.md, "Spinning before parking").
+pub const SPIN: &str = "100us";
+
 /// Shard threads (`--shards`): one per core, as the worker threads.
 pub fn shards() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)

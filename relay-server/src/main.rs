@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         }
     };
     let say = relay_config_file::logs::Say::new(cli.log_format);
-    let rt = match relay_config_file::runtime::build(cli.worker_threads, "relay-server") {
+    let rt = match relay_config_file::runtime::build(cli.worker_threads, "relay-server", cli.spin) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("relay-server: starting the runtime: {e}");

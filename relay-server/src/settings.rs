@@ -239,6 +239,7 @@ pub fn build_config(cli: &Cli) -> anyhow::Result<Config> {
         max_connections_per_ip: cli.max_connections_per_ip,
         max_tunnels_per_ip: cli.max_tunnels_per_ip,
         shards: cli.shards,
+        spin: cli.spin,
         access,
         user_tokens,
         link_secret,

@@ -103,7 +103,7 @@ impl Shards {
             let (tx, rx) = mpsc::unbounded_channel();
             inboxes.push(tx);
             let (state, tracker, gone) = (state.clone(), tracker.clone(), gone.clone());
-            let rt = relay_config_file::runtime::single()?;
+            let rt = relay_config_file::runtime::single(state.cfg.spin)?;
             std::thread::Builder::new()
                 .name(format!("relay-shard-{i}"))
                 .spawn(move || {
