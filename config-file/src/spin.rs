@@ -11,18 +11,22 @@
 //! does not halt its vCPU: the next event for it is seen at once, and a thread woken onto
 //! its core runs as soon as the spinner yields to it (`sched_yield` on every turn). This is
 //! what guest halt-polling, Go's spinning threads and the kernel's busy polling do; see
-//! `docs/PERFORMANCE.md` ("Spinning before parking"). An idle relay does not spin: the
-//! window starts again only when the runtime wakes from a park.
+//! `docs/PERFORMANCE.md` ("Spinning before parking").
 //!
 //! How: a task spawned on the runtime ([`spinner`]) yields in a loop; a yielded task makes
 //! tokio's current-thread scheduler poll its driver without blocking before running it
 //! again. When nothing else ran for the window, it waits for the runtime's next wake-up
 //! from a park ([`on_unpark`], the runtime's `on_thread_unpark` hook), so the thread parks.
+//! The window adapts to how soon the wake-ups come ([`adapt`]): a relay woken only now and
+//! then (idle agents' pings) soon stops spinning at all, one under load spins for the most.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
+
+/// The default longest window (`--spin` on both binaries).
+pub const DEFAULT: &str = "100us";
 
 /// A gap between two turns of the spinner longer than this means something else ran (a
 /// task, or another thread on this core): the window starts again. One turn (a poll of the

@@ -150,7 +150,7 @@ struct Cli {
     /// without blocking after its last work before it parks ("0s": never). On a virtual
     /// machine whose idle cores halt, this saves a slow wake-up per hop of a request under
     /// load, for a little CPU. See docs/PERFORMANCE.md.
-    #[arg(long, env = "RELAY_SPIN", default_value = "100us", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "RELAY_SPIN", default_value = relay_config_file::spin::DEFAULT, value_parser = humantime::parse_duration, global = true)]
     spin: std::time::Duration,
 }
 

@@ -88,7 +88,7 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 /// How long a single-threaded runtime spins after its work before it parks (`--spin`):
 /// long enough to cover the gap between a request's hops under load, short enough that a
 /// lone request costs little CPU (docs/PERFORMANCE.md, "Spinning before parking").
-pub const SPIN: &str = "100us";
+pub const SPIN: &str = relay_config_file::spin::DEFAULT;
 
 /// Shard threads (`--shards`): one per core, as the worker threads.
 pub fn shards() -> usize {
