@@ -15,7 +15,8 @@
 //!
 //! How: a task spawned on the runtime ([`spinner`]) yields in a loop; a yielded task makes
 //! tokio's current-thread scheduler poll its driver without blocking before running it
-//! again. When nothing else ran for the window, it waits for the runtime's next wake-up
+//! again. When the runtime's own tasks did no work for the window (its thread's CPU time
+//! per turn says so: [`OTHER_WORK`]), it waits for the runtime's next wake-up
 //! from a park ([`on_unpark`], the runtime's `on_thread_unpark` hook), so the thread parks.
 //! The window adapts to how soon the wake-ups come ([`adapt`]): a relay woken only now and
 //! then (idle agents' pings) soon stops spinning at all, one under load spins for the most.
@@ -26,12 +27,25 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// The default longest window (`--spin` on both binaries).
-pub const DEFAULT: &str = "100us";
+pub const DEFAULT: &str = "200us";
 
-/// A gap between two turns of the spinner longer than this means something else ran (a
-/// task, or another thread on this core): the window starts again. One turn (a poll of the
-/// driver and a `sched_yield`, two system calls) takes about 1–2 µs.
-const OTHER_WORK: Duration = Duration::from_micros(4);
+/// This thread's CPU time in one turn of the spinner beyond its cheapest turn: more means a
+/// task of the runtime ran, and the window starts again. One turn (a poll of the driver, a
+/// `sched_yield` and a read of the thread's clock: three system calls) takes 1–3 µs.
+///
+/// The thread's own CPU time, not the wall clock: another thread that ran on this core in
+/// between (which is what `sched_yield` is for) did none of this runtime's work. With the
+/// wall clock, two spinners sharing a core (a relay-server and its agent on one machine)
+/// took each other's turns for work and spun on for as long as both were idle: a whole core
+/// (the nineteenth round in `docs/PERFORMANCE.md`).
+const OTHER_WORK: Duration = Duration::from_micros(3);
+
+/// The longest park that counts as no event for the window: the runtime was woken just
+/// before or as it parked, or the timer wheel woke it to move a timer to a finer level and
+/// it parked again (tokio's wheel does, on the way to a timer tens of milliseconds off:
+/// a park of about 5 µs after it, which at 4 µs here grew the window of an idle runtime
+/// again on every timer).
+const AT_ONCE: Duration = Duration::from_micros(20);
 
 thread_local! {
     /// The parked spinner of this thread's runtime.
@@ -75,16 +89,21 @@ pub async fn spinner(max: Duration) {
     let mut window = max;
     loop {
         let mut last_work = Instant::now();
-        let mut prev = last_work;
+        let mut prev = thread_cpu();
+        // The cheapest turn of this spell: what a turn without work costs here.
+        let mut cheapest = Duration::MAX;
         while !window.is_zero() {
             tokio::task::yield_now().await;
             yield_core();
             COUNTS.with(|c| c.set((c.get().0, c.get().1 + 1)));
+            let cpu = thread_cpu();
+            let turn = cpu.saturating_sub(prev);
+            prev = cpu;
+            cheapest = cheapest.min(turn);
             let now = Instant::now();
-            if now - prev > OTHER_WORK {
+            if turn > cheapest + OTHER_WORK {
                 last_work = now;
             }
-            prev = now;
             if now - last_work >= window {
                 break;
             }
@@ -101,7 +120,7 @@ pub async fn spinner(max: Duration) {
                 Poll::Pending
             })
             .await;
-            if PARKED.with(Cell::get).1 > OTHER_WORK {
+            if PARKED.with(Cell::get).1 > AT_ONCE {
                 break;
             }
         }
@@ -125,6 +144,21 @@ fn adapt(window: Duration, max: Duration, idle: Duration) -> Duration {
     } else {
         window / 2
     }
+}
+
+/// The CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`: a system call, as the
+/// vDSO serves only the wall clocks).
+#[allow(unsafe_code)]
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a timespec to write to; the calling thread's CPU clock always exists.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Lets a thread that is waiting for this core run (a no-op when none is).
@@ -180,16 +214,87 @@ mod tests {
             assert!(turns1 > turns0, "the spinner never turned");
             // 200 -> 100 -> 50 -> none: a few late wake-ups, then one without a turn.
             let mut quiet = false;
+            let mut seen = Vec::new();
             for _ in 0..50 {
-                let before = counts().1;
+                let before = counts();
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if counts().1 == before {
+                let after = counts();
+                seen.push((after.0 - before.0, after.1 - before.1));
+                if after.1 == before.1 {
                     quiet = true;
                     break;
                 }
             }
-            assert!(quiet, "the spinner kept spinning after late wake-ups");
+            assert!(
+                quiet,
+                "the spinner kept spinning after late wake-ups {seen:?}"
+            );
         });
+    }
+
+    /// Two spinning runtimes on one core (a relay-server and its agent on a one-core
+    /// machine) still park when both are idle: each one's turns, which the other's
+    /// `sched_yield` lets run, are not work of its own. (Counting any gap between turns as
+    /// work, they kept each other spinning, a whole core, for as long as both stayed idle.)
+    #[test]
+    fn two_runtimes_spinning_on_one_core_park_when_idle() {
+        let cpu = first_allowed_cpu();
+        let sides: Vec<_> = (0..2)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    pin_to(cpu);
+                    let rt = crate::runtime::single(Duration::from_micros(200)).expect("runtime");
+                    rt.block_on(async {
+                        let parks0 = counts().0;
+                        // Bounded: the timer wakes the runtime every 10 ms; a runtime that
+                        // spins through its timers never parks.
+                        for _ in 0..300 {
+                            if counts().0 >= parks0 + 5 {
+                                return true;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        false
+                    })
+                })
+            })
+            .collect();
+        for side in sides {
+            assert!(
+                side.join().expect("thread"),
+                "a runtime kept spinning while idle"
+            );
+        }
+    }
+
+    /// The lowest CPU this process may run on.
+    #[allow(unsafe_code)]
+    fn first_allowed_cpu() -> usize {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the call fills it for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set),
+                0
+            );
+            (0..libc::CPU_SETSIZE as usize)
+                .find(|&c| libc::CPU_ISSET(c, &set))
+                .expect("some CPU")
+        }
+    }
+
+    /// Keeps the calling thread on `cpu`.
+    #[allow(unsafe_code)]
+    fn pin_to(cpu: usize) {
+        // SAFETY: as above; the set names one CPU this process may use.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+                0
+            );
+        }
     }
 
     /// Without a window there is no spinner: the runtime parks as soon as it is idle.
