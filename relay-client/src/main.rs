@@ -146,8 +146,9 @@ struct Cli {
     /// transfers over the cores, for an agent that serves several at once.
     #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 1, global = true)]
     worker_threads: usize,
-    /// How long the single-threaded runtime (the default, one worker thread) keeps polling
-    /// without blocking after its last work before it parks ("0s": never). On a virtual
+    /// At most how long the single-threaded runtime (the default, one worker thread) keeps
+    /// polling without blocking after its last work before it parks ("0s": never); less,
+    /// down to none, while wake-ups come later than that. On a virtual
     /// machine whose idle cores halt, this saves a slow wake-up per hop of a request under
     /// load, for a little CPU. See docs/PERFORMANCE.md.
     #[arg(long, env = "RELAY_SPIN", default_value = relay_config_file::spin::DEFAULT, value_parser = humantime::parse_duration, global = true)]

@@ -287,9 +287,9 @@ pub struct Cli {
     /// on the worker threads. See docs/PERFORMANCE.md.
     #[arg(long, env = "RELAY_SHARDS", default_value_t = relay_server::defaults::shards())]
     pub shards: usize,
-    /// How long a single-threaded runtime (each shard; the server with
+    /// At most how long a single-threaded runtime (each shard; the server with
     /// `--worker-threads 1`) keeps polling without blocking after its last work before it
-    /// parks ("0s": never). On a virtual machine whose idle cores halt, this saves a slow
+    /// parks ("0s": never); less, down to none, while wake-ups come later than that. On a virtual machine whose idle cores halt, this saves a slow
     /// wake-up per hop of a request under load, for a little CPU. See docs/PERFORMANCE.md.
     #[arg(long, env = "RELAY_SPIN", default_value = defaults::SPIN, value_parser = humantime::parse_duration)]
     pub spin: Duration,
