@@ -172,6 +172,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut table = Table::default();
+    eprintln!("measuring every target in turn (scenarios 1, 2 and 7)…");
+    if let Err(e) = rt.block_on(scenarios::run_in_turns(&plan, &running, want, &mut table)) {
+        for t in &mut running {
+            t.dump_output();
+        }
+        return Err(e);
+    }
     for t in &mut running {
         eprintln!("measuring {}…", t.name);
         // Scenario 5 measures the relay's idle tunnels in a relay of their own, started

@@ -1,5 +1,10 @@
 //! The scenarios, one function each, numbered as in docs/PERFORMANCE.md. Each runs its
-//! measurement `plan.runs` times against one target and records the medians.
+//! measurement `plan.runs` times against each target and records the medians. The
+//! steady rates read as ratios between targets (scenarios 1, 2 and 7: [`run_in_turns`])
+//! give every target one run in turn, so that a ratio compares
+//! measurements seconds apart rather than minutes: on the benchmark's virtual machines a
+//! rate drifts by a fifth within minutes (the twentieth round in docs/PERFORMANCE.md), and
+//! one target measured wholly after another carried the drift into its ratio.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,8 +55,30 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// Starts another target like the one measured, in fresh processes.
 pub type Fresh<'a> = Option<&'a (dyn Fn() -> anyhow::Result<Running> + Sync)>;
 
-/// Runs the scenarios `want` selects against `t` (`fresh` starts another like it, where a
-/// scenario wants a process that held nothing before).
+/// Runs the scenarios `want` selects whose rates are compared between targets (1, 2 and
+/// 7), every run of each going to the targets in turn ([`in_turns`]).
+pub async fn run_in_turns(
+    plan: &Plan,
+    targets: &[Running],
+    want: impl Fn(u8) -> bool,
+    out: &mut Table,
+) -> anyhow::Result<()> {
+    let targets: Vec<&Running> = targets.iter().collect();
+    if want(1) {
+        keep_alive(plan, &targets, out).await?;
+    }
+    if want(2) {
+        new_connections(plan, &targets, out).await?;
+    }
+    if want(7) {
+        h2_streams(plan, &targets, out).await?;
+    }
+    Ok(())
+}
+
+/// Runs the other scenarios `want` selects (6, 3, 4, 8 and 5: the burst, bulk transfers
+/// and idle holdings) against `t` (`fresh` starts another like it, where a scenario
+/// wants a process that held nothing before).
 pub async fn run_all(
     plan: &Plan,
     t: &Running,
@@ -61,25 +88,14 @@ pub async fn run_all(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let what = |n: u8| format!("scenario {n} through {}", t.name);
-    if want(1) {
-        keep_alive(plan, t, out).await.with_context(|| what(1))?;
-    }
-    if want(2) {
-        new_connections(plan, t, out)
-            .await
-            .with_context(|| what(2))?;
+    if want(6) {
+        burst(plan, t, out).await.with_context(|| what(6))?;
     }
     if want(3) {
         bodies(plan, t, out).await.with_context(|| what(3))?;
     }
     if want(4) {
         tunnel(plan, t, out).await.with_context(|| what(4))?;
-    }
-    if want(7) {
-        h2_streams(plan, t, out).await.with_context(|| what(7))?;
-    }
-    if want(6) {
-        burst(plan, t, out).await.with_context(|| what(6))?;
     }
     if want(8) {
         small_during_big(plan, t, out)
@@ -92,34 +108,59 @@ pub async fn run_all(
     Ok(())
 }
 
-/// 1: small GETs on keep-alive connections (1, 16 and 64).
-async fn keep_alive(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
-    for conns in [1usize, 16, 64] {
-        let (mut rps, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..plan.runs {
-            let r = load::small_gets(&t.http, conns, false, plan.dur).await?;
-            rps.push(r.rps);
-            p50.push(r.p50);
-            p99.push(r.p99);
+/// `measure` run `plan.runs` times on each of `targets`, the targets taking turns: each
+/// target's results, in the order of `targets`.
+async fn in_turns<'t, T, F, Fut>(
+    plan: &Plan,
+    targets: &[&'t Running],
+    scenario: u8,
+    mut measure: F,
+) -> anyhow::Result<Vec<Vec<T>>>
+where
+    F: FnMut(&'t Running) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut all: Vec<Vec<T>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..plan.runs {
+        for (t, got) in targets.iter().zip(&mut all) {
+            let r = measure(t)
+                .await
+                .with_context(|| format!("scenario {scenario} through {}", t.name))?;
+            got.push(r);
         }
+    }
+    Ok(all)
+}
+
+/// 1: small GETs on keep-alive connections (1, 16 and 64).
+async fn keep_alive(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyhow::Result<()> {
+    for conns in [1usize, 16, 64] {
+        let all = in_turns(plan, targets, 1, |t| {
+            load::small_gets(&t.http, conns, false, plan.dur)
+        })
+        .await?;
         let m = format!("1 keep-alive {conns} conn");
-        out.put(format!("{m} req/s"), t.name, median(rps));
-        out.put(format!("{m} p50 ms"), t.name, median(p50));
-        out.put(format!("{m} p99 ms"), t.name, median(p99));
+        for (t, runs) in targets.iter().zip(all) {
+            let of = |f: fn(&load::Rate) -> f64| median(runs.iter().map(f).collect());
+            out.put(format!("{m} req/s"), t.name, of(|r| r.rps));
+            out.put(format!("{m} p50 ms"), t.name, of(|r| r.p50));
+            out.put(format!("{m} p99 ms"), t.name, of(|r| r.p99));
+        }
     }
     Ok(())
 }
 
 /// 2: a new connection per request (16 at a time).
-async fn new_connections(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
-    let (mut rps, mut p50) = (Vec::new(), Vec::new());
-    for _ in 0..plan.runs {
-        let r = load::small_gets(&t.http, 16, true, plan.dur).await?;
-        rps.push(r.rps);
-        p50.push(r.p50);
+async fn new_connections(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyhow::Result<()> {
+    let all = in_turns(plan, targets, 2, |t| {
+        load::small_gets(&t.http, 16, true, plan.dur)
+    })
+    .await?;
+    for (t, runs) in targets.iter().zip(all) {
+        let of = |f: fn(&load::Rate) -> f64| median(runs.iter().map(f).collect());
+        out.put("2 new connection per request req/s", t.name, of(|r| r.rps));
+        out.put("2 new connection per request p50 ms", t.name, of(|r| r.p50));
     }
-    out.put("2 new connection per request req/s", t.name, median(rps));
-    out.put("2 new connection per request p50 ms", t.name, median(p50));
     Ok(())
 }
 
@@ -156,15 +197,19 @@ async fn tunnel(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()>
 }
 
 /// 7: small GETs over one HTTP/2 connection, 32 streams at a time.
-async fn h2_streams(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
-    let Some((addr, name)) = &t.h2 else {
-        return Ok(());
-    };
-    let mut rps = Vec::new();
-    for _ in 0..plan.runs {
-        rps.push(load::h2(*addr, name.as_deref(), 32, plan.dur).await?.rps);
+async fn h2_streams(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyhow::Result<()> {
+    let with: Vec<&Running> = targets.iter().copied().filter(|t| t.h2.is_some()).collect();
+    let all = in_turns(plan, &with, 7, |t| async move {
+        let Some((addr, name)) = &t.h2 else {
+            unreachable!("only targets with an HTTP/2 address are measured");
+        };
+        load::h2(*addr, name.as_deref(), 32, plan.dur).await
+    })
+    .await?;
+    for (t, runs) in with.iter().zip(all) {
+        let rps = median(runs.iter().map(|r| r.rps).collect());
+        out.put("7 HTTP/2 32 streams req/s", t.name, rps);
     }
-    out.put("7 HTTP/2 32 streams req/s", t.name, median(rps));
     Ok(())
 }
 
@@ -180,7 +225,8 @@ async fn small_during_big(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::
     Ok(())
 }
 
-/// 6: a burst of requests at once; the relay's memory before, at the peak, after.
+/// 6: a burst of requests at once; the relay's memory before, at the peak, after (per
+/// target, its runs back to back: the memory is read around them).
 async fn burst(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> {
     let Some((addr, name)) = &t.h2 else {
         return Ok(());
