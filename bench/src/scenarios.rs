@@ -1,10 +1,10 @@
 //! The scenarios, one function each, numbered as in docs/PERFORMANCE.md. Each runs its
-//! measurement `plan.runs` times against each target and records the medians. The
-//! steady rates read as ratios between targets (scenarios 1, 2 and 7: [`run_in_turns`])
-//! give every target one run in turn, so that a ratio compares
-//! measurements seconds apart rather than minutes: on the benchmark's virtual machines a
-//! rate drifts by a fifth within minutes (the twentieth round in docs/PERFORMANCE.md), and
-//! one target measured wholly after another carried the drift into its ratio.
+//! measurement `plan.runs` times against each target and records the medians. The steady
+//! rates read as ratios between targets (scenarios 1, 2 and 7: [`run_in_turns`]) give
+//! every target one run in turn, so that a ratio compares measurements seconds apart
+//! rather than minutes: on the benchmark's virtual machines a rate drifts by a fifth or
+//! more within minutes (the twentieth round in docs/PERFORMANCE.md), and one target
+//! measured wholly after another carried the drift into its ratio.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -200,9 +200,9 @@ async fn tunnel(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()>
 async fn h2_streams(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyhow::Result<()> {
     let with: Vec<&Running> = targets.iter().copied().filter(|t| t.h2.is_some()).collect();
     let all = in_turns(plan, &with, 7, |t| async move {
-        let Some((addr, name)) = &t.h2 else {
-            unreachable!("only targets with an HTTP/2 address are measured");
-        };
+        let (addr, name) =
+            t.h2.as_ref()
+                .expect("bug: only targets with HTTP/2 are here");
         load::h2(*addr, name.as_deref(), 32, plan.dur).await
     })
     .await?;
