@@ -96,8 +96,9 @@ struct Cli {
     /// Speak HTTP/2 with prior knowledge (h2c) to the backend, for gRPC.
     #[arg(long, env = "RELAY_BACKEND_HTTP2")]
     backend_http2: bool,
-    /// Idle connections to the backend kept for reuse at most; a burst opens more, and
-    /// those beyond this close once idle for a second instead of idling for 30 s.
+    /// Idle connections to the backend kept for reuse at most; a burst opens more (16 at
+    /// once at most, its requests taking connections others give back first), and those
+    /// beyond this close once idle for a second instead of idling for 30 s.
     #[arg(long, env = "RELAY_BACKEND_IDLE_CONNECTIONS", default_value_t = 128)]
     backend_idle_connections: usize,
     /// How long an idle backend connection is kept for reuse; keep it below the backend's

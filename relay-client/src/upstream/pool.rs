@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use super::conn::{idempotent, Conn, Inline, PooledBody, FIRST_READ};
 use super::h1::{self, Framing, H1Error};
@@ -34,8 +34,20 @@ const MIN_SWEEP: Duration = Duration::from_millis(500);
 /// a moment later (a burst of 10 000 opened about 1 400 backend connections for at most
 /// 1 024 requests in flight, and half the agent's CPU went to connecting and closing).
 const SURPLUS_IDLE: Duration = Duration::from_secs(1);
-/// How long connecting to the backend may take.
+/// How long a request may wait for a connection of its own: for a turn to connect (see
+/// [`MAX_CONNECTING`]) and for the connect itself.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many connections to the backend may be opening at once. A request that finds no
+/// idle connection waits for a turn to open one, and takes a connection another request
+/// gives back if that comes first. Without the limit, a burst of 10 000 requests made each
+/// open a connection at once: about 5 000 connects per burst (the rest were served by
+/// connections that came back during the connects), a third of the agent's and the
+/// backend's CPU in it, and a burst took 0.63-0.79 s where one that found ~900 connections
+/// waiting took 0.43-0.46 s (`docs/PERFORMANCE.md`, twenty-first round). A connect on a
+/// loopback or LAN backend takes well under a millisecond, so requests that hold their
+/// connections for long (event streams, long polls) still get new ones at thousands a
+/// second.
+const MAX_CONNECTING: usize = 16;
 
 /// Why a request through the pool failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +99,8 @@ pub struct Pool {
     idle: Mutex<Vec<(Box<Conn>, Instant)>>,
     /// A connection came back: one request waiting for its own connection takes it.
     returned: Notify,
+    /// Turns to open a connection ([`MAX_CONNECTING`]).
+    connecting: Semaphore,
     /// The idle connections went beyond `max_idle`: the sweep looks sooner.
     surplus: Notify,
 }
@@ -101,6 +115,7 @@ impl Pool {
             idle_for,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
+            connecting: Semaphore::new(MAX_CONNECTING),
             surplus: Notify::new(),
         })
     }
@@ -198,35 +213,53 @@ impl Pool {
         None
     }
 
-    /// A new connection, or one another request gives back first (whichever comes first,
-    /// as in hyper-util's pool): in a burst, requests go on connections that finished
-    /// instead of waiting for connects the backend's accept queue may be slow to take.
+    /// A connection another request gives back, or a new one (whichever comes first, as
+    /// in hyper-util's pool): in a burst, requests go on connections that finished instead
+    /// of each opening its own. At most [`MAX_CONNECTING`] open at once; the wait for a
+    /// turn counts toward [`CONNECT_TIMEOUT`].
     async fn fresh(&self) -> Result<(Box<Conn>, bool), PoolError> {
-        let mut connect = pin!(self.connect());
-        loop {
+        let timed_out = || self.connect_failed(std::io::ErrorKind::TimedOut.into());
+        let deadline = tokio::time::sleep(CONNECT_TIMEOUT);
+        tokio::pin!(deadline);
+        // A connection that came back since `take` left a permit: no wake-up lost.
+        let _turn = loop {
             tokio::select! {
                 biased;
-                c = &mut connect => return c.map(|c| (c, false)),
-                // A connection that came back since `take` left a permit: no wake-up lost.
                 _ = self.returned.notified() => {
                     if let Some(c) = self.take() {
                         return Ok((c, true));
                     }
                 }
+                turn = self.connecting.acquire() => break turn.expect("bug: never closed"),
+                _ = &mut deadline => return Err(timed_out()),
+            }
+        };
+        let mut connect = pin!(self.connect());
+        loop {
+            tokio::select! {
+                biased;
+                c = &mut connect => return c.map(|c| (c, false)),
+                _ = self.returned.notified() => {
+                    if let Some(c) = self.take() {
+                        return Ok((c, true));
+                    }
+                }
+                _ = &mut deadline => return Err(timed_out()),
             }
         }
     }
 
-    async fn connect(&self) -> Result<Box<Conn>, PoolError> {
-        let failed = |source| PoolError::Connect {
+    fn connect_failed(&self, source: std::io::Error) -> PoolError {
+        PoolError::Connect {
             addr: self.addr.clone(),
             source,
-        };
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await
-        {
-            Ok(r) => r.map_err(failed)?,
-            Err(_) => return Err(failed(std::io::ErrorKind::TimedOut.into())),
-        };
+        }
+    }
+
+    async fn connect(&self) -> Result<Box<Conn>, PoolError> {
+        let failed = |e| self.connect_failed(e);
+        // The caller bounds the time (`CONNECT_TIMEOUT`).
+        let tcp = TcpStream::connect(&self.addr).await.map_err(failed)?;
         // Small requests and answers go out at once (RFC 9293 §3.7.4: Nagle delays them).
         tcp.set_nodelay(true).map_err(failed)?;
         Ok(Box::new(Conn::new(tcp)))

@@ -296,3 +296,95 @@ async fn a_streamed_body_whose_reader_task_is_dropped_fails_instead_of_ending() 
     assert!(matches!(rest, Err(H1Error::ReaderGone)), "{rest:?}");
     assert!(body.frame().await.is_none(), "nothing after the error");
 }
+
+/// Requests that hold their connections (an event stream, a long poll) do not keep others
+/// from opening new ones: a turn to connect ends with the connect, not with the request.
+#[tokio::test]
+async fn requests_that_hold_their_connections_still_get_new_ones_past_the_connect_limit() {
+    let (l, pool) = backend().await;
+    let n = MAX_CONNECTING * 3;
+    let server = tokio::spawn(async move {
+        // Every request waits for its answer until all n are in, each on a connection of
+        // its own.
+        let mut held = Vec::new();
+        while held.len() < n {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            read_until(&mut s, &mut got, b"\r\n\r\n").await;
+            held.push(s);
+        }
+        for s in &mut held {
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        }
+        held
+    });
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { text(pool.send(get("/held")).await.unwrap()).await })
+        })
+        .collect();
+    let all = async {
+        for r in requests {
+            assert_eq!(r.await.unwrap(), "ok");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .expect("every request got a connection");
+    assert_eq!(server.await.unwrap().len(), n);
+}
+
+/// Connections of this process to `port` in `SYN_SENT` (connecting), from /proc/net/tcp.
+fn connecting_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            f.len() > 3 && f[2].ends_with(&remote) && f[3] == "02"
+        })
+        .count()
+}
+
+/// A burst of requests to a backend whose connects hang (its accept queue is full: the
+/// kernel drops the SYNs) opens at most `MAX_CONNECTING` connections at once; the rest
+/// wait their turn instead of each starting a connect of its own.
+#[tokio::test]
+async fn at_most_the_limit_of_connections_open_at_once() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    // Backlog 1, never accepted: the first connects complete into the queue, later SYNs
+    // are dropped and their connects wait (retransmitting).
+    let l = socket.listen(1).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let pool = Pool::new(format!("127.0.0.1:{port}"), 4, Duration::from_secs(30));
+    let requests: Vec<_> = (0..MAX_CONNECTING * 3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.send(get("/x")).await.map(|_| ()) })
+        })
+        .collect();
+    let mut most = 0;
+    let mut stable = 0;
+    // Until the count has held at the limit for 20 looks (10 s at most).
+    for _ in 0..1000 {
+        let now = connecting_to(port);
+        most = most.max(now);
+        stable = if now == MAX_CONNECTING { stable + 1 } else { 0 };
+        if stable == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(most, MAX_CONNECTING, "connecting at once, at most");
+    assert_eq!(stable, 20, "the limit is reached and held");
+    for r in requests {
+        r.abort();
+    }
+    drop(l);
+}
