@@ -52,6 +52,11 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The median of one figure of each run's rate.
+fn median_of(runs: &[load::Rate], figure: fn(&load::Rate) -> f64) -> f64 {
+    median(runs.iter().map(figure).collect())
+}
+
 /// Starts another target like the one measured, in fresh processes.
 pub type Fresh<'a> = Option<&'a (dyn Fn() -> anyhow::Result<Running> + Sync)>;
 
@@ -141,10 +146,9 @@ async fn keep_alive(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyho
         .await?;
         let m = format!("1 keep-alive {conns} conn");
         for (t, runs) in targets.iter().zip(all) {
-            let of = |f: fn(&load::Rate) -> f64| median(runs.iter().map(f).collect());
-            out.put(format!("{m} req/s"), t.name, of(|r| r.rps));
-            out.put(format!("{m} p50 ms"), t.name, of(|r| r.p50));
-            out.put(format!("{m} p99 ms"), t.name, of(|r| r.p99));
+            out.put(format!("{m} req/s"), t.name, median_of(&runs, |r| r.rps));
+            out.put(format!("{m} p50 ms"), t.name, median_of(&runs, |r| r.p50));
+            out.put(format!("{m} p99 ms"), t.name, median_of(&runs, |r| r.p99));
         }
     }
     Ok(())
@@ -157,9 +161,9 @@ async fn new_connections(plan: &Plan, targets: &[&Running], out: &mut Table) -> 
     })
     .await?;
     for (t, runs) in targets.iter().zip(all) {
-        let of = |f: fn(&load::Rate) -> f64| median(runs.iter().map(f).collect());
-        out.put("2 new connection per request req/s", t.name, of(|r| r.rps));
-        out.put("2 new connection per request p50 ms", t.name, of(|r| r.p50));
+        let (rps, p50) = (median_of(&runs, |r| r.rps), median_of(&runs, |r| r.p50));
+        out.put("2 new connection per request req/s", t.name, rps);
+        out.put("2 new connection per request p50 ms", t.name, p50);
     }
     Ok(())
 }
