@@ -57,6 +57,29 @@ fn median_of(runs: &[load::Rate], figure: fn(&load::Rate) -> f64) -> f64 {
     median(runs.iter().map(figure).collect())
 }
 
+/// How far apart a target's runs of one figure were: (highest − lowest) / median, in %
+/// (0 for fewer than two runs). A ratio between two targets is only as good as both
+/// spreads: on a VM one target's slow stretch can carry it (the twenty-first round).
+pub fn spread(v: &[f64]) -> f64 {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    let mid = median(v.to_vec());
+    if v.len() < 2 || mid <= 0.0 {
+        return 0.0;
+    }
+    (hi - lo) / mid * 100.0
+}
+
+/// Puts the median of `runs`' rates as `metric`, and their spread beside it.
+fn put_rate(out: &mut Table, metric: &str, target: &'static str, runs: &[load::Rate]) {
+    let rps: Vec<f64> = runs.iter().map(|r| r.rps).collect();
+    out.put(format!("{metric} spread %"), target, spread(&rps));
+    out.put(metric, target, median(rps));
+}
+
 /// Starts another target like the one measured, in fresh processes.
 pub type Fresh<'a> = Option<&'a (dyn Fn() -> anyhow::Result<Running> + Sync)>;
 
@@ -146,7 +169,7 @@ async fn keep_alive(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyho
         .await?;
         let m = format!("1 keep-alive {conns} conn");
         for (t, runs) in targets.iter().zip(all) {
-            out.put(format!("{m} req/s"), t.name, median_of(&runs, |r| r.rps));
+            put_rate(out, &format!("{m} req/s"), t.name, &runs);
             out.put(format!("{m} p50 ms"), t.name, median_of(&runs, |r| r.p50));
             out.put(format!("{m} p99 ms"), t.name, median_of(&runs, |r| r.p99));
         }
@@ -161,8 +184,8 @@ async fn new_connections(plan: &Plan, targets: &[&Running], out: &mut Table) -> 
     })
     .await?;
     for (t, runs) in targets.iter().zip(all) {
-        let (rps, p50) = (median_of(&runs, |r| r.rps), median_of(&runs, |r| r.p50));
-        out.put("2 new connection per request req/s", t.name, rps);
+        put_rate(out, "2 new connection per request req/s", t.name, &runs);
+        let p50 = median_of(&runs, |r| r.p50);
         out.put("2 new connection per request p50 ms", t.name, p50);
     }
     Ok(())
@@ -211,8 +234,7 @@ async fn h2_streams(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyho
     })
     .await?;
     for (t, runs) in with.iter().zip(all) {
-        let rps = median(runs.iter().map(|r| r.rps).collect());
-        out.put("7 HTTP/2 32 streams req/s", t.name, rps);
+        put_rate(out, "7 HTTP/2 32 streams req/s", t.name, &runs);
     }
     Ok(())
 }
@@ -243,6 +265,11 @@ async fn burst(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()> 
         anyhow::ensure!(ok == n, "{}: {ok} of {n} burst requests answered", t.name);
         secs.push(s);
     }
+    out.put(
+        format!("6 burst of {n} requests, s spread %"),
+        t.name,
+        spread(&secs),
+    );
     out.put(format!("6 burst of {n} requests, s"), t.name, median(secs));
     if let (Some(pid), Some(before)) = (t.server_pid, before) {
         // The relay hands memory back on its next housekeeping tick (1 s).
@@ -348,5 +375,23 @@ async fn rss_settled(pid: u32) {
             return;
         }
         last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn the_spread_is_the_range_over_the_median_in_percent() {
+        assert_eq!(spread(&[]), 0.0);
+        assert_eq!(spread(&[5.0]), 0.0, "one run has no spread");
+        assert_eq!(spread(&[90.0, 100.0, 110.0]), 20.0);
+        assert_eq!(
+            spread(&[110.0, 100.0, 100.0]),
+            10.0,
+            "order does not matter"
+        );
+        assert_eq!(spread(&[0.0, 0.0]), 0.0);
     }
 }

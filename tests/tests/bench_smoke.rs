@@ -54,6 +54,18 @@ fn bench_smoke_runs_every_scenario() {
             );
         }
     }
+    // Each steady rate has its runs' spread beside it.
+    for rate in ["1 keep-alive 16 conn req/s", "7 HTTP/2 32 streams req/s"] {
+        let metric = format!("{rate} spread %");
+        let row = rows
+            .iter()
+            .find(|r| r["metric"] == metric.as_str())
+            .unwrap_or_else(|| panic!("no {metric} row"));
+        for t in ["direct", "relay", "cluster"] {
+            let v = row[t]["value"].as_f64().unwrap();
+            assert!(v.is_finite() && v >= 0.0, "{metric} {t}: {row}");
+        }
+    }
 }
 
 #[test]
