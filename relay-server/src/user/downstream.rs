@@ -1,11 +1,15 @@
 //! The entry of a user request: route it to a backend name, apply the name's access mode,
 //! prepare it and hand it on; count and log how it was answered.
 
+use std::future::{Future, Ready};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::future::{Either, Map};
+use futures_util::FutureExt;
+
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use relay_common::headers::has_token;
 use tracing::Instrument;
 
 use crate::base::body::{RelayBody, Revocable};
@@ -13,8 +17,8 @@ use crate::base::revocation::Credential;
 use crate::user::access::{check_link, check_token, AccessError, AccessMode, Verdict};
 use crate::user::error::RelayError;
 use crate::user::forward_auth::Original;
-use crate::user::prepare::{check_framing, prepare, request_host, Prepared, RequestBody};
-use crate::user::router::{host_backend, route_in, RouteError};
+use crate::user::prepare::{prepare, request_host, Prepared, RequestBody, Routing};
+use crate::user::router::Route;
 use crate::State;
 use http_body_util::BodyExt;
 
@@ -22,203 +26,276 @@ use http_body_util::BodyExt;
 /// (which finds the agent, here or on another replica) and answers with its response;
 /// every failure becomes its status and text body.
 ///
-/// Not an `async fn`, nor is `relay`: one keeps each argument twice in its future (the
-/// argument and the local it is moved into), and the request is 240 bytes.
-#[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
+/// Built from combinators, not `async` blocks: the request is routed, admitted (when its
+/// name's access mode needs no wait) and handed on when the future is made, so the future
+/// keeps only `onward`'s future and what the answer needs. An `async` block keeps every
+/// value it took (the request, 264 bytes; the prepared request, 440) and every local with a
+/// destructor for its whole life, moved on or not: it was 3.2 KB per request in flight,
+/// half of a burst's memory (`docs/PERFORMANCE.md`).
+///
+/// That work starts when the future is first polled, not when it is made: hyper reads what
+/// follows the head (a body's first chunk) before it polls the request, and a body whose
+/// framing is malformed must fail the request before any agent sees it. The future is one
+/// of two states, the request or what it became, so the two share their bytes.
+///
+/// The functions that build the future are inlined into one another: each one's return of
+/// it by value was a copy of its 960 bytes (callgrind: 1 000 of a small request's 42 000
+/// instructions).
 pub fn handle<B, F, Fut>(
     state: Arc<State>,
     req: Request<B>,
     peer: SocketAddr,
     https: bool,
     onward: F,
-) -> impl std::future::Future<Output = Response<RelayBody>>
+) -> impl Future<Output = Response<RelayBody>>
 where
     B: RequestBody,
     F: FnOnce(Arc<State>, Prepared) -> Fut,
-    Fut: std::future::Future<Output = Result<Response<RelayBody>, RelayError>>,
+    Fut: Future<Output = Answer>,
 {
-    async move {
-        let retry_after = state.cfg.retry_after_secs;
-        let http1 = req.version() < http::Version::HTTP_2;
-        // hyper knows at the head whether a body follows (no Content-Length or `0`, no
-        // Transfer-Encoding: RFC 9112 §6.3).
-        let bodiless = hyper::body::Body::is_end_stream(req.body());
-        let method = req.method().clone();
-        let mut name = None;
-        let spanned = spanned();
-        let span = match spanned {
-            true => tracing::info_span!(
-                "request",
-                otel.kind = "server",
-                method = %method,
-                path = %req.uri().path(),
-                id = tracing::field::Empty,
-                backend = tracing::field::Empty,
-                trace_id = tracing::field::Empty,
-                status = tracing::field::Empty,
-            ),
-            false => tracing::Span::none(),
-        };
-        // Only a span records it: without one the lookup is work for nothing.
-        if let Some(trace) = spanned.then(|| trace_id(req.headers())).flatten() {
-            span.record("trace_id", trace);
-        }
-        // Traces on: the span continues the user's trace (or starts one).
-        relay_config_file::telemetry::continue_trace(&span, req.headers());
-        // Read only for the access line (a clock read per request otherwise).
-        let started = spanned.then(std::time::Instant::now);
-        // Without a span, not wrapped: `Instrumented` takes the request's future by value (a
-        // copy of its 4.8 KB) and enters the empty span at every poll. (Built in each arm: a
-        // named future would keep a second 4.8 KB slot in this one.)
-        let result = match spanned {
-            true => {
-                relay(state.clone(), req, peer, https, spanned, &mut name, onward)
-                    .instrument(span.clone())
-                    .await
-            }
-            false => relay(state.clone(), req, peer, https, spanned, &mut name, onward).await,
-        };
-        let status = match &result {
-            Ok(r) => r.status().as_u16(),
-            Err(e) => e.status().as_u16(),
-        };
-        span.record("status", status);
-        span.in_scope(|| {
-            tracing::debug!(
-                target: "relay_server::user::access",
-                status,
-                ms = started.map_or(0, |s| s.elapsed().as_millis() as u64),
-                "answered"
+    futures_util::future::lazy(move |_| begin(state, req, peer, https, onward)).flatten()
+}
+
+/// [`handle`] at its first poll.
+#[inline(always)] // the future it returns built in place, not copied out (see `handle`)
+fn begin<B, F, Fut>(
+    state: Arc<State>,
+    req: Request<B>,
+    peer: SocketAddr,
+    https: bool,
+    onward: F,
+) -> impl Future<Output = Response<RelayBody>>
+where
+    B: RequestBody,
+    F: FnOnce(Arc<State>, Prepared) -> Fut,
+    Fut: Future<Output = Answer>,
+{
+    let retry_after = state.cfg.retry_after_secs;
+    let http1 = req.version() < http::Version::HTTP_2;
+    // hyper knows at the head whether a body follows (no Content-Length or `0`, no
+    // Transfer-Encoding: RFC 9112 §6.3).
+    let bodiless = hyper::body::Body::is_end_stream(req.body());
+    let method = req.method().clone();
+    let spanned = spanned();
+    let span = match spanned {
+        true => tracing::info_span!(
+            "request",
+            otel.kind = "server",
+            method = %method,
+            path = %req.uri().path(),
+            id = tracing::field::Empty,
+            backend = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            status = tracing::field::Empty,
+        ),
+        false => tracing::Span::none(),
+    };
+    // Only a span records it: without one the lookup is work for nothing.
+    if let Some(trace) = spanned.then(|| trace_id(req.headers())).flatten() {
+        span.record("trace_id", trace);
+    }
+    // Traces on: the span continues the user's trace (or starts one).
+    relay_config_file::telemetry::continue_trace(&span, req.headers());
+    // Read only for the access line (a clock read per request otherwise).
+    let started = spanned.then(std::time::Instant::now);
+    let (name, relayed) = match spanned {
+        true => span.in_scope(|| relay(state.clone(), req, peer, https, spanned, onward)),
+        false => relay(state.clone(), req, peer, https, spanned, onward),
+    };
+    let answer = {
+        let span = span.clone();
+        move |result: Answer| {
+            let status = match &result {
+                Ok(r) => r.status().as_u16(),
+                Err(e) => e.status().as_u16(),
+            };
+            span.record("status", status);
+            span.in_scope(|| {
+                tracing::debug!(
+                    target: "relay_server::user::access",
+                    status,
+                    ms = started.map_or(0, |s| s.elapsed().as_millis() as u64),
+                    "answered"
+                )
+            });
+            answered(
+                &state,
+                &method,
+                name.as_deref(),
+                result,
+                http1,
+                bodiless,
+                retry_after,
             )
-        });
-        // Only names with agents become label values (bounded cardinality).
-        let backend = name.as_deref().and_then(|n| state.broker.connected(n));
-        let label = backend.as_deref().and_then(|b| b.label());
-        match result {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                state.metrics.request(label, &method, status);
-                state.metrics.record(label, status, None);
-                resp
+        }
+    };
+    // Without a span, not wrapped: `Instrumented` enters the empty span at every poll.
+    match spanned {
+        true => Either::Left(relayed.instrument(span).map(answer)),
+        false => Either::Right(relayed.map(answer)),
+    }
+}
+
+/// The user's response to a relayed request's result, counted in the metrics.
+fn answered(
+    state: &State,
+    method: &http::Method,
+    name: Option<&str>,
+    result: Answer,
+    http1: bool,
+    bodiless: bool,
+    retry_after: u64,
+) -> Response<RelayBody> {
+    // Only names with agents become label values (bounded cardinality).
+    let backend = name.and_then(|n| state.broker.connected(n));
+    let label = backend.as_deref().and_then(|b| b.label());
+    match result {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            state.metrics.request(label, method, status);
+            state.metrics.record(label, status, None);
+            resp
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "user request failed");
+            let m = &state.metrics;
+            let status = e.status().as_u16();
+            m.request(label, method, status);
+            m.record(label, status, Some(&e.to_string()));
+            match &e {
+                RelayError::Access(AccessError::AuthService(_)) => {}
+                RelayError::Access(_) => m.auth_failure("user"),
+                RelayError::Overloaded(_) => m.rejected("parked_requests"),
+                RelayError::PayloadTooLarge(_) => m.rejected("request_body"),
+                RelayError::UploadStalled(_) => m.rejected("upload_inactivity"),
+                RelayError::UriTooLong(_) => m.rejected("uri_length"),
+                _ => {}
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "user request failed");
-                let m = &state.metrics;
-                let status = e.status().as_u16();
-                m.request(label, &method, status);
-                m.record(label, status, Some(&e.to_string()));
-                match &e {
-                    RelayError::Access(AccessError::AuthService(_)) => {}
-                    RelayError::Access(_) => m.auth_failure("user"),
-                    RelayError::Overloaded(_) => m.rejected("parked_requests"),
-                    RelayError::PayloadTooLarge(_) => m.rejected("request_body"),
-                    RelayError::UploadStalled(_) => m.rejected("upload_inactivity"),
-                    RelayError::UriTooLong(_) => m.rejected("uri_length"),
-                    _ => {}
-                }
-                let malformed = status == StatusCode::BAD_REQUEST.as_u16();
-                let mut resp = e.into_response(retry_after);
-                if http1 && (malformed || !bodiless) {
-                    // A request body may be unread, and closing is the only way to never parse
-                    // its bytes as a next request (RFC 9112 §9.6); a malformed head says the
-                    // client and the relay may not agree on where this request ends. Any other
-                    // refusal of a bodiless request (no agent, no access, a timeout) keeps the
-                    // connection, so a client retrying after a 503 does not reconnect.
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                resp
+            let malformed = status == StatusCode::BAD_REQUEST.as_u16();
+            let mut resp = e.into_response(retry_after);
+            if http1 && (malformed || !bodiless) {
+                // A request body may be unread, and closing is the only way to never parse
+                // its bytes as a next request (RFC 9112 §9.6); a malformed head says the
+                // client and the relay may not agree on where this request ends. Any other
+                // refusal of a bodiless request (no agent, no access, a timeout) keeps the
+                // connection, so a client retrying after a 503 does not reconnect.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            resp
         }
     }
 }
 
-#[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
-fn relay<'a, B, F, Fut>(
+/// A relayed request's result.
+type Answer = Result<Response<RelayBody>, RelayError>;
+
+/// A relayed request's future: answered at once (refused, or answered by the access check),
+/// the onward future of a request admitted at once, or the whole of it boxed when its
+/// name's access mode waits for a service or a key (signed links, forward-auth).
+type Relayed<Fut, G, S> = Either<Ready<Answer>, Either<Map<Fut, G>, Pin<Box<S>>>>;
+
+/// Routes, admits and prepares a user request and hands it to `onward`; the backend name
+/// it was routed to, if it was, and the future of its result. See [`handle`] for why the
+/// work is done here and not in the future.
+#[inline(always)] // the future it returns built in place, not copied out (see `handle`)
+fn relay<B, F, Fut>(
     state: Arc<State>,
     mut req: Request<B>,
     peer: SocketAddr,
     https: bool,
     spanned: bool,
-    routed: &'a mut Option<String>,
     onward: F,
-) -> impl std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + 'a
+) -> (
+    Option<String>,
+    Relayed<Fut, impl FnOnce(Answer) -> Answer, impl Future<Output = Answer>>,
+)
 where
     B: RequestBody,
-    F: FnOnce(Arc<State>, Prepared) -> Fut + 'a,
-    Fut: std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + 'a,
+    F: FnOnce(Arc<State>, Prepared) -> Fut,
+    Fut: Future<Output = Answer>,
 {
-    async move {
-        let arrival = tokio::time::Instant::now();
-        // RFC 9113 §3.1 / RFC 7540 §3.2: h2c upgrades from users would open an HTTP/2
-        // connection that bypasses the relay's routing; only prior knowledge is served.
-        if has_token(req.headers(), header::UPGRADE, "h2c") {
-            return Err(RelayError::BadRequest(
-                "Upgrade: h2c is not supported; use HTTP/2 with prior knowledge".into(),
-            ));
+    let arrival = tokio::time::Instant::now();
+    let done = |r| Either::Left(std::future::ready(r));
+    let routing = match Routing::of(&state, &req) {
+        Ok(r) => r,
+        Err(e) => return (None, done(Err(e))),
+    };
+    let route = match routing.route(&state) {
+        Ok(r) => r,
+        Err(e) => return (None, done(Err(e))),
+    };
+    let name = route.name.to_owned();
+    // Looked up only when there is one: the lookup costs a thread-local registry walk.
+    if spanned {
+        tracing::Span::current().record("backend", name.as_str());
+    }
+    // Access first: before it, nothing tells whether the name has an agent.
+    let admitted = match admit_now(&state, &route, &mut req) {
+        Ok(admitted) => admitted,
+        Err(waiting) => {
+            drop(route);
+            let admitting = async move {
+                let route = routing.route(&state)?;
+                match admit(waiting, &state, &route, &mut req, peer, https).await? {
+                    (Verdict::Respond(resp), _) => Ok(resp),
+                    (Verdict::Admit, credential) => {
+                        let hand_on = (state.clone(), req, route, credential);
+                        onward_admitted(hand_on, peer, https, arrival, spanned, onward)?.await
+                    }
+                }
+            };
+            return (
+                Some(name),
+                Either::Right(Either::Right(Box::pin(admitting))),
+            );
         }
-        check_framing(&req)?;
-        if state.draining() {
-            return Err(RelayError::Draining);
+    };
+    let relayed = match admitted {
+        Ok((Verdict::Respond(resp), _)) => done(Ok(resp)),
+        Ok((Verdict::Admit, credential)) => {
+            let hand_on = (state, req, route, credential);
+            match onward_admitted(hand_on, peer, https, arrival, spanned, onward) {
+                Ok(fut) => Either::Right(Either::Left(fut)),
+                Err(e) => done(Err(e)),
+            }
         }
-        // RFC 9110 §15.5.15: a target longer than the server will interpret is 414.
-        let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-        if target_len > state.cfg.max_uri_bytes {
-            return Err(RelayError::UriTooLong(state.cfg.max_uri_bytes));
-        }
-        let uri = req.uri().clone();
-        let server_name = req
-            .headers()
-            .get(X_SERVER_NAME)
-            .map(|v| v.as_bytes().to_vec());
-        // DNS names are case-insensitive (RFC 4343): `A.relay` and `a.relay` are one backend.
-        let host = request_host(&req).map(str::to_ascii_lowercase);
-        let host_label = state
-            .cfg
-            .public_domain
-            .as_deref()
-            .zip(host.as_deref())
-            .and_then(|(domain, host)| host_backend(host, domain));
-        let mount = state.cfg.base_path.as_deref().unwrap_or("");
-        let route = route_in(
-            mount,
-            uri.path(),
-            uri.query(),
-            server_name.as_deref(),
-            host_label,
-        )
-        .map_err(|e| match e {
-            RouteError::Bad(m) => RelayError::BadRequest(m),
-            RouteError::NoRoute(m) => RelayError::NotFound(m),
-        })?;
-        let name = route.name.to_owned();
-        *routed = Some(name.clone());
-        // Looked up only when there is one: the lookup costs a thread-local registry walk.
-        if spanned {
-            tracing::Span::current().record("backend", name.as_str());
-        }
-        // Access first: before it, nothing tells whether the name has an agent.
-        let credential = match admit(&state, &route, &mut req, peer, https).await? {
-            (Verdict::Respond(resp), _) => return Ok(resp),
-            (Verdict::Admit, credential) => credential,
-        };
-        // A request admitted by a credential stays registered while it runs, so a reload that
-        // revokes the credential ends it (its body aborts, its tunnel closes).
-        let admission = credential.map(|c| state.revocations.admit(c, &name));
-        let mut prepared = prepare(&state, req, route, peer, https, arrival, spanned)?;
-        prepared.admission = admission.clone();
-        let resp = onward(state, prepared).await?;
-        Ok(match admission {
+        Err(e) => done(Err(e)),
+    };
+    (Some(name), relayed)
+}
+
+/// An admitted request prepared and handed to `onward`: the future of its response. A
+/// request admitted by a credential stays registered while it runs, so a reload that
+/// revokes the credential ends it (its body aborts, its tunnel closes).
+#[inline(always)] // the future it returns built in place, not copied out (see `handle`)
+fn onward_admitted<B, F, Fut>(
+    (state, req, route, credential): (Arc<State>, Request<B>, Route<'_>, Option<Credential>),
+    peer: SocketAddr,
+    https: bool,
+    arrival: tokio::time::Instant,
+    spanned: bool,
+    onward: F,
+) -> Result<Map<Fut, impl FnOnce(Answer) -> Answer>, RelayError>
+where
+    B: RequestBody,
+    F: FnOnce(Arc<State>, Prepared) -> Fut,
+    Fut: Future<Output = Answer>,
+{
+    let admission = credential.map(|c| state.revocations.admit(c, route.name));
+    let mut prepared = prepare(&state, req, route, peer, https, arrival, spanned)?;
+    prepared.admission = admission.clone();
+    Ok(onward(state, prepared).map(move |r| {
+        r.map(|resp| match admission {
             Some(a) if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
                 resp.map(|b| Revocable::new(b, a).boxed_unsync())
             }
             _ => resp,
         })
-    }
+    }))
 }
 
-/// Names, not `&str`s: looking a `&str` up parses it into a name first, per request.
-const X_SERVER_NAME: http::HeaderName = http::HeaderName::from_static("x-server-name");
+/// A name, not a `&str`: looking a `&str` up parses it into a name first, per request.
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// The trace id of a W3C `traceparent` header (Trace Context §3.2), for log correlation.
@@ -230,25 +307,51 @@ fn trace_id(h: &HeaderMap) -> Option<&str> {
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
-/// Applies the access mode of the route's name to the request; says which of the relay's
-/// credentials admitted it, if one did.
-async fn admit<B>(
+/// An access check that waits: for the link's session check (signed links) or for the
+/// authorization service (forward-auth).
+#[derive(Clone, Copy, Debug)]
+enum Waiting {
+    Link,
+    ForwardAuth,
+}
+
+/// The verdict of an access check, and which of the relay's credentials admitted the
+/// request, if one did.
+type Admitted = Result<(Verdict, Option<Credential>), RelayError>;
+
+/// Applies the access mode of the route's name to the request when the check needs no wait
+/// (open names, tokens); which wait it needs otherwise ([`admit`]).
+fn admit_now<B>(
     state: &State,
-    route: &crate::user::router::Route<'_>,
+    route: &Route<'_>,
+    req: &mut Request<B>,
+) -> Result<Admitted, Waiting> {
+    let auth = state.auth();
+    match auth.access.mode(route.name) {
+        AccessMode::Open => Ok(Ok((Verdict::Admit, None))),
+        AccessMode::Token => Ok(
+            check_token(&auth.user_tokens, route.name, req.headers_mut())
+                .map(|digest| (Verdict::Admit, Some(Credential::UserToken(digest))))
+                .map_err(RelayError::from),
+        ),
+        AccessMode::SignedLink => Err(Waiting::Link),
+        AccessMode::ForwardAuth => Err(Waiting::ForwardAuth),
+    }
+}
+
+/// Applies the access mode of the route's name to the request when the check waits.
+async fn admit<B>(
+    waiting: Waiting,
+    state: &State,
+    route: &Route<'_>,
     req: &mut Request<B>,
     peer: SocketAddr,
     https: bool,
-) -> Result<(Verdict, Option<Credential>), RelayError> {
+) -> Admitted {
     let name = route.name;
     let path = route.target.split('?').next().unwrap_or("/");
-    let auth = state.auth();
-    Ok(match auth.access.mode(name) {
-        AccessMode::Open => (Verdict::Admit, None),
-        AccessMode::Token => {
-            let digest = check_token(&auth.user_tokens, name, req.headers_mut())?;
-            (Verdict::Admit, Some(Credential::UserToken(digest)))
-        }
-        AccessMode::SignedLink => {
+    Ok(match waiting {
+        Waiting::Link => {
             let cookie_path = match route.prefix {
                 Some(p) => format!("{p}/"),
                 None => "/".to_owned(),
@@ -267,7 +370,7 @@ async fn admit<B>(
             .await?;
             (verdict, Some(key))
         }
-        AccessMode::ForwardAuth => {
+        Waiting::ForwardAuth => {
             let auth = state.auth();
             let fa = auth.forward_auth.as_ref().ok_or_else(|| {
                 RelayError::from(AccessError::AuthService(

@@ -1,5 +1,5 @@
-//! A routed, admitted user request made ready for an agent: upgrade detection, framing
-//! checks, body limits and the prefetched body (the headers the backend sees are
+//! A user request's routing pieces, and the routed, admitted request made ready for an
+//! agent: upgrade detection, framing checks, body limits and the prefetched body (the headers the backend sees are
 //! [`crate::user::forwarded`]'s).
 
 use std::net::SocketAddr;
@@ -9,13 +9,14 @@ use bytes::Bytes;
 use http::{header, Method, Request};
 use http_body_util::Empty;
 use hyper::body::{Body, Incoming};
-use relay_common::headers::upgrade_request;
+use relay_common::headers::{has_token, upgrade_request};
 use relay_common::message::Fields;
 
 use crate::base::body::UserBody;
 use crate::base::revocation::Admission;
 use crate::user::error::RelayError;
 use crate::user::forwarded::{backend_headers, Via};
+use crate::user::router::{host_backend, route_in, Route, RouteError};
 use crate::State;
 
 /// A user request routed, admitted and ready for an agent: what a replica hands to the
@@ -72,6 +73,71 @@ impl RequestBody for Empty<Bytes> {
         Ok(None)
     }
 }
+
+/// What a user request is routed by, taken from its head once its framing was checked: the
+/// owned pieces its [`Route`] borrows.
+pub struct Routing {
+    uri: http::Uri,
+    server_name: Option<Vec<u8>>,
+    host: Option<String>,
+}
+
+impl Routing {
+    /// The routing pieces of `req`, or why it is refused before routing.
+    pub fn of<B: RequestBody>(state: &State, req: &Request<B>) -> Result<Self, RelayError> {
+        // RFC 9113 §3.1 / RFC 7540 §3.2: h2c upgrades from users would open an HTTP/2
+        // connection that bypasses the relay's routing; only prior knowledge is served.
+        if has_token(req.headers(), header::UPGRADE, "h2c") {
+            return Err(RelayError::BadRequest(
+                "Upgrade: h2c is not supported; use HTTP/2 with prior knowledge".into(),
+            ));
+        }
+        check_framing(req)?;
+        if state.draining() {
+            return Err(RelayError::Draining);
+        }
+        // RFC 9110 §15.5.15: a target longer than the server will interpret is 414.
+        let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target_len > state.cfg.max_uri_bytes {
+            return Err(RelayError::UriTooLong(state.cfg.max_uri_bytes));
+        }
+        Ok(Routing {
+            uri: req.uri().clone(),
+            server_name: req
+                .headers()
+                .get(X_SERVER_NAME)
+                .map(|v| v.as_bytes().to_vec()),
+            // DNS names are case-insensitive (RFC 4343): `A.relay` and `a.relay` are one
+            // backend.
+            host: request_host(req).map(str::to_ascii_lowercase),
+        })
+    }
+
+    /// The backend name and target the request goes to.
+    pub fn route(&self, state: &State) -> Result<Route<'_>, RelayError> {
+        let host_label = state
+            .cfg
+            .public_domain
+            .as_deref()
+            .zip(self.host.as_deref())
+            .and_then(|(domain, host)| host_backend(host, domain));
+        let mount = state.cfg.base_path.as_deref().unwrap_or("");
+        route_in(
+            mount,
+            self.uri.path(),
+            self.uri.query(),
+            self.server_name.as_deref(),
+            host_label,
+        )
+        .map_err(|e| match e {
+            RouteError::Bad(m) => RelayError::BadRequest(m),
+            RouteError::NoRoute(m) => RelayError::NotFound(m),
+        })
+    }
+}
+
+/// Names, not `&str`s: looking a `&str` up parses it into a name first, per request.
+const X_SERVER_NAME: http::HeaderName = http::HeaderName::from_static("x-server-name");
 
 /// Everything between admission and the broker: upgrade detection, the backend's headers,
 /// body limits.

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use relay_common::headers::{set_upgrade_headers, strip_hop_by_hop, upgrade_matches};
@@ -23,55 +24,119 @@ use crate::State;
 /// Queues a prepared request for `backend`'s agents and turns their answer into the
 /// response: queue → claimed by a poll → response head → the user's response.
 ///
-/// Not an `async fn`: one keeps each argument twice in its future (the argument, and the
-/// local it is moved into), and `Prepared` is 416 bytes, copied with every move.
-#[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
-pub fn dispatch<'a>(
-    state: &'a Arc<State>,
-    backend: &'a Arc<crate::agent::broker::NameQueue>,
+/// The request is queued at once, when the future is made, and the future keeps only what
+/// the wait needs ([`Queued`]): an `async` block that took the [`Prepared`] (440 bytes)
+/// would keep its slot for the whole wait although the request moved on at the start, and
+/// every request in flight is such a future (a burst holds 10 000 of them).
+#[inline(always)] // the future it returns built in place, not copied out (see `handle`)
+pub fn dispatch(
+    state: &Arc<State>,
+    backend: &Arc<crate::agent::broker::NameQueue>,
     p: Prepared,
-) -> impl std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + Send + 'a {
-    async move {
-        let is_head = p.method == Method::HEAD;
-        let (name, arrival) = (p.name.clone(), p.arrival);
-        let response_timeout = match p.upgrade {
-            Some(_) => state.cfg.upgrade_response_timeout,
-            None => state.cfg.response_timeout,
-        };
-        let admission = p.admission.clone();
-        // Spans of the two waits, only when traces are exported: the logs never use them, and
-        // each span is a registry allocation per request.
-        let traced = relay_config_file::telemetry::enabled();
-        let deadlines = Deadlines {
-            pickup: std::time::Instant::now() + state.cfg.pickup_timeout,
-            response: arrival.into_std() + response_timeout,
-        };
-        let (pending, head_rx, upgrade, on_upgrade) = request(state, p, deadlines);
-        // Only a traced request learns of its claim as it happens (to end its pickup span):
-        // for the others a claim wakes nobody.
-        let (claim_tx, claimed) = match traced {
-            true => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            false => (None, None),
-        };
-        let guard = state.broker.enqueue(backend, pending, claim_tx)?;
-        let pending = guard.pending().clone();
-        // Queued after the broker told every request of the stop (listener::drain): the
-        // broker's table held it first, so either its sweep saw it or this check sees the stop.
-        if state.stop.is_cancelled() {
-            pending.stop();
+) -> impl std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + Send + 'static {
+    match queue(state, backend, p) {
+        Ok(q) => Either::Left(answer(state.clone(), q)),
+        Err(e) => Either::Right(std::future::ready(Err(e))),
+    }
+}
+
+/// A request in its agents' queue, and what its answer needs.
+struct Queued {
+    pending: Arc<Pending>,
+    /// Frees the request when the answer (or its body) is over.
+    guard: crate::agent::pending::PendingGuard,
+    head_rx: oneshot::Receiver<ResponseStart>,
+    /// Told of the claim: only a traced request (see [`wait_for_head`]).
+    claimed: Option<oneshot::Receiver<()>>,
+    upgrade: Option<String>,
+    on_upgrade: Option<crate::base::switch::Switch>,
+    admission: Option<Arc<Admission>>,
+    name: String,
+    arrival: tokio::time::Instant,
+    response_timeout: std::time::Duration,
+    is_head: bool,
+}
+
+/// Queues `p` for `backend`'s agents.
+fn queue(
+    state: &Arc<State>,
+    backend: &Arc<crate::agent::broker::NameQueue>,
+    p: Prepared,
+) -> Result<Queued, RelayError> {
+    let is_head = p.method == Method::HEAD;
+    let (name, arrival) = (p.name.clone(), p.arrival);
+    let response_timeout = match p.upgrade {
+        Some(_) => state.cfg.upgrade_response_timeout,
+        None => state.cfg.response_timeout,
+    };
+    let admission = p.admission.clone();
+    // Spans of the two waits, only when traces are exported: the logs never use them, and
+    // each span is a registry allocation per request.
+    let traced = relay_config_file::telemetry::enabled();
+    let deadlines = Deadlines {
+        pickup: std::time::Instant::now() + state.cfg.pickup_timeout,
+        response: arrival.into_std() + response_timeout,
+    };
+    let (pending, head_rx, upgrade, on_upgrade) = request(state, p, deadlines);
+    // Only a traced request learns of its claim as it happens (to end its pickup span):
+    // for the others a claim wakes nobody.
+    let (claim_tx, claimed) = match traced {
+        true => {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
         }
+        false => (None, None),
+    };
+    let guard = state.broker.enqueue(backend, pending, claim_tx)?;
+    let pending = guard.pending().clone();
+    // Queued after the broker told every request of the stop (listener::drain): the
+    // broker's table held it first, so either its sweep saw it or this check sees the stop.
+    if state.stop.is_cancelled() {
+        pending.stop();
+    }
+    Ok(Queued {
+        pending,
+        guard,
+        head_rx,
+        claimed,
+        upgrade,
+        on_upgrade,
+        admission,
+        name,
+        arrival,
+        response_timeout,
+        is_head,
+    })
+}
+
+/// The answer to a queued request. Not an `async fn` (it would keep `q` twice), and `q`'s
+/// fields are used in place until the head came.
+#[allow(clippy::manual_async_fn)] // the arguments once, not twice (see above)
+#[inline(always)] // the future it returns built in place, not copied out (see `handle`)
+fn answer(
+    state: Arc<State>,
+    mut q: Queued,
+) -> impl std::future::Future<Output = Result<Response<RelayBody>, RelayError>> + Send + 'static {
+    async move {
         let start = wait_for_head(
-            &pending,
-            head_rx,
-            claimed,
-            admission.as_deref(),
-            response_timeout,
-            &name,
+            &q.pending,
+            &mut q.head_rx,
+            &mut q.claimed,
+            q.admission.as_deref(),
+            q.response_timeout,
+            &q.name,
         );
         let start = start.await;
+        let Queued {
+            pending,
+            guard,
+            upgrade,
+            on_upgrade,
+            admission,
+            arrival,
+            is_head,
+            ..
+        } = q;
         if let Some(waited) = pending.picked_after() {
             state.metrics.pickup(waited);
         }
@@ -100,7 +165,7 @@ pub fn dispatch<'a>(
                 agent,
                 admission,
             };
-            return switch(state, resp_headers, tunnel);
+            return switch(&state, resp_headers, tunnel);
         }
         strip_hop_by_hop(&mut resp_headers, false);
         let status = StatusCode::from_u16(head.status)
@@ -144,8 +209,8 @@ pub fn dispatch<'a>(
 /// no timer per request); draining refuses only requests no agent took.
 async fn wait_for_head(
     pending: &Arc<Pending>,
-    head_rx: oneshot::Receiver<ResponseStart>,
-    mut claimed: Option<oneshot::Receiver<()>>,
+    head_rx: &mut oneshot::Receiver<ResponseStart>,
+    claimed: &mut Option<oneshot::Receiver<()>>,
     admission: Option<&Admission>,
     response_timeout: std::time::Duration,
     name: &str,
@@ -156,14 +221,13 @@ async fn wait_for_head(
         false => tracing::Span::none(),
     };
     let mut span = wait_span("pickup");
-    tokio::pin!(head_rx);
     let mut stop_seen = false;
     loop {
         tokio::select! {
             // In this order, not from a random start (a draw at every poll): the head is
             // what usually comes, and every other branch ends the wait or marks a state.
             biased;
-            r = &mut head_rx => {
+            r = &mut *head_rx => {
                 // The claim and the head can be ready in one poll, and the head's branch
                 // goes first: a traced request still shows its (then short) wait for the
                 // head, so its trace has the same shape every time.
@@ -176,7 +240,7 @@ async fn wait_for_head(
                     "the relay-client failed before sending a response head".into()));
             }
             _ = async { claimed.as_mut().expect("only polled when set").await }, if claimed.is_some() => {
-                claimed = None;
+                *claimed = None;
                 span = wait_span("response head");
             }
             // The agent holding the request was declared gone (a request put back and taken
