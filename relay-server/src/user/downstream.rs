@@ -53,87 +53,77 @@ where
     F: FnOnce(Arc<State>, Prepared) -> Fut,
     Fut: Future<Output = Answer>,
 {
-    futures_util::future::lazy(move |_| begin(state, req, peer, https, onward)).flatten()
-}
-
-/// [`handle`] at its first poll.
-#[inline(always)] // the future it returns built in place, not copied out (see `handle`)
-fn begin<B, F, Fut>(
-    state: Arc<State>,
-    req: Request<B>,
-    peer: SocketAddr,
-    https: bool,
-    onward: F,
-) -> impl Future<Output = Response<RelayBody>>
-where
-    B: RequestBody,
-    F: FnOnce(Arc<State>, Prepared) -> Fut,
-    Fut: Future<Output = Answer>,
-{
-    let retry_after = state.cfg.retry_after_secs;
-    let http1 = req.version() < http::Version::HTTP_2;
-    // hyper knows at the head whether a body follows (no Content-Length or `0`, no
-    // Transfer-Encoding: RFC 9112 §6.3).
-    let bodiless = hyper::body::Body::is_end_stream(req.body());
-    let method = req.method().clone();
-    let spanned = spanned();
-    let span = match spanned {
-        true => tracing::info_span!(
-            "request",
-            otel.kind = "server",
-            method = %method,
-            path = %req.uri().path(),
-            id = tracing::field::Empty,
-            backend = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-            status = tracing::field::Empty,
-        ),
-        false => tracing::Span::none(),
-    };
-    // Only a span records it: without one the lookup is work for nothing.
-    if let Some(trace) = spanned.then(|| trace_id(req.headers())).flatten() {
-        span.record("trace_id", trace);
-    }
-    // Traces on: the span continues the user's trace (or starts one).
-    relay_config_file::telemetry::continue_trace(&span, req.headers());
-    // Read only for the access line (a clock read per request otherwise).
-    let started = spanned.then(std::time::Instant::now);
-    let (name, relayed) = match spanned {
-        true => span.in_scope(|| relay(state.clone(), req, peer, https, spanned, onward)),
-        false => relay(state.clone(), req, peer, https, spanned, onward),
-    };
-    let answer = {
-        let span = span.clone();
-        move |result: Answer| {
-            let status = match &result {
-                Ok(r) => r.status().as_u16(),
-                Err(e) => e.status().as_u16(),
+    // The closure is the request's first poll, inlined as the functions below are.
+    futures_util::future::lazy(
+        #[inline(always)]
+        move |_| {
+            let retry_after = state.cfg.retry_after_secs;
+            let http1 = req.version() < http::Version::HTTP_2;
+            // hyper knows at the head whether a body follows (no Content-Length or `0`, no
+            // Transfer-Encoding: RFC 9112 §6.3).
+            let bodiless = hyper::body::Body::is_end_stream(req.body());
+            let method = req.method().clone();
+            let spanned = spanned();
+            let span = match spanned {
+                true => tracing::info_span!(
+                    "request",
+                    otel.kind = "server",
+                    method = %method,
+                    path = %req.uri().path(),
+                    id = tracing::field::Empty,
+                    backend = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
+                    status = tracing::field::Empty,
+                ),
+                false => tracing::Span::none(),
             };
-            span.record("status", status);
-            span.in_scope(|| {
-                tracing::debug!(
-                    target: "relay_server::user::access",
-                    status,
-                    ms = started.map_or(0, |s| s.elapsed().as_millis() as u64),
-                    "answered"
-                )
-            });
-            answered(
-                &state,
-                &method,
-                name.as_deref(),
-                result,
-                http1,
-                bodiless,
-                retry_after,
-            )
-        }
-    };
-    // Without a span, not wrapped: `Instrumented` enters the empty span at every poll.
-    match spanned {
-        true => Either::Left(relayed.instrument(span).map(answer)),
-        false => Either::Right(relayed.map(answer)),
-    }
+            // Only a span records it: without one the lookup is work for nothing.
+            if let Some(trace) = spanned.then(|| trace_id(req.headers())).flatten() {
+                span.record("trace_id", trace);
+            }
+            // Traces on: the span continues the user's trace (or starts one).
+            relay_config_file::telemetry::continue_trace(&span, req.headers());
+            // Read only for the access line (a clock read per request otherwise).
+            let started = spanned.then(std::time::Instant::now);
+            let (name, relayed) = match spanned {
+                true => span.in_scope(|| relay(state.clone(), req, peer, https, spanned, onward)),
+                false => relay(state.clone(), req, peer, https, spanned, onward),
+            };
+            let answer = {
+                let span = span.clone();
+                move |result: Answer| {
+                    let status = match &result {
+                        Ok(r) => r.status().as_u16(),
+                        Err(e) => e.status().as_u16(),
+                    };
+                    span.record("status", status);
+                    span.in_scope(|| {
+                        tracing::debug!(
+                            target: "relay_server::user::access",
+                            status,
+                            ms = started.map_or(0, |s| s.elapsed().as_millis() as u64),
+                            "answered"
+                        )
+                    });
+                    answered(
+                        &state,
+                        &method,
+                        name.as_deref(),
+                        result,
+                        http1,
+                        bodiless,
+                        retry_after,
+                    )
+                }
+            };
+            // Without a span, not wrapped: `Instrumented` enters the empty span at every poll.
+            match spanned {
+                true => Either::Left(relayed.instrument(span).map(answer)),
+                false => Either::Right(relayed.map(answer)),
+            }
+        },
+    )
+    .flatten()
 }
 
 /// The user's response to a relayed request's result, counted in the metrics.
