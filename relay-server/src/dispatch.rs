@@ -15,7 +15,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
-use crate::agent::{endpoints, v1alpha1};
+use crate::agent::endpoints::{self, Verdict};
+use crate::agent::v1alpha1;
 use crate::base::auth::Grant;
 use crate::base::body::{full, text_response, BodyError, RelayBody};
 use crate::cluster::parked;
@@ -52,8 +53,7 @@ pub fn route(
             if strip > 0 {
                 unmount(&mut req, strip);
             }
-            let cert = cert.clone();
-            Routed::later(|| async move { agent_call(state, req, peer, cert.get()).await })
+            Routed::Later(agent_call(state, req, peer, cert.get()))
         }
     }
 }
@@ -310,47 +310,76 @@ async fn deliver_clustered(
     }
 }
 
-/// An agent call: authenticated here; in cluster mode a call about a request another
-/// replica owns (the load balancer sent it here) goes to that replica with the caller's
-/// grant.
-async fn agent_call(
+/// An agent call: authenticated here, at once when its token or certificate decides; in
+/// cluster mode a call about a request another replica owns (the load balancer sent it
+/// here) goes to that replica with the caller's grant. What waits is boxed by endpoint
+/// ([`endpoints::Call`]).
+fn agent_call(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
     cert: Option<&Grant>,
-) -> Response<RelayBody> {
-    let grant = match endpoints::authenticate(&state, &req, cert, peer).await {
-        Ok(g) => g,
-        Err(refused) => return refused.into_response(),
-    };
+) -> endpoints::Call {
+    match endpoints::authenticate(&state, &req, cert) {
+        Ok(Verdict::Granted(grant)) => granted_call(state, grant, req, peer),
+        // The authorization service's path: one more box, around the endpoint's.
+        Ok(Verdict::AskService) => Box::pin(async move {
+            match endpoints::ask_service(&state, req.headers(), peer).await {
+                Ok(grant) => granted_call(state, grant, req, peer).await,
+                Err(refused) => refused.into_response(),
+            }
+        }),
+        Err(refused) => endpoints::now(Err(refused)),
+    }
+}
+
+/// [`agent_call`] once the caller's grant is known.
+fn granted_call(
+    state: Arc<State>,
+    grant: Grant,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> endpoints::Call {
     let Some(cluster) = state.cluster.clone() else {
-        return endpoints::serve(state, grant, req, peer).await;
+        return endpoints::serve(state, grant, req, peer);
     };
     if let Some(id) = endpoints::exchange_id(&req) {
         if id.tag() != cluster.tag() {
             let req = req.map(|b| b.map_err(BodyError::from).boxed_unsync());
-            return crate::cluster::peer::forward_agent(&state, &cluster, req, id.tag(), &grant)
-                .await;
+            return Box::pin(async move {
+                crate::cluster::peer::forward_agent(&state, &cluster, req, id.tag(), &grant).await
+            });
         }
     }
     // A Go client's response message names its request inside the message.
     if v1alpha1::is_v1alpha1(&req) && req.uri().path() == "/server/response" {
-        let (parts, body) = req.into_parts();
-        let bytes = match v1alpha1::response::read_message(body).await {
-            Ok(b) => b,
-            Err(e) => return e.into_response(),
-        };
-        let owner = v1alpha1::response::message_id(&bytes)
-            .and_then(|id| relay_common::id::RequestId::parse(&id))
-            .map(|id| id.tag())
-            .filter(|tag| *tag != cluster.tag());
-        if let Some(owner) = owner {
-            let req = Request::from_parts(parts, full(bytes));
-            return crate::cluster::peer::forward_agent(&state, &cluster, req, owner, &grant).await;
-        }
-        return v1alpha1::response::serve_message(&state, &grant, bytes)
-            .await
-            .unwrap_or_else(v1alpha1::GoCallError::into_response);
+        return Box::pin(async move { v1alpha1_response(state, cluster, grant, req).await });
     }
-    endpoints::serve(state, grant, req, peer).await
+    endpoints::serve(state, grant, req, peer)
+}
+
+/// A Go client's response message in cluster mode: served here, or forwarded to the replica
+/// that owns the request it names.
+async fn v1alpha1_response(
+    state: Arc<State>,
+    cluster: Arc<crate::cluster::directory::Cluster>,
+    grant: Grant,
+    req: Request<Incoming>,
+) -> Response<RelayBody> {
+    let (parts, body) = req.into_parts();
+    let bytes = match v1alpha1::response::read_message(body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let owner = v1alpha1::response::message_id(&bytes)
+        .and_then(|id| relay_common::id::RequestId::parse(&id))
+        .map(|id| id.tag())
+        .filter(|tag| *tag != cluster.tag());
+    if let Some(owner) = owner {
+        let req = Request::from_parts(parts, full(bytes));
+        return crate::cluster::peer::forward_agent(&state, &cluster, req, owner, &grant).await;
+    }
+    v1alpha1::response::serve_message(&state, &grant, bytes)
+        .await
+        .unwrap_or_else(v1alpha1::GoCallError::into_response)
 }

@@ -17,14 +17,16 @@ pub mod poll;
 pub mod requeststream;
 pub mod response;
 
+use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use relay_common::v1alpha1::{canonical_name, HttpHeader};
 use relay_common::{AGENT_ID_HEADER, PROTOCOL_HEADER};
 
-use crate::agent::endpoints::no_store;
+use crate::agent::endpoints::{self, no_store, Call};
 use crate::agent::error::AgentCallError;
 use crate::base::auth::Grant;
 use crate::base::body::{text_response, RelayBody};
@@ -111,13 +113,14 @@ fn no_store_text(status: StatusCode, msg: &str) -> Response<RelayBody> {
     r
 }
 
-/// Serves an authenticated v1alpha1 call.
-pub async fn serve(
+/// Serves an authenticated v1alpha1 call: the endpoint is chosen, and a poll checked and
+/// registered, at once (see [`Call`]).
+pub fn serve(
     state: Arc<State>,
     grant: Grant,
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
-) -> Response<RelayBody> {
+) -> Call {
     let query = req.uri().query().unwrap_or("").to_owned();
     let param = |key: &str| {
         query
@@ -126,13 +129,26 @@ pub async fn serve(
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.to_owned())
     };
-    let result = match req.uri().path() {
-        "/server/request" => poll::serve(&state, &grant, &req, param("server"), peer).await,
-        "/server/response" => response::serve(&state, &grant, req).await,
-        "/server/requeststream" => requeststream::serve(&state, &grant, param("id")).await,
-        _ => Err(GoCallError::Refused(AgentCallError::NoEndpoint)),
-    };
-    result.unwrap_or_else(GoCallError::into_response)
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/server/request" => match poll::begin(&state, &grant, &req, param("server"), peer) {
+            Ok(parked) => later(poll::parked(state, grant, parked)),
+            Err(e) => Box::pin(std::future::ready(e.into_response())),
+        },
+        "/server/response" => later(async move { response::serve(&state, &grant, req).await }),
+        "/server/requeststream" => {
+            let id = param("id");
+            later(async move { requeststream::serve(&state, &grant, id).await })
+        }
+        _ => endpoints::now(Err(AgentCallError::NoEndpoint)),
+    }
+}
+
+/// A call whose endpoint's future answers (see `endpoints::later`).
+fn later(
+    fut: impl Future<Output = Result<Response<RelayBody>, GoCallError>> + Send + 'static,
+) -> Call {
+    Box::pin(fut.map(|r| r.unwrap_or_else(GoCallError::into_response)))
 }
 
 /// A 200 answer with `body` of `content_type`.

@@ -24,6 +24,7 @@ use super::{answer, header_list, GoCallError};
 use crate::agent::endpoints::agent_info;
 use crate::agent::error::AgentCallError;
 use crate::agent::pending::Pending;
+use crate::agent::poll::PollHandle;
 use crate::agent::registration::AgentProtocol;
 use crate::agent::upload_side::{lease, Phase, UploadFailure};
 use crate::base::auth::Grant;
@@ -34,14 +35,21 @@ use crate::State;
 /// (the Go deployments' ingress allowed 50 MiB).
 pub const MAX_BODY: u64 = 64 * 1024 * 1024;
 
-/// Serves one poll of a Go relay-client for `server`.
-pub async fn serve(
-    state: &Arc<State>,
+/// A Go relay-client's poll, checked and registered ([`begin`]), to be waited on
+/// ([`parked`]).
+pub struct Parked {
+    name: String,
+    handle: PollHandle,
+}
+
+/// Checks a poll of a Go relay-client for `server` and registers it, at once.
+pub fn begin(
+    state: &State,
     grant: &Grant,
     req: &Request<Incoming>,
     server: Option<String>,
     peer: std::net::SocketAddr,
-) -> Result<Response<RelayBody>, GoCallError> {
+) -> Result<Parked, GoCallError> {
     let name = server
         .filter(|n| !n.is_empty())
         .ok_or(GoCallError::MissingServer)?;
@@ -64,12 +72,23 @@ pub async fn serve(
         .begin_poll(&name, &agent_id, grant.token(), false, || {
             agent_info(req, peer, AgentProtocol::V1alpha1)
         });
+    Ok(Parked { name, handle })
+}
+
+/// Waits on a registered poll until it can answer one request (or its deadline, the stop
+/// or its agent's revocation ends it).
+pub async fn parked(
+    state: Arc<State>,
+    grant: Grant,
+    parked: Parked,
+) -> Result<Response<RelayBody>, GoCallError> {
+    let Parked { name, handle } = parked;
     let deadline = tokio::time::Instant::now() + state.cfg.poll_timeout;
     loop {
         let max = if state.draining() { 0 } else { 1 };
         let hold = deadline.saturating_duration_since(tokio::time::Instant::now());
         let batch = handle.next(max, hold, &state.stop).await;
-        if handle.agent().gone.is_cancelled() && !state.auth().tokens.still_grants(grant, &name) {
+        if handle.agent().gone.is_cancelled() && !state.auth().tokens.still_grants(&grant, &name) {
             state.metrics.auth_failure("agent");
             return Err(GoCallError::Refused(AgentCallError::Unauthenticated(
                 "the agent token was revoked by a configuration reload".into(),
@@ -86,7 +105,9 @@ pub async fn serve(
         let Some(pending) = state.broker.lookup(&head.id, |n| grant.allows(n)) else {
             continue;
         };
-        if let Some(msg) = claim(state, &pending, head).await {
+        // Boxed: inline, the body's read (920 bytes) would sit in every parked poll's
+        // future for the whole wait; a claim is one allocation beside a whole body's.
+        if let Some(msg) = Box::pin(claim(&state, &pending, head)).await {
             return Ok(answer(REQUEST_CONTENT_TYPE, Bytes::from(encode(&msg))));
         }
     }
