@@ -213,18 +213,20 @@ impl Conns<'_> {
                     }
                 }
             }
-            // Users' plain GETs are served by the relay's own front until a request is
-            // hyper's (`crate::front`); a connection admitted on probation goes to hyper,
-            // which answers its refusal.
-            let front = (matches!(face, Face::Public | Face::Shared) && !permit.on_probation())
-                .then_some(front::Front {
-                    state: &server,
-                    peer,
-                    https,
-                    face,
-                    activity: &activity,
-                });
-            let _permit = permit;
+            // Users' plain GETs and agents' long polls are served by the relay's own front
+            // until a request is hyper's (`crate::front`); a connection admitted on
+            // probation goes to hyper, which answers its refusal.
+            let front = (matches!(face, Face::Public | Face::Shared | Face::Agent)
+                && !permit.on_probation())
+            .then_some(front::Front {
+                state: &server,
+                peer,
+                https,
+                face,
+                activity: &activity,
+                permit: &permit,
+                cert: &cert,
+            });
             let http = crate::served::Http {
                 builder: &builder,
                 streams: &mut streams,
@@ -358,17 +360,7 @@ fn service(
         let state = state.clone();
         let busy = activity.begin();
         let cert = cert.clone();
-        if permit.counts_per_ip()
-            && req.uri().path().starts_with("/server/")
-            && face != Face::Public
-            && state
-                .auth()
-                .tokens
-                .authenticate_agent(req.headers(), cert.get())
-                .is_ok()
-        {
-            permit.exempt_from_per_ip();
-        }
+        crate::dispatch::exempt_agent(&state, &permit, face, &req, cert.get());
         // Past the limit when it came; served if its address has a place free by now.
         let refused = (permit.on_probation() && !permit.take_freed_place()).then(|| {
             state.metrics.rejected("connections_per_ip");

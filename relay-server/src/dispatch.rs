@@ -53,19 +53,21 @@ pub fn route(
             if strip > 0 {
                 unmount(&mut req, strip);
             }
-            Routed::Later(agent_call(state, req, peer, cert.get()))
+            Routed::Later(agent_call(state, req, peer, cert.get(), granted_call))
         }
     }
 }
 
-/// Routes a request the relay's own HTTP/1.1 front read (`crate::front`); `None` for one
-/// that only hyper serves (agent endpoints, replica calls).
+/// Routes a request the relay's own HTTP/1.1 front read (`crate::front`): a user's, or an
+/// agent's long poll (`cert`: what the connection's client certificate grants); `None` for
+/// one that only hyper serves (the other agent endpoints, replica calls).
 pub fn route_front(
     state: &Arc<State>,
-    req: Request<Empty<Bytes>>,
+    mut req: Request<Empty<Bytes>>,
     peer: SocketAddr,
     https: bool,
     face: Face,
+    cert: Option<&Grant>,
 ) -> Option<Routed> {
     match target(state, &req, peer, face) {
         Target::Now(resp) => Some(Routed::now(resp)),
@@ -73,7 +75,38 @@ pub fn route_front(
             let state = state.clone();
             Some(Routed::later(|| user_request(state, req, peer, https)))
         }
+        // A parked poll holds its connection for minutes: on the front, an idle long-poll
+        // agent costs the front's buffers, not hyper's two of 8 KiB.
+        Target::Agent { strip } if &req.uri().path()[strip..] == "/server/request" => {
+            if strip > 0 {
+                unmount(&mut req, strip);
+            }
+            let call = agent_call(state.clone(), req, peer, cert, endpoints::serve_poll);
+            Some(Routed::Later(call))
+        }
         Target::Agent { .. } | Target::Cluster => None,
+    }
+}
+
+/// A connection whose agent call authenticates leaves its address's count (agents behind
+/// one NAT address are many); checked for each request, hyper's or the front's.
+pub fn exempt_agent<B>(
+    state: &State,
+    permit: &crate::base::limits::ConnPermit,
+    face: Face,
+    req: &Request<B>,
+    cert: Option<&Grant>,
+) {
+    if permit.counts_per_ip()
+        && req.uri().path().starts_with("/server/")
+        && face != Face::Public
+        && state
+            .auth()
+            .tokens
+            .authenticate_agent(req.headers(), cert)
+            .is_ok()
+    {
+        permit.exempt_from_per_ip();
     }
 }
 
@@ -213,7 +246,7 @@ impl Future for Routed {
 
 /// Takes the first `strip` bytes (the base path) off the request's path, so agent
 /// endpoints, and the replica a call is forwarded to, see the path they know.
-fn unmount(req: &mut Request<Incoming>, strip: usize) {
+fn unmount<B>(req: &mut Request<B>, strip: usize) {
     let Some(pq) = req.uri().path_and_query() else {
         return;
     };
@@ -310,22 +343,21 @@ async fn deliver_clustered(
     }
 }
 
-/// An agent call: authenticated here, at once when its token or certificate decides; in
-/// cluster mode a call about a request another replica owns (the load balancer sent it
-/// here) goes to that replica with the caller's grant. What waits is boxed by endpoint
-/// ([`endpoints::Call`]).
-fn agent_call(
+/// An agent call: authenticated here, at once when its token or certificate decides, then
+/// served by `serve`. What waits is boxed by endpoint ([`endpoints::Call`]).
+fn agent_call<B: Send + 'static>(
     state: Arc<State>,
-    req: Request<Incoming>,
+    req: Request<B>,
     peer: SocketAddr,
     cert: Option<&Grant>,
+    serve: fn(Arc<State>, Grant, Request<B>, SocketAddr) -> endpoints::Call,
 ) -> endpoints::Call {
-    match endpoints::authenticate(&state, &req, cert) {
-        Ok(Verdict::Granted(grant)) => granted_call(state, grant, req, peer),
+    match endpoints::authenticate(&state, req.headers(), cert) {
+        Ok(Verdict::Granted(grant)) => serve(state, grant, req, peer),
         // The authorization service's path: one more box, around the endpoint's.
         Ok(Verdict::AskService) => Box::pin(async move {
             match endpoints::ask_service(&state, req.headers(), peer).await {
-                Ok(grant) => granted_call(state, grant, req, peer).await,
+                Ok(grant) => serve(state, grant, req, peer).await,
                 Err(refused) => refused.into_response(),
             }
         }),
@@ -333,7 +365,9 @@ fn agent_call(
     }
 }
 
-/// [`agent_call`] once the caller's grant is known.
+/// An agent call hyper read, once the caller's grant is known: in cluster mode a call about
+/// a request another replica owns (the load balancer sent it here) goes to that replica with
+/// the caller's grant.
 fn granted_call(
     state: Arc<State>,
     grant: Grant,

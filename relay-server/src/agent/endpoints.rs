@@ -43,11 +43,11 @@ pub enum Verdict {
 /// Authenticates an agent call by its token or client certificate, at once.
 pub fn authenticate(
     state: &State,
-    req: &Request<Incoming>,
+    headers: &HeaderMap,
     cert: Option<&Grant>,
 ) -> Result<Verdict, AgentCallError> {
     let auth = state.auth();
-    match auth.tokens.authenticate_agent(req.headers(), cert) {
+    match auth.tokens.authenticate_agent(headers, cert) {
         Ok(grant) => Ok(Verdict::Granted(grant)),
         Err(_) if auth.agent_forward_auth.is_some() => Ok(Verdict::AskService),
         Err(e) => {
@@ -107,10 +107,7 @@ pub fn serve(
     let uri = req.uri().clone();
     let query = Query::parse(uri.query().unwrap_or(""));
     match uri.path() {
-        "/server/request" => match poll(state, grant, req, query, peer) {
-            Ok(parked) => later(parked),
-            Err(e) => now(Err(e)),
-        },
+        "/server/request" => serve_poll(state, grant, req, peer),
         relay_common::session::SESSION_PATH => now(session::serve(state, grant, req, peer)),
         "/server/response" => match lookup(&state, &grant, query.id) {
             Ok(pending) => later(response::serve(pending, req, query.offset)),
@@ -130,6 +127,22 @@ pub fn serve(
         "/server/probe" => now(Ok(text_response(StatusCode::OK, "streaming"))),
         _ => now(Err(AgentCallError::NoEndpoint)),
     }
+}
+
+/// Serves an authenticated long poll (`/server/request`, either protocol): checked and
+/// registered at once; the call is the wait, which holds neither the request nor its body
+/// type (the relay's own HTTP/1.1 front serves polls too, see `crate::front`).
+pub fn serve_poll<B>(
+    state: Arc<State>,
+    grant: Grant,
+    req: Request<B>,
+    peer: std::net::SocketAddr,
+) -> Call {
+    if v1alpha1::is_v1alpha1(&req) {
+        return v1alpha1::serve_poll(state, grant, &req, peer);
+    }
+    let q = Query::parse(req.uri().query().unwrap_or(""));
+    poll(state, grant, &req, &q, peer).unwrap_or_else(|e| now(Err(e)))
 }
 
 /// A call answered already.
@@ -198,10 +211,10 @@ fn lookup(state: &State, grant: &Grant, id: Option<&str>) -> Result<Arc<Pending>
 
 /// The name (`server=`) and agent id (`X-Relay-Agent-Id`) of a poll or session, checked
 /// against what the caller's grant allows.
-pub(crate) fn poller_identity(
+pub(crate) fn poller_identity<B>(
     state: &State,
     grant: &Grant,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     q: &Query<'_>,
 ) -> Result<(String, String), AgentCallError> {
     let Some(name) = q.server.filter(|n| is_valid_name(n)) else {
@@ -226,16 +239,16 @@ pub(crate) fn poller_identity(
     Ok((name.to_owned(), agent_id.to_owned()))
 }
 
-/// A long poll: checked and registered at once; the future it returns is the wait, which
-/// holds the handle and what the answer needs, not the request.
-fn poll(
+/// A protocol 1 long poll: checked and registered at once; the call it returns is the wait,
+/// which holds the handle and what the answer needs, not the request.
+fn poll<B>(
     state: Arc<State>,
     grant: Grant,
-    req: Request<Incoming>,
-    q: Query<'_>,
+    req: &Request<B>,
+    q: &Query<'_>,
     peer: std::net::SocketAddr,
-) -> Result<impl Future<Output = Result<Response<RelayBody>, AgentCallError>>, AgentCallError> {
-    let (name, agent_id) = poller_identity(&state, &grant, &req, &q)?;
+) -> Result<Call, AgentCallError> {
+    let (name, agent_id) = poller_identity(&state, &grant, req, q)?;
     let draining = q.draining || state.draining();
     let max = if draining {
         0
@@ -245,9 +258,9 @@ fn poll(
     let handle = state
         .broker
         .begin_poll(&name, &agent_id, grant.token(), q.draining, || {
-            agent_info(&req, peer, AgentProtocol::Relay1)
+            agent_info(req, peer, AgentProtocol::Relay1)
         });
-    Ok(parked(state, grant, name, handle, max))
+    Ok(later(parked(state, grant, name, handle, max)))
 }
 
 /// A registered long poll, parked until work, its deadline, the stop or its agent's

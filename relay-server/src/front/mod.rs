@@ -23,7 +23,7 @@ mod tests;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -32,6 +32,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::base::activity::{Activity, IdleBounds};
+use crate::base::auth::Grant;
+use crate::base::limits::ConnPermit;
 use crate::listener::Face;
 use crate::State;
 
@@ -58,6 +60,10 @@ pub struct Front<'a> {
     pub face: Face,
     /// The connection's requests in progress.
     pub activity: &'a Arc<Activity>,
+    /// The connection's place in the limits (an agent's leaves its address's count).
+    pub permit: &'a ConnPermit,
+    /// What the connection's client certificate grants (TLS), once known.
+    pub cert: &'a OnceLock<Grant>,
 }
 
 impl Front<'_> {
@@ -87,8 +93,10 @@ impl Front<'_> {
                     return Ok(Ended::Closed);
                 }
             };
-            let routed =
-                crate::dispatch::route_front(self.state, req, self.peer, self.https, self.face);
+            let cert = self.cert.get();
+            crate::dispatch::exempt_agent(self.state, self.permit, self.face, &req, cert);
+            let (peer, https, face) = (self.peer, self.https, self.face);
+            let routed = crate::dispatch::route_front(self.state, req, peer, https, face, cert);
             let Some(routed) = routed else {
                 let mut rest = BytesMut::from(head);
                 rest.extend_from_slice(&buf);

@@ -121,27 +121,41 @@ pub fn serve(
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
 ) -> Call {
-    let query = req.uri().query().unwrap_or("").to_owned();
-    let param = |key: &str| {
-        query
-            .split('&')
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.to_owned())
-    };
     let path = req.uri().path().to_owned();
     match path.as_str() {
-        "/server/request" => match poll::begin(&state, &grant, &req, param("server"), peer) {
-            Ok(parked) => later(poll::parked(state, grant, parked)),
-            Err(e) => Box::pin(std::future::ready(e.into_response())),
-        },
+        "/server/request" => serve_poll(state, grant, &req, peer),
         "/server/response" => later(async move { response::serve(&state, &grant, req).await }),
         "/server/requeststream" => {
-            let id = param("id");
+            let id = query_param(&req, "id");
             later(async move { requeststream::serve(&state, &grant, id).await })
         }
         _ => endpoints::now(Err(AgentCallError::NoEndpoint)),
     }
+}
+
+/// A Go relay-client's long poll, checked and registered at once (see
+/// `endpoints::serve_poll`).
+pub fn serve_poll<B>(
+    state: Arc<State>,
+    grant: Grant,
+    req: &Request<B>,
+    peer: std::net::SocketAddr,
+) -> Call {
+    match poll::begin(&state, &grant, req, query_param(req, "server"), peer) {
+        Ok(parked) => later(poll::parked(state, grant, parked)),
+        Err(e) => Box::pin(std::future::ready(e.into_response())),
+    }
+}
+
+/// The value of the query parameter `key`, as the Go relay's handlers read it.
+fn query_param<B>(req: &Request<B>, key: &str) -> Option<String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_owned())
 }
 
 /// A call whose endpoint's future answers (see `endpoints::later`).

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use relay_common::codec::BodyMsg;
 use relay_common::headers::set_upgrade_headers;
 use relay_common::message::RequestHead;
@@ -43,10 +42,10 @@ pub struct Parked {
 }
 
 /// Checks a poll of a Go relay-client for `server` and registers it, at once.
-pub fn begin(
+pub fn begin<B>(
     state: &State,
     grant: &Grant,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     server: Option<String>,
     peer: std::net::SocketAddr,
 ) -> Result<Parked, GoCallError> {
