@@ -50,18 +50,30 @@ impl Http<'_> {
         Svc::Future: Send + 'static,
     {
         if let Some(front) = front {
-            let served = front.serve(&mut first, self.stop);
             // Boxed: inline, the front's state would stay in the task of every connection
-            // hyper serves after it (an idle agent's parked polls among them).
-            let supervised = front::supervise(served, self.activity, self.idle, self.stop);
-            match Box::pin(supervised).await? {
+            // hyper serves after it.
+            let mut served = Box::pin(front.serve(&mut first, self.stop));
+            let supervised = front::supervise(served.as_mut(), self.activity, self.idle, self.stop);
+            let ended = supervised.await?;
+            drop(served);
+            match ended {
                 front::Ended::Closed => return Ok(()),
                 front::Ended::Hyper(rest) => first.put_back(rest),
             }
         }
         let io = TokioIo::new(first);
         let conn = self.builder.serve_connection_with_upgrades(io, svc);
-        supervise(conn, self.streams, self.activity, self.idle, self.stop).await
+        // Boxed too: hyper's connection state (3.5 KB) inline would make the task of every
+        // connection the front keeps (idle keep-alive users, parked long polls) as large;
+        // boxed, a connection pays for it once, when it goes to hyper.
+        Box::pin(supervise(
+            conn,
+            self.streams,
+            self.activity,
+            self.idle,
+            self.stop,
+        ))
+        .await
     }
 }
 

@@ -122,13 +122,15 @@ impl Front<'_> {
 /// no request in progress for its idle bound, a connection between requests closes at once
 /// and one with a response in progress finishes it (within a second after a stop) — what
 /// `connection::supervise` asks of hyper.
-pub async fn supervise(
-    front: impl Future<Output = io::Result<Ended>>,
+///
+/// It takes the front pinned where the caller keeps it: an `async fn` keeps a future it was
+/// given by value twice, as its argument and as the local it pins (960 bytes each).
+pub async fn supervise<F: Future<Output = io::Result<Ended>>>(
+    mut front: std::pin::Pin<&mut F>,
     activity: &Activity,
     idle: IdleBounds,
     stop: &CancellationToken,
 ) -> io::Result<Ended> {
-    let mut front = std::pin::pin!(front);
     let stopped = gated(stop.cancelled());
     let idled = gated(activity.idle_for(idle));
     tokio::select! {
