@@ -1,6 +1,7 @@
 //! The agent endpoints: authentication, `/server/request` (the long poll) and the routing
-//! of exchange calls to [`response`] and [`upload`]. Every call is authenticated, and every id is checked
-//! against the names the caller's token may serve.
+//! of exchange calls to [`response`] and [`upload`]. Every call is authenticated, every id
+//! is checked against the names the caller's token may serve, and each endpoint's future
+//! is boxed on its own ([`Call`]).
 
 use std::future::Future;
 use std::pin::Pin;

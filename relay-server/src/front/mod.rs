@@ -8,8 +8,11 @@
 //! response as its frames come, with the framing hyper would give it ([`response`],
 //! [`exchange`]).
 //!
+//! It serves agents' long polls too (bodiless `GET`s that park for minutes): on hyper, each
+//! parked poll held hyper's two 8 KiB buffers.
+//!
 //! Anything else — a request with a body, an upgrade, `Expect`, HTTP/1.0, HEAD, a head
-//! httparse refuses, an agent endpoint, the HTTP/2 preface — goes to hyper with every byte
+//! httparse refuses, another agent endpoint, the HTTP/2 preface — goes to hyper with every byte
 //! read so far, and hyper keeps the connection from then on: hyper stays the one
 //! implementation of everything the front does not take, including every refusal of a
 //! malformed head.

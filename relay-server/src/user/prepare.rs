@@ -1,6 +1,6 @@
 //! A user request's routing pieces, and the routed, admitted request made ready for an
-//! agent: upgrade detection, framing checks, body limits and the prefetched body (the headers the backend sees are
-//! [`crate::user::forwarded`]'s).
+//! agent: upgrade detection, framing checks, body limits and the prefetched body (the
+//! headers the backend sees are [`crate::user::forwarded`]'s).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
