@@ -338,7 +338,19 @@ async fn requests_that_hold_their_connections_still_get_new_ones_past_the_connec
 }
 
 /// Connections of this process to `port` in `SYN_SENT` (connecting), from /proc/net/tcp.
+///
+/// Only this process's sockets count (matched by inode with `/proc/self/fd`): the table is
+/// the whole machine's, and another test's process retrying a closed port that this
+/// test's listener was given next would count too (one CI run saw 34).
 fn connecting_to(port: u16) -> usize {
+    let own: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| {
+            let t = t.to_str()?;
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     let remote = format!(":{port:04X}");
     table
@@ -346,7 +358,7 @@ fn connecting_to(port: u16) -> usize {
         .skip(1)
         .filter(|l| {
             let f: Vec<_> = l.split_whitespace().collect();
-            f.len() > 3 && f[2].ends_with(&remote) && f[3] == "02"
+            f.len() > 9 && f[2].ends_with(&remote) && f[3] == "02" && own.contains(f[9])
         })
         .count()
 }
