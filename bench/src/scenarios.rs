@@ -61,13 +61,16 @@ fn median_of(runs: &[load::Rate], figure: fn(&load::Rate) -> f64) -> f64 {
 /// (0 for fewer than two runs). A ratio between two targets is only as good as both
 /// spreads: on a VM one target's slow stretch can carry it (the twenty-first round).
 pub fn spread(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
     let (lo, hi) = v
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
         });
     let mid = median(v.to_vec());
-    if v.len() < 2 || mid <= 0.0 {
+    if mid <= 0.0 {
         return 0.0;
     }
     (hi - lo) / mid * 100.0

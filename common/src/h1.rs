@@ -48,6 +48,50 @@ pub fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
     b.freeze()
 }
 
+/// The most buffers one `writev` takes from a queue: a head, a chunk's line, its data and
+/// its end make four, so a few small responses or chunks leave in one call.
+const SLICES: usize = 16;
+
+/// Writes the buffers queued in `out` with vectored writes until the queue is empty or the
+/// socket would block, dropping what was written; the bytes written (`Pending` only if
+/// none were). A queued message's head, chunk lines and body leave together without being
+/// copied into one buffer first.
+pub fn poll_write_queued<W: tokio::io::AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut std::task::Context<'_>,
+    out: &mut std::collections::VecDeque<Bytes>,
+) -> std::task::Poll<std::io::Result<usize>> {
+    use bytes::Buf;
+    use std::io::IoSlice;
+    use std::task::Poll;
+    let mut total = 0;
+    while !out.is_empty() {
+        let mut slices = [IoSlice::new(&[]); SLICES];
+        let n = out.len().min(SLICES);
+        for (s, b) in slices.iter_mut().zip(out.iter()) {
+            *s = IoSlice::new(b);
+        }
+        let mut wrote = match std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
+            Poll::Pending if total == 0 => return Poll::Pending,
+            Poll::Pending => break,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(w)) => w,
+        };
+        total += wrote;
+        while wrote > 0 {
+            let first = out.front_mut().expect("bug: wrote more than queued");
+            let k = wrote.min(first.len());
+            first.advance(k);
+            wrote -= k;
+            if first.is_empty() {
+                out.pop_front();
+            }
+        }
+    }
+    Poll::Ready(Ok(total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +114,39 @@ mod tests {
         let mut b = BytesMut::new();
         put_field(&mut b, b"x-a", b"1");
         assert_eq!(&b[..], b"x-a: 1\r\n");
+    }
+
+    /// A socket that takes a few bytes at a time: every queued buffer leaves whole and in
+    /// order, written ones leave the queue, and a full socket answers `Pending` only when
+    /// nothing was written.
+    #[tokio::test]
+    async fn queued_buffers_leave_in_order_through_partial_writes() {
+        use std::collections::VecDeque;
+        use tokio::io::AsyncReadExt;
+        let (mut w, mut r) = tokio::io::duplex(7);
+        let parts: Vec<Bytes> = (0..40u8)
+            .map(|i| Bytes::from(vec![i; 1 + usize::from(i % 5)]))
+            .collect();
+        let want: Vec<u8> = parts.iter().flat_map(|b| b.iter().copied()).collect();
+        let mut out: VecDeque<Bytes> = parts.into_iter().collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.map(|_| got)
+        });
+        let mut calls = 0;
+        while !out.is_empty() {
+            let n = std::future::poll_fn(|cx| poll_write_queued(&mut w, cx, &mut out))
+                .await
+                .expect("the pipe is open");
+            assert!((1..=7).contains(&n), "wrote {n} bytes into a 7-byte pipe");
+            calls += 1;
+        }
+        drop(w);
+        assert_eq!(reader.await.unwrap().unwrap(), want);
+        assert!(
+            calls >= want.len() / 7,
+            "{calls} writes for {} bytes",
+            want.len()
+        );
     }
 }

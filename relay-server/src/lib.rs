@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //! The folders are the layers; dependencies point one way (`ops`, `cluster` → `user` →
-//! `agent` → `base`), and only the wiring at the root ([`dispatch`], [`listener`],
-//! [`connection`], [`State`]) knows them all.
+//! `agent` → `base`), and only the wiring at the root ([`dispatch`] and its `agent_call`,
+//! [`listener`], [`connection`], [`State`]) knows them all.
 //! - [`base`]: credentials, response bodies, the byte budget, connection limits, metrics,
 //!   TLS. Knows no user, agent or replica.
 //! - [`agent`]: the agent endpoints, the broker, and one request in flight with its upload
@@ -36,6 +36,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod agent;
+mod agent_call;
 pub mod base;
 pub mod cluster;
 pub mod config;

@@ -3,15 +3,13 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::Method;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -97,27 +95,8 @@ impl Conn {
     pub(super) fn poll_request(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), H1Error>> {
         loop {
             while !self.out.is_empty() {
-                let mut slices = [IoSlice::new(&[]); 8];
-                let n = self.out.len().min(slices.len());
-                for (s, b) in slices.iter_mut().zip(self.out.iter()) {
-                    *s = IoSlice::new(b);
-                }
-                let mut wrote =
-                    ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?;
-                if wrote == 0 {
-                    return Poll::Ready(Err(
-                        std::io::Error::from(std::io::ErrorKind::WriteZero).into()
-                    ));
-                }
-                self.wrote = true;
-                while wrote > 0 {
-                    let front = self.out.front_mut().expect("bug: wrote more than queued");
-                    let n = wrote.min(front.len());
-                    front.advance(n);
-                    wrote -= n;
-                    if front.is_empty() {
-                        self.out.pop_front();
-                    }
+                if ready!(h1::poll_write_queued(&mut self.io, cx, &mut self.out))? > 0 {
+                    self.wrote = true;
                 }
             }
             let Some(body) = self.body.as_mut() else {

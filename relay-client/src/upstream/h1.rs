@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, BytesMut};
 use http::{header, HeaderValue, Request};
-pub use relay_common::h1::{chunk_line, last_chunk, put_field};
+pub use relay_common::h1::{chunk_line, last_chunk, poll_write_queued, put_field};
 
 /// Most fields in a response head or a trailer section (hyper's default).
 pub(super) const MAX_FIELDS: usize = 100;

@@ -6,11 +6,11 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::body::Body;
 use relay_common::h1;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,9 +23,6 @@ use crate::dispatch::Routed;
 /// Bytes of a response gathered before they are written (frames ready at once are written
 /// together; a frame larger than this goes alone, uncopied).
 const GATHER: usize = 64 * 1024;
-
-/// The slices one write takes.
-const SLICES: usize = 16;
 
 /// What one exchange needs of its connection.
 pub struct Conn<'a, S> {
@@ -176,33 +173,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
 
     /// Writes what is queued until the socket would block; the bytes written.
     fn write(&mut self, cx: &mut Context<'_>) -> io::Result<usize> {
-        let mut total = 0;
-        while !self.out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); SLICES];
-            let n = self.out.len().min(SLICES);
-            for (s, b) in slices.iter_mut().zip(self.out.iter()) {
-                *s = IoSlice::new(b);
-            }
-            let io = Pin::new(&mut *self.conn.io);
-            let mut wrote = match io.poll_write_vectored(cx, &slices[..n]) {
-                Poll::Pending => return Ok(total),
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(w)) => w,
-            };
-            total += wrote;
-            self.queued -= wrote;
-            while wrote > 0 {
-                let first = self.out.front_mut().expect("bug: wrote more than queued");
-                let k = wrote.min(first.len());
-                first.advance(k);
-                wrote -= k;
-                if first.is_empty() {
-                    self.out.pop_front();
-                }
-            }
-        }
-        Ok(total)
+        let wrote = match h1::poll_write_queued(&mut *self.conn.io, cx, &mut self.out) {
+            Poll::Pending => 0,
+            Poll::Ready(wrote) => wrote?,
+        };
+        self.queued -= wrote;
+        Ok(wrote)
     }
 
     fn push(&mut self, b: Bytes) {
