@@ -117,8 +117,7 @@ mod tests {
     }
 
     /// A socket that takes a few bytes at a time: every queued buffer leaves whole and in
-    /// order, written ones leave the queue, and a full socket answers `Pending` only when
-    /// nothing was written.
+    /// order, and written ones leave the queue.
     #[tokio::test]
     async fn queued_buffers_leave_in_order_through_partial_writes() {
         use std::collections::VecDeque;
@@ -148,5 +147,23 @@ mod tests {
             "{calls} writes for {} bytes",
             want.len()
         );
+    }
+
+    /// Nobody reads: the first call fills the socket and answers what it wrote, keeping
+    /// the rest queued; the next has room for nothing and answers `Pending`.
+    #[test]
+    fn a_full_socket_is_pending_only_when_nothing_was_written() {
+        use std::collections::VecDeque;
+        use std::task::{Context, Poll, Waker};
+        let (mut w, _r) = tokio::io::duplex(7);
+        let mut out = VecDeque::from([Bytes::from_static(b"0123"), Bytes::from_static(b"456789")]);
+        let mut cx = Context::from_waker(Waker::noop());
+        match poll_write_queued(&mut w, &mut cx, &mut out) {
+            Poll::Ready(Ok(7)) => {}
+            other => panic!("expected 7 bytes written, got {other:?}"),
+        }
+        assert_eq!(out, [Bytes::from_static(b"789")]);
+        assert!(poll_write_queued(&mut w, &mut cx, &mut out).is_pending());
+        assert_eq!(out, [Bytes::from_static(b"789")]);
     }
 }
