@@ -16,25 +16,30 @@ use crate::base::body::{full, BodyError, RelayBody};
 use crate::listener::Face;
 use crate::State;
 
+/// The grant [`exempt_agent`] found for a request, kept in the request's extensions so that
+/// [`agent_call`] does not check the same token again. Only the relay inserts it (a peer
+/// cannot put anything into a request's extensions).
+#[derive(Clone)]
+struct Authenticated(Grant);
+
 /// A connection whose agent call authenticates leaves its address's count (agents behind
-/// one NAT address are many); checked for each request, hyper's or the front's.
+/// one NAT address are many); checked for each request, hyper's or the front's, before
+/// routing (a connection on probation is refused unless it is exempted). The grant goes
+/// with the request to [`agent_call`]: the token is digested once per call, not twice.
 pub fn exempt_agent<B>(
     state: &State,
     permit: &crate::base::limits::ConnPermit,
     face: Face,
-    req: &Request<B>,
+    req: &mut Request<B>,
     cert: Option<&Grant>,
 ) {
-    if permit.counts_per_ip()
-        && req.uri().path().starts_with("/server/")
-        && face != Face::Public
-        && state
-            .auth()
-            .tokens
-            .authenticate_agent(req.headers(), cert)
-            .is_ok()
+    if !(permit.counts_per_ip() && req.uri().path().starts_with("/server/") && face != Face::Public)
     {
+        return;
+    }
+    if let Ok(grant) = state.auth().tokens.authenticate_agent(req.headers(), cert) {
         permit.exempt_from_per_ip();
+        req.extensions_mut().insert(Authenticated(grant));
     }
 }
 
@@ -47,6 +52,10 @@ pub(crate) fn agent_call<B: Send + 'static>(
     cert: Option<&Grant>,
     serve: fn(Arc<State>, Grant, Request<B>, SocketAddr) -> endpoints::Call,
 ) -> endpoints::Call {
+    let mut req = req;
+    if let Some(Authenticated(grant)) = req.extensions_mut().remove() {
+        return serve(state, grant, req, peer);
+    }
     match endpoints::authenticate(&state, req.headers(), cert) {
         Ok(Verdict::Granted(grant)) => serve(state, grant, req, peer),
         // The authorization service's path: one more box, around the endpoint's.

@@ -360,7 +360,7 @@ fn service(
         let state = state.clone();
         let busy = activity.begin();
         let cert = cert.clone();
-        crate::dispatch::exempt_agent(&state, &permit, face, &req, cert.get());
+        crate::dispatch::exempt_agent(&state, &permit, face, &mut req, cert.get());
         // Past the limit when it came; served if its address has a place free by now.
         let refused = (permit.on_probation() && !permit.take_freed_place()).then(|| {
             state.metrics.rejected("connections_per_ip");

@@ -80,7 +80,7 @@ impl Front<'_> {
         let mut buf = BytesMut::new();
         let mut scratch = BytesMut::new();
         loop {
-            let (req, close, head) = loop {
+            let (mut req, close, head) = loop {
                 if !buf.is_empty() {
                     match head::parse(&mut buf, self.state.cfg.max_headers) {
                         head::Parsed::Plain(req, close, head) => break (req, close, head),
@@ -97,7 +97,7 @@ impl Front<'_> {
                 }
             };
             let cert = self.cert.get();
-            crate::dispatch::exempt_agent(self.state, self.permit, self.face, &req, cert);
+            crate::dispatch::exempt_agent(self.state, self.permit, self.face, &mut req, cert);
             let (peer, https, face) = (self.peer, self.https, self.face);
             let routed = crate::dispatch::route_front(self.state, req, peer, https, face, cert);
             let Some(routed) = routed else {
