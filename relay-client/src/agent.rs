@@ -33,6 +33,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// server restart.
 const MAX_SESSION_BACKOFF: Duration = Duration::from_secs(4);
 
+/// The requests being served, by id, with what cancels each.
+pub(crate) type InFlight = Mutex<HashMap<String, CancellationToken, FastHash>>;
+
 /// What every link shares: the backend's capacity, the requests in flight, the drain.
 pub(crate) struct Shared {
     stats: Arc<Stats>,
@@ -41,7 +44,7 @@ pub(crate) struct Shared {
     /// work again.
     pub(crate) freed: Arc<Notify>,
     /// Keyed by ids the relay-server drew: no need for SipHash's keyed protection.
-    pub(crate) in_flight: Mutex<HashMap<String, CancellationToken, FastHash>>,
+    pub(crate) in_flight: InFlight,
     tracker: TaskTracker,
 }
 
@@ -370,6 +373,10 @@ async fn poller(
     }
 }
 
+/// Above this many places, a table or queue of requests in flight that empties gives its
+/// room back (after a burst); at or below it, the room is kept for the next requests.
+pub(crate) const KEEP_ROOM: usize = 1024;
+
 /// Serves one request in a task of its own; `reply` is the session it came from (whole
 /// small responses go back on it), `None` for a polled request.
 pub(crate) fn dispatch(
@@ -397,14 +404,20 @@ pub(crate) fn dispatch(
             task_shared.stats.started();
             let outcome = serve(ctx, head, cancel, reply).await;
             task_shared.stats.finished(outcome);
-            task_shared
-                .in_flight
-                .lock()
-                .expect("bug: poisoned")
-                .remove(&id);
+            finished(&task_shared.in_flight, &id);
             drop(permit);
             task_shared.freed.notify_waiters();
         }));
+}
+
+/// Forgets a request that is over. The last request of a burst gives the table's room back
+/// (a burst of 10 000 grew it to 16 384 places, half a MiB): not kept at the peak for good.
+fn finished(in_flight: &InFlight, id: &str) {
+    let mut map = in_flight.lock().expect("bug: poisoned");
+    map.remove(id);
+    if map.is_empty() && map.capacity() > KEEP_ROOM {
+        *map = HashMap::default();
+    }
 }
 
 /// Sends a response a lost session did not acknowledge through an exchange, in a task the
@@ -442,5 +455,35 @@ impl Backoff {
         getrandom::getrandom(&mut b).expect("bug: the OS random source failed");
         let frac = u32::from_le_bytes(b) as f64 / u32::MAX as f64;
         cap.mul_f64(0.5 + frac / 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_of_requests_in_flight_gives_a_burst_s_room_back() {
+        let map = InFlight::default();
+        let ids: Vec<String> = (0..3 * KEEP_ROOM).map(|i| i.to_string()).collect();
+        for id in &ids {
+            map.lock()
+                .unwrap()
+                .insert(id.clone(), CancellationToken::new());
+        }
+        for id in &ids[1..] {
+            finished(&map, id);
+        }
+        // Not while one request is still in flight.
+        assert!(map.lock().unwrap().capacity() > KEEP_ROOM);
+        finished(&map, &ids[0]);
+        assert!(map.lock().unwrap().capacity() <= KEEP_ROOM);
+        // A small table keeps its room between requests.
+        map.lock()
+            .unwrap()
+            .insert("a".into(), CancellationToken::new());
+        let room = map.lock().unwrap().capacity();
+        finished(&map, "a");
+        assert_eq!(map.lock().unwrap().capacity(), room);
     }
 }

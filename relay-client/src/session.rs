@@ -82,6 +82,11 @@ impl Reply {
         while u.acked < n && u.kept.pop_front().is_some() {
             u.acked += 1;
         }
+        // A burst's thousands of unacknowledged responses grew the queue; once they are
+        // all acknowledged its room goes back, instead of staying at the peak for good.
+        if u.kept.is_empty() && u.kept.capacity() > crate::agent::KEEP_ROOM {
+            u.kept = VecDeque::new();
+        }
     }
 
     /// Ends the session's writing and returns the responses no ACK covered.
@@ -317,6 +322,34 @@ mod tests {
             body: Bytes::new(),
             trailers: None,
         }
+    }
+
+    #[test]
+    fn a_burst_s_queue_of_unacknowledged_responses_gives_its_room_back() {
+        let r = Reply::new(session::Heads::Binary);
+        let room = |r: &Reply| r.unacked.lock().unwrap().kept.capacity();
+        // The request-response rhythm keeps its small queue.
+        for id in ["a", "b"] {
+            assert!(r.respond(kept(id)).is_ok());
+        }
+        r.ack(2);
+        let small = room(&r);
+        assert!(small > 0);
+        for i in 0..3 * crate::agent::KEEP_ROOM {
+            assert!(r.respond(kept(&i.to_string())).is_ok());
+        }
+        let n = 2 + 3 * crate::agent::KEEP_ROOM as u64;
+        // Not yet while one is unacknowledged.
+        r.ack(n - 1);
+        assert!(room(&r) > crate::agent::KEEP_ROOM);
+        r.ack(n);
+        assert!(
+            room(&r) <= crate::agent::KEEP_ROOM,
+            "{} places kept",
+            room(&r)
+        );
+        r.ack(n);
+        assert_eq!(r.close().len(), 0);
     }
 
     #[test]

@@ -338,9 +338,12 @@ impl Pool {
         if !conn.keep_alive || conn.eof || !conn.sent() || !conn.rd.is_empty() {
             return;
         }
-        if conn.rd.capacity() > FIRST_READ {
-            // A download's big buffer is not kept for the next small answer.
+        if conn.rd.capacity() > FIRST_READ || conn.want > FIRST_READ {
+            // A download's big buffer is not kept for the next small answer, and neither is
+            // its read size: kept, every later answer on the connection reserved a buffer of
+            // up to `MAX_READ` again, and this dropped it again.
             conn.rd = BytesMut::new();
+            conn.want = FIRST_READ;
         }
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("bug: poisoned");

@@ -405,3 +405,38 @@ async fn at_most_the_limit_of_connections_open_at_once() {
     }
     drop(l);
 }
+
+#[tokio::test]
+async fn a_download_s_read_buffer_and_size_are_not_kept_for_the_next_answer() {
+    let (l, pool) = backend().await;
+    const BIG: usize = 1 << 20;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&vec![b'x'; BIG]).await.unwrap();
+        got.clear();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+            .await
+            .unwrap();
+    });
+    assert_eq!(text(pool.send(get("/big")).await.unwrap()).await.len(), BIG);
+    let kept = |pool: &Pool| {
+        let idle = pool.idle.lock().unwrap();
+        assert_eq!(idle.len(), 1, "the connection is kept");
+        (idle[0].0.want, idle[0].0.rd.capacity())
+    };
+    // The megabyte came in reads that grew past the first size; none of that stays.
+    let (want, room) = kept(&pool);
+    assert_eq!(want, FIRST_READ);
+    assert!(room <= FIRST_READ, "{room} bytes of buffer kept");
+    // The next small answer reads with the first size again, on the same connection.
+    assert_eq!(text(pool.send(get("/a")).await.unwrap()).await, "a");
+    let (want, room) = kept(&pool);
+    assert_eq!(want, FIRST_READ);
+    assert!(room <= FIRST_READ, "{room} bytes of buffer kept");
+    server.await.unwrap();
+}
