@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Stats;
+use crate::backoff::Backoff;
 use crate::config::{Config, Transport};
 use crate::error::{AgentError, RelayCallError};
 use crate::exchange::{serve, Ctx};
@@ -22,19 +23,13 @@ use crate::service::Services;
 use crate::session::{Kept, Reply};
 use crate::upstream::Backend;
 
-/// Most requests one poll asks for.
-/// First reconnect delay; doubles up to [`MAX_BACKOFF`], with full jitter.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
 /// First delay before a new session after one was lost; doubles up to
 /// [`MAX_SESSION_BACKOFF`]. Capped low so that agents serve again within seconds of a
 /// server restart.
 const MAX_SESSION_BACKOFF: Duration = Duration::from_secs(4);
 
 /// The requests being served, by id, with what cancels each.
-pub(crate) type InFlight = Mutex<HashMap<String, CancellationToken, FastHash>>;
+pub(crate) type InFlight = Mutex<HashMap<Arc<str>, CancellationToken, FastHash>>;
 
 /// What every link shares: the backend's capacity, the requests in flight, the drain.
 pub(crate) struct Shared {
@@ -339,7 +334,7 @@ async fn poller(
                 }
                 let map = shared.in_flight.lock().expect("bug: poisoned");
                 for id in answer.cancel {
-                    if let Some(t) = map.get(&id) {
+                    if let Some(t) = map.get(id.as_str()) {
                         t.cancel();
                     }
                 }
@@ -387,11 +382,13 @@ pub(crate) fn dispatch(
     reply: Option<Arc<Reply>>,
 ) {
     let cancel = CancellationToken::new();
+    // One copy of the id, shared by the table's key and the task (which forgets it).
+    let id: Arc<str> = head.id.as_str().into();
     shared
         .in_flight
         .lock()
         .expect("bug: poisoned")
-        .insert(head.id.clone(), cancel.clone());
+        .insert(id.clone(), cancel.clone());
     let task_shared = shared.clone();
     let ctx = link.ctx.clone();
     // Boxed: the request's future is several KiB, and a task moves its future (and its
@@ -399,8 +396,12 @@ pub(crate) fn dispatch(
     shared
         .tracker
         .spawn(crate::exchange::boxed_in_place(|| async move {
-            let id = head.id.clone();
-            tracing::debug!(id, method = head.method, target = head.target, "request");
+            tracing::debug!(
+                id = &*id,
+                method = head.method,
+                target = head.target,
+                "request"
+            );
             task_shared.stats.started();
             let outcome = serve(ctx, head, cancel, reply).await;
             task_shared.stats.finished(outcome);
@@ -432,58 +433,6 @@ pub(crate) fn resend(shared: &Arc<Shared>, link: &Arc<Link>, kept: Kept) {
     });
 }
 
-/// Exponential backoff with full jitter.
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { next: MIN_BACKOFF }
-    }
-}
-
-impl Backoff {
-    fn is_fresh(&self) -> bool {
-        self.next == MIN_BACKOFF
-    }
-
-    fn next(&mut self) -> Duration {
-        let cap = self.next;
-        self.next = (self.next * 2).min(MAX_BACKOFF);
-        let mut b = [0u8; 4];
-        getrandom::getrandom(&mut b).expect("bug: the OS random source failed");
-        let frac = u32::from_le_bytes(b) as f64 / u32::MAX as f64;
-        cap.mul_f64(0.5 + frac / 2.0)
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_table_of_requests_in_flight_gives_a_burst_s_room_back() {
-        let map = InFlight::default();
-        let ids: Vec<String> = (0..3 * KEEP_ROOM).map(|i| i.to_string()).collect();
-        for id in &ids {
-            map.lock()
-                .unwrap()
-                .insert(id.clone(), CancellationToken::new());
-        }
-        for id in &ids[1..] {
-            finished(&map, id);
-        }
-        // Not while one request is still in flight.
-        assert!(map.lock().unwrap().capacity() > KEEP_ROOM);
-        finished(&map, &ids[0]);
-        assert!(map.lock().unwrap().capacity() <= KEEP_ROOM);
-        // A small table keeps its room between requests.
-        map.lock()
-            .unwrap()
-            .insert("a".into(), CancellationToken::new());
-        let room = map.lock().unwrap().capacity();
-        finished(&map, "a");
-        assert_eq!(map.lock().unwrap().capacity(), room);
-    }
-}
+#[path = "agent_tests.rs"]
+mod tests;

@@ -30,6 +30,7 @@
 
 pub mod admin;
 pub mod agent;
+mod backoff;
 pub mod bodies;
 pub mod config;
 pub mod connect;

@@ -286,7 +286,12 @@ fn handle(
                 dispatch(shared, link, head, permit, Some(reply.clone()));
             }
             Frame::Cancel(id) => {
-                if let Some(t) = shared.in_flight.lock().expect("bug: poisoned").get(&id) {
+                if let Some(t) = shared
+                    .in_flight
+                    .lock()
+                    .expect("bug: poisoned")
+                    .get(id.as_str())
+                {
                     t.cancel();
                 }
             }
