@@ -23,9 +23,9 @@ use crate::service::Services;
 use crate::session::{Kept, Reply};
 use crate::upstream::Backend;
 
-/// First delay before a new session after one was lost; doubles up to
-/// [`MAX_SESSION_BACKOFF`]. Capped low so that agents serve again within seconds of a
-/// server restart.
+/// The longest delay before a new session after one was lost (the shared backoff
+/// doubles up to 30 s; sessions cap it here), so that agents serve again within
+/// seconds of a server restart.
 const MAX_SESSION_BACKOFF: Duration = Duration::from_secs(4);
 
 /// The requests being served, by id, with what cancels each.

@@ -21,7 +21,8 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// No delay drawn since the start or the last reset.
+    /// No delay drawn yet. Callers start over by replacing the value with
+    /// `Backoff::default()`; there is no reset method.
     pub(crate) fn is_fresh(&self) -> bool {
         self.next == MIN_BACKOFF
     }
