@@ -7,10 +7,16 @@
 //! KiB per operation, so a single poll of its task ran for about 10 ms; every small
 //! request queued on that worker waited that long (`relay-bench` scenario 8 with one
 //! worker thread: small GETs' median 10.5 ms beside a 1 GiB download). Here a step of
-//! `n` bytes costs one operation per [`UNIT`] bytes, so a task moves at most about
-//! 128 × 2 KiB = 256 KiB per poll (a quarter of a millisecond at 1 GB/s) before tokio
-//! makes it yield: the median above fell to 4.5 ms (one worker) and from 1.3 to 0.7 ms
-//! (the default two), bulk throughput unchanged (`docs/PERFORMANCE.md`).
+//! `n` bytes costs one operation per unit of bytes, so a task moves at most 128 units per
+//! poll before tokio makes it yield (`docs/PERFORMANCE.md`):
+//! - an HTTP body, [`BODY_UNIT`] (512 bytes): 64 KiB per poll, about 60 µs at 1 GB/s.
+//!   Beside a 1 GiB download this took the small GETs' median from 1.5–2.2 to 0.4–0.7 ms
+//!   and their p99 from 6.9–9.2 to 2.1–6.1 ms (four alternating rounds). The price: the
+//!   pumps yield four times as often, and 100 MB bodies moved about a tenth slower
+//!   (still 1.7–2× rathole's);
+//! - a tunnel's bytes, [`TUNNEL_UNIT`] (2 KiB): 256 KiB per poll. A tunnel's bytes pass
+//!   three relay processes (`relay-client connect`, the relay-server, the agent), and at
+//!   512 bytes its throughput fell by 15–25 %.
 //!
 //! Outside a tokio task (no budget) nothing is charged and nothing waits.
 
@@ -18,8 +24,10 @@ use std::task::{ready, Context, Poll};
 
 use tokio::task::coop;
 
-/// Bytes that cost one operation of the task's budget.
-pub const UNIT: usize = 2 * 1024;
+/// Bytes of an HTTP body that cost one operation of the task's budget.
+pub const BODY_UNIT: usize = 512;
+/// Bytes of a tunnel (a switched connection) that cost one operation.
+pub const TUNNEL_UNIT: usize = 2 * 1024;
 
 /// A step about to be taken: `Pending` (the task yields, and is polled again after the
 /// other tasks waiting for its worker) when the task's budget is spent. Call
@@ -33,13 +41,14 @@ pub fn poll_turn(cx: &mut Context<'_>) -> Poll<Turn> {
 pub struct Turn(Option<coop::RestoreOnPending>);
 
 impl Turn {
-    /// The step moved `n` bytes: one operation, plus one per further [`UNIT`] while the
-    /// budget lasts (the step itself is done; only the next one waits).
-    pub fn moved(mut self, cx: &mut Context<'_>, n: usize) {
+    /// The step moved `n` bytes: one operation, plus one per further `unit` bytes
+    /// ([`BODY_UNIT`] or [`TUNNEL_UNIT`]) while the budget lasts (the step itself is done;
+    /// only the next one waits).
+    pub fn moved(mut self, cx: &mut Context<'_>, n: usize, unit: usize) {
         if let Some(first) = self.0.take() {
             first.made_progress();
         }
-        for _ in 1..n.div_ceil(UNIT) {
+        for _ in 1..n.div_ceil(unit) {
             if !coop::has_budget_remaining() {
                 break;
             }
@@ -57,6 +66,11 @@ mod tests {
 
     /// Steps of `n` bytes taken until the budget says wait: how many fit in one poll.
     async fn steps_per_poll(n: usize) -> usize {
+        steps_per_poll_of(n, TUNNEL_UNIT).await
+    }
+
+    /// Steps of `n` bytes charged by `unit` taken until the budget says wait.
+    async fn steps_per_poll_of(n: usize, unit: usize) -> usize {
         // A fresh poll of the task: a full budget.
         tokio::task::yield_now().await;
         poll_fn(|cx| {
@@ -64,7 +78,7 @@ mod tests {
             loop {
                 match poll_turn(cx) {
                     Poll::Ready(turn) => {
-                        turn.moved(cx, n);
+                        turn.moved(cx, n, unit);
                         steps += 1;
                     }
                     Poll::Pending => return Poll::Ready(steps),
@@ -90,6 +104,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_yields_four_times_as_often_as_a_tunnel() {
+        // 16 KiB steps of a body cost 32 operations: 4 fit in a poll (64 KiB)…
+        assert_eq!(steps_per_poll_of(16 * 1024, BODY_UNIT).await, 4);
+        // …where a tunnel's cost 8 each: 16 fit (256 KiB).
+        assert_eq!(steps_per_poll_of(16 * 1024, TUNNEL_UNIT).await, 16);
+        // A 64 KiB body read spends the whole budget at once.
+        assert_eq!(steps_per_poll_of(64 * 1024, BODY_UNIT).await, 1);
+    }
+
+    #[tokio::test]
     async fn a_turn_that_moved_nothing_costs_nothing() {
         let steps = poll_fn(|cx| {
             for _ in 0..1000 {
@@ -110,7 +134,7 @@ mod tests {
             let Poll::Ready(turn) = poll_turn(&mut cx) else {
                 panic!("no budget outside a runtime: never pending");
             };
-            turn.moved(&mut cx, 1 << 20);
+            turn.moved(&mut cx, 1 << 20, BODY_UNIT);
         }
     }
 }

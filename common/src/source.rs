@@ -64,7 +64,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<BodyMsg, SourceError<B::Error>>> {
         // Charged to the task's budget by size (crate::fair): a pump whose both ends are
-        // always ready yields its worker every 256 KiB.
+        // always ready yields its worker every 64 KiB of a body, 256 KiB of a tunnel.
         let turn = std::task::ready!(crate::fair::poll_turn(cx));
         loop {
             let msg = match self {
@@ -94,7 +94,11 @@ where
                 BodyMsg::Data(d) => d.len(),
                 _ => 0,
             };
-            turn.moved(cx, n);
+            let unit = match self {
+                Source::Body(_) => crate::fair::BODY_UNIT,
+                Source::Tunnel(..) => crate::fair::TUNNEL_UNIT,
+            };
+            turn.moved(cx, n, unit);
             return Poll::Ready(Ok(msg));
         }
     }

@@ -180,7 +180,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
             Poll::Pending
         };
         // Charged to the task's budget by size (relay_common::fair): the user's
-        // connection task yields its worker every 256 KiB of a large download.
+        // connection task yields its worker every 64 KiB of a large download.
         let turn = std::task::ready!(relay_common::fair::poll_turn(cx));
         let msg = match this.rx.poll_recv(cx) {
             Poll::Ready(m) => m.map(|d| d.msg),
@@ -193,7 +193,7 @@ impl<G: Unpin> Body for RelayedBody<G> {
         };
         match msg {
             Some(BodyMsg::Data(b)) => {
-                turn.moved(cx, b.len());
+                turn.moved(cx, b.len(), relay_common::fair::BODY_UNIT);
                 if let Some(rem) = this.remaining.as_mut() {
                     match rem.checked_sub(b.len() as u64) {
                         Some(r) => *rem = r,
