@@ -12,8 +12,8 @@
 //! - an HTTP body, [`BODY_UNIT`] (512 bytes): 64 KiB per poll, about 60 µs at 1 GB/s.
 //!   Beside a 1 GiB download this took the small GETs' median from 1.5–2.2 to 0.4–0.7 ms
 //!   and their p99 from 6.9–9.2 to 2.1–6.1 ms (four alternating rounds). The price: the
-//!   pumps yield four times as often, and 100 MB bodies moved about a tenth slower
-//!   (still 1.7–2× rathole's);
+//!   pumps yield four times as often; 100 MB bodies alone moved within noise of before
+//!   in eight alternating rounds (a tenth slower in one set of four), about 2× rathole's;
 //! - a tunnel's bytes, [`TUNNEL_UNIT`] (2 KiB): 256 KiB per poll. A tunnel's bytes pass
 //!   three relay processes (`relay-client connect`, the relay-server, the agent), and at
 //!   512 bytes its throughput fell by 15–25 %.
