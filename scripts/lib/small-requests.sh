@@ -5,13 +5,24 @@
 # `url`, `server` and `agent` (the PIDs), and `urls` (arguments for curl: REQUESTS GETs of
 # the small page).
 # Kills what it started when the calling script exits. Needs curl; run after
-# `cargo build --release --workspace`. The relay binaries and the backend come from `$BIN` (default
-# target/release).
+# `cargo build --release --workspace`. The relay binaries come from `$BIN` (default
+# target/release), and so does the backend when `$BIN` has one (`relay-bench`, as in
+# target/dist), so that an A/B there measures the backend `relay-bench` uses.
+
+# The benchmark backend's binary: `$BIN`'s `relay-bench` if it has one, else the release one.
+bench_backend() {
+  if [ -x "${BIN:-target/release}/relay-bench" ]; then
+    echo "${BIN:-target/release}/relay-bench"
+  else
+    echo target/release/relay-bench
+  fi
+}
+
 start_small_requests() {
   local n=$1 token=profile-token-0123456789abcdef backend
   out=$(mktemp -d)
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-  "${BIN:-target/release}"/relay-bench backend >"$out/backend.log" 2>&1 &
+  "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
   until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
   ${server_wrap[@]+"${server_wrap[@]}"} "${BIN:-target/release}"/relay-server ${SERVER_ARGS:-} --listen 127.0.0.1:0 \
@@ -34,7 +45,7 @@ start_rathole() {
   local backend control http
   out=$(mktemp -d)
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-  "${BIN:-target/release}"/relay-bench backend >"$out/backend.log" 2>&1 &
+  "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
   until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
   port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
