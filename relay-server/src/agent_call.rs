@@ -11,21 +11,23 @@ use hyper::body::Incoming;
 
 use crate::agent::endpoints::{self, Verdict};
 use crate::agent::v1alpha1;
-use crate::base::auth::Grant;
+use crate::base::auth::{AuthError, Grant};
 use crate::base::body::{full, BodyError, RelayBody};
 use crate::listener::Face;
 use crate::State;
 
-/// The grant [`exempt_agent`] found for a request, kept in the request's extensions so that
-/// [`agent_call`] does not check the same token again. Only the relay inserts it (a peer
-/// cannot put anything into a request's extensions).
+/// What [`exempt_agent`] found a request's token or certificate to prove (the grant, or why
+/// not), kept in the request's extensions so that [`agent_call`] does not check the same
+/// token again, whether it passed or not. Only the relay inserts it (a peer cannot put
+/// anything into a request's extensions).
 #[derive(Clone)]
-struct Authenticated(Grant);
+struct Checked(Result<Grant, AuthError>);
 
 /// A connection whose agent call authenticates leaves its address's count (agents behind
 /// one NAT address are many); checked for each request, hyper's or the front's, before
-/// routing (a connection on probation is refused unless it is exempted). The grant goes
-/// with the request to [`agent_call`]: the token is digested once per call, not twice.
+/// routing (a connection on probation is refused unless it is exempted). The answer goes
+/// with the request to [`agent_call`]: the token is digested once per call, not twice
+/// (a call the authorization service decides included).
 pub fn exempt_agent<B>(
     state: &State,
     permit: &crate::base::limits::ConnPermit,
@@ -37,10 +39,11 @@ pub fn exempt_agent<B>(
     {
         return;
     }
-    if let Ok(grant) = state.auth().tokens.authenticate_agent(req.headers(), cert) {
+    let checked = state.auth().tokens.authenticate_agent(req.headers(), cert);
+    if checked.is_ok() {
         permit.exempt_from_per_ip();
-        req.extensions_mut().insert(Authenticated(grant));
     }
+    req.extensions_mut().insert(Checked(checked));
 }
 
 /// An agent call: authenticated here, at once when its token or certificate decides, then
@@ -53,10 +56,11 @@ pub(crate) fn agent_call<B: Send + 'static>(
     serve: fn(Arc<State>, Grant, Request<B>, SocketAddr) -> endpoints::Call,
 ) -> endpoints::Call {
     let mut req = req;
-    if let Some(Authenticated(grant)) = req.extensions_mut().remove() {
-        return serve(state, grant, req, peer);
-    }
-    match endpoints::authenticate(&state, req.headers(), cert) {
+    let local = match req.extensions_mut().remove() {
+        Some(Checked(checked)) => checked,
+        None => state.auth().tokens.authenticate_agent(req.headers(), cert),
+    };
+    match endpoints::verdict(&state, local) {
         Ok(Verdict::Granted(grant)) => serve(state, grant, req, peer),
         // The authorization service's path: one more box, around the endpoint's.
         Ok(Verdict::AskService) => Box::pin(async move {

@@ -22,7 +22,7 @@ use crate::agent::pending::Pending;
 use crate::agent::poll::PollHandle;
 use crate::agent::registration::{AgentInfo, AgentProtocol};
 use crate::agent::{response, session, tunnel, upload, v1alpha1};
-use crate::base::auth::Grant;
+use crate::base::auth::{AuthError, Grant};
 use crate::base::body::{full, text_response, RelayBody};
 use crate::State;
 
@@ -41,16 +41,12 @@ pub enum Verdict {
     AskService,
 }
 
-/// Authenticates an agent call by its token or client certificate, at once.
-pub fn authenticate(
-    state: &State,
-    headers: &HeaderMap,
-    cert: Option<&Grant>,
-) -> Result<Verdict, AgentCallError> {
-    let auth = state.auth();
-    match auth.tokens.authenticate_agent(headers, cert) {
+/// The verdict on an agent call, at once, from what its token or client certificate proved
+/// (`local`, `TokenStore::authenticate_agent`'s answer).
+pub fn verdict(state: &State, local: Result<Grant, AuthError>) -> Result<Verdict, AgentCallError> {
+    match local {
         Ok(grant) => Ok(Verdict::Granted(grant)),
-        Err(_) if auth.agent_forward_auth.is_some() => Ok(Verdict::AskService),
+        Err(_) if state.auth().agent_forward_auth.is_some() => Ok(Verdict::AskService),
         Err(e) => {
             state.metrics.auth_failure("agent");
             Err(AgentCallError::Unauthenticated(e.to_string()))

@@ -90,7 +90,7 @@ impl Grant {
 }
 
 /// Why an agent call was refused.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No `Authorization: Bearer` header.
     #[error("missing agent token: send Authorization: Bearer <token>")]
