@@ -16,7 +16,7 @@
 //!   in eight alternating rounds (a tenth slower in one set of four), about 2× rathole's;
 //! - a tunnel's bytes, [`TUNNEL_UNIT`] (2 KiB): 256 KiB per poll. A tunnel's bytes pass
 //!   three relay processes (`relay-client connect`, the relay-server, the agent), and at
-//!   512 bytes its throughput fell by 15–25 %.
+//!   512 bytes its throughput fell by 5–28 % (three rounds).
 //!
 //! Outside a tokio task (no budget) nothing is charged and nothing waits.
 
