@@ -35,6 +35,9 @@ pub struct Rate {
     pub p50: f64,
     /// 99th percentile latency, ms.
     pub p99: f64,
+    /// CPU time of the target's relaying processes per request, µs (0 where not measured:
+    /// see `scenarios::with_cpu`).
+    pub cpu_us: f64,
 }
 
 fn percentiles(mut lat: Vec<u32>, secs: f64) -> Rate {
@@ -47,6 +50,7 @@ fn percentiles(mut lat: Vec<u32>, secs: f64) -> Rate {
         rps: lat.len() as f64 / secs,
         p50: at(0.50),
         p99: at(0.99),
+        cpu_us: 0.0,
     }
 }
 

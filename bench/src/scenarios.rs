@@ -83,6 +83,32 @@ fn put_rate(out: &mut Table, metric: &str, target: &'static str, runs: &[load::R
     out.put(metric, target, median(rps));
 }
 
+/// Runs one timed load through `t` and notes the CPU time its relaying processes used per
+/// request ([`Running::relaying`]; clock ticks of 10 ms, so a load of a few seconds at
+/// thousands of requests a second reads to a few percent).
+async fn with_cpu(
+    t: &Running,
+    plan: &Plan,
+    load: impl std::future::Future<Output = anyhow::Result<load::Rate>>,
+) -> anyhow::Result<load::Rate> {
+    let ticks = || t.relaying.iter().map(|&p| cpu_ticks(p)).sum::<f64>();
+    let before = ticks();
+    let mut rate = load.await?;
+    let requests = rate.rps * plan.dur.as_secs_f64();
+    if requests > 0.0 {
+        rate.cpu_us = (ticks() - before) * 10_000.0 / requests;
+    }
+    Ok(rate)
+}
+
+/// The median CPU per request of `runs` ([`with_cpu`]), for a target that relays.
+fn put_cpu(out: &mut Table, m: &str, t: &Running, runs: &[load::Rate]) {
+    if !t.relaying.is_empty() {
+        let cpu = median_of(runs, |r| r.cpu_us);
+        out.put(format!("{m} relaying CPU µs per request"), t.name, cpu);
+    }
+}
+
 /// Starts another target like the one measured, in fresh processes.
 pub type Fresh<'a> = Option<&'a (dyn Fn() -> anyhow::Result<Running> + Sync)>;
 
@@ -167,7 +193,7 @@ where
 async fn keep_alive(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyhow::Result<()> {
     for conns in [1usize, 16, 64] {
         let all = in_turns(plan, targets, 1, |t| {
-            load::small_gets(&t.http, conns, false, plan.dur)
+            with_cpu(t, plan, load::small_gets(&t.http, conns, false, plan.dur))
         })
         .await?;
         let m = format!("1 keep-alive {conns} conn");
@@ -175,6 +201,7 @@ async fn keep_alive(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyho
             put_rate(out, &format!("{m} req/s"), t.name, &runs);
             out.put(format!("{m} p50 ms"), t.name, median_of(&runs, |r| r.p50));
             out.put(format!("{m} p99 ms"), t.name, median_of(&runs, |r| r.p99));
+            put_cpu(out, &m, t, &runs);
         }
     }
     Ok(())
@@ -233,11 +260,12 @@ async fn h2_streams(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyho
         let (addr, name) =
             t.h2.as_ref()
                 .expect("bug: only targets with HTTP/2 are here");
-        load::h2(*addr, name.as_deref(), 32, plan.dur).await
+        with_cpu(t, plan, load::h2(*addr, name.as_deref(), 32, plan.dur)).await
     })
     .await?;
     for (t, runs) in with.iter().zip(all) {
         put_rate(out, "7 HTTP/2 32 streams req/s", t.name, &runs);
+        put_cpu(out, "7 HTTP/2 32 streams", t, &runs);
     }
     Ok(())
 }

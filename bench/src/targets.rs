@@ -41,6 +41,11 @@ pub struct Running {
     pub h2: Option<(SocketAddr, Option<String>)>,
     /// The relay-server's process id (memory and CPU figures).
     pub server_pid: Option<u32>,
+    /// The processes a request passes through between the user and the backend (the
+    /// relay-server and the agent; a tunnel's server and client): their CPU time per
+    /// request is reported beside the rates, the steadier measure on a machine whose rates
+    /// move by tens of percent from day to day.
+    pub relaying: Vec<u32>,
     procs: Vec<Proc>,
     _dir: Option<TempDir>,
     _secret: Option<relay_tests::cluster::Secret>,
@@ -132,6 +137,7 @@ pub fn direct(b: &Backend) -> Running {
         tcp: b.tcp,
         h2: Some((b.http, None)),
         server_pid: None,
+        relaying: Vec::new(),
         procs: Vec::new(),
         _dir: None,
         _secret: None,
@@ -171,6 +177,7 @@ pub fn relay(b: Addrs) -> anyhow::Result<Running> {
         tcp,
         h2: Some((addr, Some("bench".into()))),
         server_pid: Some(server.child.id()),
+        relaying: vec![server.child.id(), agent.child.id()],
         procs: vec![server, agent, connect],
         _dir: None,
         _secret: None,
@@ -253,6 +260,9 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
         tls: None,
     };
     wait_http(&http)?;
+    // The agent and the replicas (a request may pass two of them); not redis.
+    let mut relaying = vec![agent.child.id()];
+    relaying.extend(r.iter().map(|x| x.proc.child.id()));
     let mut procs = vec![agent, connect];
     procs.extend(redis.proc.take());
     procs.extend(r.drain(..).map(|x| x.proc));
@@ -262,6 +272,7 @@ pub fn cluster(b: &Backend) -> anyhow::Result<Running> {
         tcp,
         h2: Some((entry, Some("bench".into()))),
         server_pid: None,
+        relaying,
         procs,
         _dir: None,
         _secret: Some(secret),
@@ -338,6 +349,7 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         tcp: SocketAddr::from(([127, 0, 0, 1], tcp_port)),
         h2: Some((http.addr, None)),
         server_pid: None,
+        relaying: vec![s.child.id(), c.child.id()],
         procs: vec![s, c],
         _dir: Some(dir),
         _secret: None,
@@ -387,6 +399,8 @@ pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         tcp,
         h2: Some((http_addr, None)),
         server_pid: None,
+        // The server and the `bore local` of the HTTP service.
+        relaying: vec![server.child.id(), h.child.id()],
         procs: vec![server, h, t],
         _dir: None,
         _secret: None,

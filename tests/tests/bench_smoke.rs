@@ -40,7 +40,7 @@ fn bench_smoke_runs_every_scenario() {
         "3 download 1 MB",
         "3 upload 1 MB",
         "4 tunnel up",
-        "7 HTTP/2",
+        "7 HTTP/2 32 streams req/s",
         "8 small GETs during a 16 MiB download, req/s",
     ] {
         let row = rows
@@ -53,6 +53,22 @@ fn bench_smoke_runs_every_scenario() {
                 "{scenario} {t}: {row}"
             );
         }
+    }
+    // The relaying processes' CPU per request, for the targets that have them (the
+    // backend alone relays nothing).
+    for metric in [
+        "1 keep-alive 16 conn relaying CPU µs per request",
+        "7 HTTP/2 32 streams relaying CPU µs per request",
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {metric} row"));
+        for t in ["relay", "cluster"] {
+            let v = row[t]["value"].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{metric} {t}: {row}");
+        }
+        assert_eq!(row["direct"]["value"].as_f64(), Some(0.0), "{row}");
     }
     // Each steady rate has its runs' spread beside it.
     for rate in ["1 keep-alive 16 conn req/s", "7 HTTP/2 32 streams req/s"] {
