@@ -173,9 +173,47 @@ fn malloc_trim() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn malloc_trim() {}
 
+/// Asks the kernel not to back this process's memory with transparent huge pages
+/// (`PR_SET_THP_DISABLE`, which also overrides the allocator's own `MADV_HUGEPAGE`); call
+/// it once, early in `main`. Returns whether the kernel took it.
+///
+/// Why: mimalloc asks for huge pages for its arenas, so a growing heap is faulted in 2 MiB
+/// at a time, each first touch zeroing all of it. On the benchmark VM a relay-server's
+/// first burst of 10 000 requests after its start took 0.31–0.34 s in four runs of twelve
+/// (against 0.20–0.26 s for the next bursts), two thirds of its CPU in the kernel zeroing
+/// those pages (`perf record -g`: `clear_page_erms` under `do_huge_pmd_anonymous_page`,
+/// from the allocator growing its heap); with 4 KiB pages no first burst of nine was slow,
+/// and the steady rates did not change (`docs/PERFORMANCE.md`, twenty-eighth round). The
+/// relay's heap is many small blocks that come and go with requests: huge pages buy it
+/// little and cost it zeroing, and resident memory, in 2 MiB steps.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn no_huge_pages() -> bool {
+    // SAFETY: PR_SET_THP_DISABLE takes integers only and sets a flag of this process.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+}
+
+/// Transparent huge pages are Linux's; elsewhere there is nothing to switch off.
+#[cfg(not(target_os = "linux"))]
+pub fn no_huge_pages() -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The process (this test binary) asks for no huge pages, and the kernel says it has
+    /// none for it from then on.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_can_switch_its_huge_pages_off() {
+        assert!(no_huge_pages(), "prctl refused");
+        #[allow(unsafe_code)]
+        // SAFETY: PR_GET_THP_DISABLE takes integers only and reads a flag of this process.
+        let off = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(off, 1);
+    }
 
     #[test]
     fn a_parking_worker_collects_once_a_second_and_fully_after_a_release() {
