@@ -19,7 +19,7 @@ par=${PARALLEL:-1}
 if [ -n "${LOAD:-}" ]; then
   start_target
   secs=${SECS:-4}
-  calls=(epoll_wait futex recvfrom read writev sendto write)
+  calls=(epoll_wait futex recvfrom read writev sendto write sched_yield)
   events=raw_syscalls:sys_enter,$(printf 'syscalls:sys_enter_%s,' "${calls[@]}")context-switches,task-clock
   load=($LOAD)
   target/release/relay-bench load "$url" "${load[@]}" --secs 1 >/dev/null # warm-up
