@@ -122,7 +122,7 @@ impl Shards {
     pub fn shard_for(&self, state: &State, face: Face, head: &[u8]) -> Option<usize> {
         let shard = if head.starts_with(PREFACE) {
             // HTTP/2 with prior knowledge: its first request, HPACK-decoded.
-            let Scan::Done(Some(h)) = first_headers::scan(head) else {
+            let Scan::Done(Some(h)) = first_headers::scan(head, &mut 0) else {
                 return None;
             };
             let users = matches!(face, Face::Shared | Face::Public);
@@ -206,9 +206,10 @@ pub async fn peek<S: AsyncRead + Unpin>(stream: &mut S, max: usize, within: Dura
     let deadline = tokio::time::Instant::now() + within;
     let mut http2_until = None;
     let mut buf = BytesMut::with_capacity(1024);
-    // Where the search for the head's end resumes: a head sent a byte at a time is not
-    // searched again from its start for every byte.
-    let mut searched = 0;
+    // Where the search for the head's end resumes (an HTTP/1.1 head's last bytes, an HTTP/2
+    // connection's next frame): a head sent a byte at a time is not searched again from
+    // its start for every byte.
+    let (mut searched, mut frames_from) = (0, 0);
     loop {
         let until = http2_until.map_or(deadline, |t: tokio::time::Instant| t.min(deadline));
         match tokio::time::timeout_at(until, stream.read_buf(&mut buf)).await {
@@ -221,7 +222,7 @@ pub async fn peek<S: AsyncRead + Unpin>(stream: &mut S, max: usize, within: Dura
             if buf.len() >= PREFACE.len() && http2_until.is_none() {
                 http2_until = Some(tokio::time::Instant::now() + FIRST_HEADERS_WAIT);
             }
-            first_headers::scan(&buf) != Scan::Incomplete
+            first_headers::scan(&buf, &mut frames_from) != Scan::Incomplete
         } else {
             let found = buf[searched..].windows(4).any(|w| w == b"\r\n\r\n");
             searched = buf.len().saturating_sub(3);

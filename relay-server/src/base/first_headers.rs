@@ -41,19 +41,27 @@ pub enum Scan {
 }
 
 /// Reads the first request from the first bytes of a connection that began with the
-/// preface.
-pub fn scan(bytes: &[u8]) -> Scan {
-    if bytes.len() < PREFACE.len() {
-        return match PREFACE.starts_with(bytes) {
-            true => Scan::Incomplete,
-            false => Scan::Done(None),
-        };
+/// preface. `from` is where the frames not yet gone over begin (0 at first); a call on more
+/// of the same bytes resumes there instead of walking every frame before it again (a client
+/// may send its first frames a few bytes at a time), and moves it on.
+pub fn scan(bytes: &[u8], from: &mut usize) -> Scan {
+    if *from == 0 {
+        if bytes.len() < PREFACE.len() {
+            return match PREFACE.starts_with(bytes) {
+                true => Scan::Incomplete,
+                false => Scan::Done(None),
+            };
+        }
+        if !bytes.starts_with(PREFACE) {
+            return Scan::Done(None);
+        }
+        *from = PREFACE.len();
     }
-    if !bytes.starts_with(PREFACE) {
-        return Scan::Done(None);
-    }
-    let mut rest = &bytes[PREFACE.len()..];
     loop {
+        // Past the end only if the caller's bytes are not the ones it scanned before.
+        let Some(rest) = bytes.get(*from..) else {
+            return Scan::Done(None);
+        };
         let Some(head) = rest.get(..9) else {
             return Scan::Incomplete;
         };
@@ -70,7 +78,7 @@ pub fn scan(bytes: &[u8]) -> Scan {
         if !matches!(kind, 0x2 | 0x4 | 0x6 | 0x8) {
             return Scan::Done(None);
         }
-        rest = &rest[9 + len..];
+        *from += 9 + len;
     }
 }
 
@@ -326,6 +334,11 @@ const CODE_LENGTHS: [u8; 257] = [
 mod tests {
     use super::*;
 
+    /// A scan of the bytes at once.
+    fn scan(bytes: &[u8]) -> Scan {
+        super::scan(bytes, &mut 0)
+    }
+
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
         (0..s.len())
@@ -432,10 +445,19 @@ mod tests {
         assert!(
             matches!(scan(&padded), Scan::Done(Some(h)) if h.server_name.as_deref() == Some(&b"mybe"[..]))
         );
-        // Every prefix of the bytes is incomplete; other bytes are not a head.
+        // Every prefix of the bytes is incomplete, scanned at once or resumed where the last
+        // scan stopped (at the HEADERS frame, past the SETTINGS and WINDOW_UPDATE before it);
+        // other bytes are not a head.
+        let mut from = 0;
         for n in 0..plain.len() {
             assert_eq!(scan(&plain[..n]), Scan::Incomplete, "{n}");
+            assert_eq!(super::scan(&plain[..n], &mut from), Scan::Incomplete, "{n}");
         }
+        assert_eq!(from, PREFACE.len() + 9 + 13);
+        assert!(matches!(
+            super::scan(&plain, &mut from),
+            Scan::Done(Some(_))
+        ));
         assert_eq!(scan(b"GET / HTTP/1.1\r\n"), Scan::Done(None));
         // A dynamic index that does not exist, CONTINUATION, DATA first: not placed.
         assert_eq!(
