@@ -175,7 +175,9 @@ fn malloc_trim() {}
 
 /// Asks the kernel not to back this process's memory with transparent huge pages
 /// (`PR_SET_THP_DISABLE`, which also overrides the allocator's own `MADV_HUGEPAGE`); call
-/// it once, early in `main`. Returns whether the kernel took it.
+/// it once, early in `main`, after the logs are set up. Returns whether the kernel took
+/// it; a refusal (a seccomp filter) is logged at debug level, and only the cost of a heap's
+/// first growth comes back.
 ///
 /// Why: mimalloc asks for huge pages for its arenas, so a growing heap is faulted in 2 MiB
 /// at a time, each first touch zeroing all of it. On the benchmark VM a relay-server's
@@ -190,7 +192,11 @@ fn malloc_trim() {}
 #[allow(unsafe_code)]
 pub fn no_huge_pages() -> bool {
     // SAFETY: PR_SET_THP_DISABLE takes integers only and sets a flag of this process.
-    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+    let took = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 };
+    if !took {
+        tracing::debug!("transparent huge pages stay as the system has them (prctl refused)");
+    }
+    took
 }
 
 /// Transparent huge pages are Linux's; elsewhere there is nothing to switch off.

@@ -77,11 +77,8 @@ fn main() -> ExitCode {
         }
     };
     let say = relay_config_file::logs::Say::new(cli.log_format);
-    // Before the runtime's threads allocate their heaps (see the function's doc). Refused
-    // (a seccomp filter, not Linux), only the cost of a heap's first growth comes back.
-    if !relay_config_file::allocator::no_huge_pages() {
-        tracing::debug!("transparent huge pages stay as the system has them (prctl refused)");
-    }
+    // Before the runtime's threads allocate their heaps (see the function's doc).
+    relay_config_file::allocator::no_huge_pages();
     let rt = match relay_config_file::runtime::build(cli.worker_threads, "relay-server", cli.spin) {
         Ok(rt) => rt,
         Err(e) => {
