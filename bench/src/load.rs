@@ -40,7 +40,7 @@ pub struct Rate {
     pub cpu_us: f64,
 }
 
-fn percentiles(mut lat: Vec<u32>, secs: f64) -> Rate {
+pub(crate) fn percentiles(mut lat: Vec<u32>, secs: f64) -> Rate {
     if lat.is_empty() {
         return Rate::default();
     }

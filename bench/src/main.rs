@@ -3,6 +3,7 @@
 //! JSON. `--smoke` is the few-second version the test command runs (no rathole or bore).
 
 mod backend;
+mod h2load;
 mod idle;
 mod load;
 mod procfs;
@@ -79,6 +80,10 @@ pub enum Sub {
         /// (it fails every request after the first on a reused h2c connection).
         #[arg(long)]
         h2: Option<usize>,
+        /// With `--h2`: the streams from nghttp2's `h2load` instead of the suite's hyper
+        /// client (scenario 7 measures with both; see docs/PERFORMANCE.md).
+        #[arg(long, requires = "h2")]
+        h2load: bool,
         /// A burst instead: this many requests at once over HTTP/2 connections of 100
         /// streams each (scenario 6), the name as for `--h2`; prints the seconds until the
         /// last answer. For measuring the relay's CPU per request in a burst.
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             conns,
             secs,
             h2,
+            h2load,
             burst,
             ref ca,
         }) => {
@@ -139,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             let r = match h2 {
+                Some(streams) if h2load => rt.block_on(h2load::run(addr, name, streams, dur))?,
                 Some(streams) => rt.block_on(load::h2(addr, name, streams, dur))?,
                 None => rt.block_on(load::small_gets(&t, conns, false, dur))?,
             };

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::procfs::{cpu_percent, cpu_ticks, rss_kib};
 use crate::targets::{self, Running};
-use crate::{idle, load};
+use crate::{h2load, idle, load};
 use anyhow::Context as _;
 
 /// Sizes and counts of one benchmark run (smaller in smoke mode).
@@ -253,19 +253,27 @@ async fn tunnel(plan: &Plan, t: &Running, out: &mut Table) -> anyhow::Result<()>
     Ok(())
 }
 
-/// 7: small GETs over one HTTP/2 connection, 32 streams at a time.
+/// 7: small GETs over one HTTP/2 connection, 32 streams at a time, from the suite's hyper
+/// client and from `h2load` (why both: [`crate::h2load`]), one after the other in each turn.
 async fn h2_streams(plan: &Plan, targets: &[&Running], out: &mut Table) -> anyhow::Result<()> {
     let with: Vec<&Running> = targets.iter().copied().filter(|t| t.h2.is_some()).collect();
     let all = in_turns(plan, &with, 7, |t| async move {
         let (addr, name) =
             t.h2.as_ref()
                 .expect("bug: only targets with HTTP/2 are here");
-        with_cpu(t, plan, load::h2(*addr, name.as_deref(), 32, plan.dur)).await
+        let hyper = with_cpu(t, plan, load::h2(*addr, name.as_deref(), 32, plan.dur)).await?;
+        let h2load = with_cpu(t, plan, h2load::run(*addr, name.as_deref(), 32, plan.dur))
+            .await
+            .context("scenario 7 with h2load")?;
+        anyhow::Ok((hyper, h2load))
     })
     .await?;
     for (t, runs) in with.iter().zip(all) {
-        put_rate(out, "7 HTTP/2 32 streams req/s", t.name, &runs);
-        put_cpu(out, "7 HTTP/2 32 streams", t, &runs);
+        let (hyper, h2load): (Vec<_>, Vec<_>) = runs.into_iter().unzip();
+        put_rate(out, "7 HTTP/2 32 streams req/s", t.name, &hyper);
+        put_cpu(out, "7 HTTP/2 32 streams", t, &hyper);
+        put_rate(out, "7 HTTP/2 32 streams h2load req/s", t.name, &h2load);
+        put_cpu(out, "7 HTTP/2 32 streams h2load", t, &h2load);
     }
     Ok(())
 }

@@ -41,6 +41,7 @@ fn bench_smoke_runs_every_scenario() {
         "3 upload 1 MB",
         "4 tunnel up",
         "7 HTTP/2 32 streams req/s",
+        "7 HTTP/2 32 streams h2load req/s",
         "8 small GETs during a 16 MiB download, req/s",
     ] {
         let row = rows
@@ -59,6 +60,7 @@ fn bench_smoke_runs_every_scenario() {
     for metric in [
         "1 keep-alive 16 conn relaying CPU µs per request",
         "7 HTTP/2 32 streams relaying CPU µs per request",
+        "7 HTTP/2 32 streams h2load relaying CPU µs per request",
     ] {
         let row = rows
             .iter()
@@ -71,7 +73,11 @@ fn bench_smoke_runs_every_scenario() {
         assert_eq!(row["direct"]["value"].as_f64(), Some(0.0), "{row}");
     }
     // Each steady rate has its runs' spread beside it.
-    for rate in ["1 keep-alive 16 conn req/s", "7 HTTP/2 32 streams req/s"] {
+    for rate in [
+        "1 keep-alive 16 conn req/s",
+        "7 HTTP/2 32 streams req/s",
+        "7 HTTP/2 32 streams h2load req/s",
+    ] {
         let metric = format!("{rate} spread %");
         let row = rows
             .iter()
