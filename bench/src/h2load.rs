@@ -42,7 +42,11 @@ pub async fn run(
         cmd.arg(format!("--header=x-server-name: {n}"));
     }
     cmd.arg(format!("http://{addr}/small")).kill_on_drop(true);
-    let out = match cmd.output().await {
+    let ran = cmd.output().await;
+    let lat = std::fs::read_to_string(&log);
+    // The log goes whatever happened (it is a few MB per second of load).
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = match ran {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
             "h2load is not installed: scenario 7 measures HTTP/2 with it \
              (Debian: apt install nghttp2-client)"
@@ -50,8 +54,6 @@ pub async fn run(
         other => other.context("running h2load")?,
     };
     let text = String::from_utf8_lossy(&out.stdout);
-    let lat = std::fs::read_to_string(&log);
-    let _ = std::fs::remove_dir_all(&dir);
     anyhow::ensure!(
         out.status.success(),
         "h2load failed ({}): {text}{}",
