@@ -40,10 +40,17 @@ start_small_requests() {
 
 # Like `start_small_requests`, for rathole's server and client in front of the same backend
 # (rathole in target/bench-tools, installed by a full `relay-bench` run): sets `out`, `url`
-# (the small page's base), `server` and `agent` (rathole's server and client PIDs).
+# (the small page's base), `server` and `agent` (rathole's server and client PIDs). With
+# RATHOLE_NODELAY=1 both run with scripts/lib/nodelay.c preloaded (built with cc): TCP_NODELAY
+# on every connection, as rathole's README says it has and its code does not do for the
+# visitor's and the backend's connections (docs/PERFORMANCE.md, the thirtieth round).
 start_rathole() {
-  local backend control http
+  local backend control http preload=()
   out=$(mktemp -d)
+  if [ "${RATHOLE_NODELAY:-0}" = 1 ]; then
+    cc -O2 -shared -fPIC -o "$out/nodelay.so" scripts/lib/nodelay.c -ldl
+    preload=("LD_PRELOAD=$out/nodelay.so")
+  fi
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
   "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
   until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
@@ -54,9 +61,9 @@ start_rathole() {
     "$control" "$http" >"$out/server.toml"
   printf '[client]\nremote_addr = "127.0.0.1:%s"\ndefault_token = "t"\n[client.services.http]\nlocal_addr = "%s"\n' \
     "$control" "$backend" >"$out/client.toml"
-  RUST_LOG=warn target/bench-tools/bin/rathole --server "$out/server.toml" >"$out/server.log" 2>&1 &
+  env ${preload[@]+"${preload[@]}"} RUST_LOG=warn target/bench-tools/bin/rathole --server "$out/server.toml" >"$out/server.log" 2>&1 &
   server=$!
-  RUST_LOG=warn target/bench-tools/bin/rathole --client "$out/client.toml" >"$out/client.log" 2>&1 &
+  env ${preload[@]+"${preload[@]}"} RUST_LOG=warn target/bench-tools/bin/rathole --client "$out/client.toml" >"$out/client.log" 2>&1 &
   agent=$!
   url=http://127.0.0.1:$http
   until curl -sf -o /dev/null "$url/small"; do sleep 0.2; done
