@@ -172,7 +172,11 @@ fn main() -> anyhow::Result<()> {
             &["--no-default-features", "--features", "server,client"],
         )?;
         let bore = targets::install(&cli.tools, "bore-cli", "bore", &[])?;
-        running.push(targets::rathole(&b, &rathole)?);
+        running.push(targets::rathole(&b, &rathole, None)?);
+        // rathole as its README describes it, for the rates compared in turns only: the
+        // ratios to rathole as shipped are the targets' (docs/PERFORMANCE.md).
+        let shim = targets::nodelay_shim(&cli.tools)?;
+        running.push(targets::rathole(&b, &rathole, Some(&shim))?);
         running.push(targets::bore(&b, &bore)?);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -187,6 +191,9 @@ fn main() -> anyhow::Result<()> {
         return Err(e);
     }
     for t in &mut running {
+        if t.name == "rathole-nodelay" {
+            continue;
+        }
         eprintln!("measuring {}…", t.name);
         // Scenario 5 measures the relay's idle tunnels in a relay of their own, started
         // fresh (a process that held other things first reuses what it freed).

@@ -314,8 +314,33 @@ pub fn install(root: &Path, krate: &str, bin: &str, extra: &[&str]) -> anyhow::R
     bail!("cargo install {krate} failed")
 }
 
-/// rathole: one server, one client, two services (HTTP backend and TCP service).
-pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
+/// `scripts/lib/nodelay.c` built into `root` (once, with `cc`): preloaded into rathole, it
+/// sets `TCP_NODELAY` on every connection rathole accepts or makes. rathole 0.5.0 leaves
+/// Nagle's algorithm on for the visitor's and the backend's connections, and with several
+/// HTTP/2 answers in flight it then stalls 40 ms at a time (docs/PERFORMANCE.md, the
+/// thirtieth round); its README says `TCP_NODELAY` is on by default.
+pub fn nodelay_shim(root: &Path) -> anyhow::Result<PathBuf> {
+    let lib = root.join("nodelay.so");
+    if lib.exists() {
+        return Ok(lib);
+    }
+    std::fs::create_dir_all(root)?;
+    let src = root.join("nodelay.c");
+    std::fs::write(&src, include_str!("../../scripts/lib/nodelay.c"))?;
+    let status = Command::new("cc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .context("running cc to build the TCP_NODELAY shim for rathole")?;
+    anyhow::ensure!(status.success(), "cc failed to build {}", lib.display());
+    Ok(lib)
+}
+
+/// rathole: one server, one client, two services (HTTP backend and TCP service); with
+/// `nodelay` (the [`nodelay_shim`]) preloaded into both, named `rathole-nodelay`.
+pub fn rathole(b: &Backend, exe: &Path, nodelay: Option<&Path>) -> anyhow::Result<Running> {
     let dir = TempDir::new("bench-rathole");
     let (control, http_port, tcp_port) = (free_port()?, free_port()?, free_port()?);
     let server = format!(
@@ -333,6 +358,9 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
     let spawn = |mode: &str, file: &str| {
         let mut c = Command::new(exe);
         c.arg(mode).arg(dir.0.join(file)).env("RUST_LOG", "warn");
+        if let Some(lib) = nodelay {
+            c.env("LD_PRELOAD", lib);
+        }
         Proc::spawn(c)
     };
     let s = spawn("--server", "server.toml");
@@ -344,7 +372,11 @@ pub fn rathole(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
     };
     wait_http(&http)?;
     Ok(Running {
-        name: "rathole",
+        name: if nodelay.is_some() {
+            "rathole-nodelay"
+        } else {
+            "rathole"
+        },
         http: http.clone(),
         tcp: SocketAddr::from(([127, 0, 0, 1], tcp_port)),
         h2: Some((http.addr, None)),

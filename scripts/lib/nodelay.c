@@ -1,10 +1,11 @@
-/* Preloaded into rathole by scripts/lib/small-requests.sh when RATHOLE_NODELAY=1: sets
+/* Preloaded into rathole by scripts/lib/small-requests.sh when RATHOLE_NODELAY=1, and by
+ * relay-bench for its `rathole-nodelay` target (bench/src/targets.rs, `nodelay_shim`): sets
  * TCP_NODELAY on every TCP connection the process accepts or makes. rathole 0.5.0 sets it
  * on its control and data channels only, never on the visitor's connection nor on its
  * connection to the backend, so Nagle's algorithm holds a small write back until the
  * peer's delayed ACK (40 ms) when several HTTP/2 answers are in flight; its README says
  * TCP_NODELAY is on by default. For measuring rathole as documented
- * (docs/PERFORMANCE.md, the thirtieth round); the benchmark runs rathole as shipped. */
+ * (docs/PERFORMANCE.md, the thirtieth round); the targets' ratios are to rathole as shipped. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
