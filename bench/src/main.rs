@@ -10,6 +10,7 @@ mod procfs;
 mod report;
 mod scenarios;
 mod targets;
+mod tools;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -165,17 +166,17 @@ fn main() -> anyhow::Result<()> {
         running.push(targets::cluster(&b)?);
     }
     if !cli.smoke && !cli.no_peers && (1..=8).any(|n| n != 5 && want(n)) {
-        let rathole = targets::install(
+        let rathole = tools::install(
             &cli.tools,
             "rathole",
             "rathole",
             &["--no-default-features", "--features", "server,client"],
         )?;
-        let bore = targets::install(&cli.tools, "bore-cli", "bore", &[])?;
+        let bore = tools::install(&cli.tools, "bore-cli", "bore", &[])?;
         running.push(targets::rathole(&b, &rathole, None)?);
         // rathole as its README describes it, for the rates compared in turns only: the
         // ratios to rathole as shipped are the targets' (docs/PERFORMANCE.md).
-        let shim = targets::nodelay_shim(&cli.tools)?;
+        let shim = tools::nodelay_shim(&cli.tools)?;
         running.push(targets::rathole(&b, &rathole, Some(&shim))?);
         running.push(targets::bore(&b, &bore)?);
     }

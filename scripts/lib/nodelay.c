@@ -1,5 +1,5 @@
 /* Preloaded into rathole by scripts/lib/small-requests.sh when RATHOLE_NODELAY=1, and by
- * relay-bench for its `rathole-nodelay` target (bench/src/targets.rs, `nodelay_shim`): sets
+ * relay-bench for its `rathole-nodelay` target (bench/src/tools.rs, `nodelay_shim`): sets
  * TCP_NODELAY on every TCP connection the process accepts or makes. rathole 0.5.0 sets it
  * on its control and data channels only, never on the visitor's connection nor on its
  * connection to the backend, so Nagle's algorithm holds a small write back until the
