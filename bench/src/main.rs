@@ -1,6 +1,7 @@
 //! `relay-bench`: the same load against the backend directly, this relay, rathole and bore,
 //! in one run, reported as ratios to direct (medians of several runs), as a table and as
-//! JSON. `--smoke` is the few-second version the test command runs (no rathole or bore).
+//! JSON; nginx as a reverse proxy beside them in the rates compared in turns. `--smoke` is
+//! the few-second version the test command runs (nginx, but no rathole or bore).
 
 mod backend;
 mod h2load;
@@ -24,7 +25,7 @@ use scenarios::{Plan, Table};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Sub>,
-    /// A few seconds in total: no rathole or bore, short runs, small sizes.
+    /// A few seconds in total: no rathole or bore (nginx still), short runs, small sizes.
     #[arg(long)]
     pub smoke: bool,
     /// Runs per scenario; the median is reported.
@@ -43,7 +44,7 @@ pub struct Cli {
     /// limit cannot hold three descriptors per tunnel in each process).
     #[arg(long)]
     pub idle_tunnels: Option<usize>,
-    /// Skip rathole and bore (no installation).
+    /// Skip rathole, bore (no installation) and nginx.
     #[arg(long)]
     pub no_peers: bool,
     /// Skip the three-replica cluster target (needs redis-server).
@@ -180,6 +181,10 @@ fn main() -> anyhow::Result<()> {
         running.push(targets::rathole(&b, &rathole, Some(&shim))?);
         running.push(targets::bore(&b, &bore)?);
     }
+    // A reverse proxy beside the tunnels, in smoke runs too (the test command installs it).
+    if !cli.no_peers && [1, 2, 7].into_iter().any(&want) {
+        running.push(targets::nginx(&b)?);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -192,7 +197,7 @@ fn main() -> anyhow::Result<()> {
         return Err(e);
     }
     for t in &mut running {
-        if t.name == "rathole-nodelay" {
+        if t.reference {
             continue;
         }
         eprintln!("measuring {}…", t.name);

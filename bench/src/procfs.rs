@@ -36,3 +36,23 @@ pub fn cpu_ticks(pid: u32) -> f64 {
 pub fn cpu_percent(pid: u32, ticks0: f64, dur: Duration) -> f64 {
     (cpu_ticks(pid) - ticks0) / 100.0 / dur.as_secs_f64() * 100.0
 }
+
+/// The processes whose parent is `pid` (from each process's stat in /proc).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // The parent is the second field after the command name.
+            let parent = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .nth(1);
+            parent == Some(pid.to_string().as_str())
+        })
+        .collect()
+}

@@ -1,6 +1,6 @@
-//! The benchmark suite's smoke mode (a few seconds; direct, relay and the three-replica
-//! cluster), so the suite cannot rot: every scenario runs end to end through the real
-//! binaries and reports a value for every target.
+//! The benchmark suite's smoke mode (a few seconds; direct, relay, the three-replica
+//! cluster and nginx as a reverse proxy), so the suite cannot rot: every scenario runs end
+//! to end through the real binaries and reports a value for every target.
 
 use std::process::Command;
 
@@ -30,7 +30,7 @@ fn bench_smoke_runs_every_scenario() {
     let v = bench(&[]);
     assert_eq!(
         v["targets"],
-        serde_json::json!(["direct", "relay", "cluster"])
+        serde_json::json!(["direct", "relay", "cluster", "nginx"])
     );
     let rows = v["results"].as_array().unwrap();
     for scenario in [
@@ -54,6 +54,13 @@ fn bench_smoke_runs_every_scenario() {
                 "{scenario} {t}: {row}"
             );
         }
+        // nginx is a ruler for the rates compared in turns (1, 2 and 7) only.
+        let nginx = row["nginx"]["value"].as_f64().unwrap();
+        if ["1 ", "2 ", "7 "].iter().any(|p| scenario.starts_with(p)) {
+            assert!(nginx > 0.0, "{scenario} nginx: {row}");
+        } else {
+            assert_eq!(nginx, 0.0, "{scenario} nginx: {row}");
+        }
     }
     // The relaying processes' CPU per request, for the targets that have them (the
     // backend alone relays nothing).
@@ -66,7 +73,7 @@ fn bench_smoke_runs_every_scenario() {
             .iter()
             .find(|r| r["metric"] == metric)
             .unwrap_or_else(|| panic!("no {metric} row"));
-        for t in ["relay", "cluster"] {
+        for t in ["relay", "cluster", "nginx"] {
             let v = row[t]["value"].as_f64().unwrap();
             assert!(v.is_finite() && v > 0.0, "{metric} {t}: {row}");
         }
@@ -83,7 +90,7 @@ fn bench_smoke_runs_every_scenario() {
             .iter()
             .find(|r| r["metric"] == metric.as_str())
             .unwrap_or_else(|| panic!("no {metric} row"));
-        for t in ["direct", "relay", "cluster"] {
+        for t in ["direct", "relay", "cluster", "nginx"] {
             let v = row[t]["value"].as_f64().unwrap();
             assert!(v.is_finite() && v >= 0.0, "{metric} {t}: {row}");
         }
