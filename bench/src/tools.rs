@@ -1,5 +1,6 @@
 //! The peers' tools: rathole and bore installed with cargo into the tools folder, and the
-//! `TCP_NODELAY` shim preloaded into the `rathole-nodelay` target, each made once.
+//! `TCP_NODELAY` shim preloaded into the `rathole-nodelay` target, each made once (the shim
+//! again when its source changes).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,22 +39,59 @@ pub fn install(root: &Path, krate: &str, bin: &str, extra: &[&str]) -> anyhow::R
 /// sets `TCP_NODELAY` on every connection rathole accepts or makes. rathole 0.5.0 leaves
 /// Nagle's algorithm on for the visitor's and the backend's connections, and with several
 /// HTTP/2 answers in flight it then stalls 40 ms at a time (docs/PERFORMANCE.md, the
-/// thirtieth round); its README says `TCP_NODELAY` is on by default.
+/// thirtieth round); its README says `TCP_NODELAY` is on by default. Built again when the
+/// source this binary carries differs from the copy kept beside the library.
 pub fn nodelay_shim(root: &Path) -> anyhow::Result<PathBuf> {
+    const SOURCE: &str = include_str!("../../scripts/lib/nodelay.c");
     let lib = root.join("nodelay.so");
-    if lib.exists() {
+    let src = root.join("nodelay.c");
+    if lib.exists() && std::fs::read_to_string(&src).is_ok_and(|kept| kept == SOURCE) {
         return Ok(lib);
     }
     std::fs::create_dir_all(root)?;
-    let src = root.join("nodelay.c");
-    std::fs::write(&src, include_str!("../../scripts/lib/nodelay.c"))?;
+    // The library first, the source after a successful build: a failed build is tried again.
+    let _ = std::fs::remove_file(&src);
+    let building = root.join("nodelay.build.c");
+    std::fs::write(&building, SOURCE)?;
     let status = Command::new("cc")
         .args(["-O2", "-shared", "-fPIC", "-o"])
         .arg(&lib)
-        .arg(&src)
+        .arg(&building)
         .arg("-ldl")
         .status()
         .context("running cc to build the TCP_NODELAY shim for rathole")?;
     anyhow::ensure!(status.success(), "cc failed to build {}", lib.display());
+    std::fs::rename(&building, &src)?;
     Ok(lib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shim is built once, used as it is while its source is the same, and built again
+    /// when the kept source differs (a changed `scripts/lib/nodelay.c`).
+    #[test]
+    fn the_shim_is_built_again_when_its_source_changes() {
+        let dir = relay_tests::procs::TempDir::new("bench-tools");
+        let lib = nodelay_shim(&dir.0).unwrap();
+        let built = std::fs::metadata(&lib).unwrap().modified().unwrap();
+        // The same source: the library is reused, not built again.
+        assert_eq!(nodelay_shim(&dir.0).unwrap(), lib);
+        assert_eq!(std::fs::metadata(&lib).unwrap().modified().unwrap(), built);
+        // Another source kept beside it (as after an edit of nodelay.c): built again, and the
+        // kept source is this binary's once more.
+        std::fs::write(dir.0.join("nodelay.c"), "/* an older shim */\n").unwrap();
+        std::fs::write(&lib, b"not a library").unwrap();
+        nodelay_shim(&dir.0).unwrap();
+        let rebuilt = std::fs::read(&lib).unwrap();
+        assert!(
+            rebuilt.starts_with(b"\x7fELF"),
+            "the library was built again"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.0.join("nodelay.c")).unwrap(),
+            include_str!("../../scripts/lib/nodelay.c")
+        );
+    }
 }
