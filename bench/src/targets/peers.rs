@@ -195,6 +195,7 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
     Ok(Running {
         name: "nginx",
         http,
+        // Never measured: nginx is a ruler for the HTTP rates only (scenarios 1, 2 and 7).
         tcp: b.tcp,
         h2: Some((SocketAddr::from(([127, 0, 0, 1], h2)), None)),
         server_pid: None,
