@@ -2,6 +2,8 @@
 //! [`crate::tools`], and nginx as an HTTP reverse proxy: the rulers of the benchmark.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -141,7 +143,14 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
             "nginx is not installed (Debian's package `nginx`; --no-peers leaves the peers out)",
         )?;
     let dir = TempDir::new("bench-nginx");
-    let (h1, h2) = (free_port()?, free_port()?);
+    // Sockets bound here and handed over (nginx's `NGINX` inherited sockets, as the tests'
+    // nginx gets its one), not ports guessed free: the smoke run shares the machine with
+    // the other tests, and a port released for nginx to bind could be taken in between.
+    let listeners = [
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+    ];
+    let (h1, h2) = (listeners[0].local_addr()?, listeners[1].local_addr()?);
     let d = dir.0.display();
     // `auto` spelled out: the workers are counted below.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -154,7 +163,7 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
            client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
            upstream backend {{ server {}; keepalive 256; keepalive_requests 1000000000; }}\n\
-           server {{\n    listen 127.0.0.1:{h1};\n    listen 127.0.0.1:{h2} http2;\n\
+           server {{\n    listen {h1};\n    listen {h2} http2;\n\
              location / {{ proxy_pass http://backend; proxy_http_version 1.1; \
              proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
         b.http
@@ -166,13 +175,30 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
         .arg(&conf_path)
         .arg("-e")
         .arg(dir.0.join("error.log"));
+    let fds = listeners.each_ref().map(|l| l.as_raw_fd());
+    c.env("NGINX", format!("{};{};", fds[0], fds[1]));
+    // SAFETY: between fork and exec the child only calls fcntl (async-signal-safe) on two
+    // descriptors it inherited, so that they survive the exec (std opens them close-on-exec).
+    unsafe {
+        c.pre_exec(move || {
+            for fd in fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
     let master = NginxMaster {
         proc: Proc::spawn(c),
         exe,
         conf: conf_path,
     };
+    // nginx holds the sockets now; connections wait in their backlog until it serves.
+    drop(listeners);
     let http = Target {
-        addr: SocketAddr::from(([127, 0, 0, 1], h1)),
+        addr: h1,
         prefix: String::new(),
         tls: None,
     };
@@ -197,7 +223,7 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
         http,
         // Never measured: nginx is a ruler for the HTTP rates only (scenarios 1, 2 and 7).
         tcp: b.tcp,
-        h2: Some((SocketAddr::from(([127, 0, 0, 1], h2)), None)),
+        h2: Some((h2, None)),
         server_pid: None,
         relaying,
         reference: true,
