@@ -15,8 +15,7 @@ cd "$(dirname "$0")/.."
 window=${WINDOW:-0.5}
 . scripts/lib/small-requests.sh
 start_target
-load=(${LOAD:---conns 16})
-target/release/relay-bench load "$url" "${load[@]}" --secs 1 >/dev/null # warm-up
+warm_up
 (
   sleep 1
   perf sched record -a -o "$out/sched.data" -- sleep "$window" >/dev/null 2>&1

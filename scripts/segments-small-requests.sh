@@ -16,8 +16,7 @@ cd "$(dirname "$0")/.."
 secs=${SECS:-3}
 . scripts/lib/small-requests.sh
 start_target
-load=(${LOAD:---conns 16})
-"${BIN:-target/release}"/relay-bench load "$url" "${load[@]}" --secs 1 >/dev/null # warm-up
+warm_up
 nstat -n >/dev/null # resets nstat's history: the next call counts from here
 result=$("${BIN:-target/release}"/relay-bench load "$url" "${load[@]}" --secs "$secs")
 counters=$(nstat 2>/dev/null)

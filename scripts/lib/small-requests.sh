@@ -81,3 +81,10 @@ start_target() {
     names=(relay-server relay-agent)
   fi
 }
+
+# The load's arguments for `relay-bench load` in the array `load` (LOAD, default 16
+# keep-alive connections), and one second of that load to warm the target up.
+warm_up() {
+  load=(${LOAD:---conns 16})
+  "${BIN:-target/release}"/relay-bench load "$url" "${load[@]}" --secs 1 >/dev/null
+}
