@@ -57,7 +57,7 @@ pub struct Running {
     /// of its own: rathole without its Nagle stalls, nginx as a reverse proxy.
     pub reference: bool,
     procs: Vec<Proc>,
-    _nginx: Option<peers::NginxMaster>,
+    nginx: Option<peers::NginxMaster>,
     _dir: Option<TempDir>,
     _secret: Option<relay_tests::cluster::Secret>,
 }
@@ -77,6 +77,16 @@ impl Running {
                 p.child.id(),
                 lines.len()
             );
+            for l in &lines[lines.len().saturating_sub(keep)..] {
+                eprintln!("| {l}");
+            }
+        }
+        // nginx writes its log to a file, not to its output.
+        if let Some(n) = &self.nginx {
+            let log = n.error_log();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} ({} lines)", log.display(), lines.len());
             for l in &lines[lines.len().saturating_sub(keep)..] {
                 eprintln!("| {l}");
             }
@@ -151,7 +161,7 @@ pub fn direct(b: &Backend) -> Running {
         relaying: Vec::new(),
         reference: false,
         procs: Vec::new(),
-        _nginx: None,
+        nginx: None,
         _dir: None,
         _secret: None,
     }

@@ -67,7 +67,7 @@ pub fn rathole(b: &Backend, exe: &Path, nodelay: Option<&Path>) -> anyhow::Resul
         server_pid: None,
         relaying: vec![s.child.id(), c.child.id()],
         reference: nodelay.is_some(),
-        _nginx: None,
+        nginx: None,
         procs: vec![s, c],
         _dir: Some(dir),
         _secret: None,
@@ -120,7 +120,7 @@ pub fn bore(b: &Backend, exe: &Path) -> anyhow::Result<Running> {
         // The server and the `bore local` of the HTTP service.
         relaying: vec![server.child.id(), h.child.id()],
         reference: false,
-        _nginx: None,
+        nginx: None,
         procs: vec![server, h, t],
         _dir: None,
         _secret: None,
@@ -150,6 +150,13 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
         std::net::TcpListener::bind("127.0.0.1:0")?,
         std::net::TcpListener::bind("127.0.0.1:0")?,
     ];
+    // Non-blocking, as nginx's own listening sockets are (the flag belongs to the socket and
+    // passes to nginx): every worker waits on both sockets, all of them wake for a new
+    // connection, and a worker that lost the race to a blocking `accept` would wait there
+    // for the next connection, with the requests of the connections it holds unanswered.
+    for l in &listeners {
+        l.set_nonblocking(true)?;
+    }
     let (h1, h2) = (listeners[0].local_addr()?, listeners[1].local_addr()?);
     let d = dir.0.display();
     // `auto` spelled out: the workers are counted below.
@@ -174,7 +181,7 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
     c.arg("-c")
         .arg(&conf_path)
         .arg("-e")
-        .arg(dir.0.join("error.log"));
+        .arg(dir.0.join("error.log")); // NginxMaster::error_log
     let fds = listeners.each_ref().map(|l| l.as_raw_fd());
     c.env("NGINX", format!("{};{};", fds[0], fds[1]));
     // SAFETY: between fork and exec the child only calls fcntl (async-signal-safe) on two
@@ -227,7 +234,7 @@ pub fn nginx(b: &Backend) -> anyhow::Result<Running> {
         server_pid: None,
         relaying,
         reference: true,
-        _nginx: Some(master),
+        nginx: Some(master),
         procs: Vec::new(),
         _dir: Some(dir),
         _secret: None,
@@ -240,6 +247,13 @@ pub struct NginxMaster {
     proc: Proc,
     exe: &'static str,
     conf: std::path::PathBuf,
+}
+
+impl NginxMaster {
+    /// Where nginx writes its log (`-e`, beside its configuration).
+    pub fn error_log(&self) -> std::path::PathBuf {
+        self.conf.with_file_name("error.log")
+    }
 }
 
 impl Drop for NginxMaster {
