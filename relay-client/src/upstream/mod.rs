@@ -20,12 +20,14 @@ use crate::tls;
 
 mod conn;
 mod h1;
+mod h2c;
 mod pool;
 mod response;
 
 pub use conn::PooledBody;
 use h1::Framing;
 pub use h1::H1Error;
+use h2c::{H2Body, H2c, H2cError};
 use pool::{Pool, PoolError, Written};
 
 /// Body type of backend requests.
@@ -37,6 +39,9 @@ pub struct Backend {
     client: Client<tls::Connector, BackendBody>,
     /// Plain HTTP/1.1 backends: connections driven by the requests themselves (`pool`).
     pool: Option<Arc<Pool>>,
+    /// Plain backends that speak HTTP/2 (`--backend-http2`): one connection of the `h2`
+    /// crate's (`h2c`).
+    h2c: Option<Arc<H2c>>,
     /// `scheme://authority` of the backend.
     origin: String,
     /// Path prefix from `--backend-url`, without a trailing slash.
@@ -85,9 +90,17 @@ impl Backend {
                 cfg.backend_idle_timeout,
             )
         });
+        let h2c = (scheme == "http" && cfg.backend_http2).then(|| {
+            let port = authority.port_u16().unwrap_or(80);
+            Arc::new(H2c::new(format!(
+                "{}:{port}",
+                authority.host().trim_matches(['[', ']'])
+            )))
+        });
         Ok(Backend {
             client: b.build(connector),
             pool,
+            h2c,
             origin: format!("{scheme}://{authority}"),
             base_path,
             authority: HeaderValue::from_str(authority.as_str())
@@ -198,6 +211,10 @@ impl Backend {
             (Outgoing::Written(w), Some(pool)) => return Ok(pool.send_written(w).await?.into()),
             (Outgoing::Written(_), None) => unreachable!("bug: a written head without a pool"),
         };
+        if let Some(h2c) = self.h2c.as_ref().filter(|_| head_is_plain(&req)) {
+            let resp = h2c.send(req).await?;
+            return Ok(Answer::Response(resp.map(BackendResponse::H2)));
+        }
         match &self.pool {
             Some(pool) if !req.headers().contains_key(header::UPGRADE) => {
                 // RFC 9112 §3.2: a request to an origin carries the origin-form target and
@@ -282,6 +299,9 @@ pub enum BackendError {
     /// Through hyper-util's client.
     #[error(transparent)]
     Shared(#[from] hyper_util::client::legacy::Error),
+    /// On the HTTP/2 connection.
+    #[error(transparent)]
+    H2c(#[from] H2cError),
     /// The target is not a valid origin-form target.
     #[error("invalid target: {0}")]
     Target(String),
@@ -293,6 +313,8 @@ pub enum BackendResponse {
     Pooled(PooledBody),
     /// From hyper-util's client.
     Shared(Incoming),
+    /// From the HTTP/2 connection.
+    H2(H2Body),
 }
 
 impl BackendResponse {
@@ -315,6 +337,9 @@ pub enum BodyError {
     /// Through hyper-util's client.
     #[error(transparent)]
     Shared(#[from] hyper::Error),
+    /// On the HTTP/2 connection.
+    #[error(transparent)]
+    H2(#[from] h2::Error),
 }
 
 impl Body for BackendResponse {
@@ -328,6 +353,7 @@ impl Body for BackendResponse {
         match self.get_mut() {
             BackendResponse::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             BackendResponse::Shared(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            BackendResponse::H2(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
         }
     }
 
@@ -335,6 +361,7 @@ impl Body for BackendResponse {
         match self {
             BackendResponse::Pooled(b) => b.is_end_stream(),
             BackendResponse::Shared(b) => b.is_end_stream(),
+            BackendResponse::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -342,6 +369,7 @@ impl Body for BackendResponse {
         match self {
             BackendResponse::Pooled(b) => b.size_hint(),
             BackendResponse::Shared(b) => b.size_hint(),
+            BackendResponse::H2(b) => b.size_hint(),
         }
     }
 }
@@ -352,4 +380,9 @@ where
     B: hyper::body::Body<Data = bytes::Bytes, Error = std::io::Error> + Send + 'static,
 {
     b.boxed_unsync()
+}
+
+/// Whether `req` is no upgrade (those need hyper's upgradeable connections).
+fn head_is_plain<B>(req: &Request<B>) -> bool {
+    !req.headers().contains_key(header::UPGRADE)
 }
