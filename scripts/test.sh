@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's whole test command: installs what the tests need (Debian, as root; only
 # what is missing: nginx, openssh, slowhttptest, chromium, systemd-analyze, python3-yaml,
-# redis-server, h2load for the benchmark's HTTP/2 scenario, Backend.AI's CLI), then runs
+# redis-server, h2load for the benchmark's HTTP/2 scenario, HAProxy as its second reverse
+# proxy, Backend.AI's CLI), then runs
 # formatting, lints, the release build and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+[ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: missing ${missing[*]}; run as root or install them" >&2
@@ -28,7 +30,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     || { [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/sshd ] && [ -x /usr/bin/slowhttptest ] \
          && [ -x /usr/bin/chromium ] && command -v systemd-analyze >/dev/null \
-         && command -v redis-server >/dev/null && command -v h2load >/dev/null; }
+         && command -v redis-server >/dev/null && command -v h2load >/dev/null \
+         && [ -x /usr/sbin/haproxy ]; }
 fi
 
 # Backend.AI's CLI for the service-port compatibility test (PyPI; yarl<1.10 is what the

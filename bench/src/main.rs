@@ -1,7 +1,8 @@
 //! `relay-bench`: the same load against the backend directly, this relay, rathole and bore,
 //! in one run, reported as ratios to direct (medians of several runs), as a table and as
-//! JSON; nginx as a reverse proxy beside them in the rates compared in turns. `--smoke` is
-//! the few-second version the test command runs (nginx, but no rathole or bore).
+//! JSON; nginx and HAProxy as reverse proxies beside them in the rates compared in turns.
+//! `--smoke` is the few-second version the test command runs (the proxies, but no rathole
+//! or bore).
 
 mod backend;
 mod h2load;
@@ -25,7 +26,7 @@ use scenarios::{Plan, Table};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Sub>,
-    /// A few seconds in total: no rathole or bore (nginx still), short runs, small sizes.
+    /// A few seconds in total: no rathole or bore (the proxies still), short runs, small sizes.
     #[arg(long)]
     pub smoke: bool,
     /// Runs per scenario; the median is reported.
@@ -44,7 +45,7 @@ pub struct Cli {
     /// limit cannot hold three descriptors per tunnel in each process).
     #[arg(long)]
     pub idle_tunnels: Option<usize>,
-    /// Skip rathole, bore (no installation) and nginx.
+    /// Skip rathole, bore (no installation), nginx and HAProxy.
     #[arg(long)]
     pub no_peers: bool,
     /// Skip the three-replica cluster target (needs redis-server).
@@ -181,9 +182,10 @@ fn main() -> anyhow::Result<()> {
         running.push(targets::rathole(&b, &rathole, Some(&shim))?);
         running.push(targets::bore(&b, &bore)?);
     }
-    // A reverse proxy beside the tunnels, in smoke runs too (the test command installs it).
+    // Reverse proxies beside the tunnels, in smoke runs too (the test command installs them).
     if !cli.no_peers && [1, 2, 7].into_iter().any(&want) {
         running.push(targets::nginx(&b)?);
+        running.push(targets::haproxy(&b)?);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,6 +1,6 @@
 //! The benchmark suite's smoke mode (a few seconds; direct, relay, the three-replica
-//! cluster and nginx as a reverse proxy), so the suite cannot rot: every scenario runs end
-//! to end through the real binaries and reports a value for every target.
+//! cluster, and nginx and HAProxy as reverse proxies), so the suite cannot rot: every
+//! scenario runs end to end through the real binaries and reports a value for every target.
 
 use std::process::Command;
 
@@ -30,7 +30,7 @@ fn bench_smoke_runs_every_scenario() {
     let v = bench(&[]);
     assert_eq!(
         v["targets"],
-        serde_json::json!(["direct", "relay", "cluster", "nginx"])
+        serde_json::json!(["direct", "relay", "cluster", "nginx", "haproxy"])
     );
     let rows = v["results"].as_array().unwrap();
     for scenario in [
@@ -54,12 +54,14 @@ fn bench_smoke_runs_every_scenario() {
                 "{scenario} {t}: {row}"
             );
         }
-        // nginx is a ruler for the rates compared in turns (1, 2 and 7) only.
-        let nginx = row["nginx"]["value"].as_f64().unwrap();
-        if ["1 ", "2 ", "7 "].iter().any(|p| scenario.starts_with(p)) {
-            assert!(nginx > 0.0, "{scenario} nginx: {row}");
-        } else {
-            assert_eq!(nginx, 0.0, "{scenario} nginx: {row}");
+        // The proxies are rulers for the rates compared in turns (1, 2 and 7) only.
+        for proxy in ["nginx", "haproxy"] {
+            let v = row[proxy]["value"].as_f64().unwrap();
+            if ["1 ", "2 ", "7 "].iter().any(|p| scenario.starts_with(p)) {
+                assert!(v > 0.0, "{scenario} {proxy}: {row}");
+            } else {
+                assert_eq!(v, 0.0, "{scenario} {proxy}: {row}");
+            }
         }
     }
     // The relaying processes' CPU per request, for the targets that have them (the
@@ -73,7 +75,7 @@ fn bench_smoke_runs_every_scenario() {
             .iter()
             .find(|r| r["metric"] == metric)
             .unwrap_or_else(|| panic!("no {metric} row"));
-        for t in ["relay", "cluster", "nginx"] {
+        for t in ["relay", "cluster", "nginx", "haproxy"] {
             let v = row[t]["value"].as_f64().unwrap();
             assert!(v.is_finite() && v > 0.0, "{metric} {t}: {row}");
         }
@@ -90,7 +92,7 @@ fn bench_smoke_runs_every_scenario() {
             .iter()
             .find(|r| r["metric"] == metric.as_str())
             .unwrap_or_else(|| panic!("no {metric} row"));
-        for t in ["direct", "relay", "cluster", "nginx"] {
+        for t in ["direct", "relay", "cluster", "nginx", "haproxy"] {
             let v = row[t]["value"].as_f64().unwrap();
             assert!(v.is_finite() && v >= 0.0, "{metric} {t}: {row}");
         }

@@ -1,6 +1,6 @@
 //! What the load is sent through: the backend directly, this relay (the real binaries), and
-//! the established tunnels rathole and bore, installed into a local folder when missing, and
-//! nginx as a reverse proxy (`peers`).
+//! the established tunnels rathole and bore, installed into a local folder when missing
+//! (`peers`), and nginx and HAProxy as reverse proxies (`proxies`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,9 +13,11 @@ use relay_tests::procs::{Proc, TempDir};
 use crate::load::Target;
 
 mod peers;
+mod proxies;
 mod relay;
 
-pub use peers::{bore, nginx, rathole};
+pub use peers::{bore, rathole};
+pub use proxies::{haproxy, nginx};
 pub use relay::{cluster, relay, TOKEN};
 
 /// A release binary of the workspace, next to this one (the bench builds them first).
@@ -54,10 +56,10 @@ pub struct Running {
     /// move by tens of percent from day to day.
     pub relaying: Vec<u32>,
     /// A ruler measured only in the scenarios compared in turns (1, 2 and 7), not a target
-    /// of its own: rathole without its Nagle stalls, nginx as a reverse proxy.
+    /// of its own: rathole without its Nagle stalls, nginx and HAProxy as reverse proxies.
     pub reference: bool,
     procs: Vec<Proc>,
-    nginx: Option<peers::NginxMaster>,
+    nginx: Option<proxies::NginxMaster>,
     _dir: Option<TempDir>,
     _secret: Option<relay_tests::cluster::Secret>,
 }
