@@ -7,8 +7,8 @@
 //! come back through others. On small requests those hand-offs cost more than the work
 //! (`docs/PERFORMANCE.md`). Here the request's own task polls the connection while it
 //! waits for the response head and while whoever reads the body reads it; a connection
-//! whose exchange is complete waits in the pool, unpolled, for the next request. HTTPS,
-//! HTTP/2 and upgrades keep the pooled client (`upstream`).
+//! whose exchange is complete waits in the pool, unpolled, for the next request. HTTPS
+//! and upgrades keep the pooled client, h2c backends have `h2c` (`upstream`).
 
 use std::future::poll_fn;
 use std::pin::pin;
