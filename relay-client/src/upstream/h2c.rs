@@ -40,8 +40,13 @@ pub struct H2c {
 #[derive(Debug, thiserror::Error)]
 pub enum H2cError {
     /// Connecting to the backend failed.
-    #[error("connecting to the backend: {0}")]
-    Connect(#[from] std::io::Error),
+    #[error("connecting to {addr} failed: {source}")]
+    Connect {
+        /// The backend's `host:port`.
+        addr: String,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// The HTTP/2 connection or stream failed.
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
@@ -76,12 +81,15 @@ impl H2c {
                 return Ok(s);
             }
         }
+        let failed = |source| H2cError::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
             .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-        tcp.set_nodelay(true)?;
+            .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(failed)?;
+        tcp.set_nodelay(true).map_err(failed)?;
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
@@ -138,7 +146,11 @@ impl H2c {
             tokio::spawn(pump(body, stream));
         }
         let resp = resp.await?;
-        Ok(resp.map(|recv| H2Body { recv, done: false }))
+        Ok(resp.map(|recv| H2Body {
+            recv,
+            data_done: false,
+            done: false,
+        }))
     }
 }
 
@@ -191,6 +203,9 @@ async fn pump(mut body: BackendBody, mut stream: h2::SendStream<Bytes>) {
 /// then trailers.
 pub struct H2Body {
     recv: h2::RecvStream,
+    /// The stream's data ended (END_STREAM, on a DATA frame or on the trailers).
+    data_done: bool,
+    /// The trailers, or their absence, were taken too.
     done: bool,
 }
 
@@ -203,16 +218,20 @@ impl Body for H2Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
+        if !this.data_done {
+            if let Some(data) = ready!(this.recv.poll_data(cx)) {
+                let data = data?;
+                let _ = this.recv.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            this.data_done = true;
+        }
         if this.done {
             return Poll::Ready(None);
         }
-        if let Some(data) = ready!(this.recv.poll_data(cx)) {
-            let data = data?;
-            let _ = this.recv.flow_control().release_capacity(data.len());
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
+        let trailers = ready!(this.recv.poll_trailers(cx));
         this.done = true;
-        match ready!(this.recv.poll_trailers(cx)) {
+        match trailers {
             Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
             Ok(None) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e))),
@@ -327,5 +346,21 @@ mod tests {
             panic!("a refused request with a body was answered")
         };
         assert!(unprocessed(&e), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_backend_is_named_in_the_error() {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        // The listener is gone: connecting is refused.
+        let c = H2c::new(addr.to_string());
+        let Err(e) = c.send(get(addr)).await else {
+            panic!("answered without a backend")
+        };
+        assert!(matches!(e, H2cError::Connect { .. }), "{e}");
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
     }
 }
