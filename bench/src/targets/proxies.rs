@@ -197,10 +197,14 @@ pub fn haproxy(b: &Backend) -> anyhow::Result<Running> {
     let mut c = Command::new(exe);
     let fds = inherit(&mut c, &listeners);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // `maxconn` within the descriptors a test machine allows (HAProxy asks for about twice
-    // as many); the rates compared in turns use at most 64 connections.
+    // HAProxy wants about two descriptors per connection it may hold and does not start
+    // when that is past the open-file limit, so `maxconn` follows this process's limit (its
+    // children's); the rates compared in turns use at most 64 connections.
+    let maxconn = (crate::procfs::open_file_limit() / 2)
+        .saturating_sub(64)
+        .clamp(256, 4096);
     let conf = format!(
-        "global\n  nbthread {threads}\n  maxconn 4096\n\
+        "global\n  nbthread {threads}\n  maxconn {maxconn}\n\
          defaults\n  mode http\n  timeout connect 10s\n  timeout client 60s\n  timeout server 60s\n\
          frontend h1\n  bind fd@{}\n  default_backend b\n\
          frontend h2\n  bind fd@{} proto h2\n  default_backend b\n\
@@ -211,17 +215,15 @@ pub fn haproxy(b: &Backend) -> anyhow::Result<Running> {
     std::fs::write(&conf_path, conf)?;
     // `-db`: in the foreground, one process, its messages on its output.
     c.arg("-db").arg("-f").arg(&conf_path);
-    let proc = Proc::spawn(c);
+    let mut proc = Proc::spawn(c);
     drop(listeners);
     let http = Target {
         addr: h1,
         prefix: String::new(),
         tls: None,
     };
-    let mut procs = vec![proc];
     if let Err(e) = wait_http(&http) {
-        let lines = procs[0].drain_output();
-        return Err(e.context(lines.join("\n")));
+        return Err(e.context(proc.drain_output().join("\n")));
     }
     Ok(Running {
         name: "haproxy",
@@ -230,10 +232,10 @@ pub fn haproxy(b: &Backend) -> anyhow::Result<Running> {
         tcp: b.tcp,
         h2: Some((h2, None)),
         server_pid: None,
-        relaying: vec![procs[0].child.id()],
+        relaying: vec![proc.child.id()],
         reference: true,
         nginx: None,
-        procs: std::mem::take(&mut procs),
+        procs: vec![proc],
         _dir: Some(dir),
         _secret: None,
     })
