@@ -211,12 +211,14 @@ impl Backend {
             (Outgoing::Written(w), Some(pool)) => return Ok(pool.send_written(w).await?.into()),
             (Outgoing::Written(_), None) => unreachable!("bug: a written head without a pool"),
         };
-        if let Some(h2c) = self.h2c.as_ref().filter(|_| head_is_plain(&req)) {
+        // Upgrades need hyper's upgradeable connections.
+        let plain = !req.headers().contains_key(header::UPGRADE);
+        if let Some(h2c) = self.h2c.as_ref().filter(|_| plain) {
             let resp = h2c.send(req).await?;
             return Ok(Answer::Response(resp.map(BackendResponse::H2)));
         }
         match &self.pool {
-            Some(pool) if !req.headers().contains_key(header::UPGRADE) => {
+            Some(pool) if plain => {
                 // RFC 9112 §3.2: a request to an origin carries the origin-form target and
                 // Host (hyper-util's client does the same for HTTP/1.1; the user's Host is
                 // kept unless --rewrite-host replaced it).
@@ -380,9 +382,4 @@ where
     B: hyper::body::Body<Data = bytes::Bytes, Error = std::io::Error> + Send + 'static,
 {
     b.boxed_unsync()
-}
-
-/// Whether `req` is no upgrade (those need hyper's upgradeable connections).
-fn head_is_plain<B>(req: &Request<B>) -> bool {
-    !req.headers().contains_key(header::UPGRADE)
 }
