@@ -68,6 +68,8 @@ pub struct Config {
     pub backend_idle_connections: usize,
     /// How long an idle backend connection is kept for reuse.
     pub backend_idle_timeout: Duration,
+    /// TCP keep-alive interval on every connection the agent opens (zero: none).
+    pub tcp_keepalive: Duration,
     /// Extra CA for an https backend.
     pub backend_ca_file: Option<PathBuf>,
     /// Extra CA for an https relay-server.
@@ -107,6 +109,7 @@ impl Config {
             backend_http2: false,
             backend_idle_connections: 128,
             backend_idle_timeout: Duration::from_secs(30),
+            tcp_keepalive: Duration::from_secs(30),
             backend_ca_file: None,
             relay_ca_file: None,
             rewrite_host: false,

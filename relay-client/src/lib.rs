@@ -36,6 +36,7 @@ pub mod config;
 pub mod connect;
 pub mod error;
 pub mod exchange;
+mod keepalive;
 pub mod relay;
 pub mod service;
 pub mod session;

@@ -105,11 +105,11 @@ impl RelayClient {
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
         let tls_cfg = tls::client_config(cfg.relay_ca_file.as_deref(), identity)?;
-        let connector = tls::connector_with(tls_cfg.clone(), true)?;
+        let connector = tls::connector_with(tls_cfg.clone(), true, cfg.tcp_keepalive)?;
         let client = Arc::new(RwLock::new(pooled(&connector)));
         let upgrader = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build(tls::connector_with(tls_cfg, false)?);
+            .build(tls::connector_with(tls_cfg, false, cfg.tcp_keepalive)?);
         let mut base = cfg.relay_url.to_string();
         while base.ends_with('/') {
             base.pop();

@@ -2,28 +2,44 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::error::AgentError;
+use crate::keepalive;
 
 /// The connector both clients use: plain HTTP or rustls-backed HTTPS.
 pub type Connector = HttpsConnector<HttpConnector>;
 
 /// A connector that trusts the system roots, plus `extra_ca` when given. `alpn_h2` offers
-/// HTTP/2 over TLS as well as HTTP/1.1.
-pub fn connector(extra_ca: Option<&Path>, alpn_h2: bool) -> Result<Connector, AgentError> {
-    connector_with(client_config(extra_ca, None)?, alpn_h2)
+/// HTTP/2 over TLS as well as HTTP/1.1. Its connections have TCP keep-alive with interval
+/// `keepalive` (`crate::keepalive`; zero: none).
+pub fn connector(
+    extra_ca: Option<&Path>,
+    alpn_h2: bool,
+    keepalive: Duration,
+) -> Result<Connector, AgentError> {
+    connector_with(client_config(extra_ca, None)?, alpn_h2, keepalive)
 }
 
 /// [`connector`] over a ready rustls configuration (e.g. one with a client certificate).
-pub fn connector_with(tls: ClientConfig, alpn_h2: bool) -> Result<Connector, AgentError> {
+pub fn connector_with(
+    tls: ClientConfig,
+    alpn_h2: bool,
+    keepalive: Duration,
+) -> Result<Connector, AgentError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    if !keepalive.is_zero() {
+        http.set_keepalive(Some(keepalive));
+        http.set_keepalive_interval(Some(keepalive::probe_every(keepalive)));
+        http.set_keepalive_retries(Some(keepalive::probes()));
+    }
     let b = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -47,8 +47,9 @@ async fn agents_authenticate_by_client_certificate() {
     server.wait_agent("robot").await;
     server.wait_agent("anything-else").await;
     // Users present no certificate and still get through.
-    let users: Client<_, TestBody> = Client::builder(TokioExecutor::new())
-        .build(relay_client::tls::connector(Some(&server_ca), true).unwrap());
+    let users: Client<_, TestBody> = Client::builder(TokioExecutor::new()).build(
+        relay_client::tls::connector(Some(&server_ca), true, std::time::Duration::ZERO).unwrap(),
+    );
     for name in ["robot", "anything-else"] {
         let resp = users
             .request(
@@ -70,8 +71,9 @@ async fn agents_authenticate_by_client_certificate() {
     // A certificate from another CA fails the handshake.
     let rogue_tls =
         relay_client::tls::client_config(Some(&server_ca), Some((&rogue.0, &rogue.1))).unwrap();
-    let rogue_client: Client<_, TestBody> = Client::builder(TokioExecutor::new())
-        .build(relay_client::tls::connector_with(rogue_tls, false).unwrap());
+    let rogue_client: Client<_, TestBody> = Client::builder(TokioExecutor::new()).build(
+        relay_client::tls::connector_with(rogue_tls, false, std::time::Duration::ZERO).unwrap(),
+    );
     let r = rogue_client
         .request(
             Request::get(format!("{base}/healthz"))

@@ -240,7 +240,10 @@ async fn tls_connections_are_placed_after_their_handshake_with_their_certificate
     for alpn_h2 in [false, true] {
         let users: hyper_util::client::legacy::Client<_, TestBody> =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(relay_client::tls::connector(Some(&server_ca), alpn_h2).unwrap());
+                .build(
+                    relay_client::tls::connector(Some(&server_ca), alpn_h2, Duration::ZERO)
+                        .unwrap(),
+                );
         for i in 0..2 {
             let resp = users
                 .request(

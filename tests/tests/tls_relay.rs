@@ -9,7 +9,7 @@ use relay_tests::procs::TempDir;
 use relay_tests::*;
 
 fn https_client(ca: &std::path::Path, h2: bool) -> Client<relay_client::tls::Connector, TestBody> {
-    let connector = relay_client::tls::connector(Some(ca), h2).unwrap();
+    let connector = relay_client::tls::connector(Some(ca), h2, std::time::Duration::ZERO).unwrap();
     Client::builder(TokioExecutor::new()).build(connector)
 }
 

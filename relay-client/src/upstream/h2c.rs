@@ -18,6 +18,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use super::BackendBody;
+use crate::keepalive;
 
 /// Stream-level receive window for response bodies (the connection's is the sum of what
 /// its streams may hold): 1 MiB, so a download is not held to RFC 9113's 64 KiB default.
@@ -30,6 +31,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct H2c {
     /// `host:port`.
     addr: String,
+    /// TCP keep-alive interval of its connections (`--tcp-keepalive`).
+    keepalive: Duration,
     /// The open connection's handle, if any.
     open: Mutex<Option<h2::client::SendRequest<Bytes>>>,
     /// Held while a connection is being opened, so a burst opens one.
@@ -53,10 +56,12 @@ pub enum H2cError {
 }
 
 impl H2c {
-    /// A client for the backend at `addr` (`host:port`).
-    pub fn new(addr: String) -> Self {
+    /// A client for the backend at `addr` (`host:port`), its connection probed by TCP
+    /// keep-alive after `keepalive` of silence (`crate::keepalive`).
+    pub fn new(addr: String, keepalive: Duration) -> Self {
         H2c {
             addr,
+            keepalive,
             open: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
         }
@@ -90,6 +95,9 @@ impl H2c {
             .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
             .map_err(failed)?;
         tcp.set_nodelay(true).map_err(failed)?;
+        // Every request to the backend waits on this one connection: a backend gone without
+        // a FIN must fail it (and a new one be opened), keep-alive and user timeout both.
+        keepalive::apply(&tcp, self.keepalive, true).map_err(failed)?;
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
@@ -292,7 +300,7 @@ mod tests {
     #[tokio::test]
     async fn the_host_goes_in_the_authority_and_a_closed_connection_is_replaced() {
         let addr = backend(2).await;
-        let c = H2c::new(addr.to_string());
+        let c = H2c::new(addr.to_string(), Duration::ZERO);
         for round in 0..2 {
             let resp = c.send(get(addr)).await.expect("answered");
             assert_eq!(
@@ -331,12 +339,12 @@ mod tests {
     #[tokio::test]
     async fn a_refused_request_without_a_body_goes_again_and_one_with_a_body_fails() {
         let addr = refusing_backend().await;
-        let c = H2c::new(addr.to_string());
+        let c = H2c::new(addr.to_string(), Duration::ZERO);
         let resp = c.send(get(addr)).await.expect("sent again and answered");
         assert_eq!(resp.headers()["x-seen"], "2");
 
         let addr = refusing_backend().await;
-        let c = H2c::new(addr.to_string());
+        let c = H2c::new(addr.to_string(), Duration::ZERO);
         let mut post = get(addr);
         *post.method_mut() = http::Method::POST;
         *post.body_mut() = http_body_util::Full::new(Bytes::from_static(b"body"))
@@ -356,7 +364,7 @@ mod tests {
             .local_addr()
             .unwrap();
         // The listener is gone: connecting is refused.
-        let c = H2c::new(addr.to_string());
+        let c = H2c::new(addr.to_string(), Duration::ZERO);
         let Err(e) = c.send(get(addr)).await else {
             panic!("answered without a backend")
         };

@@ -68,7 +68,11 @@ impl Backend {
         let authority = url
             .authority()
             .ok_or_else(|| AgentError::Config(format!("--backend-url {url} has no host")))?;
-        let connector = tls::connector(cfg.backend_ca_file.as_deref(), cfg.backend_http2)?;
+        let connector = tls::connector(
+            cfg.backend_ca_file.as_deref(),
+            cfg.backend_http2,
+            cfg.tcp_keepalive,
+        )?;
         let mut b = Client::builder(TokioExecutor::new());
         // A burst opens as many backend connections as requests in flight (up to
         // --max-in-flight); keeping them all idle for 30 s afterwards held thousands of
@@ -88,14 +92,15 @@ impl Backend {
                 format!("{}:{port}", authority.host().trim_matches(['[', ']'])),
                 cfg.backend_idle_connections,
                 cfg.backend_idle_timeout,
+                cfg.tcp_keepalive,
             )
         });
         let h2c = (scheme == "http" && cfg.backend_http2).then(|| {
             let port = authority.port_u16().unwrap_or(80);
-            Arc::new(H2c::new(format!(
-                "{}:{port}",
-                authority.host().trim_matches(['[', ']'])
-            )))
+            Arc::new(H2c::new(
+                format!("{}:{port}", authority.host().trim_matches(['[', ']'])),
+                cfg.tcp_keepalive,
+            ))
         });
         Ok(Backend {
             client: b.build(connector),

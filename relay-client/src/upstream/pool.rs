@@ -25,6 +25,7 @@ use super::conn::{idempotent, Conn, Inline, PooledBody, FIRST_READ};
 use super::h1::{self, Framing, H1Error};
 use super::response::HeadFields;
 use super::BackendBody;
+use crate::keepalive;
 
 /// The shortest time between two sweeps.
 const MIN_SWEEP: Duration = Duration::from_millis(500);
@@ -96,6 +97,8 @@ pub struct Pool {
     /// An idle connection older than this is closed rather than reused (as hyper-util's
     /// pool does; `--backend-idle-timeout`).
     idle_for: Duration,
+    /// TCP keep-alive interval of new connections (`--tcp-keepalive`).
+    keepalive: Duration,
     idle: Mutex<Vec<(Box<Conn>, Instant)>>,
     /// A connection came back: one request waiting for its own connection takes it.
     returned: Notify,
@@ -107,12 +110,19 @@ pub struct Pool {
 
 impl Pool {
     /// A pool for the backend at `addr` (`host:port`) keeping at most `max_idle` idle
-    /// connections, each for at most `idle_for`.
-    pub fn new(addr: String, max_idle: usize, idle_for: Duration) -> Arc<Pool> {
+    /// connections, each for at most `idle_for`, its connections probed by TCP keep-alive
+    /// after `keepalive` of silence (`crate::keepalive`).
+    pub fn new(
+        addr: String,
+        max_idle: usize,
+        idle_for: Duration,
+        keepalive: Duration,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             addr,
             max_idle,
             idle_for,
+            keepalive,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
             connecting: Semaphore::new(MAX_CONNECTING),
@@ -262,6 +272,8 @@ impl Pool {
         let tcp = TcpStream::connect(&self.addr).await.map_err(failed)?;
         // Small requests and answers go out at once (RFC 9293 §3.7.4: Nagle delays them).
         tcp.set_nodelay(true).map_err(failed)?;
+        // A backend gone without a FIN fails this connection instead of hanging a request.
+        keepalive::apply(&tcp, self.keepalive, false).map_err(failed)?;
         Ok(Box::new(Conn::new(tcp)))
     }
 

@@ -20,6 +20,7 @@ async fn backend() -> (TcpListener, Arc<Pool>) {
         l.local_addr().unwrap().to_string(),
         4,
         Duration::from_secs(30),
+        Duration::from_secs(30),
     );
     (l, pool)
 }
@@ -54,7 +55,7 @@ async fn text(resp: super::Answered) -> String {
 
 #[tokio::test]
 async fn an_idle_timeout_of_zero_sweeps_without_a_panic() {
-    let pool = Pool::new("127.0.0.1:9".into(), 4, Duration::ZERO);
+    let pool = Pool::new("127.0.0.1:9".into(), 4, Duration::ZERO, Duration::ZERO);
     // A zero period would panic on the first poll; a sweep waits between turns.
     let swept = tokio::time::timeout(Duration::from_millis(100), pool.sweep()).await;
     assert!(swept.is_err(), "the sweep runs until dropped");
@@ -379,7 +380,12 @@ async fn at_most_the_limit_of_connections_open_at_once() {
     // are dropped and their connects wait (retransmitting).
     let l = socket.listen(1).unwrap();
     let port = l.local_addr().unwrap().port();
-    let pool = Pool::new(format!("127.0.0.1:{port}"), 4, Duration::from_secs(30));
+    let pool = Pool::new(
+        format!("127.0.0.1:{port}"),
+        4,
+        Duration::from_secs(30),
+        Duration::ZERO,
+    );
     let requests: Vec<_> = (0..MAX_CONNECTING * 3)
         .map(|_| {
             let pool = pool.clone();
@@ -439,4 +445,29 @@ async fn a_download_s_read_buffer_and_size_are_not_kept_for_the_next_answer() {
     assert_eq!(want, FIRST_READ);
     assert!(room <= FIRST_READ, "{room} bytes of buffer kept");
     server.await.unwrap();
+}
+
+/// The pool's connections carry TCP keep-alive (`--tcp-keepalive`, `crate::keepalive`): one
+/// whose backend vanished without a FIN fails instead of hanging the request that takes it.
+#[tokio::test]
+async fn connections_are_probed_by_tcp_keepalive() {
+    let (l, pool) = backend().await;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, b"\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        s
+    });
+    assert_eq!(text(pool.send(get("/")).await.unwrap()).await, "ok");
+    let _kept_open = server.await.unwrap();
+    let idle = pool.idle.lock().unwrap();
+    let (conn, _) = idle.last().expect("the connection came back to the pool");
+    let s = socket2::SockRef::from(&conn.io);
+    assert!(s.keepalive().unwrap());
+    assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+    // Only the shared HTTP/2 connection gets a user timeout: this one serves one request.
+    assert_eq!(s.tcp_user_timeout().unwrap(), None);
 }
