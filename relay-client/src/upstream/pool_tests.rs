@@ -446,28 +446,3 @@ async fn a_download_s_read_buffer_and_size_are_not_kept_for_the_next_answer() {
     assert!(room <= FIRST_READ, "{room} bytes of buffer kept");
     server.await.unwrap();
 }
-
-/// The pool's connections carry TCP keep-alive (`--tcp-keepalive`, `crate::keepalive`): one
-/// whose backend vanished without a FIN fails instead of hanging the request that takes it.
-#[tokio::test]
-async fn connections_are_probed_by_tcp_keepalive() {
-    let (l, pool) = backend().await;
-    let server = tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut got = Vec::new();
-        read_until(&mut s, &mut got, b"\r\n\r\n").await;
-        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            .await
-            .unwrap();
-        s
-    });
-    assert_eq!(text(pool.send(get("/")).await.unwrap()).await, "ok");
-    let _kept_open = server.await.unwrap();
-    let idle = pool.idle.lock().unwrap();
-    let (conn, _) = idle.last().expect("the connection came back to the pool");
-    let s = socket2::SockRef::from(&conn.io);
-    assert!(s.keepalive().unwrap());
-    assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
-    // Only the shared HTTP/2 connection gets a user timeout: this one serves one request.
-    assert_eq!(s.tcp_user_timeout().unwrap(), None);
-}
