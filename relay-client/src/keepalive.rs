@@ -52,13 +52,18 @@ pub fn apply(tcp: &TcpStream, idle: Duration, shared: bool) -> std::io::Result<(
             .with_interval(probe_every(idle))
             .with_retries(PROBES),
     )?;
+    // TCP_USER_TIMEOUT is Linux's (and Android's); elsewhere keep-alive alone.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     if shared {
         sock.set_tcp_user_timeout(Some(idle * 2))?;
     }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = shared;
     Ok(())
 }
 
-#[cfg(test)]
+// The user timeout is read back through a Linux-only call.
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use std::time::Duration;
 
