@@ -4,9 +4,10 @@
 //! Why: a peer whose host or network goes away without closing (power lost, a VM killed, a
 //! NAT or firewall that forgot the flow) sends no FIN or RST. A connection to it looks open
 //! for as long as nothing is sent on it, and once something is, the kernel retransmits for
-//! about 15 minutes (`tcp_retries2`, with RFC 6298's backoff) before it gives up. A pooled
-//! HTTP/1.1 connection then hangs the request that takes it, and the one HTTP/2 connection
-//! of `--backend-http2` hangs every request to the backend.
+//! about 15 minutes (`tcp_retries2`, with RFC 6298's backoff) before it gives up. An event
+//! stream or long poll from such a backend waits for ever, a pooled HTTP/1.1 connection
+//! hangs the request that takes it, and the one HTTP/2 connection of `--backend-http2`
+//! hangs every request to the backend.
 //!
 //! With keep-alive (RFC 1122 §4.2.3.6, RFC 9293 §3.8.4) the kernel probes a connection that
 //! was silent for the interval, three times a third of it apart, and fails it when none is
@@ -26,17 +27,13 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
-/// Probes after the first one go this many to the interval.
-const PROBES: u32 = 3;
+/// Unanswered probes that fail a connection, a third of the interval apart: the connection
+/// fails twice the interval after it went silent.
+pub const PROBES: u32 = 3;
 
-/// The time between probes after the first, for an interval of `idle`.
+/// The time between probes for an interval of `idle` (at least a second).
 pub fn probe_every(idle: Duration) -> Duration {
     (idle / PROBES).max(Duration::from_secs(1))
-}
-
-/// How many unanswered probes fail a connection.
-pub fn probes() -> u32 {
-    PROBES
 }
 
 /// Sets keep-alive with interval `idle` on `tcp` (none when `idle` is zero); `shared`

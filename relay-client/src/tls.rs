@@ -38,7 +38,7 @@ pub fn connector_with(
     if !keepalive.is_zero() {
         http.set_keepalive(Some(keepalive));
         http.set_keepalive_interval(Some(keepalive::probe_every(keepalive)));
-        http.set_keepalive_retries(Some(keepalive::probes()));
+        http.set_keepalive_retries(Some(keepalive::PROBES));
     }
     let b = HttpsConnectorBuilder::new()
         .with_tls_config(tls)

@@ -272,7 +272,8 @@ impl Pool {
         let tcp = TcpStream::connect(&self.addr).await.map_err(failed)?;
         // Small requests and answers go out at once (RFC 9293 §3.7.4: Nagle delays them).
         tcp.set_nodelay(true).map_err(failed)?;
-        // A backend gone without a FIN fails this connection instead of hanging a request.
+        // A connection whose backend went away without a FIN fails, idle or under a quiet
+        // answer (an event stream, a long poll), instead of hanging the request on it.
         keepalive::apply(&tcp, self.keepalive, false).map_err(failed)?;
         Ok(Box::new(Conn::new(tcp)))
     }
