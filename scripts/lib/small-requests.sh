@@ -23,6 +23,7 @@ start_small_requests() {
   out=$(mktemp -d)
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
   "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
+  backend_pid=$!
   until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
   ${server_wrap[@]+"${server_wrap[@]}"} "${BIN:-target/release}"/relay-server ${SERVER_ARGS:-} --listen 127.0.0.1:0 \
@@ -53,6 +54,7 @@ start_rathole() {
   fi
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
   "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
+  backend_pid=$!
   until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
   port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -69,12 +71,44 @@ start_rathole() {
   until curl -sf -o /dev/null "$url/small"; do sleep 0.2; done
 }
 
-# The relay (start_small_requests, `url` set to the agent's base) or with TARGET=rathole
-# rathole (start_rathole); `names` are the two processes' names.
+# Like `start_rathole`, for HAProxy (Debian's `haproxy`, as `relay-bench` runs it: one
+# process, a thread per core, keep-alive HTTP/1.1 to the backend) alone in front of the same
+# backend: a reverse proxy doing the relay's kind of work in one hop. It listens for
+# HTTP/1.1 and, on another port, HTTP/2 with prior knowledge; `url` is the one LOAD speaks.
+# Sets `server` (HAProxy's PID) and leaves `agent` empty.
+start_haproxy() {
+  local backend h1 h2
+  out=$(mktemp -d)
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+  "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
+  backend_pid=$!
+  until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
+  backend=$(awk '/^http /{print $2}' "$out/backend.log")
+  port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  h1=$(port) h2=$(port)
+  printf 'global\n  maxconn 1024\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend h1\n  bind 127.0.0.1:%s\n  default_backend b\nfrontend h2\n  bind 127.0.0.1:%s proto h2\n  default_backend b\nbackend b\n  server s1 %s\n' \
+    "$h1" "$h2" "$backend" >"$out/haproxy.cfg"
+  # -db: in the foreground, so that `$!` is HAProxy itself and the exit trap stops it.
+  haproxy -db -f "$out/haproxy.cfg" >"$out/haproxy.log" 2>&1 &
+  server=$!
+  agent=
+  until curl -sf -o /dev/null "http://127.0.0.1:$h1/small"; do sleep 0.2; done
+  case "${LOAD:-}" in
+    *--h2*) url=http://127.0.0.1:$h2 ;;
+    *) url=http://127.0.0.1:$h1 ;;
+  esac
+}
+
+# The relay (start_small_requests, `url` set to the agent's base), with TARGET=rathole
+# rathole (start_rathole), or with TARGET=haproxy HAProxy (start_haproxy); `names` are the
+# relaying processes' names. Every starter sets `backend_pid`, the backend's PID.
 start_target() {
   if [ "${TARGET:-relay}" = rathole ]; then
     start_rathole
     names=(rathole-server rathole-client)
+  elif [ "${TARGET:-relay}" = haproxy ]; then
+    start_haproxy
+    names=(haproxy)
   else
     start_small_requests 1
     url=$url/client/p
