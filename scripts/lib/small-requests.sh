@@ -18,14 +18,26 @@ bench_backend() {
   fi
 }
 
-start_small_requests() {
-  local n=$1 token=profile-token-0123456789abcdef backend
+# Makes `out` (a temporary folder for the logs), arranges for what the caller starts to be
+# killed when it exits, and starts the bench backend: sets `backend` (its address) and
+# `backend_pid`.
+start_backend() {
   out=$(mktemp -d)
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
   "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
   backend_pid=$!
   until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
   backend=$(awk '/^http /{print $2}' "$out/backend.log")
+}
+
+# A loopback port free when asked (for peers that take no port 0).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+start_small_requests() {
+  local n=$1 token=profile-token-0123456789abcdef
+  start_backend
   ${server_wrap[@]+"${server_wrap[@]}"} "${BIN:-target/release}"/relay-server ${SERVER_ARGS:-} --listen 127.0.0.1:0 \
     --agent-token "*=$token" --log "${LOG:-info}" >"$out/server.log" 2>&1 &
   server=$!
@@ -46,19 +58,13 @@ start_small_requests() {
 # on every connection, as rathole's README says it has and its code does not do for the
 # visitor's and the backend's connections (docs/PERFORMANCE.md, the thirtieth round).
 start_rathole() {
-  local backend control http preload=()
-  out=$(mktemp -d)
+  local control http preload=()
+  start_backend
   if [ "${RATHOLE_NODELAY:-0}" = 1 ]; then
     cc -O2 -shared -fPIC -o "$out/nodelay.so" scripts/lib/nodelay.c -ldl
     preload=("LD_PRELOAD=$out/nodelay.so")
   fi
-  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-  "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
-  backend_pid=$!
-  until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
-  backend=$(awk '/^http /{print $2}' "$out/backend.log")
-  port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-  control=$(port) http=$(port)
+  control=$(free_port) http=$(free_port)
   printf '[server]\nbind_addr = "127.0.0.1:%s"\ndefault_token = "t"\n[server.services.http]\nbind_addr = "127.0.0.1:%s"\n' \
     "$control" "$http" >"$out/server.toml"
   printf '[client]\nremote_addr = "127.0.0.1:%s"\ndefault_token = "t"\n[client.services.http]\nlocal_addr = "%s"\n' \
@@ -77,15 +83,9 @@ start_rathole() {
 # HTTP/1.1 and, on another port, HTTP/2 with prior knowledge; `url` is the one LOAD speaks.
 # Sets `server` (HAProxy's PID) and leaves `agent` empty.
 start_haproxy() {
-  local backend h1 h2
-  out=$(mktemp -d)
-  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-  "$(bench_backend)" backend >"$out/backend.log" 2>&1 &
-  backend_pid=$!
-  until grep -qs '^http ' "$out/backend.log"; do sleep 0.1; done
-  backend=$(awk '/^http /{print $2}' "$out/backend.log")
-  port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-  h1=$(port) h2=$(port)
+  local h1 h2
+  start_backend
+  h1=$(free_port) h2=$(free_port)
   printf 'global\n  maxconn 1024\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend h1\n  bind 127.0.0.1:%s\n  default_backend b\nfrontend h2\n  bind 127.0.0.1:%s proto h2\n  default_backend b\nbackend b\n  server s1 %s\n' \
     "$h1" "$h2" "$backend" >"$out/haproxy.cfg"
   # -db: in the foreground, so that `$!` is HAProxy itself and the exit trap stops it.
