@@ -86,22 +86,22 @@ impl Backend {
         while base_path.ends_with('/') {
             base_path.pop();
         }
-        let pool = (scheme == "http" && !cfg.backend_http2).then(|| {
+        // A plain-HTTP backend's `host:port` (brackets off an IPv6 host), for the pool or
+        // the h2c client, whichever `--backend-http2` picks.
+        let plain_addr = || {
             let port = authority.port_u16().unwrap_or(80);
+            format!("{}:{port}", authority.host().trim_matches(['[', ']']))
+        };
+        let pool = (scheme == "http" && !cfg.backend_http2).then(|| {
             Pool::new(
-                format!("{}:{port}", authority.host().trim_matches(['[', ']'])),
+                plain_addr(),
                 cfg.backend_idle_connections,
                 cfg.backend_idle_timeout,
                 cfg.tcp_keepalive,
             )
         });
-        let h2c = (scheme == "http" && cfg.backend_http2).then(|| {
-            let port = authority.port_u16().unwrap_or(80);
-            Arc::new(H2c::new(
-                format!("{}:{port}", authority.host().trim_matches(['[', ']'])),
-                cfg.tcp_keepalive,
-            ))
-        });
+        let h2c = (scheme == "http" && cfg.backend_http2)
+            .then(|| Arc::new(H2c::new(plain_addr(), cfg.tcp_keepalive)));
         Ok(Backend {
             client: b.build(connector),
             pool,
