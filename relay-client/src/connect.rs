@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -35,6 +36,11 @@ pub struct ConnectConfig {
     pub user_token: Option<Secret>,
     /// Extra CA for an https relay-server.
     pub relay_ca_file: Option<PathBuf>,
+    /// TCP keep-alive interval of each tunnel's connection to the relay-server (zero: off;
+    /// `crate::keepalive`): a tunnel that is quiet while the path to the relay dies (a NAT
+    /// that forgot the flow, a laptop's network gone) fails within twice this instead of
+    /// hanging until something is sent and then for the kernel's 15 minutes of retries.
+    pub tcp_keepalive: Duration,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -46,6 +52,7 @@ struct Target {
     port: u16,
     tls: Option<tokio_rustls::TlsConnector>,
     auth: Option<HeaderValue>,
+    keepalive: Duration,
 }
 
 /// Accepts connections on `listener` until `shutdown`, tunnelling each one.
@@ -136,6 +143,7 @@ fn target(cfg: &ConnectConfig) -> Result<Target, AgentError> {
         port,
         tls,
         auth,
+        keepalive: cfg.tcp_keepalive,
     })
 }
 
@@ -182,6 +190,8 @@ async fn open(
         .await
         .map_err(TunnelError::Connect)?;
     let _ = tcp.set_nodelay(true);
+    // No TCP_USER_TIMEOUT: a tunnel's far end may stop reading for as long as it likes.
+    crate::keepalive::apply(&tcp, target.keepalive, false).map_err(TunnelError::Connect)?;
     let stream: Box<dyn Io> = match &target.tls {
         None => Box::new(tcp),
         Some(tls) => {

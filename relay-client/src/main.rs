@@ -209,6 +209,12 @@ struct ConnectArgs {
     /// CA certificate (PEM) for an https relay-server, in addition to the system roots.
     #[arg(long, env = "RELAY_CA_FILE")]
     relay_ca_file: Option<PathBuf>,
+    /// How long a tunnel's connection to the relay-server may be silent before the kernel
+    /// checks that the relay is still there (TCP keep-alive probes, three a third of this
+    /// apart): a tunnel whose network path died fails within twice this instead of hanging.
+    /// 0s: off.
+    #[arg(long, env = "RELAY_TCP_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
+    tcp_keepalive: Duration,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RELAY_LOG", default_value = "info")]
     log: String,
@@ -306,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kernel_id: c.kernel_id,
             user_token: c.user_token.map(Secret),
             relay_ca_file: c.relay_ca_file,
+            tcp_keepalive: c.tcp_keepalive,
         };
         if c.stdio {
             relay_client::connect::stdio(cfg, shutdown).await?;

@@ -162,6 +162,7 @@ async fn connect_listener(server: &Server, app: &str) -> SocketAddr {
         kernel_id: None,
         user_token: None,
         relay_ca_file: None,
+        tcp_keepalive: std::time::Duration::from_secs(30),
     };
     tokio::spawn(relay_client::connect::run(
         cfg,

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod pki;
 pub mod procs;
+pub mod sockets;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
+use relay_tests::sockets::keepalive_timers;
 use relay_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +30,15 @@ async fn agent_with(
 
 /// Runs `relay-client connect` in-process; returns its local address.
 async fn connect(server: &Server, app: &str) -> (SocketAddr, CancellationToken) {
+    connect_with(server, app, Duration::from_secs(30)).await
+}
+
+/// [`connect`] with `tcp_keepalive` on its connections to the relay-server.
+async fn connect_with(
+    server: &Server,
+    app: &str,
+    tcp_keepalive: Duration,
+) -> (SocketAddr, CancellationToken) {
     // The binary's own listener (a queue of 1 024, not tokio's 128).
     let listener = relay_client::connect::bind("127.0.0.1:0".parse().unwrap())
         .await
@@ -41,6 +51,7 @@ async fn connect(server: &Server, app: &str) -> (SocketAddr, CancellationToken) 
         kernel_id: None,
         user_token: None,
         relay_ca_file: None,
+        tcp_keepalive,
     };
     let stop = CancellationToken::new();
     tokio::spawn(relay_client::connect::run(cfg, listener, stop.clone()));
@@ -343,5 +354,48 @@ fn reserved_port() -> (std::os::fd::OwnedFd, u16) {
         );
         assert_eq!(rc, 0, "getsockname");
         (fd, u16::from_be(bound.sin_port))
+    }
+}
+
+/// A tunnel's connection from `relay-client connect` to the relay-server has TCP keep-alive
+/// with the interval of its `--tcp-keepalive` (30 s by default), so a quiet tunnel whose
+/// path to the relay died fails instead of hanging; `0s` turns it off. (The agent's own
+/// connections to the relay, which end at the same port, have it off here, so each timer
+/// seen is the tunnel's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_carry_tcp_keepalive_unless_turned_off() {
+    let echo = tcp_echo(b"").await;
+    for keepalive in [Duration::from_secs(30), Duration::ZERO] {
+        let server = Server::default().await;
+        let mut cfg = Agent::config(&server.url(), "k", "http://127.0.0.1:9");
+        cfg.services = vec![("echo".into(), echo.to_string())];
+        cfg.tcp_keepalive = Duration::ZERO;
+        let _agent = Agent::start(cfg);
+        server.wait_agent("k").await;
+        let (local, _stop) = connect_with(&server, "echo", keepalive).await;
+        // A tunnel, open: a round trip through it proves it is up.
+        let mut s = TcpStream::connect(local).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        let port = server.addr.port();
+        let timers = eventually(
+            Duration::from_secs(10),
+            "the connections to the relay settle (no data in flight)",
+            || {
+                let t = keepalive_timers(port);
+                async move { t }
+            },
+        )
+        .await;
+        let with: Vec<f64> = timers.iter().flatten().copied().collect();
+        if keepalive.is_zero() {
+            assert!(with.is_empty(), "keep-alive off, yet timers {with:?}");
+        } else {
+            assert_eq!(with.len(), 1, "one tunnel, timers {timers:?}");
+            assert!(with[0] > 0.0 && with[0] <= 30.0, "timer {} s", with[0]);
+        }
+        drop(s);
     }
 }
