@@ -16,17 +16,6 @@
 //! The streams belong to the connection: when it ends they are dropped with it (their
 //! requests are cancelled by their own guards, as when a user leaves), instead of
 //! outliving it as detached tasks.
-//!
-//! Answers leave in groups of at most [`FLUSH_EVERY`]: after that many streams ended in
-//! one turn, the connection is polled (which writes what they sent) before the next
-//! streams run. Why: the answers of a client's streams come back from the agent together
-//! (a session message carries many), and written in one go, all 32 answers of a
-//! 32-stream client reached it at once and its threads took them alone while the relay
-//! and the backend waited for its next requests: a third of the machine stood idle
-//! (docs/PERFORMANCE.md, the thirty-third round). In groups, the client starts on the
-//! first answers while the relay writes the rest, within the same turn of the
-//! connection's task (a yield to split them cost a scheduler turn each and lost more than
-//! it won; the thirty-fourth round).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,12 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-
-/// The most streams that end in one go before the connection writes what they sent:
-/// with hyper's client at 32 streams, 47 k -> 53 k req/s and the machine's idle time 13 ->
-/// 6 µs per request, `h2load` unchanged (63 k); groups of 4 cost `h2load` 4 %, and of 1,
-/// 20 % (docs/PERFORMANCE.md, the thirty-fourth round).
-const FLUSH_EVERY: usize = 8;
 
 /// One stream's future, as hyper gives it to the executor.
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -98,20 +81,19 @@ impl Streams {
     }
 
     /// One turn: the streams first (a response they send is then written by the
-    /// connection's poll in the same turn), then the connection, and again the streams
-    /// still ready (past [`FLUSH_EVERY`]) or just accepted, so that their answers and
-    /// requests are on their way before the task sleeps.
+    /// connection's poll in the same turn), then the connection, and again the streams it
+    /// just accepted, so that their requests are on their way before the task sleeps.
     fn poll_with<C: Future>(
         &mut self,
         mut conn: Pin<&mut C>,
         cx: &mut Context<'_>,
     ) -> Poll<C::Output> {
         loop {
-            let more = self.poll_streams(cx);
+            self.poll_streams(cx);
             if let Poll::Ready(out) = conn.as_mut().poll(cx) {
                 return Poll::Ready(out);
             }
-            if !more && !self.take_accepted() {
+            if !self.take_accepted() {
                 return Poll::Pending;
             }
         }
@@ -134,30 +116,22 @@ impl Streams {
         true
     }
 
-    /// Polls the streams that were woken or just accepted, until none is ready (false) or
-    /// [`FLUSH_EVERY`] of them ended (true: others may still be ready; FuturesUnordered
-    /// keeps them queued for the next call).
-    fn poll_streams(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut ended = 0;
+    /// Polls the streams that were woken or just accepted, until none is ready.
+    fn poll_streams(&mut self, cx: &mut Context<'_>) {
         loop {
             self.take_accepted();
             let Some(running) = self.running.as_mut() else {
-                return false;
+                return;
             };
             match running.poll_next_unpin(cx) {
                 // A stream ended; look again (FuturesUnordered yields after a round of
                 // streams that woke themselves, so this ends).
-                Poll::Ready(Some(())) => {
-                    ended += 1;
-                    if ended == FLUSH_EVERY {
-                        return true;
-                    }
-                }
+                Poll::Ready(Some(())) => continue,
                 Poll::Ready(None) | Poll::Pending => {
                     // A stream just polled may have queued another (an HTTP/2 upgrade's
                     // tunnel); poll it too before sleeping.
                     if !self.take_accepted() {
-                        return false;
+                        return;
                     }
                 }
             }
@@ -207,36 +181,6 @@ mod tests {
             assert_eq!(streams.running.as_ref().map(FuturesUnordered::len), Some(1));
         });
         conn_task.await.expect("the checks passed");
-    }
-
-    /// Streams that end in the same turn are followed by a poll of the connection (which
-    /// writes what they sent) at least every [`FLUSH_EVERY`] of them, all in that one turn.
-    #[tokio::test]
-    async fn a_connection_is_polled_after_every_group_of_streams_that_end() {
-        let mut streams = Streams::default();
-        let exec = streams.exec();
-        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let n = 2 * FLUSH_EVERY + 3;
-        for _ in 0..n {
-            let ended = ended.clone();
-            exec.execute(async move {
-                ended.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-        // The connection notes how many streams had ended at each of its polls.
-        let mut seen = Vec::new();
-        let mut conn = std::future::poll_fn(|_| {
-            seen.push(ended.load(Ordering::SeqCst));
-            Poll::<()>::Pending
-        });
-        assert!(poll_once(&mut Box::pin(streams.drive(&mut conn)))
-            .await
-            .is_pending());
-        assert_eq!(
-            seen,
-            [FLUSH_EVERY, 2 * FLUSH_EVERY, n],
-            "one turn, in groups"
-        );
     }
 
     /// When the connection ends, the streams still running end with it (their guards drop)
