@@ -150,15 +150,34 @@ impl H2c {
     ) -> Result<Response<H2Body>, H2cError> {
         let mut send = self.ready().await?;
         let (resp, stream) = send.send_request(head, end)?;
-        if let Some(body) = body.take().filter(|_| !end) {
-            tokio::spawn(pump(body, stream));
-        }
+        // Its own task, so that the body goes on while the head is awaited and while the
+        // response is read (a backend may answer first: gRPC's bidirectional streams);
+        // owned by the response, so it ends with the request (`Pump`).
+        let pump = body
+            .take()
+            .filter(|_| !end)
+            .map(|body| Pump(tokio::spawn(pump(body, stream)).abort_handle()));
         let resp = resp.await?;
         Ok(resp.map(|recv| H2Body {
             recv,
             data_done: false,
             done: false,
+            _pump: pump,
         }))
+    }
+}
+
+/// The task sending a request's body, owned by its response ([`H2Body`], or the wait for
+/// the head): dropped, it ends the task, whose stream handle then resets the stream
+/// (CANCEL). A request that is over or was cancelled (the user left) stops its upload at
+/// once instead of when the upload's own source gives up. An upload cut once the whole
+/// response came is what RFC 9113 §8.1 lets a server ask for (its answer did not need the
+/// rest).
+struct Pump(tokio::task::AbortHandle);
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -215,6 +234,8 @@ pub struct H2Body {
     data_done: bool,
     /// The trailers, or their absence, were taken too.
     done: bool,
+    /// The request body's task: it ends with this body.
+    _pump: Option<Pump>,
 }
 
 impl Body for H2Body {
@@ -354,6 +375,40 @@ mod tests {
             panic!("a refused request with a body was answered")
         };
         assert!(unprocessed(&e), "{e}");
+    }
+
+    /// When the response is dropped (the request is over or cancelled), the task sending
+    /// the request's body ends too, even while it waits for more of the body.
+    #[tokio::test]
+    async fn a_request_bodys_task_ends_with_its_response() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            // Answers at once and keeps the request's body open (unread, not reset); the
+            // connection stays up.
+            let mut held = Vec::new();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let _ = respond.send_response(Response::new(()), true);
+                held.push(req);
+            }
+        });
+        let c = H2c::new(addr.to_string(), Duration::ZERO);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let mut post = get(addr);
+        *post.method_mut() = http::Method::POST;
+        *post.body_mut() =
+            http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+                rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+            }))
+            .boxed_unsync();
+        let resp = c.send(post).await.expect("answered");
+        tx.send(Bytes::from_static(b"more")).await.unwrap();
+        drop(resp);
+        tokio::time::timeout(Duration::from_secs(10), tx.closed())
+            .await
+            .expect("the body's task ended with the response");
     }
 
     #[tokio::test]
