@@ -80,6 +80,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         &cfg.services,
         &cfg.service_cmds,
         cfg.service_start_timeout,
+        cfg.tcp_keepalive,
     )?);
     let stats = Arc::new(Stats::default());
     let admin_stop = CancellationToken::new();

@@ -292,6 +292,7 @@ async fn serve_service(
                         agent_end,
                         ctx.services.addr(app).to_owned(),
                         half_close,
+                        ctx.services.keepalive(),
                     ));
                     let (rd, wr) = tokio::io::split(relay_end);
                     let ends = (Box::new(rd) as _, Box::new(wr) as _);

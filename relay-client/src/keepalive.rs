@@ -1,5 +1,5 @@
-//! TCP keep-alive on the connections the agent opens (`--tcp-keepalive`): to its backend and
-//! to the relay-server.
+//! TCP keep-alive on the connections the agent opens (`--tcp-keepalive`): to its backend, to
+//! its service ports and to the relay-server; and on `relay-client connect`'s tunnels.
 //!
 //! Why: a peer whose host or network goes away without closing (power lost, a VM killed, a
 //! NAT or firewall that forgot the flow) sends no FIN or RST. A connection to it looks open

@@ -106,13 +106,13 @@ struct Cli {
     /// none is reused).
     #[arg(long, env = "RELAY_BACKEND_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     backend_idle_timeout: Duration,
-    /// How long a connection the agent opened (to the backend or to the relay-server) may be
-    /// silent before the kernel checks that its peer is still there: TCP keep-alive probes
-    /// then, three a third of this apart, and the connection fails when none is answered. A
-    /// backend whose host or network vanished without closing is noticed within twice this,
-    /// instead of requests hanging on its connections for the kernel's 15 minutes (the one
-    /// HTTP/2 connection of --backend-http2 also fails when what it sent stays unacknowledged
-    /// that long). 0s: off.
+    /// How long a connection the agent opened (to the backend, a service port or the
+    /// relay-server) may be silent before the kernel checks that its peer is still there:
+    /// TCP keep-alive probes then, three a third of this apart, and the connection fails
+    /// when none is answered. A backend whose host or network vanished without closing is
+    /// noticed within twice this, instead of requests hanging on its connections for the
+    /// kernel's 15 minutes (the one HTTP/2 connection of --backend-http2 also fails when
+    /// what it sent stays unacknowledged that long). 0s: off.
     #[arg(long, env = "RELAY_TCP_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
     tcp_keepalive: Duration,
     /// CA certificate (PEM) for an https backend, in addition to the system roots.

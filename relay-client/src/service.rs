@@ -70,6 +70,8 @@ pub struct Services {
     kernel_id: String,
     services: HashMap<String, Service>,
     start_timeout: Duration,
+    /// TCP keep-alive of the bridges' connections to the services (`--tcp-keepalive`).
+    keepalive: Duration,
 }
 
 /// What a request to a service-port path asks for.
@@ -111,6 +113,7 @@ impl Services {
         addrs: &[(String, String)],
         commands: &[(String, String)],
         start_timeout: Duration,
+        keepalive: Duration,
     ) -> Result<Self, AgentError> {
         let mut services = HashMap::new();
         for (app, addr) in addrs {
@@ -135,7 +138,13 @@ impl Services {
             kernel_id,
             services,
             start_timeout,
+            keepalive,
         })
+    }
+
+    /// TCP keep-alive for the bridges' connections to the services (zero: off).
+    pub fn keepalive(&self) -> Duration {
+        self.keepalive
     }
 
     /// Whether any service is declared.
@@ -307,13 +316,19 @@ pub fn accept(head: &RequestHead) -> Result<(http::HeaderMap, bool), LocalAnswer
     Ok((out, half_close))
 }
 
-/// Bridges the agent's end of an accepted WebSocket to the service at `addr`.
-pub async fn bridge<S>(io: S, addr: String, half_close: bool)
+/// Bridges the agent's end of an accepted WebSocket to the service at `addr`, whose
+/// connection gets TCP keep-alive every `keepalive` of silence (`crate::keepalive`; zero:
+/// none): a service on another host that vanished fails the tunnel instead of hanging it.
+pub async fn bridge<S>(io: S, addr: String, half_close: bool, keepalive: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
-    let tcp = match TcpStream::connect(&addr).await {
+    let connected = TcpStream::connect(&addr).await.and_then(|t| {
+        crate::keepalive::apply(&t, keepalive, false)?;
+        Ok(t)
+    });
+    let tcp = match connected {
         Ok(t) => t,
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {

@@ -357,45 +357,64 @@ fn reserved_port() -> (std::os::fd::OwnedFd, u16) {
     }
 }
 
-/// A tunnel's connection from `relay-client connect` to the relay-server has TCP keep-alive
-/// with the interval of its `--tcp-keepalive` (30 s by default), so a quiet tunnel whose
-/// path to the relay died fails instead of hanging; `0s` turns it off. (The agent's own
-/// connections to the relay, which end at the same port, have it off here, so each timer
-/// seen is the tunnel's.)
+/// Both ends of a service-port tunnel that the relay does not own carry TCP keep-alive with
+/// the interval of their `--tcp-keepalive` (30 s by default; `0s` off): `relay-client
+/// connect`'s connection to the relay-server, and the agent's bridge to the service, so a
+/// quiet tunnel whose path died fails instead of hanging. Each side is switched on alone:
+/// the connections to the relay's port are `connect`'s tunnel and (with keep-alive) the
+/// agent's own; the one to the service's port is the agent's bridge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_tunnels_carry_tcp_keepalive_unless_turned_off() {
+async fn service_tunnels_carry_tcp_keepalive_on_both_ends_unless_turned_off() {
     let echo = tcp_echo(b"").await;
-    for keepalive in [Duration::from_secs(30), Duration::ZERO] {
+    let ka = Duration::from_secs(30);
+    for (connect_ka, agent_ka) in [
+        (ka, Duration::ZERO),
+        (Duration::ZERO, Duration::ZERO),
+        (Duration::ZERO, ka),
+    ] {
         let server = Server::default().await;
         let mut cfg = Agent::config(&server.url(), "k", "http://127.0.0.1:9");
         cfg.services = vec![("echo".into(), echo.to_string())];
-        cfg.tcp_keepalive = Duration::ZERO;
+        cfg.tcp_keepalive = agent_ka;
         let _agent = Agent::start(cfg);
         server.wait_agent("k").await;
-        let (local, _stop) = connect_with(&server, "echo", keepalive).await;
+        let (local, _stop) = connect_with(&server, "echo", connect_ka).await;
         // A tunnel, open: a round trip through it proves it is up.
         let mut s = TcpStream::connect(local).await.unwrap();
         s.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         s.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
-        let port = server.addr.port();
-        let timers = eventually(
-            Duration::from_secs(10),
-            "the connections to the relay settle (no data in flight)",
-            || {
-                let t = keepalive_timers(port);
-                async move { t }
-            },
-        )
-        .await;
-        let with: Vec<f64> = timers.iter().flatten().copied().collect();
-        if keepalive.is_zero() {
-            assert!(with.is_empty(), "keep-alive off, yet timers {with:?}");
-        } else {
-            assert_eq!(with.len(), 1, "one tunnel, timers {timers:?}");
-            assert!(with[0] > 0.0 && with[0] <= 30.0, "timer {} s", with[0]);
+        let timers = |port: u16| {
+            eventually(
+                Duration::from_secs(10),
+                "the connections settle (no data in flight)",
+                move || {
+                    let t = keepalive_timers(port);
+                    async move { t }
+                },
+            )
+        };
+        let with = |timers: Vec<Option<f64>>| -> Vec<f64> {
+            let with: Vec<f64> = timers.into_iter().flatten().collect();
+            for left in &with {
+                assert!(*left > 0.0 && *left <= 30.0, "timer {left} s");
+            }
+            with
+        };
+        let case = format!("connect {connect_ka:?}, agent {agent_ka:?}");
+        if agent_ka.is_zero() {
+            let relay = with(timers(server.addr.port()).await);
+            let want = usize::from(!connect_ka.is_zero());
+            assert_eq!(relay.len(), want, "{case}: timers to the relay {relay:?}");
         }
+        let bridge = with(timers(echo.port()).await);
+        let want = usize::from(!agent_ka.is_zero());
+        assert_eq!(
+            bridge.len(),
+            want,
+            "{case}: timers to the service {bridge:?}"
+        );
         drop(s);
     }
 }
